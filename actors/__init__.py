@@ -1,0 +1,1 @@
+"""Ray actors that host TTT models (workers, context-parallel groups, supervisor)."""

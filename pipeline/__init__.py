@@ -1,0 +1,1 @@
+"""The ttt-stream stream processor: Kafka sources and sinks, checkpoints, monitor, CLI."""

@@ -1,0 +1,153 @@
+"""The ``ttt-stream`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import AppConfig, ConfigError, load_config
+from pipeline.local_stack import LocalStack, StackError, broker_answers, mlflow_answers
+
+DEFAULT_CONFIG = Path("configs/local.yaml")
+EXIT_CONFIG = 2
+EXIT_STACK = 3
+
+app = typer.Typer(
+    name="ttt-stream",
+    help="Distributed continual-learning stream processor (In-Place TTT on Kafka, Ray, MLflow).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="YAML config file.")
+
+
+def _load(path: Path) -> AppConfig:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # kafka-python logs every reconnect attempt at INFO while a server starts.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+@app.command("config")
+def show_config(config: Path = ConfigOption) -> None:
+    """Validate a config file and print it back with every default filled in."""
+    cfg = _load(config)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False)
+
+
+@app.command()
+def up(
+    config: Path = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(
+        None, help="Use this Kafka cluster instead of starting the local broker."
+    ),
+) -> None:
+    """Start the local broker and MLflow server (no-op for those already running)."""
+    cfg = _load(config)
+    stack = LocalStack(cfg.local_stack)
+    try:
+        if bootstrap_servers:
+            if not broker_answers(bootstrap_servers):
+                raise StackError(f"broker: no Kafka broker answers at {bootstrap_servers}")
+            stack.up(skip=("broker",))
+        else:
+            stack.up()
+    except StackError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_STACK) from None
+    _print_status(stack, cfg)
+
+
+@app.command()
+def down(config: Path = ConfigOption) -> None:
+    """Stop the servers that ``up`` started (their whole process groups)."""
+    cfg = _load(config)
+    stopped = LocalStack(cfg.local_stack).down()
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def status(config: Path = ConfigOption) -> None:
+    """Show the local servers, their addresses and whether they answer."""
+    cfg = _load(config)
+    _print_status(LocalStack(cfg.local_stack), cfg)
+
+
+@app.command()
+def demo(config: Path = ConfigOption) -> None:
+    """The embedded-default job, as far as it is built: topics, Ray, and where to look."""
+    from actors.runtime import init_ray
+    from pipeline.topics import ensure_topics, stream_topics
+
+    cfg = _load(config)
+    created = ensure_topics(cfg.kafka)
+    console.print(f"topics ready ({len(created)} created): {', '.join(stream_topics(cfg.kafka))}")
+    ray_info = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.namespace)
+    console.print(f"ray: job {ray_info['job_id']} on node {ray_info['node_id'][:12]}")
+    console.print(f"MLflow UI: {cfg.mlflow.tracking_uri}", markup=False)
+    console.print(
+        "The stream processor (ttt-stream run) is not built yet; this demo starts the stack, "
+        "creates the topics and stops.",
+        markup=False,
+    )
+
+
+def _print_status(stack: LocalStack, cfg: AppConfig) -> None:
+    table = Table(title="ttt-stream local stack")
+    for column in ("server", "address", "pid", "answers", "log"):
+        table.add_column(column)
+    answers = {
+        "broker": broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0),
+        "mlflow": mlflow_answers(cfg.mlflow.tracking_uri),
+    }
+    for server in stack.status():
+        table.add_row(
+            server.name,
+            server.url,
+            str(server.pid) if server.running else "-",
+            "yes" if answers[server.name] else "no",
+            str(server.log_path),
+        )
+    ray_where = cfg.ray.address or f"in-process (ray.init, num_cpus={cfg.ray.num_cpus})"
+    table.add_row("ray", ray_where, "-", "-", "-")
+    console.print(table)
+    topics = cfg.kafka.topics
+    console.print(
+        f"MLflow UI: {cfg.mlflow.tracking_uri}   Kafka: {cfg.kafka.bootstrap_servers}   topics: "
+        f"{topics.documents}, {topics.results}, {topics.metrics}, {topics.alerts}, "
+        f"{topics.dead_letter}, {topics.control}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

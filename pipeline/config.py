@@ -1,0 +1,163 @@
+"""Typed configuration of a ttt-stream deployment, validated when it is loaded.
+
+A config file is YAML; every section is a pydantic model that forbids unknown keys, so a typo
+fails at load with the field's dotted path. Environment variables override the file:
+``TTT_STREAM__KAFKA__BOOTSTRAP_SERVERS=host:9092`` sets ``kafka.bootstrap_servers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "TTT_STREAM__"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicsConfig(_Section):
+    documents: str = "ttt.documents"
+    results: str = "ttt.results"
+    metrics: str = "ttt.metrics"
+    alerts: str = "ttt.alerts"
+    dead_letter: str = "ttt.dead-letter"
+    control: str = "ttt.control"
+    partitions: int = Field(default=2, ge=1)
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "ttt-stream"
+    topics: TopicsConfig = TopicsConfig()
+    # Passed unchanged to every kafka-python client (security_protocol, sasl_*, ssl_*, ...), so a
+    # user's existing Kafka settings work as they are.
+    client: dict[str, Any] = Field(default_factory=dict)
+    # Extra keys for the consumer only. The default poll interval is short because a long one
+    # stalls group joins on the embedded broker.
+    consumer: dict[str, Any] = Field(default_factory=lambda: {"max_poll_interval_ms": 10_000})
+    producer: dict[str, Any] = Field(default_factory=dict)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "ttt-stream"
+
+
+class RayConfig(_Section):
+    # None: start Ray inside the calling process (ray.init()); else the address of a cluster.
+    address: str | None = None
+    num_cpus: int = Field(default=2, ge=1)
+    object_store_memory_mb: int = Field(default=256, ge=78)
+    namespace: str = "ttt-stream"
+
+
+class BrokerServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9092, ge=1, le=65535)
+    startup_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class MlflowServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=5000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)
+    startup_timeout_s: float = Field(default=120.0, gt=0)
+
+
+class LocalStackConfig(_Section):
+    """Servers that ``ttt-stream up`` starts on this machine (the embedded default)."""
+
+    data_dir: Path = Path("data/local-stack")
+    broker: BrokerServerConfig = BrokerServerConfig()
+    mlflow: MlflowServerConfig = MlflowServerConfig()
+
+
+class StreamConfig(_Section):
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class AppConfig(_Section):
+    """The whole deployment: one stream, its Kafka topics, MLflow, Ray and the local stack."""
+
+    stream: StreamConfig = StreamConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    ray: RayConfig = RayConfig()
+    local_stack: LocalStackConfig = LocalStackConfig()
+
+    def digest(self) -> str:
+        """sha256 of the validated config, stable across key order; recorded with checkpoints."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``raw`` with ``TTT_STREAM__A__B=value`` variables set at path ``a.b``.
+
+    Values are parsed as YAML scalars, so numbers, booleans and lists keep their types.
+    """
+    merged = json.loads(json.dumps(raw))
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if not all(path):
+            raise ConfigError(f"{name}: empty path segment in environment override")
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    return merged
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown field")
+        else:
+            problems.append(f"{path}: {item['msg']}")
+    return f"{source}: invalid config: " + "; ".join(problems)
+
+
+def parse_config(raw: Any, source: str = "<config>", environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Validate an already-parsed YAML document (plus environment overrides) into an AppConfig."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: invalid config: <root>: expected a mapping, got {type(raw).__name__}")
+    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Read, override from the environment and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, source=str(path), environ=environ)

@@ -1,0 +1,41 @@
+"""Creating the stream's Kafka topics when they are missing."""
+
+from __future__ import annotations
+
+import logging
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from pipeline.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+
+def stream_topics(config: KafkaConfig) -> list[str]:
+    """Every topic the stream processor reads or writes, documents first."""
+    t = config.topics
+    return [t.documents, t.results, t.metrics, t.alerts, t.dead_letter, t.control]
+
+
+def ensure_topics(config: KafkaConfig) -> list[str]:
+    """Create the stream's topics that do not exist yet; return the names it created."""
+    admin = KafkaAdminClient(bootstrap_servers=config.bootstrap_servers, **config.client)
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in stream_topics(config) if name not in existing]
+        created = []
+        for name in missing:
+            # The documents topic is partitioned so that workers can share it; the rest are
+            # outputs and control, read in order by one consumer.
+            partitions = config.topics.partitions if name == config.topics.documents else 1
+            try:
+                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+        return created
+    finally:
+        admin.close()

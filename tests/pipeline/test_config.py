@@ -1,0 +1,72 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import AppConfig, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_configs_validate():
+    local = load_config(ROOT / "configs/local.yaml", environ={})
+    cluster = load_config(ROOT / "configs/cluster.yaml", environ={})
+    assert local.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert local.ray.address is None
+    assert cluster.kafka.client["security_protocol"] == "SASL_SSL"
+
+
+def test_unknown_key_names_its_path():
+    with pytest.raises(ConfigError, match=r"kafka\.topics\.resluts: unknown field"):
+        parse_config({"kafka": {"topics": {"resluts": "x"}}}, environ={})
+
+
+def test_wrong_type_names_its_path():
+    with pytest.raises(ConfigError, match=r"local_stack\.broker\.port: "):
+        parse_config({"local_stack": {"broker": {"port": "not-a-port"}}}, environ={})
+
+
+def test_out_of_range_value_names_its_path():
+    with pytest.raises(ConfigError, match=r"ray\.num_cpus: "):
+        parse_config({"ray": {"num_cpus": 0}}, environ={})
+
+
+def test_environment_overrides_nested_fields_with_types():
+    cfg = parse_config(
+        {},
+        environ={
+            "TTT_STREAM__KAFKA__BOOTSTRAP_SERVERS": "broker.example:9093",
+            "TTT_STREAM__RAY__NUM_CPUS": "4",
+            "TTT_STREAM__KAFKA__CLIENT__SECURITY_PROTOCOL": "SSL",
+            "UNRELATED": "1",
+        },
+    )
+    assert cfg.kafka.bootstrap_servers == "broker.example:9093"
+    assert cfg.ray.num_cpus == 4
+    assert cfg.kafka.client == {"security_protocol": "SSL"}
+
+
+def test_environment_override_with_unknown_field_fails():
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrap: unknown field"):
+        parse_config({}, environ={"TTT_STREAM__KAFKA__BOOTSTRAP": "x"})
+
+
+def test_digest_is_stable_and_sensitive():
+    a = parse_config({"stream": {"name": "a"}}, environ={})
+    assert a.digest() == parse_config({"stream": {"name": "a"}}, environ={}).digest()
+    assert a.digest() != parse_config({"stream": {"name": "b"}}, environ={}).digest()
+    assert isinstance(a, AppConfig)
+
+
+def test_cli_bad_config_prints_one_line_naming_the_field_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka:\n  topics:\n    partitions: many\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "-c", str(bad)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "kafka.topics.partitions" in lines[0]

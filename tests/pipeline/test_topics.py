@@ -1,0 +1,21 @@
+import pytest
+from kafka.admin import KafkaAdminClient
+
+from pipeline.config import KafkaConfig, TopicsConfig
+from pipeline.topics import ensure_topics, stream_topics
+
+pytestmark = pytest.mark.stack
+
+
+def test_ensure_topics_creates_missing_once_with_partitions(stack):
+    kafka = KafkaConfig(
+        bootstrap_servers=stack.kafka.bootstrap_servers,
+        topics=TopicsConfig(documents="t1.docs", results="t1.results", metrics="t1.metrics",
+                            alerts="t1.alerts", dead_letter="t1.dlq", control="t1.control", partitions=3),
+    )
+    assert sorted(ensure_topics(kafka)) == sorted(stream_topics(kafka))
+    assert ensure_topics(kafka) == []
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    described = {t["topic"]: len(t["partitions"]) for t in admin.describe_topics(["t1.docs", "t1.results"])}
+    admin.close()
+    assert described == {"t1.docs": 3, "t1.results": 1}
