@@ -1,0 +1,158 @@
+"""The In-Place TTT MLP: a gated MLP whose down projection carries fast weights.
+
+For input x (the post-attention-normalised hidden states, shape [n, d]):
+
+    h   = act(x W_gate^T) * (x W_up^T)            keys                [n, D]
+    t   = x  or the input embeddings              target              [n, d]
+    t~  = depthwise Conv1d(t) inside each chunk   sees 2 tokens ahead [C, d]
+    V   = t~ P                                    values              [C, d]
+    dW_i = eta * V_i^T h_i                        one chunk's update  [d, D]
+    O_i  = h_i (W_0 + sum_{j<i} dW_j)^T           apply, then update
+
+Chunk i is served by the updates of chunks < i only, so the conv's look-ahead leaks nothing.
+
+The forward walks the chunks with one running fast-weight matrix per sequence. Folding W_0 into
+it makes each chunk's output a single matrix product of the same size as the base model's, so the
+only extra work is the update product V_i^T h_i, and no per-chunk weight matrix is kept.
+The same loop serves the parallel form (a whole sequence, no state) and the streaming form
+(pieces of any length, with the running weights and the unfinished chunk's tail kept in a
+``LayerFastWeights``); both therefore give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttt_model.config import TTTConfig
+from ttt_model.state import LayerFastWeights, apply_update
+
+if TYPE_CHECKING:
+    from ttt_model.patch import TTTRuntime
+
+
+class InPlaceTTTMLP(nn.Module):
+    """Drop-in replacement for a Llama/Qwen/Mistral gated MLP with In-Place TTT on down_proj."""
+
+    is_ttt_mlp = True
+
+    def __init__(self, mlp: nn.Module, config: TTTConfig, layer_idx: int, runtime: "TTTRuntime"):
+        super().__init__()
+        # Same attribute names as the wrapped MLP, so checkpoint keys stay the same.
+        self.gate_proj = mlp.gate_proj
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.hidden_size = self.down_proj.out_features
+        self.intermediate_size = self.down_proj.in_features
+        self.layer_idx = layer_idx
+        self.config = config
+        # Plain attributes, not submodules: the wrapped MLP shares our parameters and the runtime
+        # is per-model context, neither belongs in the state dict.
+        object.__setattr__(self, "base_mlp", mlp)
+        object.__setattr__(self, "runtime", runtime)
+
+        d, weight = self.hidden_size, self.down_proj.weight
+        self.ttt_conv = nn.Conv1d(
+            d, d, config.conv_kernel, padding=config.conv_kernel // 2, groups=d, bias=False,
+            device=weight.device, dtype=weight.dtype,
+        )
+        self.ttt_proj = (
+            nn.Linear(d, d, bias=False, device=weight.device, dtype=weight.dtype) if config.use_proj else None
+        )
+        self.reset_ttt_parameters()
+
+    @torch.no_grad()
+    def reset_ttt_parameters(self) -> None:
+        """Conv at zero (the model equals the base model), P diagonal with N(0, 0.02) entries."""
+        self.ttt_conv.weight.zero_()
+        if self.ttt_proj is not None:
+            diagonal = torch.randn(self.hidden_size, device=self.ttt_proj.weight.device) * 0.02
+            self.ttt_proj.weight.copy_(torch.diag(diagonal))
+
+    # -- the method ------------------------------------------------------------------------------
+
+    def update_values(self, t: torch.Tensor) -> torch.Tensor:
+        """V for whole chunks: (B, n*C, d) -> (B, n, C, d), the conv restarted in every chunk."""
+        B, T, d = t.shape
+        C = self.config.chunk_size
+        n = T // C
+        chunks = t.reshape(B * n, C, d).transpose(1, 2)  # (B*n, d, C): zero padding per chunk
+        v = self.ttt_conv(chunks).transpose(1, 2)  # (B*n, C, d)
+        if self.ttt_proj is not None:
+            v = self.ttt_proj(v)
+        return v.reshape(B, n, C, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (B, L, D)
+        fast = self.runtime.layer_state(self.layer_idx)
+        if self.config.objective == "gradient":
+            # Dynamic evaluation: the fast weights are learned by the optimiser between chunks.
+            return self._project(h, None if fast is None else fast.delta)
+        t = x if self.config.target == "hidden_states" else self.runtime.target_embeddings(x)
+        return self.apply_then_update(h, t, fast)
+
+    def apply_then_update(
+        self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None
+    ) -> torch.Tensor:
+        """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given."""
+        B, L, _ = h.shape
+        C = self.config.chunk_size
+        if not self.ttt_conv.weight.any() and (fast is None or not fast.delta.any()):
+            # A zero conv makes every update zero: this is exactly the base MLP (fresh model).
+            return self._skip_updates(h, t, fast)
+        r = 0 if fast is None else fast.tail_len
+        delta = None if fast is None else fast.delta  # sum of past dW, (B, d, D), fp32 or wider
+        if r:
+            # Prepend the unfinished chunk so that chunk borders fall on multiples of C.
+            h_all, t_all = torch.cat([fast.tail_h, h], dim=1), torch.cat([fast.tail_t, t], dim=1)
+        else:
+            h_all, t_all = h, t
+        N = r + L
+        n_full = N // C
+        values = self.update_values(t_all[:, : n_full * C]) if n_full else None
+        w0_norm = self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
+
+        outputs = []
+        for k in range(math.ceil(N / C)):
+            lo, hi = max(k * C, r), min((k + 1) * C, N)
+            if hi > lo:
+                outputs.append(self._project(h_all[:, lo:hi], delta))
+            is_last = k == math.ceil(N / C) - 1
+            if k < n_full and not (fast is None and is_last):
+                h_k = h_all[:, k * C : (k + 1) * C]  # (B, C, D)
+                update = self.config.eta * torch.matmul(values[:, k].transpose(1, 2), h_k)  # (B, d, D)
+                delta = apply_update(delta, update, self.config, w0_norm)
+        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+        if fast is not None:
+            fast.delta = delta if delta is not None else fast.delta
+            fast.tail_h = h_all[:, n_full * C :].detach()
+            fast.tail_t = t_all[:, n_full * C :].detach()
+            fast.tokens_seen += L
+            fast.updates += n_full
+        return out
+
+    def _skip_updates(self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None) -> torch.Tensor:
+        if fast is not None:
+            C = self.config.chunk_size
+            h_all, t_all = torch.cat([fast.tail_h, h], dim=1), torch.cat([fast.tail_t, t], dim=1)
+            n_full = h_all.shape[1] // C
+            fast.tail_h, fast.tail_t = h_all[:, n_full * C :].detach(), t_all[:, n_full * C :].detach()
+            fast.tokens_seen += h.shape[1]
+            fast.updates += n_full
+        return F.linear(h, self.down_proj.weight, self.down_proj.bias)
+
+    def _project(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """h (W_0 + delta)^T (+ bias), with W_0 folded in so it is one matrix product."""
+        weight = self.down_proj.weight  # (d, D)
+        if delta is None:
+            return F.linear(h, weight, self.down_proj.bias)
+        fast_weight = (weight + delta).to(h.dtype)  # (B, d, D)
+        # One F.linear per sequence: the same kernel as the base model, so a zero delta gives
+        # bit-identical outputs, and a batch of one is a single plain matrix product.
+        return torch.stack([F.linear(h[b], fast_weight[b], self.down_proj.bias) for b in range(h.shape[0])])

@@ -1,0 +1,186 @@
+"""Attach In-Place TTT to a Hugging Face causal LM, and save/load such a model.
+
+``enable_ttt(model, config)`` swaps the MLP of each chosen decoder layer for an
+``InPlaceTTTMLP`` that shares the original projections, records the config under
+``model.config.ttt`` and returns the same model object. ``load_ttt_model(path)`` reads a
+checkpoint written by ``save_pretrained`` back, TTT parameters included, without remote code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ttt_model.config import TTTConfig
+from ttt_model.layer import InPlaceTTTMLP
+from ttt_model.state import FastWeightState, LayerFastWeights, ttt_layers
+
+
+@dataclass(frozen=True)
+class GatedMLPFamily:
+    """Where a model family keeps its decoder layers and their gated MLPs."""
+
+    layers_path: str = "model.layers"
+    mlp_attr: str = "mlp"
+
+
+# Families whose MLP is down_proj(act(gate_proj(x)) * up_proj(x)) under model.layers[i].mlp.
+SUPPORTED_FAMILIES: dict[str, GatedMLPFamily] = {
+    "llama": GatedMLPFamily(),
+    "qwen2": GatedMLPFamily(),
+    "qwen3": GatedMLPFamily(),
+    "mistral": GatedMLPFamily(),
+}
+
+
+class TTTRuntime:
+    """Context shared by the TTT layers of one model during a forward pass.
+
+    ``state`` is None for the plain parallel forward (no state kept) and a FastWeightState while
+    a session streams. ``input_embeds`` is filled by a hook on the decoder's forward when the
+    target is the input embeddings.
+    """
+
+    def __init__(self) -> None:
+        self.state: FastWeightState | None = None
+        self.input_embeds: torch.Tensor | None = None
+        self._w0_norms: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def layer_state(self, layer_idx: int) -> LayerFastWeights | None:
+        return None if self.state is None else self.state.layers[layer_idx]
+
+    def target_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        embeds = self.input_embeds
+        if embeds is None or embeds.shape[:2] != x.shape[:2]:
+            raise RuntimeError("TTT target 'input_embeddings' needs the decoder's input embeddings for this call")
+        return embeds.to(x.dtype)
+
+    def w0_norm(self, layer_idx: int, weight: torch.Tensor) -> torch.Tensor:
+        """||W_down||_F, cached per weight version (it changes only when trained or merged)."""
+        cached = self._w0_norms.get(layer_idx)
+        if cached is None or cached[0] != weight._version:
+            norm = torch.linalg.matrix_norm(weight.detach().float())
+            self._w0_norms[layer_idx] = cached = (weight._version, norm)
+        return cached[1]
+
+
+def family_of(model: nn.Module) -> GatedMLPFamily:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"In-Place TTT does not support model_type {model_type!r}; "
+            f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
+        )
+    return SUPPORTED_FAMILIES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    module: Any = model
+    for part in family_of(model).layers_path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def enable_ttt(model: nn.Module, config: TTTConfig | None = None) -> nn.Module:
+    """Attach In-Place TTT in place to a supported HF causal LM and return it."""
+    config = config or TTTConfig()
+    family = family_of(model)
+    if getattr(model, "ttt_runtime", None) is not None:
+        raise ValueError("TTT is already enabled on this model")
+    layers = decoder_layers(model)
+    runtime = TTTRuntime()
+    for idx in config.resolve_layers(len(layers)):
+        mlp = getattr(layers[idx], family.mlp_attr)
+        setattr(layers[idx], family.mlp_attr, InPlaceTTTMLP(mlp, config, idx, runtime))
+    model.ttt_runtime = runtime
+    config_dict = config.to_dict()
+    config_dict["layers"] = config.resolve_layers(len(layers))
+    model.config.ttt = config_dict
+
+    if config.target == "input_embeddings":
+        base = getattr(model, family.layers_path.split(".")[0])
+
+        def take_given_embeds(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # Set when the caller passes embeddings; cleared (then set below) when it passes ids.
+            runtime.input_embeds = kwargs.get("inputs_embeds")
+
+        def take_computed_embeds(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            runtime.input_embeds = output
+
+        model.ttt_hooks = [
+            base.register_forward_pre_hook(take_given_embeds, with_kwargs=True),
+            model.get_input_embeddings().register_forward_hook(take_computed_embeds),
+        ]
+    return model
+
+
+def disable_ttt(model: nn.Module) -> nn.Module:
+    """Put the original MLPs back (sharing the current weights) and drop the TTT config."""
+    family = family_of(model)
+    layers = decoder_layers(model)
+    for idx, mlp in ttt_layers(model).items():
+        setattr(layers[idx], family.mlp_attr, mlp.base_mlp)
+    for hook in getattr(model, "ttt_hooks", []):
+        hook.remove()
+    model.ttt_hooks = []
+    model.ttt_runtime = None
+    if hasattr(model.config, "ttt"):
+        del model.config.ttt
+    return model
+
+
+def ttt_config_of(model: nn.Module) -> TTTConfig:
+    """The TTTConfig recorded in a model's HF config."""
+    raw = getattr(model.config, "ttt", None)
+    if raw is None:
+        raise ValueError("model config has no 'ttt' entry")
+    return TTTConfig.from_dict(dict(raw))
+
+
+def load_ttt_model(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a checkpoint saved by ``save_pretrained`` of a TTT-enabled model (or a plain one).
+
+    The base weights load through ``AutoModelForCausalLM`` (no remote code); the TTT parameters,
+    which it does not know, are then read from the same safetensors files.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    from_pretrained_kwargs.setdefault("trust_remote_code", False)
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    raw = getattr(model.config, "ttt", None)
+    if raw is None:
+        return model
+    del model.config.ttt
+    enable_ttt(model, TTTConfig.from_dict(dict(raw)))
+    ttt_keys = {name for name, _ in model.named_parameters() if ".ttt_" in name}
+    loaded = _read_tensors(path, ttt_keys)
+    missing = sorted(ttt_keys - set(loaded))
+    if missing:
+        raise ValueError(f"{path}: checkpoint has a TTT config but lacks parameters {missing[:4]}...")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    return model
+
+
+def _read_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({weight_map[n] for n in names if n in weight_map})
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for file in files:
+        with safe_open(str(path / file), framework="pt") as f:
+            for name in names & set(f.keys()):
+                out[name] = f.get_tensor(name)
+    return out

@@ -1,0 +1,144 @@
+"""TTTSession: feed a document in pieces of any length, get logits and per-token loss.
+
+The session owns the attention KV cache and a FastWeightState. With the in-place objective the
+TTT layers update the state themselves exactly when a chunk completes, so any split of the
+input gives the logits of one parallel forward over the whole sequence. With the gradient
+objective each chunk is scored first, then the session takes optimiser steps on the fast
+weights over that chunk (prequential: a chunk is never scored by weights that saw it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ttt_model.objectives import gradient_objective_loss, make_optimizer
+from ttt_model.state import FastWeightState, apply_update, ttt_layers
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # (B, L, V)
+    nll: torch.Tensor  # (B, L) float32: -log p(token | prefix); NaN for the stream's first token
+
+
+class TTTSession:
+    """Streaming inference with test-time training over one stream of tokens per batch row."""
+
+    def __init__(self, model: nn.Module, state: FastWeightState | None = None, batch_size: int = 1):
+        self.model = model
+        self.state = state if state is not None else FastWeightState.for_model(model, batch_size)
+        self.config = next(iter(ttt_layers(model).values())).config
+        self.cache = DynamicCache(config=model.config)
+        self.last_logits: torch.Tensor | None = None  # (B, V): predicts the next piece's first token
+        self.position = 0
+        self._pending: list[torch.Tensor] = []  # ids of the unfinished chunk (gradient objective)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_params: list[int] = []
+
+    def reset(self, keep_state: bool = False) -> None:
+        """Start a new document: empty cache; the fast weights too unless ``keep_state``."""
+        if not keep_state:
+            self.state.reset()
+        self.cache = DynamicCache(config=self.model.config)
+        self.last_logits = None
+        self.position = 0
+        self._pending = []
+
+    def feed(self, input_ids: torch.Tensor) -> StepOutput:
+        """Process the next piece (B, L) of the stream: score it, then learn from it."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.state.batch_size:
+            raise ValueError(f"input_ids must be (batch={self.state.batch_size}, L), got {tuple(input_ids.shape)}")
+        if self.config.objective == "gradient":
+            logits = self._feed_gradient(input_ids)
+        else:
+            logits = self._forward(input_ids)
+        nll = self._nll(logits, input_ids)
+        self.position += input_ids.shape[1]
+        return StepOutput(logits=logits, nll=nll)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _forward(self, input_ids: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        runtime = self.model.ttt_runtime
+        runtime.state = self.state
+        try:
+            with torch.set_grad_enabled(grad):
+                out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+        finally:
+            runtime.state = None
+        return out.logits
+
+    def _nll(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        B, L = input_ids.shape
+        first = self.last_logits if self.last_logits is not None else torch.full_like(logits[:, 0], float("nan"))
+        predicting = torch.cat([first[:, None], logits[:, :-1]], dim=1).float()  # (B, L, V)
+        nll = -torch.log_softmax(predicting, dim=-1).gather(-1, input_ids[..., None])[..., 0]
+        self.last_logits = logits[:, -1].detach()
+        return nll.detach()
+
+    def _feed_gradient(self, input_ids: torch.Tensor) -> torch.Tensor:
+        C = self.config.chunk_size
+        outputs, start = [], 0
+        L = input_ids.shape[1]
+        while start < L:
+            filled = sum(p.shape[1] for p in self._pending)
+            end = min(L, start + C - filled)
+            piece = input_ids[:, start:end]
+            if filled == 0 and end - start == C and self.config.gradient_steps > 0:
+                # A whole chunk at once: its first gradient forward is also its score.
+                outputs.append(self._learn_chunk(piece, scored=False))
+            else:
+                outputs.append(self._forward(piece).detach())
+                self._pending.append(piece)
+                if filled + piece.shape[1] == C:
+                    self._learn_chunk(torch.cat(self._pending, dim=1), scored=True)
+            start = end
+        return torch.cat(outputs, dim=1)
+
+    def _learn_chunk(self, chunk_ids: torch.Tensor, scored: bool) -> torch.Tensor | None:
+        """Optimiser steps on the fast weights over one complete chunk; returns its score logits."""
+        self._pending = []
+        C = chunk_ids.shape[1]
+        steps = self.config.gradient_steps
+        if steps == 0:
+            return None
+        deltas = [layer.delta for _, layer in self.state]
+        if [id(d) for d in deltas] != self._optimizer_params:
+            for d in deltas:
+                d.requires_grad_(True)
+            self._optimizer = make_optimizer(self.config, deltas)
+            self._optimizer_params = [id(d) for d in deltas]
+        mlps = ttt_layers(self.model)
+        score_logits = None
+        for step in range(steps):
+            if scored or step > 0:
+                self.cache.crop(-C)  # the chunk's keys and values are recomputed with grad
+            logits = self._forward(chunk_ids, grad=True)
+            if score_logits is None and not scored:
+                score_logits = logits.detach()
+            loss = gradient_objective_loss(self.config, logits, chunk_ids)
+            grads = torch.autograd.grad(loss, deltas)
+            before = [d.detach().clone() for d in deltas]
+            for d, g in zip(deltas, grads):
+                d.grad = g
+            self._optimizer.step()
+            with torch.no_grad():
+                for (idx, layer), old in zip(self.state, before):
+                    w0_norm = self.model.ttt_runtime.w0_norm(idx, mlps[idx].down_proj.weight)
+                    layer.delta.copy_(apply_update(old, layer.delta - old, self.config, w0_norm))
+                    layer.delta.grad = None
+                    layer.updates += 1
+            self._detach_cache()
+        for _, layer in self.state:
+            layer.tokens_seen += C
+        return score_logits
+
+    def _detach_cache(self) -> None:
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys = layer.keys.detach()
+                layer.values = layer.values.detach()
