@@ -65,6 +65,10 @@ class TTTConfig:
             if not ok:
                 raise ValueError(f"TTTConfig.{name}: invalid value {getattr(self, name)!r}")
 
+    @property
+    def has_safeguards(self) -> bool:
+        return self.max_update_norm is not None or self.max_delta_ratio is not None or self.decay is not None
+
     def resolve_layers(self, num_hidden_layers: int) -> list[int]:
         """The TTT layer indices for a model of this depth (default: 0, 6, 12, ...)."""
         layers = self.layers if self.layers is not None else list(range(0, num_hidden_layers, self.layer_stride))

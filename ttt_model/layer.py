@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttt_model.config import TTTConfig
-from ttt_model.state import LayerFastWeights, apply_update
+from ttt_model.state import LayerFastWeights, accumulator_dtype, apply_update
 
 if TYPE_CHECKING:
     from ttt_model.patch import TTTRuntime
@@ -77,15 +77,30 @@ class InPlaceTTTMLP(nn.Module):
     # -- the method ------------------------------------------------------------------------------
 
     def update_values(self, t: torch.Tensor) -> torch.Tensor:
-        """V for whole chunks: (B, n*C, d) -> (B, n, C, d), the conv restarted in every chunk."""
+        """eta * V for whole chunks: (B, n*C, d) -> (B, n, C, d), the conv restarted in every chunk.
+
+        The depthwise conv is computed as k shifted multiply-adds in the (C, d) layout rather
+        than through nn.Conv1d, whose (d, C) layout costs two transposing copies and a slow
+        generic depthwise kernel on GPU. eta is folded into the k x d kernel taps. The result
+        is a strided view: each chunk's (C, d) block is contiguous, which is all the update
+        product needs.
+        """
         B, T, d = t.shape
         C = self.config.chunk_size
         n = T // C
-        chunks = t.reshape(B * n, C, d).transpose(1, 2)  # (B*n, d, C): zero padding per chunk
-        v = self.ttt_conv(chunks).transpose(1, 2)  # (B*n, C, d)
-        if self.ttt_proj is not None:
-            v = self.ttt_proj(v)
-        return v.reshape(B, n, C, d)
+        k = self.config.conv_kernel
+        half = k // 2
+        taps = self.config.eta * self.ttt_conv.weight[:, 0, :].t()  # (k, d); Conv1d cross-correlates
+        # Each chunk gets its own zero border, then every tap is one contiguous (vectorised) pass
+        # over the flattened buffer; rows computed in the borders are garbage and dropped below.
+        padded = F.pad(t.reshape(B * n, C, d), (0, 0, half, half)).reshape(-1, d)  # (B*n*(C+2h), d)
+        rows = padded.shape[0] - 2 * half
+        mixed = torch.zeros_like(padded)
+        inner = mixed[half : half + rows]
+        for j in range(k):
+            inner.addcmul_(padded[j : j + rows], taps[j])
+        v = self.ttt_proj(mixed) if self.ttt_proj is not None else mixed
+        return v.reshape(B * n, C + 2 * half, d)[:, half : half + C].reshape(B, n, C, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (B, L, D)
@@ -102,7 +117,7 @@ class InPlaceTTTMLP(nn.Module):
         """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given."""
         B, L, _ = h.shape
         C = self.config.chunk_size
-        if not self.ttt_conv.weight.any() and (fast is None or not fast.delta.any()):
+        if self.runtime.is_zero(self.layer_idx, self.ttt_conv.weight) and (fast is None or not fast.delta.any()):
             # A zero conv makes every update zero: this is exactly the base MLP (fresh model).
             return self._skip_updates(h, t, fast)
         r = 0 if fast is None else fast.tail_len
@@ -114,20 +129,11 @@ class InPlaceTTTMLP(nn.Module):
             h_all, t_all = h, t
         N = r + L
         n_full = N // C
-        values = self.update_values(t_all[:, : n_full * C]) if n_full else None
-        w0_norm = self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
-
-        outputs = []
-        for k in range(math.ceil(N / C)):
-            lo, hi = max(k * C, r), min((k + 1) * C, N)
-            if hi > lo:
-                outputs.append(self._project(h_all[:, lo:hi], delta))
-            is_last = k == math.ceil(N / C) - 1
-            if k < n_full and not (fast is None and is_last):
-                h_k = h_all[:, k * C : (k + 1) * C]  # (B, C, D)
-                update = self.config.eta * torch.matmul(values[:, k].transpose(1, 2), h_k)  # (B, d, D)
-                delta = apply_update(delta, update, self.config, w0_norm)
-        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
+        if torch.is_grad_enabled() or self.config.has_safeguards:
+            out, delta = self._chunk_loop(h_all, values, r, delta, keep_last=fast is not None)
+        else:
+            out, delta = self._chunk_loop_inference(h_all, values, r, delta, keep_last=fast is not None)
 
         if fast is not None:
             fast.delta = delta if delta is not None else fast.delta
@@ -136,6 +142,56 @@ class InPlaceTTTMLP(nn.Module):
             fast.tokens_seen += L
             fast.updates += n_full
         return out
+
+    def _chunk_loop(
+        self, h_all: torch.Tensor, values: torch.Tensor | None, r: int, delta: torch.Tensor | None, keep_last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The general loop: out-of-place (differentiable), with the safeguards on every update."""
+        C, N = self.config.chunk_size, h_all.shape[1]
+        n_chunks, n_full = math.ceil(N / C), N // C
+        w0_norm = self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
+        outputs = []
+        for k in range(n_chunks):
+            lo, hi = max(k * C, r), min((k + 1) * C, N)
+            if hi > lo:
+                outputs.append(self._project(h_all[:, lo:hi], delta))
+            if k < n_full and (keep_last or k < n_chunks - 1):
+                h_k = h_all[:, k * C : (k + 1) * C]  # (B, C, D)
+                update = torch.matmul(values[:, k].transpose(1, 2), h_k)  # eta V_k^T h_k: (B, d, D)
+                delta = apply_update(delta, update, self.config, w0_norm)
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], delta
+
+    @torch.no_grad()
+    def _chunk_loop_inference(
+        self, h_all: torch.Tensor, values: torch.Tensor | None, r: int, delta: torch.Tensor | None, keep_last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same loop for inference without safeguards, with fewer passes over d x D matrices.
+
+        It keeps the running weight W_0 + delta itself in the accumulator dtype, so each chunk
+        costs one cast to the model's dtype for its output and one fused multiply-accumulate for
+        its update (the GEMM adds into the float32 weight on CUDA), instead of five passes.
+        """
+        C, N = self.config.chunk_size, h_all.shape[1]
+        n_chunks, n_full = math.ceil(N / C), N // C
+        weight = self.down_proj.weight  # (d, D)
+        acc = accumulator_dtype(weight.dtype)
+        B = h_all.shape[0]
+        running = None if delta is None else weight.to(acc) + delta  # (B, d, D)
+        outputs = []
+        for k in range(n_chunks):
+            lo, hi = max(k * C, r), min((k + 1) * C, N)
+            if hi > lo:
+                h_k = h_all[:, lo:hi]
+                if running is None:
+                    outputs.append(F.linear(h_k, weight, self.down_proj.bias))
+                else:
+                    outputs.append(self._linear_per_sequence(h_k, running.to(weight.dtype)))
+            if k < n_full and (keep_last or k < n_chunks - 1):
+                if running is None:
+                    running = weight.to(acc).expand(B, *weight.shape).clone()
+                running = multiply_accumulate(running, values[:, k].transpose(1, 2), h_all[:, k * C : (k + 1) * C])
+        delta = running - weight.to(acc) if keep_last and running is not None else None
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], delta
 
     def _skip_updates(self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None) -> torch.Tensor:
         if fast is not None:
@@ -152,7 +208,20 @@ class InPlaceTTTMLP(nn.Module):
         weight = self.down_proj.weight  # (d, D)
         if delta is None:
             return F.linear(h, weight, self.down_proj.bias)
-        fast_weight = (weight + delta).to(h.dtype)  # (B, d, D)
-        # One F.linear per sequence: the same kernel as the base model, so a zero delta gives
-        # bit-identical outputs, and a batch of one is a single plain matrix product.
+        return self._linear_per_sequence(h, (weight + delta).to(h.dtype))
+
+    def _linear_per_sequence(self, h: torch.Tensor, fast_weight: torch.Tensor) -> torch.Tensor:
+        """h[b] @ fast_weight[b]^T (+ bias) for each sequence b: (B, c, D) x (B, d, D) -> (B, c, d)."""
+        # F.linear is the base model's kernel: a batch of one is a single plain matrix product.
+        if h.shape[0] == 1:
+            return F.linear(h[0], fast_weight[0], self.down_proj.bias)[None]
         return torch.stack([F.linear(h[b], fast_weight[b], self.down_proj.bias) for b in range(h.shape[0])])
+
+
+def multiply_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b, in place, for a wide ``acc`` and narrow a, b: fused into the GEMM where it can."""
+    if acc.dtype == a.dtype:
+        return acc.baddbmm_(a, b)
+    if acc.is_cuda:
+        return torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    return acc + torch.bmm(a, b).to(acc.dtype)

@@ -50,7 +50,8 @@ class TTTRuntime:
     def __init__(self) -> None:
         self.state: FastWeightState | None = None
         self.input_embeds: torch.Tensor | None = None
-        self._w0_norms: dict[int, tuple[int, torch.Tensor]] = {}
+        self._w0_norms: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
+        self._conv_zero: dict[int, tuple[tuple[int, int], bool]] = {}
 
     def layer_state(self, layer_idx: int) -> LayerFastWeights | None:
         return None if self.state is None else self.state.layers[layer_idx]
@@ -61,12 +62,20 @@ class TTTRuntime:
             raise RuntimeError("TTT target 'input_embeddings' needs the decoder's input embeddings for this call")
         return embeds.to(x.dtype)
 
+    def is_zero(self, layer_idx: int, weight: torch.Tensor) -> bool:
+        """Whether a TTT conv weight is all zero, cached per weight version (saves a device sync)."""
+        key = (weight._version, weight.data_ptr())
+        cached = self._conv_zero.get(layer_idx)
+        if cached is None or cached[0] != key:
+            self._conv_zero[layer_idx] = cached = (key, not bool(weight.detach().any()))
+        return cached[1]
+
     def w0_norm(self, layer_idx: int, weight: torch.Tensor) -> torch.Tensor:
         """||W_down||_F, cached per weight version (it changes only when trained or merged)."""
+        key = (weight._version, weight.data_ptr())
         cached = self._w0_norms.get(layer_idx)
-        if cached is None or cached[0] != weight._version:
-            norm = torch.linalg.matrix_norm(weight.detach().float())
-            self._w0_norms[layer_idx] = cached = (weight._version, norm)
+        if cached is None or cached[0] != key:
+            self._w0_norms[layer_idx] = cached = (key, torch.linalg.matrix_norm(weight.detach().float()))
         return cached[1]
 
 

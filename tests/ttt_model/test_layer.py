@@ -136,7 +136,8 @@ class LiveWeightCounter:
                 for t in out if isinstance(out, (tuple, list)) else [out]:
                     if isinstance(t, torch.Tensor) and tuple(t.shape[-2:]) == counter.shape:
                         counter.refs.append(weakref.ref(t))
-                counter.max_live = max(counter.max_live, sum(r() is not None for r in counter.refs))
+                live = {r().untyped_storage().data_ptr() for r in counter.refs if r() is not None}
+                counter.max_live = max(counter.max_live, len(live))
                 return out
 
         self.mode = Mode()
@@ -153,3 +154,20 @@ def test_parallel_form_keeps_no_per_chunk_weight_matrices(chunks):
     with torch.no_grad(), counter.mode:
         mlp(torch.randn(1, 4 * chunks, 32))
     assert 0 < counter.max_live <= 4
+
+
+def test_training_forward_matches_reference_and_inference_path():
+    """With autograd on (training), the general loop gives the reference's numbers too."""
+    model = tiny_model("qwen2", seed=21)
+    enable_ttt(model, TTTConfig(layers=[0, 2], chunk_size=8, eta=0.7))
+    randomise_ttt_parameters(model, seed=22)
+    ids = torch.randint(0, 101, (2, 30))
+    trained = model(ids).logits
+    assert trained.requires_grad
+    with torch.no_grad():
+        inference = model(ids).logits
+    assert rel_err(trained.detach(), reference_logits(model, ids)) < 1e-5
+    assert rel_err(trained.detach(), inference) < 1e-6
+    trained.sum().backward()
+    conv_grad = model.model.layers[0].mlp.ttt_conv.weight.grad
+    assert conv_grad is not None and conv_grad.abs().sum() > 0
