@@ -109,10 +109,68 @@ def demo(config: Path = ConfigOption) -> None:
     console.print(f"ray: job {ray_info['job_id']} on node {ray_info['node_id'][:12]}")
     console.print(f"MLflow UI: {cfg.mlflow.tracking_uri}", markup=False)
     console.print(
-        "The stream processor (ttt-stream run) is not built yet; this demo starts the stack, "
-        "creates the topics and stops.",
+        "The stream processor (ttt-stream run) is not built yet; the demo goes on with the shipped "
+        "model reading held-out documents (ttt-stream eval).",
         markup=False,
     )
+
+
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("corpus")
+def corpus(out: Path = typer.Option(Path("data/corpus"), help="Where to write the corpus.")) -> None:
+    """Build the shipped corpus (Python 3.11 manual + Linux 6.1 docs) from Debian packages."""
+    from pipeline.corpus import build_corpus
+
+    manifest = build_corpus(out)
+    console.print(f"corpus in {out}: {manifest['documents']}", markup=False)
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+def train(
+    ctx: typer.Context,
+    config: Path = ConfigOption,
+    mlflow: bool = typer.Option(True, help="Log params and metrics to the configured MLflow server."),
+) -> None:
+    """Prepare data or train a model; arguments go to `python -m ttt_model.train` (see --help)."""
+    from ttt_model import train as trainer
+
+    args = list(ctx.args)
+    if not mlflow or "--help" in args or "-h" in args or (args and args[0] == "prepare"):
+        trainer.main(args)
+        return
+    from pipeline.tracking import mlflow_run
+
+    cfg = _load(config)
+    import mlflow as mlflow_client
+
+    params = {"argv": " ".join(args)}
+    with mlflow_run(cfg.mlflow, "train", params):
+        final = trainer.main(args, on_metrics=lambda step, m: mlflow_client.log_metrics(m, step=step))
+        mlflow_client.log_param("final_model", str(final))
+
+
+@app.command("eval", context_settings=PASSTHROUGH, add_help_option=False)
+def evaluate(
+    ctx: typer.Context,
+    config: Path = ConfigOption,
+    mlflow: bool = typer.Option(True, help="Log the table and plot to the configured MLflow server."),
+) -> None:
+    """Held-out loss by position (static / in-place / gradient); args go to `python -m ttt_model.evaluate`."""
+    from ttt_model import evaluate as evaluator
+
+    args = list(ctx.args)
+    if not mlflow or "--help" in args or "-h" in args:
+        evaluator.main(args)
+        return
+    from pipeline.tracking import log_eval_result, mlflow_run
+
+    cfg = _load(config)
+    with mlflow_run(cfg.mlflow, "eval", {"argv": " ".join(args)}):
+        result = evaluator.main(args)
+        out = Path(args[args.index("--out") + 1])
+        log_eval_result(result, out)
 
 
 def _print_status(stack: LocalStack, cfg: AppConfig) -> None:

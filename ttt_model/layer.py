@@ -117,8 +117,14 @@ class InPlaceTTTMLP(nn.Module):
         """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given."""
         B, L, _ = h.shape
         C = self.config.chunk_size
-        if self.runtime.is_zero(self.layer_idx, self.ttt_conv.weight) and (fast is None or not fast.delta.any()):
+        training_conv = torch.is_grad_enabled() and self.ttt_conv.weight.requires_grad
+        if (
+            not training_conv
+            and self.runtime.is_zero(self.layer_idx, self.ttt_conv.weight)
+            and (fast is None or not fast.delta.any())
+        ):
             # A zero conv makes every update zero: this is exactly the base MLP (fresh model).
+            # Not while training: the zero-initialised conv must still receive its gradient.
             return self._skip_updates(h, t, fast)
         r = 0 if fast is None else fast.tail_len
         delta = None if fast is None else fast.delta  # sum of past dW, (B, d, D), fp32 or wider

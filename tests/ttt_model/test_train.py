@@ -1,0 +1,88 @@
+"""The training path on a tiny model: data preparation, resume, checkpoints without pickle."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ttt_model import TTTConfig, enable_ttt, load_ttt_model
+from ttt_model.data import PackedTokenStream
+from ttt_model.train import TrainConfig, fit, lr_at, prepare, load_prepared, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_scratch_model(seed=0):
+    from tests.ttt_model.reference import tiny_model
+
+    model = tiny_model("qwen3", seed=seed, layers=2)
+    return enable_ttt(model, TTTConfig(layers=[1], chunk_size=8, target="input_embeddings"))
+
+
+def stream(seed=0):
+    # Documents that repeat a short random motif: there is something to learn.
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(20):
+        motif = torch.randint(1, 101, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen).tolist()
+        docs.append(motif * 20)
+    return PackedTokenStream(docs, eos_id=0, seq_len=32, seed=seed)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_training_lowers_loss_and_moves_the_ttt_conv(tmp_path):
+    model = tiny_scratch_model()
+    cfg = TrainConfig(seq_len=32, batch_size=4, max_steps=30, lr=3e-3, warmup_steps=3, log_every=5,
+                      checkpoint_every=100, bf16=False)
+    fit(model, stream(), cfg, tmp_path, device="cpu")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 0.3
+    assert model.model.layers[1].mlp.ttt_conv.weight.abs().sum() > 0
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    cfg = TrainConfig(seq_len=32, batch_size=2, max_steps=6, warmup_steps=2, checkpoint_every=100, log_every=2,
+                      bf16=False)
+    fit(tiny_scratch_model(), stream(), cfg, tmp_path / "a", device="cpu")
+    assert fit(tiny_scratch_model(), stream(), cfg, tmp_path / "b", device="cpu", stop_at_step=3) is None
+    # A differently initialised model: everything must come from the checkpoint.
+    fit(tiny_scratch_model(seed=99), stream(), cfg, tmp_path / "b", device="cpu")
+    straight, resumed = load_ttt_model(tmp_path / "a" / "final"), load_ttt_model(tmp_path / "b" / "final")
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_checkpoints_are_safetensors_and_json_only(tmp_path):
+    model = tiny_scratch_model()
+    cfg = TrainConfig(seq_len=32, batch_size=2, max_steps=2, warmup_steps=1, checkpoint_every=1, bf16=False)
+    fit(model, stream(), cfg, tmp_path, device="cpu")
+    files = {p.name for p in (tmp_path / "checkpoint").iterdir()}
+    assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    moments = load_file(str(tmp_path / "checkpoint" / "optimizer.safetensors"))
+    assert any(k.endswith("::exp_avg") for k in moments)
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_prepare_trains_a_tokenizer_and_round_trips_documents(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = (ROOT / "README.md").read_text()
+    for split, n in (("train", 6), ("heldout", 2)):
+        with open(corpus / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"id": f"{split}-{i}", "text": text[i * 300 :]}) + "\n")
+    summary = prepare(corpus, tmp_path / "prepared", vocab_size=400)
+    assert summary["heldout"]["documents"] == 2
+    tokenizer = load_tokenizer(tmp_path / "prepared" / "tokenizer")
+    ids = load_prepared(tmp_path / "prepared", "heldout")
+    assert tokenizer.decode(ids[1]) == text[300:]

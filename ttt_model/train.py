@@ -1,0 +1,316 @@
+"""Pretraining from scratch and continual training of causal LMs with In-Place TTT switched on.
+
+    python -m ttt_model.train prepare --corpus data/corpus --out data/prepared
+    python -m ttt_model.train fit --data data/prepared --out runs/ttt-s0 --from-scratch --ttt --seed 0
+    python -m ttt_model.train fit --data data/prepared --out runs/cont --from runs/base/final --ttt
+
+``prepare`` trains a byte-level BPE tokenizer on the training documents and stores every document
+as token ids (safetensors). ``fit`` runs AdamW with linear warm-up and cosine decay, gradient
+clipping and accumulation, bf16 autocast where the device has it, a progress bar, metrics as
+JSON lines, and checkpoints (safetensors + JSON, never pickle) it resumes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ttt_model.config import TTTConfig
+from ttt_model.data import PackedTokenStream, load_documents
+from ttt_model.patch import enable_ttt, load_ttt_model
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+# From-scratch architectures (Qwen3). "tiny" is the embedded default: ~7M parameters.
+MODEL_PRESETS = {
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64),
+}
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 8192
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True
+    checkpoint_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+
+
+# -- data preparation ------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def prepare(corpus_dir: Path, out_dir: Path, vocab_size: int = 8192) -> dict:
+    """Tokenizer + token ids of every train and held-out document, written to ``out_dir``."""
+    train_docs = load_documents(corpus_dir / "train.jsonl")
+    heldout_docs = load_documents(corpus_dir / "heldout.jsonl")
+    tokenizer = train_tokenizer([d.text for d in train_docs], vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    summary = {"vocab_size": len(tokenizer), "corpus": str(corpus_dir)}
+    for split, docs in (("train", train_docs), ("heldout", heldout_docs)):
+        ids = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+        # int16 holds ids below 32768 and halves the file; load_prepared widens them again.
+        dtype = torch.int16 if len(tokenizer) <= 32768 else torch.int32
+        flat = torch.tensor([t for doc in ids for t in doc], dtype=dtype)
+        lengths = torch.tensor([len(doc) for doc in ids], dtype=torch.int64)
+        save_file({"tokens": flat, "lengths": lengths}, str(out_dir / f"{split}.safetensors"))
+        (out_dir / f"{split}_ids.json").write_text(json.dumps([d.id for d in docs]))
+        summary[split] = {"documents": len(docs), "tokens": int(lengths.sum())}
+    (out_dir / "prepared.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_prepared(data_dir: Path, split: str) -> list[list[int]]:
+    """Token ids per document of one split written by ``prepare``."""
+    tensors = load_file(str(data_dir / f"{split}.safetensors"))
+    tokens, lengths = tensors["tokens"].to(torch.int64), tensors["lengths"].tolist()
+    out, pos = [], 0
+    for n in lengths:
+        out.append(tokens[pos : pos + n].tolist())
+        pos += n
+    return out
+
+
+def load_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+def scratch_model(preset: str, vocab_size: int, eos_id: int, max_positions: int, seed: int):
+    """A freshly initialised Qwen3-architecture model of a named size."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size, max_position_embeddings=max_positions, tie_word_embeddings=True,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, rope_theta=100_000.0,
+        **MODEL_PRESETS[preset],
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and the TTT conv taps (1-D or tiny tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "ttt_conv" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available(),
+    )
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig, tokenizer=None) -> None:
+    """Model (HF safetensors), optimizer moments (safetensors) and trainer state (JSON)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors = {}
+    for p in params:
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "train_config": asdict(cfg)}, indent=2))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def load_optimizer_state(path: Path, model, optimizer) -> None:
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, state_key = key.split("::")
+        p = params[name]
+        optimizer.state[p][state_key] = value.to(p.device) if state_key != "step" else value
+
+
+def fit(
+    model, stream: PackedTokenStream, cfg: TrainConfig, out_dir: Path, tokenizer=None,
+    on_metrics: MetricsCallback | None = None, device: str | None = None, stop_at_step: int | None = None,
+) -> Path | None:
+    """Train ``model`` on windows of ``stream``; resume from ``out_dir/checkpoint`` if it exists.
+
+    ``stop_at_step`` ends the run early after a checkpoint (a time-boxed slice of a longer run);
+    calling again resumes it on the same schedule. Returns the final model dir when finished.
+    """
+    from tqdm import tqdm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint"
+    step = 0
+    if (ckpt / "trainer_state.json").exists():
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        resumed = load_ttt_model(ckpt).to(device)
+        model.load_state_dict(resumed.state_dict())
+        load_optimizer_state(ckpt, model, optimizer)
+        step = state["step"]
+        log.info("resumed from %s at step %d", ckpt, step)
+    autocast = cfg.bf16 and device == "cuda" and torch.cuda.is_bf16_supported()
+    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None)
+    t0, tokens_done = time.perf_counter(), 0
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = stream.batch(step, micro, cfg.batch_size).to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids=batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+            tokens_done += batch[:, 1:].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - t0
+            metrics = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_done / elapsed}
+            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(loss=f"{total:.3f}")
+            if on_metrics:
+                on_metrics(step, metrics)
+        if step % cfg.checkpoint_every == 0 or step in (cfg.max_steps, stop_at_step):
+            save_checkpoint(ckpt, model, optimizer, step, cfg, tokenizer)
+        if step == stop_at_step:
+            break
+    bar.close()
+    metrics_file.close()
+    if step < cfg.max_steps:
+        return None
+    final = out_dir / "final"
+    model.save_pretrained(final)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(final)
+    return final
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttt-stream train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="train the tokenizer and tokenize the corpus")
+    prep.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    prep.add_argument("--out", type=Path, default=Path("data/prepared"))
+    prep.add_argument("--vocab-size", type=int, default=8192)
+    run = sub.add_parser("fit", help="pretrain from scratch or continue training a model")
+    run.add_argument("--data", type=Path, default=Path("data/prepared"))
+    run.add_argument("--out", type=Path, required=True)
+    origin = run.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--from-scratch", action="store_true", help="new model (TTT target: input embeddings)")
+    origin.add_argument("--from", dest="from_model", type=Path, help="existing model dir (target: hidden states)")
+    run.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="tiny")
+    run.add_argument("--ttt", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument("--ttt-layers", type=int, nargs="+", default=None)
+    run.add_argument("--chunk-size", type=int, default=512)
+    run.add_argument("--eta", type=float, default=3.0)
+    for field, default in asdict(TrainConfig()).items():
+        flag = "--" + field.replace("_", "-")
+        if isinstance(default, bool):
+            run.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            run.add_argument(flag, type=type(default), default=default)
+    return parser
+
+
+def main(argv: list[str] | None = None, on_metrics: MetricsCallback | None = None) -> Path | dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "prepare":
+        summary = prepare(args.corpus, args.out, args.vocab_size)
+        print(json.dumps(summary, indent=2))
+        return summary
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    tokenizer = load_tokenizer(args.data / "tokenizer")
+    if args.from_scratch:
+        model = scratch_model(args.preset, len(tokenizer), tokenizer.eos_token_id, max(cfg.seq_len, 32768), cfg.seed)
+        target = "input_embeddings"
+    else:
+        model = load_ttt_model(args.from_model)
+        target = "hidden_states"
+    if args.ttt and getattr(model, "ttt_runtime", None) is None:
+        enable_ttt(model, TTTConfig(layers=args.ttt_layers, chunk_size=args.chunk_size, eta=args.eta, target=target))
+    torch.manual_seed(cfg.seed)
+    stream = PackedTokenStream(load_prepared(args.data, "train"), tokenizer.eos_token_id, cfg.seq_len, cfg.seed)
+    (args.out).mkdir(parents=True, exist_ok=True)
+    (args.out / "run_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    log.info("training %d parameters on %d tokens", sum(p.numel() for p in model.parameters()), len(stream))
+    return fit(model, stream, cfg, args.out, tokenizer, on_metrics)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
