@@ -116,7 +116,8 @@ def _process_alive(pid: int) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
+def process_group_alive(pgid: int) -> bool:
+    """True while any process of the group ``pgid`` exists."""
     try:
         os.killpg(pgid, 0)
         return True
@@ -284,15 +285,15 @@ class LocalStack:
         pid = self._read_pid(name)
         if pid is None:
             return False
-        if not _group_alive(pid):
+        if not process_group_alive(pid):
             self._forget(name)
             return False
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _group_alive(pid):
+        while time.monotonic() < deadline and process_group_alive(pid):
             _reap(pid)
             time.sleep(0.2)
-        if _group_alive(pid):
+        if process_group_alive(pid):
             log.warning("%s (pgid %d) ignored SIGTERM; sending SIGKILL", name, pid)
             os.killpg(pid, signal.SIGKILL)
             time.sleep(0.2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.local_stack import broker_answers, mlflow_answers, port_is_open
+from pipeline.local_stack import broker_answers, mlflow_answers, port_is_open, process_group_alive
 from tests.conftest import stack_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -22,14 +22,6 @@ def _cli(*args, timeout=240):
         capture_output=True, text=True, cwd=ROOT, timeout=timeout,
         env={k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")},
     )
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_up_then_down_leaves_no_process_and_no_port(tmp_path):
@@ -47,7 +39,7 @@ def test_up_then_down_leaves_no_process_and_no_port(tmp_path):
             name: json.loads((tmp_path / "stack" / "run" / f"{name}.pid").read_text())["pid"]
             for name in ("broker", "mlflow")
         }
-        assert all(_group_alive(pid) for pid in pids.values())
+        assert all(process_group_alive(pid) for pid in pids.values())
         again = _cli("up", "-c", str(config_file))
         assert again.returncode == 0, again.stderr
         assert json.loads((tmp_path / "stack" / "run" / "mlflow.pid").read_text())["pid"] == pids["mlflow"]
@@ -57,7 +49,7 @@ def test_up_then_down_leaves_no_process_and_no_port(tmp_path):
     assert "broker" in down.stdout and "mlflow" in down.stdout
     assert not port_is_open(broker.host, broker.port)
     assert not port_is_open(mlflow.host, mlflow.port)
-    assert not any(_group_alive(pid) for pid in pids.values())
+    assert not any(process_group_alive(pid) for pid in pids.values())
     assert not list((tmp_path / "stack" / "run").glob("*.pid"))
 
 
