@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from ttt_model import TTTConfig, enable_ttt
+from ttt_model.patch import static_mode
 from ttt_model.state import ttt_layers
 
 PRESETS = {
@@ -61,22 +62,18 @@ def reference_style_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tens
 @contextlib.contextmanager
 def mode(model: torch.nn.Module, name: str):
     """Run the model with TTT off (original MLPs), in-place (ours) or reference-style."""
-    layers = model.model.layers
-    mlps = ttt_layers(model)
-    saved = {}
+    if name == "off":
+        with static_mode(model):
+            yield
+        return
+    mlps = ttt_layers(model) if name == "reference-style" else {}
     try:
-        for idx, mlp in mlps.items():
-            if name == "off":
-                layers[idx].mlp = mlp.base_mlp
-            elif name == "reference-style":
-                saved[idx] = mlp.forward
-                mlp.forward = lambda x, m=mlp: reference_style_forward(m, x)
+        for mlp in mlps.values():
+            mlp.forward = lambda x, m=mlp: reference_style_forward(m, x)
         yield
     finally:
-        for idx, mlp in mlps.items():
-            layers[idx].mlp = mlp
-            if idx in saved:
-                mlp.forward = saved[idx]
+        for mlp in mlps.values():
+            del mlp.forward  # back to the class's forward
 
 
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):

@@ -132,6 +132,20 @@ def corpus(out: Path = typer.Option(Path("data/corpus"), help="Where to write th
     console.print(f"corpus in {out}: {manifest['documents']}", markup=False)
 
 
+def _run_tracked(config: Path, mlflow: bool, run_name: str, args: list[str], run, after=None) -> None:
+    """``run(args)``, inside an MLflow run of the configured server unless disabled or asking for help."""
+    if not mlflow or "--help" in args or "-h" in args:
+        run(args)
+        return
+    from pipeline.tracking import mlflow_run
+
+    cfg = _load(config)
+    with mlflow_run(cfg.mlflow, run_name, {"argv": " ".join(args)}):
+        result = run(args)
+        if after is not None:
+            after(result)
+
+
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 def train(
     ctx: typer.Context,
@@ -142,18 +156,21 @@ def train(
     from ttt_model import train as trainer
 
     args = list(ctx.args)
-    if not mlflow or "--help" in args or "-h" in args or (args and args[0] == "prepare"):
-        trainer.main(args)
-        return
-    from pipeline.tracking import mlflow_run
+    tracked = mlflow and not (args and args[0] == "prepare")
 
-    cfg = _load(config)
-    import mlflow as mlflow_client
+    def run(argv: list[str]):
+        if not tracked:
+            return trainer.main(argv)
+        import mlflow as client
 
-    params = {"argv": " ".join(args)}
-    with mlflow_run(cfg.mlflow, "train", params):
-        final = trainer.main(args, on_metrics=lambda step, m: mlflow_client.log_metrics(m, step=step))
-        mlflow_client.log_param("final_model", str(final))
+        return trainer.main(argv, on_metrics=lambda step, m: client.log_metrics(m, step=step))
+
+    def log_final(final) -> None:
+        import mlflow as client
+
+        client.log_param("final_model", str(final))
+
+    _run_tracked(config, tracked, "train", args, run, log_final)
 
 
 @app.command("eval", context_settings=PASSTHROUGH, add_help_option=False)
@@ -163,19 +180,12 @@ def evaluate(
     mlflow: bool = typer.Option(True, help="Log the table and plot to the configured MLflow server."),
 ) -> None:
     """Held-out loss by position (static / in-place / gradient); args go to `python -m ttt_model.evaluate`."""
+    from pipeline.tracking import log_eval_result
     from ttt_model import evaluate as evaluator
 
     args = list(ctx.args)
-    if not mlflow or "--help" in args or "-h" in args:
-        evaluator.main(args)
-        return
-    from pipeline.tracking import log_eval_result, mlflow_run
-
-    cfg = _load(config)
-    with mlflow_run(cfg.mlflow, "eval", {"argv": " ".join(args)}):
-        result = evaluator.main(args)
-        out = Path(args[args.index("--out") + 1])
-        log_eval_result(result, out)
+    out = Path(args[args.index("--out") + 1]) if "--out" in args[:-1] else None
+    _run_tracked(config, mlflow, "eval", args, evaluator.main, lambda result: log_eval_result(result, out))
 
 
 def _print_status(stack: LocalStack, cfg: AppConfig) -> None:

@@ -90,6 +90,7 @@ class ServerSpec:
     startup_timeout_s: float
     ready: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
+    workdirs: list[Path] = field(default_factory=list)  # created before the server starts
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class LocalStack:
             ready=lambda: mlflow_answers(url),
             # The job-execution consumers cost ~165 MB and a share of a core each; we run no jobs.
             env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            workdirs=[mlflow_dir],
         )
 
     def specs(self) -> list[ServerSpec]:
@@ -245,9 +247,8 @@ class LocalStack:
                 f"stack did not start; stop it or change local_stack.{spec.name}.port"
             )
         log_path = self.log_path(spec.name)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.pid_path(spec.name).parent.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+        for directory in [log_path.parent, self.pid_path(spec.name).parent, *spec.workdirs]:
+            directory.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **spec.env}
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Sequence
 
 import torch
 
@@ -37,12 +37,9 @@ class PackedTokenStream:
     the batches an uninterrupted one would, with no sampler state to save.
     """
 
-    def __init__(self, token_ids: list[list[int]], eos_id: int, seq_len: int, seed: int):
-        pieces = []
-        for ids in token_ids:
-            pieces.append(torch.tensor(ids, dtype=torch.int32))
-            pieces.append(torch.tensor([eos_id], dtype=torch.int32))
-        self.tokens = torch.cat(pieces)
+    def __init__(self, token_ids: Sequence[torch.Tensor | list[int]], eos_id: int, seq_len: int, seed: int):
+        eos = torch.tensor([eos_id], dtype=torch.int64)
+        self.tokens = torch.cat([piece for ids in token_ids for piece in (torch.as_tensor(ids, dtype=torch.int64), eos)])
         if len(self.tokens) <= seq_len + 1:
             raise ValueError(f"corpus has {len(self.tokens)} tokens, fewer than one window of {seq_len}")
         self.seq_len = seq_len
@@ -56,9 +53,3 @@ class PackedTokenStream:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + micro_step)
         starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (batch_size,), generator=gen)
         return torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()]).long()
-
-
-def iter_documents_tokens(tokenizer, docs: list[Document], max_tokens: int | None = None) -> Iterator[list[int]]:
-    for doc in docs:
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        yield ids[:max_tokens] if max_tokens else ids

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ttt_model.config import TTTConfig
-from ttt_model.patch import disable_ttt, enable_ttt, load_ttt_model
+from ttt_model.patch import disable_ttt, enable_ttt, load_ttt_model, static_mode
 from ttt_model.session import TTTSession
 from ttt_model.state import ttt_layers
 from ttt_model.data import load_documents
@@ -37,20 +37,6 @@ def bucket_name(lo: int, hi: int | None) -> str:
 
 
 @contextlib.contextmanager
-def static_mode(model):
-    """The model with its original MLPs: TTT off, the trained weights otherwise unchanged."""
-    layers = model.model.layers
-    mlps = ttt_layers(model) if getattr(model, "ttt_runtime", None) is not None else {}
-    try:
-        for idx, mlp in mlps.items():
-            layers[idx].mlp = mlp.base_mlp
-        yield model
-    finally:
-        for idx, mlp in mlps.items():
-            layers[idx].mlp = mlp
-
-
-@contextlib.contextmanager
 def gradient_mode(model, gradient: TTTConfig):
     """Dynamic evaluation on the model's TTT layers (or ``gradient.layers`` if it has none)."""
     if getattr(model, "ttt_runtime", None) is None:
@@ -62,42 +48,49 @@ def gradient_mode(model, gradient: TTTConfig):
         return
     mlps = ttt_layers(model)
     saved = {idx: mlp.config for idx, mlp in mlps.items()}
+    config = replace(gradient, layers=list(mlps))
     try:
         for mlp in mlps.values():
-            mlp.config = replace(gradient, layers=list(mlps), chunk_size=gradient.chunk_size)
+            mlp.config = config
         yield model
     finally:
         for idx, mlp in mlps.items():
             mlp.config = saved[idx]
 
 
-def token_nll(model, ids: torch.Tensor, mode: str, gradient: TTTConfig, chunk: int) -> torch.Tensor:
-    """Per-token NLL (length L-1, predicting tokens 1..L-1) of one document under ``mode``."""
+def mode_context(model, mode: str, gradient: TTTConfig):
+    """The model as ``mode`` reads: static (TTT off), in_place (as trained), or gradient."""
+    if mode == "static":
+        return static_mode(model)
     if mode == "gradient":
-        with gradient_mode(model, gradient):
-            session = TTTSession(model)
-            nll = torch.cat([session.feed(ids[:, i : i + chunk]).nll for i in range(0, ids.shape[1], chunk)], 1)
+        return gradient_mode(model, gradient)
+    return contextlib.nullcontext(model)
+
+
+def token_nll(model, ids: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
+    """Per-token NLL (length L-1, predicting tokens 1..L-1) of one document, inside ``mode_context``."""
+    if mode == "gradient":
+        session = TTTSession(model)
+        nll = torch.cat([session.feed(ids[:, i : i + chunk]).nll for i in range(0, ids.shape[1], chunk)], 1)
         return nll[0, 1:]
-    ctx = static_mode(model) if mode == "static" else contextlib.nullcontext(model)
-    with ctx, torch.no_grad():
+    with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
 
 
-def evaluate(model, docs: list[list[int]], modes: list[str], gradient: TTTConfig, max_tokens: int,
+def evaluate(model, docs: list[torch.Tensor], modes: list[str], gradient: TTTConfig, max_tokens: int,
              device: str) -> dict:
     model.to(device).eval()
-    chunk = gradient.chunk_size
+    docs = [torch.as_tensor(doc[:max_tokens], device=device)[None] for doc in docs]
+    docs = [ids for ids in docs if ids.shape[1] >= 2]
     sums = {m: torch.zeros(max_tokens, dtype=torch.float64) for m in modes}
     counts = torch.zeros(max_tokens, dtype=torch.float64)
-    for doc in docs:
-        ids = torch.tensor(doc[:max_tokens], device=device)[None]
-        if ids.shape[1] < 2:
-            continue
-        n = ids.shape[1] - 1
-        counts[1 : n + 1] += 1  # position p = index of the predicted token
-        for m in modes:
-            sums[m][1 : n + 1] += token_nll(model, ids, m, gradient, chunk).double().cpu()
+    for ids in docs:
+        counts[1 : ids.shape[1]] += 1  # position p = index of the predicted token
+    for m in modes:
+        with mode_context(model, m, gradient):  # entered once per mode, not once per document
+            for ids in docs:
+                sums[m][1 : ids.shape[1]] += token_nll(model, ids, m, gradient.chunk_size).double().cpu()
     result = {"documents": len(docs), "max_tokens": max_tokens, "buckets": {}, "curve": {}}
     for lo, hi in BUCKETS:
         sl = slice(lo, hi if hi is not None else max_tokens)

@@ -115,8 +115,16 @@ class InPlaceTTTMLP(nn.Module):
         self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None
     ) -> torch.Tensor:
         """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given."""
-        B, L, _ = h.shape
+        L = h.shape[1]
         C = self.config.chunk_size
+        r = 0 if fast is None else fast.tail_len
+        delta = None if fast is None else fast.delta  # sum of past dW, (B, d, D), fp32 or wider
+        if r:
+            # Prepend the unfinished chunk so that chunk borders fall on multiples of C.
+            h_all, t_all = torch.cat([fast.tail_h, h], dim=1), torch.cat([fast.tail_t, t], dim=1)
+        else:
+            h_all, t_all = h, t
+        n_full = (r + L) // C
         training_conv = torch.is_grad_enabled() and self.ttt_conv.weight.requires_grad
         if (
             not training_conv
@@ -125,21 +133,11 @@ class InPlaceTTTMLP(nn.Module):
         ):
             # A zero conv makes every update zero: this is exactly the base MLP (fresh model).
             # Not while training: the zero-initialised conv must still receive its gradient.
-            return self._skip_updates(h, t, fast)
-        r = 0 if fast is None else fast.tail_len
-        delta = None if fast is None else fast.delta  # sum of past dW, (B, d, D), fp32 or wider
-        if r:
-            # Prepend the unfinished chunk so that chunk borders fall on multiples of C.
-            h_all, t_all = torch.cat([fast.tail_h, h], dim=1), torch.cat([fast.tail_t, t], dim=1)
+            out = F.linear(h, self.down_proj.weight, self.down_proj.bias)
         else:
-            h_all, t_all = h, t
-        N = r + L
-        n_full = N // C
-        values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
-        if torch.is_grad_enabled() or self.config.has_safeguards:
-            out, delta = self._chunk_loop(h_all, values, r, delta, keep_last=fast is not None)
-        else:
-            out, delta = self._chunk_loop_inference(h_all, values, r, delta, keep_last=fast is not None)
+            values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
+            loop = self._chunk_loop if torch.is_grad_enabled() or self.config.has_safeguards else self._chunk_loop_inference
+            out, delta = loop(h_all, values, r, delta, keep_last=fast is not None)
 
         if fast is not None:
             fast.delta = delta if delta is not None else fast.delta
@@ -149,21 +147,31 @@ class InPlaceTTTMLP(nn.Module):
             fast.updates += n_full
         return out
 
+    def _chunk_schedule(self, N: int, r: int, keep_last: bool):
+        """For each chunk k of the N tokens (the first r already served): (k, slice of the
+        tokens it serves or None, whether its update is applied after them)."""
+        C = self.config.chunk_size
+        n_chunks, n_full = math.ceil(N / C), N // C
+        for k in range(n_chunks):
+            lo, hi = max(k * C, r), min((k + 1) * C, N)
+            # Without a state to keep, the last chunk's update would serve no token.
+            yield k, slice(lo, hi) if hi > lo else None, k < n_full and (keep_last or k < n_chunks - 1)
+
     def _chunk_loop(
         self, h_all: torch.Tensor, values: torch.Tensor | None, r: int, delta: torch.Tensor | None, keep_last: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The general loop: out-of-place (differentiable), with the safeguards on every update."""
-        C, N = self.config.chunk_size, h_all.shape[1]
-        n_chunks, n_full = math.ceil(N / C), N // C
-        w0_norm = self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
+        C = self.config.chunk_size
+        w0_norm = (
+            self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
+            if self.config.max_delta_ratio is not None else None
+        )
         outputs = []
-        for k in range(n_chunks):
-            lo, hi = max(k * C, r), min((k + 1) * C, N)
-            if hi > lo:
-                outputs.append(self._project(h_all[:, lo:hi], delta))
-            if k < n_full and (keep_last or k < n_chunks - 1):
-                h_k = h_all[:, k * C : (k + 1) * C]  # (B, C, D)
-                update = torch.matmul(values[:, k].transpose(1, 2), h_k)  # eta V_k^T h_k: (B, d, D)
+        for k, served, update_after in self._chunk_schedule(h_all.shape[1], r, keep_last):
+            if served is not None:
+                outputs.append(self._project(h_all[:, served], delta))
+            if update_after:
+                update = torch.matmul(values[:, k].transpose(1, 2), h_all[:, k * C : (k + 1) * C])  # (B, d, D)
                 delta = apply_update(delta, update, self.config, w0_norm)
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], delta
 
@@ -177,37 +185,23 @@ class InPlaceTTTMLP(nn.Module):
         costs one cast to the model's dtype for its output and one fused multiply-accumulate for
         its update (the GEMM adds into the float32 weight on CUDA), instead of five passes.
         """
-        C, N = self.config.chunk_size, h_all.shape[1]
-        n_chunks, n_full = math.ceil(N / C), N // C
+        C = self.config.chunk_size
         weight = self.down_proj.weight  # (d, D)
         acc = accumulator_dtype(weight.dtype)
-        B = h_all.shape[0]
         running = None if delta is None else weight.to(acc) + delta  # (B, d, D)
         outputs = []
-        for k in range(n_chunks):
-            lo, hi = max(k * C, r), min((k + 1) * C, N)
-            if hi > lo:
-                h_k = h_all[:, lo:hi]
+        for k, served, update_after in self._chunk_schedule(h_all.shape[1], r, keep_last):
+            if served is not None:
                 if running is None:
-                    outputs.append(F.linear(h_k, weight, self.down_proj.bias))
+                    outputs.append(F.linear(h_all[:, served], weight, self.down_proj.bias))
                 else:
-                    outputs.append(self._linear_per_sequence(h_k, running.to(weight.dtype)))
-            if k < n_full and (keep_last or k < n_chunks - 1):
+                    outputs.append(self._linear_per_sequence(h_all[:, served], running.to(weight.dtype)))
+            if update_after:
                 if running is None:
-                    running = weight.to(acc).expand(B, *weight.shape).clone()
+                    running = weight.to(acc).expand(h_all.shape[0], *weight.shape).clone()
                 running = multiply_accumulate(running, values[:, k].transpose(1, 2), h_all[:, k * C : (k + 1) * C])
         delta = running - weight.to(acc) if keep_last and running is not None else None
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], delta
-
-    def _skip_updates(self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None) -> torch.Tensor:
-        if fast is not None:
-            C = self.config.chunk_size
-            h_all, t_all = torch.cat([fast.tail_h, h], dim=1), torch.cat([fast.tail_t, t], dim=1)
-            n_full = h_all.shape[1] // C
-            fast.tail_h, fast.tail_t = h_all[:, n_full * C :].detach(), t_all[:, n_full * C :].detach()
-            fast.tokens_seen += h.shape[1]
-            fast.updates += n_full
-        return F.linear(h, self.down_proj.weight, self.down_proj.bias)
 
     def _project(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         """h (W_0 + delta)^T (+ bias), with W_0 folded in so it is one matrix product."""

@@ -9,9 +9,10 @@ checkpoint written by ``save_pretrained`` back, TTT parameters included, without
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -50,8 +51,7 @@ class TTTRuntime:
     def __init__(self) -> None:
         self.state: FastWeightState | None = None
         self.input_embeds: torch.Tensor | None = None
-        self._w0_norms: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
-        self._conv_zero: dict[int, tuple[tuple[int, int], bool]] = {}
+        self._per_weight: dict[tuple[str, int], tuple[tuple[int, int], Any]] = {}
 
     def layer_state(self, layer_idx: int) -> LayerFastWeights | None:
         return None if self.state is None else self.state.layers[layer_idx]
@@ -63,19 +63,20 @@ class TTTRuntime:
         return embeds.to(x.dtype)
 
     def is_zero(self, layer_idx: int, weight: torch.Tensor) -> bool:
-        """Whether a TTT conv weight is all zero, cached per weight version (saves a device sync)."""
-        key = (weight._version, weight.data_ptr())
-        cached = self._conv_zero.get(layer_idx)
-        if cached is None or cached[0] != key:
-            self._conv_zero[layer_idx] = cached = (key, not bool(weight.detach().any()))
-        return cached[1]
+        """Whether a TTT conv weight is all zero (saves a device sync on every forward)."""
+        return self._cached("conv_zero", layer_idx, weight, lambda w: not bool(w.any()))
 
     def w0_norm(self, layer_idx: int, weight: torch.Tensor) -> torch.Tensor:
-        """||W_down||_F, cached per weight version (it changes only when trained or merged)."""
+        """||W_down||_F (it changes only when trained or merged)."""
+        return self._cached("w0_norm", layer_idx, weight, lambda w: torch.linalg.matrix_norm(w.float()))
+
+    def _cached(self, what: str, layer_idx: int, weight: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
+        """``compute(weight)``, recomputed only when the weight is written or replaced."""
         key = (weight._version, weight.data_ptr())
-        cached = self._w0_norms.get(layer_idx)
+        cached = self._per_weight.get((what, layer_idx))
         if cached is None or cached[0] != key:
-            self._w0_norms[layer_idx] = cached = (key, torch.linalg.matrix_norm(weight.detach().float()))
+            cached = (key, compute(weight.detach()))
+            self._per_weight[(what, layer_idx)] = cached
         return cached[1]
 
 
@@ -144,6 +145,21 @@ def disable_ttt(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def static_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its original MLPs: TTT off, every trained weight as it is."""
+    layers = decoder_layers(model)
+    mlp_attr = family_of(model).mlp_attr
+    mlps = ttt_layers(model) if getattr(model, "ttt_runtime", None) is not None else {}
+    try:
+        for idx, mlp in mlps.items():
+            setattr(layers[idx], mlp_attr, mlp.base_mlp)
+        yield model
+    finally:
+        for idx, mlp in mlps.items():
+            setattr(layers[idx], mlp_attr, mlp)
+
+
 def ttt_config_of(model: nn.Module) -> TTTConfig:
     """The TTTConfig recorded in a model's HF config."""
     raw = getattr(model.config, "ttt", None)
@@ -166,8 +182,9 @@ def load_ttt_model(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module
     raw = getattr(model.config, "ttt", None)
     if raw is None:
         return model
+    config = ttt_config_of(model)
     del model.config.ttt
-    enable_ttt(model, TTTConfig.from_dict(dict(raw)))
+    enable_ttt(model, config)
     ttt_keys = {name for name, _ in model.named_parameters() if ".ttt_" in name}
     loaded = _read_tensors(path, ttt_keys)
     missing = sorted(ttt_keys - set(loaded))

@@ -34,7 +34,6 @@ class TTTSession:
         self.config = next(iter(ttt_layers(model).values())).config
         self.cache = DynamicCache(config=model.config)
         self.last_logits: torch.Tensor | None = None  # (B, V): predicts the next piece's first token
-        self.position = 0
         self._pending: list[torch.Tensor] = []  # ids of the unfinished chunk (gradient objective)
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_params: list[int] = []
@@ -45,7 +44,6 @@ class TTTSession:
             self.state.reset()
         self.cache = DynamicCache(config=self.model.config)
         self.last_logits = None
-        self.position = 0
         self._pending = []
 
     def feed(self, input_ids: torch.Tensor) -> StepOutput:
@@ -56,9 +54,7 @@ class TTTSession:
             logits = self._feed_gradient(input_ids)
         else:
             logits = self._forward(input_ids)
-        nll = self._nll(logits, input_ids)
-        self.position += input_ids.shape[1]
-        return StepOutput(logits=logits, nll=nll)
+        return StepOutput(logits=logits, nll=self._nll(logits, input_ids))
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -73,7 +69,6 @@ class TTTSession:
         return out.logits
 
     def _nll(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        B, L = input_ids.shape
         first = self.last_logits if self.last_logits is not None else torch.full_like(logits[:, 0], float("nan"))
         predicting = torch.cat([first[:, None], logits[:, :-1]], dim=1).float()  # (B, L, V)
         nll = -torch.log_softmax(predicting, dim=-1).gather(-1, input_ids[..., None])[..., 0]
@@ -112,7 +107,11 @@ class TTTSession:
                 d.requires_grad_(True)
             self._optimizer = make_optimizer(self.config, deltas)
             self._optimizer_params = [id(d) for d in deltas]
-        mlps = ttt_layers(self.model)
+        # ||W_down|| per layer, for the cap on ||delta|| / ||W_down|| (only when it is set).
+        w0_norms = (
+            {idx: self.model.ttt_runtime.w0_norm(idx, mlp.down_proj.weight) for idx, mlp in ttt_layers(self.model).items()}
+            if self.config.max_delta_ratio is not None else {}
+        )
         score_logits = None
         for step in range(steps):
             if scored or step > 0:
@@ -128,8 +127,7 @@ class TTTSession:
             self._optimizer.step()
             with torch.no_grad():
                 for (idx, layer), old in zip(self.state, before):
-                    w0_norm = self.model.ttt_runtime.w0_norm(idx, mlps[idx].down_proj.weight)
-                    layer.delta.copy_(apply_update(old, layer.delta - old, self.config, w0_norm))
+                    layer.delta.copy_(apply_update(old, layer.delta - old, self.config, w0_norms.get(idx)))
                     layer.delta.grad = None
                     layer.updates += 1
             self._detach_cache()

@@ -33,11 +33,12 @@ def accumulator_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def apply_update(
-    delta: torch.Tensor | None, update: torch.Tensor, config: TTTConfig, w0_norm: torch.Tensor | float
+    delta: torch.Tensor | None, update: torch.Tensor, config: TTTConfig, w0_norm: torch.Tensor | float | None
 ) -> torch.Tensor:
     """delta + update under the safeguards: per-update clip, decay, cap on ||delta|| / ||W_0||.
 
-    Out of place, so that training can differentiate through it.
+    Out of place, so that training can differentiate through it. ``w0_norm`` is needed only
+    when the cap (``max_delta_ratio``) is set.
     """
     update = update.to(accumulator_dtype(update.dtype))
     if config.max_update_norm is not None:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,15 +100,10 @@ def prepare(corpus_dir: Path, out_dir: Path, vocab_size: int = 8192) -> dict:
     return summary
 
 
-def load_prepared(data_dir: Path, split: str) -> list[list[int]]:
-    """Token ids per document of one split written by ``prepare``."""
+def load_prepared(data_dir: Path, split: str) -> list[torch.Tensor]:
+    """Token ids per document of one split written by ``prepare`` (views of one int64 tensor)."""
     tensors = load_file(str(data_dir / f"{split}.safetensors"))
-    tokens, lengths = tensors["tokens"].to(torch.int64), tensors["lengths"].tolist()
-    out, pos = [], 0
-    for n in lengths:
-        out.append(tokens[pos : pos + n].tolist())
-        pos += n
-    return out
+    return list(torch.split(tensors["tokens"].to(torch.int64), tensors["lengths"].tolist()))
 
 
 def load_tokenizer(path: Path):
@@ -143,7 +139,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def adamw_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases and the TTT conv taps (1-D or tiny tensors)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -171,8 +167,6 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig, t
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "train_config": asdict(cfg)}, indent=2))
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     tmp.rename(path)
 
@@ -199,7 +193,7 @@ def fit(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = adamw_optimizer(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoint"
     step = 0
