@@ -147,6 +147,29 @@ class InPlaceTTTMLP(nn.Module):
             fast.updates += n_full
         return out
 
+    @torch.no_grad()
+    def flush_tail(self, fast: LayerFastWeights) -> None:
+        """Apply the unfinished chunk's update now, as if the stream ended there.
+
+        The tail is zero-padded to a whole chunk, as the parallel form pads a sequence's last
+        chunk: padded rows of h are zero, so they add nothing to V^T h. Used at document ends,
+        so that a state that outlives a document learns from all of it, short documents too.
+        """
+        r = fast.tail_len
+        if r == 0:
+            return
+        C = self.config.chunk_size
+        h = F.pad(fast.tail_h, (0, 0, 0, C - r))
+        t = F.pad(fast.tail_t, (0, 0, 0, C - r))
+        update = torch.matmul(self.update_values(t)[:, 0].transpose(1, 2), h)  # (B, d, D)
+        w0_norm = (
+            self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
+            if self.config.max_delta_ratio is not None else None
+        )
+        fast.delta = apply_update(fast.delta, update, self.config, w0_norm)
+        fast.tail_h, fast.tail_t = fast.tail_h[:, :0], fast.tail_t[:, :0]
+        fast.updates += 1
+
     def _chunk_schedule(self, N: int, r: int, keep_last: bool):
         """For each chunk k of the N tokens (the first r already served): (k, slice of the
         tokens it serves or None, whether its update is applied after them)."""

@@ -46,6 +46,22 @@ class TTTSession:
         self.last_logits = None
         self._pending = []
 
+    def end_document(self) -> None:
+        """Close the current document and keep the fast weights for the next one.
+
+        The unfinished chunk is learned from now (zero-padded, as the parallel form pads the
+        last chunk), so that a state shared by many documents learns from short ones too; then
+        the attention cache is dropped: the next document starts a new context.
+        """
+        if self.config.objective == "gradient":
+            if self._pending:
+                self._learn_chunk(torch.cat(self._pending, dim=1), scored=True)
+        else:
+            mlps = ttt_layers(self.model)
+            for idx, layer in self.state:
+                mlps[idx].flush_tail(layer)
+        self.reset(keep_state=True)
+
     def feed(self, input_ids: torch.Tensor) -> StepOutput:
         """Process the next piece (B, L) of the stream: score it, then learn from it."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.state.batch_size:

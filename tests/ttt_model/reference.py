@@ -63,8 +63,12 @@ def reference_ttt_mlp(
     eta: float,
     chunk: int,
     act,
+    flush_tail: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs (T, d) and the final accumulated dW (d, D), one token at a time, in float64."""
+    """Outputs (T, d) and the final accumulated dW (d, D), one token at a time, in float64.
+
+    ``flush_tail``: the unfinished last chunk also updates W (zero-padded), as at a document end.
+    """
     x, target = x.double(), target.double()
     w_gate, w_up, w_down, conv = w_gate.double(), w_up.double(), w_down.double(), conv.double()
     proj = None if proj is None else proj.double()
@@ -78,15 +82,15 @@ def reference_ttt_mlp(
         keys[i] = act(w_gate @ x[i]) * (w_up @ x[i])
         out[i] = W @ keys[i]
         end_of_chunk = (i + 1) % chunk == 0
-        if end_of_chunk:
-            start = i + 1 - chunk
+        if end_of_chunk or (flush_tail and i == T - 1):
+            start = i + 1 - chunk if end_of_chunk else T - T % chunk
             dW = torch.zeros_like(W)
-            for c in range(chunk):
+            for c in range(i + 1 - start):
                 # Conv1d is a cross-correlation with zero padding at the chunk's borders.
                 mixed = torch.zeros(d, dtype=torch.float64)
                 for j in range(k):
                     src = c + j - half
-                    if 0 <= src < chunk:
+                    if 0 <= src < chunk and start + src < T:
                         mixed += conv[:, j] * target[start + src]
                 value = proj @ mixed if proj is not None else mixed
                 dW += torch.outer(value, keys[start + c])

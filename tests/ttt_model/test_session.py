@@ -67,6 +67,42 @@ def test_streamed_state_equals_reference_fast_weights():
     assert layer.tail_len == 27 % 6 and layer.updates == 4 and layer.tokens_seen == 27
 
 
+@pytest.mark.parametrize("objective", ["in_place", "gradient"])
+def test_end_document_learns_the_unfinished_chunk(objective):
+    model = tiny_model("qwen3", seed=6, layers=2)
+    enable_ttt(model, TTTConfig(layers=[1], chunk_size=8, eta=0.7, objective=objective, gradient_lr=0.1))
+    randomise_ttt_parameters(model, seed=7)
+    session = TTTSession(model)
+    session.feed(torch.randint(0, 101, (1, 13)))  # one whole chunk + 5 tokens
+    before = session.state.clone()
+    session.end_document()
+    layer = session.state.layers[1]
+    assert layer.tail_len == 0 and session.cache.get_seq_length() == 0 and session.last_logits is None
+    assert rel_err(layer.delta, before.layers[1].delta) > 1e-3  # the 5-token tail changed the weights
+    session.end_document()  # nothing left to learn: a second close changes nothing
+    assert torch.equal(session.state.layers[1].delta, layer.delta)
+
+
+def test_flushed_tail_equals_reference():
+    model = tiny_model("qwen3", seed=8, layers=1)
+    enable_ttt(model, TTTConfig(layers=[0], chunk_size=6, eta=0.9))
+    randomise_ttt_parameters(model, seed=9)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 16, 32)
+    state = FastWeightState.for_model(model)
+    model.ttt_runtime.state = state
+    with torch.no_grad():
+        mlp(x)
+    model.ttt_runtime.state = None
+    mlp.flush_tail(state.layers[0])
+    _, want_delta = reference_ttt_mlp(
+        x[0], x[0], mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+        mlp.ttt_conv.weight[:, 0], mlp.ttt_proj.weight, 0.9, 6, mlp.act_fn, flush_tail=True,
+    )
+    assert rel_err(state.layers[0].delta[0], want_delta) < 1e-5
+    assert state.layers[0].updates == 3 and state.layers[0].tail_len == 0
+
+
 def test_state_carries_over_documents_and_reset_returns_to_base():
     model = tiny_model("llama", seed=4)
     enable_ttt(model, TTTConfig(layers=[1], chunk_size=4, eta=0.5))
