@@ -120,6 +120,66 @@ def demo(
     )
 
 
+@app.command()
+def run(
+    config: Path = ConfigOption,
+    until_idle: Optional[float] = typer.Option(
+        None, "--until-idle", metavar="SECONDS", help="Stop once nothing arrived or finished for this long."
+    ),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting Ray here."),
+) -> None:
+    """Run the stream processor: documents topic -> workers (Ray) -> results; until stopped."""
+    from pipeline.job import run_stream
+
+    cfg = _load(config)
+    if ray_address:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": ray_address})})
+    summary = run_stream(cfg, until_idle_s=until_idle)
+    _print_summary(summary.as_dict())
+
+
+@app.command()
+def feed(
+    path: str = typer.Argument(..., help="A file, a folder, a .jsonl file, or - for JSONL on stdin."),
+    topic: Optional[str] = typer.Option(None, help="Topic to send to (default: the documents topic)."),
+    limit: Optional[int] = typer.Option(None, help="Send at most this many messages."),
+    config: Path = ConfigOption,
+) -> None:
+    """Send documents to a topic, with a progress bar."""
+    from pipeline.feed import feed as send, feed_messages
+    from pipeline.topics import ensure_topics
+
+    cfg = _load(config)
+    ensure_topics(cfg.kafka)
+    try:
+        sent = send(cfg.kafka, topic or cfg.kafka.topics.documents, feed_messages(path), limit=limit)
+    except FileNotFoundError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    console.print(f"sent {sent} messages to {topic or cfg.kafka.topics.documents}", markup=False)
+
+
+def _print_summary(summary: dict) -> None:
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    table = Table(title="ttt-stream run")
+    table.add_column("documents", justify="right")
+    table.add_column("dead letters", justify="right")
+    table.add_column("tokens", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("adapted loss", justify="right")
+    table.add_column("sampled: adapted vs base", justify="right")
+    adapted, base = summary["sampled_adapted_loss"], summary["sampled_base_loss"]
+    versus = "-" if adapted is None else f"{adapted:.4f} vs {base:.4f} ({100 * (adapted - base) / base:+.2f}%)"
+    table.add_row(
+        str(summary["documents"]), str(summary["dead_letters"]), str(summary["tokens"]),
+        fmt(summary["tokens_per_s"], ".0f"), fmt(summary["adapted_loss"], ".4f"),
+        f"{versus} on {summary['sampled_documents']} docs",
+    )
+    console.print(table)
+
+
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 

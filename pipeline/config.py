@@ -11,10 +11,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "TTT_STREAM__"
 
@@ -88,6 +88,50 @@ class StreamConfig(_Section):
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class ModelConfig(_Section):
+    """The model every worker hosts: a local Hugging Face directory (no hub downloads)."""
+
+    path: Path = Path("models/ttt-tiny-qwen3")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Fields of TTTConfig replacing the model's own (objective, safeguards, gradient_lr, ...).
+    ttt: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("ttt")
+    @classmethod
+    def _valid_ttt_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from ttt_model.config import TTTConfig
+
+        TTTConfig.from_dict(value)  # raises ValueError naming the field
+        return value
+
+
+class ProcessorConfig(_Section):
+    """How ``ttt-stream run`` reads the documents topic and adapts."""
+
+    workers: int = Field(default=1, ge=1)
+    worker_num_cpus: float = Field(default=1.0, gt=0)
+    worker_num_gpus: float = Field(default=0.0, ge=0)
+    # global: one state per worker learns from every document it reads (with one worker, one
+    # state for the stream); per_key: one state per message key; per_document: reset each time.
+    scope: Literal["global", "per_key", "per_document"] = "global"
+    max_keys_in_memory: int = Field(default=64, ge=1)
+    spill_dir: Path = Path("data/spill")
+    max_document_tokens: int = Field(default=32768, ge=2)
+    # split: read an oversize document in windows of max_document_tokens (the attention cache
+    # restarts, the fast weights carry over); reject: send it to the dead-letter topic.
+    oversize: Literal["split", "reject"] = "split"
+    base_loss_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_in_flight_per_worker: int = Field(default=2, ge=1)
+    max_restarts: int = Field(default=3, ge=0)
+    max_attempts: int = Field(default=3, ge=1)
+    poll_timeout_ms: int = Field(default=200, ge=1)
+    commit_interval_s: float = Field(default=5.0, gt=0)
+    status_interval_s: float = Field(default=10.0, gt=0)
+    # Bit-reproducible CPU arithmetic (torch deterministic algorithms, one intra-op thread).
+    deterministic: bool = False
+
+
 class AppConfig(_Section):
     """The whole deployment: one stream, its Kafka topics, MLflow, Ray and the local stack."""
 
@@ -95,6 +139,8 @@ class AppConfig(_Section):
     kafka: KafkaConfig = KafkaConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    processor: ProcessorConfig = ProcessorConfig()
     local_stack: LocalStackConfig = LocalStackConfig()
 
     def digest(self) -> str:

@@ -6,6 +6,7 @@ and loads like any other (``config.json`` holds it, the safetensors file holds t
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -47,7 +48,7 @@ class TTTConfig:
         """Raise ValueError naming the first field that is out of range."""
         checks = [
             ("chunk_size", self.chunk_size >= 1),
-            ("eta", self.eta == self.eta),
+            ("eta", isinstance(self.eta, (int, float)) and math.isfinite(self.eta)),
             ("target", self.target in ("hidden_states", "input_embeddings")),
             ("conv_kernel", self.conv_kernel >= 1 and self.conv_kernel % 2 == 1),
             ("max_update_norm", self.max_update_norm is None or self.max_update_norm > 0),

@@ -145,6 +145,28 @@ def disable_ttt(model: nn.Module) -> nn.Module:
     return model
 
 
+def configure_ttt(model: nn.Module, overrides: dict[str, Any]) -> TTTConfig:
+    """Change how a model's TTT layers adapt (objective, safeguards, ...) and return the config.
+
+    A model with TTT layers keeps its layers and trained TTT parameters, with ``overrides``
+    replacing fields of its config; a plain model gets TTT enabled with ``overrides`` (useful
+    with the gradient objective, which needs no trained TTT parameters).
+    """
+    if getattr(model, "ttt_runtime", None) is None:
+        config = TTTConfig.from_dict(dict(overrides))
+        enable_ttt(model, config)
+        return config
+    mlps = ttt_layers(model)
+    current = next(iter(mlps.values())).config
+    if "layers" in overrides and sorted(overrides["layers"] or []) != sorted(mlps):
+        raise ValueError(f"TTTConfig.layers: the model's TTT layers are {sorted(mlps)}; they cannot be overridden")
+    config = TTTConfig.from_dict({**current.to_dict(), **overrides, "layers": sorted(mlps)})
+    for mlp in mlps.values():
+        mlp.config = config
+    model.config.ttt = config.to_dict()
+    return config
+
+
 @contextmanager
 def static_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The model with its original MLPs: TTT off, every trained weight as it is."""
@@ -178,7 +200,18 @@ def load_ttt_model(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module
 
     path = Path(path)
     from_pretrained_kwargs.setdefault("trust_remote_code", False)
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    from transformers.utils import logging as hf_logging
+
+    # Its load report would list our TTT parameters as unexpected keys; they are read below.
+    verbosity, bars_off = hf_logging.get_verbosity(), not hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not bars_off:
+            hf_logging.enable_progress_bar()
     raw = getattr(model.config, "ttt", None)
     if raw is None:
         return model

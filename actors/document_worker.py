@@ -1,0 +1,197 @@
+"""DocumentWorker: one model replica and its fast-weight states, reading documents prequentially.
+
+A plain class (the Ray actor in ``actors.worker`` is a thin shell around it), so it is tested
+and benchmarked without Ray. Per document: tokenize, pick the state of the document's scope,
+score every chunk with the current fast weights and then learn from it (TTTSession), learn from
+the unfinished last chunk, and report the adapted loss next to the base model's loss on a
+sample of documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.state_store import Scope, StateStore
+from ttt_model.patch import configure_ttt, load_ttt_model, static_mode
+from ttt_model.session import TTTSession
+from ttt_model.state import FastWeightState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker hosts and how it adapts; built by the pipeline from its config."""
+
+    model_path: str
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    ttt_overrides: dict[str, Any] = field(default_factory=dict)
+    scope: Scope = "global"
+    max_keys_in_memory: int = 64
+    spill_dir: str = "data/spill"
+    max_document_tokens: int = 32768
+    oversize: str = "split"  # split | reject
+    base_loss_sample_rate: float = 0.0
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class DocumentTask:
+    id: str
+    text: str
+    key: str | None = None
+
+
+@dataclass
+class DocumentOutcome:
+    """What became of one document. ``ok`` False: rejected (``reason``), state untouched."""
+
+    id: str
+    ok: bool
+    reason: str | None = None
+    tokens: int = 0
+    loss: float | None = None  # prequential adapted loss, mean nats per predicted token
+    base_loss: float | None = None  # TTT off, same tokens; only for sampled documents
+    finite: bool = True
+    latency_ms: float = 0.0
+    state_key: str | None = None
+    state_version: int = 0  # documents the state had absorbed after this one
+    fast_weight_norm: float = 0.0
+    windows: int = 0
+    worker: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sampled(document_id: str, rate: float) -> bool:
+    """Whether a document gets the base-model shadow evaluation: a stable hash of its id, so
+    replays and restarts sample the same documents."""
+    if rate <= 0.0:
+        return False
+    bucket = int.from_bytes(hashlib.sha256(document_id.encode()).digest()[:8], "big") / 2**64
+    return bucket < rate
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class DocumentWorker:
+    """Hosts one model replica; ``process`` reads one document and adapts the right state."""
+
+    def __init__(self, spec: WorkerSpec, name: str = "worker"):
+        from transformers import AutoTokenizer
+
+        self.spec = spec
+        self.name = name
+        if spec.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.set_num_threads(1)
+        self.device = resolve_device(spec.device)
+        dtype = resolve_dtype(spec.dtype, self.device)
+        path = Path(spec.model_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist (cwd {os.getcwd()})")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = load_ttt_model(path, dtype=dtype).to(self.device).eval()
+        if spec.ttt_overrides or getattr(self.model, "ttt_runtime", None) is None:
+            configure_ttt(self.model, spec.ttt_overrides)
+        self.states = StateStore(
+            spec.scope, lambda: FastWeightState.for_model(self.model), spec.max_keys_in_memory,
+            Path(spec.spill_dir) / name,
+        )
+        self.documents = 0
+        self.tokens = 0
+        self.busy_s = 0.0
+
+    def process(self, task: DocumentTask) -> DocumentOutcome:
+        start = time.perf_counter()
+        ids = self.tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        limit = self.spec.max_document_tokens
+        if len(ids) > limit and self.spec.oversize == "reject":
+            return DocumentOutcome(
+                task.id, ok=False, tokens=len(ids), worker=self.name,
+                reason=f"oversize: {len(ids)} tokens > max_document_tokens {limit}",
+            )
+        scoped = self.states.get(task.key)
+        ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
+        adapted = self._adapted_nll(scoped.state, windows)
+        base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
+        scoped.documents += 1
+        norm = math.sqrt(sum(float(n.double().square().sum()) for n in scoped.state.norms().values()))
+        self.documents += 1
+        self.tokens += ids.shape[1]
+        elapsed = time.perf_counter() - start
+        self.busy_s += elapsed
+        loss = _mean(adapted)
+        return DocumentOutcome(
+            task.id, ok=True, tokens=ids.shape[1], loss=_finite_or_none(loss),
+            base_loss=_finite_or_none(_mean(base)) if base is not None else None,
+            finite=math.isfinite(loss if loss is not None else 0.0) and math.isfinite(norm),
+            latency_ms=1000.0 * elapsed, state_key=scoped.key, state_version=scoped.documents,
+            fast_weight_norm=norm if math.isfinite(norm) else -1.0, windows=len(windows), worker=self.name,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "worker": self.name,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "busy_s": self.busy_s,
+            "states": len(self.states),
+            "states_in_memory": self.states.in_memory,
+            "spills": self.states.spills,
+            "reloads": self.states.reloads,
+            "device": str(self.device),
+        }
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _adapted_nll(self, state: FastWeightState, windows: list[torch.Tensor]) -> torch.Tensor:
+        session = TTTSession(self.model, state)
+        nll = []
+        for window in windows:
+            # Each window is a fresh attention context; the fast weights (and the unfinished
+            # chunk) carry over, which is how a TTT model reads past its attention span.
+            session.reset(keep_state=True)
+            nll.append(session.feed(window).nll[0, 1:])
+        if self.spec.scope != "per_document":
+            session.end_document()
+        return torch.cat(nll)
+
+    @torch.no_grad()
+    def _base_nll(self, windows: list[torch.Tensor]) -> torch.Tensor:
+        nll = []
+        with static_mode(self.model):
+            for window in windows:
+                logits = self.model(input_ids=window).logits[0, :-1].float()
+                nll.append(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none"))
+        return torch.cat(nll)
+
+
+def _mean(nll: torch.Tensor) -> float | None:
+    return float(nll.double().mean()) if nll.numel() else None
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

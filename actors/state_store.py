@@ -1,0 +1,91 @@
+"""Fast-weight states by scope: one shared state, or a bounded LRU of per-key states that spills
+to disk (safetensors + sha256 sidecar) when it is full and reloads a key on demand."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from ttt_model.state import FastWeightState
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["global", "per_key", "per_document"]
+GLOBAL_KEY = "__global__"
+
+
+@dataclass
+class ScopedState:
+    """One adapted state and how many documents it has absorbed (its version within a run)."""
+
+    key: str
+    state: FastWeightState
+    documents: int = 0
+
+
+class StateStore:
+    """The states of one worker. ``get(key)`` returns the state a document must use.
+
+    - ``global``: one state for every document (``key`` ignored).
+    - ``per_key``: one state per key, at most ``capacity`` in memory; the least recently used is
+      written to ``spill_dir`` and read back (hash verified) when its key comes again.
+    - ``per_document``: one state, reset before every document.
+    """
+
+    def __init__(self, scope: Scope, new_state: Callable[[], FastWeightState], capacity: int, spill_dir: Path):
+        if scope not in ("global", "per_key", "per_document"):
+            raise ValueError(f"unknown state scope {scope!r}")
+        self.scope = scope
+        self._new_state = new_state
+        self.capacity = capacity
+        self.spill_dir = Path(spill_dir)
+        self._live: OrderedDict[str, ScopedState] = OrderedDict()
+        self._spilled: dict[str, tuple[str, int]] = {}  # key -> (sha256, documents)
+        self.spills = 0
+        self.reloads = 0
+
+    def get(self, key: str | None) -> ScopedState:
+        if self.scope != "per_key":
+            scoped = self._live.get(GLOBAL_KEY)
+            if scoped is None:
+                scoped = self._live[GLOBAL_KEY] = ScopedState(GLOBAL_KEY, self._new_state())
+            if self.scope == "per_document":
+                scoped.state.reset()
+            return scoped
+        key = key if key is not None else ""
+        if key in self._live:
+            self._live.move_to_end(key)
+            return self._live[key]
+        scoped = self._reload(key) if key in self._spilled else ScopedState(key, self._new_state())
+        self._live[key] = scoped
+        while len(self._live) > self.capacity:
+            self._spill(*self._live.popitem(last=False))
+        return scoped
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._spilled)
+
+    @property
+    def in_memory(self) -> int:
+        return len(self._live)
+
+    def _path(self, key: str) -> Path:
+        # Keys are arbitrary user strings: the file name is their hash.
+        return self.spill_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def _spill(self, key: str, scoped: ScopedState) -> None:
+        digest = scoped.state.save(self._path(key), metadata={"key": key, "documents": str(scoped.documents)})
+        self._spilled[key] = (digest, scoped.documents)
+        self.spills += 1
+        log.debug("spilled state of key %r (%s)", key, digest[:12])
+
+    def _reload(self, key: str) -> ScopedState:
+        digest, documents = self._spilled.pop(key)
+        state = self._new_state()
+        state.load(self._path(key), expected_sha256=digest)
+        self.reloads += 1
+        return ScopedState(key, state, documents)

@@ -1,0 +1,77 @@
+"""The supervisor: starts the worker actors, owns the partition -> worker assignment, watches
+their health and reports status.
+
+Workers are restarted by Ray (``max_restarts``); a document in flight on a worker that died
+fails with ``RayActorError`` and the caller sends it again once the worker is back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from actors.document_worker import WorkerSpec
+from actors.worker import WorkerActor
+
+
+def assign_partitions(partitions: list[int], workers: int) -> dict[int, int]:
+    """Partition -> worker index, round robin over the sorted partitions (stable across runs,
+    so a restart gives every worker the partitions, and hence the state, it had)."""
+    if workers < 1:
+        raise ValueError("need at least one worker")
+    return {p: i % workers for i, p in enumerate(sorted(partitions))}
+
+
+class Supervisor:
+    """Plain-class core of SupervisorActor: worker handles, assignment, status."""
+
+    def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
+                 max_restarts: int):
+        self.stream = stream
+        self.started = time.time()
+        self.workers = [
+            WorkerActor.options(
+                name=f"{stream}-worker-{i}", max_restarts=max_restarts, max_task_retries=0,
+                num_cpus=num_cpus, num_gpus=num_gpus,
+            ).remote(spec, f"{stream}-worker-{i}")
+            for i in range(workers)
+        ]
+        self.assignment: dict[int, int] = {}
+
+    def wait_ready(self, timeout_s: float) -> list[str]:
+        return ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
+
+    def assign(self, partitions: list[int]) -> dict[int, Any]:
+        self.assignment = assign_partitions(partitions, len(self.workers))
+        return {p: self.workers[i] for p, i in self.assignment.items()}
+
+    def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        refs = [w.stats.remote() for w in self.workers]
+        workers = []
+        for i, ref in enumerate(refs):
+            try:
+                stats = ray.get(ref, timeout=timeout_s)
+                stats["alive"] = True
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                stats = {"worker": f"{self.stream}-worker-{i}", "alive": False, "error": type(err).__name__}
+            stats["partitions"] = sorted(p for p, w in self.assignment.items() if w == i)
+            workers.append(stats)
+        return {"stream": self.stream, "uptime_s": time.time() - self.started, "workers": workers}
+
+
+@ray.remote(num_cpus=0)
+class SupervisorActor:
+    def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
+                 max_restarts: int):
+        self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts)
+
+    def wait_ready(self, timeout_s: float) -> list[str]:
+        return self.supervisor.wait_ready(timeout_s)
+
+    def assign(self, partitions: list[int]) -> dict[int, Any]:
+        return self.supervisor.assign(partitions)
+
+    def status(self) -> dict[str, Any]:
+        return self.supervisor.status()

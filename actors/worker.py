@@ -1,0 +1,32 @@
+"""WorkerActor: the Ray shell around DocumentWorker, one per model replica.
+
+Documents run one at a time in submission order (the default concurrency group has one
+thread), which is what keeps per-partition order and states deterministic; status calls use a
+separate group so that they answer while a long document is being read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker, WorkerSpec
+
+
+@ray.remote(concurrency_groups={"control": 1})
+class WorkerActor:
+    def __init__(self, spec: WorkerSpec, name: str):
+        self.worker = DocumentWorker(spec, name)
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def process(self, task: DocumentTask) -> DocumentOutcome:
+        return self.worker.process(task)
+
+    @ray.method(concurrency_group="control")
+    def stats(self) -> dict[str, Any]:
+        return {**self.worker.stats(), "restarted": self.restarted}
+
+    @ray.method(concurrency_group="control")
+    def ready(self) -> str:
+        return self.worker.name

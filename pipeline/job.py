@@ -1,0 +1,74 @@
+"""``ttt-stream run``: wire the config to topics, Ray actors, the Kafka source and sinks."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import ray
+
+from actors.document_worker import WorkerSpec
+from actors.runtime import init_ray
+from actors.supervisor import SupervisorActor
+from pipeline.config import AppConfig
+from pipeline.processor import RunSummary, StreamProcessor
+from pipeline.sink import KafkaSinks
+from pipeline.source import KafkaDocumentSource
+from pipeline.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def worker_spec(config: AppConfig) -> WorkerSpec:
+    """The worker's view of the config. Paths become absolute: actors need not share our cwd."""
+    m, p = config.model, config.processor
+    return WorkerSpec(
+        model_path=str(Path(m.path).resolve()),
+        device=m.device,
+        dtype=m.dtype,
+        ttt_overrides=dict(m.ttt),
+        scope=p.scope,
+        max_keys_in_memory=p.max_keys_in_memory,
+        spill_dir=str(Path(p.spill_dir).resolve()),
+        max_document_tokens=p.max_document_tokens,
+        oversize=p.oversize,
+        base_loss_sample_rate=p.base_loss_sample_rate,
+        deterministic=p.deterministic,
+    )
+
+
+def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0) -> RunSummary:
+    """Run the stream processor until stopped (SIGINT/SIGTERM) or idle; return its summary."""
+    if not Path(config.model.path).is_dir():
+        raise FileNotFoundError(f"model.path: {config.model.path} is not a directory")
+    ensure_topics(config.kafka)
+    init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
+    p = config.processor
+    supervisor = SupervisorActor.remote(
+        config.stream.name, worker_spec(config), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts
+    )
+    source = KafkaDocumentSource(config.kafka)
+    sinks = KafkaSinks(config.kafka)
+    try:
+        names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
+        log.info("workers ready: %s", ", ".join(names))
+        workers = ray.get(supervisor.assign.remote(source.partitions))
+        processor = StreamProcessor(
+            p, source, sinks, workers, stream=config.stream.name,
+            status=lambda: ray.get(supervisor.status.remote(), timeout=10),
+        )
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            # A signal stops reading; what is in flight finishes and is committed.
+            previous = {sig: signal.signal(sig, lambda *_: processor.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return processor.run(until_idle_s=until_idle_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        source.close()
+        sinks.close()
+        ray.kill(supervisor)

@@ -1,0 +1,281 @@
+"""StreamProcessor: documents topic -> worker actors -> results, metrics and dead-letter topics.
+
+One processor (the driver of ``ttt-stream run``) reads every partition and hands each record to
+the worker that owns its partition; a worker reads its documents one at a time, in offset
+order. Malformed records and rejected documents go to the dead-letter topic with the reason;
+nothing stops the stream. Offsets are committed only below the oldest unfinished record and
+only after the broker acknowledged every output for what lies below.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from kafka.consumer.fetcher import ConsumerRecord
+
+from actors.document_worker import DocumentOutcome
+from pipeline.config import ProcessorConfig
+from pipeline.messages import ParsedDocument, Rejected, dead_letter_headers, parse_document, result_message
+from pipeline.offsets import OffsetTracker
+from pipeline.sink import KafkaSinks
+from pipeline.source import KafkaDocumentSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingDocument:
+    record: ConsumerRecord
+    parsed: ParsedDocument
+    worker: int
+    attempts: int = 0
+
+
+@dataclass
+class RunSummary:
+    """What one run did; the loss figures are token-weighted means."""
+
+    documents: int = 0
+    dead_letters: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    worker_busy_s: float = 0.0
+    loss_sum: float = 0.0
+    loss_tokens: int = 0
+    sampled_documents: int = 0
+    sampled_adapted_sum: float = 0.0
+    sampled_base_sum: float = 0.0
+    sampled_tokens: int = 0
+    retries: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcome: DocumentOutcome) -> None:
+        self.documents += 1
+        self.tokens += outcome.tokens
+        self.worker_busy_s += outcome.latency_ms / 1000.0
+        if outcome.loss is not None:
+            self.loss_sum += outcome.loss * outcome.tokens
+            self.loss_tokens += outcome.tokens
+            if outcome.base_loss is not None:
+                self.sampled_documents += 1
+                self.sampled_adapted_sum += outcome.loss * outcome.tokens
+                self.sampled_base_sum += outcome.base_loss * outcome.tokens
+                self.sampled_tokens += outcome.tokens
+
+    def reject(self, reason: str) -> None:
+        self.dead_letters += 1
+        kind = reason.split(":", 1)[0]
+        self.reasons[kind] = self.reasons.get(kind, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        def ratio(a: float, b: float) -> float | None:
+            return a / b if b else None
+
+        return {
+            "documents": self.documents,
+            "dead_letters": self.dead_letters,
+            "dead_letter_reasons": dict(self.reasons),
+            "tokens": self.tokens,
+            "wall_s": round(self.wall_s, 3),
+            "documents_per_s": ratio(self.documents, self.wall_s),
+            "tokens_per_s": ratio(self.tokens, self.wall_s),
+            "worker_busy_s": round(self.worker_busy_s, 3),
+            "adapted_loss": ratio(self.loss_sum, self.loss_tokens),
+            "sampled_documents": self.sampled_documents,
+            "sampled_adapted_loss": ratio(self.sampled_adapted_sum, self.sampled_tokens),
+            "sampled_base_loss": ratio(self.sampled_base_sum, self.sampled_tokens),
+            "retries": self.retries,
+        }
+
+
+class StreamProcessor:
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        source: KafkaDocumentSource,
+        sinks: KafkaSinks,
+        workers_by_partition: dict[int, Any],
+        stream: str = "default",
+        status: Callable[[], dict[str, Any]] | None = None,
+    ):
+        self.config = config
+        self.source = source
+        self.sinks = sinks
+        self.stream = stream
+        self.status = status
+        # One queue and one in-flight list per worker; a worker is an actor handle.
+        handles = list({id(h): h for h in workers_by_partition.values()}.values())
+        self.workers = handles
+        self.worker_of = {p: next(i for i, h in enumerate(handles) if h is w) for p, w in workers_by_partition.items()}
+        self.queues: list[deque[PendingDocument]] = [deque() for _ in handles]
+        self.in_flight: dict[ray.ObjectRef, PendingDocument] = {}
+        self.offsets = OffsetTracker()
+        self.summary = RunSummary()
+        self.stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self, until_idle_s: float | None = None) -> RunSummary:
+        """Process until ``stop()`` (or, with ``until_idle_s``, until nothing arrived or finished
+        for that long); then finish what is in flight, flush and commit."""
+        cfg = self.config
+        started = last_activity = last_commit = last_status = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                records = self._poll()
+                if records:
+                    last_activity = time.monotonic()
+                for record in records:
+                    self._accept(record)
+                self._dispatch()
+                if self._collect(timeout_s=0.0 if records else cfg.poll_timeout_ms / 1000):
+                    last_activity = time.monotonic()
+                now = time.monotonic()
+                if now - last_commit >= cfg.commit_interval_s:
+                    self._commit()
+                    last_commit = now
+                if now - last_status >= cfg.status_interval_s:
+                    self._publish_status(now - started)
+                    last_status = now
+                busy = self.in_flight or any(self.queues)
+                if until_idle_s is not None and not busy and now - last_activity >= until_idle_s:
+                    log.info("idle for %.1f s: stopping", now - last_activity)
+                    break
+            self._drain()
+            self._commit()
+        finally:
+            self.summary.wall_s = time.monotonic() - started
+        self._publish_status(self.summary.wall_s, final=True)
+        self.sinks.flush()
+        return self.summary
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _poll(self) -> list[ConsumerRecord]:
+        # Backpressure: stop fetching the partitions of workers whose queue is full.
+        limit = 2 * self.config.max_in_flight_per_worker
+        full = {p for p, w in self.worker_of.items() if len(self.queues[w]) >= limit}
+        self.source.pause(full)
+        if len(full) == len(self.worker_of):
+            return []
+        return self.source.poll(timeout_ms=0 if self.in_flight else self.config.poll_timeout_ms, max_records=100)
+
+    def _accept(self, record: ConsumerRecord) -> None:
+        parsed = parse_document(record.value, record.key, record.topic, record.partition, record.offset)
+        self.offsets.started(record.partition, record.offset)
+        if isinstance(parsed, Rejected):
+            self._dead_letter(record, parsed.reason)
+            self.offsets.finished(record.partition, record.offset)
+            return
+        self.queues[self.worker_of[record.partition]].append(PendingDocument(record, parsed, self.worker_of[record.partition]))
+
+    # -- working -------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        per_worker = [0] * len(self.workers)
+        for pending in self.in_flight.values():
+            per_worker[pending.worker] += 1
+        for w, queue in enumerate(self.queues):
+            while queue and per_worker[w] < self.config.max_in_flight_per_worker:
+                pending = queue.popleft()
+                pending.attempts += 1
+                self.in_flight[self.workers[w].process.remote(pending.parsed.task)] = pending
+                per_worker[w] += 1
+
+    def _collect(self, timeout_s: float) -> int:
+        if not self.in_flight:
+            return 0
+        ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
+        for ref in ready:
+            if ref not in self.in_flight:
+                continue  # already handled with its worker's failure
+            pending = self.in_flight.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                self._worker_failed(pending)
+                continue
+            except ray.exceptions.RayTaskError as err:
+                self._finish_rejected(pending, f"processing error: {err.cause!r}")
+                continue
+            if outcome.ok:
+                self.sinks.result(result_message(outcome, pending.parsed.meta, pending.record.partition, pending.record.offset))
+                self.summary.add(outcome)
+                self.offsets.finished(pending.record.partition, pending.record.offset)
+            else:
+                self._finish_rejected(pending, outcome.reason or "rejected")
+        return len(ready)
+
+    def _worker_failed(self, first: PendingDocument) -> None:
+        """The worker died: every document in flight on it failed. Wait for all of them, then put
+        them back at the head of its queue in offset order, for the restarted actor."""
+        w = first.worker
+        refs = [ref for ref, p in self.in_flight.items() if p.worker == w]
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        failed = [first]
+        for ref in refs:
+            pending = self.in_flight.pop(ref)
+            try:
+                outcome = ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - any failure of a dead worker's call is a retry
+                failed.append(pending)
+                continue
+            self.in_flight[ref] = pending  # it finished before the crash: collected normally
+        failed.sort(key=lambda p: (p.record.partition, p.record.offset), reverse=True)
+        for pending in failed:
+            if pending.attempts >= self.config.max_attempts:
+                self._finish_rejected(pending, f"worker failed: {pending.attempts} attempts died with the worker")
+            else:
+                self.summary.retries += 1
+                self.queues[w].appendleft(pending)
+        log.warning("worker %d died; %d documents go back to its queue", w, len(failed))
+
+    def _finish_rejected(self, pending: PendingDocument, reason: str) -> None:
+        self._dead_letter(pending.record, reason)
+        self.offsets.finished(pending.record.partition, pending.record.offset)
+
+    def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        log.info("dead letter %s/%d/%d: %s", record.topic, record.partition, record.offset, reason)
+        self.sinks.dead_letter(record.value, record.key, dead_letter_headers(reason, record.topic, record.partition, record.offset))
+        self.summary.reject(reason)
+
+    def _drain(self) -> None:
+        while self.in_flight or any(self.queues):
+            self._dispatch()
+            self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
+
+    # -- committing and reporting ----------------------------------------------------------------
+
+    def _commit(self) -> None:
+        self.sinks.flush()  # raises DeliveryError, and then nothing is committed
+        self.source.commit(self.offsets.committable())
+
+    def _publish_status(self, elapsed_s: float, final: bool = False) -> None:
+        message = {
+            "type": "status",
+            "stream": self.stream,
+            "time": time.time(),
+            "final": final,
+            "elapsed_s": round(elapsed_s, 3),
+            "in_flight": len(self.in_flight),
+            "queued": sum(len(q) for q in self.queues),
+            "committed": {str(p): o for p, o in self.offsets.committable().items()},
+            **self.summary.as_dict(),
+        }
+        message["wall_s"] = round(elapsed_s, 3)
+        if elapsed_s > 0:
+            message["documents_per_s"] = self.summary.documents / elapsed_s
+            message["tokens_per_s"] = self.summary.tokens / elapsed_s
+        if self.status is not None:
+            try:
+                message["workers"] = self.status()["workers"]
+            except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
+                message["workers_error"] = repr(err)
+        self.sinks.metrics(message)

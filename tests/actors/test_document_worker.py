@@ -1,0 +1,68 @@
+"""DocumentWorker with the shipped model, without Ray: prequential loss, scopes, oversize."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec, sampled
+from ttt_model import TTTSession
+from ttt_model.patch import static_mode
+
+MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
+TEXT = (Path(__file__).parents[2] / "README.md").read_text()[:6000]
+
+
+def worker(tmp_path, **overrides) -> DocumentWorker:
+    spec = WorkerSpec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), **overrides)
+    return DocumentWorker(spec, name="w0")
+
+
+def test_loss_is_the_prequential_loss_and_base_loss_is_the_static_model(tmp_path):
+    w = worker(tmp_path, scope="per_document", base_loss_sample_rate=1.0)
+    out = w.process(DocumentTask("d1", TEXT))
+    ids = torch.tensor(w.tokenizer(TEXT, add_special_tokens=False)["input_ids"])[None]
+    assert out.ok and out.tokens == ids.shape[1] > 1024  # longer than the model's chunk of 512
+    want = TTTSession(w.model).feed(ids).nll[0, 1:].double().mean().item()
+    assert out.loss == pytest.approx(want, rel=1e-6)
+    with static_mode(w.model), torch.no_grad():
+        logits = w.model(ids).logits[0, :-1]
+    base = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+    assert out.base_loss == pytest.approx(base, rel=1e-5)
+    assert out.loss != pytest.approx(out.base_loss, rel=1e-4)  # the fast weights did change the output
+
+
+def test_per_document_scope_forgets_and_global_scope_learns(tmp_path):
+    per_doc = worker(tmp_path, scope="per_document")
+    first, again = per_doc.process(DocumentTask("a", TEXT)), per_doc.process(DocumentTask("b", TEXT))
+    assert first.loss == again.loss and again.state_version == 2
+    shared = worker(tmp_path, scope="global")
+    first, again = shared.process(DocumentTask("a", TEXT)), shared.process(DocumentTask("b", TEXT))
+    assert first.loss == pytest.approx(per_doc.process(DocumentTask("c", TEXT)).loss, rel=1e-6)
+    assert again.loss != first.loss and again.fast_weight_norm > first.fast_weight_norm > 0
+    assert (first.state_version, again.state_version) == (1, 2)
+
+
+def test_per_key_scope_keeps_one_state_per_key(tmp_path):
+    w = worker(tmp_path, scope="per_key", max_keys_in_memory=1)
+    a1 = w.process(DocumentTask("1", TEXT, key="a"))
+    b1 = w.process(DocumentTask("2", TEXT, key="b"))  # spills "a"
+    a2 = w.process(DocumentTask("3", TEXT, key="a"))  # reloads "a"
+    assert a1.loss == b1.loss  # both keys start from zero
+    assert (a2.state_key, a2.state_version) == ("a", 2) and a2.loss != a1.loss
+    assert w.states.spills == 2 and w.states.reloads == 1
+
+
+def test_oversize_documents_are_rejected_or_read_in_windows(tmp_path):
+    rejected = worker(tmp_path, max_document_tokens=300, oversize="reject").process(DocumentTask("x", TEXT))
+    assert not rejected.ok and rejected.reason.startswith("oversize:") and rejected.tokens > 300
+    split = worker(tmp_path, max_document_tokens=300, oversize="split").process(DocumentTask("x", TEXT))
+    assert split.ok and split.windows == -(-split.tokens // 300)
+
+
+def test_base_loss_sampling_is_a_stable_function_of_the_id():
+    ids = [f"doc-{i}" for i in range(2000)]
+    picked = [i for i in ids if sampled(i, 0.25)]
+    assert 400 < len(picked) < 600
+    assert picked == [i for i in ids if sampled(i, 0.25)]
+    assert not any(sampled(i, 0.0) for i in ids) and all(sampled(i, 1.0) for i in ids)

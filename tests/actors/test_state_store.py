@@ -1,0 +1,59 @@
+"""Per-key states: a bounded LRU that spills to hash-verified safetensors and reloads on demand."""
+
+import pytest
+import torch
+
+from actors.state_store import StateStore
+from tests.ttt_model.reference import tiny_model
+from ttt_model import FastWeightState, StateIntegrityError, TTTConfig, enable_ttt
+
+
+@pytest.fixture()
+def model():
+    m = tiny_model("qwen3", seed=0)
+    enable_ttt(m, TTTConfig(layers=[0, 2], chunk_size=4))
+    return m
+
+
+def marked(store: StateStore, key: str, value: float) -> None:
+    scoped = store.get(key)
+    for _, layer in scoped.state:
+        layer.delta.fill_(value)
+    scoped.documents += 1
+
+
+def test_lru_spills_the_least_recent_key_and_reloads_it_exactly(model, tmp_path):
+    store = StateStore("per_key", lambda: FastWeightState.for_model(model), capacity=2, spill_dir=tmp_path)
+    marked(store, "a", 1.0)
+    marked(store, "b", 2.0)
+    store.get("a")  # "a" is now the most recent: "b" goes when "c" arrives
+    marked(store, "c", 3.0)
+    assert store.in_memory == 2 and len(store) == 3 and store.spills == 1
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    b = store.get("b")  # reloaded from disk; "a" spills now
+    assert store.reloads == 1 and b.documents == 1
+    assert all(torch.equal(layer.delta, torch.full_like(layer.delta, 2.0)) for _, layer in b.state)
+    assert all(torch.equal(layer.delta, torch.full_like(layer.delta, 1.0)) for _, layer in store.get("a").state)
+    fresh = store.get("new")
+    assert fresh.documents == 0 and all(not layer.delta.any() for _, layer in fresh.state)
+
+
+def test_a_corrupt_spilled_state_is_refused(model, tmp_path):
+    store = StateStore("per_key", lambda: FastWeightState.for_model(model), capacity=1, spill_dir=tmp_path)
+    marked(store, "a", 1.0)
+    marked(store, "b", 2.0)
+    (spilled,) = tmp_path.glob("*.safetensors")
+    data = bytearray(spilled.read_bytes())
+    data[-1] ^= 0xFF
+    spilled.write_bytes(bytes(data))
+    with pytest.raises(StateIntegrityError, match="sha256"):
+        store.get("a")
+
+
+def test_global_scope_shares_one_state_and_per_document_resets_it(model, tmp_path):
+    shared = StateStore("global", lambda: FastWeightState.for_model(model), capacity=1, spill_dir=tmp_path)
+    marked(shared, "a", 1.0)
+    assert shared.get("b").documents == 1 and shared.get(None).state.layers[0].delta.eq(1.0).all()
+    per_doc = StateStore("per_document", lambda: FastWeightState.for_model(model), capacity=1, spill_dir=tmp_path)
+    marked(per_doc, "a", 1.0)
+    assert not per_doc.get("a").state.layers[0].delta.any()
