@@ -7,6 +7,7 @@ separate group so that they answer while a long document is being read.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import ray
@@ -18,7 +19,9 @@ from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker
 class WorkerActor:
     def __init__(self, spec: WorkerSpec, name: str):
         self.worker = DocumentWorker(spec, name)
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # it reads a deprecated property inside Ray itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
 
     def process(self, task: DocumentTask) -> DocumentOutcome:
         return self.worker.process(task)

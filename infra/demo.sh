@@ -14,8 +14,8 @@ trap 'exit 130' INT TERM
 
 "${CLI[@]}" up -c "$CONFIG"
 "${CLI[@]}" demo -c "$CONFIG"
-# The shipped model reads held-out documents: loss by position without TTT, with In-Place TTT,
-# and with the gradient objective; the table and plot are logged to MLflow.
-"${CLI[@]}" eval -c "$CONFIG" --model models/ttt-tiny-qwen3 --documents data/corpus/heldout.jsonl \
-    --min-tokens 4096 --limit 6 --max-tokens 4096 --out runs/demo-eval
-echo "plot: runs/demo-eval/loss_by_position.png"
+# The held-out corpus goes through the broker to two worker actors that read and adapt; the
+# processor stops once the topic is drained and prints documents, tokens/s and the loss of the
+# adapted model against the static model on the sampled documents.
+"${CLI[@]}" feed data/corpus/heldout.jsonl -c "$CONFIG" ${DEMO_LIMIT:+--limit "$DEMO_LIMIT"}
+"${CLI[@]}" run -c "$CONFIG" --until-idle 10

@@ -91,9 +91,13 @@ def down(config: Path = ConfigOption) -> None:
 
 @app.command()
 def status(config: Path = ConfigOption) -> None:
-    """Show the local servers, their addresses and whether they answer."""
+    """The local servers, then the stream: workers, partitions, committed offsets, lag, throughput."""
     cfg = _load(config)
     _print_status(LocalStack(cfg.local_stack), cfg)
+    if broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0):
+        from pipeline.stream_status import read_stream_status
+
+        _print_stream_status(read_stream_status(cfg.kafka))
 
 
 @app.command()
@@ -159,25 +163,66 @@ def feed(
     console.print(f"sent {sent} messages to {topic or cfg.kafka.topics.documents}", markup=False)
 
 
-def _print_summary(summary: dict) -> None:
-    def fmt(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
+
+def _print_summary(summary: dict) -> None:
     table = Table(title="ttt-stream run")
-    table.add_column("documents", justify="right")
-    table.add_column("dead letters", justify="right")
-    table.add_column("tokens", justify="right")
-    table.add_column("tokens/s", justify="right")
-    table.add_column("adapted loss", justify="right")
-    table.add_column("sampled: adapted vs base", justify="right")
+    table.add_column("")
+    table.add_column("value", justify="right")
     adapted, base = summary["sampled_adapted_loss"], summary["sampled_base_loss"]
-    versus = "-" if adapted is None else f"{adapted:.4f} vs {base:.4f} ({100 * (adapted - base) / base:+.2f}%)"
-    table.add_row(
-        str(summary["documents"]), str(summary["dead_letters"]), str(summary["tokens"]),
-        fmt(summary["tokens_per_s"], ".0f"), fmt(summary["adapted_loss"], ".4f"),
-        f"{versus} on {summary['sampled_documents']} docs",
-    )
+    rows = [
+        ("documents", str(summary["documents"])),
+        ("dead letters", str(summary["dead_letters"])),
+        ("tokens", str(summary["tokens"])),
+        ("tokens/s", _fmt(summary["tokens_per_s"], ".0f")),
+        ("documents/s", _fmt(summary["documents_per_s"], ".2f")),
+        ("adapted loss, all documents", _fmt(summary["adapted_loss"], ".4f")),
+        (f"sampled documents ({summary['sampled_documents']}): adapted loss", _fmt(adapted, ".4f")),
+        (f"sampled documents ({summary['sampled_documents']}): static-model loss", _fmt(base, ".4f")),
+        ("adapted vs static", "-" if adapted is None else f"{100 * (adapted - base) / base:+.2f}%"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
     console.print(table)
+
+
+def _print_stream_status(status: dict) -> None:
+    report = status["last_report"]
+    if report is None:
+        console.print("stream: no status report on the metrics topic yet (is `ttt-stream run` running?)")
+    else:
+        import time as clock
+
+        age = clock.time() - report["time"]
+        console.print(
+            f"stream {report['stream']}: {'stopped' if report.get('final') else 'running'}, last report "
+            f"{age:.0f} s ago; {report['documents']} documents, {report['dead_letters']} dead letters, "
+            f"{_fmt(report.get('tokens_per_s'), '.0f')} tokens/s, {report['in_flight']} in flight, "
+            f"{report['queued']} queued",
+            markup=False, highlight=False,
+        )
+        workers = Table(title="workers")
+        for column in ("worker", "alive", "restarted", "partitions", "documents", "tokens", "device"):
+            workers.add_column(column)
+        for w in report.get("workers", []):
+            workers.add_row(
+                w["worker"], "yes" if w.get("alive") else "no", "yes" if w.get("restarted") else "no",
+                ",".join(map(str, w.get("partitions", []))), str(w.get("documents", "-")),
+                str(w.get("tokens", "-")), w.get("device", "-"),
+            )
+        console.print(workers)
+    partitions = Table(title="documents topic: consumer group offsets")
+    for column in ("partition", "committed", "end", "lag"):
+        partitions.add_column(column, justify="right")
+    for row in status["partitions"]:
+        partitions.add_row(
+            str(row["partition"]), _fmt(row["committed"], "d"), _fmt(row["end"], "d"),
+            "unknown (broker end offset below committed)" if row["lag"] is None and row["committed"] is not None
+            else _fmt(row["lag"], "d"),
+        )
+    console.print(partitions)
 
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

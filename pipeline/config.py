@@ -125,6 +125,7 @@ class ProcessorConfig(_Section):
     max_in_flight_per_worker: int = Field(default=2, ge=1)
     max_restarts: int = Field(default=3, ge=0)
     max_attempts: int = Field(default=3, ge=1)
+    restart_timeout_s: float = Field(default=300.0, gt=0)
     poll_timeout_ms: int = Field(default=200, ge=1)
     commit_interval_s: float = Field(default=5.0, gt=0)
     status_interval_s: float = Field(default=10.0, gt=0)

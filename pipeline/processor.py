@@ -45,6 +45,10 @@ class RunSummary:
     dead_letters: int = 0
     tokens: int = 0
     wall_s: float = 0.0
+    # From the first record read to the last document finished: the rates use this, so that an
+    # idle wait at the end (--until-idle) does not dilute them.
+    first_record_at: float | None = None
+    last_finished_at: float | None = None
     worker_busy_s: float = 0.0
     loss_sum: float = 0.0
     loss_tokens: int = 0
@@ -55,7 +59,14 @@ class RunSummary:
     retries: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def active_s(self) -> float:
+        if self.first_record_at is None or self.last_finished_at is None:
+            return 0.0
+        return self.last_finished_at - self.first_record_at
+
     def add(self, outcome: DocumentOutcome) -> None:
+        self.last_finished_at = time.monotonic()
         self.documents += 1
         self.tokens += outcome.tokens
         self.worker_busy_s += outcome.latency_ms / 1000.0
@@ -69,6 +80,7 @@ class RunSummary:
                 self.sampled_tokens += outcome.tokens
 
     def reject(self, reason: str) -> None:
+        self.last_finished_at = time.monotonic()
         self.dead_letters += 1
         kind = reason.split(":", 1)[0]
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
@@ -83,8 +95,9 @@ class RunSummary:
             "dead_letter_reasons": dict(self.reasons),
             "tokens": self.tokens,
             "wall_s": round(self.wall_s, 3),
-            "documents_per_s": ratio(self.documents, self.wall_s),
-            "tokens_per_s": ratio(self.tokens, self.wall_s),
+            "active_s": round(self.active_s, 3),
+            "documents_per_s": ratio(self.documents, self.active_s),
+            "tokens_per_s": ratio(self.tokens, self.active_s),
             "worker_busy_s": round(self.worker_busy_s, 3),
             "adapted_loss": ratio(self.loss_sum, self.loss_tokens),
             "sampled_documents": self.sampled_documents,
@@ -132,6 +145,8 @@ class StreamProcessor:
                 records = self._poll()
                 if records:
                     last_activity = time.monotonic()
+                    if self.summary.first_record_at is None:
+                        self.summary.first_record_at = last_activity
                 for record in records:
                     self._accept(record)
                 self._dispatch()
@@ -159,13 +174,13 @@ class StreamProcessor:
     # -- reading -------------------------------------------------------------------------------
 
     def _poll(self) -> list[ConsumerRecord]:
-        # Backpressure: stop fetching the partitions of workers whose queue is full.
-        limit = 2 * self.config.max_in_flight_per_worker
-        full = {p for p, w in self.worker_of.items() if len(self.queues[w]) >= limit}
-        self.source.pause(full)
-        if len(full) == len(self.worker_of):
+        # Backpressure by a budget of queued documents, not by pausing partitions: kafka-python
+        # 3.0 can park a paused partition's fetched records and never fetch it again after
+        # resume (seen here: the tail of a partition silently went unread).
+        budget = 2 * self.config.max_in_flight_per_worker * len(self.workers) - sum(len(q) for q in self.queues)
+        if budget <= 0:
             return []
-        return self.source.poll(timeout_ms=0 if self.in_flight else self.config.poll_timeout_ms, max_records=100)
+        return self.source.poll(timeout_ms=0 if self.in_flight else self.config.poll_timeout_ms, max_records=budget)
 
     def _accept(self, record: ConsumerRecord) -> None:
         parsed = parse_document(record.value, record.key, record.topic, record.partition, record.offset)
@@ -192,7 +207,12 @@ class StreamProcessor:
     def _collect(self, timeout_s: float) -> int:
         if not self.in_flight:
             return 0
-        ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
+        # Return on the first finished document (a worker must not wait for the driver), then
+        # take whatever else is ready too.
+        refs = list(self.in_flight)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready and rest:
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         for ref in ready:
             if ref not in self.in_flight:
                 continue  # already handled with its worker's failure
@@ -229,13 +249,26 @@ class StreamProcessor:
                 continue
             self.in_flight[ref] = pending  # it finished before the crash: collected normally
         failed.sort(key=lambda p: (p.record.partition, p.record.offset), reverse=True)
+        back = self._wait_for_restart(w)
         for pending in failed:
-            if pending.attempts >= self.config.max_attempts:
+            if not back or pending.attempts >= self.config.max_attempts:
                 self._finish_rejected(pending, f"worker failed: {pending.attempts} attempts died with the worker")
             else:
                 self.summary.retries += 1
                 self.queues[w].appendleft(pending)
         log.warning("worker %d died; %d documents go back to its queue", w, len(failed))
+
+    def _wait_for_restart(self, w: int) -> bool:
+        """Block until Ray has restarted worker ``w`` (its model loaded); False if it stays dead."""
+        deadline = time.monotonic() + self.config.restart_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.workers[w].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return True
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                # Restarting (or out of restarts, which only the deadline tells apart here).
+                time.sleep(0.5)
+        return False
 
     def _finish_rejected(self, pending: PendingDocument, reason: str) -> None:
         self._dead_letter(pending.record, reason)
@@ -263,16 +296,12 @@ class StreamProcessor:
             "stream": self.stream,
             "time": time.time(),
             "final": final,
-            "elapsed_s": round(elapsed_s, 3),
             "in_flight": len(self.in_flight),
             "queued": sum(len(q) for q in self.queues),
             "committed": {str(p): o for p, o in self.offsets.committable().items()},
             **self.summary.as_dict(),
         }
-        message["wall_s"] = round(elapsed_s, 3)
-        if elapsed_s > 0:
-            message["documents_per_s"] = self.summary.documents / elapsed_s
-            message["tokens_per_s"] = self.summary.tokens / elapsed_s
+        message["wall_s"] = round(elapsed_s, 3)  # the run so far, not the summary's final figure
         if self.status is not None:
             try:
                 message["workers"] = self.status()["workers"]

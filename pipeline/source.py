@@ -33,7 +33,6 @@ class KafkaDocumentSource:
         )
         self._tps = [TopicPartition(self.topic, p) for p in self._wait_for_partitions(metadata_timeout_s)]
         self.consumer.assign(self._tps)
-        self._paused: set[int] = set()
 
     def _wait_for_partitions(self, timeout_s: float) -> list[int]:
         deadline = time.monotonic() + timeout_s
@@ -54,18 +53,6 @@ class KafkaDocumentSource:
         records = [r for batch in batches.values() for r in batch]
         records.sort(key=lambda r: (r.partition, r.offset))
         return records
-
-    def pause(self, partitions: set[int]) -> None:
-        """Stop fetching these partitions (and resume the others) until told otherwise."""
-        if partitions == self._paused:
-            return
-        resume = [tp for tp in self._tps if tp.partition in self._paused - partitions]
-        pause = [tp for tp in self._tps if tp.partition in partitions - self._paused]
-        if resume:
-            self.consumer.resume(*resume)
-        if pause:
-            self.consumer.pause(*pause)
-        self._paused = set(partitions)
 
     def seek(self, offsets: dict[int, int]) -> None:
         for tp in self._tps:
