@@ -17,5 +17,5 @@ trap 'exit 130' INT TERM
 # The held-out corpus goes through the broker to two worker actors that read and adapt; the
 # processor stops once the topic is drained and prints documents, tokens/s and the loss of the
 # adapted model against the static model on the sampled documents.
-"${CLI[@]}" feed data/corpus/heldout.jsonl -c "$CONFIG" ${DEMO_LIMIT:+--limit "$DEMO_LIMIT"}
+"${CLI[@]}" feed data/corpus/heldout.jsonl -c "$CONFIG" --limit "${DEMO_LIMIT:-40}"
 "${CLI[@]}" run -c "$CONFIG" --until-idle 10

@@ -117,11 +117,7 @@ def demo(
     ray_info = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.namespace)
     console.print(f"ray: job {ray_info['job_id']} on node {ray_info['node_id'][:12]}")
     console.print(f"MLflow UI: {cfg.mlflow.tracking_uri}", markup=False)
-    console.print(
-        "The stream processor (ttt-stream run) is not built yet; the demo goes on with the shipped "
-        "model reading held-out documents (ttt-stream eval).",
-        markup=False,
-    )
+    console.print("next: `ttt-stream feed PATH` then `ttt-stream run` (README: The stream processor)", markup=False)
 
 
 @app.command()
