@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from actors.state_store import Scope, StateStore
+from actors.state_store import Scope, StateBlob, StateStore
 from ttt_model.patch import configure_ttt, load_ttt_model, static_mode
 from ttt_model.session import TTTSession
 from ttt_model.state import FastWeightState
@@ -151,6 +151,12 @@ class DocumentWorker:
             latency_ms=1000.0 * elapsed, state_key=scoped.key, state_version=scoped.documents,
             fast_weight_norm=norm if math.isfinite(norm) else -1.0, windows=len(windows), worker=self.name,
         )
+
+    def snapshot(self) -> list[StateBlob]:
+        return self.states.snapshot()
+
+    def restore(self, blobs: list[StateBlob]) -> None:
+        self.states.restore(blobs)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -10,12 +10,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from ttt_model.state import FastWeightState
+from safetensors.torch import load
+
+from ttt_model.state import FastWeightState, StateIntegrityError
 
 log = logging.getLogger(__name__)
 
 Scope = Literal["global", "per_key", "per_document"]
 GLOBAL_KEY = "__global__"
+
+
+@dataclass(frozen=True)
+class StateBlob:
+    """One state serialised for a checkpoint: safetensors bytes, their sha256, its document count."""
+
+    key: str
+    data: bytes
+    sha256: str
+    documents: int
 
 
 @dataclass
@@ -65,6 +77,35 @@ class StateStore:
         while len(self._live) > self.capacity:
             self._spill(*self._live.popitem(last=False))
         return scoped
+
+    def snapshot(self) -> list[StateBlob]:
+        """Every state, in memory or spilled (read back and hash-checked), as bytes."""
+        blobs = []
+        for key, scoped in self._live.items():
+            data = scoped.state.to_bytes()
+            blobs.append(StateBlob(key, data, hashlib.sha256(data).hexdigest(), scoped.documents))
+        for key, (digest, documents) in self._spilled.items():
+            data = self._path(key).read_bytes()
+            got = hashlib.sha256(data).hexdigest()
+            if got != digest:
+                raise StateIntegrityError(f"spilled state of key {key!r}: sha256 {got} != recorded {digest}")
+            blobs.append(StateBlob(key, data, digest, documents))
+        return sorted(blobs, key=lambda b: b.key)
+
+    def restore(self, blobs: list[StateBlob]) -> None:
+        """Replace every state with ``blobs`` (hash-checked first: on a mismatch nothing changes)."""
+        for blob in blobs:
+            got = hashlib.sha256(blob.data).hexdigest()
+            if got != blob.sha256:
+                raise StateIntegrityError(f"state of key {blob.key!r}: sha256 {got} != recorded {blob.sha256}")
+        restored: OrderedDict[str, ScopedState] = OrderedDict()
+        for blob in blobs:
+            state = self._new_state()
+            state.load_state_dict(load(blob.data))
+            restored[blob.key] = ScopedState(blob.key, state, blob.documents)
+        self._live, self._spilled = restored, {}
+        while len(self._live) > self.capacity:
+            self._spill(*self._live.popitem(last=False))
 
     def __len__(self) -> int:
         return len(self._live) + len(self._spilled)

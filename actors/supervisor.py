@@ -31,21 +31,22 @@ class Supervisor:
                  max_restarts: int):
         self.stream = stream
         self.started = time.time()
+        self.names = [f"{stream}-worker-{i}" for i in range(workers)]
         self.workers = [
             WorkerActor.options(
-                name=f"{stream}-worker-{i}", max_restarts=max_restarts, max_task_retries=0,
-                num_cpus=num_cpus, num_gpus=num_gpus,
-            ).remote(spec, f"{stream}-worker-{i}")
-            for i in range(workers)
+                name=name, max_restarts=max_restarts, max_task_retries=0, num_cpus=num_cpus, num_gpus=num_gpus,
+            ).remote(spec, name)
+            for name in self.names
         ]
         self.assignment: dict[int, int] = {}
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         return ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
 
-    def assign(self, partitions: list[int]) -> dict[int, Any]:
+    def assign(self, partitions: list[int]) -> tuple[list[Any], list[str], dict[int, int]]:
+        """(worker handles, their names, partition -> worker index)."""
         self.assignment = assign_partitions(partitions, len(self.workers))
-        return {p: self.workers[i] for p, i in self.assignment.items()}
+        return self.workers, self.names, self.assignment
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         refs = [w.stats.remote() for w in self.workers]
@@ -70,7 +71,7 @@ class SupervisorActor:
     def wait_ready(self, timeout_s: float) -> list[str]:
         return self.supervisor.wait_ready(timeout_s)
 
-    def assign(self, partitions: list[int]) -> dict[int, Any]:
+    def assign(self, partitions: list[int]) -> tuple[list[Any], list[str], dict[int, int]]:
         return self.supervisor.assign(partitions)
 
     def status(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker, WorkerSpec
+from actors.state_store import StateBlob
 
 
 @ray.remote(concurrency_groups={"control": 1})
@@ -25,6 +26,13 @@ class WorkerActor:
 
     def process(self, task: DocumentTask) -> DocumentOutcome:
         return self.worker.process(task)
+
+    def snapshot(self) -> list[StateBlob]:
+        # Default group: runs after every document submitted before it, a consistent cut.
+        return self.worker.snapshot()
+
+    def restore(self, blobs: list[StateBlob]) -> None:
+        self.worker.restore(blobs)
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:

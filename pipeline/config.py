@@ -106,6 +106,21 @@ class ModelConfig(_Section):
         return value
 
 
+class CheckpointConfig(_Section):
+    """Adapted state + consumed offsets to MLflow; offsets are committed only after that."""
+
+    enabled: bool = True
+    every_documents: int = Field(default=200, ge=1)
+    every_seconds: float = Field(default=120.0, gt=0)
+    # On start, restore the registered model's `live` version and read on from its offsets.
+    restore: bool = True
+    # While MLflow is unreachable: retry with exponential backoff, keep reading until this many
+    # documents wait for a checkpoint, then pause reading until one is written.
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    max_pending_documents: int = Field(default=1000, ge=1)
+
+
 class ProcessorConfig(_Section):
     """How ``ttt-stream run`` reads the documents topic and adapts."""
 
@@ -131,6 +146,7 @@ class ProcessorConfig(_Section):
     status_interval_s: float = Field(default=10.0, gt=0)
     # Bit-reproducible CPU arithmetic (torch deterministic algorithms, one intra-op thread).
     deterministic: bool = False
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 class AppConfig(_Section):

@@ -12,6 +12,7 @@ import ray
 from actors.document_worker import WorkerSpec
 from actors.runtime import init_ray
 from actors.supervisor import SupervisorActor
+from pipeline.checkpoint import LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig
 from pipeline.processor import RunSummary, StreamProcessor
 from pipeline.sink import KafkaSinks
@@ -39,6 +40,30 @@ def worker_spec(config: AppConfig) -> WorkerSpec:
     )
 
 
+def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, workers: list, names: list[str],
+                            positions: dict[int, int]) -> StreamCheckpointer:
+    """The checkpointer of this run; with ``checkpoint.restore``, the workers' states and the
+    source's offsets are set from the ``live`` version first."""
+    store = CheckpointStore(config.mlflow, config.stream.name)
+    start = None
+    if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:
+        start = store.load(LIVE)  # CheckpointError: refuse to start rather than lose or repeat
+        topic = start.manifest["offsets"]["topic"]
+        if topic != config.kafka.topics.documents:
+            raise CheckpointError(f"{store.name} v{start.version} read topic {topic!r}, this config reads "
+                                  f"{config.kafka.topics.documents!r}; set processor.checkpoint.restore: false")
+        unknown = sorted(set(start.states) - set(names))
+        if unknown and config.processor.scope != "per_document":
+            raise CheckpointError(f"{store.name} v{start.version} holds states of workers {unknown} that this run "
+                                  f"does not have ({names}): run with processor.workers = {len(start.states)}")
+        ray.get([w.restore.remote(start.states.get(name, [])) for w, name in zip(workers, names)])
+        source.seek(start.offsets)
+        log.info("restored %s v%s: offsets %s", store.name, start.version, start.offsets)
+    base = base_model_id(config.model.path)
+    return StreamCheckpointer(store, config.processor.checkpoint, config.kafka.topics.documents, config.digest(),
+                              base, start, {**positions, **(start.offsets if start else {})})
+
+
 def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0) -> RunSummary:
     """Run the stream processor until stopped (SIGINT/SIGTERM) or idle; return its summary."""
     if not Path(config.model.path).is_dir():
@@ -54,10 +79,15 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     try:
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
         log.info("workers ready: %s", ", ".join(names))
-        workers = ray.get(supervisor.assign.remote(source.partitions))
+        workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
+        checkpointer, start_offsets = None, source.positions()
+        if p.checkpoint.enabled:
+            checkpointer = restore_from_checkpoint(config, source, workers, names, start_offsets)
+            start_offsets = checkpointer.offsets
         processor = StreamProcessor(
-            p, source, sinks, workers, stream=config.stream.name,
+            p, source, sinks, workers, assignment, stream=config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
+            checkpointer=checkpointer, worker_names=names, start_offsets=start_offsets,
         )
         previous = {}
         if threading.current_thread() is threading.main_thread():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 class OffsetTracker:
-    def __init__(self) -> None:
+    def __init__(self, start: dict[int, int] | None = None) -> None:
         self._open: dict[int, set[int]] = {}
-        self._next: dict[int, int] = {}  # partition -> one past the highest offset seen
+        self._next: dict[int, int] = dict(start or {})  # partition -> one past the highest offset seen
 
     def started(self, partition: int, offset: int) -> None:
         self._open.setdefault(partition, set()).add(offset)
@@ -22,3 +22,8 @@ class OffsetTracker:
     @property
     def open(self) -> int:
         return sum(len(s) for s in self._open.values())
+
+    def rewind(self, partition: int, offset: int) -> None:
+        """The partition will be read again from ``offset``: forget what was open beyond it."""
+        self._open[partition] = set()
+        self._next[partition] = offset

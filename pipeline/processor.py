@@ -22,6 +22,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from actors.document_worker import DocumentOutcome
 from pipeline.config import ProcessorConfig
 from pipeline.messages import ParsedDocument, Rejected, dead_letter_headers, parse_document, result_message
+from pipeline.checkpoint import StreamCheckpointer
 from pipeline.offsets import OffsetTracker
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
@@ -79,6 +80,11 @@ class RunSummary:
                 self.sampled_base_sum += outcome.base_loss * outcome.tokens
                 self.sampled_tokens += outcome.tokens
 
+    def checkpoint_metrics(self) -> dict[str, float]:
+        d = self.as_dict()
+        keys = ("documents", "dead_letters", "tokens", "adapted_loss", "sampled_adapted_loss", "sampled_base_loss")
+        return {k: float(d[k]) for k in keys if d[k] is not None}
+
     def reject(self, reason: str) -> None:
         self.last_finished_at = time.monotonic()
         self.dead_letters += 1
@@ -113,22 +119,26 @@ class StreamProcessor:
         config: ProcessorConfig,
         source: KafkaDocumentSource,
         sinks: KafkaSinks,
-        workers_by_partition: dict[int, Any],
+        workers: list[Any],
+        assignment: dict[int, int],
         stream: str = "default",
         status: Callable[[], dict[str, Any]] | None = None,
+        checkpointer: StreamCheckpointer | None = None,
+        worker_names: list[str] | None = None,
+        start_offsets: dict[int, int] | None = None,
     ):
         self.config = config
         self.source = source
         self.sinks = sinks
         self.stream = stream
         self.status = status
-        # One queue and one in-flight list per worker; a worker is an actor handle.
-        handles = list({id(h): h for h in workers_by_partition.values()}.values())
-        self.workers = handles
-        self.worker_of = {p: next(i for i, h in enumerate(handles) if h is w) for p, w in workers_by_partition.items()}
-        self.queues: list[deque[PendingDocument]] = [deque() for _ in handles]
+        self.workers = workers  # actor handles; worker i owns the partitions assigned to i
+        self.worker_names = worker_names or [f"{stream}-worker-{i}" for i in range(len(workers))]
+        self.worker_of = dict(assignment)
+        self.queues: list[deque[PendingDocument]] = [deque() for _ in workers]
         self.in_flight: dict[ray.ObjectRef, PendingDocument] = {}
-        self.offsets = OffsetTracker()
+        self.offsets = OffsetTracker(start_offsets or {})
+        self.checkpointer = checkpointer
         self.summary = RunSummary()
         self.stop_event = threading.Event()
 
@@ -153,7 +163,10 @@ class StreamProcessor:
                 if self._collect(timeout_s=0.0 if records else cfg.poll_timeout_ms / 1000):
                     last_activity = time.monotonic()
                 now = time.monotonic()
-                if now - last_commit >= cfg.commit_interval_s:
+                if self.checkpointer is not None:
+                    if self.checkpointer.due(now):
+                        self._checkpoint("periodic")
+                elif now - last_commit >= cfg.commit_interval_s:
                     self._commit()
                     last_commit = now
                 if now - last_status >= cfg.status_interval_s:
@@ -164,7 +177,10 @@ class StreamProcessor:
                     log.info("idle for %.1f s: stopping", now - last_activity)
                     break
             self._drain()
-            self._commit()
+            if self.checkpointer is not None:
+                self._final_checkpoint()
+            else:
+                self._commit()
         finally:
             self.summary.wall_s = time.monotonic() - started
         self._publish_status(self.summary.wall_s, final=True)
@@ -178,7 +194,7 @@ class StreamProcessor:
         # 3.0 can park a paused partition's fetched records and never fetch it again after
         # resume (seen here: the tail of a partition silently went unread).
         budget = 2 * self.config.max_in_flight_per_worker * len(self.workers) - sum(len(q) for q in self.queues)
-        if budget <= 0:
+        if budget <= 0 or (self.checkpointer is not None and self.checkpointer.backlog_full):
             return []
         return self.source.poll(timeout_ms=0 if self.in_flight else self.config.poll_timeout_ms, max_records=budget)
 
@@ -229,13 +245,44 @@ class StreamProcessor:
                 self.sinks.result(result_message(outcome, pending.parsed.meta, pending.record.partition, pending.record.offset))
                 self.summary.add(outcome)
                 self.offsets.finished(pending.record.partition, pending.record.offset)
+                if self.checkpointer is not None:
+                    self.checkpointer.document_done()
             else:
                 self._finish_rejected(pending, outcome.reason or "rejected")
         return len(ready)
 
     def _worker_failed(self, first: PendingDocument) -> None:
-        """The worker died: every document in flight on it failed. Wait for all of them, then put
-        them back at the head of its queue in offset order, for the restarted actor."""
+        if self.checkpointer is not None:
+            self._recover_worker(first.worker)
+        else:
+            self._retry_on_restart(first)
+
+    def _recover_worker(self, w: int) -> None:
+        """Exactly-once state: the restarted worker takes the states of the last checkpoint and
+        its partitions are read again from that checkpoint's offsets. (Results of the documents
+        read since then are sent again: results are at least once, states exactly once.)"""
+        refs = [ref for ref, p in self.in_flight.items() if p.worker == w]
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        for ref in refs:
+            del self.in_flight[ref]
+        self.queues[w].clear()
+        if not self._wait_for_restart(w):
+            raise RuntimeError(f"worker {self.worker_names[w]} did not come back within {self.config.restart_timeout_s} s")
+        version = self.checkpointer.version
+        blobs = self.checkpointer.store.load(version).states.get(self.worker_names[w], []) if version else []
+        ray.get(self.workers[w].restore.remote(blobs))
+        partitions = {p: self.checkpointer.offsets.get(p, 0) for p, i in self.worker_of.items() if i == w}
+        self.source.seek(partitions)
+        for p, offset in partitions.items():
+            self.offsets.rewind(p, offset)
+        self.summary.retries += 1
+        log.warning("worker %s died: restored from checkpoint %s, partitions %s read again from %s",
+                    self.worker_names[w], version or "(none: fresh state)", sorted(partitions), partitions)
+
+    def _retry_on_restart(self, first: PendingDocument) -> None:
+        """Without checkpoints: every document in flight on the dead worker failed. Wait for all
+        of them, then put them back at the head of its queue in offset order, for the restarted
+        actor (whose state starts over)."""
         w = first.worker
         refs = [ref for ref, p in self.in_flight.items() if p.worker == w]
         ray.wait(refs, num_returns=len(refs), timeout=60)
@@ -285,6 +332,30 @@ class StreamProcessor:
             self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
 
     # -- committing and reporting ----------------------------------------------------------------
+
+    def _checkpoint(self, reason: str) -> str | None:
+        """A consistent cut: finish what the workers hold, snapshot their states, write the
+        checkpoint, and only then commit the offsets it records."""
+        while self.in_flight:
+            self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
+        self.sinks.flush()
+        offsets = self.offsets.committable()
+        blobs = ray.get([w.snapshot.remote() for w in self.workers])
+        states = dict(zip(self.worker_names, blobs))
+        version = self.checkpointer.write(states, offsets, reason, self.summary.checkpoint_metrics())
+        if version is not None:
+            self.source.commit(offsets)
+        return version
+
+    def _final_checkpoint(self) -> None:
+        deadline = time.monotonic() + self.config.checkpoint.retry_max_s * 4
+        while self.checkpointer.pending_documents and time.monotonic() < deadline:
+            if self._checkpoint("shutdown") is not None:
+                return
+            time.sleep(self.config.checkpoint.retry_initial_s)
+        if self.checkpointer.pending_documents:
+            log.error("no checkpoint after shutdown: %d documents will be read again on restart",
+                      self.checkpointer.pending_documents)
 
     def _commit(self) -> None:
         self.sinks.flush()  # raises DeliveryError, and then nothing is committed

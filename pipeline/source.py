@@ -66,6 +66,10 @@ class KafkaDocumentSource:
                 TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()
             })
 
+    def positions(self) -> dict[int, int]:
+        """The next offset each partition will be read from (committed, else the reset policy)."""
+        return {tp.partition: self.consumer.position(tp) for tp in self._tps}
+
     def committed(self) -> dict[int, int | None]:
         return {tp.partition: self.consumer.committed(tp) for tp in self._tps}
 

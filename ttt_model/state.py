@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ttt_model.config import TTTConfig
@@ -213,11 +213,15 @@ class FastWeightState:
             layer.tail_t = tensors[f"layers.{idx}.tail_t"].to(device=device, dtype=layer.tail_t.dtype)
             layer.tokens_seen, layer.updates = (int(v) for v in tensors[f"layers.{idx}.counters"])
 
+    def to_bytes(self) -> bytes:
+        """The safetensors bytes ``save`` writes (same tensors, same bytes)."""
+        return save(self.state_dict(), metadata={"format": FORMAT})
+
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> str:
         """Write ``path`` (safetensors) and ``path``.json (hash, format, config); return the sha256."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(), str(path), metadata={"format": FORMAT})
+        path.write_bytes(self.to_bytes())
         digest = file_sha256(path)
         sidecar = {
             "format": FORMAT,

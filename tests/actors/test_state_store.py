@@ -57,3 +57,31 @@ def test_global_scope_shares_one_state_and_per_document_resets_it(model, tmp_pat
     per_doc = StateStore("per_document", lambda: FastWeightState.for_model(model), capacity=1, spill_dir=tmp_path)
     marked(per_doc, "a", 1.0)
     assert not per_doc.get("a").state.layers[0].delta.any()
+
+
+def test_snapshot_and_restore_round_trip_bit_exactly_including_spilled_states(model, tmp_path):
+    store = StateStore("per_key", lambda: FastWeightState.for_model(model), capacity=1, spill_dir=tmp_path / "a")
+    for key, value in (("a", 1.5), ("b", -2.25), ("c", 3.0)):
+        marked(store, key, value)
+    blobs = store.snapshot()
+    assert [b.key for b in blobs] == ["a", "b", "c"] and all(b.documents == 1 for b in blobs)
+    other = StateStore("per_key", lambda: FastWeightState.for_model(model), capacity=2, spill_dir=tmp_path / "b")
+    other.restore(blobs)
+    assert len(other) == 3 and other.in_memory == 2
+    for key, value in (("a", 1.5), ("b", -2.25), ("c", 3.0)):
+        scoped = other.get(key)
+        assert scoped.documents == 1
+        assert all(torch.equal(layer.delta, torch.full_like(layer.delta, value)) for _, layer in scoped.state)
+    assert [b.sha256 for b in other.snapshot()] == [b.sha256 for b in blobs]
+
+
+def test_restore_refuses_a_blob_whose_bytes_do_not_match_its_hash(model, tmp_path):
+    from actors.state_store import StateBlob
+
+    store = StateStore("global", lambda: FastWeightState.for_model(model), capacity=1, spill_dir=tmp_path)
+    marked(store, "x", 4.0)
+    (blob,) = store.snapshot()
+    bad = StateBlob(blob.key, blob.data[:-1] + bytes([blob.data[-1] ^ 1]), blob.sha256, blob.documents)
+    with pytest.raises(StateIntegrityError, match="sha256"):
+        store.restore([bad])
+    assert store.get(None).state.layers[0].delta.eq(4.0).all()  # the current state is kept

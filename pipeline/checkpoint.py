@@ -1,0 +1,319 @@
+"""Checkpoints of a stream's adapted state in MLflow: one run and one registered-model version each.
+
+A checkpoint is a folder ``checkpoint/`` in the run's artifacts:
+
+    manifest.json                      offsets, config digest, base model, metrics, file hashes
+    states/<worker>/<sha256(key)[:32]>.safetensors
+
+and a version of the registered model ``<stream>-ttt`` whose tags hold the offsets, the parent
+version, the documents seen, the reason (periodic / shutdown / rollback) and the manifest's
+sha256. Alias ``live`` points at the version the stream runs from; ``last-good`` at the newest
+one the monitor passed. Loading checks the manifest against the version's tag and every state
+file against the manifest before anything is used; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.state_store import StateBlob
+from pipeline.config import MlflowConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ttt-stream.checkpoint/1"
+LIVE, LAST_GOOD = "live", "last-good"
+ARTIFACT_DIR = "checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, read or trusted; the caller keeps its current state."""
+
+
+@dataclass
+class Checkpoint:
+    """What a version holds, loaded and verified."""
+
+    version: str
+    manifest: dict[str, Any]
+    states: dict[str, list[StateBlob]]  # worker name -> its states
+
+    @property
+    def offsets(self) -> dict[int, int]:
+        return {int(p): o for p, o in self.manifest["offsets"]["partitions"].items()}
+
+
+@dataclass
+class CheckpointRequest:
+    """Everything a new version records."""
+
+    states: dict[str, list[StateBlob]]
+    topic: str
+    offsets: dict[int, int]
+    config_digest: str
+    base_model: dict[str, str]
+    documents: int
+    reason: str
+    parent_version: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def model_name(stream: str) -> str:
+    return f"{stream}-ttt"
+
+
+class CheckpointStore:
+    def __init__(self, config: MlflowConfig, stream: str):
+        from mlflow import MlflowClient
+
+        self.config = config
+        self.stream = stream
+        self.name = model_name(stream)
+        self.client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def save(self, request: CheckpointRequest) -> str:
+        """Log the checkpoint as a run, register it as a new version, move ``live``; return it."""
+        from mlflow.entities import Metric, Param
+
+        with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
+            root = Path(tmp) / ARTIFACT_DIR
+            files = {}
+            for worker, blobs in sorted(request.states.items()):
+                entries = []
+                for blob in blobs:
+                    rel = f"states/{worker}/{hashlib.sha256(blob.key.encode()).hexdigest()[:32]}.safetensors"
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (root / rel).write_bytes(blob.data)
+                    entries.append({"key": blob.key, "file": rel, "sha256": blob.sha256, "documents": blob.documents})
+                files[worker] = entries
+            manifest = {
+                "format": FORMAT,
+                "stream": self.stream,
+                "created": time.time(),
+                "reason": request.reason,
+                "parent_version": request.parent_version,
+                "offsets": {"topic": request.topic, "partitions": {str(p): o for p, o in sorted(request.offsets.items())}},
+                "config_digest": request.config_digest,
+                "base_model": request.base_model,
+                "documents": request.documents,
+                "metrics": request.metrics,
+                "workers": files,
+            }
+            manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            (root / "manifest.json").write_bytes(manifest_bytes)
+            manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+
+            run = self.client.create_run(
+                self._experiment_id(), run_name=f"{self.stream}-{request.reason}",
+                tags={"ttt.stream": self.stream, "ttt.reason": request.reason},
+            )
+            run_id = run.info.run_id
+            try:
+                now = int(time.time() * 1000)
+                self.client.log_batch(
+                    run_id,
+                    metrics=[Metric(k, float(v), now, 0) for k, v in request.metrics.items() if v is not None],
+                    params=[Param("config_digest", request.config_digest), Param("base_model", request.base_model["path"][-250:]),
+                            Param("reason", request.reason), Param("parent_version", str(request.parent_version))],
+                )
+                self.client.log_artifacts(run_id, str(root), ARTIFACT_DIR)
+                self.client.set_terminated(run_id)
+            except Exception:
+                self.client.set_terminated(run_id, status="FAILED")
+                raise
+        self._ensure_registered_model()
+        version = self.client.create_model_version(
+            self.name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
+            tags={
+                "offsets": json.dumps(manifest["offsets"]["partitions"], sort_keys=True),
+                "parent_version": str(request.parent_version),
+                "documents": str(request.documents),
+                "reason": request.reason,
+                "manifest_sha256": manifest_sha,
+            },
+        ).version
+        self.client.set_registered_model_alias(self.name, LIVE, version)
+        log.info("checkpoint %s v%s (%s): %d documents, offsets %s", self.name, version, request.reason,
+                 request.documents, request.offsets)
+        return str(version)
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version)
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.config.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        return self.client.create_experiment(self.config.experiment)
+
+    def _ensure_registered_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(self.name, tags={"ttt.stream": self.stream})
+            except MlflowException:
+                pass  # created meanwhile by another writer
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str | None:
+        """A version number, or an alias (``live``, ``last-good``), to a version; None if unset."""
+        from mlflow.exceptions import MlflowException
+
+        if ref.isdigit():
+            return ref
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, ref).version)
+        except MlflowException:
+            return None
+
+    def load(self, ref: str) -> Checkpoint:
+        """Download and verify a version (number or alias). Raises CheckpointError."""
+        from mlflow.exceptions import MlflowException
+
+        version = self.resolve(ref)
+        if version is None:
+            raise CheckpointError(f"{self.name}: no version is aliased {ref!r}")
+        try:
+            mv = self.client.get_model_version(self.name, version)
+        except MlflowException as err:
+            raise CheckpointError(f"{self.name} v{version}: not found ({err.error_code})") from None
+        with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
+            try:
+                local = Path(self.client.download_artifacts(mv.run_id, ARTIFACT_DIR, tmp))
+            except Exception as err:  # noqa: BLE001 - any failure to fetch is a missing artifact
+                raise CheckpointError(f"{self.name} v{version}: cannot download its artifacts: {err}") from None
+            return self._verify(version, mv.tags, local)
+
+    def _verify(self, version: str, tags: dict[str, str], local: Path) -> Checkpoint:
+        where = f"{self.name} v{version}"
+        try:
+            manifest_bytes = (local / "manifest.json").read_bytes()
+        except OSError:
+            raise CheckpointError(f"{where}: manifest.json is missing") from None
+        got = hashlib.sha256(manifest_bytes).hexdigest()
+        if got != tags.get("manifest_sha256"):
+            raise CheckpointError(f"{where}: manifest sha256 {got} != the version's tag {tags.get('manifest_sha256')}")
+        manifest = json.loads(manifest_bytes)
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: not a {FORMAT} checkpoint")
+        states = {}
+        for worker, entries in manifest["workers"].items():
+            blobs = []
+            for entry in entries:
+                try:
+                    data = (local / entry["file"]).read_bytes()
+                except OSError:
+                    raise CheckpointError(f"{where}: state file {entry['file']} is missing") from None
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != entry["sha256"]:
+                    raise CheckpointError(f"{where}: {entry['file']} sha256 {digest} != manifest {entry['sha256']}")
+                blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"])))
+            states[worker] = blobs
+        return Checkpoint(version, manifest, states)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every version, newest first, with its tags, aliases and its run's metrics."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(self.name)
+        except MlflowException:
+            return []
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        rows = []
+        for mv in self.client.search_model_versions(f"name='{self.name}'"):
+            metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+            rows.append({
+                "version": str(mv.version), "created": mv.creation_timestamp / 1000.0,
+                "aliases": sorted(aliases.get(str(mv.version), [])), "tags": dict(mv.tags), "metrics": metrics,
+            })
+        return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+def base_model_id(path: str | Path) -> dict[str, str]:
+    """The base model a state belongs to: its folder and the sha256 of its weights."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return {"path": str(path), "weights_sha256": digest.hexdigest()}
+
+
+class StreamCheckpointer:
+    """When to checkpoint, and writing one with retries: the processor's side of checkpoints.
+
+    A failed write (MLflow down) is retried with exponential backoff; until one succeeds the
+    offsets stay uncommitted and ``backlog_full`` tells the processor to stop reading once
+    ``max_pending_documents`` documents wait for a checkpoint.
+    """
+
+    def __init__(self, store: CheckpointStore, config, topic: str, config_digest: str,
+                 base_model: dict[str, str], start: Checkpoint | None, start_offsets: dict[int, int]):
+        self.store = store
+        self.config = config  # CheckpointConfig
+        self.topic = topic
+        self.config_digest = config_digest
+        self.base_model = base_model
+        self.version = start.version if start else None
+        self.offsets = dict(start.offsets) if start else dict(start_offsets)
+        self.documents = int(start.manifest["documents"]) if start else 0
+        self.pending_documents = 0
+        self.last_at = time.monotonic()
+        self.failures = 0
+        self._retry_at = 0.0
+        self._delay = config.retry_initial_s
+
+    def document_done(self) -> None:
+        self.pending_documents += 1
+
+    def due(self, now: float) -> bool:
+        if self.pending_documents == 0 or now < self._retry_at:
+            return False
+        return self.pending_documents >= self.config.every_documents or now - self.last_at >= self.config.every_seconds
+
+    @property
+    def backlog_full(self) -> bool:
+        return self.pending_documents >= self.config.max_pending_documents
+
+    def write(self, states: dict[str, list[StateBlob]], offsets: dict[int, int], reason: str,
+              metrics: dict[str, float]) -> str | None:
+        """A new version, or None after a failure (retried later with backoff)."""
+        request = CheckpointRequest(
+            states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
+            base_model=self.base_model, documents=self.documents + self.pending_documents, reason=reason,
+            parent_version=self.version, metrics=metrics,
+        )
+        try:
+            version = self.store.save(request)
+        except Exception as err:  # noqa: BLE001 - MLflow down or refusing: retry, lose nothing
+            self.failures += 1
+            self._retry_at = time.monotonic() + self._delay
+            log.warning("checkpoint failed (%s: %s); retry in %.1f s, %d documents wait",
+                        type(err).__name__, err, self._delay, self.pending_documents)
+            self._delay = min(2 * self._delay, self.config.retry_max_s)
+            return None
+        self.version = version
+        self.offsets = request.offsets
+        self.documents = request.documents
+        self.pending_documents = 0
+        self.last_at = time.monotonic()
+        self._retry_at = 0.0
+        self._delay = self.config.retry_initial_s
+        return version

@@ -1,0 +1,75 @@
+"""Checkpoints on the real MLflow server: versions, aliases, verification on load."""
+
+import uuid
+
+import pytest
+import torch
+
+from actors.state_store import StateBlob
+from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointRequest, CheckpointStore
+from tests.ttt_model.reference import tiny_model
+from ttt_model import FastWeightState, TTTConfig, enable_ttt
+
+pytestmark = [pytest.mark.stack]
+
+
+def blob(key: str, value: float, documents: int) -> StateBlob:
+    import hashlib
+
+    model = tiny_model("qwen3", seed=0)
+    enable_ttt(model, TTTConfig(layers=[1], chunk_size=4))
+    state = FastWeightState.for_model(model)
+    state.layers[1].delta.fill_(value)
+    data = state.to_bytes()
+    return StateBlob(key, data, hashlib.sha256(data).hexdigest(), documents)
+
+
+def request(value: float, offsets: dict[int, int], parent: str | None, reason: str = "periodic") -> CheckpointRequest:
+    return CheckpointRequest(
+        states={"w-0": [blob("__global__", value, 3)], "w-1": [blob("a", -value, 1), blob("b", value, 2)]},
+        topic="docs", offsets=offsets, config_digest="c" * 64, base_model={"path": "m", "weights_sha256": "0" * 64},
+        documents=6, reason=reason, parent_version=parent, metrics={"adapted_loss": 3.5, "base_loss": 3.7},
+    )
+
+
+@pytest.fixture()
+def store(stack):
+    return CheckpointStore(stack.mlflow, f"test-{uuid.uuid4().hex[:8]}")
+
+
+def test_versions_aliases_and_a_verified_round_trip(store):
+    v1 = store.save(request(1.0, {0: 10, 1: 7}, None))
+    store.set_alias(LAST_GOOD, v1)
+    v2 = store.save(request(2.0, {0: 20, 1: 15}, v1))
+    assert (store.resolve(LIVE), store.resolve(LAST_GOOD)) == (v2, v1)
+    loaded = store.load(LIVE)
+    assert loaded.version == v2 and loaded.offsets == {0: 20, 1: 15}
+    assert loaded.manifest["parent_version"] == v1 and loaded.manifest["reason"] == "periodic"
+    original = request(2.0, {}, None).states
+    assert {w: [(b.key, b.sha256, b.documents) for b in blobs] for w, blobs in loaded.states.items()} == \
+        {w: [(b.key, b.sha256, b.documents) for b in blobs] for w, blobs in original.items()}
+    assert loaded.states["w-1"][0].data == original["w-1"][0].data
+    assert store.load(LAST_GOOD).offsets == {0: 10, 1: 7}
+    rows = store.versions()
+    assert [r["version"] for r in rows] == [v2, v1]
+    assert rows[0]["aliases"] == [LIVE] and rows[1]["aliases"] == [LAST_GOOD]
+    assert rows[0]["tags"]["reason"] == "periodic" and rows[0]["tags"]["parent_version"] == v1
+    assert rows[0]["metrics"]["adapted_loss"] == pytest.approx(3.5)
+
+
+def test_a_tampered_or_missing_artifact_fails_clearly(store, stack):
+    version = store.save(request(1.0, {0: 1}, None))
+    artifacts = stack.local_stack.data_dir.resolve()
+    (manifest,) = [p for p in artifacts.rglob("manifest.json") if store.load(version).manifest["stream"] == store.stream
+                   and (p.parent / "states").exists() and store.stream in p.read_text()]
+    state_file = next((manifest.parent / "states" / "w-1").glob("*.safetensors"))
+    data = bytearray(state_file.read_bytes())
+    data[-1] ^= 0xFF
+    state_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        store.load(version)
+    state_file.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        store.load(version)
+    with pytest.raises(CheckpointError, match="no version is aliased"):
+        store.load(LAST_GOOD)

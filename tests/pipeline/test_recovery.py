@@ -1,0 +1,102 @@
+"""Exactly-once state: `ttt-stream run` killed (SIGKILL, whole process group) at 5 random
+moments over a 300-document stream and restarted each time ends with fast-weight states
+bitwise equal to a run that never crashed, and every document id in the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kafka import KafkaConsumer
+
+from pipeline.checkpoint import LIVE, CheckpointStore
+from pipeline.job import run_stream
+from pipeline.topics import ensure_topics
+from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = dict(workers=2, worker_num_cpus=0.5, scope="global", deterministic=True, base_loss_sample_rate=0.0)
+
+
+def checkpoint_settings(stack):
+    return stack.processor.checkpoint.model_copy(update={"every_documents": 40, "every_seconds": 3600.0})
+
+
+def final_states(config) -> list[list[tuple[str, str, int]]]:
+    """Per worker (by index): (key, sha256, documents) of each state in the live version."""
+    states = CheckpointStore(config.mlflow, config.stream.name).load(LIVE).states
+    return [[(b.key, b.sha256, b.documents) for b in states[name]] for name in sorted(states)]
+
+
+class ResultCounter(threading.Thread):
+    """Counts result records as they arrive, so that kills land while documents are read."""
+
+    def __init__(self, config):
+        super().__init__(daemon=True)
+        self.config, self.count, self.stop = config, 0, threading.Event()
+
+    def run(self) -> None:
+        consumer = KafkaConsumer(self.config.kafka.topics.results, bootstrap_servers=self.config.kafka.bootstrap_servers,
+                                 auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=200)
+        while not self.stop.is_set():
+            self.count += sum(1 for _ in consumer)
+        consumer.close()
+
+
+def test_five_kills_end_bitwise_equal_to_an_uncrashed_run(stack, ray_session, tmp_path):
+    docs = short_documents(300)
+    values = [json.dumps(d).encode() for d in docs]
+    partitions = [i % 2 for i in range(len(docs))]  # the same partitions in both streams
+
+    reference = stream_config(stack, tmp_path / "ref", **SETTINGS)
+    reference = reference.model_copy(update={"processor": reference.processor.model_copy(
+        update={"checkpoint": checkpoint_settings(stack)})})
+    ensure_topics(reference.kafka)
+    produce(reference, values, partitions)
+    run_stream(reference, until_idle_s=3.0)
+
+    crashed = stream_config(stack, tmp_path / "crash", **SETTINGS)
+    crashed = crashed.model_copy(update={"processor": crashed.processor.model_copy(
+        update={"checkpoint": checkpoint_settings(stack)})})
+    config_file = tmp_path / "crash.yaml"
+    config_file.write_text(yaml.safe_dump(crashed.model_dump(mode="json")))
+    ensure_topics(crashed.kafka)
+    produce(crashed, values, partitions)
+    counter = ResultCounter(crashed)
+    counter.start()
+    rng = random.Random(int(os.environ.get("TTT_STREAM_TEST_SEED", "5")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")}
+    argv = [sys.executable, "-m", "pipeline.cli", "run", "-c", str(config_file), "--until-idle", "3"]
+    kills = []
+    for _ in range(5):
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seen = counter.count
+        deadline = time.monotonic() + 180
+        while counter.count < seen + rng.randint(1, 30) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills.append(counter.count)
+        proc.wait(timeout=60)
+    final = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    counter.stop.set()
+    assert len(kills) == 5, kills  # every kill landed while the stream was being read
+
+    assert final_states(crashed) == final_states(reference)  # bitwise: same sha256 per state
+    ids = {json.loads(r.value)["id"] for r in read_topic(crashed, crashed.kafka.topics.results, expect=len(docs))}
+    assert ids == {d["id"] for d in docs}
+    versions = CheckpointStore(crashed.mlflow, crashed.stream.name).versions()
+    assert versions[0]["tags"]["reason"] == "shutdown" and int(versions[0]["tags"]["documents"]) >= len(docs)
