@@ -67,6 +67,7 @@ class DocumentOutcome:
     state_key: str | None = None
     state_version: int = 0  # documents the state had absorbed after this one
     fast_weight_norm: float = 0.0
+    delta_ratio: float = 0.0  # max over layers of ||dW|| / ||W_down||: how far the state moved
     windows: int = 0
     worker: str = ""
 
@@ -139,6 +140,7 @@ class DocumentWorker:
         base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
         scoped.documents += 1
         norm = math.sqrt(sum(float(n.double().square().sum()) for n in scoped.state.norms().values()))
+        ratio = max(float(r.max()) for r in scoped.state.delta_ratios(self.model).values())
         self.documents += 1
         self.tokens += ids.shape[1]
         elapsed = time.perf_counter() - start
@@ -149,7 +151,8 @@ class DocumentWorker:
             base_loss=_finite_or_none(_mean(base)) if base is not None else None,
             finite=math.isfinite(loss if loss is not None else 0.0) and math.isfinite(norm),
             latency_ms=1000.0 * elapsed, state_key=scoped.key, state_version=scoped.documents,
-            fast_weight_norm=norm if math.isfinite(norm) else -1.0, windows=len(windows), worker=self.name,
+            fast_weight_norm=norm if math.isfinite(norm) else -1.0,
+            delta_ratio=ratio if math.isfinite(ratio) else -1.0, windows=len(windows), worker=self.name,
         )
 
     def snapshot(self) -> list[StateBlob]:

@@ -63,6 +63,7 @@ class CheckpointRequest:
     reason: str
     parent_version: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def model_name(stream: str) -> str:
@@ -139,6 +140,7 @@ class CheckpointStore:
                 "documents": str(request.documents),
                 "reason": request.reason,
                 "manifest_sha256": manifest_sha,
+                **request.tags,
             },
         ).version
         self.client.set_registered_model_alias(self.name, LIVE, version)
@@ -148,6 +150,13 @@ class CheckpointStore:
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)
+
+    def tag_version(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.name, version, key, value)
+
+    def version_tags(self, ref: str) -> dict[str, str]:
+        version = self.resolve(ref)
+        return {} if version is None else dict(self.client.get_model_version(self.name, version).tags)
 
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self.config.experiment)
@@ -293,12 +302,12 @@ class StreamCheckpointer:
         return self.pending_documents >= self.config.max_pending_documents
 
     def write(self, states: dict[str, list[StateBlob]], offsets: dict[int, int], reason: str,
-              metrics: dict[str, float]) -> str | None:
+              metrics: dict[str, float], tags: dict[str, str] | None = None) -> str | None:
         """A new version, or None after a failure (retried later with backoff)."""
         request = CheckpointRequest(
             states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
             base_model=self.base_model, documents=self.documents + self.pending_documents, reason=reason,
-            parent_version=self.version, metrics=metrics,
+            parent_version=self.version, metrics=metrics, tags=tags or {},
         )
         try:
             version = self.store.save(request)

@@ -121,6 +121,19 @@ class CheckpointConfig(_Section):
     max_pending_documents: int = Field(default=1000, ge=1)
 
 
+class MonitorConfig(_Section):
+    """Degradation rules over a rolling window of documents; a breach alerts and rolls back."""
+
+    enabled: bool = True
+    window_documents: int = Field(default=10, ge=1)
+    min_documents: int = Field(default=3, ge=1)
+    non_finite: bool = True
+    max_delta_ratio: float | None = Field(default=None, gt=0)
+    max_loss_over_base: float | None = Field(default=0.05, ge=0)
+    max_loss_jump: float | None = Field(default=0.3, gt=0)
+    auto_rollback: bool = True
+
+
 class ProcessorConfig(_Section):
     """How ``ttt-stream run`` reads the documents topic and adapts."""
 
@@ -147,6 +160,7 @@ class ProcessorConfig(_Section):
     # Bit-reproducible CPU arithmetic (torch deterministic algorithms, one intra-op thread).
     deterministic: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 class AppConfig(_Section):

@@ -12,8 +12,10 @@ import ray
 from actors.document_worker import WorkerSpec
 from actors.runtime import init_ray
 from actors.supervisor import SupervisorActor
-from pipeline.checkpoint import LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
+from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig
+from pipeline.control import ControlSource
+from pipeline.monitor import DegradationMonitor
 from pipeline.processor import RunSummary, StreamProcessor
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
@@ -76,18 +78,24 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)
+    control = None
     try:
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
         log.info("workers ready: %s", ", ".join(names))
         workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
-        checkpointer, start_offsets = None, source.positions()
+        checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         if p.checkpoint.enabled:
             checkpointer = restore_from_checkpoint(config, source, workers, names, start_offsets)
             start_offsets = checkpointer.offsets
+            control = ControlSource(config.kafka)
+            if p.monitor.enabled:
+                reference = checkpointer.store.version_tags(LAST_GOOD).get("window_adapted_loss")
+                monitor = DegradationMonitor(p.monitor, float(reference) if reference not in (None, "None") else None)
         processor = StreamProcessor(
             p, source, sinks, workers, assignment, stream=config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
             checkpointer=checkpointer, worker_names=names, start_offsets=start_offsets,
+            monitor=monitor, control=control,
         )
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -101,4 +109,6 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     finally:
         source.close()
         sinks.close()
+        if control is not None:
+            control.close()
         ray.kill(supervisor)

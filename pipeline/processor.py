@@ -22,7 +22,9 @@ from kafka.consumer.fetcher import ConsumerRecord
 from actors.document_worker import DocumentOutcome
 from pipeline.config import ProcessorConfig
 from pipeline.messages import ParsedDocument, Rejected, dead_letter_headers, parse_document, result_message
-from pipeline.checkpoint import StreamCheckpointer
+from pipeline.checkpoint import LAST_GOOD, StreamCheckpointer
+from pipeline.control import ControlSource
+from pipeline.monitor import Breach, DegradationMonitor
 from pipeline.offsets import OffsetTracker
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
@@ -126,6 +128,8 @@ class StreamProcessor:
         checkpointer: StreamCheckpointer | None = None,
         worker_names: list[str] | None = None,
         start_offsets: dict[int, int] | None = None,
+        monitor: DegradationMonitor | None = None,
+        control: ControlSource | None = None,
     ):
         self.config = config
         self.source = source
@@ -139,6 +143,11 @@ class StreamProcessor:
         self.in_flight: dict[ray.ObjectRef, PendingDocument] = {}
         self.offsets = OffsetTracker(start_offsets or {})
         self.checkpointer = checkpointer
+        self.monitor = monitor  # needs the checkpointer: rollbacks go to checkpointed versions
+        self.control = control
+        self.rollbacks: list[dict[str, Any]] = []
+        self._rolling_back = False
+        self._breach_at_documents = 0
         self.summary = RunSummary()
         self.stop_event = threading.Event()
 
@@ -159,6 +168,8 @@ class StreamProcessor:
                         self.summary.first_record_at = last_activity
                 for record in records:
                     self._accept(record)
+                if self.control is not None:
+                    self._handle_commands()
                 self._dispatch()
                 if self._collect(timeout_s=0.0 if records else cfg.poll_timeout_ms / 1000):
                     last_activity = time.monotonic()
@@ -247,6 +258,10 @@ class StreamProcessor:
                 self.offsets.finished(pending.record.partition, pending.record.offset)
                 if self.checkpointer is not None:
                     self.checkpointer.document_done()
+                if self.monitor is not None and not self._rolling_back:
+                    breach = self.monitor.observe(outcome)
+                    if breach is not None:
+                        self._on_breach(breach)
             else:
                 self._finish_rejected(pending, outcome.reason or "rejected")
         return len(ready)
@@ -343,9 +358,81 @@ class StreamProcessor:
         blobs = ray.get([w.snapshot.remote() for w in self.workers])
         states = dict(zip(self.worker_names, blobs))
         version = self.checkpointer.write(states, offsets, reason, self.summary.checkpoint_metrics())
+        if version is None:
+            return None
+        self.source.commit(offsets)
+        if self.monitor is not None and self.monitor.passes():
+            store = self.checkpointer.store
+            store.tag_version(version, "window_adapted_loss", repr(self.monitor.reference_loss))
+            store.set_alias(LAST_GOOD, version)
+        return version
+
+    # -- monitoring and rollback -----------------------------------------------------------------
+
+    def _on_breach(self, breach: Breach) -> None:
+        self._breach_at_documents = self.summary.documents
+        live = self.checkpointer.version
+        log.warning("degradation: rule %s on document %s: %s", breach.rule, breach.document, breach.values)
+        self.sinks.alert({"type": "alert", "stream": self.stream, "rule": breach.rule, "values": breach.values,
+                          "document": breach.document, "version": live, "time": time.time()})
+        if self.config.monitor.auto_rollback:
+            self.rollback(LAST_GOOD, cause=breach.rule)
+
+    def _handle_commands(self) -> None:
+        for command in self.control.poll():
+            if isinstance(command, str):
+                self.sinks.alert({"type": "control_error", "stream": self.stream, "error": command, "time": time.time()})
+            elif self.checkpointer is None:
+                self.sinks.alert({"type": "control_error", "stream": self.stream, "request_id": command.request_id,
+                                  "error": "rollback needs processor.checkpoint.enabled", "time": time.time()})
+            else:
+                self.rollback(command.to, cause="manual", request_id=command.request_id)
+
+    def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
+        """Every worker back to the states of version ``target`` (number or alias), recorded as a
+        new version (reason ``rollback``) that becomes ``live``. The stream reads on from where it
+        is: the documents since ``target`` stay read, their learning is dropped."""
+        started = time.monotonic()
+        self._rolling_back = True
+        try:
+            while self.in_flight:  # documents already on the workers finish first
+                self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
+        finally:
+            self._rolling_back = False
+        previous = self.checkpointer.version
+        try:
+            checkpoint = self.checkpointer.store.load(target)
+        except Exception as err:  # noqa: BLE001 - CheckpointError or MLflow down: keep serving
+            log.error("rollback to %s failed: %s", target, err)
+            self.sinks.alert({"type": "rollback_failed", "stream": self.stream, "to": target, "error": str(err),
+                              "request_id": request_id, "time": time.time()})
+            return None
+        ray.get([w.restore.remote(checkpoint.states.get(name, [])) for w, name in zip(self.workers, self.worker_names)])
+        serving_s = time.monotonic() - started
+        after_breach = None if cause == "manual" else self.summary.documents - self._breach_at_documents
+        self.sinks.flush()
+        offsets = self.offsets.committable()
+        version = self.checkpointer.write(
+            checkpoint.states, offsets, "rollback", self.summary.checkpoint_metrics(),
+            tags={"rollback_to": checkpoint.version, "rollback_from": str(previous), "rollback_cause": cause},
+        )
         if version is not None:
             self.source.commit(offsets)
+        if self.monitor is not None:
+            self.monitor.reset()
+        record = {
+            "type": "rollback", "stream": self.stream, "cause": cause, "from": previous, "to": checkpoint.version,
+            "version": version, "request_id": request_id, "serving_after_s": round(serving_s, 3),
+            "documents_after_breach": after_breach,
+            "recorded_after_s": round(time.monotonic() - started, 3), "time": time.time(),
+        }
+        self.rollbacks.append(record)
+        self.sinks.alert(record)
+        self.sinks.flush()
+        log.warning("rolled back to v%s (%s): workers serving it after %.2f s; recorded as v%s",
+                    checkpoint.version, cause, serving_s, version)
         return version
+
 
     def _final_checkpoint(self) -> None:
         deadline = time.monotonic() + self.config.checkpoint.retry_max_s * 4
