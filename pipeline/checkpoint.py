@@ -86,14 +86,14 @@ class CheckpointStore:
         from mlflow.entities import Metric, Param
 
         with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
-            root = Path(tmp) / ARTIFACT_DIR
+            staging = Path(tmp) / "staging" / "checkpoint"  # its folder name is its place in the model
             files = {}
             for worker, blobs in sorted(request.states.items()):
                 entries = []
                 for blob in blobs:
                     rel = f"states/{worker}/{hashlib.sha256(blob.key.encode()).hexdigest()[:32]}.safetensors"
-                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (root / rel).write_bytes(blob.data)
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (staging / rel).write_bytes(blob.data)
                     entries.append({"key": blob.key, "file": rel, "sha256": blob.sha256, "documents": blob.documents})
                 files[worker] = entries
             manifest = {
@@ -110,8 +110,12 @@ class CheckpointStore:
                 "workers": files,
             }
             manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            (root / "manifest.json").write_bytes(manifest_bytes)
+            (staging / "manifest.json").write_bytes(manifest_bytes)
             manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+            # The version's folder is an MLflow pyfunc model (from code, nothing pickled) whose
+            # one artifact is the checkpoint: `models:/<stream>-ttt@live` loads and scores.
+            root = Path(tmp) / ARTIFACT_DIR
+            save_pyfunc(root, staging, request.base_model["path"])
 
             run = self.client.create_run(
                 self._experiment_id(), run_name=f"{self.stream}-{request.reason}",
@@ -208,6 +212,7 @@ class CheckpointStore:
 
     def _verify(self, version: str, tags: dict[str, str], local: Path) -> Checkpoint:
         where = f"{self.name} v{version}"
+        local = local / PYFUNC_CHECKPOINT
         try:
             manifest_bytes = (local / "manifest.json").read_bytes()
         except OSError:
@@ -252,6 +257,25 @@ class CheckpointStore:
                 "aliases": sorted(aliases.get(str(mv.version), [])), "tags": dict(mv.tags), "metrics": metrics,
             })
         return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+PYFUNC_CHECKPOINT = "artifacts/checkpoint"  # where save_model puts the "checkpoint" artifact
+
+
+def save_pyfunc(path: Path, checkpoint_dir: Path, base_model: str) -> None:
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        params=ParamSchema([ParamSpec("mode", "string", "score"), ParamSpec("max_new_tokens", "long", 32)]),
+    )
+    mlflow.pyfunc.save_model(
+        path=str(path), python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts={"checkpoint": str(checkpoint_dir)}, model_config={"base_model": base_model},
+        pip_requirements=[], signature=signature,
+    )
 
 
 def base_model_id(path: str | Path) -> dict[str, str]:

@@ -159,6 +159,85 @@ def feed(
     console.print(f"sent {sent} messages to {topic or cfg.kafka.topics.documents}", markup=False)
 
 
+@app.command()
+def versions(config: Path = ConfigOption) -> None:
+    """The stream's checkpoint versions in MLflow: aliases, reason, documents, metrics."""
+    from pipeline.checkpoint import CheckpointStore
+
+    cfg = _load(config)
+    store = CheckpointStore(cfg.mlflow, cfg.stream.name)
+    rows = store.versions()
+    table = Table(title=f"{store.name} ({cfg.mlflow.tracking_uri})")
+    for column in ("version", "aliases", "reason", "parent", "documents", "adapted loss", "offsets", "created"):
+        table.add_column(column)
+    import datetime
+
+    for row in rows:
+        tags = row["tags"]
+        reason = tags.get("reason", "-")
+        if reason == "rollback":
+            reason += f" to v{tags.get('rollback_to')} ({tags.get('rollback_cause')})"
+        table.add_row(
+            row["version"], ",".join(row["aliases"]), reason, tags.get("parent_version", "-"),
+            tags.get("documents", "-"), _fmt(row["metrics"].get("adapted_loss"), ".4f"), tags.get("offsets", "-"),
+            datetime.datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+    if not rows:
+        console.print(f"no versions of {store.name} yet", markup=False)
+
+
+@app.command()
+def rollback(
+    to: str = typer.Option(..., "--to", help="A version number, or an alias such as last-good."),
+    config: Path = ConfigOption,
+    timeout: float = typer.Option(30.0, help="Seconds to wait for the running processor to confirm."),
+    offline: bool = typer.Option(False, help="No processor is running: record the rollback in MLflow only."),
+) -> None:
+    """Roll the stream's adapted state back; a running processor does it at once."""
+    from pipeline.rollback import request_rollback, rollback_offline
+
+    cfg = _load(config)
+    if offline:
+        version = rollback_offline(cfg, to)
+        console.print(f"live is now v{version}, a copy of {to}; the next `ttt-stream run` starts from it", markup=False)
+        return
+    result = request_rollback(cfg, to, timeout_s=timeout)
+    if result is None:
+        err_console.print(f"error: no running processor confirmed within {timeout:.0f} s (use --offline if none runs)")
+        raise typer.Exit(1)
+    if result["type"] != "rollback":
+        err_console.print(f"error: rollback failed: {result.get('error')}", markup=False)
+        raise typer.Exit(1)
+    console.print(
+        f"rolled back to v{result['to']} (from v{result['from']}), recorded as v{result['version']}: workers "
+        f"serving it {result['serving_after_request_s']:.2f} s after the request, recorded after "
+        f"{result['recorded_after_request_s']:.2f} s", markup=False,
+    )
+
+
+@app.command()
+def export(
+    version: str = typer.Option(..., "--version", help="A version number or alias (live, last-good)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the Hugging Face model."),
+    worker: Optional[str] = typer.Option(None, help="Whose state, when the version holds several."),
+    key: Optional[str] = typer.Option(None, help="Which key's state (per_key scope)."),
+    config: Path = ConfigOption,
+) -> None:
+    """Write a plain Hugging Face model with a version's adapted state merged into W_down."""
+    from pipeline.checkpoint import CheckpointError, CheckpointStore
+    from pipeline.export import export_checkpoint
+
+    cfg = _load(config)
+    try:
+        checkpoint = CheckpointStore(cfg.mlflow, cfg.stream.name).load(version)
+        export_checkpoint(checkpoint, out, worker, key)
+    except CheckpointError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"exported v{checkpoint.version} to {out}", markup=False)
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 

@@ -66,8 +66,9 @@ def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, work
                               base, start, {**positions, **(start.offsets if start else {})})
 
 
-def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0) -> RunSummary:
-    """Run the stream processor until stopped (SIGINT/SIGTERM) or idle; return its summary."""
+def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0,
+               stop_event: threading.Event | None = None) -> RunSummary:
+    """Run the stream processor until stopped (SIGINT/SIGTERM, ``stop_event``) or idle."""
     if not Path(config.model.path).is_dir():
         raise FileNotFoundError(f"model.path: {config.model.path} is not a directory")
     ensure_topics(config.kafka)
@@ -97,6 +98,8 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             checkpointer=checkpointer, worker_names=names, start_offsets=start_offsets,
             monitor=monitor, control=control,
         )
+        if stop_event is not None:
+            processor.stop_event = stop_event
         previous = {}
         if threading.current_thread() is threading.main_thread():
             # A signal stops reading; what is in flight finishes and is committed.

@@ -408,7 +408,7 @@ class StreamProcessor:
                               "request_id": request_id, "time": time.time()})
             return None
         ray.get([w.restore.remote(checkpoint.states.get(name, [])) for w, name in zip(self.workers, self.worker_names)])
-        serving_s = time.monotonic() - started
+        serving_s, served_at = time.monotonic() - started, time.time()
         after_breach = None if cause == "manual" else self.summary.documents - self._breach_at_documents
         self.sinks.flush()
         offsets = self.offsets.committable()
@@ -423,7 +423,7 @@ class StreamProcessor:
         record = {
             "type": "rollback", "stream": self.stream, "cause": cause, "from": previous, "to": checkpoint.version,
             "version": version, "request_id": request_id, "serving_after_s": round(serving_s, 3),
-            "documents_after_breach": after_breach,
+            "documents_after_breach": after_breach, "served_at": served_at,
             "recorded_after_s": round(time.monotonic() - started, 3), "time": time.time(),
         }
         self.rollbacks.append(record)
