@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -71,6 +72,10 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     """Run the stream processor until stopped (SIGINT/SIGTERM, ``stop_event``) or idle."""
     if not Path(config.model.path).is_dir():
         raise FileNotFoundError(f"model.path: {config.model.path} is not a directory")
+    # The checkpointer retries with its own backoff while MLflow is down; the client's own
+    # retries (minutes by default) would stall the stream instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     ensure_topics(config.kafka)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
     p = config.processor

@@ -226,11 +226,11 @@ class LocalStack:
                 self._start(spec)
         return self.status()
 
-    def down(self) -> list[str]:
+    def down(self, skip: tuple[str, ...] = ()) -> list[str]:
         """Stop the servers this stack started (whole process groups); return their names."""
         stopped = []
         for spec in reversed(self.specs()):
-            if self._stop(spec.name):
+            if spec.name not in skip and self._stop(spec.name):
                 stopped.append(spec.name)
         return stopped
 

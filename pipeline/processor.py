@@ -363,8 +363,11 @@ class StreamProcessor:
         self.source.commit(offsets)
         if self.monitor is not None and self.monitor.passes():
             store = self.checkpointer.store
-            store.tag_version(version, "window_adapted_loss", repr(self.monitor.reference_loss))
-            store.set_alias(LAST_GOOD, version)
+            try:
+                store.tag_version(version, "window_adapted_loss", repr(self.monitor.reference_loss))
+                store.set_alias(LAST_GOOD, version)
+            except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good stays
+                log.warning("could not move %s to v%s: %s", LAST_GOOD, version, err)
         return version
 
     # -- monitoring and rollback -----------------------------------------------------------------
@@ -457,6 +460,10 @@ class StreamProcessor:
             "in_flight": len(self.in_flight),
             "queued": sum(len(q) for q in self.queues),
             "committed": {str(p): o for p, o in self.offsets.committable().items()},
+            "checkpoint": None if self.checkpointer is None else {
+                "version": self.checkpointer.version, "pending_documents": self.checkpointer.pending_documents,
+                "failures": self.checkpointer.failures, "reading_paused": self.checkpointer.backlog_full,
+            },
             **self.summary.as_dict(),
         }
         message["wall_s"] = round(elapsed_s, 3)  # the run so far, not the summary's final figure
