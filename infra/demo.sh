@@ -13,9 +13,14 @@ trap 'exit 130' INT TERM
 [[ -f data/corpus/heldout.jsonl ]] || "${CLI[@]}" corpus --out data/corpus
 
 "${CLI[@]}" up -c "$CONFIG"
-"${CLI[@]}" demo -c "$CONFIG"
+# The embedded broker keeps topics in memory, MLflow keeps versions on disk: a stream name per
+# demo run keeps an earlier run's checkpoint (and its offsets) from applying to this topic.
+export TTT_STREAM__STREAM__NAME="demo-$(date +%Y%m%d-%H%M%S)"
+export TTT_STREAM__KAFKA__GROUP_ID="$TTT_STREAM__STREAM__NAME"
 # The held-out corpus goes through the broker to two worker actors that read and adapt; the
 # processor stops once the topic is drained and prints documents, tokens/s and the loss of the
 # adapted model against the static model on the sampled documents.
 "${CLI[@]}" feed data/corpus/heldout.jsonl -c "$CONFIG" --limit "${DEMO_LIMIT:-40}"
 "${CLI[@]}" run -c "$CONFIG" --until-idle 10
+# Every checkpoint is a version of the registered model $TTT_STREAM__STREAM__NAME-ttt in MLflow.
+"${CLI[@]}" versions -c "$CONFIG"

@@ -101,26 +101,6 @@ def status(config: Path = ConfigOption) -> None:
 
 
 @app.command()
-def demo(
-    config: Path = ConfigOption,
-    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting Ray here."),
-) -> None:
-    """The embedded-default job, as far as it is built: topics, Ray, and where to look."""
-    from actors.runtime import init_ray
-    from pipeline.topics import ensure_topics, stream_topics
-
-    cfg = _load(config)
-    if ray_address:
-        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": ray_address})})
-    created = ensure_topics(cfg.kafka)
-    console.print(f"topics ready ({len(created)} created): {', '.join(stream_topics(cfg.kafka))}")
-    ray_info = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.namespace)
-    console.print(f"ray: job {ray_info['job_id']} on node {ray_info['node_id'][:12]}")
-    console.print(f"MLflow UI: {cfg.mlflow.tracking_uri}", markup=False)
-    console.print("next: `ttt-stream feed PATH` then `ttt-stream run` (README: The stream processor)", markup=False)
-
-
-@app.command()
 def run(
     config: Path = ConfigOption,
     until_idle: Optional[float] = typer.Option(

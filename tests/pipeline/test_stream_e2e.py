@@ -143,7 +143,7 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     assert sum(row["committed"] for row in shown["partitions"]) == len(values)
 
 
-def test_a_killed_worker_is_restarted_and_no_document_is_lost_or_repeated(stack, ray_session, tmp_path):
+def test_a_killed_worker_is_restarted_from_the_checkpoint_and_no_document_is_lost(stack, ray_session, tmp_path):
     import ray
 
     config = stream_config(stack, tmp_path, scope="per_document")
