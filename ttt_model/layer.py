@@ -109,6 +109,10 @@ class InPlaceTTTMLP(nn.Module):
             # Dynamic evaluation: the fast weights are learned by the optimiser between chunks.
             return self._project(h, None if fast is None else fast.delta)
         t = x if self.config.target == "hidden_states" else self.runtime.target_embeddings(x)
+        if self.runtime.context_parallel is not None:
+            from ttt_model.parallel import apply_then_update_parallel
+
+            return apply_then_update_parallel(self, h, t, fast, self.runtime.context_parallel)
         return self.apply_then_update(h, t, fast)
 
     def apply_then_update(

@@ -45,12 +45,14 @@ class TTTRuntime:
 
     ``state`` is None for the plain parallel forward (no state kept) and a FastWeightState while
     a session streams. ``input_embeds`` is filled by a hook on the decoder's forward when the
-    target is the input embeddings.
+    target is the input embeddings. ``context_parallel`` is set during a context-parallel forward
+    (ttt_model.parallel): this process holds one segment of the document.
     """
 
     def __init__(self) -> None:
         self.state: FastWeightState | None = None
         self.input_embeds: torch.Tensor | None = None
+        self.context_parallel = None
         self._per_weight: dict[tuple[str, int], tuple[tuple[int, int], Any]] = {}
 
     def layer_state(self, layer_idx: int) -> LayerFastWeights | None:

@@ -1,0 +1,215 @@
+"""Context parallelism: one document split into contiguous segments over the ranks of a
+``torch.distributed`` process group (gloo on CPU, nccl on GPU).
+
+Per layer, attention sees every earlier key and value (all-gathered into a cache that reports
+the segment's start as its length, so the model's own causal mask and RoPE positions are the
+global ones), and each TTT layer combines the chunk updates across ranks by an exclusive scan:
+
+- every rank computes, with a halo of ``kernel // 2`` target rows from its neighbours, the
+  update contributions of its own tokens: ``Z`` for chunks that end inside its segment and ``Y``
+  for its trailing chunk when a later rank finishes it;
+- all-gathering (Z, Y) gives each rank the sum of every complete chunk before its first one, and
+  the part of its first chunk that an earlier rank holds;
+- each rank then walks its own chunks apply-then-update, exactly as the single-process loop does.
+
+After the forward the streaming state (dW and the unfinished chunk's tail) is the same on every
+rank. The per-update safeguards (clip, decay, cap) make the updates depend on one another in
+order, so they are not supported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from ttt_model.state import FastWeightState, LayerFastWeights, accumulator_dtype
+
+
+@dataclass(frozen=True)
+class ContextParallelGroup:
+    """Which contiguous segment of the document this rank holds."""
+
+    rank: int
+    lengths: tuple[int, ...]  # tokens per rank, in order
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def world(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def start(self) -> int:
+        return sum(self.lengths[: self.rank])
+
+    @property
+    def end(self) -> int:
+        return self.start + self.lengths[self.rank]
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def bounds(self, q: int) -> tuple[int, int]:
+        s = sum(self.lengths[:q])
+        return s, s + self.lengths[q]
+
+
+def split_lengths(total: int, world: int) -> tuple[int, ...]:
+    """Near-equal contiguous segments (the first ones one token longer when it does not divide)."""
+    if total < world:
+        raise ValueError(f"cannot split {total} tokens over {world} ranks")
+    base, extra = divmod(total, world)
+    return tuple(base + (1 if q < extra else 0) for q in range(world))
+
+
+def all_gather_rows(x: torch.Tensor, cp: ContextParallelGroup, dim: int) -> list[torch.Tensor]:
+    """Every rank's ``x`` (lengths differ along ``dim``): padded to the longest, gathered, trimmed."""
+    longest = max(cp.lengths)
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, longest - x.shape[dim]]
+    padded = F.pad(x, pad).contiguous()
+    out = [torch.empty_like(padded) for _ in range(cp.world)]
+    dist.all_gather(out, padded, group=cp.group)
+    return [t.narrow(dim, 0, n) for t, n in zip(out, cp.lengths)]
+
+
+def all_gather_same(x: torch.Tensor, cp: ContextParallelGroup) -> list[torch.Tensor]:
+    out = [torch.empty_like(x) for _ in range(cp.world)]
+    dist.all_gather(out, x.contiguous(), group=cp.group)
+    return out
+
+
+class ContextParallelCache(Cache):
+    """Keys and values of every earlier segment, gathered layer by layer during the forward.
+
+    It reports the segment's start as the cache length, so the model builds the causal mask and
+    the RoPE positions of its queries at their global positions.
+    """
+
+    def __init__(self, cp: ContextParallelGroup):
+        super().__init__(layers=[])
+        self.cp = cp
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cp.start
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.cp.start + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys = all_gather_rows(key_states, self.cp, dim=2)[: self.cp.rank + 1]
+        values = all_gather_rows(value_states, self.cp, dim=2)[: self.cp.rank + 1]
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+def context_parallel_forward(model, input_ids: torch.Tensor, cp: ContextParallelGroup,
+                             state: FastWeightState | None = None) -> torch.Tensor:
+    """Logits of this rank's segment ``input_ids`` (B, L_rank) of a document split over ``cp``.
+
+    With ``state`` (which must have no unfinished chunk), the TTT layers start from its fast
+    weights and leave the state after the whole document in it, identical on every rank.
+    """
+    if input_ids.shape[1] != cp.lengths[cp.rank]:
+        raise ValueError(f"rank {cp.rank} holds {cp.lengths[cp.rank]} tokens, got {input_ids.shape[1]}")
+    runtime = model.ttt_runtime
+    runtime.state, runtime.context_parallel = state, cp
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids, past_key_values=ContextParallelCache(cp), use_cache=True).logits
+    finally:
+        runtime.state, runtime.context_parallel = None, None
+
+
+@torch.no_grad()
+def apply_then_update_parallel(mlp, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None,
+                               cp: ContextParallelGroup) -> torch.Tensor:
+    """The TTT MLP's down projection for this rank's tokens, with fast weights from all chunks
+    before each token's chunk, wherever they were computed."""
+    config = mlp.config
+    if config.has_safeguards:
+        raise NotImplementedError("context parallelism does not support max_update_norm, max_delta_ratio or decay")
+    if fast is not None and fast.tail_len:
+        raise ValueError("context-parallel forward needs a state with no unfinished chunk (call end_document)")
+    C, half = config.chunk_size, config.conv_kernel // 2
+    s, e, N = cp.start, cp.end, cp.total
+    B, L, D = h.shape
+    weight = mlp.down_proj.weight
+    acc = accumulator_dtype(weight.dtype)
+
+    # Targets of this rank's chunks, chunk-aligned, with the neighbours' halo rows.
+    k0, k1 = s // C, (e - 1) // C
+    lo = k0 * C
+    buffer = t.new_zeros(B, (k1 - k0 + 1) * C, t.shape[2])
+    buffer[:, s - lo : e - lo] = t
+    if half:
+        edges = all_gather_same(torch.cat([F.pad(t[:, :half], (0, 0, 0, max(0, half - L))),
+                                           F.pad(t[:, -half:], (0, 0, max(0, half - L), 0))], dim=1), cp)
+        for q in range(cp.world):
+            qs, qe = cp.bounds(q)
+            n = min(half, qe - qs)
+            for pos, row in [(qs + i, edges[q][:, i]) for i in range(n)] + \
+                            [(qe - n + i, edges[q][:, 2 * half - n + i]) for i in range(n)]:
+                if lo <= pos < lo + buffer.shape[1] and not s <= pos < e and (s - half <= pos < e + half):
+                    buffer[:, pos - lo] = row
+    values = mlp.update_values(buffer).reshape(B, -1, t.shape[2])[:, s - lo : e - lo]  # eta V, (B, L, d)
+
+    def contribution(a: int, b: int) -> torch.Tensor:  # global rows [a, b) of this rank
+        return torch.matmul(values[:, a - s : b - s].transpose(1, 2).to(acc), h[:, a - s : b - s].to(acc))
+
+    zero = torch.zeros(B, weight.shape[0], D, dtype=acc, device=h.device)
+    complete_end = (e // C) * C  # chunks ending at or before this are complete by the end of the segment
+    z = contribution(s, complete_end) if complete_end > s else zero
+    y = contribution(max(complete_end, s), e) if e % C else zero
+    zs, ys = all_gather_same(z, cp), all_gather_same(y, cp)
+
+    start_delta = fast.delta.to(acc) if fast is not None else zero
+    before, carry = start_delta.clone(), zero.clone()
+    for q in range(cp.rank):
+        _, qe = cp.bounds(q)
+        before += zs[q]
+        if qe % C and qe // C < k0:
+            before += ys[q]  # its trailing chunk was finished before ours began
+        elif qe % C and qe // C == k0:
+            carry += ys[q]  # it holds the beginning of our first chunk
+
+    running = weight.to(acc) + before
+    outputs = []
+    for k in range(k0, k1 + 1):
+        a, b = max(k * C, s), min((k + 1) * C, e)
+        outputs.append(mlp._linear_per_sequence(h[:, a - s : b - s], running.to(weight.dtype)))
+        if (k + 1) * C <= e:
+            running = running + contribution(a, b) + (carry if k == k0 else 0)
+    out = torch.cat(outputs, dim=1)
+
+    if fast is not None:
+        total = start_delta + sum(zs)
+        for q in range(cp.world):
+            _, qe = cp.bounds(q)
+            if qe % C and (qe // C + 1) * C <= N:
+                total = total + ys[q]
+        tail_start = (N // C) * C
+        a = max(tail_start, s)
+        tails_h = all_gather_rows_padded(h[:, a - s :] if a < e else h[:, :0], cp)
+        tails_t = all_gather_rows_padded(t[:, a - s :] if a < e else t[:, :0], cp)
+        fast.delta = total
+        fast.tail_h, fast.tail_t = torch.cat(tails_h, dim=1), torch.cat(tails_t, dim=1)
+        fast.tokens_seen += N
+        fast.updates += N // C
+    return out
+
+
+def all_gather_rows_padded(x: torch.Tensor, cp: ContextParallelGroup) -> list[torch.Tensor]:
+    """Like all_gather_rows for pieces whose lengths are not the segment lengths."""
+    n = torch.tensor([x.shape[1]], device=x.device)
+    sizes = [int(v) for v in all_gather_same(n, cp)]
+    longest = max(max(sizes), 1)
+    padded = F.pad(x, (0, 0, 0, longest - x.shape[1]))
+    gathered = all_gather_same(padded, cp)
+    return [g[:, :m] for g, m in zip(gathered, sizes)]
