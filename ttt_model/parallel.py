@@ -19,6 +19,8 @@ order, so they are not supported here.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,24 @@ from transformers.cache_utils import Cache
 from ttt_model.state import FastWeightState, LayerFastWeights, accumulator_dtype
 
 
+class CommunicationTimer:
+    """Seconds spent inside this module's collectives (synchronised on CUDA), for benchmarks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> "CommunicationTimer":
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._start
+
+
 @dataclass(frozen=True)
 class ContextParallelGroup:
     """Which contiguous segment of the document this rank holds."""
@@ -36,6 +56,10 @@ class ContextParallelGroup:
     rank: int
     lengths: tuple[int, ...]  # tokens per rank, in order
     group: dist.ProcessGroup | None = None
+    timer: CommunicationTimer | None = None
+
+    def collective(self):
+        return self.timer if self.timer is not None else contextlib.nullcontext()
 
     @property
     def world(self) -> int:
@@ -72,13 +96,15 @@ def all_gather_rows(x: torch.Tensor, cp: ContextParallelGroup, dim: int) -> list
     pad = [0, 0] * (x.dim() - 1 - dim) + [0, longest - x.shape[dim]]
     padded = F.pad(x, pad).contiguous()
     out = [torch.empty_like(padded) for _ in range(cp.world)]
-    dist.all_gather(out, padded, group=cp.group)
+    with cp.collective():
+        dist.all_gather(out, padded, group=cp.group)
     return [t.narrow(dim, 0, n) for t, n in zip(out, cp.lengths)]
 
 
 def all_gather_same(x: torch.Tensor, cp: ContextParallelGroup) -> list[torch.Tensor]:
     out = [torch.empty_like(x) for _ in range(cp.world)]
-    dist.all_gather(out, x.contiguous(), group=cp.group)
+    with cp.collective():
+        dist.all_gather(out, x.contiguous(), group=cp.group)
     return out
 
 
