@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from ttt_model.layer import multiply_accumulate
 from ttt_model.state import FastWeightState, LayerFastWeights, accumulator_dtype
 
 
@@ -82,12 +83,28 @@ class ContextParallelGroup:
         return s, s + self.lengths[q]
 
 
-def split_lengths(total: int, world: int) -> tuple[int, ...]:
-    """Near-equal contiguous segments (the first ones one token longer when it does not divide)."""
+def split_lengths(total: int, world: int, attention_weight: float = 0.0) -> tuple[int, ...]:
+    """Contiguous segments of equal cost, where the token at position i costs
+    ``1 + attention_weight * i`` (its projections and MLP, plus attention over i keys): with
+    ``attention_weight`` 0, near-equal lengths; above 0, later segments get fewer tokens, since
+    their queries see more keys. Measure the weight as (b / a) of a forward time a*N + b*N^2."""
     if total < world:
         raise ValueError(f"cannot split {total} tokens over {world} ranks")
-    base, extra = divmod(total, world)
-    return tuple(base + (1 if q < extra else 0) for q in range(world))
+    if attention_weight <= 0:
+        base, extra = divmod(total, world)
+        return tuple(base + (1 if q < extra else 0) for q in range(world))
+    w = attention_weight
+
+    def cost(n: float) -> float:  # cost of the first n tokens
+        return n + w * n * n / 2
+
+    bounds = [0]
+    for q in range(1, world):
+        target = cost(total) * q / world
+        n = (-1 + (1 + 2 * w * target) ** 0.5) / w  # cost(n) = target
+        bounds.append(min(max(int(round(n)), bounds[-1] + 1), total - (world - q)))
+    bounds.append(total)
+    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
 def all_gather_rows(x: torch.Tensor, cp: ContextParallelGroup, dim: int) -> list[torch.Tensor]:
@@ -135,8 +152,67 @@ class ContextParallelCache(Cache):
         return torch.cat(keys, dim=2), torch.cat(values, dim=2)
 
 
+CP_ATTENTION = "ttt_context_parallel_sdpa"
+
+
+def _context_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of this segment's L queries over the S keys it holds (the last L are its own),
+    causal aligned to the bottom right. On CUDA: two flash-attention calls, the earlier segments'
+    keys unmasked and its own keys causal, merged by their log-sum-exp (as ring attention does);
+    elsewhere SDPA with a lower-right ``CausalBias``. A materialised L x S mask would take SDPA's
+    slow path, and GBs, at long context."""
+    B, H, L, hd = query.shape
+    S, Hkv = key.shape[2], key.shape[1]
+    groups = H // Hkv
+    if S == L:  # the first segment: plain causal attention
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+    elif query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention
+        # Earlier keys, no mask: the query heads sharing a key head are stacked along the
+        # sequence, so the keys need no repeating (S can be long).
+        stacked = query.reshape(B, Hkv, groups * L, hd)
+        earlier, lse_earlier = flash(stacked, key[:, :, : S - L], value[:, :, : S - L], 0.0, False, False, scale=scaling)[:2]
+        earlier, lse_earlier = earlier.reshape(B, H, L, hd), lse_earlier.reshape(B, H, L)
+        own_k, own_v = key[:, :, S - L :], value[:, :, S - L :]
+        if groups > 1:
+            own_k, own_v = own_k.repeat_interleave(groups, dim=1), own_v.repeat_interleave(groups, dim=1)
+        own, lse_own = flash(query, own_k, own_v, 0.0, True, False, scale=scaling)[:2]
+        top = torch.maximum(lse_earlier, lse_own)
+        w_earlier, w_own = torch.exp(lse_earlier - top)[..., None], torch.exp(lse_own - top)[..., None]
+        out = ((earlier.float() * w_earlier + own.float() * w_own) / (w_earlier + w_own)).to(query.dtype)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(L, S), scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # the attention above applies the causal structure itself (no padding here)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(CP_ATTENTION, _context_parallel_attention)
+    AttentionMaskInterface.register(CP_ATTENTION, _no_mask)
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name: str):
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+
+
 def context_parallel_forward(model, input_ids: torch.Tensor, cp: ContextParallelGroup,
-                             state: FastWeightState | None = None) -> torch.Tensor:
+                             state: FastWeightState | None = None, logits_to_keep: int = 0) -> torch.Tensor:
     """Logits of this rank's segment ``input_ids`` (B, L_rank) of a document split over ``cp``.
 
     With ``state`` (which must have no unfinished chunk), the TTT layers start from its fast
@@ -146,9 +222,11 @@ def context_parallel_forward(model, input_ids: torch.Tensor, cp: ContextParallel
         raise ValueError(f"rank {cp.rank} holds {cp.lengths[cp.rank]} tokens, got {input_ids.shape[1]}")
     runtime = model.ttt_runtime
     runtime.state, runtime.context_parallel = state, cp
+    _register_attention()
     try:
-        with torch.no_grad():
-            return model(input_ids=input_ids, past_key_values=ContextParallelCache(cp), use_cache=True).logits
+        with torch.no_grad(), _attention_implementation(model, CP_ATTENTION):
+            return model(input_ids=input_ids, past_key_values=ContextParallelCache(cp), use_cache=True,
+                         logits_to_keep=logits_to_keep).logits
     finally:
         runtime.state, runtime.context_parallel = None, None
 
@@ -187,7 +265,8 @@ def apply_then_update_parallel(mlp, h: torch.Tensor, t: torch.Tensor, fast: Laye
     values = mlp.update_values(buffer).reshape(B, -1, t.shape[2])[:, s - lo : e - lo]  # eta V, (B, L, d)
 
     def contribution(a: int, b: int) -> torch.Tensor:  # global rows [a, b) of this rank
-        return torch.matmul(values[:, a - s : b - s].transpose(1, 2).to(acc), h[:, a - s : b - s].to(acc))
+        out = torch.zeros(B, weight.shape[0], D, dtype=acc, device=h.device)
+        return multiply_accumulate(out, values[:, a - s : b - s].transpose(1, 2), h[:, a - s : b - s])
 
     zero = torch.zeros(B, weight.shape[0], D, dtype=acc, device=h.device)
     complete_end = (e // C) * C  # chunks ending at or before this are complete by the end of the segment
