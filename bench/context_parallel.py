@@ -105,7 +105,20 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
             dist.all_gather_object(gathered, elapsed)
             if i >= args.warmup:
                 slowest = max(gathered, key=lambda t: t[0])
-                rows.append((float(slowest[0]), float(slowest[1])))
+                rows.append((float(slowest[0]), float(slowest[1]), [[round(float(v), 4) for v in t] for t in gathered]))
+        if args.profile and rank == world - 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                context_parallel_forward(model, segment, ContextParallelGroup(rank, lengths), FastWeightState.for_model(model),
+                                         logits_to_keep=1)
+                sync(device)
+            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+        elif args.profile:
+            context_parallel_forward(model, segment, ContextParallelGroup(rank, lengths), FastWeightState.for_model(model),
+                                     logits_to_keep=1)
         if rank == world - 1 and args.reference.exists():
             from safetensors.torch import load_file
 
@@ -114,7 +127,8 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
         dist.barrier()
         if rank == 0:
             out["result"] = {"ranks": world, "lengths": list(lengths), "seconds": statistics.median(r[0] for r in rows),
-                             "communication_seconds": statistics.median(r[1] for r in rows)}
+                             "communication_seconds": statistics.median(r[1] for r in rows),
+                             "per_rank_seconds_and_communication": rows[len(rows) // 2][2]}
     finally:
         dist.destroy_process_group()
 
@@ -140,6 +154,7 @@ def main() -> None:
                         help="split_lengths' attention_weight (0: equal lengths; see its docstring)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="print the last rank's top kernels of one forward")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import tempfile
@@ -158,7 +173,7 @@ def main() -> None:
         print(f"{world} rank(s): {row['seconds']:.3f} s  (communication {row['communication_seconds']:.3f} s, "
               f"compute {row['seconds'] - row['communication_seconds']:.3f} s)  speed-up {base / row['seconds']:.2f}x"
               f"  lengths {row.get('lengths', [args.length])}  last-logits rel err vs 1 rank "
-              f"{row.get('last_logits_rel_err_vs_1_rank')}",
+              f"{row.get('last_logits_rel_err_vs_1_rank')}  per rank {row.get('per_rank_seconds_and_communication')}",
               flush=True)
     if args.out:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2, default=str))

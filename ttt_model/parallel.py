@@ -164,19 +164,22 @@ def _context_parallel_attention(module, query, key, value, attention_mask, scali
     B, H, L, hd = query.shape
     S, Hkv = key.shape[2], key.shape[1]
     groups = H // Hkv
-    if S == L:  # the first segment: plain causal attention
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+    if S == L:  # the first segment: plain causal attention (keys repeated, as HF's SDPA path does,
+        # so that SDPA picks its flash kernel)
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     elif query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        flash = torch.ops.aten._scaled_dot_product_flash_attention
         # Earlier keys, no mask: the query heads sharing a key head are stacked along the
         # sequence, so the keys need no repeating (S can be long).
         stacked = query.reshape(B, Hkv, groups * L, hd)
-        earlier, lse_earlier = flash(stacked, key[:, :, : S - L], value[:, :, : S - L], 0.0, False, False, scale=scaling)[:2]
+        earlier, lse_earlier = _attention_with_lse(stacked, key[:, :, : S - L], value[:, :, : S - L], False, scaling)
         earlier, lse_earlier = earlier.reshape(B, H, L, hd), lse_earlier.reshape(B, H, L)
         own_k, own_v = key[:, :, S - L :], value[:, :, S - L :]
         if groups > 1:
             own_k, own_v = own_k.repeat_interleave(groups, dim=1), own_v.repeat_interleave(groups, dim=1)
-        own, lse_own = flash(query, own_k, own_v, 0.0, True, False, scale=scaling)[:2]
+        own, lse_own = _attention_with_lse(query, own_k, own_v, True, scaling)
+        lse_own = lse_own.reshape(B, H, L)
         top = torch.maximum(lse_earlier, lse_own)
         w_earlier, w_own = torch.exp(lse_earlier - top)[..., None], torch.exp(lse_own - top)[..., None]
         out = ((earlier.float() * w_earlier + own.float() * w_own) / (w_earlier + w_own)).to(query.dtype)
@@ -187,6 +190,15 @@ def _context_parallel_attention(module, query, key, value, attention_mask, scali
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(L, S), scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_with_lse(q, k, v, causal: bool, scale):
+    """(output, log-sum-exp) from cuDNN attention (SDPA's fastest kernel on Hopper), else flash."""
+    try:
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    except RuntimeError:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
 
 
 def _no_mask(*args, **kwargs):
