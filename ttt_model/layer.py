@@ -140,7 +140,8 @@ class InPlaceTTTMLP(nn.Module):
             out = F.linear(h, self.down_proj.weight, self.down_proj.bias)
         else:
             values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
-            loop = self._chunk_loop if torch.is_grad_enabled() or self.config.has_safeguards else self._chunk_loop_inference
+            general = torch.is_grad_enabled() or self.config.has_safeguards or self.runtime.document_starts is not None
+            loop = self._chunk_loop if general else self._chunk_loop_inference
             out, delta = loop(h_all, values, r, delta, keep_last=fast is not None)
 
         if fast is not None:
@@ -193,8 +194,13 @@ class InPlaceTTTMLP(nn.Module):
             self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
             if self.config.max_delta_ratio is not None else None
         )
+        restarts = self.runtime.document_starts
+        if restarts is not None and (r or delta is not None):
+            raise ValueError("document restarts apply to whole windows, not to a streaming state")
         outputs = []
         for k, served, update_after in self._chunk_schedule(h_all.shape[1], r, keep_last):
+            if restarts is not None and delta is not None:
+                delta = delta * (~restarts[:, k]).to(delta.dtype)[:, None, None]
             if served is not None:
                 outputs.append(self._project(h_all[:, served], delta))
             if update_after:

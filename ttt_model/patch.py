@@ -53,6 +53,9 @@ class TTTRuntime:
         self.state: FastWeightState | None = None
         self.input_embeds: torch.Tensor | None = None
         self.context_parallel = None
+        # Training on packed windows: (B, n_chunks) bool, chunk k begins a new document, so the
+        # fast weights restart there (set by ttt_model.train around a forward).
+        self.document_starts: torch.Tensor | None = None
         self._per_weight: dict[tuple[str, int], tuple[tuple[int, int], Any]] = {}
 
     def layer_state(self, layer_idx: int) -> LayerFastWeights | None:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ttt_model.config import TTTConfig
-from ttt_model.data import PackedTokenStream, load_documents
-from ttt_model.patch import enable_ttt, load_ttt_model
+from ttt_model.data import PackedTokenStream, TokenWindows, load_documents
+from ttt_model.patch import enable_ttt, load_ttt_model, ttt_config_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 10
     seed: int = 0
+    # Cut documents to whole TTT chunks and restart the fast weights at each (see PackedTokenStream).
+    align_documents: bool = True
 
 
 # -- data preparation ------------------------------------------------------------------------------
@@ -180,6 +183,23 @@ def load_optimizer_state(path: Path, model, optimizer) -> None:
         optimizer.state[p][state_key] = value.to(p.device) if state_key != "step" else value
 
 
+@contextmanager
+def document_restarts(model, window: TokenWindows):
+    """Restart the fast weights at every document start of a document-aligned window."""
+    runtime = getattr(model, "ttt_runtime", None)
+    if runtime is None or window.document_start is None:
+        yield
+        return
+    chunk = ttt_config_of(model).chunk_size
+    if window.ids.shape[1] - 1 < chunk or (window.ids.shape[1] - 1) % chunk:
+        raise ValueError(f"document-aligned windows of {window.ids.shape[1] - 1} tokens do not hold whole TTT chunks of {chunk}")
+    runtime.document_starts = window.document_start[:, :-1][:, ::chunk]
+    try:
+        yield
+    finally:
+        runtime.document_starts = None
+
+
 def fit(
     model, stream: PackedTokenStream, cfg: TrainConfig, out_dir: Path, tokenizer=None,
     on_metrics: MetricsCallback | None = None, device: str | None = None, stop_at_step: int | None = None,
@@ -214,13 +234,15 @@ def fit(
             group["lr"] = lr
         total = 0.0
         for micro in range(cfg.grad_accum):
-            batch = stream.batch(step, micro, cfg.batch_size).to(device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
-                logits = model(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / cfg.grad_accum
+            window = stream.batch(step, micro, cfg.batch_size).to(device)
+            labels = window.ids[:, 1:]
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast), \
+                    document_restarts(model, window):
+                logits = model(input_ids=window.ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / cfg.grad_accum
             loss.backward()
             total += loss.item()
-            tokens_done += batch[:, 1:].numel()
+            tokens_done += labels.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -298,7 +320,9 @@ def main(argv: list[str] | None = None, on_metrics: MetricsCallback | None = Non
     if args.ttt and getattr(model, "ttt_runtime", None) is None:
         enable_ttt(model, TTTConfig(layers=args.ttt_layers, chunk_size=args.chunk_size, eta=args.eta, target=target))
     torch.manual_seed(cfg.seed)
-    stream = PackedTokenStream(load_prepared(args.data, "train"), tokenizer.eos_token_id, cfg.seq_len, cfg.seed)
+    chunk = ttt_config_of(model).chunk_size if getattr(model, "ttt_runtime", None) is not None else args.chunk_size
+    align = chunk if cfg.align_documents else None
+    stream = PackedTokenStream(load_prepared(args.data, "train"), tokenizer.eos_token_id, cfg.seq_len, cfg.seed, align)
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "run_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
     log.info("training %d parameters on %d tokens", sum(p.numel() for p in model.parameters()), len(stream))

@@ -86,3 +86,65 @@ def test_prepare_trains_a_tokenizer_and_round_trips_documents(tmp_path):
     tokenizer = load_tokenizer(tmp_path / "prepared" / "tokenizer")
     ids = load_prepared(tmp_path / "prepared", "heldout")
     assert tokenizer.decode(ids[1]) == text[300:]
+
+
+def test_aligned_stream_starts_every_document_on_a_chunk_border():
+    docs = [list(range(1, 6)), list(range(10, 27)), list(range(30, 45)), list(range(50, 66))]  # 5, 17, 15, 16 tokens
+    aligned = PackedTokenStream(docs, eos_id=0, seq_len=16, seed=0, align=8)
+    # Each document cut to whole chunks with its EOS kept; the 5-token one is shorter than a chunk.
+    assert aligned.tokens.tolist() == (
+        list(range(10, 25)) + [0] + list(range(30, 45)) + [0] + list(range(50, 65)) + [0]
+    )
+    assert aligned.starts.nonzero().flatten().tolist() == [0, 16, 32]
+    for step in range(20):
+        window = aligned.batch(step, 0, 3)
+        assert window.ids.shape == window.document_start.shape == (3, 17)
+        # Every window starts on a chunk border, so document starts fall on chunk starts only.
+        assert not window.document_start[:, 1:16][:, torch.arange(1, 16) % 8 != 0].any()
+    with pytest.raises(ValueError, match="multiple of align"):
+        PackedTokenStream(docs, eos_id=0, seq_len=12, seed=0, align=8)
+
+
+def test_document_restarts_serve_each_document_as_if_alone():
+    from ttt_model.train import document_restarts
+    from ttt_model.data import TokenWindows
+    from tests.ttt_model.reference import randomise_ttt_parameters
+
+    model = tiny_scratch_model()
+    randomise_ttt_parameters(model)
+    mlp = model.model.layers[1].mlp
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, mlp.hidden_size, generator=gen)
+    embeds = torch.randn(2, 32, mlp.hidden_size, generator=gen)
+    starts = torch.zeros(2, 33, dtype=torch.bool)
+    starts[0, [0, 16]] = True  # row 0: two documents of 16 tokens; row 1: one document
+    starts[1, 0] = True
+    window = TokenWindows(torch.zeros(2, 33, dtype=torch.long), starts)
+    model.ttt_runtime.input_embeds = embeds
+    with document_restarts(model, window):
+        packed = mlp(x)
+    assert model.ttt_runtime.document_starts is None
+    model.ttt_runtime.input_embeds = embeds[:1, :16]
+    first = mlp(x[:1, :16])
+    model.ttt_runtime.input_embeds = embeds[:1, 16:]
+    second = mlp(x[:1, 16:])
+    model.ttt_runtime.input_embeds = embeds
+    whole = mlp(x)
+    torch.testing.assert_close(packed[0], torch.cat([first, second], dim=1)[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed[1], whole[1], rtol=1e-6, atol=1e-6)
+    # Without the restart the second document would see the first one's updates.
+    assert not torch.allclose(whole[0, 16:], packed[0, 16:], atol=1e-4)
+
+
+def test_training_on_aligned_windows_lowers_loss(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 101, (5,), generator=gen).tolist() * int(torch.randint(3, 9, (1,), generator=gen))
+            for _ in range(20)]
+    aligned = PackedTokenStream(docs, eos_id=0, seq_len=32, seed=0, align=8)
+    model = tiny_scratch_model()
+    cfg = TrainConfig(seq_len=32, batch_size=4, max_steps=30, lr=3e-3, warmup_steps=3, log_every=5,
+                      checkpoint_every=100, bf16=False)
+    fit(model, aligned, cfg, tmp_path, device="cpu")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 0.3
+    assert model.model.layers[1].mlp.ttt_conv.weight.abs().sum() > 0
