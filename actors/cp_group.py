@@ -2,12 +2,17 @@
 group, members placed together by a placement group, rendezvous through Ray.
 
     group = ContextParallelActors(model_path, world=2)
-    reading = group.read(input_ids)        # one long document, split over the members
+    reading = group.read(input_ids, state)   # one long document, split over the members
     group.shutdown()
 
 Each member holds the same model; ``read`` hands member r the r-th contiguous segment and every
-member runs ``ttt_model.parallel.context_parallel_forward``. A member that dies fails the
-document (``ray.exceptions.RayActorError``); the caller retries it, e.g. from its last checkpoint.
+member runs ``ttt_model.parallel.context_parallel_forward``, starting from the caller's
+fast-weight state. A member that dies fails the document (``ray.exceptions.RayActorError``).
+
+The stream processor uses one ``ContextParallelService`` per stream: an actor that owns a group,
+serves the workers' long documents one at a time (a process group runs one collective sequence
+at a time) and, after a member failure, raises ``ContextParallelFailure`` and builds a fresh
+group for the next read; the processor then retries the document from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -37,13 +42,18 @@ class ContextParallelReading:
 
 @ray.remote
 class ContextParallelMember:
-    def __init__(self, model_path: str, rank: int, world: int, device: str = "cpu"):
-        from ttt_model.patch import load_ttt_model
+    def __init__(self, model_path: str, rank: int, world: int, device: str = "cpu",
+                 ttt_overrides: dict[str, Any] | None = None, num_threads: int | None = None):
+        from ttt_model.patch import configure_ttt, load_ttt_model
 
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.rank, self.world = rank, world
         self.device = torch.device(device)
         self.model = load_ttt_model(model_path, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
         self.model.to(self.device).eval()
+        if ttt_overrides:
+            configure_ttt(self.model, ttt_overrides)
 
     def rendezvous_address(self) -> tuple[str, int]:
         with socket.socket() as sock:
@@ -57,7 +67,13 @@ class ContextParallelMember:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world)
 
-    def forward(self, segment: torch.Tensor, lengths: tuple[int, ...], with_logits: bool) -> dict[str, Any]:
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def forward(self, segment: torch.Tensor, lengths: tuple[int, ...], with_logits: bool,
+                start_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         import time
 
         from ttt_model.parallel import CommunicationTimer, context_parallel_forward
@@ -66,6 +82,8 @@ class ContextParallelMember:
         timer = CommunicationTimer()
         cp = ContextParallelGroup(self.rank, lengths, timer=timer)
         state = FastWeightState.for_model(self.model, batch_size=segment.shape[0])
+        if start_state is not None:
+            state.load_state_dict(start_state)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -85,6 +103,16 @@ class ContextParallelMember:
             dist.destroy_process_group()
 
 
+def _get_all_or_fail(refs: list) -> list:
+    """ray.get of every ref, raising as soon as one fails: the survivors of a dead member wait in
+    a collective that will never complete, so waiting for all of them would hang."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)  # raises RayActorError / RayTaskError for a failed member
+    return ray.get(refs)
+
+
 def _segment_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """NLL of tokens 1.. of the segment from its own logits (the first token's comes from the
     previous member's last logits)."""
@@ -96,7 +124,8 @@ class ContextParallelActors:
     """``world`` members in one placement group, joined into one process group."""
 
     def __init__(self, model_path: str, world: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 strategy: str = "PACK", timeout_s: float = 300.0):
+                 strategy: str = "PACK", timeout_s: float = 300.0, ttt_overrides: dict[str, Any] | None = None,
+                 num_threads: int | None = None):
         self.world = world
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement = placement_group([bundle] * world, strategy=strategy)
@@ -106,17 +135,21 @@ class ContextParallelActors:
             ContextParallelMember.options(
                 num_cpus=num_cpus, num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r),
-            ).remote(model_path, r, world, device)
+            ).remote(model_path, r, world, device, ttt_overrides, num_threads)
             for r in range(world)
         ]
         address, port = ray.get(self.members[0].rendezvous_address.remote(), timeout=timeout_s)
         ray.get([m.join.remote(address, port) for m in self.members], timeout=timeout_s)
 
-    def read(self, input_ids: torch.Tensor, with_logits: bool = False) -> ContextParallelReading:
+    def read(self, input_ids: torch.Tensor, with_logits: bool = False,
+             state: dict[str, torch.Tensor] | None = None) -> ContextParallelReading:
+        """Read one document; ``state`` (a FastWeightState.state_dict with no unfinished chunk)
+        is where the fast weights start, fresh when None."""
         lengths = split_lengths(input_ids.shape[1], self.world)
         bounds = [sum(lengths[:r]) for r in range(self.world + 1)]
-        parts = ray.get([
-            m.forward.remote(input_ids[:, bounds[r] : bounds[r + 1]], lengths, with_logits)
+        state_ref = ray.put(state) if state is not None else None
+        parts = _get_all_or_fail([
+            m.forward.remote(input_ids[:, bounds[r] : bounds[r + 1]], lengths, with_logits, state_ref)
             for r, m in enumerate(self.members)
         ])
         nll = []
@@ -131,11 +164,74 @@ class ContextParallelActors:
             seconds=[p["seconds"] for p in parts], communication_seconds=[p["communication_seconds"] for p in parts],
         )
 
-    def shutdown(self) -> None:
-        try:
-            ray.get([m.leave.remote() for m in self.members], timeout=30)
-        except ray.exceptions.RayError:
-            pass
+    def shutdown(self, graceful: bool = True) -> None:
+        """Leave the process group and stop the members; after a failure (``graceful`` False)
+        the survivors may be blocked in a collective, so they are killed at once."""
+        if graceful:
+            try:
+                ray.get([m.leave.remote() for m in self.members], timeout=30)
+            except ray.exceptions.RayError:
+                pass
         for m in self.members:
             ray.kill(m)
         remove_placement_group(self.placement)
+
+
+class ContextParallelFailure(RuntimeError):
+    """A context-parallel read failed (a member died, or the group could not be formed)."""
+
+
+@dataclass(frozen=True)
+class ContextParallelSpec:
+    """How the stream processor's context-parallel group is built."""
+
+    model_path: str
+    world: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    ttt_overrides: dict[str, Any] | None = None
+    num_threads: int | None = None
+
+
+@ray.remote(num_cpus=0, max_concurrency=1)
+class ContextParallelService:
+    """One group for a stream, shared by its workers: reads run one at a time, and a group that
+    lost a member is replaced before the next read."""
+
+    def __init__(self, spec: ContextParallelSpec):
+        self.spec = spec
+        self.group: ContextParallelActors | None = None
+        self.reads = 0
+        self.failures = 0
+
+    def _ensure_group(self) -> ContextParallelActors:
+        if self.group is None:
+            s = self.spec
+            self.group = ContextParallelActors(s.model_path, s.world, s.num_cpus, s.num_gpus,
+                                               ttt_overrides=s.ttt_overrides, num_threads=s.num_threads)
+        return self.group
+
+    def read(self, input_ids: torch.Tensor, state: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+        """(nll of tokens 1.., the state after the document)."""
+        try:
+            reading = self._ensure_group().read(input_ids, state=state)
+        except (ray.exceptions.RayError, RuntimeError) as err:
+            self.failures += 1
+            if self.group is not None:
+                self.group.shutdown(graceful=False)
+                self.group = None
+            raise ContextParallelFailure(f"context-parallel read failed: {type(err).__name__}: {err}") from None
+        self.reads += 1
+        return reading.nll, reading.state
+
+    def member_pids(self) -> list[int]:
+        return ray.get([m.pid.remote() for m in self._ensure_group().members])
+
+    def stats(self) -> dict[str, Any]:
+        return {"world": self.spec.world, "reads": self.reads, "failures": self.failures,
+                "formed": self.group is not None}
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None

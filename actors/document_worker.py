@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,6 +26,9 @@ from ttt_model.session import TTTSession
 from ttt_model.state import FastWeightState
 
 log = logging.getLogger(__name__)
+
+# (input ids (1, N), fast-weight state dict or None) -> (nll of tokens 1..N-1 (1, N-1), state dict after)
+LongDocumentReader = Callable[[torch.Tensor, dict[str, torch.Tensor] | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class WorkerSpec:
     oversize: str = "split"  # split | reject
     base_loss_sample_rate: float = 0.0
     deterministic: bool = False
+    # Windows of at least this many tokens go to the context-parallel reader (when one is given).
+    context_parallel_min_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class DocumentWorker:
-    """Hosts one model replica; ``process`` reads one document and adapts the right state."""
+    """Hosts one model replica; ``process`` reads one document and adapts the right state.
 
-    def __init__(self, spec: WorkerSpec, name: str = "worker"):
+    With a ``long_reader`` (a context-parallel group, see actors.cp_group), windows of at least
+    ``spec.context_parallel_min_tokens`` tokens are read by it, starting from this worker's state,
+    and the state it returns replaces ours; its failure propagates and the caller retries.
+    """
+
+    def __init__(self, spec: WorkerSpec, name: str = "worker", long_reader: LongDocumentReader | None = None):
         from transformers import AutoTokenizer
 
         self.spec = spec
@@ -120,9 +130,11 @@ class DocumentWorker:
             spec.scope, lambda: FastWeightState.for_model(self.model), spec.max_keys_in_memory,
             Path(spec.spill_dir) / name,
         )
+        self.long_reader = long_reader if spec.context_parallel_min_tokens is not None else None
         self.documents = 0
         self.tokens = 0
         self.busy_s = 0.0
+        self.parallel_windows = 0
 
     def process(self, task: DocumentTask) -> DocumentOutcome:
         start = time.perf_counter()
@@ -172,6 +184,7 @@ class DocumentWorker:
             "spills": self.states.spills,
             "reloads": self.states.reloads,
             "device": str(self.device),
+            "parallel_windows": self.parallel_windows,
         }
 
     # -- internals -----------------------------------------------------------------------------
@@ -183,10 +196,23 @@ class DocumentWorker:
             # Each window is a fresh attention context; the fast weights (and the unfinished
             # chunk) carry over, which is how a TTT model reads past its attention span.
             session.reset(keep_state=True)
-            nll.append(session.feed(window).nll[0, 1:])
+            if self.long_reader is not None and window.shape[1] >= self.spec.context_parallel_min_tokens:
+                nll.append(self._read_in_parallel(session, state, window))
+            else:
+                nll.append(session.feed(window).nll[0, 1:])
         if self.spec.scope != "per_document":
             session.end_document()
         return torch.cat(nll)
+
+    def _read_in_parallel(self, session: TTTSession, state: FastWeightState, window: torch.Tensor) -> torch.Tensor:
+        if any(layer.tail_len for _, layer in state):
+            # The parallel form starts on a chunk border: a window after the first of a split
+            # document learns its predecessor's unfinished chunk first, as a document end does.
+            session.end_document()
+        nll, after = self.long_reader(window.cpu(), state.state_dict())
+        state.load_state_dict(after)
+        self.parallel_windows += 1
+        return nll[0].to(self.device)
 
     @torch.no_grad()
     def _base_nll(self, windows: list[torch.Tensor]) -> torch.Tensor:

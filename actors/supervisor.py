@@ -2,7 +2,9 @@
 their health and reports status.
 
 Workers are restarted by Ray (``max_restarts``); a document in flight on a worker that died
-fails with ``RayActorError`` and the caller sends it again once the worker is back.
+fails with ``RayActorError`` and the caller sends it again once the worker is back. With a
+context-parallel spec, the supervisor also starts the stream's ContextParallelService, to which
+every worker hands its long windows.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import ray
 
+from actors.cp_group import ContextParallelService, ContextParallelSpec
 from actors.document_worker import WorkerSpec
 from actors.worker import WorkerActor
 
@@ -28,14 +31,19 @@ class Supervisor:
     """Plain-class core of SupervisorActor: worker handles, assignment, status."""
 
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
-                 max_restarts: int):
+                 max_restarts: int, context_parallel: ContextParallelSpec | None = None):
         self.stream = stream
         self.started = time.time()
         self.names = [f"{stream}-worker-{i}" for i in range(workers)]
+        self.context_parallel = (
+            ContextParallelService.options(name=f"{stream}-context-parallel", max_restarts=max_restarts)
+            .remote(context_parallel)
+            if context_parallel is not None else None
+        )
         self.workers = [
             WorkerActor.options(
                 name=name, max_restarts=max_restarts, max_task_retries=0, num_cpus=num_cpus, num_gpus=num_gpus,
-            ).remote(spec, name)
+            ).remote(spec, name, self.context_parallel)
             for name in self.names
         ]
         self.assignment: dict[int, int] = {}
@@ -59,14 +67,24 @@ class Supervisor:
                 stats = {"worker": f"{self.stream}-worker-{i}", "alive": False, "error": type(err).__name__}
             stats["partitions"] = sorted(p for p, w in self.assignment.items() if w == i)
             workers.append(stats)
-        return {"stream": self.stream, "uptime_s": time.time() - self.started, "workers": workers}
+        report = {"stream": self.stream, "uptime_s": time.time() - self.started, "workers": workers}
+        if self.context_parallel is not None:
+            try:
+                report["context_parallel"] = ray.get(self.context_parallel.stats.remote(), timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                report["context_parallel"] = {"error": type(err).__name__}
+        return report
+
+    def shutdown(self) -> None:
+        if self.context_parallel is not None:
+            ray.get(self.context_parallel.shutdown.remote(), timeout=60)
 
 
 @ray.remote(num_cpus=0)
 class SupervisorActor:
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
-                 max_restarts: int):
-        self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts)
+                 max_restarts: int, context_parallel: ContextParallelSpec | None = None):
+        self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         return self.supervisor.wait_ready(timeout_s)
@@ -76,3 +94,10 @@ class SupervisorActor:
 
     def status(self) -> dict[str, Any]:
         return self.supervisor.status()
+
+    def context_parallel(self) -> Any:
+        """The stream's ContextParallelService handle (None without one)."""
+        return self.supervisor.context_parallel
+
+    def shutdown(self) -> None:
+        self.supervisor.shutdown()

@@ -12,14 +12,25 @@ from typing import Any
 
 import ray
 
+from actors.cp_group import ContextParallelFailure
 from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker, WorkerSpec
 from actors.state_store import StateBlob
 
 
 @ray.remote(concurrency_groups={"control": 1})
 class WorkerActor:
-    def __init__(self, spec: WorkerSpec, name: str):
-        self.worker = DocumentWorker(spec, name)
+    def __init__(self, spec: WorkerSpec, name: str, context_parallel: Any = None):
+        """``context_parallel``: a ContextParallelService handle that reads the long windows."""
+        reader = None
+        if context_parallel is not None:
+            def reader(ids, state):
+                try:
+                    return ray.get(context_parallel.read.remote(ids, state))
+                except ray.exceptions.RayError as err:
+                    cause = getattr(err, "cause", None)
+                    raise ContextParallelFailure(str(cause or err)) from None
+
+        self.worker = DocumentWorker(spec, name, reader)
         with warnings.catch_warnings():  # it reads a deprecated property inside Ray itself
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "TTT_STREAM__"
 
@@ -134,6 +134,16 @@ class MonitorConfig(_Section):
     auto_rollback: bool = True
 
 
+class ContextParallelConfig(_Section):
+    """Long documents read by a group of actors (ttt_model.parallel), the rest by single workers."""
+
+    # Windows of at least this many tokens go to the group.
+    min_tokens: int = Field(default=16384, ge=2)
+    world: int = Field(default=2, ge=2)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
 class ProcessorConfig(_Section):
     """How ``ttt-stream run`` reads the documents topic and adapts."""
 
@@ -161,6 +171,8 @@ class ProcessorConfig(_Section):
     deterministic: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
     monitor: MonitorConfig = MonitorConfig()
+    # None: every document on a single worker.
+    context_parallel: ContextParallelConfig | None = None
 
 
 class AppConfig(_Section):
@@ -173,6 +185,23 @@ class AppConfig(_Section):
     model: ModelConfig = ModelConfig()
     processor: ProcessorConfig = ProcessorConfig()
     local_stack: LocalStackConfig = LocalStackConfig()
+
+    @model_validator(mode="after")
+    def _context_parallel_fits_the_model(self) -> "AppConfig":
+        if self.processor.context_parallel is None:
+            return self
+        ttt = self.model.ttt
+        # The exclusive scan of chunk updates has no place for per-chunk clipping or decay.
+        guards = [f for f in ("max_update_norm", "max_delta_ratio", "decay") if ttt.get(f) is not None]
+        if guards or ttt.get("objective", "in_place") != "in_place":
+            raise ValueError(
+                "processor.context_parallel needs the in_place objective without safeguards; "
+                f"model.ttt sets {guards or ['objective']}"
+            )
+        if self.processor.context_parallel.min_tokens > self.processor.max_document_tokens:
+            raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "
+                             "no window would reach the group")
+        return self
 
     def digest(self) -> str:
         """sha256 of the validated config, stable across key order; recorded with checkpoints."""

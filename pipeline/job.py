@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ray
 
+from actors.cp_group import ContextParallelSpec
 from actors.document_worker import WorkerSpec
 from actors.runtime import init_ray
 from actors.supervisor import SupervisorActor
@@ -40,6 +41,18 @@ def worker_spec(config: AppConfig) -> WorkerSpec:
         oversize=p.oversize,
         base_loss_sample_rate=p.base_loss_sample_rate,
         deterministic=p.deterministic,
+        context_parallel_min_tokens=p.context_parallel.min_tokens if p.context_parallel else None,
+    )
+
+
+def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
+    cp = config.processor.context_parallel
+    if cp is None:
+        return None
+    return ContextParallelSpec(
+        model_path=str(Path(config.model.path).resolve()), world=cp.world, num_cpus=cp.num_cpus,
+        num_gpus=cp.num_gpus, ttt_overrides=dict(config.model.ttt),
+        num_threads=1 if config.processor.deterministic else None,
     )
 
 
@@ -80,7 +93,8 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
     p = config.processor
     supervisor = SupervisorActor.remote(
-        config.stream.name, worker_spec(config), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts
+        config.stream.name, worker_spec(config), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
+        context_parallel_spec(config),
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)
@@ -119,4 +133,8 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         sinks.close()
         if control is not None:
             control.close()
+        try:
+            ray.get(supervisor.shutdown.remote(), timeout=60)
+        except ray.exceptions.RayError as err:
+            log.warning("supervisor shutdown: %s", err)
         ray.kill(supervisor)

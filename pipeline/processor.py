@@ -19,6 +19,7 @@ from typing import Any, Callable
 import ray
 from kafka.consumer.fetcher import ConsumerRecord
 
+from actors.cp_group import ContextParallelFailure
 from actors.document_worker import DocumentOutcome
 from pipeline.config import ProcessorConfig
 from pipeline.messages import ParsedDocument, Rejected, dead_letter_headers, parse_document, result_message
@@ -60,6 +61,7 @@ class RunSummary:
     sampled_base_sum: float = 0.0
     sampled_tokens: int = 0
     retries: int = 0
+    parallel_failures: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -112,6 +114,7 @@ class RunSummary:
             "sampled_adapted_loss": ratio(self.sampled_adapted_sum, self.sampled_tokens),
             "sampled_base_loss": ratio(self.sampled_base_sum, self.sampled_tokens),
             "retries": self.retries,
+            "parallel_failures": self.parallel_failures,
         }
 
 
@@ -149,6 +152,7 @@ class StreamProcessor:
         self._rolling_back = False
         self._breach_at_documents = 0
         self.summary = RunSummary()
+        self.parallel_failures: dict[tuple[int, int], int] = {}
         self.stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -250,7 +254,10 @@ class StreamProcessor:
                 self._worker_failed(pending)
                 continue
             except ray.exceptions.RayTaskError as err:
-                self._finish_rejected(pending, f"processing error: {err.cause!r}")
+                if isinstance(err.cause, ContextParallelFailure):
+                    self._context_parallel_failed(pending, str(err.cause))
+                else:
+                    self._finish_rejected(pending, f"processing error: {err.cause!r}")
                 continue
             if outcome.ok:
                 self.sinks.result(result_message(outcome, pending.parsed.meta, pending.record.partition, pending.record.offset))
@@ -272,8 +279,27 @@ class StreamProcessor:
         else:
             self._retry_on_restart(first)
 
-    def _recover_worker(self, w: int) -> None:
-        """Exactly-once state: the restarted worker takes the states of the last checkpoint and
+    def _context_parallel_failed(self, pending: PendingDocument, reason: str) -> None:
+        """A context-parallel member died while reading this document. The worker is alive but
+        may have learned part of the document and has read on past it, so (with checkpoints) it
+        goes back to the last checkpoint and its partitions are read again from there, the
+        document included; the service forms a new group meanwhile. A document that fails
+        ``max_attempts`` times goes to the dead-letter topic."""
+        key = (pending.record.partition, pending.record.offset)
+        self.parallel_failures[key] = self.parallel_failures.get(key, 0) + 1
+        self.summary.parallel_failures += 1
+        log.warning("context-parallel read of %s/%d failed (%d): %s", *key, self.parallel_failures[key], reason)
+        if self.parallel_failures[key] >= self.config.max_attempts:
+            self._finish_rejected(pending, f"context-parallel read failed {self.parallel_failures[key]} times: {reason}")
+        elif self.checkpointer is not None:
+            self._recover_worker(pending.worker, restarted=False)
+        else:
+            # Sent again after what is already on the worker: without checkpoints, best effort.
+            self.summary.retries += 1
+            self.queues[pending.worker].appendleft(pending)
+
+    def _recover_worker(self, w: int, restarted: bool = True) -> None:
+        """Exactly-once state: the (restarted) worker takes the states of the last checkpoint and
         its partitions are read again from that checkpoint's offsets. (Results of the documents
         read since then are sent again: results are at least once, states exactly once.)"""
         refs = [ref for ref, p in self.in_flight.items() if p.worker == w]
@@ -281,7 +307,7 @@ class StreamProcessor:
         for ref in refs:
             del self.in_flight[ref]
         self.queues[w].clear()
-        if not self._wait_for_restart(w):
+        if restarted and not self._wait_for_restart(w):
             raise RuntimeError(f"worker {self.worker_names[w]} did not come back within {self.config.restart_timeout_s} s")
         version = self.checkpointer.version
         blobs = self.checkpointer.store.load(version).states.get(self.worker_names[w], []) if version else []
@@ -291,8 +317,9 @@ class StreamProcessor:
         for p, offset in partitions.items():
             self.offsets.rewind(p, offset)
         self.summary.retries += 1
-        log.warning("worker %s died: restored from checkpoint %s, partitions %s read again from %s",
-                    self.worker_names[w], version or "(none: fresh state)", sorted(partitions), partitions)
+        log.warning("worker %s %s: restored from checkpoint %s, partitions %s read again from %s",
+                    self.worker_names[w], "died" if restarted else "failed a document",
+                    version or "(none: fresh state)", sorted(partitions), partitions)
 
     def _retry_on_restart(self, first: PendingDocument) -> None:
         """Without checkpoints: every document in flight on the dead worker failed. Wait for all
@@ -469,7 +496,10 @@ class StreamProcessor:
         message["wall_s"] = round(elapsed_s, 3)  # the run so far, not the summary's final figure
         if self.status is not None:
             try:
-                message["workers"] = self.status()["workers"]
+                report = self.status()
+                message["workers"] = report["workers"]
+                if "context_parallel" in report:
+                    message["context_parallel"] = report["context_parallel"]
             except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
                 message["workers_error"] = repr(err)
         self.sinks.metrics(message)

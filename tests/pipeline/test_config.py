@@ -70,3 +70,15 @@ def test_cli_bad_config_prints_one_line_naming_the_field_and_exits_2(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "kafka.topics.partitions" in lines[0]
+
+
+def test_context_parallel_refuses_safeguards_and_unreachable_thresholds():
+    ok = parse_config({"processor": {"context_parallel": {"min_tokens": 8192, "world": 2}}}, environ={})
+    assert ok.processor.context_parallel.world == 2
+    with pytest.raises(ConfigError, match=r"processor\.context_parallel needs .* model\.ttt sets \['decay'\]"):
+        parse_config({"model": {"ttt": {"decay": 0.5}}, "processor": {"context_parallel": {}}}, environ={})
+    with pytest.raises(ConfigError, match=r"processor\.context_parallel\.min_tokens is above"):
+        parse_config({"processor": {"max_document_tokens": 4096, "context_parallel": {"min_tokens": 8192}}},
+                     environ={})
+    with pytest.raises(ConfigError, match=r"processor\.context_parallel\.world: "):
+        parse_config({"processor": {"context_parallel": {"world": 1}}}, environ={})
