@@ -259,15 +259,22 @@ def _print_stream_status(status: dict) -> None:
             markup=False, highlight=False,
         )
         workers = Table(title="workers")
-        for column in ("worker", "alive", "restarted", "partitions", "documents", "tokens", "device"):
+        for column in ("worker", "alive", "restarted", "partitions", "documents", "tokens", "parallel windows", "device"):
             workers.add_column(column)
         for w in report.get("workers", []):
             workers.add_row(
                 w["worker"], "yes" if w.get("alive") else "no", "yes" if w.get("restarted") else "no",
                 ",".join(map(str, w.get("partitions", []))), str(w.get("documents", "-")),
-                str(w.get("tokens", "-")), w.get("device", "-"),
+                str(w.get("tokens", "-")), str(w.get("parallel_windows", "-")), w.get("device", "-"),
             )
         console.print(workers)
+        cp = report.get("context_parallel")
+        if cp is not None:
+            console.print(
+                f"context-parallel group: {cp.get('world', '-')} members, {cp.get('reads', '-')} reads, "
+                f"{cp.get('failures', '-')} failures" + ("" if cp.get("formed", True) else " (not formed)"),
+                markup=False, highlight=False,
+            )
     partitions = Table(title="documents topic: consumer group offsets")
     for column in ("partition", "committed", "end", "lag"):
         partitions.add_column(column, justify="right")

@@ -1,0 +1,24 @@
+"""What `ttt-stream status` prints from a status report (the report itself is tested end to end)."""
+
+import time
+
+from pipeline import cli
+
+
+def test_status_shows_workers_and_the_context_parallel_group():
+    report = {
+        "stream": "s", "time": time.time(), "final": False, "documents": 12, "dead_letters": 0,
+        "tokens_per_s": 100.0, "in_flight": 1, "queued": 0,
+        "workers": [{"worker": "s-worker-0", "alive": True, "partitions": [0, 1], "documents": 12,
+                     "tokens": 9000, "parallel_windows": 5, "device": "cpu"}],
+        "context_parallel": {"world": 2, "reads": 5, "failures": 1, "formed": True},
+    }
+    width, cli.console.width = cli.console.width, 200  # a wide terminal: no wrapped cells
+    try:
+        with cli.console.capture() as captured:
+            cli._print_stream_status({"last_report": report, "partitions": []})
+    finally:
+        cli.console.width = width
+    out = captured.get()
+    assert "s-worker-0" in out and "context-parallel group: 2 members, 5 reads, 1 failures" in out
+    assert "parallel" in out and " 5 " in out
