@@ -148,3 +148,20 @@ def test_training_on_aligned_windows_lowers_loss(tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 0.3
     assert model.model.layers[1].mlp.ttt_conv.weight.abs().sum() > 0
+
+
+def test_large_ttt_gradients_do_not_shrink_the_other_weights_steps():
+    from ttt_model.train import clip_gradients
+
+    model = tiny_scratch_model()
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * (10.0 if ".ttt_" in name else 1e-4)
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if ".ttt_" not in n}
+    norm, ttt_norm = clip_gradients(model, 1.0)
+    assert norm < 1.0 and ttt_norm > 10.0  # the norms before clipping
+    for n, p in model.named_parameters():
+        if ".ttt_" not in n:
+            assert torch.equal(p.grad, before[n]), n
+    ttt = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".ttt_" in n])
+    assert torch.linalg.vector_norm(ttt).item() == pytest.approx(1.0, rel=1e-4)
