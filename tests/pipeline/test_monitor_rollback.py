@@ -1,8 +1,8 @@
 """Poisoning: good documents, a burst of garbage, good documents again, on the real stack.
 
 The monitor must alert, roll the state back to `last-good` within 5 documents of the breach
-(recorded as a new version, reason `rollback`), and the good documents read after the burst
-must score within 1% of the same documents read before it."""
+(recorded as a new version, reason `rollback`), and good documents read after the burst (with
+the same few documents before them as the first time) must score within 1% of their first reading."""
 
 from __future__ import annotations
 
@@ -39,7 +39,11 @@ def test_a_garbage_burst_alerts_and_rolls_back_to_last_good(stack, ray_session, 
     })
     config = config.model_copy(update={"processor": processor})
     good = short_documents(40, length=1500)
-    later = [{"id": f"again-{d['id']}", "text": d["text"]} for d in good[-10:]]
+    # The later batch re-reads good[30:40] after re-reading the five documents that preceded
+    # them: with the shipped decay the state is mostly the last few documents, so this gives
+    # the batch the same recent history it had, and garbage read after the rollback landed
+    # (it was already on the worker) has faded. Equal losses then mean the state is back.
+    later = [{"id": f"again-{d['id']}", "text": d["text"]} for d in good[-15:]]
     stream = good + garbage(6, seed=1) + later
     ensure_topics(config.kafka)
     produce(config, [json.dumps(d).encode() for d in stream], partitions=[0] * len(stream))
@@ -70,5 +74,5 @@ def test_a_garbage_burst_alerts_and_rolls_back_to_last_good(stack, ray_session, 
         return sum(r["loss"] * r["tokens"] for r in rows) / sum(r["tokens"] for r in rows)
 
     before = batch_loss([d["id"] for d in good[-10:]])
-    after = batch_loss([d["id"] for d in later])
+    after = batch_loss([d["id"] for d in later[5:]])
     assert abs(after - before) / before < 0.01, (before, after)
