@@ -95,9 +95,5 @@ class SupervisorActor:
     def status(self) -> dict[str, Any]:
         return self.supervisor.status()
 
-    def context_parallel(self) -> Any:
-        """The stream's ContextParallelService handle (None without one)."""
-        return self.supervisor.context_parallel
-
     def shutdown(self) -> None:
         self.supervisor.shutdown()

@@ -28,6 +28,7 @@ class TTTCheckpointModel(PythonModel):
         from safetensors.torch import load
         from transformers import AutoTokenizer
 
+        from pipeline.checkpoint import base_model_id
         from ttt_model.patch import configure_ttt, load_ttt_model
         from ttt_model.state import FastWeightState
 
@@ -35,10 +36,7 @@ class TTTCheckpointModel(PythonModel):
         root = Path(context.artifacts["checkpoint"])
         manifest = json.loads((root / "manifest.json").read_text())
         base = Path(config["base_model"])
-        digest = hashlib.sha256()
-        for file in sorted(base.glob("*.safetensors")):
-            digest.update(file.read_bytes())
-        if digest.hexdigest() != manifest["base_model"]["weights_sha256"]:
+        if base_model_id(base)["weights_sha256"] != manifest["base_model"]["weights_sha256"]:
             raise ValueError(f"{base}: weights differ from the checkpoint's base model")
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.model = load_ttt_model(base, dtype=torch.float32).eval()

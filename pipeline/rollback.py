@@ -46,10 +46,9 @@ def rollback_offline(config: AppConfig, to: str) -> str:
     """A new version holding the states of ``to`` and the offsets of ``live``: the next run
     starts from that state where the stream left off."""
     store = CheckpointStore(config.mlflow, config.stream.name)
-    target = store.load(to)
-    live = store.load(LIVE) if store.resolve(LIVE) is not None else None
-    if live is None:
+    if store.resolve(LIVE) is None:
         raise CheckpointError(f"{store.name}: no live version to roll back from")
+    target, live = store.load(to), store.load(LIVE)
     return store.save(CheckpointRequest(
         states=target.states, topic=live.manifest["offsets"]["topic"], offsets=live.offsets,
         config_digest=live.manifest["config_digest"], base_model=live.manifest["base_model"],

@@ -190,23 +190,32 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> tuple[float, floa
     than the rest (norm 3-90 against 0.4 when TTT is switched on for a trained model): one global
     norm would then shrink every other weight's step by that factor. Returns both norms.
     """
-    ttt = [p for n, p in model.named_parameters() if p.grad is not None and ".ttt_" in n]
-    ttt_ids = {id(p) for p in ttt}
-    rest = [p for p in model.parameters() if p.grad is not None and id(p) not in ttt_ids]
+    ttt, rest = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (ttt if ".ttt_" in name else rest).append(p)
     norm = torch.nn.utils.clip_grad_norm_(rest, max_norm).item()
     return norm, torch.nn.utils.clip_grad_norm_(ttt, max_norm).item() if ttt else None
 
 
+def restart_chunk(model, stream: PackedTokenStream) -> int | None:
+    """The TTT chunk size at whose borders the fast weights restart in this stream's windows
+    (None: no TTT, or windows that are not document-aligned)."""
+    if getattr(model, "ttt_runtime", None) is None or stream.starts is None:
+        return None
+    chunk = ttt_config_of(model).chunk_size
+    if stream.align != chunk:
+        raise ValueError(f"the stream is aligned to {stream.align} tokens, the model's TTT chunk is {chunk}")
+    return chunk
+
+
 @contextmanager
-def document_restarts(model, window: TokenWindows):
+def document_restarts(model, window: TokenWindows, chunk: int | None):
     """Restart the fast weights at every document start of a document-aligned window."""
-    runtime = getattr(model, "ttt_runtime", None)
-    if runtime is None or window.document_start is None:
+    if chunk is None:
         yield
         return
-    chunk = ttt_config_of(model).chunk_size
-    if window.ids.shape[1] - 1 < chunk or (window.ids.shape[1] - 1) % chunk:
-        raise ValueError(f"document-aligned windows of {window.ids.shape[1] - 1} tokens do not hold whole TTT chunks of {chunk}")
+    runtime = model.ttt_runtime
     runtime.document_starts = window.document_start[:, :-1][:, ::chunk]
     try:
         yield
@@ -239,6 +248,7 @@ def fit(
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
     autocast = cfg.bf16 and device == "cuda" and torch.cuda.is_bf16_supported()
+    chunk = restart_chunk(model, stream)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None)
     t0, tokens_done = time.perf_counter(), 0
@@ -249,14 +259,13 @@ def fit(
         total = 0.0
         for micro in range(cfg.grad_accum):
             window = stream.batch(step, micro, cfg.batch_size).to(device)
-            labels = window.ids[:, 1:]
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast), \
-                    document_restarts(model, window):
+                    document_restarts(model, window, chunk):
                 logits = model(input_ids=window.ids[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / cfg.grad_accum
+            loss = F.cross_entropy(logits.float().flatten(0, 1), window.ids[:, 1:].flatten()) / cfg.grad_accum
             loss.backward()
             total += loss.item()
-            tokens_done += labels.numel()
+            tokens_done += window.ids[:, 1:].numel()
         grad_norm, ttt_grad_norm = clip_gradients(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

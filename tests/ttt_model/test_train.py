@@ -121,7 +121,7 @@ def test_document_restarts_serve_each_document_as_if_alone():
     starts[1, 0] = True
     window = TokenWindows(torch.zeros(2, 33, dtype=torch.long), starts)
     model.ttt_runtime.input_embeds = embeds
-    with document_restarts(model, window):
+    with document_restarts(model, window, chunk=8):
         packed = mlp(x)
     assert model.ttt_runtime.document_starts is None
     model.ttt_runtime.input_embeds = embeds[:1, :16]
