@@ -11,7 +11,7 @@ set -euo pipefail
 DATA=${1:-data/prepared}; RUNS=${2:-runs/compare}; STEPS=${3:-800}; RESULTS=${RESULTS:-$RUNS/results}
 PY=${PYTHON:-python3}
 if [[ -n "${FROM:-}" ]]; then ORIGIN=(--from "$FROM"); LR=${LR:-1e-3}; else ORIGIN=(--from-scratch); LR=${LR:-2e-3}; fi
-COMMON=(--data "$DATA" "${ORIGIN[@]}" --chunk-size 512 --seq-len 8192 --batch-size 8 --max-steps "$STEPS"
+COMMON=(--data "$DATA" "${ORIGIN[@]}" --chunk-size 512 --seq-len "${SEQ_LEN:-8192}" --batch-size "${BATCH:-8}" --max-steps "$STEPS"
         --warmup-steps "${WARMUP:-100}" --lr "$LR" --log-every 25 --checkpoint-every 200 --eta "${ETA:-3.0}")
 mkdir -p "$RUNS" "$RESULTS"
 for seed in ${SEEDS:-0 1}; do

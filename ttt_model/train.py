@@ -2,7 +2,8 @@
 
     python -m ttt_model.train prepare --corpus data/corpus --out data/prepared
     python -m ttt_model.train fit --data data/prepared --out runs/ttt-s0 --from-scratch --ttt --seed 0
-    python -m ttt_model.train fit --data data/prepared --out runs/cont --from runs/base/final --ttt
+    python -m ttt_model.train fit --data data/prepared --out runs/cont --from runs/base/final --ttt \
+        --ttt-target input_embeddings --eta 3 --ttt-max-delta-ratio 0.2
 
 ``prepare`` trains a byte-level BPE tokenizer on the training documents and stores every document
 as token ids (safetensors). ``fit`` runs AdamW with linear warm-up and cosine decay, gradient
@@ -56,6 +57,9 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # The TTT conv and projection's lr relative to ``lr``: in continual training they start from
+    # zero next to pretrained weights, and at the same lr they learn little in a short run.
+    ttt_lr_scale: float = 1.0
     bf16: bool = True
     checkpoint_every: int = 250
     log_every: int = 10
@@ -143,13 +147,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def adamw_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms, biases and the TTT conv taps (1-D or tiny tensors)."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on norms, biases and the TTT conv taps (1-D or tiny tensors); the TTT
+    parameters in groups of their own whose lr is ``ttt_lr_scale`` times the schedule's."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 or "ttt_conv" in name else decay).append(p)
+            decays = not (p.dim() < 2 or "ttt_conv" in name)
+            groups.setdefault((decays, ".ttt_" in name), []).append(p)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,
+             "lr_scale": cfg.ttt_lr_scale if ttt else 1.0}
+            for (decays, ttt), params in sorted(groups.items())
+        ],
         lr=cfg.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available(),
     )
 
@@ -255,7 +265,7 @@ def fit(
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         total = 0.0
         for micro in range(cfg.grad_accum):
             window = stream.batch(step, micro, cfg.batch_size).to(device)
@@ -318,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ttt-layers", type=int, nargs="+", default=None)
     run.add_argument("--chunk-size", type=int, default=512)
     run.add_argument("--eta", type=float, default=3.0)
+    run.add_argument("--ttt-target", choices=["hidden_states", "input_embeddings"], default=None,
+                     help="what the fast weights learn to write (default: input_embeddings from scratch, "
+                     "hidden_states for --from)")
+    run.add_argument("--ttt-decay", type=float, default=None, help="trained with this decay per chunk update")
+    run.add_argument("--ttt-max-delta-ratio", type=float, default=None,
+                     help="trained with ||sum dW|| / ||W_down|| capped at this")
     for field, default in asdict(TrainConfig()).items():
         flag = "--" + field.replace("_", "-")
         if isinstance(default, bool):
@@ -338,12 +354,13 @@ def main(argv: list[str] | None = None, on_metrics: MetricsCallback | None = Non
     tokenizer = load_tokenizer(args.data / "tokenizer")
     if args.from_scratch:
         model = scratch_model(args.preset, len(tokenizer), tokenizer.eos_token_id, max(cfg.seq_len, 32768), cfg.seed)
-        target = "input_embeddings"
+        target = args.ttt_target or "input_embeddings"
     else:
         model = load_ttt_model(args.from_model)
-        target = "hidden_states"
+        target = args.ttt_target or "hidden_states"
     if args.ttt and getattr(model, "ttt_runtime", None) is None:
-        enable_ttt(model, TTTConfig(layers=args.ttt_layers, chunk_size=args.chunk_size, eta=args.eta, target=target))
+        enable_ttt(model, TTTConfig(layers=args.ttt_layers, chunk_size=args.chunk_size, eta=args.eta, target=target,
+                                    decay=args.ttt_decay, max_delta_ratio=args.ttt_max_delta_ratio))
     torch.manual_seed(cfg.seed)
     chunk = ttt_config_of(model).chunk_size if getattr(model, "ttt_runtime", None) is not None else args.chunk_size
     align = chunk if cfg.align_documents else None

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from ttt_model import TTTConfig, enable_ttt, load_ttt_model
 from ttt_model.data import PackedTokenStream
-from ttt_model.train import TrainConfig, fit, lr_at, prepare, load_prepared, load_tokenizer
+from ttt_model.train import TrainConfig, adamw_optimizer, fit, lr_at, prepare, load_prepared, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +37,17 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_ttt_parameters_take_their_own_lr_scale_and_keep_their_weight_decay():
+    model = tiny_scratch_model()
+    optimizer = adamw_optimizer(model, TrainConfig(ttt_lr_scale=10.0, weight_decay=0.1))
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        group = group_of[id(p)]
+        assert group["lr_scale"] == (10.0 if ".ttt_" in name else 1.0), name
+        assert group["weight_decay"] == (0.0 if p.dim() < 2 or "ttt_conv" in name else 0.1), name
+    assert len(group_of) == sum(1 for _ in model.parameters())
 
 
 def test_training_lowers_loss_and_moves_the_ttt_conv(tmp_path):
@@ -73,14 +84,20 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
 
 
-def test_prepare_trains_a_tokenizer_and_round_trips_documents(tmp_path):
-    corpus = tmp_path / "corpus"
+def write_readme_corpus(corpus: Path) -> str:
+    """A train/heldout corpus of overlapping README slices (CI has no built corpus); the README text."""
     corpus.mkdir()
     text = (ROOT / "README.md").read_text()
     for split, n in (("train", 6), ("heldout", 2)):
         with open(corpus / f"{split}.jsonl", "w") as f:
             for i in range(n):
                 f.write(json.dumps({"id": f"{split}-{i}", "text": text[i * 300 :]}) + "\n")
+    return text
+
+
+def test_prepare_trains_a_tokenizer_and_round_trips_documents(tmp_path):
+    corpus = tmp_path / "corpus"
+    text = write_readme_corpus(corpus)
     summary = prepare(corpus, tmp_path / "prepared", vocab_size=400)
     assert summary["heldout"]["documents"] == 2
     tokenizer = load_tokenizer(tmp_path / "prepared" / "tokenizer")
@@ -165,3 +182,25 @@ def test_large_ttt_gradients_do_not_shrink_the_other_weights_steps():
             assert torch.equal(p.grad, before[n]), n
     ttt = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".ttt_" in n])
     assert torch.linalg.vector_norm(ttt).item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_continual_training_from_the_command_line_takes_the_ttt_recipe(tmp_path):
+    """`fit --from` switches TTT on with the given target, eta and safeguards; they are trained
+    with and saved in the model's config, and the TTT lr scale in the trainer state."""
+    from ttt_model.patch import ttt_config_of
+    from ttt_model.train import main
+
+    write_readme_corpus(tmp_path / "corpus")
+    prepare(tmp_path / "corpus", tmp_path / "prepared", vocab_size=400)
+    common = ["--data", str(tmp_path / "prepared"), "--seq-len", "64", "--batch-size", "2", "--chunk-size", "16",
+              "--max-steps", "2", "--warmup-steps", "1", "--no-bf16"]
+    base = main(["fit", *common, "--from-scratch", "--no-ttt", "--out", str(tmp_path / "base")])
+    assert getattr(load_ttt_model(base), "ttt_runtime", None) is None
+    final = main(["fit", *common, "--from", str(base), "--ttt", "--ttt-layers", "1", "--eta", "3",
+                  "--ttt-target", "input_embeddings", "--ttt-max-delta-ratio", "0.2", "--ttt-decay", "0.1",
+                  "--ttt-lr-scale", "4", "--out", str(tmp_path / "cont")])
+    config = ttt_config_of(load_ttt_model(final))
+    assert (config.layers, config.eta, config.target) == ([1], 3.0, "input_embeddings")
+    assert (config.max_delta_ratio, config.decay, config.chunk_size) == (0.2, 0.1, 16)
+    state = json.loads((tmp_path / "cont" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["train_config"]["ttt_lr_scale"] == 4.0
