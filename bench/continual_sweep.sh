@@ -7,7 +7,8 @@
 # A variant is eta:ttt_lr_scale[:decay[:max_delta_ratio]] ("-" for none). The continual windows (16k) cover the evaluated length (16k), so
 # no bucket measures fast weights past the longest sequence they were trained on.
 # BASE_RESULTS=DIR reuses base0/ and base1/ evaluations of the same pretrained model and recipe
-# (the no-TTT arm is deterministic) instead of training them again. Summary: $RESULTS/summary.txt.
+# (the no-TTT arm is deterministic) instead of training them again. SEED0_ONLY=1 stops after seed 0.
+# Summary: $RESULTS/summary.txt.
 set -euo pipefail
 DATA=${1:-data/prepared}; RUNS=${2:-runs/sweep}; RESULTS=${RESULTS:-$RUNS/results}
 PY=${PYTHON:-python3}
@@ -63,6 +64,7 @@ print(min(loss, key=loss.get))
 EOF
 )
 echo "best variant on seed 0: $best"
+if [[ -n "${SEED0_ONLY:-}" ]]; then cat "$RESULTS"/*.txt; exit 0; fi
 for v in $VARIANTS; do [[ "$(name_of "$v")" == "$best" ]] && best_variant=$v; done
 base_arm 1 &
 (train "${best}_1" $(ttt_args "$best_variant") --seed 1 && evaluate "${best}_1" static in_place) &
