@@ -105,6 +105,13 @@ class ModelConfig(_Section):
         TTTConfig.from_dict(value)  # raises ValueError naming the field
         return value
 
+    def saved_ttt(self) -> dict[str, Any]:
+        """The TTT fields in the model's own config.json ({} where the model is not on this machine)."""
+        config = Path(self.path) / "config.json"
+        if not config.is_file():
+            return {}
+        return json.loads(config.read_text(encoding="utf-8")).get("ttt") or {}
+
 
 class CheckpointConfig(_Section):
     """Adapted state + consumed offsets to MLflow; offsets are committed only after that."""
@@ -190,13 +197,17 @@ class AppConfig(_Section):
     def _context_parallel_fits_the_model(self) -> "AppConfig":
         if self.processor.context_parallel is None:
             return self
-        ttt = self.model.ttt
+        # A model trained with a safeguard keeps it in its config.json; model.ttt overrides that.
+        saved, overrides = self.model.saved_ttt(), self.model.ttt
+        ttt = {**saved, **overrides}
         # The exclusive scan of chunk updates has no place for per-chunk clipping or decay.
         guards = [f for f in ("max_update_norm", "max_delta_ratio", "decay") if ttt.get(f) is not None]
         if guards or ttt.get("objective", "in_place") != "in_place":
+            where = [f"model.ttt.{f}" if f in overrides else f"{self.model.path}/config.json ttt.{f}"
+                     for f in guards or ["objective"]]
             raise ValueError(
-                "processor.context_parallel needs the in_place objective without safeguards; "
-                f"model.ttt sets {guards or ['objective']}"
+                f"processor.context_parallel needs the in_place objective without safeguards; set by {where}"
+                + ("" if all(f in overrides for f in guards) else " (set them to null in model.ttt to read without)")
             )
         if self.processor.context_parallel.min_tokens > self.processor.max_document_tokens:
             raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "
