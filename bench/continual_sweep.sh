@@ -4,8 +4,9 @@
 # lowest held-out loss past 2k is then trained again, and the no-TTT arm too, with seed 1.
 #   bash bench/continual_sweep.sh data/prepared runs/sweep
 #   VARIANTS="0.5:1 3:10" TTT_TARGET=input_embeddings bash bench/continual_sweep.sh data/prepared runs/sweep
-# A variant is eta:ttt_lr_scale[:decay[:max_delta_ratio]] ("-" for none). The continual windows (16k) cover the evaluated length (16k), so
-# no bucket measures fast weights past the longest sequence they were trained on.
+# A variant is eta:ttt_lr_scale[:decay[:max_delta_ratio]] ("-" for none); the safeguards are on
+# while training and stay in the model's config. The continual windows (16k) cover the evaluated
+# length (16k), so no bucket measures fast weights past the longest sequence they were trained on.
 # BASE_RESULTS=DIR reuses base0/ and base1/ evaluations of the same pretrained model and recipe
 # (the no-TTT arm is deterministic) instead of training them again. SEED0_ONLY=1 stops after seed 0.
 # Summary: $RESULTS/summary.txt.
