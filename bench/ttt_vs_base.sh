@@ -6,7 +6,8 @@
 #   FROM=runs/base/final bash bench/ttt_vs_base.sh data/prepared runs/cont 300   # continual training
 # Training windows are document-aligned (the trainer's default): the fast weights restart at every
 # document, as they do at inference. Results land in $RESULTS; summarise with
-# `python bench/summarize_compare.py $RESULTS`.
+# `python bench/summarize_compare.py $RESULTS`. Settable: SEEDS, ETA, LR, WARMUP, SEQ_LEN, BATCH,
+# GRAD_LR, GRAD_LR_SWEEP. The continual sweep with other targets and safeguards: continual_sweep.sh.
 set -euo pipefail
 DATA=${1:-data/prepared}; RUNS=${2:-runs/compare}; STEPS=${3:-800}; RESULTS=${RESULTS:-$RUNS/results}
 PY=${PYTHON:-python3}
