@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from actors.state_store import Scope, StateBlob, StateStore
-from ttt_model.patch import configure_ttt, load_ttt_model, static_mode
+from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode
 from ttt_model.session import TTTSession
 from ttt_model.state import FastWeightState
 
@@ -124,7 +124,7 @@ class DocumentWorker:
             raise FileNotFoundError(f"model directory {path} does not exist (cwd {os.getcwd()})")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = load_ttt_model(path, dtype=dtype).to(self.device).eval()
-        if spec.ttt_overrides or getattr(self.model, "ttt_runtime", None) is None:
+        if spec.ttt_overrides or not has_ttt(self.model):
             configure_ttt(self.model, spec.ttt_overrides)
         self.states = StateStore(
             spec.scope, lambda: FastWeightState.for_model(self.model), spec.max_keys_in_memory,

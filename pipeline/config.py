@@ -197,17 +197,18 @@ class AppConfig(_Section):
     def _context_parallel_fits_the_model(self) -> "AppConfig":
         if self.processor.context_parallel is None:
             return self
+        from ttt_model.config import TTTConfig
+
         # A model trained with a safeguard keeps it in its config.json; model.ttt overrides that.
-        saved, overrides = self.model.saved_ttt(), self.model.ttt
-        ttt = {**saved, **overrides}
+        overrides = self.model.ttt
+        ttt = TTTConfig.from_dict({**self.model.saved_ttt(), **overrides})
         # The exclusive scan of chunk updates has no place for per-chunk clipping or decay.
-        guards = [f for f in ("max_update_norm", "max_delta_ratio", "decay") if ttt.get(f) is not None]
-        if guards or ttt.get("objective", "in_place") != "in_place":
-            where = [f"model.ttt.{f}" if f in overrides else f"{self.model.path}/config.json ttt.{f}"
-                     for f in guards or ["objective"]]
+        offending = ttt.safeguards or (["objective"] if ttt.objective != "in_place" else [])
+        if offending:
+            where = [f"model.ttt.{f}" if f in overrides else f"{self.model.path}/config.json ttt.{f}" for f in offending]
+            hint = "" if all(f in overrides for f in offending) else " (set them to null in model.ttt to read without)"
             raise ValueError(
-                f"processor.context_parallel needs the in_place objective without safeguards; set by {where}"
-                + ("" if all(f in overrides for f in guards) else " (set them to null in model.ttt to read without)")
+                f"processor.context_parallel needs the in_place objective without safeguards; set by {where}{hint}"
             )
         if self.processor.context_parallel.min_tokens > self.processor.max_document_tokens:
             raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "

@@ -2,7 +2,9 @@
 
 from ttt_model.config import TTTConfig
 from ttt_model.layer import InPlaceTTTMLP
-from ttt_model.patch import SUPPORTED_FAMILIES, configure_ttt, disable_ttt, enable_ttt, load_ttt_model, ttt_config_of
+from ttt_model.patch import (
+    SUPPORTED_FAMILIES, configure_ttt, disable_ttt, enable_ttt, has_ttt, load_ttt_model, ttt_config_of,
+)
 from ttt_model.session import StepOutput, TTTSession
 from ttt_model.state import FastWeightState, LayerFastWeights, StateIntegrityError
 
@@ -18,6 +20,7 @@ __all__ = [
     "configure_ttt",
     "disable_ttt",
     "enable_ttt",
+    "has_ttt",
     "load_ttt_model",
     "ttt_config_of",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Target = Literal["hidden_states", "input_embeddings"]
 Objective = Literal["in_place", "gradient"]
@@ -41,6 +41,8 @@ class TTTConfig:
     gradient_optimizer: Optimizer = "sgd"
     layer_stride: int = field(default=6, repr=False)
 
+    SAFEGUARDS: ClassVar[tuple[str, ...]] = ("max_update_norm", "max_delta_ratio", "decay")
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -67,8 +69,13 @@ class TTTConfig:
                 raise ValueError(f"TTTConfig.{name}: invalid value {getattr(self, name)!r}")
 
     @property
+    def safeguards(self) -> list[str]:
+        """The names of the safeguards that are on."""
+        return [name for name in self.SAFEGUARDS if getattr(self, name) is not None]
+
+    @property
     def has_safeguards(self) -> bool:
-        return self.max_update_norm is not None or self.max_delta_ratio is not None or self.decay is not None
+        return bool(self.safeguards)
 
     def resolve_layers(self, num_hidden_layers: int) -> list[int]:
         """The TTT layer indices for a model of this depth (default: 0, 6, 12, ...)."""

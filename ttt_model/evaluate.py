@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ttt_model.config import TTTConfig
-from ttt_model.patch import disable_ttt, enable_ttt, load_ttt_model, static_mode
+from ttt_model.patch import disable_ttt, enable_ttt, has_ttt, load_ttt_model, static_mode
 from ttt_model.session import TTTSession
 from ttt_model.state import ttt_layers
 from ttt_model.data import load_documents
@@ -39,7 +39,7 @@ def bucket_name(lo: int, hi: int | None) -> str:
 @contextlib.contextmanager
 def gradient_mode(model, gradient: TTTConfig):
     """Dynamic evaluation on the model's TTT layers (or ``gradient.layers`` if it has none)."""
-    if getattr(model, "ttt_runtime", None) is None:
+    if not has_ttt(model):
         enable_ttt(model, gradient)
         try:
             yield model
@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dtype = torch.float32 if args.device == "cpu" else None  # bf16 checkpoints compute in fp32 on CPU
     model = load_ttt_model(args.model, **({"dtype": dtype} if dtype else {}))
-    has_ttt = getattr(model, "ttt_runtime", None) is not None
-    modes = args.modes or (["static", "in_place", "gradient"] if has_ttt else ["static", "gradient"])
+    modes = args.modes or (["static", "in_place", "gradient"] if has_ttt(model) else ["static", "gradient"])
     gradient = TTTConfig(
         layers=args.gradient_layers, chunk_size=args.gradient_chunk, objective="gradient",
         gradient_lr=args.gradient_lr, gradient_steps=args.gradient_steps,

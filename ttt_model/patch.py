@@ -102,11 +102,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return module
 
 
+def has_ttt(model: nn.Module) -> bool:
+    """Whether TTT is enabled on ``model``."""
+    return getattr(model, "ttt_runtime", None) is not None
+
+
+def is_ttt_parameter(name: str) -> bool:
+    """Whether a parameter name is a TTT layer's own (its conv or projection), not the base model's."""
+    return ".ttt_" in name
+
+
 def enable_ttt(model: nn.Module, config: TTTConfig | None = None) -> nn.Module:
     """Attach In-Place TTT in place to a supported HF causal LM and return it."""
     config = config or TTTConfig()
     family = family_of(model)
-    if getattr(model, "ttt_runtime", None) is not None:
+    if has_ttt(model):
         raise ValueError("TTT is already enabled on this model")
     layers = decoder_layers(model)
     runtime = TTTRuntime()
@@ -157,7 +167,7 @@ def configure_ttt(model: nn.Module, overrides: dict[str, Any]) -> TTTConfig:
     replacing fields of its config; a plain model gets TTT enabled with ``overrides`` (useful
     with the gradient objective, which needs no trained TTT parameters).
     """
-    if getattr(model, "ttt_runtime", None) is None:
+    if not has_ttt(model):
         config = TTTConfig.from_dict(dict(overrides))
         enable_ttt(model, config)
         return config
@@ -177,7 +187,7 @@ def static_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The model with its original MLPs: TTT off, every trained weight as it is."""
     layers = decoder_layers(model)
     mlp_attr = family_of(model).mlp_attr
-    mlps = ttt_layers(model) if getattr(model, "ttt_runtime", None) is not None else {}
+    mlps = ttt_layers(model) if has_ttt(model) else {}
     try:
         for idx, mlp in mlps.items():
             setattr(layers[idx], mlp_attr, mlp.base_mlp)
@@ -223,7 +233,7 @@ def load_ttt_model(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module
     config = ttt_config_of(model)
     del model.config.ttt
     enable_ttt(model, config)
-    ttt_keys = {name for name, _ in model.named_parameters() if ".ttt_" in name}
+    ttt_keys = {name for name, _ in model.named_parameters() if is_ttt_parameter(name)}
     loaded = _read_tensors(path, ttt_keys)
     missing = sorted(ttt_keys - set(loaded))
     if missing:

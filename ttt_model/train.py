@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ttt_model.config import TTTConfig
 from ttt_model.data import PackedTokenStream, TokenWindows, load_documents
-from ttt_model.patch import enable_ttt, load_ttt_model, ttt_config_of
+from ttt_model.patch import enable_ttt, has_ttt, is_ttt_parameter, load_ttt_model, ttt_config_of
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def adamw_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     for name, p in model.named_parameters():
         if p.requires_grad:
             decays = not (p.dim() < 2 or "ttt_conv" in name)
-            groups.setdefault((decays, ".ttt_" in name), []).append(p)
+            groups.setdefault((decays, is_ttt_parameter(name)), []).append(p)
     return torch.optim.AdamW(
         [
             {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,
@@ -203,7 +203,7 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> tuple[float, floa
     ttt, rest = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
-            (ttt if ".ttt_" in name else rest).append(p)
+            (ttt if is_ttt_parameter(name) else rest).append(p)
     norm = torch.nn.utils.clip_grad_norm_(rest, max_norm).item()
     return norm, torch.nn.utils.clip_grad_norm_(ttt, max_norm).item() if ttt else None
 
@@ -211,7 +211,7 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> tuple[float, floa
 def restart_chunk(model, stream: PackedTokenStream) -> int | None:
     """The TTT chunk size at whose borders the fast weights restart in this stream's windows
     (None: no TTT, or windows that are not document-aligned)."""
-    if getattr(model, "ttt_runtime", None) is None or stream.starts is None:
+    if not has_ttt(model) or stream.starts is None:
         return None
     chunk = ttt_config_of(model).chunk_size
     if stream.align != chunk:
@@ -358,11 +358,11 @@ def main(argv: list[str] | None = None, on_metrics: MetricsCallback | None = Non
     else:
         model = load_ttt_model(args.from_model)
         target = args.ttt_target or "hidden_states"
-    if args.ttt and getattr(model, "ttt_runtime", None) is None:
+    if args.ttt and not has_ttt(model):
         enable_ttt(model, TTTConfig(layers=args.ttt_layers, chunk_size=args.chunk_size, eta=args.eta, target=target,
                                     decay=args.ttt_decay, max_delta_ratio=args.ttt_max_delta_ratio))
     torch.manual_seed(cfg.seed)
-    chunk = ttt_config_of(model).chunk_size if getattr(model, "ttt_runtime", None) is not None else args.chunk_size
+    chunk = ttt_config_of(model).chunk_size if has_ttt(model) else args.chunk_size
     align = chunk if cfg.align_documents else None
     stream = PackedTokenStream(load_prepared(args.data, "train"), tokenizer.eos_token_id, cfg.seq_len, cfg.seed, align)
     (args.out).mkdir(parents=True, exist_ok=True)
