@@ -1,10 +1,14 @@
-"""DocumentWorker: one model replica and its fast-weight states, reading documents prequentially.
+"""DocumentWorker: one model replica and its adapted states, reading documents prequentially.
 
 A plain class (the Ray actor in ``actors.worker`` is a thin shell around it), so it is tested
 and benchmarked without Ray. Per document: tokenize, pick the state of the document's scope,
-score every chunk with the current fast weights and then learn from it (TTTSession), learn from
-the unfinished last chunk, and report the adapted loss next to the base model's loss on a
-sample of documents.
+score every chunk with the current weights and then learn from it, and report the adapted loss
+next to the base model's loss on a sample of documents.
+
+Two timescales when slow weights are on (``spec.slow``): the fast weights (In-Place TTT) start
+from zero at every document, on top of the scope's slow weights, which take one step on each
+chunk after it was scored and carry over from document to document. Without slow weights the
+fast weights are the scope's state and carry over (learning from each unfinished last chunk).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +26,10 @@ from typing import Any, Callable
 import torch
 
 from actors.state_store import Scope, StateBlob, StateStore
-from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode
+from ttt_model.adapted_state import AdaptedState
+from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
 from ttt_model.session import TTTSession
+from ttt_model.slow import SlowConfig, SlowLearner
 from ttt_model.state import FastWeightState
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ class WorkerSpec:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     ttt_overrides: dict[str, Any] = field(default_factory=dict)
+    # Fields of SlowConfig: the slow weights learned across documents ({} or enabled false: none).
+    slow: dict[str, Any] = field(default_factory=dict)
     scope: Scope = "global"
     max_keys_in_memory: int = 64
     spill_dir: str = "data/spill"
@@ -72,7 +81,8 @@ class DocumentOutcome:
     state_key: str | None = None
     state_version: int = 0  # documents the state had absorbed after this one
     fast_weight_norm: float = 0.0
-    delta_ratio: float = 0.0  # max over layers of ||dW|| / ||W_down||: how far the state moved
+    delta_ratio: float = 0.0  # max over layers of ||dW|| / ||W_down||: how far the fast weights moved
+    slow_delta_ratio: float = 0.0  # max over adapted matrices of ||B A|| / ||W_0|| after the document
     windows: int = 0
     worker: str = ""
 
@@ -123,18 +133,27 @@ class DocumentWorker:
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist (cwd {os.getcwd()})")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = load_ttt_model(path, dtype=dtype).to(self.device).eval()
+        self.model = load_ttt_model(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
         if spec.ttt_overrides or not has_ttt(self.model):
             configure_ttt(self.model, spec.ttt_overrides)
-        self.states = StateStore(
-            spec.scope, lambda: FastWeightState.for_model(self.model), spec.max_keys_in_memory,
-            Path(spec.spill_dir) / name,
-        )
+        self.slow_config = SlowConfig.from_dict(spec.slow)
+        self.slow = SlowLearner(self.model, self.slow_config) if self.slow_config.enabled else None
+        self.states = StateStore(spec.scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / name)
         self.long_reader = long_reader if spec.context_parallel_min_tokens is not None else None
+        if self.long_reader is not None and self.slow is not None:
+            raise ValueError(f"{name}: context parallelism does not read with slow weights; turn one of them off")
         self.documents = 0
         self.tokens = 0
         self.busy_s = 0.0
         self.parallel_windows = 0
+
+    def new_state(self) -> AdaptedState:
+        """A state equal to the base model, for a new scope key."""
+        return AdaptedState(FastWeightState.for_model(self.model), self.slow.new_state() if self.slow else None)
+
+    def effective_config(self) -> dict[str, Any]:
+        """The TTT and slow-weight configs this worker reads with (recorded in checkpoints)."""
+        return {"ttt": ttt_config_of(self.model).to_dict(), "slow": self.slow_config.to_dict()}
 
     def process(self, task: DocumentTask) -> DocumentOutcome:
         start = time.perf_counter()
@@ -151,8 +170,13 @@ class DocumentWorker:
         adapted = self._adapted_nll(scoped.state, windows)
         base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
         scoped.documents += 1
-        norm = math.sqrt(sum(float(n.double().square().sum()) for n in scoped.state.norms().values()))
-        ratio = max(float(r.max()) for r in scoped.state.delta_ratios(self.model).values())
+        fast = scoped.state.fast
+        norm = math.sqrt(sum(float(n.double().square().sum()) for n in fast.norms().values()))
+        ratio = max(float(r.max()) for r in fast.delta_ratios(self.model).values())
+        slow_ratio = 0.0
+        if self.slow is not None:
+            fast.reset()  # the fast weights live for one document
+            slow_ratio = self.slow.delta_ratio(scoped.state.slow)
         self.documents += 1
         self.tokens += ids.shape[1]
         elapsed = time.perf_counter() - start
@@ -161,10 +185,11 @@ class DocumentWorker:
         return DocumentOutcome(
             task.id, ok=True, tokens=ids.shape[1], loss=_finite_or_none(loss),
             base_loss=_finite_or_none(_mean(base)) if base is not None else None,
-            finite=math.isfinite(loss if loss is not None else 0.0) and math.isfinite(norm),
+            finite=math.isfinite(loss if loss is not None else 0.0) and math.isfinite(norm) and math.isfinite(slow_ratio),
             latency_ms=1000.0 * elapsed, state_key=scoped.key, state_version=scoped.documents,
             fast_weight_norm=norm if math.isfinite(norm) else -1.0,
-            delta_ratio=ratio if math.isfinite(ratio) else -1.0, windows=len(windows), worker=self.name,
+            delta_ratio=ratio if math.isfinite(ratio) else -1.0,
+            slow_delta_ratio=slow_ratio if math.isfinite(slow_ratio) else -1.0, windows=len(windows), worker=self.name,
         )
 
     def snapshot(self) -> list[StateBlob]:
@@ -189,18 +214,22 @@ class DocumentWorker:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _adapted_nll(self, state: FastWeightState, windows: list[torch.Tensor]) -> torch.Tensor:
+    def _adapted_nll(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
+        state = adapted.fast
         session = TTTSession(self.model, state)
         nll = []
         for window in windows:
             # Each window is a fresh attention context; the fast weights (and the unfinished
             # chunk) carry over, which is how a TTT model reads past its attention span.
             session.reset(keep_state=True)
-            if self.long_reader is not None and window.shape[1] >= self.spec.context_parallel_min_tokens:
+            if self.slow is not None:
+                chunk = self.slow_config.chunk_tokens or session.config.chunk_size
+                nll.append(self.slow.read(session, window, adapted.slow, chunk)[0, 1:])
+            elif self.long_reader is not None and window.shape[1] >= self.spec.context_parallel_min_tokens:
                 nll.append(self._read_in_parallel(session, state, window))
             else:
                 nll.append(session.feed(window).nll[0, 1:])
-        if self.spec.scope != "per_document":
+        if self.spec.scope != "per_document" and self.slow is None:
             session.end_document()
         return torch.cat(nll)
 
@@ -217,7 +246,7 @@ class DocumentWorker:
     @torch.no_grad()
     def _base_nll(self, windows: list[torch.Tensor]) -> torch.Tensor:
         nll = []
-        with static_mode(self.model):
+        with self.slow.disabled() if self.slow is not None else nullcontext(), static_mode(self.model):
             for window in windows:
                 logits = self.model(input_ids=window).logits[0, :-1].float()
                 nll.append(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none"))

@@ -12,7 +12,8 @@ from typing import Callable, Literal
 
 from safetensors.torch import load
 
-from ttt_model.state import FastWeightState, StateIntegrityError
+from ttt_model.adapted_state import AdaptedState
+from ttt_model.state import StateIntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class ScopedState:
     """One adapted state and how many documents it has absorbed (its version within a run)."""
 
     key: str
-    state: FastWeightState
+    state: AdaptedState
     documents: int = 0
 
 
@@ -48,7 +49,7 @@ class StateStore:
     - ``per_document``: one state, reset before every document.
     """
 
-    def __init__(self, scope: Scope, new_state: Callable[[], FastWeightState], capacity: int, spill_dir: Path):
+    def __init__(self, scope: Scope, new_state: Callable[[], AdaptedState], capacity: int, spill_dir: Path):
         if scope not in ("global", "per_key", "per_document"):
             raise ValueError(f"unknown state scope {scope!r}")
         self.scope = scope

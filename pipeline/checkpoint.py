@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoint/`` in the run's artifacts:
 
-    manifest.json                      offsets, config digest, base model, metrics, file hashes
+    manifest.json                      offsets, config digest, base model, the effective model
+                                       config (TTT + slow weights), metrics, file hashes
     states/<worker>/<sha256(key)[:32]>.safetensors
 
 and a version of the registered model ``<stream>-ttt`` whose tags hold the offsets, the parent
@@ -62,6 +63,8 @@ class CheckpointRequest:
     documents: int
     reason: str
     parent_version: str | None
+    # The stream's effective model config: {"ttt": TTTConfig dict, "slow": SlowConfig dict}.
+    model_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -105,6 +108,7 @@ class CheckpointStore:
                 "offsets": {"topic": request.topic, "partitions": {str(p): o for p, o in sorted(request.offsets.items())}},
                 "config_digest": request.config_digest,
                 "base_model": request.base_model,
+                "model_config": request.model_config,
                 "documents": request.documents,
                 "metrics": request.metrics,
                 "workers": files,
@@ -273,7 +277,9 @@ def save_pyfunc(path: Path, checkpoint_dir: Path, base_model: str) -> None:
     )
     mlflow.pyfunc.save_model(
         path=str(path), python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        artifacts={"checkpoint": str(checkpoint_dir)}, model_config={"base_model": base_model},
+        # worker / key: which state to score with, chosen at load time where there are several.
+        artifacts={"checkpoint": str(checkpoint_dir)},
+        model_config={"base_model": base_model, "worker": None, "key": None},
         pip_requirements=[], signature=signature,
     )
 
@@ -298,12 +304,14 @@ class StreamCheckpointer:
     """
 
     def __init__(self, store: CheckpointStore, config, topic: str, config_digest: str,
-                 base_model: dict[str, str], start: Checkpoint | None, start_offsets: dict[int, int]):
+                 base_model: dict[str, str], start: Checkpoint | None, start_offsets: dict[int, int],
+                 model_config: dict[str, Any] | None = None):
         self.store = store
         self.config = config  # CheckpointConfig
         self.topic = topic
         self.config_digest = config_digest
         self.base_model = base_model
+        self.model_config = model_config or {}
         self.version = start.version if start else None
         self.offsets = dict(start.offsets) if start else dict(start_offsets)
         self.documents = int(start.manifest["documents"]) if start else 0
@@ -330,7 +338,8 @@ class StreamCheckpointer:
         """A new version, or None after a failure (retried later with backoff)."""
         request = CheckpointRequest(
             states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
-            base_model=self.base_model, documents=self.documents + self.pending_documents, reason=reason,
+            base_model=self.base_model, model_config=self.model_config,
+            documents=self.documents + self.pending_documents, reason=reason,
             parent_version=self.version, metrics=metrics, tags=tags or {},
         )
         try:

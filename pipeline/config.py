@@ -105,6 +105,27 @@ class ModelConfig(_Section):
         TTTConfig.from_dict(value)  # raises ValueError naming the field
         return value
 
+    # Fields of SlowConfig: the slow weights learned across documents (ttt_model.slow).
+    slow: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("slow")
+    @classmethod
+    def _valid_slow_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from ttt_model.slow import SlowConfig
+
+        SlowConfig.from_dict(value)  # raises ValueError naming the field
+        return value
+
+    @property
+    def slow_enabled(self) -> bool:
+        return bool(self.slow.get("enabled", False))
+
+    def effective_ttt(self) -> dict[str, Any]:
+        """The TTT config the stream reads with: the model's own with ``ttt`` replacing fields."""
+        from ttt_model.config import TTTConfig
+
+        return TTTConfig.from_dict({**self.saved_ttt(), **self.ttt}).to_dict()
+
     def saved_ttt(self) -> dict[str, Any]:
         """The TTT fields in the model's own config.json ({} where the model is not on this machine)."""
         config = Path(self.path) / "config.json"
@@ -199,6 +220,9 @@ class AppConfig(_Section):
             return self
         from ttt_model.config import TTTConfig
 
+        if self.model.slow_enabled:
+            raise ValueError("processor.context_parallel does not read with slow weights: "
+                             "set model.slow.enabled: false to use it")
         # A model trained with a safeguard keeps it in its config.json; model.ttt overrides that.
         overrides = self.model.ttt
         ttt = TTTConfig.from_dict({**self.model.saved_ttt(), **overrides})

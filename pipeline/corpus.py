@@ -40,6 +40,19 @@ SOURCES = (
 )
 
 
+# Domains the shipped model never saw, for measuring what a stream teaches it (bench/domain_stream.py).
+DOMAINS = {
+    "pandas": CorpusSource(
+        "pandas-docs", "python-pandas-doc", "usr/share/doc/python-pandas-doc/html/_sources",
+        "BSD-3-Clause (pandas documentation; see the package's copyright file)",
+    ),
+    "sphinx": CorpusSource(
+        "sphinx-docs", "sphinx-doc", "usr/share/doc/sphinx-doc/html/_sources",
+        "BSD-2-Clause (Sphinx documentation; see the package's copyright file)",
+    ),
+}
+
+
 def is_heldout(doc_id: str, heldout_per_mille: int) -> bool:
     """Deterministic split: the same document lands on the same side on every machine."""
     return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % 1000 < heldout_per_mille
@@ -93,5 +106,25 @@ def build_corpus(dest: Path, heldout_per_mille: int = 50, min_chars: int = 2000)
     (dest / "train.jsonl.part").rename(dest / "train.jsonl")
     (dest / "heldout.jsonl.part").rename(dest / "heldout.jsonl")
     manifest["documents"] = counts
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def build_domain(source: CorpusSource, dest: Path, heldout_per_mille: int = 300, min_chars: int = 4000) -> dict:
+    """One domain's documents split into ``stream.jsonl`` and ``heldout.jsonl`` under ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        deb, version = _download(source.package, tmp)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True)
+        docs = collect_documents(tmp / "x", source, min_chars)
+        sha = hashlib.sha256(deb.read_bytes()).hexdigest()
+    sides = {"stream": [], "heldout": []}
+    for doc in docs:
+        sides["heldout" if is_heldout(doc["id"], heldout_per_mille) else "stream"].append(doc)
+    for side, rows in sides.items():
+        (dest / f"{side}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in rows))
+    manifest = {**asdict(source), "version": version, "deb_sha256": sha, "min_chars": min_chars,
+                "heldout_per_mille": heldout_per_mille, "documents": {k: len(v) for k, v in sides.items()}}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

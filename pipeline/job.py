@@ -34,6 +34,7 @@ def worker_spec(config: AppConfig) -> WorkerSpec:
         device=m.device,
         dtype=m.dtype,
         ttt_overrides=dict(m.ttt),
+        slow=dict(m.slow),
         scope=p.scope,
         max_keys_in_memory=p.max_keys_in_memory,
         spill_dir=str(Path(p.spill_dir).resolve()),
@@ -77,7 +78,16 @@ def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, work
         log.info("restored %s v%s: offsets %s", store.name, start.version, start.offsets)
     base = base_model_id(config.model.path)
     return StreamCheckpointer(store, config.processor.checkpoint, config.kafka.topics.documents, config.digest(),
-                              base, start, {**positions, **(start.offsets if start else {})})
+                              base, start, {**positions, **(start.offsets if start else {})},
+                              model_config=effective_model_config(config))
+
+
+def effective_model_config(config: AppConfig) -> dict:
+    """What the workers read with, recorded in every checkpoint: the model's TTT config with the
+    stream's overrides, and the slow-weight config."""
+    from ttt_model.slow import SlowConfig
+
+    return {"ttt": config.model.effective_ttt(), "slow": SlowConfig.from_dict(dict(config.model.slow)).to_dict()}
 
 
 def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0,

@@ -4,10 +4,13 @@
     model.predict(pd.DataFrame({"text": [...]}))                                  # scores
     model.predict(pd.DataFrame({"text": [...]}), params={"mode": "generate"})     # continues
 
-Each text is read from the checkpoint's adapted state (a copy per text, so texts do not affect
-one another): ``score`` returns the prequential loss per text; ``generate`` reads the text,
-then continues it greedily for ``max_new_tokens``. The base model is loaded from the path the
-checkpoint records (``base_model`` in the model config), and its weights' sha256 is checked.
+Each text is read as a new document of the stream would be (pipeline.adapted_model: the
+stream's TTT config, its slow weights, fresh fast weights; texts do not affect one another):
+``score`` returns the prequential loss per text; ``generate`` reads the text, then continues
+it greedily for ``max_new_tokens``. The base model is loaded from the path the checkpoint
+records (``base_model`` in the model config), and its weights' sha256 is checked. A checkpoint
+of several workers or keys needs the choice at load time:
+``load_model(uri, model_config={"worker": ..., "key": ...})``.
 """
 
 from __future__ import annotations
@@ -21,16 +24,12 @@ from mlflow.pyfunc import PythonModel
 
 class TTTCheckpointModel(PythonModel):
     def load_context(self, context) -> None:
-        import hashlib
         import json
 
-        import torch
-        from safetensors.torch import load
         from transformers import AutoTokenizer
 
+        from pipeline.adapted_model import choose_state, load_adapted_model, verified_state_bytes
         from pipeline.checkpoint import base_model_id
-        from ttt_model.patch import configure_ttt, load_ttt_model
-        from ttt_model.state import FastWeightState
 
         config = context.model_config
         root = Path(context.artifacts["checkpoint"])
@@ -38,44 +37,35 @@ class TTTCheckpointModel(PythonModel):
         base = Path(config["base_model"])
         if base_model_id(base)["weights_sha256"] != manifest["base_model"]["weights_sha256"]:
             raise ValueError(f"{base}: weights differ from the checkpoint's base model")
+        _, entry = choose_state(manifest["workers"], config.get("worker"), config.get("key"),
+                                f"{manifest['stream']} checkpoint (load_model(..., model_config={{'worker': ..., 'key': ...}}))")
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        self.model = load_ttt_model(base, dtype=torch.float32).eval()
-        if config.get("ttt_overrides"):
-            configure_ttt(self.model, dict(config["ttt_overrides"]))
-        worker = config.get("worker") or sorted(manifest["workers"])[0]
-        entries = manifest["workers"][worker]
-        entry = next((e for e in entries if config.get("key") in (None, e["key"])), None)
-        self.state = FastWeightState.for_model(self.model)
-        if entry is not None:
-            data = (root / entry["file"]).read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ValueError(f"{entry['file']}: sha256 does not match the manifest")
-            self.state.load_state_dict(load(data))
+        self.adapted = load_adapted_model(base, manifest.get("model_config") or {}, verified_state_bytes(root, entry))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
         import torch
 
-        from ttt_model.session import TTTSession
-
         params = params or {}
         mode = params.get("mode", "score")
         texts = list(model_input["text"]) if hasattr(model_input, "__getitem__") else list(model_input)
         rows = []
-        for text in texts:
-            session = TTTSession(self.model, self.state.clone())
-            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])[None]
-            out = session.feed(ids)
-            row = {"tokens": ids.shape[1], "loss": float(out.nll[0, 1:].double().mean()) if ids.shape[1] > 1 else None}
-            if mode == "generate":
-                generated = []
-                logits = out.logits[:, -1]
-                for _ in range(int(params.get("max_new_tokens", 32))):
-                    token = logits.argmax(-1, keepdim=True)
-                    generated.append(int(token))
-                    logits = session.feed(token).logits[:, -1]
-                row["generated"] = self.tokenizer.decode(generated)
-            rows.append(row)
+        # No no_grad here: a session with the gradient objective takes its own steps.
+        with self.adapted.bound():
+            for text in texts:
+                session = self.adapted.new_session()
+                ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+                out = session.feed(ids)
+                row = {"tokens": ids.shape[1], "loss": float(out.nll[0, 1:].double().mean()) if ids.shape[1] > 1 else None}
+                if mode == "generate":
+                    generated = []
+                    logits = out.logits[:, -1]
+                    for _ in range(int(params.get("max_new_tokens", 32))):
+                        token = logits.argmax(-1, keepdim=True)
+                        generated.append(int(token))
+                        logits = session.feed(token).logits[:, -1]
+                    row["generated"] = self.tokenizer.decode(generated)
+                rows.append(row)
         return pd.DataFrame(rows)
 
 

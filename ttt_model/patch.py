@@ -76,7 +76,13 @@ class TTTRuntime:
         return self._cached("w0_norm", layer_idx, weight, lambda w: torch.linalg.matrix_norm(w.float()))
 
     def _cached(self, what: str, layer_idx: int, weight: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
-        """``compute(weight)``, recomputed only when the weight is written or replaced."""
+        """``compute(weight)``, recomputed only when the weight is written or replaced.
+
+        Only parameters are cached: a parametrized weight (slow weights, ttt_model.slow) is a new
+        tensor at every access, whose address a later one may reuse with other values.
+        """
+        if not isinstance(weight, nn.Parameter):
+            return compute(weight.detach())
         key = (weight._version, weight.data_ptr())
         cached = self._per_weight.get((what, layer_idx))
         if cached is None or cached[0] != key:

@@ -62,15 +62,26 @@ class TTTSession:
                 mlps[idx].flush_tail(layer)
         self.reset(keep_state=True)
 
-    def feed(self, input_ids: torch.Tensor) -> StepOutput:
-        """Process the next piece (B, L) of the stream: score it, then learn from it."""
+    def feed(self, input_ids: torch.Tensor, grad: bool = False) -> StepOutput:
+        """Process the next piece (B, L) of the stream: score it, then learn from it.
+
+        ``grad``: keep the autograd graph of the logits (in-place objective only), so that a
+        caller can train other weights on this piece's score; call ``detach_`` after.
+        """
         if input_ids.dim() != 2 or input_ids.shape[0] != self.state.batch_size:
             raise ValueError(f"input_ids must be (batch={self.state.batch_size}, L), got {tuple(input_ids.shape)}")
         if self.config.objective == "gradient":
+            if grad:
+                raise ValueError("feed(grad=True) needs the in_place objective: the gradient objective trains itself")
             logits = self._feed_gradient(input_ids)
         else:
-            logits = self._forward(input_ids)
+            logits = self._forward(input_ids, grad=grad)
         return StepOutput(logits=logits, nll=self._nll(logits, input_ids))
+
+    def detach_(self) -> None:
+        """Cut the autograd graph from the fast weights and the attention cache."""
+        self.state.detach_()
+        self._detach_cache()
 
     # -- internals -----------------------------------------------------------------------------
 

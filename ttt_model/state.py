@@ -219,48 +219,54 @@ class FastWeightState:
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> str:
         """Write ``path`` (safetensors) and ``path``.json (hash, format, config); return the sha256."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.to_bytes())
-        digest = file_sha256(path)
-        sidecar = {
-            "format": FORMAT,
-            "sha256": digest,
+        return write_verified(Path(path), self.to_bytes(), {
             "ttt_config": self.config.to_dict() if self.config else None,
             "tokens_seen": self.tokens_seen,
             "metadata": metadata or {},
-        }
-        sidecar_path(path).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
-        return digest
+        })
 
     def load(self, path: str | Path, expected_sha256: str | None = None) -> dict:
         """Verify ``path`` against its hash (the sidecar's, or ``expected_sha256``), then load it.
 
         On any failure the current state is left untouched and StateIntegrityError is raised.
         """
-        path = Path(path)
-        try:
-            sidecar = json.loads(sidecar_path(path).read_text())
-        except (OSError, ValueError) as err:
-            raise StateIntegrityError(f"{path}: cannot read its sidecar {sidecar_path(path)}: {err}") from None
-        want = expected_sha256 or sidecar.get("sha256")
-        if sidecar.get("format") != FORMAT or not want:
-            raise StateIntegrityError(f"{path}: not a {FORMAT} state (sidecar format {sidecar.get('format')!r})")
-        try:
-            got = file_sha256(path)
-        except OSError as err:
-            raise StateIntegrityError(f"{path}: cannot read: {err.strerror}") from None
-        if got != want:
-            raise StateIntegrityError(f"{path}: sha256 {got} does not match the recorded {want}")
-        try:
-            tensors = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for bad headers
-            raise StateIntegrityError(f"{path}: unreadable safetensors file: {err}") from None
+        tensors, sidecar = read_verified(Path(path), expected_sha256)
         try:
             self.load_state_dict(tensors)
         except ValueError as err:
             raise StateIntegrityError(f"{path}: {err}") from None
         return sidecar
+
+
+def write_verified(path: Path, data: bytes, sidecar: dict) -> str:
+    """Write safetensors ``data`` to ``path`` and a JSON sidecar with its sha256; return the hash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    digest = file_sha256(path)
+    sidecar_path(path).write_text(json.dumps({"format": FORMAT, "sha256": digest, **sidecar}, indent=2, sort_keys=True))
+    return digest
+
+
+def read_verified(path: Path, expected_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a file ``write_verified`` wrote, after its hash matched; else StateIntegrityError."""
+    try:
+        sidecar = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise StateIntegrityError(f"{path}: cannot read its sidecar {sidecar_path(path)}: {err}") from None
+    want = expected_sha256 or sidecar.get("sha256")
+    if sidecar.get("format") != FORMAT or not want:
+        raise StateIntegrityError(f"{path}: not a {FORMAT} state (sidecar format {sidecar.get('format')!r})")
+    try:
+        got = file_sha256(path)
+    except OSError as err:
+        raise StateIntegrityError(f"{path}: cannot read: {err.strerror}") from None
+    if got != want:
+        raise StateIntegrityError(f"{path}: sha256 {got} does not match the recorded {want}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise StateIntegrityError(f"{path}: unreadable safetensors file: {err}") from None
+    return tensors, sidecar
 
 
 def sidecar_path(path: Path) -> Path:

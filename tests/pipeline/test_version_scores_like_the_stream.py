@@ -1,0 +1,132 @@
+"""A version in MLflow scores like the stream that wrote it (real MLflow server, shipped model).
+
+A DocumentWorker with non-default TTT overrides (decay, cap, gradient objective) or slow weights
+reads a few documents; its states go through the checkpoint path; then the pyfunc model loaded
+from the registry scores a text as the worker reads it, and ``export`` gives a plain model whose
+loss is the merged state's.
+"""
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from pipeline.adapted_model import StateChoiceError
+from pipeline.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore, base_model_id
+from pipeline.export import export_checkpoint
+
+pytestmark = [pytest.mark.stack]
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = str(ROOT / "models" / "ttt-tiny-qwen3")
+TEXT = (ROOT / "README.md").read_text()
+DOCS = [TEXT[i * 1500 : i * 1500 + 1800] for i in range(3)]
+PROBE = TEXT[9000:11000]
+
+
+def checkpoint(stack, worker: DocumentWorker, scope_keys: int = 1) -> CheckpointStore:
+    store = CheckpointStore(stack.mlflow, f"test-{uuid.uuid4().hex[:8]}")
+    store.save(CheckpointRequest(
+        states={worker.name: worker.snapshot()}, topic="docs", offsets={0: len(DOCS)}, config_digest="c" * 64,
+        base_model=base_model_id(MODEL), documents=len(DOCS), reason="periodic", parent_version=None,
+        model_config=worker.effective_config(),
+    ))
+    return store
+
+
+def pyfunc_loss(stack, store: CheckpointStore, text: str, **model_config) -> float:
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(stack.mlflow.tracking_uri)
+    mlflow.set_registry_uri(stack.mlflow.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{store.name}@{LIVE}", model_config=model_config or None)
+    return float(model.predict(pd.DataFrame({"text": [text]}))["loss"][0])
+
+
+def static_loss(model, tokenizer, text: str) -> float:
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:]).item()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"decay": 0.5},
+    {"max_delta_ratio": 0.05, "max_update_norm": 0.5},
+    {"objective": "gradient", "gradient_lr": 0.3, "max_delta_ratio": 0.05},
+], ids=["decay", "cap-clip", "gradient"])
+def test_pyfunc_scores_like_the_worker_and_export_equals_the_merged_state(stack, tmp_path, overrides):
+    worker = DocumentWorker(WorkerSpec(MODEL, device="cpu", ttt_overrides=overrides, spill_dir=str(tmp_path)), "w0")
+    for i, doc in enumerate(DOCS):
+        worker.process(DocumentTask(f"d{i}", doc))
+    store = checkpoint(stack, worker)
+    assert store.load(LIVE).manifest["model_config"]["ttt"] == worker.effective_config()["ttt"]
+    # The worker reads the probe from the same state: the version must score it the same way.
+    want = worker.process(DocumentTask("probe", PROBE)).loss
+    assert pyfunc_loss(stack, store, PROBE) == pytest.approx(want, rel=1e-5)
+
+    exported = export_checkpoint(store.load(LIVE), tmp_path / "export")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(exported).eval()
+    merged = DocumentWorker(WorkerSpec(MODEL, device="cpu", ttt_overrides=overrides, spill_dir=str(tmp_path)), "w1")
+    (blob,) = store.load(LIVE).states["w0"]
+    merged.states.restore([blob])
+    merged.states.get(None).state.fast.merge_into(merged.model)
+    from ttt_model.patch import static_mode
+
+    with static_mode(merged.model):
+        want_static = static_loss(merged.model, merged.tokenizer, PROBE)
+    assert static_loss(plain, merged.tokenizer, PROBE) == pytest.approx(want_static, rel=1e-5)
+
+
+def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tmp_path):
+    spec = WorkerSpec(MODEL, device="cpu", slow={"enabled": True, "lr": 3e-3}, spill_dir=str(tmp_path))
+    worker = DocumentWorker(spec, "w0")
+    for i, doc in enumerate(DOCS):
+        worker.process(DocumentTask(f"d{i}", doc))
+    store = checkpoint(stack, worker)
+    (blob,) = store.load(LIVE).states["w0"]
+    tensors = load(blob.data)
+    assert any(k.startswith("slow.") for k in tensors) and not any(
+        t.any() for k, t in tensors.items() if k.endswith(".delta"))  # fast weights end with the document
+
+    # Reference: the slow weights merged densely from the blob's own tensors, fresh fast weights.
+    from ttt_model import TTTSession, load_ttt_model
+
+    reference = load_ttt_model(MODEL, dtype=torch.float32).eval()
+    scale = spec.slow.get("alpha", 16.0) / spec.slow.get("rank", 8)
+    with torch.no_grad():
+        for name in {k[len("slow."):].rsplit(".", 1)[0] for k in tensors if k.endswith(".A")}:
+            weight = reference.get_submodule(name).weight
+            weight += scale * tensors[f"slow.{name}.B"] @ tensors[f"slow.{name}.A"]
+    ids = torch.tensor(worker.tokenizer(PROBE, add_special_tokens=False)["input_ids"])[None]
+    with torch.no_grad():
+        want = TTTSession(reference).feed(ids).nll[0, 1:].double().mean().item()
+    assert pyfunc_loss(stack, store, PROBE) == pytest.approx(want, rel=1e-5)
+
+    exported = export_checkpoint(store.load(LIVE), tmp_path / "export")
+    from transformers import AutoModelForCausalLM
+
+    from ttt_model.patch import static_mode
+
+    with static_mode(reference):
+        want_static = static_loss(reference, worker.tokenizer, PROBE)
+    plain = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert static_loss(plain, worker.tokenizer, PROBE) == pytest.approx(want_static, rel=1e-5)
+
+
+def test_a_version_of_several_states_needs_a_choice(stack, tmp_path):
+    worker = DocumentWorker(WorkerSpec(MODEL, device="cpu", scope="per_key", spill_dir=str(tmp_path)), "w0")
+    worker.process(DocumentTask("a", DOCS[0], key="tenant-a"))
+    worker.process(DocumentTask("b", DOCS[1], key="tenant-b"))
+    store = checkpoint(stack, worker)
+    with pytest.raises(Exception, match="holds 2 states"):
+        pyfunc_loss(stack, store, PROBE)
+    assert pyfunc_loss(stack, store, PROBE, key="tenant-b") > 0
+    with pytest.raises(CheckpointError, match="holds 2 states"):
+        export_checkpoint(store.load(LIVE), tmp_path / "export")
+    assert issubclass(StateChoiceError, ValueError)

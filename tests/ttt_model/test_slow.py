@@ -1,0 +1,181 @@
+"""Slow weights: the adapters equal dense merged weights, one step equals AdamW on a dense float64
+reference, reading is prequential, the bounds hold, and a saved state continues bit for bit."""
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from tests.ttt_model.reference import randomise_ttt_parameters, reference_logits, rel_err, tiny_model
+from ttt_model import TTTConfig, TTTSession, enable_ttt
+from ttt_model.adapted_state import AdaptedState
+from ttt_model.objectives import next_token_loss
+from ttt_model.slow import SlowConfig, SlowLearner
+from ttt_model.state import FastWeightState
+
+CHUNK = 8
+
+
+def ttt_model(seed: int = 0) -> torch.nn.Module:
+    model = tiny_model("qwen3", seed=seed).double()
+    enable_ttt(model, TTTConfig(layers=[0, 2], chunk_size=CHUNK, eta=0.6))
+    randomise_ttt_parameters(model, seed=seed + 10)
+    return model.requires_grad_(False)
+
+
+def random_adapters(learner: SlowLearner, state, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for adapter in state.adapters.values():
+        adapter.A = torch.randn(adapter.A.shape, generator=gen, dtype=torch.float64) * 0.3
+        adapter.B = torch.randn(adapter.B.shape, generator=gen, dtype=torch.float64) * 0.3
+
+
+def dense_weights(learner: SlowLearner, state) -> dict[str, torch.Tensor]:
+    """W_0 + scale B A per adapted module, computed apart from the parametrization."""
+    return {f"{name}.weight": learner.base_weight(name) + learner.config.scale * (a.B @ a.A)
+            for name, a in state.adapters.items()}
+
+
+def fresh(model) -> torch.nn.Module:
+    """A copy of the model before any slow weights were attached (no parametrizations)."""
+    return copy.deepcopy(model)
+
+
+def test_bound_slow_weights_equal_the_dense_merged_model_in_float64():
+    model = ttt_model()
+    plain = fresh(model)
+    learner = SlowLearner(model, SlowConfig(enabled=True, rank=3, alpha=5.0))
+    state = learner.new_state()
+    random_adapters(learner, state, seed=1)
+    ids = torch.randint(0, 101, (1, 29))
+    merged = fresh(plain)
+    with torch.no_grad():
+        for name, weight in dense_weights(learner, state).items():
+            merged.get_submodule(name.removesuffix(".weight")).weight.copy_(weight)
+    with learner.bound(state), torch.no_grad():
+        adapted = model(ids).logits
+    assert rel_err(adapted, reference_logits(merged, ids)) < 1e-10
+    with learner.bound(None), torch.no_grad():  # unbound: the base model
+        assert rel_err(model(ids).logits, reference_logits(plain, ids)) < 1e-10
+
+
+@pytest.mark.parametrize("l2_to_base,max_grad_norm", [(0.0, None), (0.5, 0.01)])
+def test_one_slow_step_equals_adamw_on_a_dense_reference(l2_to_base, max_grad_norm):
+    model = ttt_model(seed=3)
+    plain = fresh(model)
+    config = SlowConfig(enabled=True, rank=2, alpha=4.0, lr=0.05, l2_to_base=l2_to_base, max_grad_norm=max_grad_norm)
+    learner = SlowLearner(model, config)
+    state = learner.new_state()
+    random_adapters(learner, state, seed=4)
+    ids = torch.randint(0, 101, (1, CHUNK))
+
+    # Reference: the adapters as plain leaves, the weights merged densely, torch's AdamW.
+    leaves = {name: (a.A.clone().requires_grad_(True), a.B.clone().requires_grad_(True))
+              for name, a in state.adapters.items()}
+    weights = {f"{n}.weight": learner.base_weight(n) + config.scale * (B @ A) for n, (A, B) in leaves.items()}
+    plain.ttt_runtime.state = FastWeightState.for_model(plain)
+    loss = next_token_loss(functional_call(plain, weights, (ids,)).logits, ids)
+    loss.backward()
+    params = [t for pair in leaves.values() for t in pair]
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=l2_to_base, eps=1e-8)
+    optimizer.step()
+
+    nll = learner.read(TTTSession(model), ids, state, CHUNK)
+    assert torch.isnan(nll[0, 0]) and nll.shape == ids.shape
+    # Adam divides by sqrt(v): entries whose gradient is near 1e-8 carry float64 round-off of
+    # the two summation orders into the step, hence 1e-7 rather than 1e-10.
+    for name, (A, B) in leaves.items():
+        assert rel_err(state.adapters[name].A, A) < 1e-7
+        assert rel_err(state.adapters[name].B, B) < 1e-7
+    assert state.steps == 1 and state.tokens == CHUNK
+
+
+def test_reading_is_prequential_and_learns_across_documents():
+    model = ttt_model(seed=5)
+    learner = SlowLearner(model, SlowConfig(enabled=True, rank=4, lr=0.02))
+    ids = torch.randint(0, 101, (1, 4 * CHUNK))
+    base = TTTSession(model).feed(ids).nll  # no slow weights yet: the model as it is
+
+    state = learner.new_state()
+    first = learner.read(TTTSession(model), ids, state, CHUNK)
+    # The first chunk is scored before any step; later chunks by weights that learned from the
+    # earlier ones only: changing the last chunk's tokens changes no earlier score.
+    assert rel_err(first[:, 1:CHUNK], base[:, 1:CHUNK]) < 1e-12
+    assert not torch.allclose(first[:, CHUNK:], base[:, CHUNK:])
+    changed = ids.clone()
+    changed[0, -CHUNK:] = (changed[0, -CHUNK:] + 7) % 101
+    other = learner.read(TTTSession(model), changed, learner.new_state(), CHUNK)
+    assert torch.equal(other[:, 1 : 3 * CHUNK], first[:, 1 : 3 * CHUNK])
+    # A second document (a new session, fresh fast weights) starts from what the first taught.
+    again = learner.read(TTTSession(model), ids, state, CHUNK)
+    assert again[:, 1:].mean() < first[:, 1:].mean()
+    assert state.steps == 8
+
+
+def test_cap_bounds_every_adapted_matrix_and_l2_pulls_towards_the_base():
+    model = ttt_model(seed=6)
+    ids = torch.randint(0, 101, (1, 6 * CHUNK))
+    capped = SlowLearner(model, SlowConfig(enabled=True, lr=0.5, max_delta_ratio=0.01))
+    state = capped.new_state()
+    capped.read(TTTSession(model), ids, state, CHUNK)
+    weights = {n: capped.base_weight(n) for n in capped.modules}
+    ratios = state.delta_ratios(weights, capped.config.scale)
+    assert max(ratios.values()) <= 0.01 * (1 + 1e-6) and max(ratios.values()) > 0.005
+
+    free = SlowLearner(ttt_model(seed=6), SlowConfig(enabled=True, lr=0.05))
+    pulled = SlowLearner(ttt_model(seed=6), SlowConfig(enabled=True, lr=0.05, l2_to_base=5.0))
+    states = {}
+    for name, learner in (("free", free), ("pulled", pulled)):
+        states[name] = learner.new_state()
+        learner.read(TTTSession(learner.model), ids, states[name], CHUNK)
+    assert pulled.delta_ratio(states["pulled"]) < free.delta_ratio(states["free"])
+
+
+def test_saved_state_continues_bit_for_bit_with_replay():
+    model = ttt_model(seed=7)
+    learner = SlowLearner(model, SlowConfig(enabled=True, lr=0.01, replay_chunks=2, max_delta_ratio=0.5))
+    docs = [torch.randint(0, 101, (1, n)) for n in (3 * CHUNK, 2 * CHUNK + 3, 4 * CHUNK)]
+
+    def new_state():
+        return AdaptedState(FastWeightState.for_model(model), learner.new_state())
+
+    def read(state, ids):
+        nll = learner.read(TTTSession(model, state.fast), ids, state.slow, CHUNK)
+        state.fast.reset()
+        return nll
+
+    straight = new_state()
+    read(straight, docs[0])
+    saved = straight.to_bytes()
+    assert straight.slow.replay.shape == (2, CHUNK)  # three full chunks seen, two kept
+    want = [read(straight, d) for d in docs[1:]]
+
+    from safetensors.torch import load
+
+    resumed = new_state()
+    resumed.load_state_dict(load(saved))
+    got = [read(resumed, d) for d in docs[1:]]
+    assert all(torch.equal(a[:, 1:], b[:, 1:]) for a, b in zip(want, got, strict=True))
+    assert resumed.to_bytes() == straight.to_bytes()
+
+
+def test_states_and_configs_refuse_what_does_not_fit():
+    with pytest.raises(ValueError, match="SlowConfig.rank"):
+        SlowConfig(rank=0)
+    with pytest.raises(ValueError, match=r"unknown fields \['rnak'\]"):
+        SlowConfig.from_dict({"rnak": 4})
+    with pytest.raises(ValueError, match="no linear module"):
+        SlowLearner(ttt_model(), SlowConfig(targets=["nope_proj"]))
+    model = ttt_model()
+    with_slow = AdaptedState(FastWeightState.for_model(model), SlowLearner(model, SlowConfig(rank=2)).new_state())
+    without = AdaptedState(FastWeightState.for_model(fresh(model)))
+    from safetensors.torch import load
+
+    with pytest.raises(ValueError, match="slow weights do not match"):
+        without.load_state_dict(load(with_slow.to_bytes()))
+    other = SlowLearner(ttt_model(), SlowConfig(rank=3)).new_state()
+    with pytest.raises(ValueError, match="shape"):
+        other.load_state_dict(with_slow.slow.state_dict())

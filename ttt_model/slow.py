@@ -1,0 +1,330 @@
+"""Slow weights: low-rank adapters that a stream trains online, from one document to the next.
+
+The fast weights (In-Place TTT, ``ttt_model.layer``) adapt within one document and restart at
+the next; the slow weights carry what the stream teaches across documents. They are low-rank
+deltas on chosen linear projections,
+
+    W = W_0 + (alpha / r) B A          A: [r, in] random, B: [out, r] zero (W = W_0 at first)
+
+attached as torch parametrizations, so that every use of a weight sees the adapted matrix, the
+TTT layer's own W_0 (the matrix its fast weights are added to) included. Reading a document,
+each chunk is first scored by the current slow + fast weights (prequential), then one step of
+the next-token loss on that chunk updates A and B (Adam). Three bounds keep them from drifting
+and forgetting: an L2 pull towards the base (decoupled decay of A and B), a cap on
+||(alpha/r) B A|| / ||W_0|| per matrix, and a small buffer of earlier chunks replayed with each
+new one. The adapters, Adam's moments and the replay buffer are all state: a SlowState saved and
+restored bit for bit, so that a replayed stream ends in the same state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ttt_model.objectives import next_token_loss
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class SlowConfig:
+    """What adapts across documents, how fast, and how it is bounded."""
+
+    enabled: bool = False
+    # Linear modules whose names end with one of these, in the chosen decoder layers (None: all).
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    layers: list[int] | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 1e-3
+    # Decoupled weight decay of A and B per step: a pull of the adaptation towards the base.
+    l2_to_base: float = 0.0
+    # Cap on ||(alpha/r) B A||_F / ||W_0||_F per adapted matrix; None: no cap.
+    max_delta_ratio: float | None = None
+    max_grad_norm: float | None = 1.0
+    # Earlier full chunks kept and trained on again with each new chunk (0: no replay).
+    replay_chunks: int = 0
+    # Tokens per slow step; None: the TTT chunk size (the fast weights' own granularity).
+    chunk_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("targets", isinstance(self.targets, list) and all(isinstance(t, str) and t for t in self.targets)
+             and bool(self.targets)),
+            ("layers", self.layers is None or all(isinstance(i, int) and i >= 0 for i in self.layers)),
+            ("rank", isinstance(self.rank, int) and self.rank >= 1),
+            ("alpha", isinstance(self.alpha, (int, float)) and self.alpha > 0),
+            ("lr", isinstance(self.lr, (int, float)) and self.lr > 0),
+            ("l2_to_base", self.l2_to_base >= 0),
+            ("max_delta_ratio", self.max_delta_ratio is None or self.max_delta_ratio > 0),
+            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0),
+            ("replay_chunks", isinstance(self.replay_chunks, int) and self.replay_chunks >= 0),
+            ("chunk_tokens", self.chunk_tokens is None or self.chunk_tokens >= 2),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"SlowConfig.{name}: invalid value {getattr(self, name)!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SlowConfig":
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"SlowConfig: unknown fields {unknown}")
+        return cls(**data)
+
+
+class LowRankDelta(nn.Module):
+    """Parametrization W -> W + scale * B A, with A and B bound from a SlowState (None: W)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.A is None or not self.enabled:
+            return weight
+        return weight + (self.scale * (self.B @ self.A)).to(weight.dtype)
+
+
+@dataclass
+class AdapterTensors:
+    """One adapted matrix: A, B and Adam's moments of each (float32)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    m_A: torch.Tensor
+    v_A: torch.Tensor
+    m_B: torch.Tensor
+    v_B: torch.Tensor
+
+    NAMES = ("A", "B", "m_A", "v_A", "m_B", "v_B")
+
+
+class SlowState:
+    """The slow weights of one stream (or one key): adapters, optimiser moments, replay buffer."""
+
+    def __init__(self, adapters: dict[str, AdapterTensors], steps: int = 0, tokens: int = 0,
+                 replay: torch.Tensor | None = None, replay_next: int = 0):
+        self.adapters = adapters
+        self.steps = steps
+        self.tokens = tokens
+        self.replay = replay  # (n, chunk) token ids of earlier chunks, or None
+        self.replay_next = replay_next  # the ring buffer's next slot
+
+    def state_dict(self, prefix: str = "slow.") -> dict[str, torch.Tensor]:
+        tensors = {f"{prefix}counters": torch.tensor([self.steps, self.tokens, self.replay_next], dtype=torch.int64)}
+        for name, adapter in self.adapters.items():
+            for part in AdapterTensors.NAMES:
+                tensors[f"{prefix}{name}.{part}"] = getattr(adapter, part).detach().cpu().clone()
+        if self.replay is not None:
+            tensors[f"{prefix}replay"] = self.replay.cpu().clone()
+        return tensors
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], prefix: str = "slow.") -> None:
+        """Replace the state with ``tensors`` (same adapters, same shapes), else ValueError."""
+        expected = {k for k in self.state_dict(prefix) if not k.endswith("replay")}
+        got = {k for k in tensors if k.startswith(prefix) and not k.endswith("replay")}
+        if got != expected:
+            raise ValueError(f"slow-weight state does not fit these adapters: missing {sorted(expected - got)[:4]}, "
+                             f"unexpected {sorted(got - expected)[:4]}")
+        for name, adapter in self.adapters.items():
+            for part in AdapterTensors.NAMES:
+                new, old = tensors[f"{prefix}{name}.{part}"], getattr(adapter, part)
+                if new.shape != old.shape:
+                    raise ValueError(f"{name}.{part}: shape {tuple(new.shape)} != {tuple(old.shape)}")
+        for name, adapter in self.adapters.items():
+            for part in AdapterTensors.NAMES:
+                old = getattr(adapter, part)
+                setattr(adapter, part, tensors[f"{prefix}{name}.{part}"].to(device=old.device, dtype=old.dtype))
+        self.steps, self.tokens, self.replay_next = (int(v) for v in tensors[f"{prefix}counters"])
+        replay = tensors.get(f"{prefix}replay")
+        device = next(iter(self.adapters.values())).A.device
+        self.replay = None if replay is None else replay.to(device)
+
+    def delta_ratios(self, weights: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+        """||scale B A||_F / ||W_0||_F per adapted matrix."""
+        return {
+            name: float(torch.linalg.matrix_norm(scale * (a.B @ a.A)) / torch.linalg.matrix_norm(weights[name].float()))
+            for name, a in self.adapters.items()
+        }
+
+
+class SlowLearner:
+    """Attaches low-rank slow weights to a model and trains a bound SlowState while reading.
+
+    One learner per model replica; the states (one per stream or per key) are data, bound to
+    the model's adapters for the duration of a document with ``bound(state)``.
+    """
+
+    def __init__(self, model: nn.Module, config: SlowConfig):
+        self.model = model
+        self.config = config
+        self.modules = _target_linears(model, config)
+        if not self.modules:
+            raise ValueError(f"SlowConfig.targets: no linear module of the model matches {config.targets}")
+        self.deltas: dict[str, LowRankDelta] = {}
+        for name, module in self.modules.items():
+            delta = LowRankDelta(config.scale)
+            parametrize.register_parametrization(module, "weight", delta, unsafe=True)
+            self.deltas[name] = delta
+
+    # -- states --------------------------------------------------------------------------------
+
+    def new_state(self) -> SlowState:
+        """A state equal to the base model (B = 0), A drawn from a generator seeded per matrix."""
+        adapters = {}
+        r = self.config.rank
+        for name, module in self.modules.items():
+            out_features, in_features = self.base_weight(name).shape
+            seed = int.from_bytes(hashlib.sha256(f"{self.config.seed}:{name}".encode()).digest()[:8], "big") >> 1
+            generator = torch.Generator().manual_seed(seed)
+            A = (torch.randn(r, in_features, generator=generator) / math.sqrt(in_features))
+            device = self.base_weight(name).device
+            A = A.to(device)
+            B = torch.zeros(out_features, r, device=device)
+            adapters[name] = AdapterTensors(A, B, torch.zeros_like(A), torch.zeros_like(A),
+                                            torch.zeros_like(B), torch.zeros_like(B))
+        return SlowState(adapters)
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        return self.modules[name].parametrizations.weight.original
+
+    def delta_ratio(self, state: SlowState) -> float:
+        """The largest ||delta|| / ||W_0|| over the adapted matrices: how far the model moved."""
+        ratios = state.delta_ratios({n: self.base_weight(n).detach() for n in self.modules}, self.config.scale)
+        return max(ratios.values())
+
+    @contextmanager
+    def bound(self, state: SlowState | None) -> Iterator[None]:
+        """The model with ``state``'s slow weights (None: the base weights) for the block."""
+        for name, delta in self.deltas.items():
+            adapter = state.adapters[name] if state is not None else None
+            delta.A = None if adapter is None else adapter.A
+            delta.B = None if adapter is None else adapter.B
+        try:
+            yield
+        finally:
+            for delta in self.deltas.values():
+                delta.A = delta.B = None
+
+    # -- learning ------------------------------------------------------------------------------
+
+    def read(self, session, input_ids: torch.Tensor, state: SlowState, chunk_tokens: int) -> torch.Tensor:
+        """Read ``input_ids`` (1, L) through ``session`` chunk by chunk: score each chunk with the
+        current slow + fast weights, then take one slow step on it. Returns the nll (1, L)."""
+        nll = []
+        for start in range(0, input_ids.shape[1], chunk_tokens):
+            piece = input_ids[:, start : start + chunk_tokens]
+            with self.bound(state):
+                for adapter in state.adapters.values():
+                    adapter.A.requires_grad_(True)
+                    adapter.B.requires_grad_(True)
+                try:
+                    out = session.feed(piece, grad=True)
+                    nll.append(out.nll)
+                    if piece.shape[1] >= 2:
+                        losses = [next_token_loss(out.logits, piece)]
+                        if state.replay is not None:
+                            replayed = state.replay[state.steps % state.replay.shape[0]][None]
+                            losses.append(next_token_loss(self.model(input_ids=replayed).logits, replayed))
+                        self._step(state, torch.stack(losses).mean())
+                        state.tokens += piece.shape[1]
+                finally:
+                    for adapter in state.adapters.values():
+                        adapter.A.requires_grad_(False)
+                        adapter.B.requires_grad_(False)
+                    session.detach_()
+            if self.config.replay_chunks and piece.shape[1] == chunk_tokens:
+                self._remember(state, piece[0])
+        return torch.cat(nll, dim=1)
+
+    def _step(self, state: SlowState, loss: torch.Tensor) -> None:
+        """One Adam step on A and B, with the L2 pull to the base and the cap (no autograd state kept)."""
+        params = [t for a in state.adapters.values() for t in (a.A, a.B)]
+        grads = torch.autograd.grad(loss, params)
+        cfg = self.config
+        with torch.no_grad():
+            if cfg.max_grad_norm is not None:
+                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                grads = [g * torch.clamp(cfg.max_grad_norm / (total + 1e-6), max=1.0) for g in grads]
+            state.steps += 1
+            b1, b2 = ADAM_BETAS
+            correction1, correction2 = 1 - b1 ** state.steps, 1 - b2 ** state.steps
+            for i, adapter in enumerate(state.adapters.values()):
+                for part, grad in (("A", grads[2 * i]), ("B", grads[2 * i + 1])):
+                    p, m, v = getattr(adapter, part), getattr(adapter, f"m_{part}"), getattr(adapter, f"v_{part}")
+                    m.mul_(b1).add_(grad, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    step = (m / correction1) / ((v / correction2).sqrt() + ADAM_EPS)
+                    p.sub_(cfg.lr * (step + cfg.l2_to_base * p))
+            if cfg.max_delta_ratio is not None:
+                for name, adapter in state.adapters.items():
+                    delta = cfg.scale * torch.linalg.matrix_norm(adapter.B @ adapter.A)
+                    bound = cfg.max_delta_ratio * torch.linalg.matrix_norm(self.base_weight(name).float())
+                    adapter.B.mul_(torch.clamp(bound / (delta + 1e-12), max=1.0))
+
+    def _remember(self, state: SlowState, chunk: torch.Tensor) -> None:
+        """Keep ``chunk`` in the replay ring buffer (the oldest is replaced when full)."""
+        if state.replay is None:
+            state.replay = chunk[None].clone()
+        elif state.replay.shape[0] < self.config.replay_chunks:
+            state.replay = torch.cat([state.replay, chunk[None]])
+        else:
+            state.replay[state.replay_next] = chunk
+            state.replay_next = (state.replay_next + 1) % self.config.replay_chunks
+
+    # -- the static model ----------------------------------------------------------------------
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model: every slow delta off for the block (for the shadow evaluation)."""
+        for delta in self.deltas.values():
+            delta.enabled = False
+        try:
+            yield
+        finally:
+            for delta in self.deltas.values():
+                delta.enabled = True
+
+    @torch.no_grad()
+    def merge_into_model(self, state: SlowState) -> nn.Module:
+        """Fold ``state`` into the weights and remove the adapters: a plain model again."""
+        with self.bound(state):
+            for module in self.modules.values():
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self.deltas = {}
+        return self.model
+
+
+def _target_linears(model: nn.Module, config: SlowConfig) -> dict[str, nn.Linear]:
+    """The model's nn.Linear modules named ``...layers.<i>.<...>.<target>``, in model order."""
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in config.targets:
+            continue
+        parts = name.split(".")
+        layer = next((int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
+        if layer is None or (config.layers is not None and layer not in config.layers):
+            continue
+        found[name] = module
+    return found
