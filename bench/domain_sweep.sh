@@ -3,7 +3,7 @@
 # setting, JOBS at a time with one torch thread each, results in OUT_DIR.
 #   bash bench/domain_sweep.sh pandas runs/sweep "lr=1e-3" "lr=3e-3 l2_to_base=1.0" ...
 # Each setting is a space-separated list of model.slow overrides; optional: JOBS (2), DOCS,
-# HELDOUT_DOCS, SHIPPED_DOCS, SEED, SETTINGS (slow+fast), PYTHON.
+# HELDOUT_DOCS, SHIPPED_DOCS, SEED, SETTINGS (slow+fast), DEVICE (auto), THREADS (1), PYTHON.
 set -euo pipefail
 domain="$1"; out="$2"; shift 2
 PYTHON="${PYTHON:-python3}"
@@ -14,7 +14,7 @@ for setting in "$@"; do
     for kv in $setting; do args+=(--slow "$kv"); done
     name="s${i}"
     echo "$name: $setting" >> "$out/settings.txt"
-    OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 "$PYTHON" bench/domain_stream.py --domain "$domain" --settings "${SETTINGS:-slow+fast}" \
+    OMP_NUM_THREADS=${THREADS:-1} PYTHONUNBUFFERED=1 "$PYTHON" bench/domain_stream.py --domain "$domain" --settings "${SETTINGS:-slow+fast}" --device "${DEVICE:-auto}" \
         --seed "${SEED:-0}" ${DOCS:+--documents "$DOCS"} ${HELDOUT_DOCS:+--heldout-documents "$HELDOUT_DOCS"} \
         ${SHIPPED_DOCS:+--shipped-documents "$SHIPPED_DOCS"} "${args[@]}" --out "$out/$name.json" > "$out/$name.log" 2>&1 &
     i=$((i + 1))

@@ -157,6 +157,8 @@ class MonitorConfig(_Section):
     min_documents: int = Field(default=3, ge=1)
     non_finite: bool = True
     max_delta_ratio: float | None = Field(default=None, gt=0)
+    # The slow weights' largest ||B A|| / ||W_0||: a bound on how far the stream moved the model.
+    max_slow_delta_ratio: float | None = Field(default=None, gt=0)
     max_loss_over_base: float | None = Field(default=0.05, ge=0)
     max_loss_jump: float | None = Field(default=0.3, gt=0)
     auto_rollback: bool = True

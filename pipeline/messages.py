@@ -92,6 +92,7 @@ def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: in
         "state_version": outcome.state_version,
         "fast_weight_norm": outcome.fast_weight_norm,
         "delta_ratio": outcome.delta_ratio,
+        "slow_delta_ratio": outcome.slow_delta_ratio,
         "windows": outcome.windows,
         "worker": outcome.worker,
         "partition": partition,

@@ -4,6 +4,8 @@ Rules (each off when its bound is None):
 
 - ``non_finite``: a non-finite loss or fast weight (immediately);
 - ``delta_ratio``: ||dW|| / ||W_down|| of some layer above ``max_delta_ratio`` (immediately);
+- ``slow_delta_ratio``: the slow weights' ||B A|| / ||W_0|| of some matrix above
+  ``max_slow_delta_ratio`` (immediately);
 - ``adapted_over_base``: over the window's shadow-evaluated documents, the adapted loss above
   the static model's by more than ``max_loss_over_base`` (relative);
 - ``loss_jump``: the window's mean adapted loss above the reference recorded when ``last-good``
@@ -46,10 +48,13 @@ class DegradationMonitor:
 
     def _check(self, outcome: DocumentOutcome) -> Breach | None:
         cfg = self.config
-        if cfg.non_finite and (not outcome.finite or outcome.delta_ratio < 0):
+        if cfg.non_finite and (not outcome.finite or outcome.delta_ratio < 0 or outcome.slow_delta_ratio < 0):
             return Breach("non_finite", {"loss": outcome.loss, "fast_weight_norm": outcome.fast_weight_norm}, outcome.id)
         if cfg.max_delta_ratio is not None and outcome.delta_ratio > cfg.max_delta_ratio:
             return Breach("delta_ratio", {"delta_ratio": outcome.delta_ratio, "bound": cfg.max_delta_ratio}, outcome.id)
+        if cfg.max_slow_delta_ratio is not None and outcome.slow_delta_ratio > cfg.max_slow_delta_ratio:
+            return Breach("slow_delta_ratio", {"slow_delta_ratio": outcome.slow_delta_ratio,
+                                               "bound": cfg.max_slow_delta_ratio}, outcome.id)
         if len(self.window) < cfg.min_documents:
             return None
         if cfg.max_loss_over_base is not None:

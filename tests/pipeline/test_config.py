@@ -92,5 +92,9 @@ def test_context_parallel_refuses_safeguards_and_unreachable_thresholds():
     with pytest.raises(ConfigError, match=r"processor\.context_parallel\.min_tokens is above"):
         parse_config({"processor": {"max_document_tokens": 4096, "context_parallel": {"min_tokens": 8192}}},
                      environ={})
+    with pytest.raises(ConfigError, match=r"context_parallel does not read with slow weights"):
+        parse_config({"model": {"slow": {"enabled": True}}, "processor": {"context_parallel": {}}}, environ={})
+    with pytest.raises(ConfigError, match=r"model\.slow: .*SlowConfig\.rank"):
+        parse_config({"model": {"slow": {"rank": 0}}}, environ={})
     with pytest.raises(ConfigError, match=r"processor\.context_parallel\.world: "):
         parse_config({"processor": {"context_parallel": {"world": 1}}}, environ={})

@@ -26,8 +26,8 @@ def cp_config(stack, tmp_path, context_parallel):
                            checkpoint=stack.processor.checkpoint.model_copy(
                                update={"every_documents": 4, "every_seconds": 3600.0}),
                            monitor=stack.processor.monitor.model_copy(update={"enabled": False}))
-    # The parallel scan has no place for decay: the shipped model's own TTT settings.
-    return config.model_copy(update={"model": config.model.model_copy(update={"ttt": {}})})
+    # The group reads with fast weights only (slow weights are refused with it).
+    return config.model_copy(update={"model": config.model.model_copy(update={"ttt": {}, "slow": {}})})
 
 
 def losses(config, n):

@@ -2,7 +2,8 @@
 
 The monitor must alert, roll the state back to `last-good` within 5 documents of the breach
 (recorded as a new version, reason `rollback`), and good documents read after the burst (with
-the same few documents before them as the first time) must score within 1% of their first reading."""
+the same few documents before them as the first time) must score no worse than 1% above their
+first reading (the embedded default's slow weights learned from that first reading)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,8 @@ def test_a_garbage_burst_alerts_and_rolls_back_to_last_good(stack, ray_session, 
     config = config.model_copy(update={"processor": processor})
     good = short_documents(40, length=1500)
     # The later batch re-reads good[30:40] after re-reading the five documents that preceded
-    # them: with the shipped decay the state is mostly the last few documents, so this gives
-    # the batch the same recent history it had, and garbage read after the rollback landed
-    # (it was already on the worker) has faded. Equal losses then mean the state is back.
+    # them, and garbage read after the rollback landed (it was already on the worker) is
+    # followed by good documents again before the batch is compared.
     later = [{"id": f"again-{d['id']}", "text": d["text"]} for d in good[-15:]]
     stream = good + garbage(6, seed=1) + later
     ensure_topics(config.kafka)
@@ -75,4 +75,6 @@ def test_a_garbage_burst_alerts_and_rolls_back_to_last_good(stack, ray_session, 
 
     before = batch_loss([d["id"] for d in good[-10:]])
     after = batch_loss([d["id"] for d in later[5:]])
-    assert abs(after - before) / before < 0.01, (before, after)
+    # The slow weights learned from the first reading of these documents, so the second may score
+    # better; a state still carrying the garbage would score worse.
+    assert after < before * 1.01, (before, after)

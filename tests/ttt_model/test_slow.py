@@ -45,7 +45,7 @@ def fresh(model) -> torch.nn.Module:
 def test_bound_slow_weights_equal_the_dense_merged_model_in_float64():
     model = ttt_model()
     plain = fresh(model)
-    learner = SlowLearner(model, SlowConfig(enabled=True, rank=3, alpha=5.0))
+    learner = SlowLearner(model, SlowConfig(enabled=True, rank=3, alpha=5.0, targets=["q_proj", "v_proj", "o_proj", "down_proj"]))
     state = learner.new_state()
     random_adapters(learner, state, seed=1)
     ids = torch.randint(0, 101, (1, 29))
@@ -95,7 +95,7 @@ def test_one_slow_step_equals_adamw_on_a_dense_reference(l2_to_base, max_grad_no
 
 def test_reading_is_prequential_and_learns_across_documents():
     model = ttt_model(seed=5)
-    learner = SlowLearner(model, SlowConfig(enabled=True, rank=4, lr=0.02))
+    learner = SlowLearner(model, SlowConfig(enabled=True, rank=4, lr=0.02, l2_to_base=0.0))
     ids = torch.randint(0, 101, (1, 4 * CHUNK))
     base = TTTSession(model).feed(ids).nll  # no slow weights yet: the model as it is
 
@@ -125,7 +125,7 @@ def test_cap_bounds_every_adapted_matrix_and_l2_pulls_towards_the_base():
     ratios = state.delta_ratios(weights, capped.config.scale)
     assert max(ratios.values()) <= 0.01 * (1 + 1e-6) and max(ratios.values()) > 0.005
 
-    free = SlowLearner(ttt_model(seed=6), SlowConfig(enabled=True, lr=0.05))
+    free = SlowLearner(ttt_model(seed=6), SlowConfig(enabled=True, lr=0.05, l2_to_base=0.0))
     pulled = SlowLearner(ttt_model(seed=6), SlowConfig(enabled=True, lr=0.05, l2_to_base=5.0))
     states = {}
     for name, learner in (("free", free), ("pulled", pulled)):
