@@ -96,24 +96,16 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Fields of TTTConfig replacing the model's own (objective, safeguards, gradient_lr, ...).
     ttt: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("ttt")
-    @classmethod
-    def _valid_ttt_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from ttt_model.config import TTTConfig
-
-        TTTConfig.from_dict(value)  # raises ValueError naming the field
-        return value
-
     # Fields of SlowConfig: the slow weights learned across documents (ttt_model.slow).
     slow: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("slow")
+    @field_validator("ttt", "slow")
     @classmethod
-    def _valid_slow_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _valid_fields(cls, value: dict[str, Any], info) -> dict[str, Any]:
+        from ttt_model.config import TTTConfig
         from ttt_model.slow import SlowConfig
 
-        SlowConfig.from_dict(value)  # raises ValueError naming the field
+        {"ttt": TTTConfig, "slow": SlowConfig}[info.field_name].from_dict(value)  # ValueError names the field
         return value
 
     @property
@@ -227,7 +219,7 @@ class AppConfig(_Section):
                              "set model.slow.enabled: false to use it")
         # A model trained with a safeguard keeps it in its config.json; model.ttt overrides that.
         overrides = self.model.ttt
-        ttt = TTTConfig.from_dict({**self.model.saved_ttt(), **overrides})
+        ttt = TTTConfig.from_dict(self.model.effective_ttt())
         # The exclusive scan of chunk updates has no place for per-chunk clipping or decay.
         offending = ttt.safeguards or (["objective"] if ttt.objective != "in_place" else [])
         if offending:

@@ -145,8 +145,8 @@ class SlowState:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], prefix: str = "slow.") -> None:
         """Replace the state with ``tensors`` (same adapters, same shapes), else ValueError."""
-        expected = {k for k in self.state_dict(prefix) if not k.endswith("replay")}
-        got = {k for k in tensors if k.startswith(prefix) and not k.endswith("replay")}
+        expected = {f"{prefix}counters"} | {f"{prefix}{n}.{part}" for n in self.adapters for part in AdapterTensors.NAMES}
+        got = {k for k in tensors if k.startswith(prefix) and k != f"{prefix}replay"}
         if got != expected:
             raise ValueError(f"slow-weight state does not fit these adapters: missing {sorted(expected - got)[:4]}, "
                              f"unexpected {sorted(got - expected)[:4]}")
