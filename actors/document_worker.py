@@ -25,11 +25,11 @@ from typing import Any, Callable
 
 import torch
 
-from actors.state_store import Scope, StateBlob, StateStore
+from actors.state_store import Scope, ScopedState, StateBlob, StateStore
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
 from ttt_model.session import TTTSession
-from ttt_model.slow import SlowConfig, SlowLearner
+from ttt_model.slow import SlowConfig, SlowLearner, rehearsal_chunks
 from ttt_model.state import FastWeightState
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class DocumentOutcome:
     slow_delta_ratio: float = 0.0  # max over adapted matrices of ||B A|| / ||W_0|| after the document
     windows: int = 0
     worker: str = ""
+    # per_key with slow.reuse_nearest_key: the key whose slow weights this new key started from
+    reused_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,7 +139,7 @@ class DocumentWorker:
         if spec.ttt_overrides or not has_ttt(self.model):
             configure_ttt(self.model, spec.ttt_overrides)
         self.slow_config = SlowConfig.from_dict(spec.slow)
-        self.slow = SlowLearner(self.model, self.slow_config) if self.slow_config.enabled else None
+        self.slow = SlowLearner(self.model, self.slow_config, self._rehearsal()) if self.slow_config.enabled else None
         self.states = StateStore(spec.scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / name)
         self.long_reader = long_reader if spec.context_parallel_min_tokens is not None else None
         if self.long_reader is not None and self.slow is not None:
@@ -146,6 +148,15 @@ class DocumentWorker:
         self.tokens = 0
         self.busy_s = 0.0
         self.parallel_windows = 0
+
+    def _rehearsal(self) -> torch.Tensor | None:
+        cfg = self.slow_config
+        if not cfg.enabled or cfg.rehearsal_path is None:
+            return None
+        if not Path(cfg.rehearsal_path).is_file():
+            raise FileNotFoundError(f"model.slow.rehearsal_path: {cfg.rehearsal_path} does not exist (cwd {os.getcwd()})")
+        chunk = cfg.chunk_tokens or ttt_config_of(self.model).chunk_size
+        return rehearsal_chunks(cfg.rehearsal_path, self.tokenizer, chunk, cfg.rehearsal_chunks).to(self.device)
 
     def new_state(self) -> AdaptedState:
         """A state equal to the base model, for a new scope key."""
@@ -164,8 +175,8 @@ class DocumentWorker:
                 task.id, ok=False, tokens=len(ids), worker=self.name,
                 reason=f"oversize: {len(ids)} tokens > max_document_tokens {limit}",
             )
-        scoped = self.states.get(task.key)
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        scoped, reused_from = self._state_for(task.key, ids)
         windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
         adapted = self._adapted_nll(scoped.state, windows)
         base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
@@ -190,6 +201,7 @@ class DocumentWorker:
             fast_weight_norm=norm if math.isfinite(norm) else -1.0,
             delta_ratio=ratio if math.isfinite(ratio) else -1.0,
             slow_delta_ratio=slow_ratio if math.isfinite(slow_ratio) else -1.0, windows=len(windows), worker=self.name,
+            reused_from=reused_from,
         )
 
     def snapshot(self) -> list[StateBlob]:
@@ -213,6 +225,22 @@ class DocumentWorker:
         }
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _state_for(self, key: str | None, ids: torch.Tensor) -> tuple[ScopedState, str | None]:
+        """The scope's state for a document, and for a new key that starts from another key's
+        slow weights (``slow.reuse_nearest_key``), that key."""
+        cfg = self.slow_config
+        if self.slow is None or not cfg.reuse_nearest_key or self.spec.scope != "per_key" or key in self.states:
+            return self.states.get(key), None
+        signature = self.slow.signature(ids[:, : cfg.chunk_tokens or ttt_config_of(self.model).chunk_size])
+        nearest = self.slow.nearest(signature, self.states.signatures())
+        source = self.states.peek(nearest[0]).slow if nearest and nearest[1] >= cfg.reuse_min_similarity else None
+        scoped = self.states.get(key)
+        if source is not None:
+            scoped.state.slow.copy_from(source)
+            log.info("%s: new key %r starts from the slow weights of %r (similarity %.3f)", self.name, key, *nearest)
+        scoped.state.slow.signature = signature
+        return scoped, nearest[0] if source is not None else None
 
     def _adapted_nll(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
         state = adapted.fast

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+import torch
 from safetensors.torch import load
 
 from ttt_model.adapted_state import AdaptedState
@@ -58,6 +59,7 @@ class StateStore:
         self.spill_dir = Path(spill_dir)
         self._live: OrderedDict[str, ScopedState] = OrderedDict()
         self._spilled: dict[str, tuple[str, int]] = {}  # key -> (sha256, documents)
+        self._spilled_signatures: dict[str, torch.Tensor] = {}  # key -> its slow weights' signature
         self.spills = 0
         self.reloads = 0
 
@@ -78,6 +80,25 @@ class StateStore:
         while len(self._live) > self.capacity:
             self._spill(*self._live.popitem(last=False))
         return scoped
+
+    def __contains__(self, key: str | None) -> bool:
+        key = key if key is not None else ""
+        return key in self._live or key in self._spilled
+
+    def peek(self, key: str) -> AdaptedState:
+        """The state of ``key`` (read back from its spill file if spilled), without touching the
+        LRU order: for reading it, not adapting it."""
+        if key in self._live:
+            return self._live[key].state
+        state = self._new_state()
+        state.load(self._path(key), expected_sha256=self._spilled[key][0])
+        return state
+
+    def signatures(self) -> dict[str, torch.Tensor]:
+        """Every key's slow-weight signature (the embedding of its first document), where it has one."""
+        live = {k: s.state.slow.signature for k, s in self._live.items()
+                if s.state.slow is not None and s.state.slow.signature is not None}
+        return {**self._spilled_signatures, **live}
 
     def snapshot(self) -> list[StateBlob]:
         """Every state, in memory or spilled (read back and hash-checked), as bytes."""
@@ -104,7 +125,7 @@ class StateStore:
             state = self._new_state()
             state.load_state_dict(load(blob.data))
             restored[blob.key] = ScopedState(blob.key, state, blob.documents)
-        self._live, self._spilled = restored, {}
+        self._live, self._spilled, self._spilled_signatures = restored, {}, {}
         while len(self._live) > self.capacity:
             self._spill(*self._live.popitem(last=False))
 
@@ -122,11 +143,14 @@ class StateStore:
     def _spill(self, key: str, scoped: ScopedState) -> None:
         digest = scoped.state.save(self._path(key), metadata={"key": key, "documents": str(scoped.documents)})
         self._spilled[key] = (digest, scoped.documents)
+        if scoped.state.slow is not None and scoped.state.slow.signature is not None:
+            self._spilled_signatures[key] = scoped.state.slow.signature
         self.spills += 1
         log.debug("spilled state of key %r (%s)", key, digest[:12])
 
     def _reload(self, key: str) -> ScopedState:
         digest, documents = self._spilled.pop(key)
+        self._spilled_signatures.pop(key, None)
         state = self._new_state()
         state.load(self._path(key), expected_sha256=digest)
         self.reloads += 1

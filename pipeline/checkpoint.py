@@ -34,6 +34,11 @@ LIVE, LAST_GOOD = "live", "last-good"
 ARTIFACT_DIR = "checkpoint"
 
 
+# The monitor's mean adapted loss over its window when a version became last-good: the reference
+# its loss-jump rule compares with after a restart.
+REFERENCE_LOSS = "window_adapted_loss"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, read or trusted; the caller keeps its current state."""
 
@@ -159,8 +164,18 @@ class CheckpointStore:
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)
 
-    def tag_version(self, version: str, key: str, value: str) -> None:
-        self.client.set_model_version_tag(self.name, version, key, value)
+    def record_reference_loss(self, version: str, loss: float) -> None:
+        """The monitor's window loss when ``version`` passed it: a metric of the version's run."""
+        run_id = self.client.get_model_version(self.name, version).run_id
+        self.client.log_metric(run_id, REFERENCE_LOSS, float(loss))
+
+    def reference_loss(self, ref: str) -> float | None:
+        """The window loss recorded with ``ref`` (a version or alias), if any."""
+        version = self.resolve(ref)
+        if version is None:
+            return None
+        run_id = self.client.get_model_version(self.name, version).run_id
+        return self.client.get_run(run_id).data.metrics.get(REFERENCE_LOSS)
 
     def version_tags(self, ref: str) -> dict[str, str]:
         version = self.resolve(ref)

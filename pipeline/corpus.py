@@ -128,3 +128,18 @@ def build_domain(source: CorpusSource, dest: Path, heldout_per_mille: int = 300,
                 "heldout_per_mille": heldout_per_mille, "documents": {k: len(v) for k, v in sides.items()}}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def write_rehearsal_sample(train: Path, dest: Path, tokenizer, documents: int = 24, max_tokens: int = 2048) -> int:
+    """A model's rehearsal set (``model.slow.rehearsal_path``): ``documents`` documents of its
+    training split, chosen by a hash of their id (so every source appears in proportion), each
+    cut to ``max_tokens`` tokens. Returns the number of tokens written."""
+    rows = [json.loads(line) for line in Path(train).read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda d: hashlib.sha256(d["id"].encode()).hexdigest())
+    written, out = 0, []
+    for doc in rows[:documents]:
+        ids = tokenizer(doc["text"], add_special_tokens=False)["input_ids"][:max_tokens]
+        out.append(json.dumps({"id": doc["id"], "source": doc.get("source"), "text": tokenizer.decode(ids)}) + "\n")
+        written += len(ids)
+    dest.write_text("".join(out))
+    return written

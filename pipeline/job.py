@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from pipeline.processor import RunSummary, StreamProcessor
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
 from pipeline.topics import ensure_topics
+from pipeline.worker_pool import RayWorkerPool, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,12 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
     )
 
 
-def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, workers: list, names: list[str],
+def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, pool: WorkerPool,
                             positions: dict[int, int]) -> StreamCheckpointer:
     """The checkpointer of this run; with ``checkpoint.restore``, the workers' states and the
     source's offsets are set from the ``live`` version first."""
     store = CheckpointStore(config.mlflow, config.stream.name)
+    names = pool.names
     start = None
     if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:
         start = store.load(LIVE)  # CheckpointError: refuse to start rather than lose or repeat
@@ -73,7 +76,8 @@ def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, work
         if unknown and config.processor.scope != "per_document":
             raise CheckpointError(f"{store.name} v{start.version} holds states of workers {unknown} that this run "
                                   f"does not have ({names}): run with processor.workers = {len(start.states)}")
-        ray.get([w.restore.remote(start.states.get(name, [])) for w, name in zip(workers, names)])
+        for w, name in enumerate(names):
+            pool.restore(w, start.states.get(name, []))
         source.seek(start.offsets)
         log.info("restored %s v%s: offsets %s", store.name, start.version, start.offsets)
     base = base_model_id(config.model.path)
@@ -84,10 +88,14 @@ def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, work
 
 def effective_model_config(config: AppConfig) -> dict:
     """What the workers read with, recorded in every checkpoint: the model's TTT config with the
-    stream's overrides, and the slow-weight config."""
+    stream's overrides, the slow-weight config and the sha256 of its rehearsal file."""
     from ttt_model.slow import SlowConfig
 
-    return {"ttt": config.model.effective_ttt(), "slow": SlowConfig.from_dict(dict(config.model.slow)).to_dict()}
+    slow = SlowConfig.from_dict(dict(config.model.slow))
+    recorded = {"ttt": config.model.effective_ttt(), "slow": slow.to_dict()}
+    if slow.enabled and slow.rehearsal_path is not None and Path(slow.rehearsal_path).is_file():
+        recorded["rehearsal_sha256"] = hashlib.sha256(Path(slow.rehearsal_path).read_bytes()).hexdigest()
+    return recorded
 
 
 def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0,
@@ -113,18 +121,18 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
         log.info("workers ready: %s", ", ".join(names))
         workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
+        pool = RayWorkerPool(workers, names)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         if p.checkpoint.enabled:
-            checkpointer = restore_from_checkpoint(config, source, workers, names, start_offsets)
+            checkpointer = restore_from_checkpoint(config, source, pool, start_offsets)
             start_offsets = checkpointer.offsets
             control = ControlSource(config.kafka)
             if p.monitor.enabled:
-                reference = checkpointer.store.version_tags(LAST_GOOD).get("window_adapted_loss")
-                monitor = DegradationMonitor(p.monitor, float(reference) if reference not in (None, "None") else None)
+                monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD))
         processor = StreamProcessor(
-            p, source, sinks, workers, assignment, stream=config.stream.name,
+            p, source, sinks, pool, assignment, stream=config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
-            checkpointer=checkpointer, worker_names=names, start_offsets=start_offsets,
+            checkpointer=checkpointer, start_offsets=start_offsets,
             monitor=monitor, control=control,
         )
         if stop_event is not None:

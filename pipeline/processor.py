@@ -16,10 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import ray
 from kafka.consumer.fetcher import ConsumerRecord
 
-from actors.cp_group import ContextParallelFailure
 from actors.document_worker import DocumentOutcome
 from pipeline.config import ProcessorConfig
 from pipeline.messages import ParsedDocument, Rejected, dead_letter_headers, parse_document, result_message
@@ -29,6 +27,7 @@ from pipeline.monitor import Breach, DegradationMonitor
 from pipeline.offsets import OffsetTracker
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
+from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, WorkerDied, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +123,11 @@ class StreamProcessor:
         config: ProcessorConfig,
         source: KafkaDocumentSource,
         sinks: KafkaSinks,
-        workers: list[Any],
+        pool: WorkerPool,
         assignment: dict[int, int],
         stream: str = "default",
         status: Callable[[], dict[str, Any]] | None = None,
         checkpointer: StreamCheckpointer | None = None,
-        worker_names: list[str] | None = None,
         start_offsets: dict[int, int] | None = None,
         monitor: DegradationMonitor | None = None,
         control: ControlSource | None = None,
@@ -139,11 +137,11 @@ class StreamProcessor:
         self.sinks = sinks
         self.stream = stream
         self.status = status
-        self.workers = workers  # actor handles; worker i owns the partitions assigned to i
-        self.worker_names = worker_names or [f"{stream}-worker-{i}" for i in range(len(workers))]
+        self.pool = pool  # worker i owns the partitions assigned to i
+        self.worker_names = pool.names
         self.worker_of = dict(assignment)
-        self.queues: list[deque[PendingDocument]] = [deque() for _ in workers]
-        self.in_flight: dict[ray.ObjectRef, PendingDocument] = {}
+        self.queues: list[deque[PendingDocument]] = [deque() for _ in pool.names]
+        self.in_flight: dict[Any, PendingDocument] = {}  # pool handle -> document
         self.offsets = OffsetTracker(start_offsets or {})
         self.checkpointer = checkpointer
         self.monitor = monitor  # needs the checkpointer: rollbacks go to checkpointed versions
@@ -208,7 +206,7 @@ class StreamProcessor:
         # Backpressure by a budget of queued documents, not by pausing partitions: kafka-python
         # 3.0 can park a paused partition's fetched records and never fetch it again after
         # resume (seen here: the tail of a partition silently went unread).
-        budget = 2 * self.config.max_in_flight_per_worker * len(self.workers) - sum(len(q) for q in self.queues)
+        budget = 2 * self.config.max_in_flight_per_worker * len(self.queues) - sum(len(q) for q in self.queues)
         if budget <= 0 or (self.checkpointer is not None and self.checkpointer.backlog_full):
             return []
         return self.source.poll(timeout_ms=0 if self.in_flight else self.config.poll_timeout_ms, max_records=budget)
@@ -225,14 +223,14 @@ class StreamProcessor:
     # -- working -------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        per_worker = [0] * len(self.workers)
+        per_worker = [0] * len(self.queues)
         for pending in self.in_flight.values():
             per_worker[pending.worker] += 1
         for w, queue in enumerate(self.queues):
             while queue and per_worker[w] < self.config.max_in_flight_per_worker:
                 pending = queue.popleft()
                 pending.attempts += 1
-                self.in_flight[self.workers[w].process.remote(pending.parsed.task)] = pending
+                self.in_flight[self.pool.submit(w, pending.parsed.task)] = pending
                 per_worker[w] += 1
 
     def _collect(self, timeout_s: float) -> int:
@@ -240,24 +238,21 @@ class StreamProcessor:
             return 0
         # Return on the first finished document (a worker must not wait for the driver), then
         # take whatever else is ready too.
-        refs = list(self.in_flight)
-        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)
-        if ready and rest:
-            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        ready = self.pool.wait(list(self.in_flight), timeout_s)
         for ref in ready:
             if ref not in self.in_flight:
                 continue  # already handled with its worker's failure
             pending = self.in_flight.pop(ref)
             try:
-                outcome = ray.get(ref)
-            except ray.exceptions.RayActorError:
+                outcome = self.pool.result(ref)
+            except WorkerDied:
                 self._worker_failed(pending)
                 continue
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, ContextParallelFailure):
-                    self._context_parallel_failed(pending, str(err.cause))
-                else:
-                    self._finish_rejected(pending, f"processing error: {err.cause!r}")
+            except ContextParallelFailure as err:
+                self._context_parallel_failed(pending, str(err))
+                continue
+            except DocumentFailed as err:
+                self._finish_rejected(pending, f"processing error: {err.cause!r}")
                 continue
             if outcome.ok:
                 self.sinks.result(result_message(outcome, pending.parsed.meta, pending.record.partition, pending.record.offset))
@@ -303,15 +298,15 @@ class StreamProcessor:
         its partitions are read again from that checkpoint's offsets. (Results of the documents
         read since then are sent again: results are at least once, states exactly once.)"""
         refs = [ref for ref, p in self.in_flight.items() if p.worker == w]
-        ray.wait(refs, num_returns=len(refs), timeout=60)
+        self.pool.wait(refs, timeout_s=60, every=True)
         for ref in refs:
             del self.in_flight[ref]
         self.queues[w].clear()
-        if restarted and not self._wait_for_restart(w):
+        if restarted and not self.pool.wait_ready(w, self.config.restart_timeout_s):
             raise RuntimeError(f"worker {self.worker_names[w]} did not come back within {self.config.restart_timeout_s} s")
         version = self.checkpointer.version
         blobs = self.checkpointer.store.load(version).states.get(self.worker_names[w], []) if version else []
-        ray.get(self.workers[w].restore.remote(blobs))
+        self.pool.restore(w, blobs)
         partitions = {p: self.checkpointer.offsets.get(p, 0) for p, i in self.worker_of.items() if i == w}
         self.source.seek(partitions)
         for p, offset in partitions.items():
@@ -327,18 +322,18 @@ class StreamProcessor:
         actor (whose state starts over)."""
         w = first.worker
         refs = [ref for ref, p in self.in_flight.items() if p.worker == w]
-        ray.wait(refs, num_returns=len(refs), timeout=60)
+        done = set(self.pool.wait(refs, timeout_s=60, every=True))
         failed = [first]
         for ref in refs:
-            pending = self.in_flight.pop(ref)
             try:
-                outcome = ray.get(ref, timeout=0)
-            except Exception:  # noqa: BLE001 - any failure of a dead worker's call is a retry
-                failed.append(pending)
-                continue
-            self.in_flight[ref] = pending  # it finished before the crash: collected normally
+                if ref not in done:
+                    raise WorkerDied("no answer within 60 s")
+                self.pool.result(ref)
+            except (WorkerDied, ContextParallelFailure, DocumentFailed):  # any failure of a dead worker's call is a retry
+                failed.append(self.in_flight.pop(ref))
+            # else: it finished before the crash and is collected normally
         failed.sort(key=lambda p: (p.record.partition, p.record.offset), reverse=True)
-        back = self._wait_for_restart(w)
+        back = self.pool.wait_ready(w, self.config.restart_timeout_s)
         for pending in failed:
             if not back or pending.attempts >= self.config.max_attempts:
                 self._finish_rejected(pending, f"worker failed: {pending.attempts} attempts died with the worker")
@@ -346,18 +341,6 @@ class StreamProcessor:
                 self.summary.retries += 1
                 self.queues[w].appendleft(pending)
         log.warning("worker %d died; %d documents go back to its queue", w, len(failed))
-
-    def _wait_for_restart(self, w: int) -> bool:
-        """Block until Ray has restarted worker ``w`` (its model loaded); False if it stays dead."""
-        deadline = time.monotonic() + self.config.restart_timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self.workers[w].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                return True
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                # Restarting (or out of restarts, which only the deadline tells apart here).
-                time.sleep(0.5)
-        return False
 
     def _finish_rejected(self, pending: PendingDocument, reason: str) -> None:
         self._dead_letter(pending.record, reason)
@@ -382,8 +365,7 @@ class StreamProcessor:
             self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
         self.sinks.flush()
         offsets = self.offsets.committable()
-        blobs = ray.get([w.snapshot.remote() for w in self.workers])
-        states = dict(zip(self.worker_names, blobs))
+        states = self.pool.snapshot()
         version = self.checkpointer.write(states, offsets, reason, self.summary.checkpoint_metrics())
         if version is None:
             return None
@@ -391,7 +373,8 @@ class StreamProcessor:
         if self.monitor is not None and self.monitor.passes():
             store = self.checkpointer.store
             try:
-                store.tag_version(version, "window_adapted_loss", repr(self.monitor.reference_loss))
+                if self.monitor.reference_loss is not None:
+                    store.record_reference_loss(version, self.monitor.reference_loss)
                 store.set_alias(LAST_GOOD, version)
             except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good stays
                 log.warning("could not move %s to v%s: %s", LAST_GOOD, version, err)
@@ -437,7 +420,8 @@ class StreamProcessor:
             self.sinks.alert({"type": "rollback_failed", "stream": self.stream, "to": target, "error": str(err),
                               "request_id": request_id, "time": time.time()})
             return None
-        ray.get([w.restore.remote(checkpoint.states.get(name, [])) for w, name in zip(self.workers, self.worker_names)])
+        for w, name in enumerate(self.worker_names):
+            self.pool.restore(w, checkpoint.states.get(name, []))
         serving_s, served_at = time.monotonic() - started, time.time()
         after_breach = None if cause == "manual" else self.summary.documents - self._breach_at_documents
         self.sinks.flush()

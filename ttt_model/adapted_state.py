@@ -33,7 +33,7 @@ class AdaptedState:
                 for part in ("m_A", "v_A", "m_B", "v_B"):
                     getattr(adapter, part).zero_()
             self.slow.steps = self.slow.tokens = self.slow.replay_next = 0
-            self.slow.replay = None
+            self.slow.replay = self.slow.signature = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         tensors = self.fast.state_dict()

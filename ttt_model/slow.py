@@ -22,6 +22,7 @@ import hashlib
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ttt_model.objectives import next_token_loss
+from ttt_model.patch import static_mode
 
 # The gated MLP's projections: on the domain streams of bench/domain_stream.py they gave more
 # gain per unit of forgetting than attention + MLP (README, "Continual learning").
@@ -56,6 +58,18 @@ class SlowConfig:
     max_grad_norm: float | None = 1.0
     # Earlier full chunks kept and trained on again with each new chunk (0: no replay).
     replay_chunks: int = 0
+    # Rehearsal: documents of the text the base model was trained on (a JSONL file of
+    # {"id", "text"}), cut into chunks; one chunk joins each slow step, so that the adaptation
+    # is also held to what the stream does not show (forgetting). None: no rehearsal.
+    rehearsal_path: str | None = None
+    rehearsal_chunks: int = 64
+    rehearsal_every: int = 1  # slow steps per rehearsed chunk (2: faster, a little more forgetting)
+    # per_key scope: a new key starts from the slow weights of the existing key whose first
+    # document is most like its own (cosine of the base model's mean last hidden state over the
+    # first chunk), when that similarity is at least ``reuse_min_similarity``; else from the base.
+    # Off by default: it carries what one key's documents taught into another key's model.
+    reuse_nearest_key: bool = False
+    reuse_min_similarity: float = 0.0
     # Tokens per slow step; None: the TTT chunk size (the fast weights' own granularity).
     chunk_tokens: int | None = None
     seed: int = 0
@@ -72,6 +86,11 @@ class SlowConfig:
             ("max_delta_ratio", self.max_delta_ratio is None or self.max_delta_ratio > 0),
             ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0),
             ("replay_chunks", isinstance(self.replay_chunks, int) and self.replay_chunks >= 0),
+            ("rehearsal_path", self.rehearsal_path is None or (isinstance(self.rehearsal_path, str) and self.rehearsal_path)),
+            ("rehearsal_chunks", isinstance(self.rehearsal_chunks, int) and self.rehearsal_chunks >= 1),
+            ("rehearsal_every", isinstance(self.rehearsal_every, int) and self.rehearsal_every >= 1),
+            ("reuse_nearest_key", isinstance(self.reuse_nearest_key, bool)),
+            ("reuse_min_similarity", isinstance(self.reuse_min_similarity, (int, float)) and -1 <= self.reuse_min_similarity <= 1),
             ("chunk_tokens", self.chunk_tokens is None or self.chunk_tokens >= 2),
         ]
         for name, ok in checks:
@@ -126,6 +145,8 @@ class AdapterTensors:
 class SlowState:
     """The slow weights of one stream (or one key): adapters, optimiser moments, replay buffer."""
 
+    OPTIONAL = ("replay", "signature")
+
     def __init__(self, adapters: dict[str, AdapterTensors], steps: int = 0, tokens: int = 0,
                  replay: torch.Tensor | None = None, replay_next: int = 0):
         self.adapters = adapters
@@ -133,6 +154,16 @@ class SlowState:
         self.tokens = tokens
         self.replay = replay  # (n, chunk) token ids of earlier chunks, or None
         self.replay_next = replay_next  # the ring buffer's next slot
+        # (hidden,) float32: the embedding of the key's first document (adapter reuse), or None
+        self.signature: torch.Tensor | None = None
+
+    def copy_from(self, other: "SlowState") -> None:
+        """Take ``other``'s adapters, optimiser moments and step counters (not its replay buffer,
+        which holds another key's text, nor its signature)."""
+        signature = self.signature
+        self.load_state_dict({k: v for k, v in other.state_dict().items()
+                              if k.removeprefix("slow.") not in self.OPTIONAL})
+        self.replay, self.replay_next, self.signature = None, 0, signature
 
     def state_dict(self, prefix: str = "slow.") -> dict[str, torch.Tensor]:
         tensors = {f"{prefix}counters": torch.tensor([self.steps, self.tokens, self.replay_next], dtype=torch.int64)}
@@ -141,12 +172,14 @@ class SlowState:
                 tensors[f"{prefix}{name}.{part}"] = getattr(adapter, part).detach().cpu().clone()
         if self.replay is not None:
             tensors[f"{prefix}replay"] = self.replay.cpu().clone()
+        if self.signature is not None:
+            tensors[f"{prefix}signature"] = self.signature.cpu().clone()
         return tensors
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], prefix: str = "slow.") -> None:
         """Replace the state with ``tensors`` (same adapters, same shapes), else ValueError."""
         expected = {f"{prefix}counters"} | {f"{prefix}{n}.{part}" for n in self.adapters for part in AdapterTensors.NAMES}
-        got = {k for k in tensors if k.startswith(prefix) and k != f"{prefix}replay"}
+        got = {k for k in tensors if k.startswith(prefix) and k.removeprefix(prefix) not in self.OPTIONAL}
         if got != expected:
             raise ValueError(f"slow-weight state does not fit these adapters: missing {sorted(expected - got)[:4]}, "
                              f"unexpected {sorted(got - expected)[:4]}")
@@ -160,9 +193,10 @@ class SlowState:
                 old = getattr(adapter, part)
                 setattr(adapter, part, tensors[f"{prefix}{name}.{part}"].to(device=old.device, dtype=old.dtype))
         self.steps, self.tokens, self.replay_next = (int(v) for v in tensors[f"{prefix}counters"])
-        replay = tensors.get(f"{prefix}replay")
+        replay, signature = tensors.get(f"{prefix}replay"), tensors.get(f"{prefix}signature")
         device = next(iter(self.adapters.values())).A.device
         self.replay = None if replay is None else replay.to(device)
+        self.signature = None if signature is None else signature.to(device)
 
     def delta_ratios(self, weights: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
         """||scale B A||_F / ||W_0||_F per adapted matrix."""
@@ -179,9 +213,11 @@ class SlowLearner:
     the model's adapters for the duration of a document with ``bound(state)``.
     """
 
-    def __init__(self, model: nn.Module, config: SlowConfig):
+    def __init__(self, model: nn.Module, config: SlowConfig, rehearsal: torch.Tensor | None = None):
         self.model = model
         self.config = config
+        # (n, chunk) token ids of the base model's own kind of text (``rehearsal_chunks``).
+        self.rehearsal = rehearsal
         self.modules = _target_linears(model, config)
         if not self.modules:
             raise ValueError(f"SlowConfig.targets: no linear module of the model matches {config.targets}")
@@ -250,6 +286,10 @@ class SlowLearner:
                         if state.replay is not None:
                             replayed = state.replay[state.steps % state.replay.shape[0]][None]
                             losses.append(next_token_loss(self.model(input_ids=replayed).logits, replayed))
+                        every = self.config.rehearsal_every
+                        if self.rehearsal is not None and state.steps % every == 0:
+                            rehearsed = self.rehearsal[(state.steps // every) % self.rehearsal.shape[0]][None]
+                            losses.append(next_token_loss(self.model(input_ids=rehearsed).logits, rehearsed))
                         self._step(state, torch.stack(losses).mean())
                         state.tokens += piece.shape[1]
                 finally:
@@ -296,6 +336,27 @@ class SlowLearner:
             state.replay[state.replay_next] = chunk
             state.replay_next = (state.replay_next + 1) % self.config.replay_chunks
 
+    # -- adapter reuse -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def signature(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """A cheap embedding of a document: the base model's (TTT off, no slow weights) mean last
+        hidden state over ``input_ids`` (1, L), float32 (hidden,)."""
+        with self.disabled(), static_mode(self.model):
+            out = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1][0].float().mean(0)
+
+    @staticmethod
+    def nearest(signature: torch.Tensor, candidates: dict[str, torch.Tensor]) -> tuple[str, float] | None:
+        """The candidate key with the highest cosine similarity to ``signature`` (ties: the
+        smallest key, so that a replayed stream chooses the same), or None without candidates."""
+        best = None
+        for key in sorted(candidates):
+            similarity = float(torch.nn.functional.cosine_similarity(signature, candidates[key].to(signature), dim=0))
+            if best is None or similarity > best[1]:
+                best = (key, similarity)
+        return best
+
     # -- the static model ----------------------------------------------------------------------
 
     @contextmanager
@@ -317,6 +378,22 @@ class SlowLearner:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         self.deltas = {}
         return self.model
+
+
+def rehearsal_chunks(path: str | Path, tokenizer, chunk_tokens: int, count: int) -> torch.Tensor:
+    """The first ``count`` full chunks of ``chunk_tokens`` tokens of the documents in ``path``
+    (JSONL), each document cut into chunks on its own: (count, chunk_tokens) token ids."""
+    from ttt_model.data import load_documents
+
+    chunks: list[list[int]] = []
+    for doc in load_documents(path):
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        chunks += [ids[i : i + chunk_tokens] for i in range(0, len(ids) - chunk_tokens + 1, chunk_tokens)]
+        if len(chunks) >= count:
+            return torch.tensor(chunks[:count], dtype=torch.long)
+    if not chunks:
+        raise ValueError(f"SlowConfig.rehearsal_path: {path} has no document of {chunk_tokens} tokens or more")
+    return torch.tensor(chunks, dtype=torch.long)
 
 
 def _target_linears(model: nn.Module, config: SlowConfig) -> dict[str, nn.Linear]:

@@ -66,3 +66,30 @@ def test_base_loss_sampling_is_a_stable_function_of_the_id():
     assert 400 < len(picked) < 600
     assert picked == [i for i in ids if sampled(i, 0.25)]
     assert not any(sampled(i, 0.0) for i in ids) and all(sampled(i, 1.0) for i in ids)
+
+
+def test_a_new_key_starts_from_the_slow_weights_of_the_nearest_key(tmp_path):
+    code = (Path(__file__).parents[2] / "ttt_model" / "slow.py").read_text()[:4000]
+    slow = {"enabled": True, "lr": 3e-3, "reuse_nearest_key": True}
+    w = worker(tmp_path / "a", scope="per_key", max_keys_in_memory=1, slow=slow)
+    first = [w.process(DocumentTask(i, text, key=key)) for i, text, key in
+             (("1", TEXT[:3000], "prose"), ("2", code, "code"), ("3", TEXT[3000:], "prose"))]
+    assert [o.reused_from for o in first] == [None, "prose", None]  # "code" had one candidate only
+    assert w.states.spills >= 2 and set(w.states.signatures()) == {"prose", "code"}
+    before = w.snapshot()
+
+    # A new key whose first document is prose starts where "prose" is: it reads that document
+    # exactly as the key "prose" itself would.
+    new = w.process(DocumentTask("4", TEXT[1000:4000], key="prose-2"))
+    assert new.reused_from == "prose" and new.state_version == 1
+    same = worker(tmp_path / "b", scope="per_key", slow=slow)
+    same.restore(before)
+    assert set(same.states.signatures()) == {"prose", "code"}  # checkpointed with the states
+    assert same.process(DocumentTask("4", TEXT[1000:4000], key="prose")).loss == new.loss
+    # With a similarity bar no key reaches, it starts from the base model as before.
+    strict = worker(tmp_path / "c", scope="per_key", slow={**slow, "reuse_min_similarity": 1.0})
+    strict.restore(before)
+    alone = strict.process(DocumentTask("4", TEXT[1000:4000], key="prose-2"))
+    base = worker(tmp_path / "d", scope="per_key", slow={**slow, "reuse_nearest_key": False})
+    assert alone.reused_from is None and alone.loss == base.process(DocumentTask("4", TEXT[1000:4000], key="x")).loss
+    assert alone.loss > new.loss

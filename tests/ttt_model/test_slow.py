@@ -179,3 +179,23 @@ def test_states_and_configs_refuse_what_does_not_fit():
     other = SlowLearner(ttt_model(), SlowConfig(rank=3)).new_state()
     with pytest.raises(ValueError, match="shape"):
         other.load_state_dict(with_slow.slow.state_dict())
+
+
+def test_rehearsal_holds_the_adaptation_to_the_rehearsed_text():
+    stream = torch.arange(6 * CHUNK)[None] % 7  # a stream unlike anything else: one short pattern
+    rehearsed = torch.randint(50, 101, (3, CHUNK), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for every in (None, 1, 2):
+        model = ttt_model(seed=8)
+        cfg = SlowConfig(enabled=True, lr=0.05, l2_to_base=0.0, rehearsal_every=every or 1)
+        learner = SlowLearner(model, cfg, rehearsed if every else None)
+        state = learner.new_state()
+        learner.read(TTTSession(model), stream, state, CHUNK)
+        with learner.bound(state), torch.no_grad():
+            losses[every] = float(next_token_loss(model(input_ids=rehearsed).logits, rehearsed))
+    with torch.no_grad():
+        base = float(next_token_loss(ttt_model(seed=8)(input_ids=rehearsed).logits, rehearsed))
+    # Learning the stream alone makes the rehearsed text worse; rehearsing it (every step or
+    # every second step) keeps its loss lower.
+    assert losses[None] > base
+    assert losses[1] < losses[None] and losses[2] < losses[None]

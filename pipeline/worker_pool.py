@@ -1,0 +1,111 @@
+"""The workers as the stream processor sees them: a pool it submits documents to.
+
+The processor's run loop (``pipeline.processor``) knows nothing of Ray: it submits a document
+to worker ``w``, waits for handles, reads outcomes (or the failure of a worker), snapshots and
+restores states, and waits for a restarted worker. ``RayWorkerPool`` is that interface over
+``actors.worker.WorkerActor`` handles; unit tests use an in-process pool of their own.
+
+Failures, as the processor must tell them apart:
+
+- ``WorkerDied``: the worker process is gone, with every document it held (Ray restarts it);
+- ``ContextParallelFailure``: the worker is alive but a context-parallel read of this document
+  failed (a member died); the worker may have learned part of the document;
+- ``DocumentFailed``: the worker raised on this document; the document is at fault.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Hashable, Protocol
+
+import ray
+
+from actors.cp_group import ContextParallelFailure
+from actors.document_worker import DocumentOutcome, DocumentTask
+from actors.state_store import StateBlob
+
+__all__ = ["ContextParallelFailure", "DocumentFailed", "RayWorkerPool", "WorkerDied", "WorkerPool"]
+
+
+class WorkerDied(RuntimeError):
+    """The worker holding a document died; every document submitted to it failed with it."""
+
+
+class DocumentFailed(RuntimeError):
+    """The worker raised while reading one document (``cause``: what it raised)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
+class WorkerPool(Protocol):
+    """Worker ``w`` reads the documents submitted to it one at a time, in submission order."""
+
+    names: list[str]
+
+    def submit(self, worker: int, task: DocumentTask) -> Hashable:
+        """Send ``task`` to ``worker``; returns a handle for ``wait`` and ``result``."""
+
+    def wait(self, handles: list[Hashable], timeout_s: float, every: bool = False) -> list[Hashable]:
+        """The handles that are done: as soon as one is (all of them with ``every``), plus
+        whatever else is done by then; [] after ``timeout_s``."""
+
+    def result(self, handle: Hashable) -> DocumentOutcome:
+        """The outcome of a done handle, else WorkerDied, ContextParallelFailure or DocumentFailed."""
+
+    def snapshot(self) -> dict[str, list[StateBlob]]:
+        """Every worker's states, after every document submitted before this call."""
+
+    def restore(self, worker: int, blobs: list[StateBlob]) -> None:
+        """Replace ``worker``'s states with ``blobs`` (after what was submitted before)."""
+
+    def wait_ready(self, worker: int, timeout_s: float) -> bool:
+        """Block until ``worker`` answers (a restarted one: its model loaded); False if it does
+        not within ``timeout_s``."""
+
+
+class RayWorkerPool:
+    """``WorkerPool`` over WorkerActor handles (restarted by Ray after a crash)."""
+
+    def __init__(self, actors: list, names: list[str]):
+        self.actors = actors
+        self.names = names
+
+    def submit(self, worker: int, task: DocumentTask):
+        return self.actors[worker].process.remote(task)
+
+    def wait(self, handles: list, timeout_s: float, every: bool = False) -> list:
+        if not handles:
+            return []
+        ready, rest = ray.wait(handles, num_returns=len(handles) if every else 1, timeout=timeout_s)
+        if ready and rest:
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        return ready
+
+    def result(self, handle) -> DocumentOutcome:
+        try:
+            return ray.get(handle, timeout=0)
+        except ray.exceptions.RayActorError as err:
+            raise WorkerDied(str(err)) from None
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, ContextParallelFailure):
+                raise err.cause from None
+            raise DocumentFailed(err.cause) from None
+
+    def snapshot(self) -> dict[str, list[StateBlob]]:
+        return dict(zip(self.names, ray.get([a.snapshot.remote() for a in self.actors])))
+
+    def restore(self, worker: int, blobs: list[StateBlob]) -> None:
+        ray.get(self.actors[worker].restore.remote(blobs))
+
+    def wait_ready(self, worker: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actors[worker].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return True
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                # Restarting (or out of restarts, which only the deadline tells apart here).
+                time.sleep(0.5)
+        return False

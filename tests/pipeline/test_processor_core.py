@@ -1,0 +1,246 @@
+"""The processor's run loop without Ray, Kafka or MLflow: a worker dies, MLflow goes away, the
+monitor rolls back. In-process fakes stand in for the worker pool, the topic, the sinks and the
+model registry; the StreamProcessor, StreamCheckpointer, OffsetTracker and DegradationMonitor
+are the real ones. (The full stack runs the same sequences in test_recovery.py,
+test_mlflow_outage.py and test_monitor_rollback.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from actors.document_worker import DocumentOutcome, DocumentTask
+from actors.state_store import StateBlob
+from pipeline.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
+from pipeline.config import CheckpointConfig, MonitorConfig, ProcessorConfig
+from pipeline.monitor import DegradationMonitor
+from pipeline.processor import StreamProcessor
+from pipeline.worker_pool import WorkerDied
+
+TOPIC = "docs"
+
+
+class FakeWorker:
+    """Its state is the ids it has read, in order; a document's loss is 1 + the state's length
+    (0.01 per id), and 9 for a document whose text is "poison"."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.read: list[str] = []
+
+    def process(self, task: DocumentTask) -> DocumentOutcome:
+        self.read.append(task.id)
+        loss = 9.0 if task.text == "poison" else 1.0 + 0.01 * len(self.read)
+        return DocumentOutcome(task.id, ok=True, tokens=10, loss=loss, worker=self.name)
+
+    def snapshot(self) -> list[StateBlob]:
+        data = json.dumps(self.read).encode()
+        return [StateBlob("__global__", data, hashlib.sha256(data).hexdigest(), len(self.read))]
+
+    def restore(self, blobs: list[StateBlob]) -> None:
+        self.read = json.loads(blobs[0].data) if blobs else []
+
+
+class FakePool:
+    """Runs each document when it is submitted; ``kill(w, after=n)`` makes worker ``w`` die on
+    its n-th next document: that call and every later one fails until the pool is waited on for
+    readiness, which brings it back with an empty state (a restarted actor)."""
+
+    def __init__(self, n: int):
+        self.names = [f"s-worker-{i}" for i in range(n)]
+        self.workers = [FakeWorker(name) for name in self.names]
+        self.dead = [False] * n
+        self.die_in = [None] * n
+        self.outcomes = {}
+        self.handles = itertools.count()
+        self.restarts = 0
+
+    def kill(self, w: int, after: int) -> None:
+        self.die_in[w] = after
+
+    def submit(self, w, task):
+        handle = next(self.handles)
+        if self.die_in[w] is not None:
+            self.die_in[w] -= 1
+            if self.die_in[w] == 0:
+                self.dead[w], self.die_in[w] = True, None
+        self.outcomes[handle] = WorkerDied("killed") if self.dead[w] else self.workers[w].process(task)
+        return handle
+
+    def wait(self, handles, timeout_s, every=False):
+        return list(handles)
+
+    def result(self, handle):
+        outcome = self.outcomes.pop(handle)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def snapshot(self):
+        return {name: w.snapshot() for name, w in zip(self.names, self.workers)}
+
+    def restore(self, w, blobs):
+        self.workers[w].restore(blobs)
+
+    def wait_ready(self, w, timeout_s):
+        if self.dead[w]:
+            self.dead[w], self.workers[w] = False, FakeWorker(self.names[w])
+            self.restarts += 1
+        return True
+
+
+class FakeSource:
+    """Partitions of records; poll returns them in order, one partition after the other per call."""
+
+    def __init__(self, documents: dict[int, list[dict]]):
+        self.records = {p: [ConsumerRecord(TOPIC, p, None, o, 0, 0, None, json.dumps(d).encode(), [], None, -1, -1, -1)
+                            for o, d in enumerate(docs)] for p, docs in documents.items()}
+        self.position = {p: 0 for p in documents}
+        self.commits: list[dict[int, int]] = []
+
+    def poll(self, timeout_ms, max_records):
+        out = []
+        for p in sorted(self.records):
+            while len(out) < max_records and self.position[p] < len(self.records[p]):
+                out.append(self.records[p][self.position[p]])
+                self.position[p] += 1
+        return out
+
+    def seek(self, offsets):
+        self.position.update(offsets)
+
+    def commit(self, offsets):
+        self.commits.append(dict(offsets))
+
+
+class FakeSinks:
+    def __init__(self):
+        self.results, self.alerts, self.dead_letters = [], [], []
+
+    def result(self, message):
+        self.results.append(message)
+
+    def alert(self, message):
+        self.alerts.append(message)
+
+    def dead_letter(self, value, key, headers):
+        self.dead_letters.append(value)
+
+    def metrics(self, message):
+        pass
+
+    def flush(self, timeout_s=30.0):
+        pass
+
+
+class FakeStore:
+    """Versions in a dict; the first ``down_for`` writes fail, as they do while MLflow is out of reach."""
+
+    def __init__(self, down_for: int = 0):
+        self.versions: dict[str, Checkpoint] = {}
+        self.aliases: dict[str, str] = {}
+        self.reference: dict[str, float] = {}
+        self.down_for = down_for  # writes that fail before MLflow is back
+        self.on_failure = lambda: None
+
+    def save(self, request):
+        if self.down_for:
+            self.down_for -= 1
+            self.on_failure()
+            raise ConnectionError("MLflow is down")
+        version = str(len(self.versions) + 1)
+        manifest = {"offsets": {"topic": request.topic, "partitions": {str(p): o for p, o in request.offsets.items()}},
+                    "documents": request.documents, "reason": request.reason, "tags": request.tags}
+        self.versions[version] = Checkpoint(version, manifest, request.states)
+        self.aliases[LIVE] = version
+        return version
+
+    def resolve(self, ref):
+        return self.aliases.get(ref, ref if ref in self.versions else None)
+
+    def load(self, ref):
+        return self.versions[self.resolve(ref)]
+
+    def set_alias(self, alias, version):
+        self.aliases[alias] = version
+
+    def record_reference_loss(self, version, loss):
+        self.reference[version] = loss
+
+
+def documents(partitions: int, per_partition: int, poison: set[str] = frozenset()) -> dict[int, list[dict]]:
+    return {p: [{"id": f"p{p}-{i:03d}", "text": "poison" if f"p{p}-{i:03d}" in poison else "text"}
+                for i in range(per_partition)] for p in range(partitions)}
+
+
+def processor(docs, store=None, every=5, monitor=None, **config):
+    cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=every, every_seconds=3600, retry_initial_s=0.001,
+                                                      retry_max_s=0.001, max_pending_documents=config.pop("max_pending", 1000)),
+                          poll_timeout_ms=1, **config)
+    pool, source, sinks = FakePool(len(docs)), FakeSource(docs), FakeSinks()
+    checkpointer = None
+    if store is not None:
+        checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {p: 0 for p in docs})
+    proc = StreamProcessor(cfg, source, sinks, pool, {p: p for p in docs}, stream="s", checkpointer=checkpointer,
+                           start_offsets={p: 0 for p in docs}, monitor=monitor)
+    return proc, pool, source, sinks
+
+
+def test_a_dead_worker_is_restored_from_the_checkpoint_and_its_partition_read_again_exactly_once():
+    docs = documents(2, 23)
+    straight, pool_a, _, _ = processor(docs, store=FakeStore())
+    straight.run(until_idle_s=0.05)
+
+    crashed, pool, source, sinks = processor(docs, store=FakeStore())
+    pool.kill(0, after=15)  # its 15th document: after a checkpoint, before the next
+    summary = crashed.run(until_idle_s=0.05)
+
+    assert pool.restarts == 1 and summary.retries >= 1
+    # States exactly once: what each worker has read is what it read without the crash.
+    assert [w.read for w in pool.workers] == [w.read for w in pool_a.workers]
+    assert pool.workers[0].read == [d["id"] for d in docs[0]]
+    # Results at least once: every id; the re-read ones twice.
+    ids = [r["id"] for r in sinks.results]
+    assert set(ids) == {d["id"] for p in docs.values() for d in p} and len(ids) > 46
+    assert source.commits[-1] == {0: 23, 1: 23}
+    assert crashed.checkpointer.store.load(LIVE).manifest["offsets"]["partitions"] == {"0": 23, "1": 23}
+
+
+def test_while_mlflow_is_down_nothing_is_committed_and_reading_pauses_at_the_backlog():
+    docs = documents(1, 40)
+    store = FakeStore(down_for=30)
+    proc, pool, source, sinks = processor(docs, store=store, every=4, max_pending=10)
+    seen = []  # at every failed write: commits so far, documents waiting, records read
+    store.on_failure = lambda: seen.append((len(source.commits), proc.checkpointer.pending_documents, source.position[0]))
+    proc.run(until_idle_s=0.5)
+
+    assert len(seen) == 30 and all(commits == 0 for commits, _, _ in seen)
+    # Reading paused once 10 documents waited; what was already queued (a poll's budget of
+    # 2 x max_in_flight_per_worker) still finished.
+    assert 10 <= max(pending for _, pending, _ in seen) <= 14 and max(read for _, _, read in seen) <= 14
+    assert pool.workers[0].read == [d["id"] for d in docs[0]]  # nothing lost, nothing twice
+    assert source.commits[-1] == {0: 40} and store.load(LIVE).manifest["documents"] == 40
+
+
+def test_a_poisoned_burst_is_rolled_back_to_last_good_with_its_loss_as_a_number():
+    poison = {f"p0-{i:03d}" for i in range(20, 24)}
+    docs = documents(1, 30, poison)
+    store = FakeStore()
+    monitor = DegradationMonitor(MonitorConfig(window_documents=4, min_documents=2, max_loss_over_base=None,
+                                               max_loss_jump=0.5))
+    proc, pool, source, sinks = processor(docs, store=store, every=5, monitor=monitor)
+    proc.run(until_idle_s=0.05)
+
+    rollbacks = [a for a in sinks.alerts if a["type"] == "rollback"]
+    assert rollbacks and rollbacks[0]["cause"] == "loss_jump" and rollbacks[0]["documents_after_breach"] <= 5
+    good = rollbacks[0]["to"]
+    assert isinstance(store.reference[good], float) and store.reference[good] < 2.0  # the window before the burst
+    # The workers went back to last-good's state: the burst's documents were read but forgotten.
+    assert not poison & set(pool.workers[0].read)
+    rolled = store.load(rollbacks[0]["version"])
+    assert rolled.manifest["reason"] == "rollback" and rolled.states == store.load(good).states
+    # last-good only ever moved to versions whose window passed: none holds a poisoned document.
+    assert not poison & set(json.loads(store.load(LAST_GOOD).states["s-worker-0"][0].data))
