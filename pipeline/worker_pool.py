@@ -92,6 +92,8 @@ class RayWorkerPool:
             if isinstance(err.cause, ContextParallelFailure):
                 raise err.cause from None
             raise DocumentFailed(err.cause) from None
+        except ray.exceptions.RayError as err:  # the result is lost with its worker (object or owner gone)
+            raise WorkerDied(str(err)) from None
 
     def snapshot(self) -> dict[str, list[StateBlob]]:
         return dict(zip(self.names, ray.get([a.snapshot.remote() for a in self.actors])))

@@ -47,8 +47,12 @@ def stream_config(stack: AppConfig, tmp_path, **processor) -> AppConfig:
     kafka = stack.kafka.model_copy(update={"topics": topics, "group_id": f"test-{run}"})
     settings = {"workers": 2, "worker_num_cpus": 0.5, "spill_dir": tmp_path / "spill", "commit_interval_s": 1.0,
                 "status_interval_s": 2.0, "poll_timeout_ms": 100, **processor}
+    # Rehearsal every fourth slow step instead of every step: the stack tests check the pipeline,
+    # not how much the model forgets, and CI has 2 cores.
+    slow = {**stack.model.slow, "rehearsal_every": 4} if stack.model.slow_enabled else stack.model.slow
     return stack.model_copy(update={
         "kafka": kafka,
+        "model": stack.model.model_copy(update={"slow": slow}),
         "processor": stack.processor.model_copy(update=settings),
         "stream": stack.stream.model_copy(update={"name": f"s{run}"}),
     })
