@@ -149,14 +149,18 @@ class DocumentWorker:
         self.busy_s = 0.0
         self.parallel_windows = 0
 
+    @property
+    def slow_chunk_tokens(self) -> int:
+        """Tokens per slow step: the slow config's, else the TTT chunk (the fast weights' own)."""
+        return self.slow_config.chunk_tokens or ttt_config_of(self.model).chunk_size
+
     def _rehearsal(self) -> torch.Tensor | None:
         cfg = self.slow_config
-        if not cfg.enabled or cfg.rehearsal_path is None:
+        if cfg.rehearsal_path is None:
             return None
         if not Path(cfg.rehearsal_path).is_file():
             raise FileNotFoundError(f"model.slow.rehearsal_path: {cfg.rehearsal_path} does not exist (cwd {os.getcwd()})")
-        chunk = cfg.chunk_tokens or ttt_config_of(self.model).chunk_size
-        return rehearsal_chunks(cfg.rehearsal_path, self.tokenizer, chunk, cfg.rehearsal_chunks).to(self.device)
+        return rehearsal_chunks(cfg.rehearsal_path, self.tokenizer, self.slow_chunk_tokens, cfg.rehearsal_chunks).to(self.device)
 
     def new_state(self) -> AdaptedState:
         """A state equal to the base model, for a new scope key."""
@@ -232,7 +236,7 @@ class DocumentWorker:
         cfg = self.slow_config
         if self.slow is None or not cfg.reuse_nearest_key or self.spec.scope != "per_key" or key in self.states:
             return self.states.get(key), None
-        signature = self.slow.signature(ids[:, : cfg.chunk_tokens or ttt_config_of(self.model).chunk_size])
+        signature = self.slow.signature(ids[:, : self.slow_chunk_tokens])
         nearest = self.slow.nearest(signature, self.states.signatures())
         source = self.states.peek(nearest[0]).slow if nearest and nearest[1] >= cfg.reuse_min_similarity else None
         scoped = self.states.get(key)
@@ -251,8 +255,7 @@ class DocumentWorker:
             # chunk) carry over, which is how a TTT model reads past its attention span.
             session.reset(keep_state=True)
             if self.slow is not None:
-                chunk = self.slow_config.chunk_tokens or session.config.chunk_size
-                nll.append(self.slow.read(session, window, adapted.slow, chunk)[0, 1:])
+                nll.append(self.slow.read(session, window, adapted.slow, self.slow_chunk_tokens)[0, 1:])
             elif self.long_reader is not None and window.shape[1] >= self.spec.context_parallel_min_tokens:
                 nll.append(self._read_in_parallel(session, state, window))
             else:

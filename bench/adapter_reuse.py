@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from domain_stream import parse_overrides, prepare  # noqa: E402
 
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec  # noqa: E402
-from ttt_model.patch import ttt_config_of  # noqa: E402
 
 
 def main() -> None:
@@ -83,8 +82,7 @@ def main() -> None:
     signatures = reusing.states.signatures()
     for key, rows in new.items():
         ids = torch.tensor(tokenizer(rows[0].text, add_special_tokens=False)["input_ids"], device=reusing.device)[None]
-        chunk = slow.get("chunk_tokens") or ttt_config_of(reusing.model).chunk_size
-        own = reusing.slow.signature(ids[:, :chunk])
+        own = reusing.slow.signature(ids[:, : reusing.slow_chunk_tokens])
         similarity = {k: float(torch.nn.functional.cosine_similarity(own, s, dim=0)) for k, s in signatures.items()}
         outcomes = {}
         for label, w in (("reuse", reusing), ("base", fresh)):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ttt_model.data import load_documents
 from ttt_model.objectives import next_token_loss
 from ttt_model.patch import static_mode
 
