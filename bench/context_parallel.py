@@ -50,7 +50,7 @@ def sync(device: torch.device) -> None:
 
 
 def single(args) -> dict:
-    from ttt_model.state import FastWeightState
+    from ttt_model import FastWeightState, ttt_forward
 
     device = torch.device(args.device if args.device == "cpu" else "cuda:0")
     torch.set_num_threads(args.threads)
@@ -59,13 +59,11 @@ def single(args) -> dict:
     times = []
     for i in range(args.warmup + args.repeats):
         state = FastWeightState.for_model(model)
-        model.ttt_runtime.state = state
         sync(device)
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), ttt_forward(state=state):
             last = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
         sync(device)
-        model.ttt_runtime.state = None
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     from safetensors.torch import save_file

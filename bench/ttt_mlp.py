@@ -15,7 +15,6 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
 from ttt_model.config import TTTConfig
 from ttt_model.layer import InPlaceTTTMLP
-from ttt_model.patch import TTTRuntime
 
 
 def time_per_call(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -47,7 +46,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     base = Qwen3MLP(Qwen3Config(hidden_size=args.hidden, intermediate_size=args.intermediate))
     base = base.to(args.device, dtype)
-    ttt = InPlaceTTTMLP(base, TTTConfig(chunk_size=args.chunk), 0, TTTRuntime())
+    ttt = InPlaceTTTMLP(base, TTTConfig(chunk_size=args.chunk), 0)
     with torch.no_grad():
         ttt.ttt_conv.weight.normal_(0, 0.02)
     activity = ProfilerActivity.CUDA if args.device.startswith("cuda") else ProfilerActivity.CPU

@@ -215,19 +215,15 @@ class AppConfig(_Section):
         from ttt_model.config import TTTConfig
 
         if self.model.slow_enabled:
+            # A slow step follows every chunk of the document: the ranks could not read their
+            # segments at the same time.
             raise ValueError("processor.context_parallel does not read with slow weights: "
                              "set model.slow.enabled: false to use it")
-        # A model trained with a safeguard keeps it in its config.json; model.ttt overrides that.
-        overrides = self.model.ttt
         ttt = TTTConfig.from_dict(self.model.effective_ttt())
-        # The exclusive scan of chunk updates has no place for per-chunk clipping or decay.
-        offending = ttt.safeguards or (["objective"] if ttt.objective != "in_place" else [])
-        if offending:
-            where = [f"model.ttt.{f}" if f in overrides else f"{self.model.path}/config.json ttt.{f}" for f in offending]
-            hint = "" if all(f in overrides for f in offending) else " (set them to null in model.ttt to read without)"
-            raise ValueError(
-                f"processor.context_parallel needs the in_place objective without safeguards; set by {where}{hint}"
-            )
+        if ttt.objective != "in_place":
+            where = "model.ttt.objective" if "objective" in self.model.ttt else f"{self.model.path}/config.json ttt.objective"
+            raise ValueError(f"processor.context_parallel needs the in_place objective (the gradient objective "
+                             f"trains between chunks); set by {where}")
         if self.processor.context_parallel.min_tokens > self.processor.max_document_tokens:
             raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "
                              "no window would reach the group")

@@ -1,6 +1,7 @@
 """In-Place Test-Time Training for Hugging Face causal LMs (pure torch + transformers)."""
 
 from ttt_model.config import TTTConfig
+from ttt_model.forward_call import TTTCall, ttt_forward
 from ttt_model.layer import InPlaceTTTMLP
 from ttt_model.patch import (
     SUPPORTED_FAMILIES, configure_ttt, disable_ttt, enable_ttt, has_ttt, load_ttt_model, ttt_config_of,
@@ -15,6 +16,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "StateIntegrityError",
     "StepOutput",
+    "TTTCall",
     "TTTConfig",
     "TTTSession",
     "configure_ttt",
@@ -23,4 +25,5 @@ __all__ = [
     "has_ttt",
     "load_ttt_model",
     "ttt_config_of",
+    "ttt_forward",
 ]

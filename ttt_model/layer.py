@@ -22,17 +22,16 @@ The same loop serves the parallel form (a whole sequence, no state) and the stre
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ttt_model.config import TTTConfig
-from ttt_model.state import LayerFastWeights, accumulator_dtype, apply_update
-
-if TYPE_CHECKING:
-    from ttt_model.patch import TTTRuntime
+from ttt_model.forward_call import current_call
+from ttt_model.state import LayerFastWeights
+from ttt_model.update_rule import FastWeightWalk
 
 
 class InPlaceTTTMLP(nn.Module):
@@ -40,7 +39,7 @@ class InPlaceTTTMLP(nn.Module):
 
     is_ttt_mlp = True
 
-    def __init__(self, mlp: nn.Module, config: TTTConfig, layer_idx: int, runtime: "TTTRuntime"):
+    def __init__(self, mlp: nn.Module, config: TTTConfig, layer_idx: int):
         super().__init__()
         # Same attribute names as the wrapped MLP, so checkpoint keys stay the same.
         self.gate_proj = mlp.gate_proj
@@ -51,10 +50,9 @@ class InPlaceTTTMLP(nn.Module):
         self.intermediate_size = self.down_proj.in_features
         self.layer_idx = layer_idx
         self.config = config
-        # Plain attributes, not submodules: the wrapped MLP shares our parameters and the runtime
-        # is per-model context, neither belongs in the state dict.
+        # A plain attribute, not a submodule: the wrapped MLP shares our parameters.
         object.__setattr__(self, "base_mlp", mlp)
-        object.__setattr__(self, "runtime", runtime)
+        self._derived: dict[str, tuple[tuple[int, int], Any]] = {}
 
         d, weight = self.hidden_size, self.down_proj.weight
         self.ttt_conv = nn.Conv1d(
@@ -103,26 +101,37 @@ class InPlaceTTTMLP(nn.Module):
         return v.reshape(B * n, C + 2 * half, d)[:, half : half + C].reshape(B, n, C, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = current_call()
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (B, L, D)
-        fast = self.runtime.layer_state(self.layer_idx)
+        fast = None if call.state is None else call.state.layers[self.layer_idx]
         if self.config.objective == "gradient":
             # Dynamic evaluation: the fast weights are learned by the optimiser between chunks.
-            return self._project(h, None if fast is None else fast.delta)
-        t = x if self.config.target == "hidden_states" else self.runtime.target_embeddings(x)
-        if self.runtime.context_parallel is not None:
-            from ttt_model.parallel import apply_then_update_parallel
+            return self.walk(None if fast is None else fast.delta).serve(h)
+        t = x if self.config.target == "hidden_states" else call.target_embeddings(x)
+        if call.layer_rule is not None:
+            return call.layer_rule(self, h, t, fast)
+        return self.apply_then_update(h, t, fast, call.document_starts)
 
-            return apply_then_update_parallel(self, h, t, fast, self.runtime.context_parallel)
-        return self.apply_then_update(h, t, fast)
+    def walk(self, delta: torch.Tensor | None, general: bool = False) -> FastWeightWalk:
+        """This layer's running fast weights, starting from ``delta``."""
+        w0_norm = (
+            self.w0_norm()
+            if self.config.max_delta_ratio is not None else None
+        )
+        return FastWeightWalk(self.down_proj, self.config, delta, w0_norm, general)
 
     def apply_then_update(
-        self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None
+        self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None,
+        document_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given."""
+        """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given.
+
+        ``document_starts`` (B, n_chunks) bool: chunk k begins a new document in that row, so the
+        fast weights restart there (training on packed windows, whole windows only).
+        """
         L = h.shape[1]
         C = self.config.chunk_size
         r = 0 if fast is None else fast.tail_len
-        delta = None if fast is None else fast.delta  # sum of past dW, (B, d, D), fp32 or wider
         if r:
             # Prepend the unfinished chunk so that chunk borders fall on multiples of C.
             h_all, t_all = torch.cat([fast.tail_h, h], dim=1), torch.cat([fast.tail_t, t], dim=1)
@@ -132,17 +141,26 @@ class InPlaceTTTMLP(nn.Module):
         training_conv = torch.is_grad_enabled() and self.ttt_conv.weight.requires_grad
         if (
             not training_conv
-            and self.runtime.is_zero(self.layer_idx, self.ttt_conv.weight)
+            and self.conv_is_zero()
             and (fast is None or not fast.delta.any())
         ):
             # A zero conv makes every update zero: this is exactly the base MLP (fresh model).
             # Not while training: the zero-initialised conv must still receive its gradient.
-            out = F.linear(h, self.down_proj.weight, self.down_proj.bias)
+            out, delta = F.linear(h, self.down_proj.weight, self.down_proj.bias), None
         else:
+            if document_starts is not None and (r or fast is not None):
+                raise ValueError("document restarts apply to whole windows, not to a streaming state")
             values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
-            general = torch.is_grad_enabled() or self.config.has_safeguards or self.runtime.document_starts is not None
-            loop = self._chunk_loop if general else self._chunk_loop_inference
-            out, delta = loop(h_all, values, r, delta, keep_last=fast is not None)
+            walk = self.walk(None if fast is None else fast.delta, general=document_starts is not None)
+            outputs = []
+            for k, served, update_after in self._chunk_schedule(h_all.shape[1], r, keep_last=fast is not None):
+                if document_starts is not None:
+                    walk.restart(document_starts[:, k])
+                if served is not None:
+                    outputs.append(walk.serve(h_all[:, served]))
+                if update_after:
+                    walk.update(values[:, k], h_all[:, k * C : (k + 1) * C])
+            out, delta = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], walk.delta
 
         if fast is not None:
             fast.delta = delta if delta is not None else fast.delta
@@ -166,14 +184,36 @@ class InPlaceTTTMLP(nn.Module):
         C = self.config.chunk_size
         h = F.pad(fast.tail_h, (0, 0, 0, C - r))
         t = F.pad(fast.tail_t, (0, 0, 0, C - r))
-        update = torch.matmul(self.update_values(t)[:, 0].transpose(1, 2), h)  # (B, d, D)
-        w0_norm = (
-            self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
-            if self.config.max_delta_ratio is not None else None
-        )
-        fast.delta = apply_update(fast.delta, update, self.config, w0_norm)
+        walk = self.walk(fast.delta, general=True)  # one update: added to delta itself, no W_0 round trip
+        walk.update(self.update_values(t)[:, 0], h)
+        fast.delta = walk.delta
         fast.tail_h, fast.tail_t = fast.tail_h[:, :0], fast.tail_t[:, :0]
         fast.updates += 1
+
+    # -- quantities of the weights, cached until a weight changes --------------------------------
+
+    def conv_is_zero(self) -> bool:
+        """Whether the TTT conv is all zero (saves a device sync on every forward)."""
+        return self._cached("conv_zero", self.ttt_conv.weight, lambda w: not bool(w.any()))
+
+    def w0_norm(self) -> torch.Tensor:
+        """||W_down||_F, for the cap on ||delta|| / ||W_down||."""
+        return self._cached("w0_norm", self.down_proj.weight, lambda w: torch.linalg.matrix_norm(w.float()))
+
+    def _cached(self, what: str, weight: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
+        """``compute(weight)``, recomputed only when the weight is written or replaced.
+
+        Only parameters are cached: a parametrized weight (slow weights, ttt_model.slow) is a new
+        tensor at every access, whose address a later one may reuse with other values.
+        """
+        if not isinstance(weight, nn.Parameter):
+            return compute(weight.detach())
+        key = (weight._version, weight.data_ptr())
+        cached = self._derived.get(what)
+        if cached is None or cached[0] != key:
+            cached = (key, compute(weight.detach()))
+            self._derived[what] = cached
+        return cached[1]
 
     def _chunk_schedule(self, N: int, r: int, keep_last: bool):
         """For each chunk k of the N tokens (the first r already served): (k, slice of the
@@ -184,77 +224,3 @@ class InPlaceTTTMLP(nn.Module):
             lo, hi = max(k * C, r), min((k + 1) * C, N)
             # Without a state to keep, the last chunk's update would serve no token.
             yield k, slice(lo, hi) if hi > lo else None, k < n_full and (keep_last or k < n_chunks - 1)
-
-    def _chunk_loop(
-        self, h_all: torch.Tensor, values: torch.Tensor | None, r: int, delta: torch.Tensor | None, keep_last: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The general loop: out-of-place (differentiable), with the safeguards on every update."""
-        C = self.config.chunk_size
-        w0_norm = (
-            self.runtime.w0_norm(self.layer_idx, self.down_proj.weight)
-            if self.config.max_delta_ratio is not None else None
-        )
-        restarts = self.runtime.document_starts
-        if restarts is not None and (r or delta is not None):
-            raise ValueError("document restarts apply to whole windows, not to a streaming state")
-        outputs = []
-        for k, served, update_after in self._chunk_schedule(h_all.shape[1], r, keep_last):
-            if restarts is not None and delta is not None:
-                delta = delta * (~restarts[:, k]).to(delta.dtype)[:, None, None]
-            if served is not None:
-                outputs.append(self._project(h_all[:, served], delta))
-            if update_after:
-                update = torch.matmul(values[:, k].transpose(1, 2), h_all[:, k * C : (k + 1) * C])  # (B, d, D)
-                delta = apply_update(delta, update, self.config, w0_norm)
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], delta
-
-    @torch.no_grad()
-    def _chunk_loop_inference(
-        self, h_all: torch.Tensor, values: torch.Tensor | None, r: int, delta: torch.Tensor | None, keep_last: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The same loop for inference without safeguards, with fewer passes over d x D matrices.
-
-        It keeps the running weight W_0 + delta itself in the accumulator dtype, so each chunk
-        costs one cast to the model's dtype for its output and one fused multiply-accumulate for
-        its update (the GEMM adds into the float32 weight on CUDA), instead of five passes.
-        """
-        C = self.config.chunk_size
-        weight = self.down_proj.weight  # (d, D)
-        acc = accumulator_dtype(weight.dtype)
-        running = None if delta is None else weight.to(acc) + delta  # (B, d, D)
-        outputs = []
-        for k, served, update_after in self._chunk_schedule(h_all.shape[1], r, keep_last):
-            if served is not None:
-                if running is None:
-                    outputs.append(F.linear(h_all[:, served], weight, self.down_proj.bias))
-                else:
-                    outputs.append(self._linear_per_sequence(h_all[:, served], running.to(weight.dtype)))
-            if update_after:
-                if running is None:
-                    running = weight.to(acc).expand(h_all.shape[0], *weight.shape).clone()
-                running = multiply_accumulate(running, values[:, k].transpose(1, 2), h_all[:, k * C : (k + 1) * C])
-        delta = running - weight.to(acc) if keep_last and running is not None else None
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], delta
-
-    def _project(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-        """h (W_0 + delta)^T (+ bias), with W_0 folded in so it is one matrix product."""
-        weight = self.down_proj.weight  # (d, D)
-        if delta is None:
-            return F.linear(h, weight, self.down_proj.bias)
-        return self._linear_per_sequence(h, (weight + delta).to(h.dtype))
-
-    def _linear_per_sequence(self, h: torch.Tensor, fast_weight: torch.Tensor) -> torch.Tensor:
-        """h[b] @ fast_weight[b]^T (+ bias) for each sequence b: (B, c, D) x (B, d, D) -> (B, c, d)."""
-        # F.linear is the base model's kernel: a batch of one is a single plain matrix product.
-        if h.shape[0] == 1:
-            return F.linear(h[0], fast_weight[0], self.down_proj.bias)[None]
-        return torch.stack([F.linear(h[b], fast_weight[b], self.down_proj.bias) for b in range(h.shape[0])])
-
-
-def multiply_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc += a @ b, in place, for a wide ``acc`` and narrow a, b: fused into the GEMM where it can."""
-    if acc.dtype == a.dtype:
-        return acc.baddbmm_(a, b)
-    if acc.is_cuda:
-        return torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    return acc + torch.bmm(a, b).to(acc.dtype)

@@ -13,8 +13,9 @@ global ones), and each TTT layer combines the chunk updates across ranks by an e
 - each rank then walks its own chunks apply-then-update, exactly as the single-process loop does.
 
 After the forward the streaming state (dW and the unfinished chunk's tail) is the same on every
-rank. The per-update safeguards (clip, decay, cap) make the updates depend on one another in
-order, so they are not supported here.
+rank. The per-update safeguards (clip, decay, cap) make each update depend on the weights before
+it: then the ranks pass the running weights on in rank order, each stepping only its own chunk
+updates (elementwise work and norms, cheap next to attention), before serving in parallel.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from ttt_model.layer import multiply_accumulate
+from ttt_model.forward_call import ttt_forward
 from ttt_model.state import FastWeightState, LayerFastWeights, accumulator_dtype
+from ttt_model.update_rule import multiply_accumulate
 
 
 class CommunicationTimer:
@@ -232,25 +234,29 @@ def context_parallel_forward(model, input_ids: torch.Tensor, cp: ContextParallel
     """
     if input_ids.shape[1] != cp.lengths[cp.rank]:
         raise ValueError(f"rank {cp.rank} holds {cp.lengths[cp.rank]} tokens, got {input_ids.shape[1]}")
-    runtime = model.ttt_runtime
-    runtime.state, runtime.context_parallel = state, cp
     _register_attention()
-    try:
-        with torch.no_grad(), _attention_implementation(model, CP_ATTENTION):
-            return model(input_ids=input_ids, past_key_values=ContextParallelCache(cp), use_cache=True,
-                         logits_to_keep=logits_to_keep).logits
-    finally:
-        runtime.state, runtime.context_parallel = None, None
+
+    def layer_rule(mlp, h, t, fast):
+        return apply_then_update_parallel(mlp, h, t, fast, cp)
+
+    with torch.no_grad(), _attention_implementation(model, CP_ATTENTION), \
+            ttt_forward(state=state, layer_rule=layer_rule):
+        return model(input_ids=input_ids, past_key_values=ContextParallelCache(cp), use_cache=True,
+                     logits_to_keep=logits_to_keep).logits
 
 
 @torch.no_grad()
 def apply_then_update_parallel(mlp, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None,
                                cp: ContextParallelGroup) -> torch.Tensor:
     """The TTT MLP's down projection for this rank's tokens, with fast weights from all chunks
-    before each token's chunk, wherever they were computed."""
+    before each token's chunk, wherever they were computed.
+
+    Without safeguards the chunk updates simply add up, so each rank's starting weights are one
+    all-gathered sum. With them (clip, decay, cap) each update depends on the weights before it:
+    the ranks then pass the weights on in rank order, each walking only its own chunks' updates
+    (computed beforehand, in parallel), and serve their tokens afterwards, in parallel again.
+    """
     config = mlp.config
-    if config.has_safeguards:
-        raise NotImplementedError("context parallelism does not support max_update_norm, max_delta_ratio or decay")
     if fast is not None and fast.tail_len:
         raise ValueError("context-parallel forward needs a state with no unfinished chunk (call end_document)")
     C, half = config.chunk_size, config.conv_kernel // 2
@@ -282,40 +288,69 @@ def apply_then_update_parallel(mlp, h: torch.Tensor, t: torch.Tensor, fast: Laye
 
     zero = torch.zeros(B, weight.shape[0], D, dtype=acc, device=h.device)
     complete_end = (e // C) * C  # chunks ending at or before this are complete by the end of the segment
-    z = contribution(s, complete_end) if complete_end > s else zero
     y = contribution(max(complete_end, s), e) if e % C else zero
-    zs, ys = all_gather_same(z, cp), all_gather_same(y, cp)
-
-    start_delta = fast.delta.to(acc) if fast is not None else zero
-    before, carry = start_delta.clone(), zero.clone()
+    ys = all_gather_same(y, cp)
+    carry = zero.clone()  # the part of our first chunk that earlier ranks hold
     for q in range(cp.rank):
         _, qe = cp.bounds(q)
-        before += zs[q]
-        if qe % C and qe // C < k0:
-            before += ys[q]  # its trailing chunk was finished before ours began
-        elif qe % C and qe // C == k0:
-            carry += ys[q]  # it holds the beginning of our first chunk
-
-    running = weight.to(acc) + before
-    outputs = []
+        if qe % C and qe // C == k0:
+            carry += ys[q]
+    # This rank's chunks: (first token, end, this rank's part of the update if the chunk ends in
+    # this segment, else None); the whole update adds the carry to the first chunk's part.
+    chunks = []
     for k in range(k0, k1 + 1):
         a, b = max(k * C, s), min((k + 1) * C, e)
-        outputs.append(mlp._linear_per_sequence(h[:, a - s : b - s], running.to(weight.dtype)))
-        if (k + 1) * C <= e:
-            running = running + contribution(a, b) + (carry if k == k0 else 0)
-    out = torch.cat(outputs, dim=1)
+        chunks.append((a, b, contribution(a, b) if (k + 1) * C <= e else None))
 
-    if fast is not None:
-        total = start_delta + sum(zs)
+    def updates():
+        for i, (a, b, own) in enumerate(chunks):
+            yield a, b, None if own is None else own + carry if i == 0 else own
+
+    start_delta = fast.delta.to(acc) if fast is not None else zero
+
+    if config.has_safeguards:
+        # The weights pass from rank to rank: rank q walks its updates from what rank q - 1 sent.
+        buffer = start_delta.clone()
+        for q in range(cp.world):
+            if q == cp.rank:
+                start = buffer.clone()
+                walk = mlp.walk(start)
+                for _, _, update in updates():
+                    if update is not None:
+                        walk.add(update)
+                buffer = walk.delta.clone()  # not ``start`` itself, which later broadcasts overwrite
+            with cp.collective():
+                dist.broadcast(buffer, src=q, group=cp.group)
+        end_delta = buffer
+    else:
+        z = sum((own for _, _, own in chunks if own is not None), zero)
+        zs = all_gather_same(z, cp)
+        start = start_delta.clone()
+        for q in range(cp.rank):
+            _, qe = cp.bounds(q)
+            start += zs[q]
+            if qe % C and qe // C < k0:
+                start += ys[q]  # its trailing chunk was finished before ours began
+        end_delta = start_delta + sum(zs)
         for q in range(cp.world):
             _, qe = cp.bounds(q)
             if qe % C and (qe // C + 1) * C <= N:
-                total = total + ys[q]
+                end_delta = end_delta + ys[q]
+
+    walk = mlp.walk(start)
+    outputs = []
+    for a, b, update in updates():
+        outputs.append(walk.serve(h[:, a - s : b - s]))
+        if update is not None:
+            walk.add(update)
+    out = torch.cat(outputs, dim=1)
+
+    if fast is not None:
         tail_start = (N // C) * C
         a = max(tail_start, s)
         tails_h = all_gather_rows_padded(h[:, a - s :] if a < e else h[:, :0], cp)
         tails_t = all_gather_rows_padded(t[:, a - s :] if a < e else t[:, :0], cp)
-        fast.delta = total
+        fast.delta = end_delta
         fast.tail_h, fast.tail_t = torch.cat(tails_h, dim=1), torch.cat(tails_t, dim=1)
         fast.tokens_seen += N
         fast.updates += N // C

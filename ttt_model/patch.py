@@ -12,15 +12,16 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from ttt_model.config import TTTConfig
+from ttt_model.forward_call import enter_decoder, leave_decoder, set_input_embeds
 from ttt_model.layer import InPlaceTTTMLP
-from ttt_model.state import FastWeightState, LayerFastWeights, ttt_layers
+from ttt_model.state import ttt_layers
 
 
 @dataclass(frozen=True)
@@ -38,57 +39,6 @@ SUPPORTED_FAMILIES: dict[str, GatedMLPFamily] = {
     "qwen3": GatedMLPFamily(),
     "mistral": GatedMLPFamily(),
 }
-
-
-class TTTRuntime:
-    """Context shared by the TTT layers of one model during a forward pass.
-
-    ``state`` is None for the plain parallel forward (no state kept) and a FastWeightState while
-    a session streams. ``input_embeds`` is filled by a hook on the decoder's forward when the
-    target is the input embeddings. ``context_parallel`` is set during a context-parallel forward
-    (ttt_model.parallel): this process holds one segment of the document.
-    """
-
-    def __init__(self) -> None:
-        self.state: FastWeightState | None = None
-        self.input_embeds: torch.Tensor | None = None
-        self.context_parallel = None
-        # Training on packed windows: (B, n_chunks) bool, chunk k begins a new document, so the
-        # fast weights restart there (set by ttt_model.train around a forward).
-        self.document_starts: torch.Tensor | None = None
-        self._per_weight: dict[tuple[str, int], tuple[tuple[int, int], Any]] = {}
-
-    def layer_state(self, layer_idx: int) -> LayerFastWeights | None:
-        return None if self.state is None else self.state.layers[layer_idx]
-
-    def target_embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        embeds = self.input_embeds
-        if embeds is None or embeds.shape[:2] != x.shape[:2]:
-            raise RuntimeError("TTT target 'input_embeddings' needs the decoder's input embeddings for this call")
-        return embeds.to(x.dtype)
-
-    def is_zero(self, layer_idx: int, weight: torch.Tensor) -> bool:
-        """Whether a TTT conv weight is all zero (saves a device sync on every forward)."""
-        return self._cached("conv_zero", layer_idx, weight, lambda w: not bool(w.any()))
-
-    def w0_norm(self, layer_idx: int, weight: torch.Tensor) -> torch.Tensor:
-        """||W_down||_F (it changes only when trained or merged)."""
-        return self._cached("w0_norm", layer_idx, weight, lambda w: torch.linalg.matrix_norm(w.float()))
-
-    def _cached(self, what: str, layer_idx: int, weight: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
-        """``compute(weight)``, recomputed only when the weight is written or replaced.
-
-        Only parameters are cached: a parametrized weight (slow weights, ttt_model.slow) is a new
-        tensor at every access, whose address a later one may reuse with other values.
-        """
-        if not isinstance(weight, nn.Parameter):
-            return compute(weight.detach())
-        key = (weight._version, weight.data_ptr())
-        cached = self._per_weight.get((what, layer_idx))
-        if cached is None or cached[0] != key:
-            cached = (key, compute(weight.detach()))
-            self._per_weight[(what, layer_idx)] = cached
-        return cached[1]
 
 
 def family_of(model: nn.Module) -> GatedMLPFamily:
@@ -110,7 +60,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def has_ttt(model: nn.Module) -> bool:
     """Whether TTT is enabled on ``model``."""
-    return getattr(model, "ttt_runtime", None) is not None
+    return any(getattr(m, "is_ttt_mlp", False) for m in model.modules())
 
 
 def is_ttt_parameter(name: str) -> bool:
@@ -125,11 +75,9 @@ def enable_ttt(model: nn.Module, config: TTTConfig | None = None) -> nn.Module:
     if has_ttt(model):
         raise ValueError("TTT is already enabled on this model")
     layers = decoder_layers(model)
-    runtime = TTTRuntime()
     for idx in config.resolve_layers(len(layers)):
         mlp = getattr(layers[idx], family.mlp_attr)
-        setattr(layers[idx], family.mlp_attr, InPlaceTTTMLP(mlp, config, idx, runtime))
-    model.ttt_runtime = runtime
+        setattr(layers[idx], family.mlp_attr, InPlaceTTTMLP(mlp, config, idx))
     config_dict = config.to_dict()
     config_dict["layers"] = config.resolve_layers(len(layers))
     model.config.ttt = config_dict
@@ -137,16 +85,14 @@ def enable_ttt(model: nn.Module, config: TTTConfig | None = None) -> nn.Module:
     if config.target == "input_embeddings":
         base = getattr(model, family.layers_path.split(".")[0])
 
-        def take_given_embeds(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            # Set when the caller passes embeddings; cleared (then set below) when it passes ids.
-            runtime.input_embeds = kwargs.get("inputs_embeds")
-
-        def take_computed_embeds(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            runtime.input_embeds = output
-
+        # The decoder's forward is a call of its own (ttt_model.forward_call) that sees its input
+        # embeddings: given by the caller, or computed by the embedding layer.
         model.ttt_hooks = [
-            base.register_forward_pre_hook(take_given_embeds, with_kwargs=True),
-            model.get_input_embeddings().register_forward_hook(take_computed_embeds),
+            base.register_forward_pre_hook(
+                lambda module, args, kwargs: enter_decoder(kwargs.get("inputs_embeds")), with_kwargs=True),
+            model.get_input_embeddings().register_forward_hook(
+                lambda module, args, output: set_input_embeds(output)),
+            base.register_forward_hook(lambda module, args, output: leave_decoder(), always_call=True),
         ]
     return model
 
@@ -160,7 +106,6 @@ def disable_ttt(model: nn.Module) -> nn.Module:
     for hook in getattr(model, "ttt_hooks", []):
         hook.remove()
     model.ttt_hooks = []
-    model.ttt_runtime = None
     if hasattr(model.config, "ttt"):
         del model.config.ttt
     return model

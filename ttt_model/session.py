@@ -16,7 +16,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from ttt_model.objectives import gradient_objective_loss, make_optimizer
-from ttt_model.state import FastWeightState, apply_update, ttt_layers
+from ttt_model.forward_call import ttt_forward
+from ttt_model.state import FastWeightState, ttt_layers
+from ttt_model.update_rule import apply_update
 
 
 @dataclass
@@ -86,13 +88,8 @@ class TTTSession:
     # -- internals -----------------------------------------------------------------------------
 
     def _forward(self, input_ids: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        runtime = self.model.ttt_runtime
-        runtime.state = self.state
-        try:
-            with torch.set_grad_enabled(grad):
-                out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
-        finally:
-            runtime.state = None
+        with torch.set_grad_enabled(grad), ttt_forward(state=self.state):
+            out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
         return out.logits
 
     def _nll(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -136,7 +133,7 @@ class TTTSession:
             self._optimizer_params = [id(d) for d in deltas]
         # ||W_down|| per layer, for the cap on ||delta|| / ||W_down|| (only when it is set).
         w0_norms = (
-            {idx: self.model.ttt_runtime.w0_norm(idx, mlp.down_proj.weight) for idx, mlp in ttt_layers(self.model).items()}
+            {idx: mlp.w0_norm() for idx, mlp in ttt_layers(self.model).items()}
             if self.config.max_delta_ratio is not None else {}
         )
         score_logits = None

@@ -1,4 +1,4 @@
-"""FastWeightState: the streaming state of a TTT model, and the safeguarded update rule.
+"""FastWeightState: the streaming state of a TTT model.
 
 Per TTT layer the state holds ``delta`` (the accumulated fast-weight update dW_total = W - W_0,
 one per sequence in the batch, kept in float32 or wider) and the tails of h and t for the chunk
@@ -30,30 +30,6 @@ class StateIntegrityError(RuntimeError):
 def accumulator_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """Fast weights accumulate in float32 at least: bf16 sums of many small updates drift."""
     return torch.promote_types(weight_dtype, torch.float32)
-
-
-def apply_update(
-    delta: torch.Tensor | None, update: torch.Tensor, config: TTTConfig, w0_norm: torch.Tensor | float | None
-) -> torch.Tensor:
-    """delta + update under the safeguards: per-update clip, decay, cap on ||delta|| / ||W_0||.
-
-    Out of place, so that training can differentiate through it. ``w0_norm`` is needed only
-    when the cap (``max_delta_ratio``) is set.
-    """
-    update = update.to(accumulator_dtype(update.dtype))
-    if config.max_update_norm is not None:
-        norm = torch.linalg.matrix_norm(update, keepdim=True)  # (B, 1, 1)
-        update = update * torch.clamp(config.max_update_norm / (norm + 1e-12), max=1.0)
-    if delta is None:
-        delta = update
-    else:
-        if config.decay is not None:
-            delta = delta * (1.0 - config.decay)
-        delta = delta + update
-    if config.max_delta_ratio is not None:
-        norm = torch.linalg.matrix_norm(delta, keepdim=True)
-        delta = delta * torch.clamp(config.max_delta_ratio * w0_norm / (norm + 1e-12), max=1.0)
-    return delta
 
 
 @dataclass

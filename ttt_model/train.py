@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ttt_model.config import TTTConfig
 from ttt_model.data import PackedTokenStream, TokenWindows, load_documents
+from ttt_model.forward_call import ttt_forward
 from ttt_model.patch import enable_ttt, has_ttt, is_ttt_parameter, load_ttt_model, ttt_config_of
 
 log = logging.getLogger(__name__)
@@ -220,17 +221,13 @@ def restart_chunk(model, stream: PackedTokenStream) -> int | None:
 
 
 @contextmanager
-def document_restarts(model, window: TokenWindows, chunk: int | None):
+def document_restarts(window: TokenWindows, chunk: int | None):
     """Restart the fast weights at every document start of a document-aligned window."""
     if chunk is None:
         yield
         return
-    runtime = model.ttt_runtime
-    runtime.document_starts = window.document_start[:, :-1][:, ::chunk]
-    try:
+    with ttt_forward(document_starts=window.document_start[:, :-1][:, ::chunk]):
         yield
-    finally:
-        runtime.document_starts = None
 
 
 def fit(
@@ -270,7 +267,7 @@ def fit(
         for micro in range(cfg.grad_accum):
             window = stream.batch(step, micro, cfg.batch_size).to(device)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast), \
-                    document_restarts(model, window, chunk):
+                    document_restarts(window, chunk):
                 logits = model(input_ids=window.ids[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), window.ids[:, 1:].flatten()) / cfg.grad_accum
             loss.backward()

@@ -73,22 +73,21 @@ def test_cli_bad_config_prints_one_line_naming_the_field_and_exits_2(tmp_path):
     assert "kafka.topics.partitions" in lines[0]
 
 
-def test_context_parallel_refuses_a_model_trained_with_a_safeguard_unless_overridden(tmp_path):
+def test_context_parallel_takes_the_safeguards_and_refuses_the_gradient_objective(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"ttt": {"eta": 3.0, "max_delta_ratio": 0.2}}))
     cp = {"context_parallel": {"min_tokens": 8192}}
-    with pytest.raises(ConfigError, match=r"config\.json ttt\.max_delta_ratio'\] \(set them to null in model\.ttt"):
-        parse_config({"model": {"path": str(model)}, "processor": cp}, environ={})
-    ok = parse_config({"model": {"path": str(model), "ttt": {"max_delta_ratio": None}}, "processor": cp}, environ={})
-    assert ok.model.saved_ttt()["max_delta_ratio"] == 0.2
+    ok = parse_config({"model": {"path": str(model), "ttt": {"decay": 0.5, "max_update_norm": 1.0}}, "processor": cp},
+                      environ={})
+    assert ok.model.effective_ttt()["max_delta_ratio"] == 0.2 and ok.model.effective_ttt()["decay"] == 0.5
+    with pytest.raises(ConfigError, match=r"needs the in_place objective .* set by model\.ttt\.objective"):
+        parse_config({"model": {"path": str(model), "ttt": {"objective": "gradient"}}, "processor": cp}, environ={})
 
 
-def test_context_parallel_refuses_safeguards_and_unreachable_thresholds():
+def test_context_parallel_refuses_unreachable_thresholds():
     ok = parse_config({"processor": {"context_parallel": {"min_tokens": 8192, "world": 2}}}, environ={})
     assert ok.processor.context_parallel.world == 2
-    with pytest.raises(ConfigError, match=r"processor\.context_parallel needs .* set by \['model\.ttt\.decay'\]$"):
-        parse_config({"model": {"ttt": {"decay": 0.5}}, "processor": {"context_parallel": {}}}, environ={})
     with pytest.raises(ConfigError, match=r"processor\.context_parallel\.min_tokens is above"):
         parse_config({"processor": {"max_document_tokens": 4096, "context_parallel": {"min_tokens": 8192}}},
                      environ={})

@@ -26,8 +26,10 @@ def cp_config(stack, tmp_path, context_parallel):
                            checkpoint=stack.processor.checkpoint.model_copy(
                                update={"every_documents": 4, "every_seconds": 3600.0}),
                            monitor=stack.processor.monitor.model_copy(update={"enabled": False}))
-    # The group reads with fast weights only (slow weights are refused with it).
-    return config.model_copy(update={"model": config.model.model_copy(update={"ttt": {}, "slow": {}})})
+    # The group reads with safeguards on (they pass the weights from rank to rank) and fast
+    # weights only (slow weights are refused with it).
+    return config.model_copy(update={"model": config.model.model_copy(
+        update={"ttt": {"decay": 0.05, "max_delta_ratio": 0.5}, "slow": {}})})
 
 
 def losses(config, n):

@@ -123,7 +123,6 @@ def reference_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    model.ttt_runtime.state = None
     return model(ids).logits
 
 

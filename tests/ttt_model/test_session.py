@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.ttt_model.reference import randomise_ttt_parameters, reference_ttt_mlp, rel_err, tiny_model
-from ttt_model import FastWeightState, TTTConfig, TTTSession, enable_ttt
+from ttt_model import FastWeightState, TTTConfig, TTTSession, enable_ttt, ttt_forward
 from ttt_model.state import ttt_layers
 
 
@@ -53,11 +53,9 @@ def test_streamed_state_equals_reference_fast_weights():
     mlp = model.model.layers[0].mlp
     x = torch.randn(1, 27, 32)
     state = FastWeightState.for_model(model)
-    model.ttt_runtime.state = state
-    with torch.no_grad():
+    with torch.no_grad(), ttt_forward(state=state):
         mlp(x[:, :10])
         mlp(x[:, 10:])
-    model.ttt_runtime.state = None
     _, want_delta = reference_ttt_mlp(
         x[0], x[0], mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
         mlp.ttt_conv.weight[:, 0], mlp.ttt_proj.weight, 0.9, 6, mlp.act_fn,
@@ -90,10 +88,8 @@ def test_flushed_tail_equals_reference():
     mlp = model.model.layers[0].mlp
     x = torch.randn(1, 16, 32)
     state = FastWeightState.for_model(model)
-    model.ttt_runtime.state = state
-    with torch.no_grad():
+    with torch.no_grad(), ttt_forward(state=state):
         mlp(x)
-    model.ttt_runtime.state = None
     mlp.flush_tail(state.layers[0])
     _, want_delta = reference_ttt_mlp(
         x[0], x[0], mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
@@ -178,3 +174,38 @@ def test_merge_into_folds_the_state_into_w_down():
     with torch.no_grad():
         merged = model(probe).logits
     assert rel_err(merged, adapted) < 1e-5
+
+
+def test_sessions_on_one_model_run_concurrently_in_threads():
+    """The per-call inputs (the state streamed) travel with the call, not on the model: two
+    sessions fed at the same time from two threads read as if each were alone."""
+    import threading
+
+    from ttt_model.forward_call import current_call
+
+    model = tiny_model("qwen3", seed=5)
+    enable_ttt(model, TTTConfig(layers=[0, 2], chunk_size=4, eta=0.9))
+    randomise_ttt_parameters(model, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    docs = [torch.randint(0, 101, (1, 37), generator=gen) for _ in range(2)]
+    want = [TTTSession(model, FastWeightState.for_model(model)).feed(d).logits for d in docs]
+
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    barrier = threading.Barrier(2)
+
+    def read(i: int) -> None:
+        for _ in range(3):
+            session = TTTSession(model, FastWeightState.for_model(model))
+            barrier.wait()
+            got[i].append(torch.cat([session.feed(piece).logits for piece in docs[i].split(5, dim=1)], dim=1))
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(got[i]) == 3
+        for logits in got[i]:
+            assert rel_err(logits, want[i]) < 1e-5
+    assert current_call().state is None  # nothing is left behind

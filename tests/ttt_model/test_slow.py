@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call
 
 from tests.ttt_model.reference import randomise_ttt_parameters, reference_logits, rel_err, tiny_model
-from ttt_model import TTTConfig, TTTSession, enable_ttt
+from ttt_model import TTTConfig, TTTSession, enable_ttt, ttt_forward
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.objectives import next_token_loss
 from ttt_model.slow import SlowConfig, SlowLearner
@@ -74,8 +74,8 @@ def test_one_slow_step_equals_adamw_on_a_dense_reference(l2_to_base, max_grad_no
     leaves = {name: (a.A.clone().requires_grad_(True), a.B.clone().requires_grad_(True))
               for name, a in state.adapters.items()}
     weights = {f"{n}.weight": learner.base_weight(n) + config.scale * (B @ A) for n, (A, B) in leaves.items()}
-    plain.ttt_runtime.state = FastWeightState.for_model(plain)
-    loss = next_token_loss(functional_call(plain, weights, (ids,)).logits, ids)
+    with ttt_forward(state=FastWeightState.for_model(plain)):
+        loss = next_token_loss(functional_call(plain, weights, (ids,)).logits, ids)
     loss.backward()
     params = [t for pair in leaves.values() for t in pair]
     if max_grad_norm is not None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ttt_model import TTTConfig, enable_ttt, load_ttt_model
+from ttt_model import TTTConfig, enable_ttt, has_ttt, load_ttt_model
 from ttt_model.data import PackedTokenStream
 from ttt_model.train import TrainConfig, adamw_optimizer, fit, lr_at, prepare, load_prepared, load_tokenizer
 
@@ -123,6 +123,7 @@ def test_aligned_stream_starts_every_document_on_a_chunk_border():
 
 
 def test_document_restarts_serve_each_document_as_if_alone():
+    from ttt_model.forward_call import current_call, ttt_forward
     from ttt_model.train import document_restarts
     from ttt_model.data import TokenWindows
     from tests.ttt_model.reference import randomise_ttt_parameters
@@ -137,16 +138,16 @@ def test_document_restarts_serve_each_document_as_if_alone():
     starts[0, [0, 16]] = True  # row 0: two documents of 16 tokens; row 1: one document
     starts[1, 0] = True
     window = TokenWindows(torch.zeros(2, 33, dtype=torch.long), starts)
-    model.ttt_runtime.input_embeds = embeds
-    with document_restarts(model, window, chunk=8):
-        packed = mlp(x)
-    assert model.ttt_runtime.document_starts is None
-    model.ttt_runtime.input_embeds = embeds[:1, :16]
-    first = mlp(x[:1, :16])
-    model.ttt_runtime.input_embeds = embeds[:1, 16:]
-    second = mlp(x[:1, 16:])
-    model.ttt_runtime.input_embeds = embeds
-    whole = mlp(x)
+    with ttt_forward(input_embeds=embeds):
+        with document_restarts(window, chunk=8):
+            assert current_call().document_starts is not None
+            packed = mlp(x)
+        assert current_call().document_starts is None
+        whole = mlp(x)
+    with ttt_forward(input_embeds=embeds[:1, :16]):
+        first = mlp(x[:1, :16])
+    with ttt_forward(input_embeds=embeds[:1, 16:]):
+        second = mlp(x[:1, 16:])
     torch.testing.assert_close(packed[0], torch.cat([first, second], dim=1)[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(packed[1], whole[1], rtol=1e-6, atol=1e-6)
     # Without the restart the second document would see the first one's updates.
@@ -195,7 +196,7 @@ def test_continual_training_from_the_command_line_takes_the_ttt_recipe(tmp_path)
     common = ["--data", str(tmp_path / "prepared"), "--seq-len", "64", "--batch-size", "2", "--chunk-size", "16",
               "--max-steps", "2", "--warmup-steps", "1", "--no-bf16"]
     base = main(["fit", *common, "--from-scratch", "--no-ttt", "--out", str(tmp_path / "base")])
-    assert getattr(load_ttt_model(base), "ttt_runtime", None) is None
+    assert not has_ttt(load_ttt_model(base))
     final = main(["fit", *common, "--from", str(base), "--ttt", "--ttt-layers", "1", "--eta", "3",
                   "--ttt-target", "input_embeddings", "--ttt-max-delta-ratio", "0.2", "--ttt-decay", "0.1",
                   "--ttt-lr-scale", "4", "--out", str(tmp_path / "cont")])
