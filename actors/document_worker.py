@@ -79,7 +79,7 @@ class DocumentOutcome:
     finite: bool = True
     latency_ms: float = 0.0
     state_key: str | None = None
-    state_version: int = 0  # documents the state had absorbed after this one
+    state_documents: int = 0  # documents the state had absorbed after this one
     fast_weight_norm: float = 0.0
     delta_ratio: float = 0.0  # max over layers of ||dW|| / ||W_down||: how far the fast weights moved
     slow_delta_ratio: float = 0.0  # max over adapted matrices of ||B A|| / ||W_0|| after the document
@@ -201,7 +201,7 @@ class DocumentWorker:
             task.id, ok=True, tokens=ids.shape[1], loss=_finite_or_none(loss),
             base_loss=_finite_or_none(_mean(base)) if base is not None else None,
             finite=math.isfinite(loss if loss is not None else 0.0) and math.isfinite(norm) and math.isfinite(slow_ratio),
-            latency_ms=1000.0 * elapsed, state_key=scoped.key, state_version=scoped.documents,
+            latency_ms=1000.0 * elapsed, state_key=scoped.key, state_documents=scoped.documents,
             fast_weight_norm=norm if math.isfinite(norm) else -1.0,
             delta_ratio=ratio if math.isfinite(ratio) else -1.0,
             slow_delta_ratio=slow_ratio if math.isfinite(slow_ratio) else -1.0, windows=len(windows), worker=self.name,

@@ -27,7 +27,7 @@ train() {  # name, extra args
 }
 evaluate() {  # name, modes
   $PY -m ttt_model.evaluate --data "$DATA" --max-tokens 16384 --model "$RUNS/$1/final" --out "$RESULTS/$1" \
-      --modes "${@:2}" ${EVAL_ARGS:-} > "$RESULTS/$1.txt" 2> "$RUNS/eval_$1.log"
+      --modes "${@:2}" --gradient-chunk 512 --max-delta-ratio 0.05 ${EVAL_ARGS:-} > "$RESULTS/$1.txt" 2> "$RUNS/eval_$1.log"
 }
 field() { local f; IFS=: read -ra f <<< "$1"; local v=${f[$2]:--}; echo "$v"; }  # variant, index
 name_of() {  # variant -> run name (without seed)

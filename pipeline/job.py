@@ -19,7 +19,8 @@ from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStor
 from pipeline.config import AppConfig
 from pipeline.control import ControlSource
 from pipeline.monitor import DegradationMonitor
-from pipeline.processor import RunSummary, StreamProcessor
+from pipeline.processor import StreamProcessor
+from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
 from pipeline.topics import ensure_topics

@@ -3,7 +3,8 @@
 Rules (each off when its bound is None):
 
 - ``non_finite``: a non-finite loss or fast weight (immediately);
-- ``delta_ratio``: ||dW|| / ||W_down|| of some layer above ``max_delta_ratio`` (immediately);
+- ``delta_ratio``: the fast weights' ||dW|| / ||W_down|| of some layer above
+  ``max_fast_delta_ratio`` (immediately);
 - ``slow_delta_ratio``: the slow weights' ||B A|| / ||W_0|| of some matrix above
   ``max_slow_delta_ratio`` (immediately);
 - ``adapted_over_base``: over the window's shadow-evaluated documents, the adapted loss above
@@ -50,8 +51,8 @@ class DegradationMonitor:
         cfg = self.config
         if cfg.non_finite and (not outcome.finite or outcome.delta_ratio < 0 or outcome.slow_delta_ratio < 0):
             return Breach("non_finite", {"loss": outcome.loss, "fast_weight_norm": outcome.fast_weight_norm}, outcome.id)
-        if cfg.max_delta_ratio is not None and outcome.delta_ratio > cfg.max_delta_ratio:
-            return Breach("delta_ratio", {"delta_ratio": outcome.delta_ratio, "bound": cfg.max_delta_ratio}, outcome.id)
+        if cfg.max_fast_delta_ratio is not None and outcome.delta_ratio > cfg.max_fast_delta_ratio:
+            return Breach("delta_ratio", {"delta_ratio": outcome.delta_ratio, "bound": cfg.max_fast_delta_ratio}, outcome.id)
         if cfg.max_slow_delta_ratio is not None and outcome.slow_delta_ratio > cfg.max_slow_delta_ratio:
             return Breach("slow_delta_ratio", {"slow_delta_ratio": outcome.slow_delta_ratio,
                                                "bound": cfg.max_slow_delta_ratio}, outcome.id)

@@ -36,7 +36,8 @@ class TTTConfig:
     # of a loss on the fast weights (dynamic evaluation), which needs no trained TTT parameters.
     objective: Objective = "in_place"
     gradient_loss: GradientLoss = "cross_entropy"
-    gradient_lr: float = 1e-4
+    # SGD on W_down: 0.3 gave -2.3% to -4.6% past 2k tokens on the tiny models (README).
+    gradient_lr: float = 0.3
     gradient_steps: int = 1
     gradient_optimizer: Optimizer = "sgd"
     layer_stride: int = field(default=6, repr=False)

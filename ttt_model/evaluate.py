@@ -153,13 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-tokens", type=int, default=0, help="skip held-out documents shorter than this")
     parser.add_argument("--limit", type=int, default=None, help="at most this many documents")
     parser.add_argument("--modes", nargs="+", default=None, choices=["static", "in_place", "gradient"])
-    parser.add_argument("--gradient-lr", type=float, default=0.3)
-    parser.add_argument("--gradient-steps", type=int, default=1)
-    parser.add_argument("--gradient-optimizer", choices=["sgd", "adam"], default="sgd")
-    parser.add_argument("--gradient-layers", type=int, nargs="+", default=None)
-    parser.add_argument("--gradient-chunk", type=int, default=512)
-    parser.add_argument("--max-delta-ratio", type=float, default=0.05, help="safeguard on the gradient objective")
-    parser.add_argument("--max-update-norm", type=float, default=None)
+    ttt = TTTConfig()  # the flags' defaults: one source of truth
+    parser.add_argument("--gradient-lr", type=float, default=ttt.gradient_lr)
+    parser.add_argument("--gradient-steps", type=int, default=ttt.gradient_steps)
+    parser.add_argument("--gradient-optimizer", choices=["sgd", "adam"], default=ttt.gradient_optimizer)
+    parser.add_argument("--gradient-layers", type=int, nargs="+", default=ttt.layers)
+    parser.add_argument("--gradient-chunk", type=int, default=ttt.chunk_size)
+    parser.add_argument("--max-delta-ratio", type=float, default=ttt.max_delta_ratio,
+                        help="safeguard on the gradient objective")
+    parser.add_argument("--max-update-norm", type=float, default=ttt.max_update_norm)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 

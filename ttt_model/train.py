@@ -322,14 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     origin.add_argument("--from", dest="from_model", type=Path, help="existing model dir (target: hidden states)")
     run.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="tiny")
     run.add_argument("--ttt", action=argparse.BooleanOptionalAction, default=True)
-    run.add_argument("--ttt-layers", type=int, nargs="+", default=None)
-    run.add_argument("--chunk-size", type=int, default=512)
-    run.add_argument("--eta", type=float, default=3.0)
+    ttt = TTTConfig()  # the flags' defaults: one source of truth
+    run.add_argument("--ttt-layers", type=int, nargs="+", default=ttt.layers)
+    run.add_argument("--chunk-size", type=int, default=ttt.chunk_size)
+    run.add_argument("--eta", type=float, default=ttt.eta)
     run.add_argument("--ttt-target", choices=["hidden_states", "input_embeddings"], default=None,
                      help="what the fast weights learn to write (default: input_embeddings from scratch, "
                      "hidden_states for --from)")
-    run.add_argument("--ttt-decay", type=float, default=None, help="trained with this decay per chunk update")
-    run.add_argument("--ttt-max-delta-ratio", type=float, default=None,
+    run.add_argument("--ttt-decay", type=float, default=ttt.decay, help="trained with this decay per chunk update")
+    run.add_argument("--ttt-max-delta-ratio", type=float, default=ttt.max_delta_ratio,
                      help="trained with ||sum dW|| / ||W_down|| capped at this")
     for field, default in asdict(TrainConfig()).items():
         flag = "--" + field.replace("_", "-")

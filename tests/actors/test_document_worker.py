@@ -35,12 +35,12 @@ def test_loss_is_the_prequential_loss_and_base_loss_is_the_static_model(tmp_path
 def test_per_document_scope_forgets_and_global_scope_learns(tmp_path):
     per_doc = worker(tmp_path, scope="per_document")
     first, again = per_doc.process(DocumentTask("a", TEXT)), per_doc.process(DocumentTask("b", TEXT))
-    assert first.loss == again.loss and again.state_version == 2
+    assert first.loss == again.loss and again.state_documents == 2
     shared = worker(tmp_path, scope="global")
     first, again = shared.process(DocumentTask("a", TEXT)), shared.process(DocumentTask("b", TEXT))
     assert first.loss == pytest.approx(per_doc.process(DocumentTask("c", TEXT)).loss, rel=1e-6)
     assert again.loss != first.loss and again.fast_weight_norm > first.fast_weight_norm > 0
-    assert (first.state_version, again.state_version) == (1, 2)
+    assert (first.state_documents, again.state_documents) == (1, 2)
 
 
 def test_per_key_scope_keeps_one_state_per_key(tmp_path):
@@ -49,7 +49,7 @@ def test_per_key_scope_keeps_one_state_per_key(tmp_path):
     b1 = w.process(DocumentTask("2", TEXT, key="b"))  # spills "a"
     a2 = w.process(DocumentTask("3", TEXT, key="a"))  # reloads "a"
     assert a1.loss == b1.loss  # both keys start from zero
-    assert (a2.state_key, a2.state_version) == ("a", 2) and a2.loss != a1.loss
+    assert (a2.state_key, a2.state_documents) == ("a", 2) and a2.loss != a1.loss
     assert w.states.spills == 2 and w.states.reloads == 1
 
 
@@ -81,7 +81,7 @@ def test_a_new_key_starts_from_the_slow_weights_of_the_nearest_key(tmp_path):
     # A new key whose first document is prose starts where "prose" is: it reads that document
     # exactly as the key "prose" itself would.
     new = w.process(DocumentTask("4", TEXT[1000:4000], key="prose-2"))
-    assert new.reused_from == "prose" and new.state_version == 1
+    assert new.reused_from == "prose" and new.state_documents == 1
     same = worker(tmp_path / "b", scope="per_key", slow=slow)
     same.restore(before)
     assert set(same.states.signatures()) == {"prose", "code"}  # checkpointed with the states

@@ -18,7 +18,7 @@ from pipeline.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
 from pipeline.config import CheckpointConfig, MonitorConfig, ProcessorConfig
 from pipeline.monitor import DegradationMonitor
 from pipeline.processor import StreamProcessor
-from pipeline.worker_pool import WorkerDied
+from pipeline.worker_pool import ContextParallelFailure, WorkerDied
 
 TOPIC = "docs"
 
@@ -57,6 +57,10 @@ class FakePool:
         self.outcomes = {}
         self.handles = itertools.count()
         self.restarts = 0
+        self.parallel_failures: dict[str, int] = {}  # document id -> context-parallel reads that fail
+
+    def fail_parallel(self, doc_id: str, times: int) -> None:
+        self.parallel_failures[doc_id] = times
 
     def kill(self, w: int, after: int) -> None:
         self.die_in[w] = after
@@ -67,7 +71,14 @@ class FakePool:
             self.die_in[w] -= 1
             if self.die_in[w] == 0:
                 self.dead[w], self.die_in[w] = True, None
-        self.outcomes[handle] = WorkerDied("killed") if self.dead[w] else self.workers[w].process(task)
+        if self.dead[w]:
+            self.outcomes[handle] = WorkerDied("killed")
+        elif self.parallel_failures.get(task.id, 0) > 0:
+            self.parallel_failures[task.id] -= 1
+            self.workers[w].read.append(task.id + " (part)")  # a member died after some chunks
+            self.outcomes[handle] = ContextParallelFailure("member 1 died")
+        else:
+            self.outcomes[handle] = self.workers[w].process(task)
         return handle
 
     def wait(self, handles, timeout_s, every=False):
@@ -244,3 +255,23 @@ def test_a_poisoned_burst_is_rolled_back_to_last_good_with_its_loss_as_a_number(
     assert rolled.manifest["reason"] == "rollback" and rolled.states == store.load(good).states
     # last-good only ever moved to versions whose window passed: none holds a poisoned document.
     assert not poison & set(json.loads(store.load(LAST_GOOD).states["s-worker-0"][0].data))
+
+
+def test_a_failed_context_parallel_read_goes_back_to_the_checkpoint_and_a_hopeless_one_to_dead_letters():
+    docs = documents(2, 20)
+    straight, pool_a, _, _ = processor(docs, store=FakeStore())
+    straight.run(until_idle_s=0.05)
+
+    proc, pool, source, sinks = processor(docs, store=FakeStore(), max_attempts=3)
+    pool.fail_parallel("p0-012", times=1)
+    pool.fail_parallel("p1-007", times=99)
+    summary = proc.run(until_idle_s=0.05)
+
+    # One failure, then the read worked: the part learned is dropped with the checkpoint.
+    assert pool.workers[0].read == pool_a.workers[0].read
+    # Three failures: the document goes to the dead-letter topic once, nothing of it stays
+    # learned, and everything else is read.
+    assert summary.parallel_failures == 1 + 3 and summary.dead_letters == 1
+    assert json.loads(sinks.dead_letters[0])["id"] == "p1-007"
+    assert pool.workers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-007"]
+    assert source.commits[-1] == {0: 20, 1: 20}

@@ -205,3 +205,18 @@ def test_continual_training_from_the_command_line_takes_the_ttt_recipe(tmp_path)
     assert (config.max_delta_ratio, config.decay, config.chunk_size) == (0.2, 0.1, 16)
     state = json.loads((tmp_path / "cont" / "checkpoint" / "trainer_state.json").read_text())
     assert state["train_config"]["ttt_lr_scale"] == 4.0
+
+
+def test_the_train_and_eval_flags_default_to_the_ttt_config():
+    from ttt_model.evaluate import build_parser as eval_parser
+    from ttt_model.train import build_parser as train_parser
+
+    ttt = TTTConfig()
+    fit_args = train_parser().parse_args(["fit", "--from-scratch", "--out", "x"])
+    assert (fit_args.chunk_size, fit_args.eta, fit_args.ttt_layers) == (ttt.chunk_size, ttt.eta, ttt.layers)
+    assert (fit_args.ttt_decay, fit_args.ttt_max_delta_ratio) == (ttt.decay, ttt.max_delta_ratio)
+    eval_args = eval_parser().parse_args(["--model", "m", "--out", "x"])
+    assert (eval_args.gradient_lr, eval_args.gradient_steps, eval_args.gradient_optimizer) == (
+        ttt.gradient_lr, ttt.gradient_steps, ttt.gradient_optimizer)
+    assert (eval_args.gradient_chunk, eval_args.max_delta_ratio, eval_args.max_update_norm) == (
+        ttt.chunk_size, ttt.max_delta_ratio, ttt.max_update_norm)

@@ -1,0 +1,130 @@
+"""StreamLedger: every record the processor took from the topic and has not finished.
+
+The one owner of what the processor knows about its input: which documents wait in which
+worker's queue, which are in flight under which pool handle, how often each was tried, and so
+which offsets may be committed (below the oldest unfinished record of each partition). The run
+loop and the recovery policy change it only through these methods.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable, Iterator
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from pipeline.messages import ParsedDocument
+from pipeline.offsets import OffsetTracker
+
+
+@dataclass
+class PendingDocument:
+    record: ConsumerRecord
+    parsed: ParsedDocument
+    worker: int
+    attempts: int = 0  # times sent to a worker
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.record.partition, self.record.offset
+
+
+class StreamLedger:
+    def __init__(self, workers: int, start_offsets: dict[int, int] | None = None):
+        self._queues: list[deque[PendingDocument]] = [deque() for _ in range(workers)]
+        self._in_flight: dict[Hashable, PendingDocument] = {}
+        self._offsets = OffsetTracker(start_offsets or {})
+        self._parallel_failures: dict[tuple[int, int], int] = {}
+        self._given_up: set[tuple[int, int]] = set()  # dead-lettered after a failed recovery
+
+    # -- taking records in ---------------------------------------------------------------------
+
+    def accept(self, record: ConsumerRecord, parsed: ParsedDocument, worker: int) -> None:
+        """A document for ``worker``'s queue."""
+        self._offsets.started(record.partition, record.offset)
+        self._queues[worker].append(PendingDocument(record, parsed, worker))
+
+    def given_up(self, record: ConsumerRecord) -> bool:
+        """Whether this record went to the dead-letter topic before the partition was rewound:
+        read again, it is passed over, not sent again."""
+        return (record.partition, record.offset) in self._given_up
+
+    def passed_over(self, record: ConsumerRecord) -> None:
+        """A record finished as soon as it was read (a dead letter): its offset may be committed."""
+        self._offsets.started(record.partition, record.offset)
+        self._offsets.finished(record.partition, record.offset)
+
+    # -- sending and collecting ------------------------------------------------------------------
+
+    def to_send(self, max_in_flight_per_worker: int) -> Iterator[PendingDocument]:
+        """Queued documents, worker by worker in queue order, while their worker has room; each
+        one yielded counts as an attempt and must be passed to ``sent``."""
+        per_worker = [0] * len(self._queues)
+        for pending in self._in_flight.values():
+            per_worker[pending.worker] += 1
+        for w, queue in enumerate(self._queues):
+            while queue and per_worker[w] < max_in_flight_per_worker:
+                pending = queue.popleft()
+                pending.attempts += 1
+                per_worker[w] += 1
+                yield pending
+
+    def sent(self, handle: Hashable, pending: PendingDocument) -> None:
+        self._in_flight[handle] = pending
+
+    def handles(self, worker: int | None = None) -> list[Hashable]:
+        """The handles in flight (on ``worker``, when given)."""
+        return [h for h, p in self._in_flight.items() if worker is None or p.worker == worker]
+
+    def take(self, handle: Hashable) -> PendingDocument | None:
+        """The document of a done handle, no longer in flight (None: already dealt with)."""
+        return self._in_flight.pop(handle, None)
+
+    def finished(self, pending: PendingDocument) -> None:
+        """Its output (result or dead letter) is on its way: its offset may be committed."""
+        self._offsets.finished(*pending.position)
+
+    # -- recovery --------------------------------------------------------------------------------
+
+    def retry_first(self, pending: PendingDocument) -> None:
+        """Back to the head of its worker's queue."""
+        self._queues[pending.worker].appendleft(pending)
+
+    def rewind(self, worker: int, positions: dict[int, int]) -> None:
+        """``worker``'s partitions will be read again from ``positions``: forget its queue and
+        everything open past them (its in-flight handles must have been taken already)."""
+        if self.handles(worker):
+            raise RuntimeError(f"worker {worker} still has documents in flight")
+        self._queues[worker].clear()
+        for partition, offset in positions.items():
+            self._offsets.rewind(partition, offset)
+
+    def give_up(self, pending: PendingDocument) -> None:
+        """The document (finished: it went to the dead-letter topic) is passed over if read again."""
+        self._given_up.add(pending.position)
+
+    def parallel_failure(self, pending: PendingDocument) -> int:
+        """Count one failed context-parallel read of this document; returns the count so far
+        (kept across rewinds: the document is read again after one)."""
+        n = self._parallel_failures.get(pending.position, 0) + 1
+        self._parallel_failures[pending.position] = n
+        return n
+
+    # -- what it amounts to ----------------------------------------------------------------------
+
+    def committable(self) -> dict[int, int]:
+        """Partition -> the next offset to read after a restart that loses nothing."""
+        return self._offsets.committable()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight) or self.queued > 0
