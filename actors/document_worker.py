@@ -27,6 +27,7 @@ import torch
 
 from actors.state_store import Scope, ScopedState, StateBlob, StateStore
 from ttt_model.adapted_state import AdaptedState
+from ttt_model.objectives import token_nll
 from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
 from ttt_model.session import TTTSession
 from ttt_model.slow import SlowConfig, SlowLearner, rehearsal_chunks
@@ -186,8 +187,10 @@ class DocumentWorker:
         base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
         scoped.documents += 1
         fast = scoped.state.fast
-        norm = math.sqrt(sum(float(n.double().square().sum()) for n in fast.norms().values()))
-        ratio = max(float(r.max()) for r in fast.delta_ratios(self.model).values())
+        # One transfer from the device for both figures (each float() would wait for the device).
+        norms = torch.stack([n.double() for n in fast.norms().values()])
+        ratios = torch.stack([r.double() for r in fast.delta_ratios(self.model).values()])
+        norm, ratio = torch.stack([norms.square().sum().sqrt(), ratios.max()]).tolist()
         slow_ratio = 0.0
         if self.slow is not None:
             fast.reset()  # the fast weights live for one document
@@ -253,13 +256,14 @@ class DocumentWorker:
         for window in windows:
             # Each window is a fresh attention context; the fast weights (and the unfinished
             # chunk) carry over, which is how a TTT model reads past its attention span.
-            session.reset(keep_state=True)
             if self.slow is not None:
+                session.reset(keep_state=True)
                 nll.append(self.slow.read(session, window, adapted.slow, self.slow_chunk_tokens)[0, 1:])
             elif self.long_reader is not None and window.shape[1] >= self.spec.context_parallel_min_tokens:
+                session.reset(keep_state=True)
                 nll.append(self._read_in_parallel(session, state, window))
             else:
-                nll.append(session.feed(window).nll[0, 1:])
+                nll.append(session.read_window(window).nll[0, 1:])
         if self.spec.scope != "per_document" and self.slow is None:
             session.end_document()
         return torch.cat(nll)
@@ -279,8 +283,7 @@ class DocumentWorker:
         nll = []
         with self.slow.disabled() if self.slow is not None else nullcontext(), static_mode(self.model):
             for window in windows:
-                logits = self.model(input_ids=window).logits[0, :-1].float()
-                nll.append(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none"))
+                nll.append(token_nll(self.model(input_ids=window).logits[0, :-1], window[0, 1:]))
         return torch.cat(nll)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ttt_model.objectives import gradient_objective_loss, make_optimizer
+from ttt_model.objectives import gradient_objective_loss, make_optimizer, token_nll
 from ttt_model.forward_call import ttt_forward
 from ttt_model.state import FastWeightState, ttt_layers
 from ttt_model.update_rule import apply_update
@@ -80,6 +80,17 @@ class TTTSession:
             logits = self._forward(input_ids, grad=grad)
         return StepOutput(logits=logits, nll=self._nll(logits, input_ids))
 
+    def read_window(self, input_ids: torch.Tensor) -> StepOutput:
+        """Start a new attention context and read ``input_ids`` (B, L) whole: ``reset(keep_state=
+        True)`` then ``feed``, without the attention cache that nothing would read (a copy of
+        every layer's keys and values saved). The fast weights carry on as with ``feed``."""
+        self.reset(keep_state=True)
+        if self.config.objective == "gradient":
+            return self.feed(input_ids)
+        with torch.no_grad(), ttt_forward(state=self.state):
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+        return StepOutput(logits=logits, nll=self._nll(logits, input_ids))
+
     def detach_(self) -> None:
         """Cut the autograd graph from the fast weights and the attention cache."""
         self.state.detach_()
@@ -93,11 +104,14 @@ class TTTSession:
         return out.logits
 
     def _nll(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        first = self.last_logits if self.last_logits is not None else torch.full_like(logits[:, 0], float("nan"))
-        predicting = torch.cat([first[:, None], logits[:, :-1]], dim=1).float()  # (B, L, V)
-        nll = -torch.log_softmax(predicting, dim=-1).gather(-1, input_ids[..., None])[..., 0]
+        nll = torch.empty(input_ids.shape, dtype=torch.float32, device=logits.device)
+        if self.last_logits is None:
+            nll[:, 0] = float("nan")
+        else:
+            nll[:, 0] = token_nll(self.last_logits, input_ids[:, 0])
+        nll[:, 1:] = token_nll(logits[:, :-1].detach(), input_ids[:, 1:])
         self.last_logits = logits[:, -1].detach()
-        return nll.detach()
+        return nll
 
     def _feed_gradient(self, input_ids: torch.Tensor) -> torch.Tensor:
         C = self.config.chunk_size

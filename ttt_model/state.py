@@ -109,10 +109,7 @@ class FastWeightState:
     def delta_ratios(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """||delta||_F / ||W_down||_F per layer and sequence: the size of the adaptation."""
         mlps = ttt_layers(model)
-        return {
-            idx: norm / torch.linalg.matrix_norm(mlps[idx].down_proj.weight.detach().to(norm.dtype))
-            for idx, norm in self.norms().items()
-        }
+        return {idx: norm / mlps[idx].w0_norm().to(norm.dtype) for idx, norm in self.norms().items()}
 
     @torch.no_grad()
     def clip_(self, max_norm: float) -> "FastWeightState":

@@ -1,0 +1,185 @@
+"""Tokens/s through the stream worker (``DocumentWorker.process``) against the model alone.
+
+Three ways to read the same documents with the same model object, interleaved document by
+document in one process, so that their ratios are side by side:
+
+- worker: ``DocumentWorker.process`` (tokenize, pick the scope's state, score every chunk with
+  the fast weights of the chunks before it, learn, report norms and delta ratios);
+- static scorer: TTT off, one forward with full logits, then cross-entropy over every position
+  (what scoring a document costs without TTT);
+- prefill: In-Place TTT on, ``logits_to_keep=1`` (what bench/ttt_forward.py times: the model's
+  own speed, no scoring).
+
+The model has the preset's shape and random weights (TTT parameters drawn small but non-zero),
+saved with the shipped model's tokenizer to a temporary directory that the worker loads like any
+model path. Documents are random token ids decoded to text; the reported token counts are the
+worker's own. With ``--profile`` the worker's time on one document is broken down by operator.
+
+    python bench/worker.py --preset small --device cpu --lengths 2048 8192               # CPU table
+    python bench/worker.py --preset qwen3-0.6b --device cuda --dtype bfloat16 \\
+        --lengths 2048 8192 32768 --chunk 1024 --layers 0 6 12 18 24 --profile          # the GPU table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from bench.ttt_forward import PRESETS
+from ttt_model import FastWeightState, TTTConfig, enable_ttt, ttt_forward
+from ttt_model.patch import static_mode
+from ttt_model.state import ttt_layers
+
+TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "ttt-tiny-qwen3"
+
+
+def write_model(preset: str, dtype: torch.dtype, chunk: int, layers: list[int] | None, out: Path) -> None:
+    torch.manual_seed(0)
+    config = Qwen3Config(**PRESETS[preset])
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    enable_ttt(model, TTTConfig(layers=layers, chunk_size=chunk))
+    with torch.no_grad():  # trained-looking TTT parameters: a zero conv would skip the updates
+        for mlp in ttt_layers(model).values():
+            mlp.ttt_conv.weight.normal_(0, 0.02)
+    model.save_pretrained(out)
+    for f in TOKENIZER.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+
+
+def text_of_length(tokenizer, length: int, gen: torch.Generator) -> str:
+    """Random text that the tokenizer reads back as exactly ``length`` tokens (where it can), so
+    that every document of a row has one shape."""
+    ids = torch.randint(0, len(tokenizer), (length,), generator=gen).tolist()
+    text = tokenizer.decode(ids)
+    for _ in range(8):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == length:
+            break
+        if len(ids) < length:
+            ids += torch.randint(0, len(tokenizer), (length - len(ids),), generator=gen).tolist()
+        text = tokenizer.decode(ids[:length])
+    return text
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def static_score(model, ids: torch.Tensor) -> torch.Tensor:
+    """TTT off: full logits, then the NLL of every next token (fp32 cross-entropy)."""
+    with torch.no_grad(), static_mode(model):
+        logits = model(input_ids=ids).logits[0, :-1]
+        return F.cross_entropy(logits.float(), ids[0, 1:], reduction="none")
+
+
+def prefill(model, ids: torch.Tensor) -> None:
+    with torch.no_grad(), ttt_forward(state=FastWeightState.for_model(model)):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def profile_worker(worker: DocumentWorker, task: DocumentTask, device: torch.device, top: int = 25) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        worker.process(task)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1000,
+             "cpu_total_ms": e.cpu_time_total / 1000} for e in events]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="TTT layers (default every 6th)")
+    parser.add_argument("--scope", default="global", choices=["global", "per_document"])
+    parser.add_argument("--documents", type=int, default=5, help="timed documents per length")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
+        worker = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope,
+                                           max_document_tokens=max(args.lengths)), name="bench")
+        model, tokenizer = worker.model, worker.tokenizer
+        gen = torch.Generator().manual_seed(1)
+        rows, profiles = [], {}
+        for length in args.lengths:
+            texts = [text_of_length(tokenizer, length, gen) for _ in range(args.warmup + args.documents)]
+            times = {"worker": [], "static": [], "prefill": []}
+            tokens = []
+            for i, text in enumerate(texts):
+                task = DocumentTask(f"doc-{length}-{i}", text)
+                ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], device=device)[None]
+                ids = ids[:, : worker.spec.max_document_tokens]
+                sample = {
+                    "worker": timed(lambda: worker.process(task), device),
+                    "static": timed(lambda: static_score(model, ids), device),
+                    "prefill": timed(lambda: prefill(model, ids), device),
+                }
+                if i >= args.warmup:
+                    tokens.append(ids.shape[1])
+                    for k, v in sample.items():
+                        times[k].append(v)
+            median = {k: statistics.median(v) for k, v in times.items()}
+            n = statistics.median(tokens)
+            row = {"tokens": n, **{f"{k} ms": 1000 * v for k, v in median.items()},
+                   **{f"{k} tok/s": n / v for k, v in median.items()},
+                   "worker / static": median["static"] / median["worker"],
+                   "worker / prefill": median["prefill"] / median["worker"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.profile:
+                profiles[str(length)] = profile_worker(worker, DocumentTask(f"profile-{length}", texts[0]), device)
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{args.preset} {args.dtype} on {name}, chunk {args.chunk}, TTT layers {sorted(ttt_layers(model))}, "
+          f"scope {args.scope}, median of {args.documents} documents")
+    print("tokens | worker tok/s (ms) | static tok/s (ms) | prefill tok/s (ms) | worker/static | worker/prefill")
+    for r in rows:
+        print(f"{r['tokens']:.0f} | {r['worker tok/s']:.0f} ({r['worker ms']:.0f}) | {r['static tok/s']:.0f} "
+              f"({r['static ms']:.0f}) | {r['prefill tok/s']:.0f} ({r['prefill ms']:.0f}) | "
+              f"{r['worker / static']:.2f}x | {r['worker / prefill']:.2f}x")
+    for length, ops in profiles.items():
+        print(f"\nworker profile, {length} tokens (self time by operator):")
+        for op in ops[:15]:
+            print(f"  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['op']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": vars(args), "rows": rows, "profiles": profiles}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
