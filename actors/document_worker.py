@@ -17,7 +17,9 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,9 @@ from ttt_model.slow import SlowConfig, SlowLearner, rehearsal_chunks
 from ttt_model.state import FastWeightState
 
 log = logging.getLogger(__name__)
+
+# Documents tokenized ahead (``DocumentWorker.prepare``) and kept until processed.
+MAX_PREPARED = 64
 
 # (input ids (1, N), fast-weight state dict or None) -> (nll of tokens 1..N-1 (1, N-1), state dict after)
 LongDocumentReader = Callable[[torch.Tensor, dict[str, torch.Tensor] | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -136,6 +141,11 @@ class DocumentWorker:
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist (cwd {os.getcwd()})")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # ``prepare`` runs in another thread, with a tokenizer of its own (a fast tokenizer is
+        # not safe to share between threads).
+        self._prepare_tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self._prepared: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()
+        self._prepared_lock = threading.Lock()
         self.model = load_ttt_model(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
         if spec.ttt_overrides or not has_ttt(self.model):
             configure_ttt(self.model, spec.ttt_overrides)
@@ -171,9 +181,22 @@ class DocumentWorker:
         """The TTT and slow-weight configs this worker reads with (recorded in checkpoints)."""
         return {"ttt": ttt_config_of(self.model).to_dict(), "slow": self.slow_config.to_dict()}
 
+    def prepare(self, task: DocumentTask) -> None:
+        """Tokenize ``task`` ahead of its ``process`` call. Called from another thread while the
+        previous document is read (the tokenizer releases the GIL), it takes tokenization off the
+        reading path; ``process`` tokenizes whatever was not prepared."""
+        ids = self._prepare_tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        with self._prepared_lock:
+            self._prepared[task.id] = (task.text, ids)
+            while len(self._prepared) > MAX_PREPARED:  # prepared, then never processed here
+                self._prepared.popitem(last=False)
+
     def process(self, task: DocumentTask) -> DocumentOutcome:
         start = time.perf_counter()
-        ids = self.tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        with self._prepared_lock:
+            text, ids = self._prepared.pop(task.id, (None, None))
+        if text != task.text:  # not prepared (or another document under the same id)
+            ids = self.tokenizer(task.text, add_special_tokens=False)["input_ids"]
         limit = self.spec.max_document_tokens
         if len(ids) > limit and self.spec.oversize == "reject":
             return DocumentOutcome(

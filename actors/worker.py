@@ -2,7 +2,8 @@
 
 Documents run one at a time in submission order (the default concurrency group has one
 thread), which is what keeps per-partition order and states deterministic; status calls use a
-separate group so that they answer while a long document is being read.
+separate group so that they answer while a long document is being read, and ``prepare``
+(tokenizing a document ahead of its ``process``) a third, so that it overlaps the reading.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker
 from actors.state_store import StateBlob
 
 
-@ray.remote(concurrency_groups={"control": 1})
+@ray.remote(concurrency_groups={"control": 1, "prepare": 1})
 class WorkerActor:
     def __init__(self, spec: WorkerSpec, name: str, context_parallel: Any = None):
         """``context_parallel``: a ContextParallelService handle that reads the long windows."""
@@ -34,6 +35,11 @@ class WorkerActor:
         with warnings.catch_warnings():  # it reads a deprecated property inside Ray itself
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    @ray.method(concurrency_group="prepare")
+    def prepare(self, task: DocumentTask) -> None:
+        # Its own thread: the next document is tokenized while this one is read.
+        self.worker.prepare(task)
 
     def process(self, task: DocumentTask) -> DocumentOutcome:
         return self.worker.process(task)

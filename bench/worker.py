@@ -5,6 +5,8 @@ document in one process, so that their ratios are side by side:
 
 - worker: ``DocumentWorker.process`` (tokenize, pick the scope's state, score every chunk with
   the fast weights of the chunks before it, learn, report norms and delta ratios);
+- worker, tokenizing ahead: the same while another thread tokenizes the next document
+  (``DocumentWorker.prepare``, as the Ray actor does), the wait for it included;
 - static scorer: TTT off, one forward with full logits, then cross-entropy over every position
   (what scoring a document costs without TTT);
 - prefill: In-Place TTT on, ``logits_to_keep=1`` (what bench/ttt_forward.py times: the model's
@@ -27,6 +29,7 @@ import json
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -138,16 +141,29 @@ def main() -> None:
         rows, profiles = [], {}
         for length in args.lengths:
             texts = [text_of_length(tokenizer, length, gen) for _ in range(args.warmup + args.documents)]
-            times = {"worker": [], "static": [], "prefill": []}
+            times = {"worker": [], "worker, tokenizing ahead": [], "static": [], "prefill": [], "tokenize": []}
             tokens = []
+            ahead = [DocumentTask(f"ahead-{length}-{i}", text) for i, text in enumerate(texts)]
+            worker.prepare(ahead[0])
             for i, text in enumerate(texts):
                 task = DocumentTask(f"doc-{length}-{i}", text)
                 ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], device=device)[None]
                 ids = ids[:, : worker.spec.max_document_tokens]
+
+                def pipelined() -> None:
+                    # As the Ray actor does: the next document is tokenized in another thread
+                    # while this one is read (this one was tokenized during the previous read).
+                    nxt = threading.Thread(target=worker.prepare, args=(ahead[(i + 1) % len(ahead)],))
+                    nxt.start()
+                    worker.process(ahead[i])
+                    nxt.join()
+
                 sample = {
                     "worker": timed(lambda: worker.process(task), device),
+                    "worker, tokenizing ahead": timed(pipelined, device),
                     "static": timed(lambda: static_score(model, ids), device),
                     "prefill": timed(lambda: prefill(model, ids), device),
+                    "tokenize": timed(lambda: tokenizer(text, add_special_tokens=False), device),
                 }
                 if i >= args.warmup:
                     tokens.append(ids.shape[1])
@@ -158,6 +174,8 @@ def main() -> None:
             row = {"tokens": n, **{f"{k} ms": 1000 * v for k, v in median.items()},
                    **{f"{k} tok/s": n / v for k, v in median.items()},
                    "worker / static": median["static"] / median["worker"],
+                   "worker / (tokenize + static)": (median["tokenize"] + median["static"]) / median["worker"],
+                   "worker tokenizing ahead / static": median["static"] / median["worker, tokenizing ahead"],
                    "worker / prefill": median["prefill"] / median["worker"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -167,11 +185,14 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.preset} {args.dtype} on {name}, chunk {args.chunk}, TTT layers {sorted(ttt_layers(model))}, "
           f"scope {args.scope}, median of {args.documents} documents")
-    print("tokens | worker tok/s (ms) | static tok/s (ms) | prefill tok/s (ms) | worker/static | worker/prefill")
+    print("tokens | worker tok/s (ms) | worker tokenizing ahead tok/s (ms) | static tok/s (ms) | prefill tok/s (ms) | "
+          "tokenize ms | worker/static | worker tokenizing ahead/static | worker/(tokenize+static) | worker/prefill")
     for r in rows:
-        print(f"{r['tokens']:.0f} | {r['worker tok/s']:.0f} ({r['worker ms']:.0f}) | {r['static tok/s']:.0f} "
-              f"({r['static ms']:.0f}) | {r['prefill tok/s']:.0f} ({r['prefill ms']:.0f}) | "
-              f"{r['worker / static']:.2f}x | {r['worker / prefill']:.2f}x")
+        print(f"{r['tokens']:.0f} | {r['worker tok/s']:.0f} ({r['worker ms']:.1f}) | "
+              f"{r['worker, tokenizing ahead tok/s']:.0f} ({r['worker, tokenizing ahead ms']:.1f}) | "
+              f"{r['static tok/s']:.0f} ({r['static ms']:.1f}) | {r['prefill tok/s']:.0f} ({r['prefill ms']:.1f}) | "
+              f"{r['tokenize ms']:.1f} | {r['worker / static']:.2f}x | {r['worker tokenizing ahead / static']:.2f}x | "
+              f"{r['worker / (tokenize + static)']:.2f}x | {r['worker / prefill']:.2f}x")
     for length, ops in profiles.items():
         print(f"\nworker profile, {length} tokens (self time by operator):")
         for op in ops[:15]:

@@ -73,6 +73,7 @@ class RayWorkerPool:
         self.names = names
 
     def submit(self, worker: int, task: DocumentTask):
+        self.actors[worker].prepare.remote(task)  # tokenized while the documents before it are read
         return self.actors[worker].process.remote(task)
 
     def wait(self, handles: list, timeout_s: float, every: bool = False) -> list:

@@ -93,3 +93,20 @@ def test_a_new_key_starts_from_the_slow_weights_of_the_nearest_key(tmp_path):
     base = worker(tmp_path / "d", scope="per_key", slow={**slow, "reuse_nearest_key": False})
     assert alone.reused_from is None and alone.loss == base.process(DocumentTask("4", TEXT[1000:4000], key="x")).loss
     assert alone.loss > new.loss
+
+
+def test_a_document_tokenized_ahead_in_another_thread_reads_the_same(tmp_path):
+    import threading
+
+    plain, ahead = worker(tmp_path / "a", scope="global"), worker(tmp_path / "b", scope="global")
+    texts = [TEXT[:3000], TEXT[3000:], TEXT[1000:4000]]
+    for i, text in enumerate(texts):
+        prepared = threading.Thread(target=ahead.prepare, args=(DocumentTask(f"d{i}", text),))
+        prepared.start()
+        prepared.join()
+        want, got = plain.process(DocumentTask(f"d{i}", text)), ahead.process(DocumentTask(f"d{i}", text))
+        assert (got.tokens, got.loss, got.fast_weight_norm) == (want.tokens, want.loss, want.fast_weight_norm)
+    assert not ahead._prepared  # each prepared document was taken by its process call
+    # Prepared under an id, then sent with other text under that id: the text sent is read.
+    ahead.prepare(DocumentTask("x", TEXT[:500]))
+    assert ahead.process(DocumentTask("x", TEXT[:2000])).tokens == plain.process(DocumentTask("x", TEXT[:2000])).tokens
