@@ -29,6 +29,7 @@ import torch
 
 from actors.state_store import Scope, ScopedState, StateBlob, StateStore
 from ttt_model.adapted_state import AdaptedState
+from ttt_model.forward_call import ttt_forward
 from ttt_model.objectives import token_nll
 from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
 from ttt_model.session import TTTSession
@@ -63,6 +64,9 @@ class WorkerSpec:
     deterministic: bool = False
     # Windows of at least this many tokens go to the context-parallel reader (when one is given).
     context_parallel_min_tokens: int | None = None
+    # process_batch, per_document scope: documents read in one forward, up to this many padded
+    # tokens (rows x the longest document, rounded up to the TTT chunk).
+    batch_tokens: int = 16384
 
 
 @dataclass(frozen=True)
@@ -191,12 +195,144 @@ class DocumentWorker:
             while len(self._prepared) > MAX_PREPARED:  # prepared, then never processed here
                 self._prepared.popitem(last=False)
 
-    def process(self, task: DocumentTask) -> DocumentOutcome:
-        start = time.perf_counter()
+    def process_batch(self, tasks: list[DocumentTask], errors_as_values: bool = False) -> list[DocumentOutcome]:
+        """Read ``tasks`` in order; the outcomes are those of ``process`` on each in turn (with
+        ``errors_as_values``, what ``process`` raised on a document takes its place).
+
+        With the per_document scope (without slow weights or context parallelism) documents that
+        fit in one window are read together, up to ``spec.batch_tokens`` padded tokens per
+        forward, each batch row with fast weights of its own. Otherwise one at a time, the next
+        document tokenized in another thread meanwhile.
+        """
+
+        def one(task: DocumentTask):
+            try:
+                return self.process(task)
+            except Exception as err:  # noqa: BLE001 - the caller asked for it as a value
+                if not errors_as_values:
+                    raise
+                return err
+
+        if not self._batches_documents:
+            outcomes = []
+            for i, task in enumerate(tasks):
+                ahead = None
+                if i + 1 < len(tasks):
+                    ahead = threading.Thread(target=self.prepare, args=(tasks[i + 1],))
+                    ahead.start()
+                try:
+                    outcomes.append(one(task))
+                finally:
+                    if ahead is not None:
+                        ahead.join()
+            return outcomes
+        C = ttt_config_of(self.model).chunk_size
+        outcomes: list[DocumentOutcome | None] = [None] * len(tasks)
+        group: list[tuple[int, DocumentTask, list[int]]] = []
+
+        def read_group() -> None:
+            if not group:
+                return
+            try:
+                read = self._read_batch([(t, ids) for _, t, ids in group])
+            except Exception:  # noqa: BLE001 - e.g. out of memory: each alone, as one at a time would
+                log.warning("%s: a batch of %d documents failed; reading them one at a time", self.name, len(group),
+                            exc_info=True)
+                read = [one(t) for _, t, _ in group]
+            for (i, _, _), outcome in zip(group, read):
+                outcomes[i] = outcome
+            group.clear()
+
+        for i, task in enumerate(tasks):
+            ids = self._tokens_of(task)
+            if len(ids) > self.spec.max_document_tokens or len(ids) < 2:
+                read_group()
+                outcomes[i] = one(task)  # oversize or too short: the one-document path decides
+                continue
+            padded = -(-max([len(ids)] + [len(g[2]) for g in group]) // C) * C
+            if group and (len(group) + 1) * padded > self.spec.batch_tokens:
+                read_group()
+            group.append((i, task, ids))
+        read_group()
+        return outcomes
+
+    @property
+    def _batches_documents(self) -> bool:
+        return (self.spec.scope == "per_document" and self.slow is None and self.long_reader is None
+                and ttt_config_of(self.model).objective == "in_place")
+
+    def _tokens_of(self, task: DocumentTask) -> list[int]:
+        """The document's token ids: prepared ahead (``prepare``), else tokenized now."""
         with self._prepared_lock:
             text, ids = self._prepared.pop(task.id, (None, None))
         if text != task.text:  # not prepared (or another document under the same id)
             ids = self.tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    @torch.no_grad()
+    def _read_batch(self, items: list[tuple[DocumentTask, list[int]]]) -> list[DocumentOutcome]:
+        """Documents of one window each, per_document scope, in one forward.
+
+        Rows are right-padded to a multiple of the TTT chunk: a token never attends to later
+        ones, and only the updates of its row's earlier chunks reach it, so padding changes no
+        real token's output; ``update_lengths`` keeps the padding (and, as ``process`` does for
+        this scope, each row's unfinished last chunk) out of the fast weights.
+        """
+        start = time.perf_counter()
+        C = ttt_config_of(self.model).chunk_size
+        lengths = [len(ids) for _, ids in items]
+        B, L = len(items), -(-max(lengths) // C) * C
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        for b, (_, row) in enumerate(items):
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        ids = ids.to(self.device)
+        n = torch.tensor(lengths, device=self.device)
+        state = FastWeightState.for_model(self.model, batch_size=B)
+        with ttt_forward(state=state, update_lengths=(n // C) * C):
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        scored = torch.arange(L - 1, device=self.device) < (n - 1)[:, None]  # predicting tokens 1..len-1
+        adapted = (token_nll(logits[:, :-1], ids[:, 1:]).double() * scored).sum(1) / (n - 1)
+        del logits
+        sample = [b for b, (task, _) in enumerate(items) if sampled(task.id, self.spec.base_loss_sample_rate)]
+        base = torch.full((B,), float("nan"), dtype=torch.float64, device=self.device)
+        if sample:
+            rows = torch.tensor(sample, device=self.device)
+            with static_mode(self.model):
+                static = self.model(input_ids=ids[rows], use_cache=False).logits
+            base[rows] = (token_nll(static[:, :-1], ids[rows, 1:]).double() * scored[rows]).sum(1) / (n[rows] - 1)
+        norms = torch.stack([v.double() for v in state.norms().values()])  # (layers, B)
+        ratios = torch.stack([v.double() for v in state.delta_ratios(self.model).values()])
+        figures = torch.stack([adapted, base, norms.square().sum(0).sqrt(), ratios.amax(0)]).tolist()  # one transfer
+        # As after reading them one at a time: the scope's state is the last document's.
+        scoped = None
+        for _ in items:
+            scoped = self.states.get(None)
+            scoped.documents += 1
+        for idx, layer in scoped.state.fast:
+            layer.delta.copy_(state.layers[idx].delta[-1:])
+        elapsed = time.perf_counter() - start
+        self.documents += B
+        self.tokens += sum(lengths)
+        self.busy_s += elapsed
+        outcomes = []
+        for b, (task, _) in enumerate(items):
+            loss, base_loss, norm, ratio = (figures[k][b] for k in range(4))
+            outcomes.append(DocumentOutcome(
+                task.id, ok=True, tokens=lengths[b], loss=_finite_or_none(loss),
+                base_loss=_finite_or_none(base_loss) if b in sample else None,
+                finite=math.isfinite(loss) and math.isfinite(norm),
+                # Its share of the batch's time, by tokens (so that the shares add up to it).
+                latency_ms=1000.0 * elapsed * lengths[b] / sum(lengths), state_key=scoped.key,
+                state_documents=scoped.documents - (B - 1 - b),
+                fast_weight_norm=norm if math.isfinite(norm) else -1.0,
+                delta_ratio=ratio if math.isfinite(ratio) else -1.0, windows=1, worker=self.name,
+            ))
+        return outcomes
+
+    def process(self, task: DocumentTask) -> DocumentOutcome:
+        start = time.perf_counter()
+        ids = self._tokens_of(task)
         limit = self.spec.max_document_tokens
         if len(ids) > limit and self.spec.oversize == "reject":
             return DocumentOutcome(

@@ -44,6 +44,12 @@ class WorkerActor:
     def process(self, task: DocumentTask) -> DocumentOutcome:
         return self.worker.process(task)
 
+    def process_batch(self, tasks: list[DocumentTask]) -> DocumentOutcome | list[DocumentOutcome | Exception]:
+        """One return value per task (``num_returns`` = len(tasks)): its outcome, or what reading
+        it raised, so that one bad document does not fail the others."""
+        outcomes = self.worker.process_batch(tasks, errors_as_values=True)
+        return outcomes[0] if len(tasks) == 1 else outcomes
+
     def snapshot(self) -> list[StateBlob]:
         # Default group: runs after every document submitted before it, a consistent cut.
         return self.worker.snapshot()

@@ -126,6 +126,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="also: per_document scope, this many documents per process_batch vs one at a time")
+    parser.add_argument("--batch-lengths", type=int, nargs="+", default=[2048],
+                        help="document lengths of the --batch comparison (its logits are batch x length x vocab)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -135,7 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
         worker = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope,
-                                           max_document_tokens=max(args.lengths)), name="bench")
+                                           max_document_tokens=2 * max(args.lengths)), name="bench")
         model, tokenizer = worker.model, worker.tokenizer
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
@@ -182,6 +186,34 @@ def main() -> None:
             if args.profile:
                 profiles[str(length)] = profile_worker(worker, DocumentTask(f"profile-{length}", texts[0]), device)
 
+        batched = []
+        if args.batch:
+            per_doc = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope="per_document",
+                                                max_document_tokens=2 * max(args.batch_lengths),
+                                                batch_tokens=args.batch * (max(args.batch_lengths) + 1024)),
+                                     name="bench-batch")
+            for length in args.batch_lengths:
+                texts = [text_of_length(tokenizer, length, gen) for _ in range(args.batch)]
+                runs = {"one at a time": [], "batched": []}
+                for r in range(args.warmup + args.documents):
+                    tasks = [DocumentTask(f"b{length}-{r}-{i}", t) for i, t in enumerate(texts)]
+                    for t in tasks:
+                        per_doc.prepare(t)  # tokenizing is not what is compared here
+                    one = timed(lambda: [per_doc.process(t) for t in tasks], device)
+                    tasks = [DocumentTask(f"c{length}-{r}-{i}", t) for i, t in enumerate(texts)]
+                    for t in tasks:
+                        per_doc.prepare(t)
+                    many = timed(lambda: per_doc.process_batch(tasks), device)
+                    if r >= args.warmup:
+                        runs["one at a time"].append(one)
+                        runs["batched"].append(many)
+                median = {k: statistics.median(v) for k, v in runs.items()}
+                row = {"tokens": length, "documents": args.batch,
+                       **{f"{k} tok/s": args.batch * length / v for k, v in median.items()},
+                       "batched / one at a time": median["one at a time"] / median["batched"]}
+                batched.append(row)
+                print(json.dumps(row), flush=True)
+
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.preset} {args.dtype} on {name}, chunk {args.chunk}, TTT layers {sorted(ttt_layers(model))}, "
           f"scope {args.scope}, median of {args.documents} documents")
@@ -193,13 +225,20 @@ def main() -> None:
               f"{r['static tok/s']:.0f} ({r['static ms']:.1f}) | {r['prefill tok/s']:.0f} ({r['prefill ms']:.1f}) | "
               f"{r['tokenize ms']:.1f} | {r['worker / static']:.2f}x | {r['worker tokenizing ahead / static']:.2f}x | "
               f"{r['worker / (tokenize + static)']:.2f}x | {r['worker / prefill']:.2f}x")
+    if batched:
+        print(f"\nper_document scope, {args.batch} documents per process_batch vs one at a time (tokenized ahead):")
+        print("tokens | one at a time tok/s | batched tok/s | batched / one at a time")
+        for r in batched:
+            print(f"{r['tokens']} | {r['one at a time tok/s']:.0f} | {r['batched tok/s']:.0f} | "
+                  f"{r['batched / one at a time']:.2f}x")
     for length, ops in profiles.items():
         print(f"\nworker profile, {length} tokens (self time by operator):")
         for op in ops[:15]:
             print(f"  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['op']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "args": vars(args), "rows": rows, "profiles": profiles}, f, indent=2)
+            json.dump({"device": name, "args": vars(args), "rows": rows, "batched": batched, "profiles": profiles},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

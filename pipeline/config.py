@@ -185,6 +185,12 @@ class ProcessorConfig(_Section):
     oversize: Literal["split", "reject"] = "split"
     base_loss_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     max_in_flight_per_worker: int = Field(default=2, ge=1)
+    # Documents sent to a worker in one call; with the per_document scope the worker reads them
+    # in one forward (up to batch_tokens padded tokens: rows x the longest, rounded up to the TTT
+    # chunk; its logits are that many vocabulary-wide rows). None: 8 for workers with a GPU, else
+    # 1 (a CPU gains nothing from batching). At most max_in_flight_per_worker.
+    batch_documents: int | None = Field(default=None, ge=1)
+    batch_tokens: int = Field(default=16384, ge=2)
     max_restarts: int = Field(default=3, ge=0)
     max_attempts: int = Field(default=3, ge=1)
     restart_timeout_s: float = Field(default=300.0, gt=0)
@@ -197,6 +203,20 @@ class ProcessorConfig(_Section):
     monitor: MonitorConfig = MonitorConfig()
     # None: every document on a single worker.
     context_parallel: ContextParallelConfig | None = None
+
+    @property
+    def documents_per_call(self) -> int:
+        """``batch_documents``, resolved."""
+        if self.batch_documents is not None:
+            return self.batch_documents
+        return min(8 if self.worker_num_gpus > 0 else 1, self.max_in_flight_per_worker)
+
+    @model_validator(mode="after")
+    def _batches_fit_in_flight(self) -> "ProcessorConfig":
+        if self.batch_documents is not None and self.batch_documents > self.max_in_flight_per_worker:
+            raise ValueError(f"batch_documents ({self.batch_documents}) is above max_in_flight_per_worker "
+                             f"({self.max_in_flight_per_worker}): no batch that large would form")
+        return self
 
 
 class AppConfig(_Section):

@@ -46,6 +46,7 @@ def worker_spec(config: AppConfig) -> WorkerSpec:
         base_loss_sample_rate=p.base_loss_sample_rate,
         deterministic=p.deterministic,
         context_parallel_min_tokens=p.context_parallel.min_tokens if p.context_parallel else None,
+        batch_tokens=p.batch_tokens,
     )
 
 

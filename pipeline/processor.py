@@ -137,8 +137,15 @@ class StreamProcessor:
     # -- working -------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        per_worker: dict[int, list[PendingDocument]] = {}
         for pending in self.ledger.to_send(self.config.max_in_flight_per_worker):
-            self.ledger.sent(self.pool.submit(pending.worker, pending.parsed.task), pending)
+            per_worker.setdefault(pending.worker, []).append(pending)
+        size = self.config.documents_per_call
+        for w, documents in per_worker.items():
+            for start in range(0, len(documents), size):
+                batch = documents[start : start + size]
+                for handle, pending in zip(self.pool.submit(w, [p.parsed.task for p in batch]), batch):
+                    self.ledger.sent(handle, pending)
 
     def _collect(self, timeout_s: float) -> int:
         handles = self.ledger.handles()

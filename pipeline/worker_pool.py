@@ -44,8 +44,9 @@ class WorkerPool(Protocol):
 
     names: list[str]
 
-    def submit(self, worker: int, task: DocumentTask) -> Hashable:
-        """Send ``task`` to ``worker``; returns a handle for ``wait`` and ``result``."""
+    def submit(self, worker: int, tasks: list[DocumentTask]) -> list[Hashable]:
+        """Send ``tasks`` to ``worker`` in one call (read in order; a per_document worker reads
+        them in one forward); returns one handle per task, for ``wait`` and ``result``."""
 
     def wait(self, handles: list[Hashable], timeout_s: float, every: bool = False) -> list[Hashable]:
         """The handles that are done: as soon as one is (all of them with ``every``), plus
@@ -72,9 +73,11 @@ class RayWorkerPool:
         self.actors = actors
         self.names = names
 
-    def submit(self, worker: int, task: DocumentTask):
-        self.actors[worker].prepare.remote(task)  # tokenized while the documents before it are read
-        return self.actors[worker].process.remote(task)
+    def submit(self, worker: int, tasks: list[DocumentTask]) -> list:
+        for task in tasks:
+            self.actors[worker].prepare.remote(task)  # tokenized while the documents before it are read
+        refs = self.actors[worker].process_batch.options(num_returns=len(tasks)).remote(tasks)
+        return [refs] if len(tasks) == 1 else list(refs)
 
     def wait(self, handles: list, timeout_s: float, every: bool = False) -> list:
         if not handles:
@@ -86,7 +89,7 @@ class RayWorkerPool:
 
     def result(self, handle) -> DocumentOutcome:
         try:
-            return ray.get(handle, timeout=0)
+            outcome = ray.get(handle, timeout=0)
         except ray.exceptions.RayActorError as err:
             raise WorkerDied(str(err)) from None
         except ray.exceptions.RayTaskError as err:
@@ -95,6 +98,11 @@ class RayWorkerPool:
             raise DocumentFailed(err.cause) from None
         except ray.exceptions.RayError as err:  # the result is lost with its worker (object or owner gone)
             raise WorkerDied(str(err)) from None
+        if isinstance(outcome, ContextParallelFailure):
+            raise outcome
+        if isinstance(outcome, BaseException):  # what reading this one document of a batch raised
+            raise DocumentFailed(outcome)
+        return outcome
 
     def snapshot(self) -> dict[str, list[StateBlob]]:
         return dict(zip(self.names, ray.get([a.snapshot.remote() for a in self.actors])))

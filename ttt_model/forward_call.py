@@ -37,6 +37,9 @@ class TTTCall:
     # Training on packed windows: (B, n_chunks) bool, chunk k begins a new document, so the
     # fast weights restart there.
     document_starts: torch.Tensor | None = None
+    # A batch of right-padded documents: (B,) the tokens of each row whose chunks update its fast
+    # weights; the keys and targets past them add nothing (they still get outputs).
+    update_lengths: torch.Tensor | None = None
     # Replaces the layers' own apply-then-update (the context-parallel form sets it).
     layer_rule: LayerRule | None = None
     # The decoder's input embeddings, for the 'input_embeddings' target (set by the model's hooks).
@@ -65,15 +68,17 @@ def ttt_forward(
     document_starts: torch.Tensor | None = None,
     layer_rule: LayerRule | None = None,
     input_embeds: torch.Tensor | None = None,
+    update_lengths: torch.Tensor | None = None,
 ) -> Iterator[TTTCall]:
     """Run the forwards inside this block with these per-call inputs; those left None are the
     enclosing block's."""
     outer = _CURRENT.get() or _PLAIN
     call = TTTCall(
-        state if state is not None else outer.state,
-        document_starts if document_starts is not None else outer.document_starts,
-        layer_rule if layer_rule is not None else outer.layer_rule,
-        input_embeds if input_embeds is not None else outer.input_embeds,
+        state=state if state is not None else outer.state,
+        document_starts=document_starts if document_starts is not None else outer.document_starts,
+        update_lengths=update_lengths if update_lengths is not None else outer.update_lengths,
+        layer_rule=layer_rule if layer_rule is not None else outer.layer_rule,
+        input_embeds=input_embeds if input_embeds is not None else outer.input_embeds,
         outer=_CURRENT.get(),
     )
     token = _CURRENT.set(call)

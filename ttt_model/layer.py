@@ -110,7 +110,7 @@ class InPlaceTTTMLP(nn.Module):
         t = x if self.config.target == "hidden_states" else call.target_embeddings(x)
         if call.layer_rule is not None:
             return call.layer_rule(self, h, t, fast)
-        return self.apply_then_update(h, t, fast, call.document_starts)
+        return self.apply_then_update(h, t, fast, call.document_starts, call.update_lengths)
 
     def walk(self, delta: torch.Tensor | None, general: bool = False) -> FastWeightWalk:
         """This layer's running fast weights, starting from ``delta``."""
@@ -122,12 +122,16 @@ class InPlaceTTTMLP(nn.Module):
 
     def apply_then_update(
         self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None,
-        document_starts: torch.Tensor | None = None,
+        document_starts: torch.Tensor | None = None, update_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given.
 
         ``document_starts`` (B, n_chunks) bool: chunk k begins a new document in that row, so the
         fast weights restart there (training on packed windows, whole windows only).
+        ``update_lengths`` (B,): right-padded rows; the keys and targets of row b past
+        ``update_lengths[b]`` are zeroed for the updates (not for the outputs), so that the
+        padding teaches the fast weights nothing (a zero key adds nothing to V^T h, and zero
+        targets are what ``flush_tail`` pads a last chunk with).
         """
         L = h.shape[1]
         C = self.config.chunk_size
@@ -150,6 +154,12 @@ class InPlaceTTTMLP(nn.Module):
         else:
             if document_starts is not None and (r or fast is not None):
                 raise ValueError("document restarts apply to whole windows, not to a streaming state")
+            h_upd = h_all
+            if update_lengths is not None:
+                if r:
+                    raise ValueError("update_lengths apply to whole windows, not to a streaming state")
+                keep = torch.arange(h_all.shape[1], device=h_all.device) < update_lengths.to(h_all.device)[:, None]
+                h_upd, t_all = h_all * keep[..., None].to(h_all.dtype), t_all * keep[..., None].to(t_all.dtype)
             values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
             walk = self.walk(None if fast is None else fast.delta, general=document_starts is not None)
             outputs = []
@@ -159,12 +169,12 @@ class InPlaceTTTMLP(nn.Module):
                 if served is not None:
                     outputs.append(walk.serve(h_all[:, served]))
                 if update_after:
-                    walk.update(values[:, k], h_all[:, k * C : (k + 1) * C])
+                    walk.update(values[:, k], h_upd[:, k * C : (k + 1) * C])
             out, delta = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], walk.delta
 
         if fast is not None:
             fast.delta = delta if delta is not None else fast.delta
-            fast.tail_h = h_all[:, n_full * C :].detach()
+            fast.tail_h = h_upd[:, n_full * C :].detach()
             fast.tail_t = t_all[:, n_full * C :].detach()
             fast.tokens_seen += L
             fast.updates += n_full

@@ -117,7 +117,9 @@ class FastWeightWalk:
 
     def _per_sequence(self, h: torch.Tensor, fast_weight: torch.Tensor) -> torch.Tensor:
         """h[b] @ fast_weight[b]^T (+ bias) for each sequence b: (B, c, D) x (B, d, D) -> (B, c, d)."""
-        # F.linear is the base model's kernel: a batch of one is a single plain matrix product.
+        # F.linear is the base model's kernel: a batch of one is a single plain matrix product;
+        # several sequences are one batched product.
         if h.shape[0] == 1:
             return F.linear(h[0], fast_weight[0], self.bias)[None]
-        return torch.stack([F.linear(h[b], fast_weight[b], self.bias) for b in range(h.shape[0])])
+        out = torch.bmm(h, fast_weight.transpose(1, 2))
+        return out if self.bias is None else out + self.bias

@@ -110,3 +110,32 @@ def test_a_document_tokenized_ahead_in_another_thread_reads_the_same(tmp_path):
     # Prepared under an id, then sent with other text under that id: the text sent is read.
     ahead.prepare(DocumentTask("x", TEXT[:500]))
     assert ahead.process(DocumentTask("x", TEXT[:2000])).tokens == plain.process(DocumentTask("x", TEXT[:2000])).tokens
+
+
+def test_a_batch_of_documents_reads_as_one_at_a_time(tmp_path):
+    """per_document scope: several documents of different lengths (one of them over a chunk
+    border, one shorter than a chunk, one too short to score) in padded forwards give each
+    document the outcome of reading it alone."""
+    texts = [TEXT[:2500], TEXT[2500:3100], TEXT[3000:3004], TEXT[4000:5200], TEXT * 2, TEXT[100:4600]]
+    tasks = [DocumentTask(f"d{i}", text) for i, text in enumerate(texts)]
+    alone = worker(tmp_path / "a", scope="per_document", base_loss_sample_rate=0.5, max_document_tokens=2048)
+    want = [alone.process(t) for t in tasks]
+    batched = worker(tmp_path / "b", scope="per_document", base_loss_sample_rate=0.5, batch_tokens=4096,
+                     max_document_tokens=2048)  # TEXT * 2 is read in windows, alone
+    got = batched.process_batch(tasks)
+    assert sum(w.tokens for w in want) > 2000 and any(w.tokens > 512 for w in want)
+    assert any(w.base_loss is not None for w in want) and any(w.base_loss is None for w in want)
+    for w, g in zip(want, got):
+        assert (g.id, g.ok, g.tokens, g.state_documents, g.windows) == (w.id, w.ok, w.tokens, w.state_documents, w.windows)
+        assert g.loss == pytest.approx(w.loss, rel=1e-5, abs=1e-6) if w.loss is not None else g.loss is None
+        assert (g.base_loss is None) == (w.base_loss is None)
+        if w.base_loss is not None:
+            assert g.base_loss == pytest.approx(w.base_loss, rel=1e-5)
+        assert g.fast_weight_norm == pytest.approx(w.fast_weight_norm, rel=1e-4, abs=1e-6)
+        assert g.delta_ratio == pytest.approx(w.delta_ratio, rel=1e-4, abs=1e-7)
+    assert batched.documents == alone.documents == len(tasks)
+    # The scope's state is the last document's, as after reading them one at a time.
+    # (get() would reset a per_document state: read it as the store holds it)
+    for (_, a), (_, b) in zip(alone.states._live["__global__"].state.fast, batched.states._live["__global__"].state.fast):
+        assert a.delta.abs().sum() > 0
+        torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-7)

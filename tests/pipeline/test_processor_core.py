@@ -58,6 +58,7 @@ class FakePool:
         self.handles = itertools.count()
         self.restarts = 0
         self.parallel_failures: dict[str, int] = {}  # document id -> context-parallel reads that fail
+        self.batches: list[int] = []  # documents per submit call
 
     def fail_parallel(self, doc_id: str, times: int) -> None:
         self.parallel_failures[doc_id] = times
@@ -65,7 +66,11 @@ class FakePool:
     def kill(self, w: int, after: int) -> None:
         self.die_in[w] = after
 
-    def submit(self, w, task):
+    def submit(self, w, tasks):
+        self.batches.append(len(tasks))
+        return [self._submit_one(w, task) for task in tasks]
+
+    def _submit_one(self, w, task):
         handle = next(self.handles)
         if self.die_in[w] is not None:
             self.die_in[w] -= 1
@@ -275,3 +280,29 @@ def test_a_failed_context_parallel_read_goes_back_to_the_checkpoint_and_a_hopele
     assert json.loads(sinks.dead_letters[0])["id"] == "p1-007"
     assert pool.workers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-007"]
     assert source.commits[-1] == {0: 20, 1: 20}
+
+
+def test_documents_go_to_the_workers_in_batches_and_a_death_mid_batch_loses_nothing():
+    docs = documents(2, 23)
+    straight, pool_a, _, _ = processor(docs, store=FakeStore())
+    straight.run(until_idle_s=0.05)
+
+    batched, pool, source, sinks = processor(docs, store=FakeStore(), batch_documents=4, max_in_flight_per_worker=4)
+    pool.kill(1, after=14)  # inside a batch
+    summary = batched.run(until_idle_s=0.05)
+
+    assert max(pool.batches) == 4 and pool.restarts == 1 and summary.retries >= 1
+    assert [w.read for w in pool.workers] == [w.read for w in pool_a.workers]  # states exactly once
+    assert {r["id"] for r in sinks.results} == {d["id"] for p in docs.values() for d in p}
+    assert source.commits[-1] == {0: 23, 1: 23}
+
+
+def test_batch_documents_defaults_to_eight_on_a_gpu_worker_and_never_above_the_in_flight_bound():
+    assert ProcessorConfig().documents_per_call == 1
+    assert ProcessorConfig(worker_num_gpus=1, max_in_flight_per_worker=16).documents_per_call == 8
+    assert ProcessorConfig(worker_num_gpus=1).documents_per_call == 2  # max_in_flight_per_worker 2
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="batch_documents .* is above max_in_flight_per_worker"):
+        ProcessorConfig(batch_documents=4)
