@@ -48,6 +48,11 @@ class KafkaConfig(_Section):
     # stalls group joins on the embedded broker.
     consumer: dict[str, Any] = Field(default_factory=lambda: {"max_poll_interval_ms": 10_000})
     producer: dict[str, Any] = Field(default_factory=dict)
+    # An offset to resume from (a checkpoint's, the group's committed one) outside the records the
+    # broker has (a recreated topic, a restarted in-memory broker, retention that deleted them):
+    # error refuses to read, naming the partition; earliest / latest read on from the first /
+    # next record, as Kafka's auto.offset.reset does, and say so in the log.
+    offset_reset: Literal["error", "earliest", "latest"] = "error"
 
 
 class MlflowConfig(_Section):

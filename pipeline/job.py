@@ -80,8 +80,8 @@ def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, pool
                                   f"does not have ({names}): run with processor.workers = {len(start.states)}")
         for w, name in enumerate(names):
             pool.restore(w, start.states.get(name, []))
-        source.seek(start.offsets)
-        log.info("restored %s v%s: offsets %s", store.name, start.version, start.offsets)
+        offsets = source.seek(start.offsets)  # OffsetOutOfRange, or moved by kafka.offset_reset
+        log.info("restored %s v%s: offsets %s", store.name, start.version, offsets)
     base = base_model_id(config.model.path)
     return StreamCheckpointer(store, config.processor.checkpoint, config.kafka.topics.documents, config.digest(),
                               base, start, {**positions, **(start.offsets if start else {})},
@@ -127,7 +127,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         if p.checkpoint.enabled:
             checkpointer = restore_from_checkpoint(config, source, pool, start_offsets)
-            start_offsets = checkpointer.offsets
+            start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
             control = ControlSource(config.kafka)
             if p.monitor.enabled:
                 monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD))

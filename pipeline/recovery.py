@@ -96,7 +96,7 @@ class RecoveryPolicy:
         blobs = self.checkpointer.store.load(version).states.get(self.pool.names[w], []) if version else []
         self.pool.restore(w, blobs)
         positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in self.worker_of.items() if i == w}
-        self.source.seek(positions)
+        positions = self.source.seek(positions)
         self.ledger.rewind(w, positions)
         self.summary.retries += 1
         log.warning("worker %s %s: restored from checkpoint %s, partitions %s read again from %s",

@@ -20,9 +20,14 @@ from pipeline.config import KafkaConfig
 log = logging.getLogger(__name__)
 
 
+class OffsetOutOfRange(RuntimeError):
+    """An offset to resume from that the broker has no record at or before."""
+
+
 class KafkaDocumentSource:
     def __init__(self, config: KafkaConfig, metadata_timeout_s: float = 30.0):
         self.topic = config.topics.documents
+        self.offset_reset = config.offset_reset
         self.consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers,
             group_id=config.group_id,
@@ -54,10 +59,41 @@ class KafkaDocumentSource:
         records.sort(key=lambda r: (r.partition, r.offset))
         return records
 
-    def seek(self, offsets: dict[int, int]) -> None:
+    def seek(self, offsets: dict[int, int]) -> dict[int, int]:
+        """Read on from ``offsets`` (partition -> next offset); returns the offsets taken, which
+        differ only where an offset was out of range and ``kafka.offset_reset`` says where to go."""
+        offsets = self.in_range(offsets)
         for tp in self._tps:
             if tp.partition in offsets:
                 self.consumer.seek(tp, offsets[tp.partition])
+        return offsets
+
+    def in_range(self, offsets: dict[int, int]) -> dict[int, int]:
+        """``offsets`` checked against the records the broker holds; one outside them raises
+        OffsetOutOfRange (``offset_reset`` error) or is moved to the first / next record."""
+        tps = [tp for tp in self._tps if tp.partition in offsets]
+        if not tps:
+            return {}
+        first, end = self.consumer.beginning_offsets(tps), self.consumer.end_offsets(tps)
+        beyond = [tp for tp in tps if offsets[tp.partition] > end[tp]]
+        if beyond:  # make sure before acting on it: see _high_watermarks
+            end.update({tp: max(end[tp], hw) for tp, hw in self._high_watermarks(beyond).items()})
+        taken = {}
+        for tp in tps:
+            offset, lo, hi = offsets[tp.partition], first[tp], end[tp]
+            if lo <= offset <= hi:
+                taken[tp.partition] = offset
+                continue
+            where = "past the end" if offset > hi else "before the first record"
+            problem = (f"{self.topic} partition {tp.partition}: offset {offset} to resume from is {where} "
+                       f"(the broker holds offsets {lo} to {hi - 1}): the topic was recreated, the broker lost "
+                       f"its records or retention deleted them")
+            if self.offset_reset == "error":
+                raise OffsetOutOfRange(f"{problem}; set kafka.offset_reset to earliest or latest to read on")
+            taken[tp.partition] = lo if self.offset_reset == "earliest" else hi
+            log.warning("%s; reading from offset %d (kafka.offset_reset: %s)", problem, taken[tp.partition],
+                        self.offset_reset)
+        return taken
 
     def commit(self, offsets: dict[int, int]) -> None:
         """Commit ``partition -> next offset to read`` under the group (synchronously)."""
@@ -66,9 +102,27 @@ class KafkaDocumentSource:
                 TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()
             })
 
+    def _high_watermarks(self, tps: list[TopicPartition], timeout_s: float = 5.0) -> dict[TopicPartition, int]:
+        """The end of each partition's log as a fetch reports it. The embedded broker answers
+        ListOffsets with one offset per record batch (3 records produced in one batch: end 1),
+        while its fetch responses carry the right high watermark. Positions are put back."""
+        before = {tp: self.consumer.position(tp) for tp in self._tps}
+        self.consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while any(self.consumer.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
+            self.consumer.poll(timeout_ms=200, max_records=1)
+        for tp, offset in before.items():
+            self.consumer.seek(tp, offset)
+        return {tp: self.consumer.highwater(tp) or 0 for tp in tps}
+
     def positions(self) -> dict[int, int]:
-        """The next offset each partition will be read from (committed, else the reset policy)."""
-        return {tp.partition: self.consumer.position(tp) for tp in self._tps}
+        """The next offset each partition will be read from: the group's committed one (checked
+        against the broker's records like a seek), else the first record."""
+        positions = {tp.partition: self.consumer.position(tp) for tp in self._tps}
+        taken = self.in_range(positions)
+        if taken != positions:
+            self.seek(taken)
+        return taken
 
     def committed(self) -> dict[int, int | None]:
         return {tp.partition: self.consumer.committed(tp) for tp in self._tps}

@@ -127,6 +127,7 @@ class FakeSource:
 
     def seek(self, offsets):
         self.position.update(offsets)
+        return dict(offsets)
 
     def commit(self, offsets):
         self.commits.append(dict(offsets))
