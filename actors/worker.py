@@ -59,7 +59,9 @@ class WorkerActor:
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
-        return {**self.worker.stats(), "restarted": self.restarted}
+        context = ray.get_runtime_context()
+        return {**self.worker.stats(), "restarted": self.restarted, "node_id": context.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address()}
 
     @ray.method(concurrency_group="control")
     def ready(self) -> str:

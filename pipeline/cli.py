@@ -259,11 +259,13 @@ def _print_stream_status(status: dict) -> None:
             markup=False, highlight=False,
         )
         workers = Table(title="workers")
-        for column in ("worker", "alive", "restarted", "partitions", "documents", "tokens", "parallel windows", "device"):
+        for column in ("worker", "alive", "restarted", "node", "partitions", "documents", "tokens", "parallel windows",
+                       "device"):
             workers.add_column(column)
         for w in report.get("workers", []):
             workers.add_row(
                 w["worker"], "yes" if w.get("alive") else "no", "yes" if w.get("restarted") else "no",
+                f"{w['node_ip']} ({w['node_id'][:8]})" if w.get("node_id") else "-",
                 ",".join(map(str, w.get("partitions", []))), str(w.get("documents", "-")),
                 str(w.get("tokens", "-")), str(w.get("parallel_windows", "-")), w.get("device", "-"),
             )

@@ -10,7 +10,8 @@ def test_status_shows_workers_and_the_context_parallel_group():
         "stream": "s", "time": time.time(), "final": False, "documents": 12, "dead_letters": 0,
         "tokens_per_s": 100.0, "in_flight": 1, "queued": 0,
         "workers": [{"worker": "s-worker-0", "alive": True, "partitions": [0, 1], "documents": 12,
-                     "tokens": 9000, "parallel_windows": 5, "device": "cpu"}],
+                     "tokens": 9000, "parallel_windows": 5, "device": "cpu",
+                     "node_id": "f3a9c2d1e0b4", "node_ip": "10.0.0.7"}],
         "context_parallel": {"world": 2, "reads": 5, "failures": 1, "formed": True},
     }
     width, cli.console.width = cli.console.width, 200  # a wide terminal: no wrapped cells
@@ -22,3 +23,4 @@ def test_status_shows_workers_and_the_context_parallel_group():
     out = captured.get()
     assert "s-worker-0" in out and "context-parallel group: 2 members, 5 reads, 1 failures" in out
     assert "parallel" in out and " 5 " in out
+    assert "10.0.0.7 (f3a9c2d1)" in out  # the node each worker runs on

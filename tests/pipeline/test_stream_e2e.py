@@ -180,3 +180,4 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_no_document_is_los
     status = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.metrics, expect=1)]
     restarted = [w for s in status if s.get("final") for w in s["workers"] if w.get("restarted")]
     assert [w["worker"] for w in restarted] == [f"{config.stream.name}-worker-0"]
+    assert all(len(w["node_id"]) > 8 and w["node_ip"] for s in status for w in s["workers"] if w.get("alive"))
