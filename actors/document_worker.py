@@ -163,6 +163,8 @@ class DocumentWorker:
         self.tokens = 0
         self.busy_s = 0.0
         self.parallel_windows = 0
+        self.batches = 0  # forwards of process_batch that read several documents
+        self.batched_documents = 0
 
     @property
     def slow_chunk_tokens(self) -> int:
@@ -199,10 +201,11 @@ class DocumentWorker:
         """Read ``tasks`` in order; the outcomes are those of ``process`` on each in turn (with
         ``errors_as_values``, what ``process`` raised on a document takes its place).
 
-        With the per_document scope (without slow weights or context parallelism) documents that
-        fit in one window are read together, up to ``spec.batch_tokens`` padded tokens per
-        forward, each batch row with fast weights of its own. Otherwise one at a time, the next
-        document tokenized in another thread meanwhile.
+        With the per_document and per_key scopes (without slow weights or context parallelism)
+        documents that fit in one window are read together, up to ``spec.batch_tokens`` padded
+        tokens per forward, each batch row with the fast weights of its own scope (per_key: a
+        key's second document starts a new batch, after its first). Otherwise one at a time, the
+        next document tokenized in another thread meanwhile.
         """
 
         def one(task: DocumentTask):
@@ -250,7 +253,9 @@ class DocumentWorker:
                 outcomes[i] = one(task)  # oversize or too short: the one-document path decides
                 continue
             padded = -(-max([len(ids)] + [len(g[2]) for g in group]) // C) * C
-            if group and (len(group) + 1) * padded > self.spec.batch_tokens:
+            keys = {g[1].key for g in group}
+            if group and ((len(group) + 1) * padded > self.spec.batch_tokens or len(group) >= self.spec.max_keys_in_memory
+                          or (self.spec.scope == "per_key" and task.key in keys)):
                 read_group()
             group.append((i, task, ids))
         read_group()
@@ -258,7 +263,7 @@ class DocumentWorker:
 
     @property
     def _batches_documents(self) -> bool:
-        return (self.spec.scope == "per_document" and self.slow is None and self.long_reader is None
+        return (self.spec.scope in ("per_document", "per_key") and self.slow is None and self.long_reader is None
                 and ttt_config_of(self.model).objective == "in_place")
 
     def _tokens_of(self, task: DocumentTask) -> list[int]:
@@ -271,12 +276,13 @@ class DocumentWorker:
 
     @torch.no_grad()
     def _read_batch(self, items: list[tuple[DocumentTask, list[int]]]) -> list[DocumentOutcome]:
-        """Documents of one window each, per_document scope, in one forward.
+        """Documents of one window each (per_key: of different keys) in one forward.
 
         Rows are right-padded to a multiple of the TTT chunk: a token never attends to later
         ones, and only the updates of its row's earlier chunks reach it, so padding changes no
-        real token's output; ``update_lengths`` keeps the padding (and, as ``process`` does for
-        this scope, each row's unfinished last chunk) out of the fast weights.
+        real token's output. ``update_lengths`` keeps the padding out of the fast weights: with
+        per_document also each row's unfinished last chunk, as ``process`` does for that scope;
+        with per_key that chunk is learned zero-padded, exactly what ``end_document`` does.
         """
         start = time.perf_counter()
         C = ttt_config_of(self.model).chunk_size
@@ -288,8 +294,15 @@ class DocumentWorker:
             ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         ids = ids.to(self.device)
         n = torch.tensor(lengths, device=self.device)
+        per_key = self.spec.scope == "per_key"
+        scopes = [self.states.get(task.key) for task, _ in items] if per_key else []
+        if any(layer.tail_len for s in scopes for _, layer in s.state.fast):
+            raise RuntimeError("a per_key state with an unfinished chunk cannot start a batch row")
         state = FastWeightState.for_model(self.model, batch_size=B)
-        with ttt_forward(state=state, update_lengths=(n // C) * C):
+        for idx, layer in state:  # each row starts from its scope's fast weights
+            for b, scoped in enumerate(scopes):
+                layer.delta[b] = scoped.state.fast.layers[idx].delta[0]
+        with ttt_forward(state=state, update_lengths=n if per_key else (n // C) * C):
             logits = self.model(input_ids=ids, use_cache=False).logits
         scored = torch.arange(L - 1, device=self.device) < (n - 1)[:, None]  # predicting tokens 1..len-1
         adapted = (token_nll(logits[:, :-1], ids[:, 1:]).double() * scored).sum(1) / (n - 1)
@@ -304,14 +317,24 @@ class DocumentWorker:
         norms = torch.stack([v.double() for v in state.norms().values()])  # (layers, B)
         ratios = torch.stack([v.double() for v in state.delta_ratios(self.model).values()])
         figures = torch.stack([adapted, base, norms.square().sum(0).sqrt(), ratios.amax(0)]).tolist()  # one transfer
-        # As after reading them one at a time: the scope's state is the last document's.
-        scoped = None
-        for _ in items:
-            scoped = self.states.get(None)
-            scoped.documents += 1
-        for idx, layer in scoped.state.fast:
-            layer.delta.copy_(state.layers[idx].delta[-1:])
+        if per_key:  # every key's state after its document, as end_document leaves it
+            for b, scoped in enumerate(scopes):
+                scoped.documents += 1
+                for idx, layer in scoped.state.fast:
+                    layer.delta = state.layers[idx].delta[b : b + 1].clone()
+                    layer.tokens_seen += lengths[b]
+                    layer.updates += -(-lengths[b] // C)
+        else:  # as after reading them one at a time: the scope's state is the last document's
+            scoped = None
+            for _ in items:
+                scoped = self.states.get(None)
+                scoped.documents += 1
+            for idx, layer in scoped.state.fast:
+                layer.delta.copy_(state.layers[idx].delta[-1:])
+            scopes = [scoped] * B
         elapsed = time.perf_counter() - start
+        self.batches += 1
+        self.batched_documents += B
         self.documents += B
         self.tokens += sum(lengths)
         self.busy_s += elapsed
@@ -323,8 +346,8 @@ class DocumentWorker:
                 base_loss=_finite_or_none(base_loss) if b in sample else None,
                 finite=math.isfinite(loss) and math.isfinite(norm),
                 # Its share of the batch's time, by tokens (so that the shares add up to it).
-                latency_ms=1000.0 * elapsed * lengths[b] / sum(lengths), state_key=scoped.key,
-                state_documents=scoped.documents - (B - 1 - b),
+                latency_ms=1000.0 * elapsed * lengths[b] / sum(lengths), state_key=scopes[b].key,
+                state_documents=scopes[b].documents if per_key else scopes[b].documents - (B - 1 - b),
                 fast_weight_norm=norm if math.isfinite(norm) else -1.0,
                 delta_ratio=ratio if math.isfinite(ratio) else -1.0, windows=1, worker=self.name,
             ))
@@ -388,6 +411,8 @@ class DocumentWorker:
             "reloads": self.states.reloads,
             "device": str(self.device),
             "parallel_windows": self.parallel_windows,
+            "batches": self.batches,
+            "batched_documents": self.batched_documents,
         }
 
     # -- internals -----------------------------------------------------------------------------

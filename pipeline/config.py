@@ -190,11 +190,12 @@ class ProcessorConfig(_Section):
     oversize: Literal["split", "reject"] = "split"
     base_loss_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     max_in_flight_per_worker: int = Field(default=2, ge=1)
-    # Documents sent to a worker in one call; with the per_document scope the worker reads them
-    # in one forward (up to batch_tokens padded tokens: rows x the longest, rounded up to the TTT
-    # chunk; its logits are that many vocabulary-wide rows). None: with the per_document scope and
-    # GPU workers 8 (at most max_in_flight_per_worker: raise it to 16 for batches of 8), else 1
-    # (a CPU gains nothing from batching, the other scopes read one document at a time).
+    # Documents sent to a worker in one call; with the per_document and per_key scopes (no slow
+    # weights) the worker reads them in one forward (up to batch_tokens padded tokens: rows x the
+    # longest, rounded up to the TTT chunk; its logits are that many vocabulary-wide rows; per_key:
+    # distinct keys). None: with those scopes on GPU workers 8 (at most max_in_flight_per_worker:
+    # raise it to 16 for batches of 8), else 1 (a CPU gains nothing from batching, and global
+    # reads one document at a time).
     batch_documents: int | None = Field(default=None, ge=1)
     batch_tokens: int = Field(default=16384, ge=2)
     max_restarts: int = Field(default=3, ge=0)
@@ -215,7 +216,7 @@ class ProcessorConfig(_Section):
         """``batch_documents``, resolved."""
         if self.batch_documents is not None:
             return self.batch_documents
-        if self.scope == "per_document" and self.worker_num_gpus > 0:
+        if self.scope in ("per_document", "per_key") and self.worker_num_gpus > 0:
             return min(8, self.max_in_flight_per_worker)
         return 1
 

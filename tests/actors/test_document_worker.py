@@ -123,6 +123,8 @@ def test_a_batch_of_documents_reads_as_one_at_a_time(tmp_path):
     batched = worker(tmp_path / "b", scope="per_document", base_loss_sample_rate=0.5, batch_tokens=4096,
                      max_document_tokens=2048)  # TEXT * 2 is read in windows, alone
     got = batched.process_batch(tasks)
+    # TEXT * 2 (over max_document_tokens) alone, the five others in two forwards (batch_tokens)
+    assert batched.batches == 2 and batched.batched_documents == 5
     assert sum(w.tokens for w in want) > 2000 and any(w.tokens > 512 for w in want)
     assert any(w.base_loss is not None for w in want) and any(w.base_loss is None for w in want)
     for w, g in zip(want, got):
@@ -139,3 +141,27 @@ def test_a_batch_of_documents_reads_as_one_at_a_time(tmp_path):
     for (_, a), (_, b) in zip(alone.states._live["__global__"].state.fast, batched.states._live["__global__"].state.fast):
         assert a.delta.abs().sum() > 0
         torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-7)
+
+
+def test_a_batch_of_keyed_documents_reads_as_one_at_a_time(tmp_path):
+    """per_key scope: documents of distinct keys share a forward, each row starting from its key's
+    fast weights; a key's next document waits for the next batch. Outcomes and every key's state
+    (delta and counters) equal reading them one at a time."""
+    spans = [(0, 2500), (2500, 3100), (100, 4600), (4000, 5200), (1000, 2300), (3000, 5600)]
+    keys = ["a", "b", "a", "c", "b", "a"]
+    tasks = [DocumentTask(f"d{i}", TEXT[lo:hi], key=k) for i, ((lo, hi), k) in enumerate(zip(spans, keys))]
+    alone = worker(tmp_path / "a", scope="per_key")
+    want = [alone.process(t) for t in tasks]
+    batched = worker(tmp_path / "b", scope="per_key", batch_tokens=8192)
+    got = batched.process_batch(tasks)
+    # [a, b], then a's second document: [a, c, b], then [a]
+    assert (batched.batches, batched.batched_documents) == (3, 6)
+    for w, g in zip(want, got):
+        assert (g.id, g.tokens, g.state_key, g.state_documents) == (w.id, w.tokens, w.state_key, w.state_documents)
+        assert g.loss == pytest.approx(w.loss, rel=1e-5)
+        assert g.fast_weight_norm == pytest.approx(w.fast_weight_norm, rel=1e-4)
+    assert want[2].loss != pytest.approx(want[0].loss, rel=1e-3)  # "a" learned from its first document
+    for key in "abc":
+        for (_, a), (_, b) in zip(alone.states.peek(key).fast, batched.states.peek(key).fast):
+            torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-7)
+            assert (b.tokens_seen, b.updates, b.tail_len) == (a.tokens_seen, a.updates, a.tail_len)

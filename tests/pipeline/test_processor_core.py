@@ -298,11 +298,12 @@ def test_documents_go_to_the_workers_in_batches_and_a_death_mid_batch_loses_noth
     assert source.commits[-1] == {0: 23, 1: 23}
 
 
-def test_batch_documents_defaults_to_eight_on_a_gpu_per_document_worker_and_never_above_the_in_flight_bound():
+def test_batch_documents_defaults_to_eight_on_a_gpu_worker_of_a_batching_scope_and_never_above_the_in_flight_bound():
     gpu = dict(worker_num_gpus=1, scope="per_document")
     assert ProcessorConfig().documents_per_call == 1
     assert ProcessorConfig(**gpu, max_in_flight_per_worker=16).documents_per_call == 8
     assert ProcessorConfig(**gpu).documents_per_call == 2  # max_in_flight_per_worker 2
+    assert ProcessorConfig(worker_num_gpus=1, scope="per_key", max_in_flight_per_worker=16).documents_per_call == 8
     assert ProcessorConfig(worker_num_gpus=1, scope="global", max_in_flight_per_worker=16).documents_per_call == 1
     import pydantic
     import pytest
