@@ -208,9 +208,9 @@ class DocumentWorker:
         next document tokenized in another thread meanwhile.
         """
 
-        def one(task: DocumentTask):
+        def one(task: DocumentTask, ids: list[int] | None = None):
             try:
-                return self.process(task)
+                return self.process(task) if ids is None else self._process(task, ids)
             except Exception as err:  # noqa: BLE001 - the caller asked for it as a value
                 if not errors_as_values:
                     raise
@@ -236,12 +236,16 @@ class DocumentWorker:
         def read_group() -> None:
             if not group:
                 return
+            if len(group) == 1:  # nothing to share a forward with: the one-document path
+                outcomes[group[0][0]] = one(group[0][1], group[0][2])
+                group.clear()
+                return
             try:
                 read = self._read_batch([(t, ids) for _, t, ids in group])
             except Exception:  # noqa: BLE001 - e.g. out of memory: each alone, as one at a time would
                 log.warning("%s: a batch of %d documents failed; reading them one at a time", self.name, len(group),
                             exc_info=True)
-                read = [one(t) for _, t, _ in group]
+                read = [one(t, ids) for _, t, ids in group]
             for (i, _, _), outcome in zip(group, read):
                 outcomes[i] = outcome
             group.clear()
@@ -250,7 +254,7 @@ class DocumentWorker:
             ids = self._tokens_of(task)
             if len(ids) > self.spec.max_document_tokens or len(ids) < 2:
                 read_group()
-                outcomes[i] = one(task)  # oversize or too short: the one-document path decides
+                outcomes[i] = one(task, ids)  # oversize or too short: the one-document path decides
                 continue
             padded = -(-max([len(ids)] + [len(g[2]) for g in group]) // C) * C
             keys = {g[1].key for g in group}
@@ -355,7 +359,10 @@ class DocumentWorker:
 
     def process(self, task: DocumentTask) -> DocumentOutcome:
         start = time.perf_counter()
-        ids = self._tokens_of(task)
+        return self._process(task, self._tokens_of(task), start)
+
+    def _process(self, task: DocumentTask, ids: list[int], start: float | None = None) -> DocumentOutcome:
+        start = time.perf_counter() if start is None else start
         limit = self.spec.max_document_tokens
         if len(ids) > limit and self.spec.oversize == "reject":
             return DocumentOutcome(

@@ -123,8 +123,9 @@ def test_a_batch_of_documents_reads_as_one_at_a_time(tmp_path):
     batched = worker(tmp_path / "b", scope="per_document", base_loss_sample_rate=0.5, batch_tokens=4096,
                      max_document_tokens=2048)  # TEXT * 2 is read in windows, alone
     got = batched.process_batch(tasks)
-    # TEXT * 2 (over max_document_tokens) alone, the five others in two forwards (batch_tokens)
-    assert batched.batches == 2 and batched.batched_documents == 5
+    # The first four in one forward (batch_tokens), then TEXT * 2 (over max_document_tokens) and
+    # the last one alone
+    assert batched.batches == 1 and batched.batched_documents == 4
     assert sum(w.tokens for w in want) > 2000 and any(w.tokens > 512 for w in want)
     assert any(w.base_loss is not None for w in want) and any(w.base_loss is None for w in want)
     for w, g in zip(want, got):
@@ -154,8 +155,8 @@ def test_a_batch_of_keyed_documents_reads_as_one_at_a_time(tmp_path):
     want = [alone.process(t) for t in tasks]
     batched = worker(tmp_path / "b", scope="per_key", batch_tokens=8192)
     got = batched.process_batch(tasks)
-    # [a, b], then a's second document: [a, c, b], then [a]
-    assert (batched.batches, batched.batched_documents) == (3, 6)
+    # [a, b], then a's second document: [a, c, b], then [a] alone
+    assert (batched.batches, batched.batched_documents) == (2, 5)
     for w, g in zip(want, got):
         assert (g.id, g.tokens, g.state_key, g.state_documents) == (w.id, w.tokens, w.state_key, w.state_documents)
         assert g.loss == pytest.approx(w.loss, rel=1e-5)
