@@ -76,6 +76,9 @@ def main() -> None:
         "processor": config.processor.model_copy(update={
             "workers": 1, "worker_num_cpus": args.threads, "scope": "per_document", "base_loss_sample_rate": 0.0,
             "max_document_tokens": args.max_tokens * 2, "status_interval_s": 3600.0,
+            # The pipeline's own overhead: no MLflow checkpoints (the bench starts no MLflow
+            # server), so no monitor and no rollback either.
+            "checkpoint": config.processor.checkpoint.model_copy(update={"enabled": False}),
         }),
         "ray": config.ray.model_copy(update={"num_cpus": max(config.ray.num_cpus, args.threads)}),
     })

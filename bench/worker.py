@@ -139,7 +139,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
         worker = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope,
-                                           max_document_tokens=2 * max(args.lengths)), name="bench")
+                                           max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
+                                name="bench")
         model, tokenizer = worker.model, worker.tokenizer
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
@@ -190,7 +191,8 @@ def main() -> None:
         if args.batch:
             per_doc = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope="per_document",
                                                 max_document_tokens=2 * max(args.batch_lengths),
-                                                batch_tokens=args.batch * (max(args.batch_lengths) + 1024)),
+                                                batch_tokens=args.batch * (max(args.batch_lengths) + 1024),
+                                                tokenize_ahead=True),
                                      name="bench-batch")
             for length in args.batch_lengths:
                 texts = [text_of_length(tokenizer, length, gen) for _ in range(args.batch)]

@@ -98,7 +98,8 @@ def test_a_new_key_starts_from_the_slow_weights_of_the_nearest_key(tmp_path):
 def test_a_document_tokenized_ahead_in_another_thread_reads_the_same(tmp_path):
     import threading
 
-    plain, ahead = worker(tmp_path / "a", scope="global"), worker(tmp_path / "b", scope="global")
+    plain, ahead = worker(tmp_path / "a", scope="global"), worker(tmp_path / "b", scope="global", tokenize_ahead=True)
+    assert not plain.tokenizes_ahead  # by default on a GPU only
     texts = [TEXT[:3000], TEXT[3000:], TEXT[1000:4000]]
     for i, text in enumerate(texts):
         prepared = threading.Thread(target=ahead.prepare, args=(DocumentTask(f"d{i}", text),))
@@ -109,6 +110,7 @@ def test_a_document_tokenized_ahead_in_another_thread_reads_the_same(tmp_path):
     assert not ahead._prepared  # each prepared document was taken by its process call
     # Prepared under an id, then sent with other text under that id: the text sent is read.
     ahead.prepare(DocumentTask("x", TEXT[:500]))
+    assert "x" in ahead._prepared
     assert ahead.process(DocumentTask("x", TEXT[:2000])).tokens == plain.process(DocumentTask("x", TEXT[:2000])).tokens
 
 
