@@ -78,6 +78,7 @@ class DocumentTask:
     id: str
     text: str
     key: str | None = None
+    partition: int | None = None  # of the documents topic: where its state lives (rescaling)
 
 
 @dataclass
@@ -310,7 +311,7 @@ class DocumentWorker:
         ids = ids.to(self.device)
         n = torch.tensor(lengths, device=self.device)
         per_key = self.spec.scope == "per_key"
-        scopes = [self.states.get(task.key) for task, _ in items] if per_key else []
+        scopes = [self.states.get(task.key, task.partition) for task, _ in items] if per_key else []
         if any(layer.tail_len for s in scopes for _, layer in s.state.fast):
             raise RuntimeError("a per_key state with an unfinished chunk cannot start a batch row")
         state = FastWeightState.for_model(self.model, batch_size=B)
@@ -341,8 +342,8 @@ class DocumentWorker:
                     layer.updates += -(-lengths[b] // C)
         else:  # as after reading them one at a time: the scope's state is the last document's
             scoped = None
-            for _ in items:
-                scoped = self.states.get(None)
+            for task, _ in items:
+                scoped = self.states.get(None, task.partition)
                 scoped.documents += 1
             for idx, layer in scoped.state.fast:
                 layer.delta.copy_(state.layers[idx].delta[-1:])
@@ -381,7 +382,7 @@ class DocumentWorker:
                 reason=f"oversize: {len(ids)} tokens > max_document_tokens {limit}",
             )
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
-        scoped, reused_from = self._state_for(task.key, ids)
+        scoped, reused_from = self._state_for(task, ids)
         windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
         adapted = self._adapted_nll(scoped.state, windows)
         base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
@@ -435,16 +436,16 @@ class DocumentWorker:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _state_for(self, key: str | None, ids: torch.Tensor) -> tuple[ScopedState, str | None]:
+    def _state_for(self, task: DocumentTask, ids: torch.Tensor) -> tuple[ScopedState, str | None]:
         """The scope's state for a document, and for a new key that starts from another key's
         slow weights (``slow.reuse_nearest_key``), that key."""
-        cfg = self.slow_config
+        cfg, key = self.slow_config, task.key
         if self.slow is None or not cfg.reuse_nearest_key or self.spec.scope != "per_key" or key in self.states:
-            return self.states.get(key), None
+            return self.states.get(key, task.partition), None
         signature = self.slow.signature(ids[:, : self.slow_chunk_tokens])
         nearest = self.slow.nearest(signature, self.states.signatures())
         source = self.states.peek(nearest[0]).slow if nearest and nearest[1] >= cfg.reuse_min_similarity else None
-        scoped = self.states.get(key)
+        scoped = self.states.get(key, task.partition)
         if source is not None:
             scoped.state.slow.copy_from(source)
             log.info("%s: new key %r starts from the slow weights of %r (similarity %.3f)", self.name, key, *nearest)

@@ -24,12 +24,14 @@ GLOBAL_KEY = "__global__"
 
 @dataclass(frozen=True)
 class StateBlob:
-    """One state serialised for a checkpoint: safetensors bytes, their sha256, its document count."""
+    """One state serialised for a checkpoint: safetensors bytes, their sha256, its document count
+    and the partition its last document came from (where its key lives when workers change)."""
 
     key: str
     data: bytes
     sha256: str
     documents: int
+    partition: int | None = None
 
 
 @dataclass
@@ -39,6 +41,7 @@ class ScopedState:
     key: str
     state: AdaptedState
     documents: int = 0
+    partition: int | None = None  # of the last document read with it
 
 
 class StateStore:
@@ -58,12 +61,19 @@ class StateStore:
         self.capacity = capacity
         self.spill_dir = Path(spill_dir)
         self._live: OrderedDict[str, ScopedState] = OrderedDict()
-        self._spilled: dict[str, tuple[str, int]] = {}  # key -> (sha256, documents)
+        self._spilled: dict[str, tuple[str, int, int | None]] = {}  # key -> (sha256, documents, partition)
         self._spilled_signatures: dict[str, torch.Tensor] = {}  # key -> its slow weights' signature
         self.spills = 0
         self.reloads = 0
 
-    def get(self, key: str | None) -> ScopedState:
+    def get(self, key: str | None, partition: int | None = None) -> ScopedState:
+        """The state to read a document of ``key`` from ``partition`` with (recorded on it)."""
+        scoped = self._get(key)
+        if partition is not None:
+            scoped.partition = partition
+        return scoped
+
+    def _get(self, key: str | None) -> ScopedState:
         if self.scope != "per_key":
             scoped = self._live.get(GLOBAL_KEY)
             if scoped is None:
@@ -105,13 +115,13 @@ class StateStore:
         blobs = []
         for key, scoped in self._live.items():
             data = scoped.state.to_bytes()
-            blobs.append(StateBlob(key, data, hashlib.sha256(data).hexdigest(), scoped.documents))
-        for key, (digest, documents) in self._spilled.items():
+            blobs.append(StateBlob(key, data, hashlib.sha256(data).hexdigest(), scoped.documents, scoped.partition))
+        for key, (digest, documents, partition) in self._spilled.items():
             data = self._path(key).read_bytes()
             got = hashlib.sha256(data).hexdigest()
             if got != digest:
                 raise StateIntegrityError(f"spilled state of key {key!r}: sha256 {got} != recorded {digest}")
-            blobs.append(StateBlob(key, data, digest, documents))
+            blobs.append(StateBlob(key, data, digest, documents, partition))
         return sorted(blobs, key=lambda b: b.key)
 
     def restore(self, blobs: list[StateBlob]) -> None:
@@ -124,7 +134,7 @@ class StateStore:
         for blob in blobs:
             state = self._new_state()
             state.load_state_dict(load(blob.data))
-            restored[blob.key] = ScopedState(blob.key, state, blob.documents)
+            restored[blob.key] = ScopedState(blob.key, state, blob.documents, blob.partition)
         self._live, self._spilled, self._spilled_signatures = restored, {}, {}
         while len(self._live) > self.capacity:
             self._spill(*self._live.popitem(last=False))
@@ -142,16 +152,16 @@ class StateStore:
 
     def _spill(self, key: str, scoped: ScopedState) -> None:
         digest = scoped.state.save(self._path(key), metadata={"key": key, "documents": str(scoped.documents)})
-        self._spilled[key] = (digest, scoped.documents)
+        self._spilled[key] = (digest, scoped.documents, scoped.partition)
         if scoped.state.slow is not None and scoped.state.slow.signature is not None:
             self._spilled_signatures[key] = scoped.state.slow.signature
         self.spills += 1
         log.debug("spilled state of key %r (%s)", key, digest[:12])
 
     def _reload(self, key: str) -> ScopedState:
-        digest, documents = self._spilled.pop(key)
+        digest, documents, partition = self._spilled.pop(key)
         self._spilled_signatures.pop(key, None)
         state = self._new_state()
         state.load(self._path(key), expected_sha256=digest)
         self.reloads += 1
-        return ScopedState(key, state, documents)
+        return ScopedState(key, state, documents, partition)

@@ -14,17 +14,10 @@ from typing import Any
 
 import ray
 
+from actors.assignment import assign_partitions
 from actors.cp_group import ContextParallelService, ContextParallelSpec
 from actors.document_worker import WorkerSpec
 from actors.worker import WorkerActor
-
-
-def assign_partitions(partitions: list[int], workers: int) -> dict[int, int]:
-    """Partition -> worker index, round robin over the sorted partitions (stable across runs,
-    so a restart gives every worker the partitions, and hence the state, it had)."""
-    if workers < 1:
-        raise ValueError("need at least one worker")
-    return {p: i % workers for i, p in enumerate(sorted(partitions))}
 
 
 class Supervisor:

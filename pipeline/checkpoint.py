@@ -72,6 +72,7 @@ class CheckpointRequest:
     model_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    assignment: dict[int, str] = field(default_factory=dict)  # partition -> worker name
 
 
 def model_name(stream: str) -> str:
@@ -102,7 +103,8 @@ class CheckpointStore:
                     rel = f"states/{worker}/{hashlib.sha256(blob.key.encode()).hexdigest()[:32]}.safetensors"
                     (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                     (staging / rel).write_bytes(blob.data)
-                    entries.append({"key": blob.key, "file": rel, "sha256": blob.sha256, "documents": blob.documents})
+                    entries.append({"key": blob.key, "file": rel, "sha256": blob.sha256, "documents": blob.documents,
+                                    "partition": blob.partition})
                 files[worker] = entries
             manifest = {
                 "format": FORMAT,
@@ -117,6 +119,8 @@ class CheckpointStore:
                 "documents": request.documents,
                 "metrics": request.metrics,
                 "workers": files,
+                # partition -> worker name: which worker's state read which partition (rescaling)
+                "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
             }
             manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
             (staging / "manifest.json").write_bytes(manifest_bytes)
@@ -253,7 +257,7 @@ class CheckpointStore:
                 digest = hashlib.sha256(data).hexdigest()
                 if digest != entry["sha256"]:
                     raise CheckpointError(f"{where}: {entry['file']} sha256 {digest} != manifest {entry['sha256']}")
-                blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"])))
+                blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"]), entry.get("partition")))
             states[worker] = blobs
         return Checkpoint(version, manifest, states)
 
@@ -320,8 +324,9 @@ class StreamCheckpointer:
 
     def __init__(self, store: CheckpointStore, config, topic: str, config_digest: str,
                  base_model: dict[str, str], start: Checkpoint | None, start_offsets: dict[int, int],
-                 model_config: dict[str, Any] | None = None):
+                 model_config: dict[str, Any] | None = None, assignment: dict[int, str] | None = None):
         self.store = store
+        self.assignment = assignment or {}  # partition -> worker name, recorded for rescaling
         self.config = config  # CheckpointConfig
         self.topic = topic
         self.config_digest = config_digest
@@ -355,7 +360,7 @@ class StreamCheckpointer:
             states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
             base_model=self.base_model, model_config=self.model_config,
             documents=self.documents + self.pending_documents, reason=reason,
-            parent_version=self.version, metrics=metrics, tags=tags or {},
+            parent_version=self.version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
         )
         try:
             version = self.store.save(request)

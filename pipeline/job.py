@@ -20,6 +20,7 @@ from pipeline.config import AppConfig
 from pipeline.control import ControlSource
 from pipeline.monitor import DegradationMonitor
 from pipeline.processor import StreamProcessor
+from pipeline.rescale import states_for_workers
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
@@ -61,11 +62,11 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
     )
 
 
-def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, pool: WorkerPool,
-                            positions: dict[int, int]) -> StreamCheckpointer:
+def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: KafkaDocumentSource,
+                            pool: WorkerPool, positions: dict[int, int], assignment: dict[int, int]) -> StreamCheckpointer:
     """The checkpointer of this run; with ``checkpoint.restore``, the workers' states and the
-    source's offsets are set from the ``live`` version first."""
-    store = CheckpointStore(config.mlflow, config.stream.name)
+    source's offsets are set from the ``live`` version first (written by as many workers or not:
+    ``pipeline.rescale`` says which worker takes which state)."""
     names = pool.names
     start = None
     if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:
@@ -74,18 +75,16 @@ def restore_from_checkpoint(config: AppConfig, source: KafkaDocumentSource, pool
         if topic != config.kafka.topics.documents:
             raise CheckpointError(f"{store.name} v{start.version} read topic {topic!r}, this config reads "
                                   f"{config.kafka.topics.documents!r}; set processor.checkpoint.restore: false")
-        unknown = sorted(set(start.states) - set(names))
-        if unknown and config.processor.scope != "per_document":
-            raise CheckpointError(f"{store.name} v{start.version} holds states of workers {unknown} that this run "
-                                  f"does not have ({names}): run with processor.workers = {len(start.states)}")
+        states = states_for_workers(start, names, assignment, config.processor.scope)
         for w, name in enumerate(names):
-            pool.restore(w, start.states.get(name, []))
+            pool.restore(w, states[name])
         offsets = source.seek(start.offsets)  # OffsetOutOfRange, or moved by kafka.offset_reset
         log.info("restored %s v%s: offsets %s", store.name, start.version, offsets)
     base = base_model_id(config.model.path)
     return StreamCheckpointer(store, config.processor.checkpoint, config.kafka.topics.documents, config.digest(),
                               base, start, {**positions, **(start.offsets if start else {})},
-                              model_config=effective_model_config(config))
+                              model_config=effective_model_config(config),
+                              assignment={p: names[w] for p, w in assignment.items()})
 
 
 def effective_model_config(config: AppConfig) -> dict:
@@ -126,7 +125,8 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         pool = RayWorkerPool(workers, names)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         if p.checkpoint.enabled:
-            checkpointer = restore_from_checkpoint(config, source, pool, start_offsets)
+            store = CheckpointStore(config.mlflow, config.stream.name)
+            checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment)
             start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
             control = ControlSource(config.kafka)
             if p.monitor.enabled:

@@ -47,7 +47,7 @@ def parse_document(
     if not text.lstrip().startswith(("{", "[")):
         if not text.strip():
             return Rejected("empty text")
-        return ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key))
+        return ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key, partition))
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
@@ -70,7 +70,7 @@ def parse_document(
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
         return Rejected(f"field 'meta' must be an object, got {type(meta).__name__}")
-    return ParsedDocument(DocumentTask(str(doc_id), doc["text"], doc_key), meta)
+    return ParsedDocument(DocumentTask(str(doc_id), doc["text"], doc_key, partition), meta)
 
 
 def _decode_key(record_key: bytes | None) -> str | None:

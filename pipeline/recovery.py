@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from actors.state_store import StateBlob
 from pipeline.checkpoint import Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.ledger import PendingDocument, StreamLedger
+from pipeline.rescale import states_for_workers
 from pipeline.run_summary import RunSummary
 from pipeline.source import KafkaDocumentSource
 from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, WorkerDied, WorkerPool
@@ -81,9 +83,14 @@ class RecoveryPolicy:
         """Every worker takes the states of checkpoint ``target`` (a version or an alias);
         raises what loading it raises (CheckpointError, MLflow down), changing nothing."""
         checkpoint = self.checkpointer.store.load(target)
+        states = self._states_of(checkpoint)
         for w, name in enumerate(self.pool.names):
-            self.pool.restore(w, checkpoint.states.get(name, []))
+            self.pool.restore(w, states[name])
         return checkpoint
+
+    def _states_of(self, checkpoint: Checkpoint) -> dict[str, list[StateBlob]]:
+        # The version may come from a run with other workers (rescaled since).
+        return states_for_workers(checkpoint, self.pool.names, self.worker_of, self.config.scope)
 
     def _back_to_checkpoint(self, w: int, restarted: bool) -> None:
         handles = self.ledger.handles(w)
@@ -93,7 +100,7 @@ class RecoveryPolicy:
         if restarted and not self.pool.wait_ready(w, self.config.restart_timeout_s):
             raise RuntimeError(f"worker {self.pool.names[w]} did not come back within {self.config.restart_timeout_s} s")
         version = self.checkpointer.version
-        blobs = self.checkpointer.store.load(version).states.get(self.pool.names[w], []) if version else []
+        blobs = self._states_of(self.checkpointer.store.load(version))[self.pool.names[w]] if version else []
         self.pool.restore(w, blobs)
         positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in self.worker_of.items() if i == w}
         positions = self.source.seek(positions)

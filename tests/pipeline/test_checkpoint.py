@@ -13,7 +13,7 @@ from ttt_model import FastWeightState, TTTConfig, enable_ttt
 pytestmark = [pytest.mark.stack]
 
 
-def blob(key: str, value: float, documents: int) -> StateBlob:
+def blob(key: str, value: float, documents: int, partition: int | None = None) -> StateBlob:
     import hashlib
 
     model = tiny_model("qwen3", seed=0)
@@ -21,14 +21,15 @@ def blob(key: str, value: float, documents: int) -> StateBlob:
     state = FastWeightState.for_model(model)
     state.layers[1].delta.fill_(value)
     data = state.to_bytes()
-    return StateBlob(key, data, hashlib.sha256(data).hexdigest(), documents)
+    return StateBlob(key, data, hashlib.sha256(data).hexdigest(), documents, partition)
 
 
 def request(value: float, offsets: dict[int, int], parent: str | None, reason: str = "periodic") -> CheckpointRequest:
     return CheckpointRequest(
-        states={"w-0": [blob("__global__", value, 3)], "w-1": [blob("a", -value, 1), blob("b", value, 2)]},
+        states={"w-0": [blob("__global__", value, 3)], "w-1": [blob("a", -value, 1, 1), blob("b", value, 2, 3)]},
         topic="docs", offsets=offsets, config_digest="c" * 64, base_model={"path": "m", "weights_sha256": "0" * 64},
         documents=6, reason=reason, parent_version=parent, metrics={"adapted_loss": 3.5, "base_loss": 3.7},
+        assignment={0: "w-0", 1: "w-1"},
     )
 
 
@@ -46,8 +47,9 @@ def test_versions_aliases_and_a_verified_round_trip(store):
     assert loaded.version == v2 and loaded.offsets == {0: 20, 1: 15}
     assert loaded.manifest["parent_version"] == v1 and loaded.manifest["reason"] == "periodic"
     original = request(2.0, {}, None).states
-    assert {w: [(b.key, b.sha256, b.documents) for b in blobs] for w, blobs in loaded.states.items()} == \
-        {w: [(b.key, b.sha256, b.documents) for b in blobs] for w, blobs in original.items()}
+    assert {w: [(b.key, b.sha256, b.documents, b.partition) for b in blobs] for w, blobs in loaded.states.items()} == \
+        {w: [(b.key, b.sha256, b.documents, b.partition) for b in blobs] for w, blobs in original.items()}
+    assert loaded.manifest["assignment"] == {"0": "w-0", "1": "w-1"}  # for rescaling (pipeline.rescale)
     assert loaded.states["w-1"][0].data == original["w-1"][0].data
     assert store.load(LAST_GOOD).offsets == {0: 10, 1: 7}
     rows = store.versions()

@@ -49,9 +49,10 @@ class FakePool:
     its n-th next document: that call and every later one fails until the pool is waited on for
     readiness, which brings it back with an empty state (a restarted actor)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, make_worker=FakeWorker):
         self.names = [f"s-worker-{i}" for i in range(n)]
-        self.workers = [FakeWorker(name) for name in self.names]
+        self.make_worker = make_worker  # name -> a worker (FakeWorker, or a real DocumentWorker)
+        self.workers = [make_worker(name) for name in self.names]
         self.dead = [False] * n
         self.die_in = [None] * n
         self.outcomes = {}
@@ -103,7 +104,7 @@ class FakePool:
 
     def wait_ready(self, w, timeout_s):
         if self.dead[w]:
-            self.dead[w], self.workers[w] = False, FakeWorker(self.names[w])
+            self.dead[w], self.workers[w] = False, self.make_worker(self.names[w])
             self.restarts += 1
         return True
 
@@ -157,6 +158,7 @@ class FakeStore:
     """Versions in a dict; the first ``down_for`` writes fail, as they do while MLflow is out of reach."""
 
     def __init__(self, down_for: int = 0):
+        self.name = "s-ttt"
         self.versions: dict[str, Checkpoint] = {}
         self.aliases: dict[str, str] = {}
         self.reference: dict[str, float] = {}
@@ -170,7 +172,8 @@ class FakeStore:
             raise ConnectionError("MLflow is down")
         version = str(len(self.versions) + 1)
         manifest = {"offsets": {"topic": request.topic, "partitions": {str(p): o for p, o in request.offsets.items()}},
-                    "documents": request.documents, "reason": request.reason, "tags": request.tags}
+                    "documents": request.documents, "reason": request.reason, "tags": request.tags,
+                    "assignment": {str(p): w for p, w in request.assignment.items()}}
         self.versions[version] = Checkpoint(version, manifest, request.states)
         self.aliases[LIVE] = version
         return version
