@@ -191,6 +191,8 @@ class ContextParallelSpec:
     num_gpus: float = 0.0
     ttt_overrides: dict[str, Any] | None = None
     num_threads: int | None = None
+    # PACK: the members on one node where they fit (their all-gathers are the heavy traffic).
+    strategy: str = "PACK"
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)
@@ -207,7 +209,7 @@ class ContextParallelService:
     def _ensure_group(self) -> ContextParallelActors:
         if self.group is None:
             s = self.spec
-            self.group = ContextParallelActors(s.model_path, s.world, s.num_cpus, s.num_gpus,
+            self.group = ContextParallelActors(s.model_path, s.world, s.num_cpus, s.num_gpus, strategy=s.strategy,
                                                ttt_overrides=s.ttt_overrides, num_threads=s.num_threads)
         return self.group
 

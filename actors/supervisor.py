@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.assignment import assign_partitions
 from actors.cp_group import ContextParallelService, ContextParallelSpec
@@ -24,8 +26,13 @@ class Supervisor:
     """Plain-class core of SupervisorActor: worker handles, assignment, status."""
 
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
-                 max_restarts: int, context_parallel: ContextParallelSpec | None = None):
+                 max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD"):
         self.stream = stream
+        # One bundle per worker: Ray places them by ``strategy`` over the nodes, and a bundle of a
+        # lost node is placed again on a node with room, where Ray restarts its worker.
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.strategy = strategy
+        self.placement = placement_group([bundle] * workers, strategy=strategy)
         self.started = time.time()
         self.names = [f"{stream}-worker-{i}" for i in range(workers)]
         self.context_parallel = (
@@ -36,12 +43,20 @@ class Supervisor:
         self.workers = [
             WorkerActor.options(
                 name=name, max_restarts=max_restarts, max_task_retries=0, num_cpus=num_cpus, num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
             ).remote(spec, name, self.context_parallel)
-            for name in self.names
+            for i, name in enumerate(self.names)
         ]
         self.assignment: dict[int, int] = {}
 
     def wait_ready(self, timeout_s: float) -> list[str]:
+        try:
+            ray.get(self.placement.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            bundles = self.placement.bundle_specs
+            raise RuntimeError(f"the cluster has no room for {len(bundles)} workers of {bundles[0]} placed "
+                               f"{self.strategy} (processor.placement_strategy) within {timeout_s:.0f} s; "
+                               f"it has {ray.available_resources()} free") from None
         return ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
 
     def assign(self, partitions: list[int]) -> tuple[list[Any], list[str], dict[int, int]]:
@@ -60,7 +75,8 @@ class Supervisor:
                 stats = {"worker": f"{self.stream}-worker-{i}", "alive": False, "error": type(err).__name__}
             stats["partitions"] = sorted(p for p, w in self.assignment.items() if w == i)
             workers.append(stats)
-        report = {"stream": self.stream, "uptime_s": time.time() - self.started, "workers": workers}
+        report = {"stream": self.stream, "uptime_s": time.time() - self.started, "placement": self.strategy,
+                  "workers": workers}
         if self.context_parallel is not None:
             try:
                 report["context_parallel"] = ray.get(self.context_parallel.stats.remote(), timeout=timeout_s)
@@ -71,13 +87,15 @@ class Supervisor:
     def shutdown(self) -> None:
         if self.context_parallel is not None:
             ray.get(self.context_parallel.shutdown.remote(), timeout=60)
+        remove_placement_group(self.placement)
 
 
 @ray.remote(num_cpus=0)
 class SupervisorActor:
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
-                 max_restarts: int, context_parallel: ContextParallelSpec | None = None):
-        self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel)
+                 max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD"):
+        self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel,
+                                     strategy)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         return self.supervisor.wait_ready(timeout_s)

@@ -163,6 +163,9 @@ class MonitorConfig(_Section):
     auto_rollback: bool = True
 
 
+PlacementStrategy = Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"]
+
+
 class ContextParallelConfig(_Section):
     """Long documents read by a group of actors (ttt_model.parallel), the rest by single workers."""
 
@@ -171,6 +174,9 @@ class ContextParallelConfig(_Section):
     world: int = Field(default=2, ge=2)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    # PACK: the group on one node where it fits (its all-gathers are the heavy traffic);
+    # STRICT_PACK: only on one node; SPREAD / STRICT_SPREAD: over nodes, when asked.
+    placement_strategy: PlacementStrategy = "PACK"
 
 
 class ProcessorConfig(_Section):
@@ -179,6 +185,10 @@ class ProcessorConfig(_Section):
     workers: int = Field(default=1, ge=1)
     worker_num_cpus: float = Field(default=1.0, gt=0)
     worker_num_gpus: float = Field(default=0.0, ge=0)
+    # How Ray places the workers (one placement-group bundle of worker_num_cpus / worker_num_gpus
+    # each): SPREAD over the nodes where it can, STRICT_SPREAD one per node or not at all,
+    # PACK / STRICT_PACK on as few nodes as possible / on one.
+    placement_strategy: PlacementStrategy = "SPREAD"
     # global: one state per worker learns from every document it reads (with one worker, one
     # state for the stream); per_key: one state per message key; per_document: reset each time.
     scope: Literal["global", "per_key", "per_document"] = "global"

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.cp_group import ContextParallelSpec
 from actors.document_worker import WorkerSpec
@@ -57,7 +58,7 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
         return None
     return ContextParallelSpec(
         model_path=str(Path(config.model.path).resolve()), world=cp.world, num_cpus=cp.num_cpus,
-        num_gpus=cp.num_gpus, ttt_overrides=dict(config.model.ttt),
+        num_gpus=cp.num_gpus, ttt_overrides=dict(config.model.ttt), strategy=cp.placement_strategy,
         num_threads=1 if config.processor.deterministic else None,
     )
 
@@ -111,9 +112,13 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     ensure_topics(config.kafka)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
     p = config.processor
-    supervisor = SupervisorActor.remote(
+    # The supervisor (owner of the workers: they die with it) lives on the driver's node, whose
+    # fate it shares anyway, never on a worker node that may be lost. Not soft: Ray's soft
+    # affinity passes over a node without CPUs, such as a head kept free of workers.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
         config.stream.name, worker_spec(config), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
-        context_parallel_spec(config),
+        context_parallel_spec(config), p.placement_strategy,
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)

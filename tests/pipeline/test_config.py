@@ -97,3 +97,10 @@ def test_context_parallel_refuses_unreachable_thresholds():
         parse_config({"model": {"slow": {"rank": 0}}}, environ={})
     with pytest.raises(ConfigError, match=r"processor\.context_parallel\.world: "):
         parse_config({"processor": {"context_parallel": {"world": 1}}}, environ={})
+
+
+def test_placement_strategies_are_ray_s_and_a_context_parallel_group_packs_by_default():
+    with pytest.raises(ConfigError, match=r"processor\.placement_strategy: Input should be 'SPREAD', 'PACK'"):
+        parse_config({"processor": {"placement_strategy": "spread-ish"}}, environ={})
+    config = parse_config({"processor": {"context_parallel": {"world": 2}}}, environ={})
+    assert (config.processor.placement_strategy, config.processor.context_parallel.placement_strategy) == ("SPREAD", "PACK")
