@@ -368,7 +368,8 @@ class StreamCheckpointer:
             self.failures += 1
             self._retry_at = time.monotonic() + self._delay
             log.warning("checkpoint failed (%s: %s); retry in %.1f s, %d documents wait",
-                        type(err).__name__, err, self._delay, self.pending_documents)
+                        type(err).__name__, err, self._delay, self.pending_documents,
+                        exc_info=self.failures == 1)  # the first failure's traceback, once
             self._delay = min(2 * self._delay, self.config.retry_max_s)
             return None
         self.version = version

@@ -14,7 +14,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.cp_group import ContextParallelSpec
 from actors.document_worker import WorkerSpec
-from actors.runtime import init_ray
+from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig
@@ -31,18 +31,24 @@ from pipeline.worker_pool import RayWorkerPool, WorkerPool
 log = logging.getLogger(__name__)
 
 
+def actor_path(path: str | Path) -> str:
+    """A path as the actors must see it: absolute (they need not share the driver's cwd), unless
+    the Ray job ships a working directory, which every actor runs in, on its own node."""
+    return str(path) if ray.is_initialized() and ships_working_dir() else str(Path(path).resolve())
+
+
 def worker_spec(config: AppConfig) -> WorkerSpec:
-    """The worker's view of the config. Paths become absolute: actors need not share our cwd."""
+    """The worker's view of the config."""
     m, p = config.model, config.processor
     return WorkerSpec(
-        model_path=str(Path(m.path).resolve()),
+        model_path=actor_path(m.path),
         device=m.device,
         dtype=m.dtype,
         ttt_overrides=dict(m.ttt),
         slow=dict(m.slow),
         scope=p.scope,
         max_keys_in_memory=p.max_keys_in_memory,
-        spill_dir=str(Path(p.spill_dir).resolve()),
+        spill_dir=actor_path(p.spill_dir),
         max_document_tokens=p.max_document_tokens,
         oversize=p.oversize,
         base_loss_sample_rate=p.base_loss_sample_rate,
@@ -57,7 +63,7 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
     if cp is None:
         return None
     return ContextParallelSpec(
-        model_path=str(Path(config.model.path).resolve()), world=cp.world, num_cpus=cp.num_cpus,
+        model_path=actor_path(config.model.path), world=cp.world, num_cpus=cp.num_cpus,
         num_gpus=cp.num_gpus, ttt_overrides=dict(config.model.ttt), strategy=cp.placement_strategy,
         num_threads=1 if config.processor.deterministic else None,
     )

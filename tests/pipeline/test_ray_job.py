@@ -1,0 +1,107 @@
+"""The stream processor as a Ray job, submitted with Ray's own command to a multi-node cluster:
+`ray job submit --working-dir . -- python -m pipeline.cli run ...`, stopped with `ray job stop`
+mid-stream, submitted again: the second job resumes from the `live` checkpoint and reads the
+stream to the end, every id in the results.
+
+The cluster is Ray's test cluster (``ray.cluster_utils.Cluster``): a head with the dashboard
+(which takes the jobs) and no worker resources, two worker nodes, each node with a temp dir of
+its own as on separate machines. The config travels as TTT_STREAM__ variables in the job's
+runtime environment, the code as its working directory; nothing is installed at run time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import LIVE, CheckpointStore
+from pipeline.topics import ensure_topics
+from tests.conftest import free_port
+from tests.pipeline.test_recovery import ResultCounter
+from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+STORE = 80 * 1024 * 1024
+
+
+@pytest.fixture()
+def job_cluster(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0, "object_store_memory": STORE, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": free_port(), "temp_dir": str(tmp_path / "ray-head"),
+    })
+    for i in range(2):
+        cluster.add_node(num_cpus=2, object_store_memory=STORE, temp_dir=str(tmp_path / f"ray-node-{i}"))
+    cluster.wait_for_nodes()
+    try:
+        yield f"http://{cluster.webui_url}"
+    finally:
+        cluster.shutdown()
+
+
+def as_environment(config) -> dict[str, str]:
+    """The config's differences from configs/local.yaml as TTT_STREAM__ variables."""
+    t = config.kafka.topics
+    return {
+        "TTT_STREAM__STREAM__NAME": config.stream.name,
+        "TTT_STREAM__KAFKA__BOOTSTRAP_SERVERS": config.kafka.bootstrap_servers,
+        "TTT_STREAM__KAFKA__GROUP_ID": config.kafka.group_id,
+        **{f"TTT_STREAM__KAFKA__TOPICS__{name.upper()}": getattr(t, name)
+           for name in ("documents", "results", "metrics", "alerts", "dead_letter", "control")},
+        "TTT_STREAM__MLFLOW__TRACKING_URI": config.mlflow.tracking_uri,
+        "TTT_STREAM__PROCESSOR__CHECKPOINT__EVERY_DOCUMENTS": "10",
+        "TTT_STREAM__PROCESSOR__BASE_LOSS_SAMPLE_RATE": "0.0",
+        "TTT_STREAM__PROCESSOR__MONITOR__ENABLED": "false",
+    }
+
+
+def ray_job(address: str, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")}
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", *args, "--address", address],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_a_stopped_job_resumes_from_the_live_checkpoint_when_submitted_again(stack, job_cluster, tmp_path):
+    config = stream_config(stack, tmp_path)
+    docs = short_documents(60)
+    ensure_topics(config.kafka)
+    produce(config, [json.dumps(d).encode() for d in docs], [i % 2 for i in range(len(docs))])
+    runtime_env = json.dumps({"env_vars": as_environment(config)})
+    entrypoint = [sys.executable, "-m", "pipeline.cli", "run", "-c", "configs/local.yaml", "--until-idle", "5"]
+
+    counter = ResultCounter(config)
+    counter.start()
+    try:
+        first = ray_job(job_cluster, "submit", "--no-wait", "--submission-id", f"{config.stream.name}-1",
+                        "--working-dir", ".", "--runtime-env-json", runtime_env, "--", *entrypoint)
+        assert first.returncode == 0, first.stderr[-3000:]
+        deadline = time.monotonic() + 300
+        while counter.count < 25 and time.monotonic() < deadline:
+            time.sleep(0.5)  # past the second checkpoint (10 documents each)
+        assert 25 <= counter.count < len(docs), counter.count
+        stopped = ray_job(job_cluster, "stop", f"{config.stream.name}-1")
+        assert stopped.returncode == 0 and "stopped" in (stopped.stdout + stopped.stderr).lower(), stopped.stderr[-2000:]
+    finally:
+        counter.stop.set()
+    store = CheckpointStore(config.mlflow, config.stream.name)
+    resumed_from = store.resolve(LIVE)
+    assert resumed_from is not None
+
+    second = ray_job(job_cluster, "submit", "--submission-id", f"{config.stream.name}-2", "--working-dir", ".",
+                     "--runtime-env-json", runtime_env, "--", *entrypoint)
+    logs = second.stdout + second.stderr
+    assert second.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    restored = re.search(rf"restored {config.stream.name}-ttt v(\d+)", logs)
+    assert restored and restored.group(1) == resumed_from, logs[-4000:]
+    assert store.load(LIVE).offsets == {0: 30, 1: 30}
+    results = read_topic(config, config.kafka.topics.results, expect=len(docs), timeout_s=60)
+    assert {json.loads(r.value)["id"] for r in results} == {d["id"] for d in docs}

@@ -1,0 +1,80 @@
+"""infra/k8s agrees with configs/cluster.yaml: the RayJob runs that config on the RayCluster, the
+worker pods give each stream worker what the processor asks of Ray, the model is mounted where
+the config looks for it, every pod runs the one image, built from the pinned set. (No
+Kubernetes cluster is reachable from here: the manifests are parsed, not applied.)"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import ray
+import yaml
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "infra" / "k8s"
+
+
+def manifest(name: str) -> dict:
+    return yaml.safe_load((K8S / name).read_text())
+
+
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def test_the_ray_job_runs_the_cluster_config_on_the_ray_cluster():
+    cluster, job = manifest("raycluster.yaml"), manifest("rayjob.yaml")
+    assert (cluster["kind"], job["kind"]) == ("RayCluster", "RayJob")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:4] == ["python", "-m", "pipeline.cli", "run"]
+    config_path = argv[argv.index("-c") + 1]
+    assert config_path.startswith("/app/")  # the image's WORKDIR holds the repository
+    config = load_config(ROOT / config_path.removeprefix("/app/"), environ={})
+    assert config.ray.address == "auto" and config.processor.spill_dir.is_absolute()
+    assert "runtimeEnvYAML" not in job["spec"]  # nothing installed or uploaded at run time
+
+
+def test_worker_pods_give_each_worker_what_the_processor_asks_of_ray():
+    config = load_config(ROOT / "configs" / "cluster.yaml", environ={}).processor
+    spec = manifest("raycluster.yaml")["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # drivers only
+    (workers,) = spec["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == config.workers
+    params = workers["rayStartParams"]
+    assert float(params["num-cpus"]) == config.worker_num_cpus and float(params["num-gpus"]) == config.worker_num_gpus
+    (container,) = containers(workers["template"])
+    for bound in ("limits", "requests"):
+        resources = container["resources"][bound]
+        assert float(resources["cpu"]) == config.worker_num_cpus
+        assert float(resources.get("nvidia.com/gpu", 0)) == config.worker_num_gpus
+
+
+def test_every_pod_runs_the_one_image_with_the_model_and_scratch_where_the_config_looks():
+    config = load_config(ROOT / "configs" / "cluster.yaml", environ={})
+    spec = manifest("raycluster.yaml")["spec"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    images = {c["image"] for pod in pods for c in containers(pod)}
+    assert len(images) == 1
+    for pod in pods:
+        mounts = [m["mountPath"] for c in containers(pod) for m in c.get("volumeMounts", [])]
+        assert any(Path(config.model.path).is_relative_to(m) for m in mounts), mounts
+    worker_mounts = [m["mountPath"] for c in containers(spec["workerGroupSpecs"][0]["template"])
+                     for m in c.get("volumeMounts", [])]
+    assert any(config.processor.spill_dir.is_relative_to(m) for m in worker_mounts)
+
+
+def test_the_image_installs_the_pinned_set_and_this_project():
+    dockerfile = (K8S / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
+    assert "-r /tmp/lock.txt" in dockerfile and "requirements.lock" in dockerfile
+    torch = next(line for line in (ROOT / "requirements.lock").read_text().splitlines() if line.startswith("torch=="))
+    assert f"ARG TORCH={torch.removeprefix('torch==')}" in dockerfile  # the lock's build by default
+    for package in ("actors", "pipeline", "ttt_model", "configs"):
+        assert f"COPY {package} {package}" in dockerfile
+    assert "WORKDIR /app" in dockerfile
