@@ -51,6 +51,10 @@ class WorkerSpec:
 
     model_path: str
     device: str = "auto"  # auto | cpu | cuda
+    # A model registered in MLflow (pipeline.base_model.BaseModelSource as a dict): fetched into
+    # model_cache_dir on this node and verified, instead of reading model_path.
+    model_source: dict[str, Any] | None = None
+    model_cache_dir: str = "/tmp/ttt-stream/models"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     ttt_overrides: dict[str, Any] = field(default_factory=dict)
     # Fields of SlowConfig: the slow weights learned across documents ({} or enabled false: none).
@@ -146,7 +150,12 @@ class DocumentWorker:
             torch.set_num_threads(1)
         self.device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, self.device)
-        path = Path(spec.model_path)
+        if spec.model_source is not None:
+            from pipeline.base_model import BaseModelSource, fetch_base_model
+
+            path = fetch_base_model(BaseModelSource(**spec.model_source), Path(spec.model_cache_dir))
+        else:
+            path = Path(spec.model_path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist (cwd {os.getcwd()})")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -196,6 +196,27 @@ def rollback(
     )
 
 
+@app.command("register-model")
+def register_model(
+    directory: Path = typer.Argument(..., help="A model directory: config.json, weights, tokenizer."),
+    name: str = typer.Option(..., "--name", help="The registered model's name in MLflow."),
+    alias: Optional[str] = typer.Option(None, help="An alias to move to the new version (e.g. base)."),
+    config: Path = ConfigOption,
+) -> None:
+    """Register a base model in MLflow (every file's sha256 in the version's tags), for model.path:
+    models:/NAME@ALIAS on clusters without a shared file system."""
+    from pipeline.base_model import register_base_model
+
+    cfg = _load(config)
+    try:
+        source = register_base_model(directory, name, cfg.mlflow.tracking_uri, cfg.mlflow.experiment, alias)
+    except FileNotFoundError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    where = f"models:/{name}@{alias}" if alias else source.uri
+    console.print(f"registered {directory} as {source.uri} ({len(source.files)} files): model.path: {where}", markup=False)
+
+
 @app.command()
 def export(
     version: str = typer.Option(..., "--version", help="A version number or alias (live, last-good)."),
@@ -211,7 +232,7 @@ def export(
     cfg = _load(config)
     try:
         checkpoint = CheckpointStore(cfg.mlflow, cfg.stream.name).load(version)
-        export_checkpoint(checkpoint, out, worker, key)
+        export_checkpoint(checkpoint, out, worker, key, cfg.mlflow.tracking_uri)
     except CheckpointError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
         raise typer.Exit(1) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
+from pipeline.base_model import DEFAULT_CACHE_DIR
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "TTT_STREAM__"
@@ -94,9 +95,12 @@ class StreamConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The model every worker hosts: a local Hugging Face directory (no hub downloads)."""
+    """The model every worker hosts: a local Hugging Face directory (no hub downloads), or one
+    registered in MLflow (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``:
+    pipeline.base_model), fetched once per node into ``cache_dir`` and verified."""
 
-    path: Path = Path("models/ttt-tiny-qwen3")
+    path: str = "models/ttt-tiny-qwen3"
+    cache_dir: Path = DEFAULT_CACHE_DIR
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Fields of TTTConfig replacing the model's own (objective, safeguards, gradient_lr, ...).
@@ -117,15 +121,16 @@ class ModelConfig(_Section):
     def slow_enabled(self) -> bool:
         return bool(self.slow.get("enabled", False))
 
-    def effective_ttt(self) -> dict[str, Any]:
-        """The TTT config the stream reads with: the model's own with ``ttt`` replacing fields."""
+    def effective_ttt(self, model_dir: Path | None = None) -> dict[str, Any]:
+        """The TTT config the stream reads with: the model's own (in ``model_dir``, where a
+        registered model was fetched to) with ``ttt`` replacing fields."""
         from ttt_model.config import TTTConfig
 
-        return TTTConfig.from_dict({**self.saved_ttt(), **self.ttt}).to_dict()
+        return TTTConfig.from_dict({**self.saved_ttt(model_dir), **self.ttt}).to_dict()
 
-    def saved_ttt(self) -> dict[str, Any]:
+    def saved_ttt(self, model_dir: Path | None = None) -> dict[str, Any]:
         """The TTT fields in the model's own config.json ({} where the model is not on this machine)."""
-        config = Path(self.path) / "config.json"
+        config = Path(model_dir or self.path) / "config.json"
         if not config.is_file():
             return {}
         return json.loads(config.read_text(encoding="utf-8")).get("ttt") or {}
@@ -255,6 +260,11 @@ class AppConfig(_Section):
             return self
         from ttt_model.config import TTTConfig
 
+        from pipeline.base_model import is_model_uri
+
+        if is_model_uri(self.model.path):
+            raise ValueError("processor.context_parallel reads a model directory on every node: model.path may not be "
+                             "an MLflow URI with it (a shared volume, or the image, holds the model)")
         if self.model.slow_enabled:
             # A slow step follows every chunk of the document: the ranks could not read their
             # segments at the same time.

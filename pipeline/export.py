@@ -6,17 +6,20 @@ import json
 from pathlib import Path
 
 from pipeline.adapted_model import StateChoiceError, choose_state, load_adapted_model
+from pipeline.base_model import DEFAULT_CACHE_DIR, local_model_dir
 from pipeline.checkpoint import Checkpoint, CheckpointError, base_model_id
 
 
-def export_checkpoint(checkpoint: Checkpoint, out: Path, worker: str | None = None, key: str | None = None) -> Path:
+def export_checkpoint(checkpoint: Checkpoint, out: Path, worker: str | None = None, key: str | None = None,
+                      tracking_uri: str | None = None) -> Path:
     """Write ``out``: config, safetensors weights and tokenizer of the base model with one state
     (slow weights and fast-weight delta) merged into its weights; it loads with
-    ``AutoModelForCausalLM`` and no TTT."""
+    ``AutoModelForCausalLM`` and no TTT. A registered base model is fetched from ``tracking_uri``."""
     from transformers import AutoTokenizer
 
     base = checkpoint.manifest["base_model"]
-    if base_model_id(base["path"])["weights_sha256"] != base["weights_sha256"]:
+    base_dir, _ = local_model_dir(base["path"], tracking_uri, DEFAULT_CACHE_DIR)
+    if base_model_id(base_dir)["weights_sha256"] != base["weights_sha256"]:
         raise CheckpointError(f"{base['path']}: weights differ from the checkpoint's base model")
     entries = {w: [{"key": b.key, "blob": b} for b in bs] for w, bs in checkpoint.states.items()}
     try:
@@ -24,10 +27,10 @@ def export_checkpoint(checkpoint: Checkpoint, out: Path, worker: str | None = No
     except StateChoiceError as err:
         raise CheckpointError(f"{err} (--worker/--key)") from None
     blob = entry["blob"]
-    model = load_adapted_model(base["path"], checkpoint.manifest.get("model_config") or {}, blob.data).merged()
+    model = load_adapted_model(base_dir, checkpoint.manifest.get("model_config") or {}, blob.data).merged()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base["path"]).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     (out / "ttt_export.json").write_text(json.dumps({
         "stream": checkpoint.manifest["stream"], "version": checkpoint.version, "worker": chosen_worker,
         "key": blob.key, "state_sha256": blob.sha256, "documents": blob.documents, "base_model": base,

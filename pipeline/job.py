@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -16,6 +17,7 @@ from actors.cp_group import ContextParallelSpec
 from actors.document_worker import WorkerSpec
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
+from pipeline.base_model import BaseModelSource, local_model_dir
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig
 from pipeline.control import ControlSource
@@ -37,11 +39,14 @@ def actor_path(path: str | Path) -> str:
     return str(path) if ray.is_initialized() and ships_working_dir() else str(Path(path).resolve())
 
 
-def worker_spec(config: AppConfig) -> WorkerSpec:
-    """The worker's view of the config."""
+def worker_spec(config: AppConfig, source: BaseModelSource | None = None) -> WorkerSpec:
+    """The worker's view of the config (``source``: the registered model ``model.path`` names,
+    pinned to one version by the driver)."""
     m, p = config.model, config.processor
     return WorkerSpec(
-        model_path=actor_path(m.path),
+        model_path=source.uri if source else actor_path(m.path),
+        model_source=source.to_dict() if source else None,
+        model_cache_dir=str(m.cache_dir),
         device=m.device,
         dtype=m.dtype,
         ttt_overrides=dict(m.ttt),
@@ -70,7 +75,8 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
 
 
 def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: KafkaDocumentSource,
-                            pool: WorkerPool, positions: dict[int, int], assignment: dict[int, int]) -> StreamCheckpointer:
+                            pool: WorkerPool, positions: dict[int, int], assignment: dict[int, int],
+                            base: dict[str, Any] | None = None, model_dir: Path | None = None) -> StreamCheckpointer:
     """The checkpointer of this run; with ``checkpoint.restore``, the workers' states and the
     source's offsets are set from the ``live`` version first (written by as many workers or not:
     ``pipeline.rescale`` says which worker takes which state)."""
@@ -87,20 +93,20 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
             pool.restore(w, states[name])
         offsets = source.seek(start.offsets)  # OffsetOutOfRange, or moved by kafka.offset_reset
         log.info("restored %s v%s: offsets %s", store.name, start.version, offsets)
-    base = base_model_id(config.model.path)
+    base = base if base is not None else base_model_id(config.model.path)
     return StreamCheckpointer(store, config.processor.checkpoint, config.kafka.topics.documents, config.digest(),
                               base, start, {**positions, **(start.offsets if start else {})},
-                              model_config=effective_model_config(config),
+                              model_config=effective_model_config(config, model_dir),
                               assignment={p: names[w] for p, w in assignment.items()})
 
 
-def effective_model_config(config: AppConfig) -> dict:
+def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> dict:
     """What the workers read with, recorded in every checkpoint: the model's TTT config with the
     stream's overrides, the slow-weight config and the sha256 of its rehearsal file."""
     from ttt_model.slow import SlowConfig
 
     slow = SlowConfig.from_dict(dict(config.model.slow))
-    recorded = {"ttt": config.model.effective_ttt(), "slow": slow.to_dict()}
+    recorded = {"ttt": config.model.effective_ttt(model_dir), "slow": slow.to_dict()}
     if slow.enabled and slow.rehearsal_path is not None and Path(slow.rehearsal_path).is_file():
         recorded["rehearsal_sha256"] = hashlib.sha256(Path(slow.rehearsal_path).read_bytes()).hexdigest()
     return recorded
@@ -109,8 +115,14 @@ def effective_model_config(config: AppConfig) -> dict:
 def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0,
                stop_event: threading.Event | None = None) -> RunSummary:
     """Run the stream processor until stopped (SIGINT/SIGTERM, ``stop_event``) or idle."""
-    if not Path(config.model.path).is_dir():
+    # A registered model: pinned to one version, fetched and verified here first (the driver
+    # reads its config and hashes its weights for the checkpoints), then on every worker's node.
+    model_dir, model_source = local_model_dir(config.model.path, config.mlflow.tracking_uri, config.model.cache_dir)
+    if not model_dir.is_dir():
         raise FileNotFoundError(f"model.path: {config.model.path} is not a directory")
+    base = base_model_id(model_dir)
+    if model_source is not None:  # the checkpoint names the registered version, usable anywhere
+        base = {**base, "path": model_source.uri, "files": model_source.files}
     # The checkpointer retries with its own backoff while MLflow is down; the client's own
     # retries (minutes by default) would stall the stream instead.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -123,7 +135,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     # affinity passes over a node without CPUs, such as a head kept free of workers.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
-        config.stream.name, worker_spec(config), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
+        config.stream.name, worker_spec(config, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
         context_parallel_spec(config), p.placement_strategy,
     )
     source = KafkaDocumentSource(config.kafka)
@@ -137,7 +149,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         if p.checkpoint.enabled:
             store = CheckpointStore(config.mlflow, config.stream.name)
-            checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment)
+            checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir)
             start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
             control = ControlSource(config.kafka)
             if p.monitor.enabled:

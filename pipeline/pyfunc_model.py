@@ -8,7 +8,8 @@ Each text is read as a new document of the stream would be (pipeline.adapted_mod
 stream's TTT config, its slow weights, fresh fast weights; texts do not affect one another):
 ``score`` returns the prequential loss per text; ``generate`` reads the text, then continues
 it greedily for ``max_new_tokens``. The base model is loaded from the path the checkpoint
-records (``base_model`` in the model config), and its weights' sha256 is checked. A checkpoint
+records (``base_model`` in the model config: a directory, or a registered model fetched and
+verified as the workers do), and its weights' sha256 is checked. A checkpoint
 of several workers or keys needs the choice at load time:
 ``load_model(uri, model_config={"worker": ..., "key": ...})``.
 """
@@ -29,12 +30,14 @@ class TTTCheckpointModel(PythonModel):
         from transformers import AutoTokenizer
 
         from pipeline.adapted_model import choose_state, load_adapted_model, verified_state_bytes
+        from pipeline.base_model import DEFAULT_CACHE_DIR, local_model_dir
         from pipeline.checkpoint import base_model_id
 
         config = context.model_config
         root = Path(context.artifacts["checkpoint"])
         manifest = json.loads((root / "manifest.json").read_text())
-        base = Path(config["base_model"])
+        # A directory, or a registered model (from the MLflow this model is loaded from).
+        base, _ = local_model_dir(config["base_model"], None, DEFAULT_CACHE_DIR)
         if base_model_id(base)["weights_sha256"] != manifest["base_model"]["weights_sha256"]:
             raise ValueError(f"{base}: weights differ from the checkpoint's base model")
         _, entry = choose_state(manifest["workers"], config.get("worker"), config.get("key"),
