@@ -166,5 +166,6 @@ def test_a_batch_of_keyed_documents_reads_as_one_at_a_time(tmp_path):
     assert want[2].loss != pytest.approx(want[0].loss, rel=1e-3)  # "a" learned from its first document
     for key in "abc":
         for (_, a), (_, b) in zip(alone.states.peek(key).fast, batched.states.peek(key).fast):
-            torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-7)
+            # float32 sums in another order (a batched product): one element in 2e5 was seen 1.3e-7 off
+            torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-6)
             assert (b.tokens_seen, b.updates, b.tail_len) == (a.tokens_seen, a.updates, a.tail_len)

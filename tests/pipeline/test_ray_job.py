@@ -71,10 +71,17 @@ def as_environment(config) -> dict[str, str]:
 
 
 def ray_job(address: str, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """``ray job ARGS`` against the cluster; a submission made while the head's job agent is still
+    starting ("No available agent to submit job") is made again, as Ray's message asks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")}
     command, *rest = args
-    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", command, "--address", address, *rest],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", command, "--address", address, *rest],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if "No available agent to submit job" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def test_a_stopped_job_resumes_from_the_live_checkpoint_when_submitted_again(stack, job_cluster, tmp_path):
