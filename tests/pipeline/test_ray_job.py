@@ -32,25 +32,26 @@ from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents,
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-STORE = 80 * 1024 * 1024
 
 
 @pytest.fixture()
 def job_cluster():
-    from ray.cluster_utils import Cluster
-
+    """The cluster's dashboard address; the cluster runs in a process of its own
+    (tests/pipeline/ray_test_cluster.py), away from this process's Ray state."""
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 0, "object_store_memory": STORE, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port(), "temp_dir": str(temp / "head"),
-    })
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    process = subprocess.Popen([sys.executable, "-m", "tests.pipeline.ray_test_cluster", str(temp), str(free_port())],
+                               cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        for i in range(2):
-            cluster.add_node(num_cpus=2, object_store_memory=STORE, temp_dir=str(temp / f"node-{i}"))
-        cluster.wait_for_nodes()
-        yield f"http://{cluster.webui_url}"
+        address = process.stdout.readline().strip()
+        assert address.startswith("http://"), "the test cluster did not start"
+        yield address
     finally:
-        cluster.shutdown()
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -73,7 +74,7 @@ def as_environment(config) -> dict[str, str]:
 def ray_job(address: str, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
     """``ray job ARGS`` against the cluster; a submission made while the head's job agent is still
     starting ("No available agent to submit job") is made again, as Ray's message asks."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__") and k != "RAY_AUTH_MODE"}
     command, *rest = args
     deadline = time.monotonic() + 120
     while True:
