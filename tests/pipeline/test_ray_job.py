@@ -39,7 +39,10 @@ def job_cluster():
     """The cluster's dashboard address; the cluster runs in a process of its own
     (tests/pipeline/ray_test_cluster.py), away from this process's Ray state."""
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    # Token authentication on every node, agent, job driver and client, set before any of them
+    # starts (as infra/ray-cluster.sh does): a cluster started here turns it on, and a process
+    # left without the setting cannot reach the GCS.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     process = subprocess.Popen([sys.executable, "-m", "tests.pipeline.ray_test_cluster", str(temp), str(free_port())],
                                cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -74,7 +77,7 @@ def as_environment(config) -> dict[str, str]:
 def ray_job(address: str, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
     """``ray job ARGS`` against the cluster; a submission made while the head's job agent is still
     starting ("No available agent to submit job") is made again, as Ray's message asks."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__") and k != "RAY_AUTH_MODE"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")}, "RAY_AUTH_MODE": "token"}
     command, *rest = args
     deadline = time.monotonic() + 120
     while True:
