@@ -124,8 +124,9 @@ def fetch_base_model(source: BaseModelSource, cache_dir: Path) -> Path:
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
-            _download(source, cache_dir, target)
-    verify_model_files(target, source)
+            _download(source, cache_dir, target)  # verified there, before it is kept
+            return target
+    verify_model_files(target, source)  # a cached copy: checked again at every load
     return target
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pipeline.base_model import DEFAULT_CACHE_DIR
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.base_model import DEFAULT_CACHE_DIR, is_model_uri
 
 ENV_PREFIX = "TTT_STREAM__"
 
@@ -259,8 +260,6 @@ class AppConfig(_Section):
         if self.processor.context_parallel is None:
             return self
         from ttt_model.config import TTTConfig
-
-        from pipeline.base_model import is_model_uri
 
         if is_model_uri(self.model.path):
             raise ValueError("processor.context_parallel reads a model directory on every node: model.path may not be "
