@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3Config
 
+import ttt_model.layer as ttt_layer_module
 from ttt_model import TTTConfig, enable_ttt
+from ttt_model.chunk_conv import chunk_conv_plain, fused_kernel_available
 from ttt_model.patch import static_mode
 from ttt_model.state import ttt_layers
 
@@ -61,10 +63,19 @@ def reference_style_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tens
 
 @contextlib.contextmanager
 def mode(model: torch.nn.Module, name: str):
-    """Run the model with TTT off (original MLPs), in-place (ours) or reference-style."""
+    """Run the model with TTT off (original MLPs), in-place (ours), in-place with the plain
+    (unfused) chunk conv, or reference-style."""
     if name == "off":
         with static_mode(model):
             yield
+        return
+    if name == "in-place plain conv":
+        fused = ttt_layer_module.chunk_conv
+        ttt_layer_module.chunk_conv = lambda t, taps, chunk: chunk_conv_plain(t, taps, chunk)
+        try:
+            yield
+        finally:
+            ttt_layer_module.chunk_conv = fused
         return
     mlps = ttt_layers(model) if name == "reference-style" else {}
     try:
@@ -161,6 +172,8 @@ def main() -> None:
             mlp.ttt_conv.weight.normal_(0, 0.02)
 
     modes = ["off", "in-place", "reference-style"]
+    if fused_kernel_available(next(model.parameters())):
+        modes.insert(2, "in-place plain conv")  # the fused kernel's gain, side by side
     rows = []
     for length in args.lengths:
         ids = torch.randint(0, config.vocab_size, (1, length), device=device)
@@ -191,6 +204,8 @@ def main() -> None:
             **{f"peak MiB {m}": memory[m] / 2**20 for m in modes},
             "throughput in-place/off": median["off"] / median["in-place"],
             "throughput reference-style/off": median["off"] / median["reference-style"],
+            **({"throughput in-place plain conv/off": median["off"] / median["in-place plain conv"]}
+               if "in-place plain conv" in modes else {}),
             "memory in-place/off": memory["in-place"] / memory["off"],
             "memory reference-style/off": memory["reference-style"] / memory["off"],
             "rel diff in-place vs reference-style": agreement,
@@ -203,13 +218,14 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.preset} {args.dtype} on {name}, chunk {args.chunk}, TTT layers "
           f"{sorted(ttt_layers(model))}, batch 1, prefill (logits_to_keep=1), median of {args.repeats}")
-    header = ("tokens", "tok/s off", "tok/s in-place", "tok/s ref-style", "thr in-place", "thr ref-style",
-              "mem in-place", "mem ref-style", "peak MiB off")
+    header = ("tokens", "tok/s off", "tok/s in-place", "tok/s ref-style", "thr in-place", "thr plain conv",
+              "thr ref-style", "mem in-place", "mem ref-style", "peak MiB off")
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([
             str(r["tokens"]), f"{r['tok/s off']:.0f}", f"{r['tok/s in-place']:.0f}",
             f"{r['tok/s reference-style']:.0f}", f"{r['throughput in-place/off']:.3f}x",
+            f"{r.get('throughput in-place plain conv/off', float('nan')):.3f}x",
             f"{r['throughput reference-style/off']:.3f}x", f"{r['memory in-place/off']:.3f}x",
             f"{r['memory reference-style/off']:.3f}x", f"{r['peak MiB off']:.0f}",
         ]))

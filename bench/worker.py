@@ -100,17 +100,29 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def profile_worker(worker: DocumentWorker, task: DocumentTask, device: torch.device, top: int = 25) -> list[dict]:
+def profile_worker(read, device: torch.device, top: int = 25) -> dict[str, list[dict]]:
+    """The time of ``read()`` (a worker's process or process_batch call, or the static scorer) by
+    operator: on the device, and on the host (where a short document on a GPU spends its time)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        worker.process(task)
+        start = time.perf_counter()
+        read()
         sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1000,
-             "cpu_total_ms": e.cpu_time_total / 1000} for e in events]
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+
+    def by(key: str) -> list[dict]:
+        busy = sum(getattr(e, key) for e in averages) / 1000
+        events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:top]
+        # Wall time far above the device's busy time: the host (Python, launches, syncs) is the bound.
+        return [{"op": "(wall, profiled)", "calls": 1, "self_ms": wall * 1000},
+                {"op": "(sum over operators)", "calls": 1, "self_ms": busy},
+                *({"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1000} for e in events)]
+
+    return {"device": by("self_device_time_total") if device.type == "cuda" else [],
+            "host": by("self_cpu_time_total")}
 
 
 def main() -> None:
@@ -185,7 +197,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile:
-                profiles[str(length)] = profile_worker(worker, DocumentTask(f"profile-{length}", texts[0]), device)
+                task = DocumentTask(f"profile-{length}", texts[0])
+                profiles[str(length)] = profile_worker(lambda: worker.process(task), device)
+                profiles[f"{length}, static scorer"] = profile_worker(lambda: static_score(model, ids), device)
 
         batched = []
         if args.batch:
@@ -215,6 +229,12 @@ def main() -> None:
                        "batched / one at a time": median["one at a time"] / median["batched"]}
                 batched.append(row)
                 print(json.dumps(row), flush=True)
+                if args.profile:
+                    tasks = [DocumentTask(f"p{length}-{i}", t) for i, t in enumerate(texts)]
+                    for t in tasks:
+                        per_doc.prepare(t)
+                    profiles[f"{args.batch} x {length}, batched"] = profile_worker(
+                        lambda: per_doc.process_batch(tasks), device)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.preset} {args.dtype} on {name}, chunk {args.chunk}, TTT layers {sorted(ttt_layers(model))}, "
@@ -233,10 +253,11 @@ def main() -> None:
         for r in batched:
             print(f"{r['tokens']} | {r['one at a time tok/s']:.0f} | {r['batched tok/s']:.0f} | "
                   f"{r['batched / one at a time']:.2f}x")
-    for length, ops in profiles.items():
-        print(f"\nworker profile, {length} tokens (self time by operator):")
-        for op in ops[:15]:
-            print(f"  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['op']}")
+    for length, sides in profiles.items():
+        for side, ops in sides.items():
+            print(f"\nprofile, {length} tokens, {side} (self time by operator):")
+            for op in ops[:14]:
+                print(f"  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['op'][:110]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": vars(args), "rows": rows, "batched": batched, "profiles": profiles},

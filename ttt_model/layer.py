@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttt_model.chunk_conv import chunk_conv
 from ttt_model.config import TTTConfig
 from ttt_model.forward_call import current_call
 from ttt_model.state import LayerFastWeights
@@ -77,28 +78,11 @@ class InPlaceTTTMLP(nn.Module):
     def update_values(self, t: torch.Tensor) -> torch.Tensor:
         """eta * V for whole chunks: (B, n*C, d) -> (B, n, C, d), the conv restarted in every chunk.
 
-        The depthwise conv is computed as k shifted multiply-adds in the (C, d) layout rather
-        than through nn.Conv1d, whose (d, C) layout costs two transposing copies and a slow
-        generic depthwise kernel on GPU. eta is folded into the k x d kernel taps. The result
-        is a strided view: each chunk's (C, d) block is contiguous, which is all the update
-        product needs.
+        eta is folded into the k x d conv taps (``chunk_conv``: one Triton kernel on a GPU).
         """
-        B, T, d = t.shape
-        C = self.config.chunk_size
-        n = T // C
-        k = self.config.conv_kernel
-        half = k // 2
         taps = self.config.eta * self.ttt_conv.weight[:, 0, :].t()  # (k, d); Conv1d cross-correlates
-        # Each chunk gets its own zero border, then every tap is one contiguous (vectorised) pass
-        # over the flattened buffer; rows computed in the borders are garbage and dropped below.
-        padded = F.pad(t.reshape(B * n, C, d), (0, 0, half, half)).reshape(-1, d)  # (B*n*(C+2h), d)
-        rows = padded.shape[0] - 2 * half
-        mixed = torch.zeros_like(padded)
-        inner = mixed[half : half + rows]
-        for j in range(k):
-            inner.addcmul_(padded[j : j + rows], taps[j])
-        v = self.ttt_proj(mixed) if self.ttt_proj is not None else mixed
-        return v.reshape(B * n, C + 2 * half, d)[:, half : half + C].reshape(B, n, C, d)
+        mixed = chunk_conv(t, taps, self.config.chunk_size)
+        return self.ttt_proj(mixed) if self.ttt_proj is not None else mixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = current_call()

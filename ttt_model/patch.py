@@ -60,7 +60,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def has_ttt(model: nn.Module) -> bool:
     """Whether TTT is enabled on ``model``."""
-    return any(getattr(m, "is_ttt_mlp", False) for m in model.modules())
+    try:
+        ttt_layers(model)  # remembered between calls
+    except ValueError:
+        return False
+    return True
 
 
 def is_ttt_parameter(name: str) -> bool:

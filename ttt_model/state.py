@@ -48,11 +48,26 @@ class LayerFastWeights:
 
 
 def ttt_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """The model's In-Place TTT MLPs by decoder-layer index."""
-    found = {m.layer_idx: m for m in model.modules() if getattr(m, "is_ttt_mlp", False)}
+    """The model's In-Place TTT MLPs by decoder-layer index.
+
+    Found by walking the model's modules once, then remembered with where each one is attached:
+    the walk over a 28-layer model costs about a millisecond of host time, several per document,
+    and a short document on a GPU is bound by host time. The remembered layers are used only
+    while each is still attached where it was found (static_mode and disable_ttt detach them).
+    """
+    cached = model.__dict__.get("_ttt_layers_found")
+    if cached and all(getattr(parent, attr, None) is mlp for parent, attr, mlp in cached):
+        return {mlp.layer_idx: mlp for _, _, mlp in cached}
+    found = []
+    for name, module in model.named_modules():
+        if getattr(module, "is_ttt_mlp", False):
+            parent_name, _, attr = name.rpartition(".")
+            found.append((model.get_submodule(parent_name), attr, module))
     if not found:
         raise ValueError("model has no TTT layers: call ttt_model.enable_ttt(model, config) first")
-    return dict(sorted(found.items()))
+    found.sort(key=lambda entry: entry[2].layer_idx)
+    model.__dict__["_ttt_layers_found"] = found
+    return {mlp.layer_idx: mlp for _, _, mlp in found}
 
 
 class FastWeightState:

@@ -115,6 +115,24 @@ def test_default_layers_are_every_sixth():
     assert model.config.ttt["layers"] == [0, 6, 12]
 
 
+def test_remembered_ttt_layers_follow_every_swap_of_the_mlps():
+    from ttt_model.patch import disable_ttt, has_ttt, static_mode
+
+    model = tiny_model("qwen3", layers=7)
+    assert not has_ttt(model)
+    enable_ttt(model, TTTConfig(layers=[1, 4]))
+    first = ttt_layers(model)
+    assert sorted(first) == [1, 4] and ttt_layers(model) == first
+    with static_mode(model):  # the TTT MLPs are detached: none is found, none remembered
+        assert not has_ttt(model)
+    assert ttt_layers(model) == first
+    disable_ttt(model)
+    assert not has_ttt(model)
+    enable_ttt(model, TTTConfig(layers=[2]))
+    again = ttt_layers(model)
+    assert sorted(again) == [2] and all(m is model.model.layers[i].mlp for i, m in again.items())
+
+
 def test_ttt_parameter_names_and_initialisation():
     model = tiny_model("qwen3")
     enable_ttt(model, TTTConfig(layers=[1]))
