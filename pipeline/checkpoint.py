@@ -87,6 +87,8 @@ class CheckpointStore:
         self.stream = stream
         self.name = model_name(stream)
         self.client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+        # The processor's own MLflow run (pipeline/processor_run.py): checkpoint runs nest under it.
+        self.parent_run_id: str | None = None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -132,7 +134,8 @@ class CheckpointStore:
 
             run = self.client.create_run(
                 self._experiment_id(), run_name=f"{self.stream}-{request.reason}",
-                tags={"ttt.stream": self.stream, "ttt.reason": request.reason},
+                tags={"ttt.stream": self.stream, "ttt.reason": request.reason,
+                      **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})},
             )
             run_id = run.info.run_id
             try:
@@ -157,6 +160,7 @@ class CheckpointStore:
                 "documents": str(request.documents),
                 "reason": request.reason,
                 "manifest_sha256": manifest_sha,
+                **({"ttt.processor_run": self.parent_run_id} if self.parent_run_id else {}),
                 **request.tags,
             },
         ).version
@@ -287,6 +291,7 @@ PYFUNC_CHECKPOINT = "artifacts/checkpoint"  # where save_model puts the "checkpo
 
 def save_pyfunc(path: Path, checkpoint_dir: Path, base_model: str) -> None:
     import mlflow.pyfunc
+    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -300,6 +305,9 @@ def save_pyfunc(path: Path, checkpoint_dir: Path, base_model: str) -> None:
         artifacts={"checkpoint": str(checkpoint_dir)},
         model_config={"base_model": base_model, "worker": None, "key": None},
         pip_requirements=[], signature=signature,
+        # What `mlflow models serve` and the UI show as a request; saved as given (the signature
+        # is explicit, so MLflow need not load the model to infer one).
+        input_example=pd.DataFrame({"text": ["def add(a, b):\n    return a + b\n"]}),
     )
 
 

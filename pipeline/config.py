@@ -60,6 +60,9 @@ class KafkaConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "ttt-stream"
+    # One MLflow run per `ttt-stream run`: the stream's figures over time (pipeline/processor_run.py),
+    # the checkpoints' runs nested under it.
+    processor_runs: bool = True
 
 
 class RayConfig(_Section):
@@ -169,6 +172,14 @@ class MonitorConfig(_Section):
     auto_rollback: bool = True
 
 
+class MetricsConfig(_Section):
+    """The Prometheus endpoint of ``ttt-stream run`` (pipeline/metrics.py)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # 0.0.0.0 where Prometheus scrapes from another machine
+    port: int = Field(default=9464, ge=0, le=65535)  # 0: a free port, logged and in the status reports
+
+
 PlacementStrategy = Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"]
 
 
@@ -224,6 +235,7 @@ class ProcessorConfig(_Section):
     deterministic: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
     monitor: MonitorConfig = MonitorConfig()
+    metrics: MetricsConfig = MetricsConfig()
     # None: every document on a single worker.
     context_parallel: ContextParallelConfig | None = None
 

@@ -21,7 +21,9 @@ from pipeline.base_model import BaseModelSource, local_model_dir
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig
 from pipeline.control import ControlSource
+from pipeline.metrics import StreamMetrics
 from pipeline.monitor import DegradationMonitor
+from pipeline.processor_run import ProcessorRun
 from pipeline.processor import StreamProcessor
 from pipeline.rescale import states_for_workers
 from pipeline.run_summary import RunSummary
@@ -112,6 +114,24 @@ def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> 
     return recorded
 
 
+def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun:
+    """The MLflow run of this ``ttt-stream run``, its params the settings that shape the curves."""
+    from mlflow import MlflowClient
+
+    p = config.processor
+    params = {
+        "stream": config.stream.name, "documents_topic": config.kafka.topics.documents,
+        "group_id": config.kafka.group_id, "model": base.get("path", config.model.path),
+        "workers": p.workers, "scope": p.scope, "max_document_tokens": p.max_document_tokens,
+        "base_loss_sample_rate": p.base_loss_sample_rate, "batch_documents": p.documents_per_call,
+        "slow_weights": config.model.slow_enabled, "context_parallel": p.context_parallel is not None,
+    }
+    run = ProcessorRun(MlflowClient(tracking_uri=config.mlflow.tracking_uri), config.mlflow.experiment,
+                       config.stream.name, params)
+    run.start()
+    return run
+
+
 def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0,
                stop_event: threading.Event | None = None) -> RunSummary:
     """Run the stream processor until stopped (SIGINT/SIGTERM, ``stop_event``) or idle."""
@@ -140,7 +160,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)
-    control = None
+    control, metrics, run_log, failed = None, None, None, True
     try:
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
         log.info("workers ready: %s", ", ".join(names))
@@ -154,11 +174,18 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             control = ControlSource(config.kafka)
             if p.monitor.enabled:
                 monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD))
+        if p.metrics.enabled:
+            metrics = StreamMetrics(config.stream.name)
+            metrics.serve(p.metrics.host, p.metrics.port)
+        if config.mlflow.processor_runs:
+            run_log = start_processor_run(config, base)
+            if checkpointer is not None:
+                checkpointer.store.parent_run_id = run_log.run_id
         processor = StreamProcessor(
             p, source, sinks, pool, assignment, stream=config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
             checkpointer=checkpointer, start_offsets=start_offsets,
-            monitor=monitor, control=control,
+            monitor=monitor, control=control, metrics=metrics, run_log=run_log,
         )
         if stop_event is not None:
             processor.stop_event = stop_event
@@ -167,7 +194,9 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             # A signal stops reading; what is in flight finishes and is committed.
             previous = {sig: signal.signal(sig, lambda *_: processor.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return processor.run(until_idle_s=until_idle_s)
+            summary = processor.run(until_idle_s=until_idle_s)
+            failed = False
+            return summary
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -176,6 +205,10 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         sinks.close()
         if control is not None:
             control.close()
+        if metrics is not None:
+            metrics.close()
+        if run_log is not None:
+            run_log.close(status="FAILED" if failed else "FINISHED")
         try:
             ray.get(supervisor.shutdown.remote(), timeout=60)
         except ray.exceptions.RayError as err:

@@ -8,6 +8,7 @@ bytes unchanged, to the dead-letter topic.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,12 @@ def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: in
         "offset": offset,
         "meta": meta,
     }
+
+
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason without its particulars ("bad JSON: Expecting ... column 2" ->
+    "bad JSON"): a bounded set, for counts by reason and metric labels."""
+    return re.split(r":|, got| at ", reason, maxsplit=1)[0].strip()
 
 
 def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -21,7 +21,9 @@ from pipeline.messages import Rejected, dead_letter_headers, parse_document, res
 from pipeline.checkpoint import LAST_GOOD, StreamCheckpointer
 from pipeline.control import ControlSource
 from pipeline.ledger import PendingDocument, StreamLedger
+from pipeline.metrics import StreamMetrics
 from pipeline.monitor import Breach, DegradationMonitor
+from pipeline.processor_run import ProcessorRun, report_figures
 from pipeline.recovery import RecoveryPolicy
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
@@ -45,6 +47,8 @@ class StreamProcessor:
         start_offsets: dict[int, int] | None = None,
         monitor: DegradationMonitor | None = None,
         control: ControlSource | None = None,
+        metrics: StreamMetrics | None = None,
+        run_log: ProcessorRun | None = None,
     ):
         self.config = config
         self.source = source
@@ -57,6 +61,10 @@ class StreamProcessor:
         self.checkpointer = checkpointer
         self.monitor = monitor  # needs the checkpointer: rollbacks go to checkpointed versions
         self.control = control
+        self.metrics = metrics
+        self.run_log = run_log  # the MLflow run of this processor run: curves over documents
+        self._start_documents = checkpointer.documents if checkpointer is not None else 0
+        self._last_outcome = None
         self.rollbacks: list[dict[str, Any]] = []
         self._rolling_back = False
         self._breach_at_documents = 0
@@ -72,7 +80,7 @@ class StreamProcessor:
         """Process until ``stop()`` (or, with ``until_idle_s``, until nothing arrived or finished
         for that long); then finish what is in flight, flush and commit."""
         cfg = self.config
-        started = last_activity = last_commit = last_status = time.monotonic()
+        started = last_activity = last_commit = last_status = last_progress = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 records = self._poll()
@@ -97,6 +105,9 @@ class StreamProcessor:
                 if now - last_status >= cfg.status_interval_s:
                     self._publish_status(now - started)
                     last_status = now
+                if self.metrics is not None and now - last_progress >= 1.0:
+                    self._report_progress()
+                    last_progress = now
                 if until_idle_s is not None and not self.ledger.busy and now - last_activity >= until_idle_s:
                     log.info("idle for %.1f s: stopping", now - last_activity)
                     break
@@ -107,6 +118,8 @@ class StreamProcessor:
                 self._commit()
         finally:
             self.summary.wall_s = time.monotonic() - started
+        if self.metrics is not None:
+            self._report_progress()
         self._publish_status(self.summary.wall_s, final=True)
         self.sinks.flush()
         return self.summary
@@ -174,6 +187,9 @@ class StreamProcessor:
                 continue
             self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position))
             self.summary.add(outcome)
+            self._last_outcome = outcome
+            if self.metrics is not None:
+                self.metrics.document(outcome)
             self.ledger.finished(pending)
             if self.checkpointer is not None:
                 self.checkpointer.document_done()
@@ -191,6 +207,8 @@ class StreamProcessor:
         log.info("dead letter %s/%d/%d: %s", record.topic, record.partition, record.offset, reason)
         self.sinks.dead_letter(record.value, record.key, dead_letter_headers(reason, record.topic, record.partition, record.offset))
         self.summary.reject(reason)
+        if self.metrics is not None:
+            self.metrics.dead_letter(reason)
 
     def _drain(self) -> None:
         while self.ledger.busy:
@@ -208,6 +226,8 @@ class StreamProcessor:
         offsets = self.ledger.committable()
         states = self.pool.snapshot()
         version = self.checkpointer.write(states, offsets, reason, self.summary.checkpoint_metrics())
+        if self.metrics is not None:
+            self.metrics.checkpoint(version, reason)
         if version is None:
             return None
         self.source.commit(offsets)
@@ -227,6 +247,8 @@ class StreamProcessor:
         self._breach_at_documents = self.summary.documents
         live = self.checkpointer.version
         log.warning("degradation: rule %s on document %s: %s", breach.rule, breach.document, breach.values)
+        if self.metrics is not None:
+            self.metrics.alert(breach.rule)
         self.sinks.alert({"type": "alert", "stream": self.stream, "rule": breach.rule, "values": breach.values,
                           "document": breach.document, "version": live, "time": time.time()})
         if self.config.monitor.auto_rollback:
@@ -271,6 +293,9 @@ class StreamProcessor:
         )
         if version is not None:
             self.source.commit(offsets)
+        if self.metrics is not None:
+            self.metrics.checkpoint(version, "rollback")
+            self.metrics.rollback(cause)
         if self.monitor is not None:
             self.monitor.reset()
         record = {
@@ -301,6 +326,10 @@ class StreamProcessor:
         self.sinks.flush()  # raises DeliveryError, and then nothing is committed
         self.source.commit(self.ledger.committable())
 
+    def _report_progress(self) -> None:
+        self.metrics.progress(self.ledger.committable(), self.source.highwaters(), self.ledger.in_flight,
+                              self.ledger.queued)
+
     def _publish_status(self, elapsed_s: float, final: bool = False) -> None:
         message = {
             "type": "status",
@@ -317,6 +346,8 @@ class StreamProcessor:
             **self.summary.as_dict(),
         }
         message["wall_s"] = round(elapsed_s, 3)  # the run so far, not the summary's final figure
+        if self.metrics is not None and self.metrics.url is not None:
+            message["metrics_url"] = self.metrics.url
         if self.status is not None:
             try:
                 report = self.status()
@@ -326,3 +357,18 @@ class StreamProcessor:
             except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
                 message["workers_error"] = repr(err)
         self.sinks.metrics(message)
+        if self.run_log is not None:
+            self.run_log.log(report_figures(message, self._run_figures()), step=self._start_documents + self.summary.documents)
+
+    def _run_figures(self) -> dict[str, float | None]:
+        committed, ends = self.ledger.committable(), self.source.highwaters()
+        known = [ends[p] - o for p, o in committed.items() if ends.get(p) is not None]
+        last = self._last_outcome
+        return {
+            "lag": float(sum(max(0, x) for x in known)) if known else None,
+            "delta_ratio": last.delta_ratio if last is not None and last.delta_ratio >= 0 else None,
+            "slow_delta_ratio": last.slow_delta_ratio if last is not None and last.slow_delta_ratio > 0 else None,
+            "rollbacks": float(len(self.rollbacks)),
+            "checkpoint_version": float(self.checkpointer.version) if self.checkpointer and self.checkpointer.version else None,
+            "checkpoint_failures": float(self.checkpointer.failures) if self.checkpointer is not None else None,
+        }

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -45,8 +46,7 @@ class TTTCheckpointModel(PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.adapted = load_adapted_model(base, manifest.get("model_config") or {}, verified_state_bytes(root, entry))
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         params = params or {}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.document_worker import DocumentOutcome
+from pipeline.messages import reason_kind
 
 
 @dataclass
@@ -61,7 +62,7 @@ class RunSummary:
     def reject(self, reason: str) -> None:
         self.last_finished_at = time.monotonic()
         self.dead_letters += 1
-        kind = reason.split(":", 1)[0]
+        kind = reason_kind(reason)
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:

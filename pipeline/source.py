@@ -124,6 +124,11 @@ class KafkaDocumentSource:
             self.seek(taken)
         return taken
 
+    def highwaters(self) -> dict[int, int | None]:
+        """The end of each partition's log as the last fetch reported it (None before the first
+        fetch of that partition); asks the broker nothing."""
+        return {tp.partition: self.consumer.highwater(tp) for tp in self._tps}
+
     def committed(self) -> dict[int, int | None]:
         return {tp.partition: self.consumer.committed(tp) for tp in self._tps}
 

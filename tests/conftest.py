@@ -27,6 +27,7 @@ def stack_config(data_dir: Path) -> AppConfig:
     raw["local_stack"]["data_dir"] = str(data_dir)
     raw["local_stack"]["broker"]["port"] = broker_port
     raw["local_stack"]["mlflow"]["port"] = mlflow_port
+    raw["processor"]["metrics"] = {"port": 0}  # a free port for each run's Prometheus endpoint
     return parse_config(raw, environ={})
 
 

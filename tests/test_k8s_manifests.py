@@ -37,6 +37,10 @@ def test_the_ray_job_runs_the_cluster_config_on_the_ray_cluster():
     config = load_config(ROOT / config_path.removeprefix("/app/"), environ={})
     assert config.ray.address == "auto" and config.processor.spill_dir.is_absolute()
     assert "runtimeEnvYAML" not in job["spec"]  # nothing installed or uploaded at run time
+    # The driver runs on the head: its pod exposes the Prometheus endpoint, bound beyond localhost.
+    (head,) = containers(cluster["spec"]["headGroupSpec"]["template"])
+    assert config.processor.metrics.enabled and config.processor.metrics.host == "0.0.0.0"
+    assert config.processor.metrics.port in [port["containerPort"] for port in head["ports"]]
 
 
 def test_worker_pods_give_each_worker_what_the_processor_asks_of_ray():

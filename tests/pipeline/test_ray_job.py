@@ -53,6 +53,7 @@ def as_environment(config) -> dict[str, str]:
         "TTT_STREAM__PROCESSOR__CHECKPOINT__EVERY_DOCUMENTS": "10",
         "TTT_STREAM__PROCESSOR__BASE_LOSS_SAMPLE_RATE": "0.0",
         "TTT_STREAM__PROCESSOR__MONITOR__ENABLED": "false",
+        "TTT_STREAM__PROCESSOR__METRICS__PORT": "0",
     }
 
 

@@ -130,3 +130,63 @@ def test_a_version_of_several_states_needs_a_choice(stack, tmp_path):
     with pytest.raises(CheckpointError, match="holds 2 states"):
         export_checkpoint(store.load(LIVE), tmp_path / "export")
     assert issubclass(StateChoiceError, ValueError)
+
+
+def test_mlflow_models_serve_answers_invocations_with_the_worker_s_loss(stack, tmp_path):
+    """``mlflow models serve -m models:/<stream>-ttt@live --env-manager local``, over HTTP."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    worker = DocumentWorker(WorkerSpec(MODEL, device="cpu", spill_dir=str(tmp_path)), "w0")
+    for i, doc in enumerate(DOCS):
+        worker.process(DocumentTask(f"d{i}", doc))
+    store = checkpoint(stack, worker)
+    want = worker.process(DocumentTask("probe", PROBE)).loss  # from the state the version holds
+
+    port = free_port()
+    # MLflow starts its scoring server as `uvicorn ...` from PATH: the venv's, as when activated.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow.tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{store.name}@{LIVE}",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"dataframe_split": {"columns": ["text"], "data": [[PROBE], [DOCS[0]]]}}).encode())
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert len(predictions) == 2 and all(p["tokens"] > 1 for p in predictions)
+        assert predictions[0]["loss"] == pytest.approx(want, rel=1e-5)
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                     headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"dataframe_split": {"columns": ["body"], "data": [["x"]]}}).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the signature: a "text" column
+            urllib.request.urlopen(bad, timeout=60)
+        assert refused.value.code == 400
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

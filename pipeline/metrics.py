@@ -1,0 +1,136 @@
+"""StreamMetrics: the stream processor's figures as a Prometheus endpoint.
+
+The driver (``ttt-stream run``) sees every result, dead letter, checkpoint and rollback, so it
+serves them, on ``processor.metrics.port``, in Prometheus' text format, as prometheus_client's
+own HTTP server (the convention of Python services: scrape ``http://HOST:PORT/metrics``).
+Ray's own metrics (actors, object store, GPU use of the workers' nodes) stay on Ray's endpoint;
+these are the stream's. Every series carries the ``stream`` label, so one Prometheus scrapes
+several streams. ``infra/grafana/ttt-stream.json`` is a dashboard over them.
+
+Losses are summaries (sum and count: ``rate(sum) / rate(count)`` is the mean over any window);
+``ttt_stream_sampled_*_loss`` are over the documents also scored by the base model, the pair that
+says whether the stream's adaptation helps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_http_server
+
+from actors.document_worker import DocumentOutcome
+from pipeline.messages import reason_kind
+
+log = logging.getLogger(__name__)
+
+
+class StreamMetrics:
+    def __init__(self, stream: str, registry: CollectorRegistry | None = None):
+        self.stream = stream
+        self.registry = registry or CollectorRegistry()
+        self._server = None
+        self.url: str | None = None
+        labels, r = ["stream"], self.registry
+        self.documents = Counter("ttt_stream_documents", "Documents read and answered", labels, registry=r)
+        self.tokens = Counter("ttt_stream_tokens", "Tokens read", labels, registry=r)
+        self.dead_letters = Counter("ttt_stream_dead_letters", "Records sent to the dead-letter topic, by reason",
+                                    ["stream", "reason"], registry=r)
+        self.loss = Summary("ttt_stream_document_loss", "Mean next-token loss of each document, adapted", labels,
+                            registry=r)
+        self.sampled_adapted = Summary("ttt_stream_sampled_adapted_loss",
+                                       "Adapted loss of the documents also scored by the base model", labels, registry=r)
+        self.sampled_base = Summary("ttt_stream_sampled_base_loss",
+                                    "Base-model loss of the same sampled documents", labels, registry=r)
+        self.delta_ratio = Gauge("ttt_stream_delta_ratio",
+                                 "Largest ||delta|| / ||W_down|| of the last document's fast weights", labels, registry=r)
+        self.slow_delta_ratio = Gauge("ttt_stream_slow_delta_ratio",
+                                      "Largest slow-weight delta ratio after the last document", labels, registry=r)
+        self.latency = Summary("ttt_stream_document_seconds", "Time a worker spent on a document", labels, registry=r)
+        self.lag = Gauge("ttt_stream_partition_lag", "Records not yet committed: high watermark - committed offset",
+                         ["stream", "partition"], registry=r)
+        self.committed = Gauge("ttt_stream_committed_offset", "Next offset to read, committed", ["stream", "partition"],
+                               registry=r)
+        self.in_flight = Gauge("ttt_stream_in_flight", "Documents on the workers", labels, registry=r)
+        self.queued = Gauge("ttt_stream_queued", "Documents read and waiting for a worker", labels, registry=r)
+        self.checkpoints = Counter("ttt_stream_checkpoints", "Checkpoints written, by reason", ["stream", "reason"],
+                                   registry=r)
+        self.checkpoint_failures = Counter("ttt_stream_checkpoint_failures", "Checkpoints that could not be written",
+                                           labels, registry=r)
+        self.checkpoint_version = Gauge("ttt_stream_checkpoint_version", "Model version of the live checkpoint", labels,
+                                        registry=r)
+        self.last_checkpoint = Gauge("ttt_stream_last_checkpoint_timestamp_seconds",
+                                     "Unix time of the last checkpoint written (age: time() - this)", labels, registry=r)
+        self.rollbacks = Counter("ttt_stream_rollbacks", "Rollbacks, by cause (manual or a monitor rule)",
+                                 ["stream", "cause"], registry=r)
+        self.alerts = Counter("ttt_stream_degradation_alerts", "Monitor breaches, by rule", ["stream", "rule"], registry=r)
+        # Series at zero from the start (Prometheus' advice): a failure counter that does not
+        # exist yet reads as "no data", not as "none".
+        for metric in (self.documents, self.tokens, self.loss, self.sampled_adapted, self.sampled_base, self.latency,
+                       self.in_flight, self.queued, self.checkpoint_failures):
+            metric.labels(stream)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (a daemon thread); returns the port (``port`` 0: a free one)."""
+        try:
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise OSError(f"processor.metrics: cannot serve on {host}:{port} ({err}); "
+                          "choose another port (0: any free one) or set enabled: false") from err
+        bound = self._server.server_address[1]
+        self.url = f"http://{host}:{bound}/metrics"
+        log.info("Prometheus metrics on %s", self.url)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # -- what the processor reports --------------------------------------------------------------
+
+    def document(self, outcome: DocumentOutcome) -> None:
+        s = self.stream
+        self.documents.labels(s).inc()
+        self.tokens.labels(s).inc(outcome.tokens)
+        self.latency.labels(s).observe(outcome.latency_ms / 1000.0)
+        if outcome.loss is not None:
+            self.loss.labels(s).observe(outcome.loss)
+            if outcome.base_loss is not None:
+                self.sampled_adapted.labels(s).observe(outcome.loss)
+                self.sampled_base.labels(s).observe(outcome.base_loss)
+        if outcome.delta_ratio >= 0:
+            self.delta_ratio.labels(s).set(outcome.delta_ratio)
+        if outcome.slow_delta_ratio >= 0:
+            self.slow_delta_ratio.labels(s).set(outcome.slow_delta_ratio)
+
+    def dead_letter(self, reason: str) -> None:
+        self.dead_letters.labels(self.stream, reason_kind(reason)).inc()
+
+    def checkpoint(self, version: str | None, reason: str) -> None:
+        if version is None:
+            self.checkpoint_failures.labels(self.stream).inc()
+            return
+        self.checkpoints.labels(self.stream, reason).inc()
+        self.checkpoint_version.labels(self.stream).set(float(version))
+        self.last_checkpoint.labels(self.stream).set(time.time())
+
+    def rollback(self, cause: str) -> None:
+        self.rollbacks.labels(self.stream, cause).inc()
+
+    def alert(self, rule: str) -> None:
+        self.alerts.labels(self.stream, rule).inc()
+
+    def progress(self, committed: dict[int, int], highwaters: dict[int, int | None], in_flight: int,
+                 queued: int) -> None:
+        s = self.stream
+        for partition, offset in committed.items():
+            self.committed.labels(s, str(partition)).set(offset)
+            end = highwaters.get(partition)
+            if end is not None:  # unknown until the partition was fetched once
+                self.lag.labels(s, str(partition)).set(max(0, end - offset))
+        self.in_flight.labels(s).set(in_flight)
+        self.queued.labels(s).set(queued)
