@@ -75,6 +75,12 @@ def up(
             stack.up(skip=("broker",))
         else:
             stack.up()
+            # The stream's topics now, with the configured partitions: a standard client that
+            # produces first would otherwise make the broker create the documents topic with
+            # its own default count.
+            from pipeline.topics import ensure_topics
+
+            ensure_topics(cfg.kafka)
     except StackError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
         raise typer.Exit(EXIT_STACK) from None

@@ -114,6 +114,10 @@ def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> 
     return recorded
 
 
+class PartitionsChanged(RuntimeError):
+    """The documents topic has partitions that the run did not read (added while it ran)."""
+
+
 def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun:
     """The MLflow run of this ``ttt-stream run``, its params the settings that shape the curves."""
     from mlflow import MlflowClient
@@ -195,6 +199,11 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             previous = {sig: signal.signal(sig, lambda *_: processor.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             summary = processor.run(until_idle_s=until_idle_s)
+            if processor.unread_partitions:
+                raise PartitionsChanged(
+                    f"the documents topic {config.kafka.topics.documents} gained partitions "
+                    f"{processor.unread_partitions} while this run read {sorted(assignment)}; what was read is "
+                    "checkpointed and committed: start again to read every partition")
             failed = False
             return summary
         finally:

@@ -66,6 +66,7 @@ class StreamProcessor:
         self._start_documents = checkpointer.documents if checkpointer is not None else 0
         self._last_outcome = None
         self.rollbacks: list[dict[str, Any]] = []
+        self.unread_partitions: list[int] = []  # partitions added to the topic while running
         self._rolling_back = False
         self._breach_at_documents = 0
         self.summary = RunSummary()
@@ -104,6 +105,7 @@ class StreamProcessor:
                     last_commit = now
                 if now - last_status >= cfg.status_interval_s:
                     self._publish_status(now - started)
+                    self._check_partitions()
                     last_status = now
                 if self.metrics is not None and now - last_progress >= 1.0:
                     self._report_progress()
@@ -325,6 +327,20 @@ class StreamProcessor:
     def _commit(self) -> None:
         self.sinks.flush()  # raises DeliveryError, and then nothing is committed
         self.source.commit(self.ledger.committable())
+
+    def _check_partitions(self) -> None:
+        """Partitions added to the documents topic while running are not read by this run (its
+        partitions are assigned at start): say so and stop, so that nothing produced there goes
+        unread in silence; the next start reads every partition (states follow, pipeline/rescale)."""
+        added = self.source.unassigned_partitions()
+        if not added or added == self.unread_partitions:
+            return
+        self.unread_partitions = added
+        log.error("the documents topic now has partitions %s that this run does not read (it reads %s): "
+                  "stopping; start again to read them all", added, sorted(self.worker_of))
+        self.sinks.alert({"type": "partitions_changed", "stream": self.stream, "unread_partitions": added,
+                          "read_partitions": sorted(self.worker_of), "time": time.time()})
+        self.stop()
 
     def _report_progress(self) -> None:
         self.metrics.progress(self.ledger.committable(), self.source.highwaters(), self.ledger.in_flight,

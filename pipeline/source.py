@@ -33,7 +33,9 @@ class KafkaDocumentSource:
             group_id=config.group_id,
             auto_offset_reset="earliest",
             **config.client,
-            **config.consumer,
+            # Metadata every 30 s (kafka-python's default is 5 min): partitions added to the topic
+            # while the stream runs are seen soon (unassigned_partitions).
+            **{"metadata_max_age_ms": 30_000, **config.consumer},
             enable_auto_commit=False,
         )
         self._tps = [TopicPartition(self.topic, p) for p in self._wait_for_partitions(metadata_timeout_s)]
@@ -52,6 +54,12 @@ class KafkaDocumentSource:
     @property
     def partitions(self) -> list[int]:
         return [tp.partition for tp in self._tps]
+
+    def unassigned_partitions(self) -> list[int]:
+        """Partitions the topic has now (as the last metadata said) that this source does not
+        read: added since it started (a topic grown or recreated by a producer's request)."""
+        now = self.consumer.partitions_for_topic(self.topic) or set()
+        return sorted(set(now) - set(self.partitions))
 
     def poll(self, timeout_ms: int, max_records: int) -> list[ConsumerRecord]:
         batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)

@@ -36,6 +36,16 @@ def ensure_topics(config: KafkaConfig) -> list[str]:
                 pass
         if created:
             log.info("created topics: %s", ", ".join(created))
+        documents = config.topics.documents
+        if documents not in created:
+            (described,) = admin.describe_topics([documents])
+            count = len(described.get("partitions") or [])
+            if count != config.topics.partitions:
+                # A producer's metadata request can create a missing topic with the broker's
+                # default count (4 on the embedded broker). The processor reads every partition
+                # there is, so nothing is lost; the config's count is simply not what it is.
+                log.warning("topic %s has %d partitions, kafka.topics.partitions says %d: all %d are read",
+                            documents, count, config.topics.partitions, count)
         return created
     finally:
         admin.close()

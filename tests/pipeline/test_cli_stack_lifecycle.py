@@ -40,6 +40,16 @@ def test_up_then_down_leaves_no_process_and_no_port(tmp_path):
             for name in ("broker", "mlflow")
         }
         assert all(process_group_alive(pid) for pid in pids.values())
+        # The stream's topics exist with the configured partitions before any client produces:
+        # a producer's first request would otherwise create them with the broker's default (4).
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers)
+        try:
+            assert consumer.partitions_for_topic(cfg.kafka.topics.documents) == set(range(cfg.kafka.topics.partitions))
+            assert consumer.partitions_for_topic(cfg.kafka.topics.results) == {0}
+        finally:
+            consumer.close()
         again = _cli("up", "-c", str(config_file))
         assert again.returncode == 0, again.stderr
         assert json.loads((tmp_path / "stack" / "run" / "mlflow.pid").read_text())["pid"] == pids["mlflow"]

@@ -117,6 +117,7 @@ class FakeSource:
                             for o, d in enumerate(docs)] for p, docs in documents.items()}
         self.position = {p: 0 for p in documents}
         self.commits: list[dict[int, int]] = []
+        self.added: list[int] = []  # partitions the topic gained (unassigned_partitions)
 
     def poll(self, timeout_ms, max_records):
         out = []
@@ -132,6 +133,9 @@ class FakeSource:
 
     def commit(self, offsets):
         self.commits.append(dict(offsets))
+
+    def unassigned_partitions(self):
+        return list(self.added)
 
 
 class FakeSinks:
@@ -313,3 +317,24 @@ def test_batch_documents_defaults_to_eight_on_a_gpu_worker_of_a_batching_scope_a
 
     with pytest.raises(pydantic.ValidationError, match="batch_documents .* is above max_in_flight_per_worker"):
         ProcessorConfig(batch_documents=4)
+
+
+def test_partitions_added_while_running_stop_the_run_loudly_after_what_was_read_is_committed():
+    docs = documents(2, 30)
+    proc, pool, source, sinks = processor(docs, store=FakeStore(), status_interval_s=0.001)
+    polls = source.poll
+
+    def poll_then_grow(timeout_ms, max_records):
+        if sum(source.position.values()) >= 10:
+            source.added = [2, 3]  # a producer's request made the broker add partitions
+        return polls(timeout_ms, max_records)
+
+    source.poll = poll_then_grow
+    summary = proc.run(until_idle_s=5.0)  # stops long before idle
+    assert proc.unread_partitions == [2, 3]
+    assert [a for a in sinks.alerts if a["type"] == "partitions_changed"] == [
+        {"type": "partitions_changed", "stream": "s", "unread_partitions": [2, 3], "read_partitions": [0, 1],
+         "time": sinks.alerts[-1]["time"]}]
+    assert 10 <= summary.documents < 60  # stopped part-way
+    # what was read is checkpointed and committed: a restart goes on from there
+    assert source.commits[-1] == {p: sum(1 for r in sinks.results if r["id"].startswith(f"p{p}-")) for p in (0, 1)}
