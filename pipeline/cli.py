@@ -223,6 +223,23 @@ def register_model(
     console.print(f"registered {directory} as {source.uri} ({len(source.files)} files): model.path: {where}", markup=False)
 
 
+@app.command("convert-reference")
+def convert_reference(
+    source: Path = typer.Argument(..., help="A checkpoint saved by the paper's reference implementation."),
+    out: Path = typer.Argument(..., help="Folder for the converted checkpoint (model.path can name it)."),
+) -> None:
+    """Convert a reference In-Place TTT checkpoint (ByteDance-Seed/In-Place-TTT) to this format:
+    its ttt_* config as our TTT config, ttt_proj stored transposed, base weights unchanged."""
+    from ttt_model.reference_checkpoint import convert_reference_checkpoint
+
+    try:
+        written = convert_reference_checkpoint(source, out)
+    except (FileNotFoundError, ValueError) as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    console.print(f"converted {source} -> {written}", markup=False)
+
+
 @app.command()
 def export(
     version: str = typer.Option(..., "--version", help="A version number or alias (live, last-good)."),
