@@ -79,7 +79,10 @@ def main() -> None:
             # The pipeline's own overhead: no MLflow checkpoints (the bench starts no MLflow
             # server), so no monitor and no rollback either.
             "checkpoint": config.processor.checkpoint.model_copy(update={"enabled": False}),
+            # The Prometheus endpoint stays on (it is part of every run), on a free port.
+            "metrics": config.processor.metrics.model_copy(update={"port": 0}),
         }),
+        "mlflow": config.mlflow.model_copy(update={"processor_runs": False}),
         "ray": config.ray.model_copy(update={"num_cpus": max(config.ray.num_cpus, args.threads)}),
     })
     spec = worker_spec(config)

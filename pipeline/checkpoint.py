@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ttt-stream.checkpoint/1"
 LIVE, LAST_GOOD = "live", "last-good"
+BASE = "base"  # a rollback target: fresh states, the base model as the stream started
 ARTIFACT_DIR = "checkpoint"
 
 
@@ -73,6 +74,7 @@ class CheckpointRequest:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     assignment: dict[int, str] = field(default_factory=dict)  # partition -> worker name
+    topic_id: str | None = None  # the documents topic's UUID: its offsets mean nothing in another
 
 
 def model_name(stream: str) -> str:
@@ -114,7 +116,8 @@ class CheckpointStore:
                 "created": time.time(),
                 "reason": request.reason,
                 "parent_version": request.parent_version,
-                "offsets": {"topic": request.topic, "partitions": {str(p): o for p, o in sorted(request.offsets.items())}},
+                "offsets": {"topic": request.topic, "topic_id": request.topic_id,
+                            "partitions": {str(p): o for p, o in sorted(request.offsets.items())}},
                 "config_digest": request.config_digest,
                 "base_model": request.base_model,
                 "model_config": request.model_config,
@@ -332,8 +335,10 @@ class StreamCheckpointer:
 
     def __init__(self, store: CheckpointStore, config, topic: str, config_digest: str,
                  base_model: dict[str, str], start: Checkpoint | None, start_offsets: dict[int, int],
-                 model_config: dict[str, Any] | None = None, assignment: dict[int, str] | None = None):
+                 model_config: dict[str, Any] | None = None, assignment: dict[int, str] | None = None,
+                 topic_id: str | None = None):
         self.store = store
+        self.topic_id = topic_id
         self.assignment = assignment or {}  # partition -> worker name, recorded for rescaling
         self.config = config  # CheckpointConfig
         self.topic = topic
@@ -341,7 +346,7 @@ class StreamCheckpointer:
         self.base_model = base_model
         self.model_config = model_config or {}
         self.version = start.version if start else None
-        self.offsets = dict(start.offsets) if start else dict(start_offsets)
+        self.offsets = dict(start_offsets)  # where this run resumes: the version's offsets as the source took them
         self.documents = int(start.manifest["documents"]) if start else 0
         self.pending_documents = 0
         self.last_at = time.monotonic()
@@ -369,6 +374,7 @@ class StreamCheckpointer:
             base_model=self.base_model, model_config=self.model_config,
             documents=self.documents + self.pending_documents, reason=reason,
             parent_version=self.version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
+            topic_id=self.topic_id,
         )
         try:
             version = self.store.save(request)

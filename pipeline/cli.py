@@ -175,7 +175,7 @@ def versions(config: Path = ConfigOption) -> None:
 
 @app.command()
 def rollback(
-    to: str = typer.Option(..., "--to", help="A version number, or an alias such as last-good."),
+    to: str = typer.Option(..., "--to", help="A version number, an alias such as last-good, or base (fresh states)."),
     config: Path = ConfigOption,
     timeout: float = typer.Option(30.0, help="Seconds to wait for the running processor to confirm."),
     offline: bool = typer.Option(False, help="No processor is running: record the rollback in MLflow only."),

@@ -28,7 +28,7 @@ from pipeline.processor import StreamProcessor
 from pipeline.rescale import states_for_workers
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
-from pipeline.source import KafkaDocumentSource
+from pipeline.source import KafkaDocumentSource, OffsetOutOfRange
 from pipeline.topics import ensure_topics
 from pipeline.worker_pool import RayWorkerPool, WorkerPool
 
@@ -83,23 +83,37 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
     source's offsets are set from the ``live`` version first (written by as many workers or not:
     ``pipeline.rescale`` says which worker takes which state)."""
     names = pool.names
-    start = None
+    start, resumed = None, {}
     if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:
         start = store.load(LIVE)  # CheckpointError: refuse to start rather than lose or repeat
         topic = start.manifest["offsets"]["topic"]
         if topic != config.kafka.topics.documents:
             raise CheckpointError(f"{store.name} v{start.version} read topic {topic!r}, this config reads "
                                   f"{config.kafka.topics.documents!r}; set processor.checkpoint.restore: false")
+        recorded, current = start.manifest["offsets"].get("topic_id"), source.topic_id()
+        recreated = recorded is not None and current is not None and recorded != current
+        if recreated and config.kafka.offset_reset == "error":
+            raise OffsetOutOfRange(
+                f"{store.name} v{start.version} read topic {topic!r} with id {recorded}; the topic now has id "
+                f"{current}: it was deleted and created again, and the version's offsets belong to the old one; "
+                "set kafka.offset_reset to earliest (read the new topic from its start) or latest")
         states = states_for_workers(start, names, assignment, config.processor.scope)
         for w, name in enumerate(names):
             pool.restore(w, states[name])
-        offsets = source.seek(start.offsets)  # OffsetOutOfRange, or moved by kafka.offset_reset
+        if recreated:
+            offsets = source.seek_to_start(config.kafka.offset_reset)
+            log.warning("topic %s was created again (id %s, the version read %s): reading from %s offsets %s "
+                        "(kafka.offset_reset: %s)", topic, current, recorded, config.kafka.offset_reset, offsets,
+                        config.kafka.offset_reset)
+        else:
+            offsets = source.seek(start.offsets)  # OffsetOutOfRange, or moved by kafka.offset_reset
+        resumed = offsets
         log.info("restored %s v%s: offsets %s", store.name, start.version, offsets)
     base = base if base is not None else base_model_id(config.model.path)
     return StreamCheckpointer(store, config.processor.checkpoint, config.kafka.topics.documents, config.digest(),
-                              base, start, {**positions, **(start.offsets if start else {})},
+                              base, start, {**positions, **resumed},
                               model_config=effective_model_config(config, model_dir),
-                              assignment={p: names[w] for p, w in assignment.items()})
+                              assignment={p: names[w] for p, w in assignment.items()}, topic_id=source.topic_id())
 
 
 def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> dict:

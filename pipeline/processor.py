@@ -18,7 +18,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
 from pipeline.messages import Rejected, dead_letter_headers, parse_document, result_message
-from pipeline.checkpoint import LAST_GOOD, StreamCheckpointer
+from pipeline.checkpoint import BASE, LAST_GOOD, StreamCheckpointer
 from pipeline.control import ControlSource
 from pipeline.ledger import PendingDocument, StreamLedger
 from pipeline.metrics import StreamMetrics
@@ -279,6 +279,10 @@ class StreamProcessor:
             self._rolling_back = False
         previous = self.checkpointer.version
         try:
+            if target == LAST_GOOD and self.checkpointer.store.resolve(LAST_GOOD) is None:
+                # Nothing has passed the monitor yet: the only state known good is the base model.
+                log.warning("no version is %s yet: rolling back to the base model (fresh states)", LAST_GOOD)
+                target = BASE
             checkpoint = self.recovery.restore_all(target)
         except Exception as err:  # noqa: BLE001 - CheckpointError or MLflow down: keep serving
             log.error("rollback to %s failed: %s", target, err)

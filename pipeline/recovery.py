@@ -21,7 +21,7 @@ import logging
 from typing import Callable
 
 from actors.state_store import StateBlob
-from pipeline.checkpoint import Checkpoint, StreamCheckpointer
+from pipeline.checkpoint import BASE, Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.ledger import PendingDocument, StreamLedger
 from pipeline.rescale import states_for_workers
@@ -80,8 +80,13 @@ class RecoveryPolicy:
             self.ledger.retry_first(pending)
 
     def restore_all(self, target: str) -> Checkpoint:
-        """Every worker takes the states of checkpoint ``target`` (a version or an alias);
-        raises what loading it raises (CheckpointError, MLflow down), changing nothing."""
+        """Every worker takes the states of checkpoint ``target`` (a version, an alias, or
+        ``base``: fresh states, the base model as the stream started); raises what loading it
+        raises (CheckpointError, MLflow down), changing nothing."""
+        if target == BASE:
+            for w in range(len(self.pool.names)):
+                self.pool.restore(w, [])
+            return Checkpoint(BASE, {}, {name: [] for name in self.pool.names})
         checkpoint = self.checkpointer.store.load(target)
         states = self._states_of(checkpoint)
         for w, name in enumerate(self.pool.names):

@@ -9,7 +9,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from pipeline.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore
+from pipeline.checkpoint import BASE, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
 from pipeline.config import AppConfig
 
 
@@ -48,7 +48,8 @@ def rollback_offline(config: AppConfig, to: str) -> str:
     store = CheckpointStore(config.mlflow, config.stream.name)
     if store.resolve(LIVE) is None:
         raise CheckpointError(f"{store.name}: no live version to roll back from")
-    target, live = store.load(to), store.load(LIVE)
+    live = store.load(LIVE)
+    target = Checkpoint(BASE, {}, {name: [] for name in live.states}) if to == BASE else store.load(to)
     return store.save(CheckpointRequest(
         states=target.states, topic=live.manifest["offsets"]["topic"], offsets=live.offsets,
         config_digest=live.manifest["config_digest"], base_model=live.manifest["base_model"],

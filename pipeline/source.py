@@ -67,6 +67,25 @@ class KafkaDocumentSource:
         records.sort(key=lambda r: (r.partition, r.offset))
         return records
 
+    def topic_id(self) -> str | None:
+        """The documents topic's id (Kafka's topic UUID, metadata v10+): a topic deleted and
+        created again under the same name has a new one. None where the broker gives none."""
+        cluster = self.consumer._client.cluster  # kafka-python keeps the ids of its metadata here
+        topic_id = cluster.topic_id(self.topic)
+        if topic_id is None:
+            self.consumer.partitions_for_topic(self.topic)
+            topic_id = cluster.topic_id(self.topic)
+        return None if topic_id is None or topic_id.int == 0 else str(topic_id)
+
+    def seek_to_start(self, where: str) -> dict[int, int]:
+        """Every partition to its first record (``earliest``) or past its last (``latest``)."""
+        first = self.consumer.beginning_offsets(self._tps)
+        offsets = ({tp.partition: first[tp] for tp in self._tps} if where == "earliest"
+                   else {tp.partition: hw for tp, hw in self._high_watermarks(self._tps).items()})
+        for tp in self._tps:
+            self.consumer.seek(tp, offsets[tp.partition])
+        return offsets
+
     def seek(self, offsets: dict[int, int]) -> dict[int, int]:
         """Read on from ``offsets`` (partition -> next offset); returns the offsets taken, which
         differ only where an offset was out of range and ``kafka.offset_reset`` says where to go."""

@@ -25,7 +25,8 @@ TOPIC = "docs"
 
 class FakeWorker:
     """Its state is the ids it has read, in order; a document's loss is 1 + the state's length
-    (0.01 per id), and 9 for a document whose text is "poison"."""
+    (0.01 per id), and 9 for a document whose text is "poison" (whose fast weights also move far:
+    delta ratio 5, else 0.1)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -34,7 +35,8 @@ class FakeWorker:
     def process(self, task: DocumentTask) -> DocumentOutcome:
         self.read.append(task.id)
         loss = 9.0 if task.text == "poison" else 1.0 + 0.01 * len(self.read)
-        return DocumentOutcome(task.id, ok=True, tokens=10, loss=loss, worker=self.name)
+        return DocumentOutcome(task.id, ok=True, tokens=10, loss=loss, worker=self.name,
+                               delta_ratio=5.0 if task.text == "poison" else 0.1)
 
     def snapshot(self) -> list[StateBlob]:
         data = json.dumps(self.read).encode()
@@ -268,6 +270,24 @@ def test_a_poisoned_burst_is_rolled_back_to_last_good_with_its_loss_as_a_number(
     assert rolled.manifest["reason"] == "rollback" and rolled.states == store.load(good).states
     # last-good only ever moved to versions whose window passed: none holds a poisoned document.
     assert not poison & set(json.loads(store.load(LAST_GOOD).states["s-worker-0"][0].data))
+
+
+def test_a_breach_before_any_version_passed_the_monitor_rolls_back_to_the_base_model():
+    poison = {f"p0-{i:03d}" for i in range(3, 7)}  # before the first checkpoint (every 50)
+    docs = documents(1, 12, poison)
+    store = FakeStore()
+    monitor = DegradationMonitor(MonitorConfig(window_documents=4, min_documents=2, max_loss_over_base=None,
+                                               max_loss_jump=0.5, max_fast_delta_ratio=1.0))
+    proc, pool, source, sinks = processor(docs, store=store, every=50, monitor=monitor)
+    proc.run(until_idle_s=0.05)
+
+    assert not [a for a in sinks.alerts if a["type"] == "rollback_failed"]
+    (rollback,) = [a for a in sinks.alerts if a["type"] == "rollback"][:1]
+    assert rollback["to"] == "base" and rollback["cause"] == "delta_ratio"
+    rolled = store.load(rollback["version"])
+    assert rolled.manifest["tags"]["rollback_to"] == "base" and rolled.states == {"s-worker-0": []}
+    # fresh state at the rollback: what the worker holds now was read after it, no poison in it
+    assert pool.workers[0].read and not poison & set(pool.workers[0].read)
 
 
 def test_a_failed_context_parallel_read_goes_back_to_the_checkpoint_and_a_hopeless_one_to_dead_letters():

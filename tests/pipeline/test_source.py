@@ -70,9 +70,48 @@ def test_a_restarted_in_memory_broker_under_a_kept_checkpoint_is_refused_then_re
         local.up(skip=("mlflow",))
         ensure_topics(config.kafka)
         produce(config, docs[6:], partitions=[0, 0])  # offsets 0 and 1 of the new topic
-        with pytest.raises(OffsetOutOfRange, match=r"partition 0: offset 6 to resume from is past the end"):
+        # the restarted broker made the topic anew (a new id): refused before any offset is tried
+        with pytest.raises(OffsetOutOfRange, match=r"with id .*; the topic now has id .*deleted and created again"):
             run_stream(config, until_idle_s=2.0)
         earliest = config.model_copy(update={"kafka": config.kafka.model_copy(update={"offset_reset": "earliest"})})
         assert run_stream(earliest, until_idle_s=2.0).documents == 2
     finally:
         local.down()
+
+
+@pytest.mark.slow
+def test_a_topic_created_again_with_more_records_than_the_checkpoint_s_offset_is_not_read_from_that_offset(
+        stack, ray_session, tmp_path):
+    """Deleted and created again, a topic's offsets restart at 0: once it holds more records than
+    the checkpoint's offset, that offset is in range yet names another record. The topic's id
+    (recorded in the checkpoint) tells the two apart."""
+    import time
+
+    from kafka.admin import KafkaAdminClient
+
+    from pipeline.checkpoint import LIVE, CheckpointStore
+    from pipeline.job import run_stream
+    from tests.pipeline.test_stream_e2e import short_documents
+
+    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0)
+    docs = [json.dumps(d).encode() for d in short_documents(8, length=100)]
+    ensure_topics(config.kafka)
+    produce(config, docs[:3], partitions=[0] * 3)
+    assert run_stream(config, until_idle_s=2.0).documents == 3
+    first_id = CheckpointStore(config.mlflow, config.stream.name).load(LIVE).manifest["offsets"]["topic_id"]
+    assert first_id
+
+    admin = KafkaAdminClient(bootstrap_servers=config.kafka.bootstrap_servers)
+    try:
+        admin.delete_topics([config.kafka.topics.documents])
+    finally:
+        admin.close()
+    time.sleep(1.0)
+    ensure_topics(config.kafka)
+    produce(config, docs[3:], partitions=[0] * 5)  # offsets 0-4: the checkpoint's 3 is in range
+    with pytest.raises(OffsetOutOfRange, match=r"deleted and created again"):
+        run_stream(config, until_idle_s=2.0)
+    earliest = config.model_copy(update={"kafka": config.kafka.model_copy(update={"offset_reset": "earliest"})})
+    assert run_stream(earliest, until_idle_s=2.0).documents == 5  # all of the new topic, not its last 2
+    live = CheckpointStore(config.mlflow, config.stream.name).load(LIVE).manifest["offsets"]
+    assert live["topic_id"] != first_id and live["partitions"]["0"] == 5
