@@ -42,15 +42,15 @@ def documents(path: Path, n: int, max_tokens: int, tokenizer) -> list[dict]:
     raise SystemExit(f"{path}: fewer than {n} documents of {max_tokens} tokens")
 
 
-def result_timestamps(config) -> dict[str, int]:
-    """Document id -> timestamp (ms) of its result record."""
+def result_timestamps(config) -> dict[str, tuple[int, float]]:
+    """Document id -> (timestamp (ms) of its result record, the worker's own time on it (ms))."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(
         config.kafka.topics.results, bootstrap_servers=config.kafka.bootstrap_servers,
         auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=3000,
     )
-    stamps = {json.loads(r.value)["id"]: r.timestamp for r in consumer}
+    stamps = {json.loads(r.value)["id"]: (r.timestamp, json.loads(r.value)["latency_ms"]) for r in consumer}
     consumer.close()
     return stamps
 
@@ -123,7 +123,10 @@ def main() -> None:
     # record timestamps (set by the processor's producer as each result is sent), so both sides
     # time the same documents after the same warm-up.
     pipeline_docs = len(stamps) - 1
-    pipeline_s = (max(stamps.values()) - stamps["warm-up"]) / 1000.0
+    pipeline_s = (max(t for t, _ in stamps.values()) - stamps["warm-up"][0]) / 1000.0
+    # The worker actor's own time on the same documents: what of the difference is the model
+    # running slower inside the actor, and what is the pipeline around it.
+    actor_s = sum(ms for doc, (_, ms) in stamps.items() if doc != "warm-up") / 1000.0
     pipeline_tokens = direct_tokens
     rows = {
         "documents": len(docs),
@@ -136,6 +139,9 @@ def main() -> None:
         "pipeline_documents_per_s": pipeline_docs / pipeline_s,
         "pipeline_documents": pipeline_docs,
         "overhead_vs_model_time": pipeline_s / direct_s - 1.0,
+        "actor_busy_s": actor_s,
+        "actor_vs_direct": actor_s / direct_s - 1.0,
+        "pipeline_beyond_actor": pipeline_s / actor_s - 1.0,
         "threads": args.threads,
         "max_tokens": args.max_tokens,
     }
@@ -145,6 +151,9 @@ def main() -> None:
     print(f"{'seconds':22}{direct_s:12.2f}{pipeline_s:12.2f}")
     print(f"pipeline overhead vs model time: {100 * rows['overhead_vs_model_time']:+.1f}% "
           f"({len(docs)} documents x {args.max_tokens} tokens, {args.threads} threads)")
+    print(f"  of which the model in the actor vs direct: {100 * rows['actor_vs_direct']:+.1f}% "
+          f"({actor_s:.2f} s busy), the pipeline beyond the actor's busy time: "
+          f"{100 * rows['pipeline_beyond_actor']:+.1f}%")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))
