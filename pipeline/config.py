@@ -162,8 +162,9 @@ class MonitorConfig(_Section):
     window_documents: int = Field(default=10, ge=1)
     min_documents: int = Field(default=3, ge=1)
     non_finite: bool = True
-    # The fast weights' largest ||dW|| / ||W_down|| (not the model's own hard cap on it,
-    # model.ttt.max_delta_ratio: this one alerts and rolls back).
+    # The fast weights' largest ||dW|| / ||W_down|| over sqrt(TTT chunks the document spans):
+    # the ratio grows with the number of updates, about as their square root (not the model's
+    # own hard cap on it, model.ttt.max_delta_ratio: this one alerts and rolls back).
     max_fast_delta_ratio: float | None = Field(default=None, gt=0)
     # The slow weights' largest ||B A|| / ||W_0||: a bound on how far the stream moved the model.
     max_slow_delta_ratio: float | None = Field(default=None, gt=0)

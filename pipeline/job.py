@@ -191,7 +191,8 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
             control = ControlSource(config.kafka)
             if p.monitor.enabled:
-                monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD))
+                monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD),
+                                             chunk_tokens=config.model.effective_ttt(model_dir)["chunk_size"])
         if p.metrics.enabled:
             metrics = StreamMetrics(config.stream.name)
             metrics.serve(p.metrics.host, p.metrics.port)

@@ -34,8 +34,11 @@ class Breach:
 
 
 class DegradationMonitor:
-    def __init__(self, config, reference_loss: float | None = None):
+    def __init__(self, config, reference_loss: float | None = None, chunk_tokens: int | None = None):
         self.config = config  # MonitorConfig
+        # The TTT chunk: the fast weights' delta ratio is bounded per sqrt(chunks the document
+        # spans) (None: the ratio itself), since it grows with the number of updates.
+        self.chunk_tokens = chunk_tokens
         self.window: deque[DocumentOutcome] = deque(maxlen=config.window_documents)
         self.reference_loss = reference_loss  # mean adapted loss of the window when last-good was set
         self.breached_since_pass = False
@@ -51,8 +54,12 @@ class DegradationMonitor:
         cfg = self.config
         if cfg.non_finite and (not outcome.finite or outcome.delta_ratio < 0 or outcome.slow_delta_ratio < 0):
             return Breach("non_finite", {"loss": outcome.loss, "fast_weight_norm": outcome.fast_weight_norm}, outcome.id)
-        if cfg.max_fast_delta_ratio is not None and outcome.delta_ratio > cfg.max_fast_delta_ratio:
-            return Breach("delta_ratio", {"delta_ratio": outcome.delta_ratio, "bound": cfg.max_fast_delta_ratio}, outcome.id)
+        if cfg.max_fast_delta_ratio is not None:
+            chunks = max(1, math.ceil(outcome.tokens / self.chunk_tokens)) if self.chunk_tokens else 1
+            scaled = outcome.delta_ratio / math.sqrt(chunks)
+            if scaled > cfg.max_fast_delta_ratio:
+                return Breach("delta_ratio", {"delta_ratio": outcome.delta_ratio, "chunks": chunks,
+                                              "per_sqrt_chunk": scaled, "bound": cfg.max_fast_delta_ratio}, outcome.id)
         if cfg.max_slow_delta_ratio is not None and outcome.slow_delta_ratio > cfg.max_slow_delta_ratio:
             return Breach("slow_delta_ratio", {"slow_delta_ratio": outcome.slow_delta_ratio,
                                                "bound": cfg.max_slow_delta_ratio}, outcome.id)

@@ -358,3 +358,17 @@ def test_partitions_added_while_running_stop_the_run_loudly_after_what_was_read_
     assert 10 <= summary.documents < 60  # stopped part-way
     # what was read is checkpointed and committed: a restart goes on from there
     assert source.commits[-1] == {p: sum(1 for r in sinks.results if r["id"].startswith(f"p{p}-")) for p in (0, 1)}
+
+
+def test_the_fast_delta_ratio_is_bounded_per_square_root_of_the_chunks_a_document_spans():
+    monitor = DegradationMonitor(MonitorConfig(max_fast_delta_ratio=1.3, max_loss_over_base=None, max_loss_jump=None),
+                                 chunk_tokens=512)
+    long_and_good = DocumentOutcome("long", ok=True, tokens=16 * 512, loss=1.0, delta_ratio=4.8)  # 16 chunks: 1.2
+    short_and_runaway = DocumentOutcome("short", ok=True, tokens=300, loss=1.0, delta_ratio=1.5)  # 1 chunk: 1.5
+    assert monitor.observe(long_and_good) is None
+    breach = monitor.observe(short_and_runaway)
+    assert breach.rule == "delta_ratio" and breach.values["chunks"] == 1 and breach.values["per_sqrt_chunk"] == 1.5
+    grown = DocumentOutcome("long-runaway", ok=True, tokens=16 * 512 - 5, loss=1.0, delta_ratio=5.6)  # 1.4
+    assert monitor.observe(grown).values["chunks"] == 16
+    unscaled = DegradationMonitor(MonitorConfig(max_fast_delta_ratio=1.3, max_loss_over_base=None, max_loss_jump=None))
+    assert unscaled.observe(long_and_good).rule == "delta_ratio"  # no chunk size known: the ratio itself
