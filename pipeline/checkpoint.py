@@ -89,8 +89,9 @@ class CheckpointStore:
         self.stream = stream
         self.name = model_name(stream)
         self.client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
-        # The processor's own MLflow run (pipeline/processor_run.py): checkpoint runs nest under it.
-        self.parent_run_id: str | None = None
+        # The processor's own MLflow run (pipeline/processor_run.py): checkpoint runs nest under
+        # it. Read at each save: a run created late (MLflow down at start) is still found.
+        self.parent_run: Any = None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -135,10 +136,11 @@ class CheckpointStore:
             root = Path(tmp) / ARTIFACT_DIR
             save_pyfunc(root, staging, request.base_model["path"])
 
+            parent_run_id = getattr(self.parent_run, "run_id", None)
             run = self.client.create_run(
                 self._experiment_id(), run_name=f"{self.stream}-{request.reason}",
                 tags={"ttt.stream": self.stream, "ttt.reason": request.reason,
-                      **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})},
+                      **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})},
             )
             run_id = run.info.run_id
             try:
@@ -163,7 +165,7 @@ class CheckpointStore:
                 "documents": str(request.documents),
                 "reason": request.reason,
                 "manifest_sha256": manifest_sha,
-                **({"ttt.processor_run": self.parent_run_id} if self.parent_run_id else {}),
+                **({"ttt.processor_run": parent_run_id} if parent_run_id else {}),
                 **request.tags,
             },
         ).version

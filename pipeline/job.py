@@ -199,7 +199,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         if config.mlflow.processor_runs:
             run_log = start_processor_run(config, base)
             if checkpointer is not None:
-                checkpointer.store.parent_run_id = run_log.run_id
+                checkpointer.store.parent_run = run_log
         processor = StreamProcessor(
             p, source, sinks, pool, assignment, stream=config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),

@@ -139,6 +139,9 @@ class FakeSource:
     def unassigned_partitions(self):
         return list(self.added)
 
+    def topic_id(self):
+        return "a-topic-id"  # the same topic throughout (a recreated one is tested on the real broker)
+
 
 class FakeSinks:
     def __init__(self):
