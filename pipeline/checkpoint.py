@@ -56,6 +56,11 @@ class Checkpoint:
     def offsets(self) -> dict[int, int]:
         return {int(p): o for p, o in self.manifest["offsets"]["partitions"].items()}
 
+    @classmethod
+    def base(cls, workers: list[str]) -> "Checkpoint":
+        """The rollback target ``base``: no state for any worker (fresh, the base model)."""
+        return cls(BASE, {}, {name: [] for name in workers})
+
 
 @dataclass
 class CheckpointRequest:

@@ -83,14 +83,14 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
     source's offsets are set from the ``live`` version first (written by as many workers or not:
     ``pipeline.rescale`` says which worker takes which state)."""
     names = pool.names
-    start, resumed = None, {}
+    start, resumed, current = None, {}, source.topic_id()
     if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:
         start = store.load(LIVE)  # CheckpointError: refuse to start rather than lose or repeat
         topic = start.manifest["offsets"]["topic"]
         if topic != config.kafka.topics.documents:
             raise CheckpointError(f"{store.name} v{start.version} read topic {topic!r}, this config reads "
                                   f"{config.kafka.topics.documents!r}; set processor.checkpoint.restore: false")
-        recorded, current = start.manifest["offsets"].get("topic_id"), source.topic_id()
+        recorded = start.manifest["offsets"].get("topic_id")
         recreated = recorded is not None and current is not None and recorded != current
         if recreated and config.kafka.offset_reset == "error":
             raise OffsetOutOfRange(
@@ -102,9 +102,8 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
             pool.restore(w, states[name])
         if recreated:
             offsets = source.seek_to_start(config.kafka.offset_reset)
-            log.warning("topic %s was created again (id %s, the version read %s): reading from %s offsets %s "
-                        "(kafka.offset_reset: %s)", topic, current, recorded, config.kafka.offset_reset, offsets,
-                        config.kafka.offset_reset)
+            log.warning("topic %s was created again (id %s, the version read %s): reading from offsets %s "
+                        "(kafka.offset_reset: %s)", topic, current, recorded, offsets, config.kafka.offset_reset)
         else:
             offsets = source.seek(start.offsets)  # OffsetOutOfRange, or moved by kafka.offset_reset
         resumed = offsets
@@ -113,7 +112,7 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
     return StreamCheckpointer(store, config.processor.checkpoint, config.kafka.topics.documents, config.digest(),
                               base, start, {**positions, **resumed},
                               model_config=effective_model_config(config, model_dir),
-                              assignment={p: names[w] for p, w in assignment.items()}, topic_id=source.topic_id())
+                              assignment={p: names[w] for p, w in assignment.items()}, topic_id=current)
 
 
 def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> dict:
@@ -192,7 +191,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             control = ControlSource(config.kafka)
             if p.monitor.enabled:
                 monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD),
-                                             chunk_tokens=config.model.effective_ttt(model_dir)["chunk_size"])
+                                             chunk_tokens=checkpointer.model_config["ttt"]["chunk_size"])
         if p.metrics.enabled:
             metrics = StreamMetrics(config.stream.name)
             metrics.serve(p.metrics.host, p.metrics.port)

@@ -129,8 +129,13 @@ class StreamMetrics:
         s = self.stream
         for partition, offset in committed.items():
             self.committed.labels(s, str(partition)).set(offset)
-            end = highwaters.get(partition)
-            if end is not None:  # unknown until the partition was fetched once
-                self.lag.labels(s, str(partition)).set(max(0, end - offset))
+        for partition, lag in partition_lag(committed, highwaters).items():
+            self.lag.labels(s, str(partition)).set(lag)
         self.in_flight.labels(s).set(in_flight)
         self.queued.labels(s).set(queued)
+
+
+def partition_lag(committed: dict[int, int], highwaters: dict[int, int | None]) -> dict[int, int]:
+    """Records not yet finished per partition: high watermark - committable offset, for the
+    partitions whose end is known (not before a partition's first fetch)."""
+    return {p: max(0, highwaters[p] - o) for p, o in committed.items() if highwaters.get(p) is not None}

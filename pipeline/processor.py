@@ -18,10 +18,10 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
 from pipeline.messages import Rejected, dead_letter_headers, parse_document, result_message
-from pipeline.checkpoint import BASE, LAST_GOOD, StreamCheckpointer
+from pipeline.checkpoint import LAST_GOOD, StreamCheckpointer
 from pipeline.control import ControlSource
 from pipeline.ledger import PendingDocument, StreamLedger
-from pipeline.metrics import StreamMetrics
+from pipeline.metrics import StreamMetrics, partition_lag
 from pipeline.monitor import Breach, DegradationMonitor
 from pipeline.processor_run import ProcessorRun, report_figures
 from pipeline.recovery import RecoveryPolicy
@@ -279,10 +279,6 @@ class StreamProcessor:
             self._rolling_back = False
         previous = self.checkpointer.version
         try:
-            if target == LAST_GOOD and self.checkpointer.store.resolve(LAST_GOOD) is None:
-                # Nothing has passed the monitor yet: the only state known good is the base model.
-                log.warning("no version is %s yet: rolling back to the base model (fresh states)", LAST_GOOD)
-                target = BASE
             checkpoint = self.recovery.restore_all(target)
         except Exception as err:  # noqa: BLE001 - CheckpointError or MLflow down: keep serving
             log.error("rollback to %s failed: %s", target, err)
@@ -381,11 +377,10 @@ class StreamProcessor:
             self.run_log.log(report_figures(message, self._run_figures()), step=self._start_documents + self.summary.documents)
 
     def _run_figures(self) -> dict[str, float | None]:
-        committed, ends = self.ledger.committable(), self.source.highwaters()
-        known = [ends[p] - o for p, o in committed.items() if ends.get(p) is not None]
+        lags = partition_lag(self.ledger.committable(), self.source.highwaters())
         last = self._last_outcome
         return {
-            "lag": float(sum(max(0, x) for x in known)) if known else None,
+            "lag": float(sum(lags.values())) if lags else None,
             "delta_ratio": last.delta_ratio if last is not None and last.delta_ratio >= 0 else None,
             "slow_delta_ratio": last.slow_delta_ratio if last is not None and last.slow_delta_ratio > 0 else None,
             "rollbacks": float(len(self.rollbacks)),

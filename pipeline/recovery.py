@@ -21,7 +21,7 @@ import logging
 from typing import Callable
 
 from actors.state_store import StateBlob
-from pipeline.checkpoint import BASE, Checkpoint, StreamCheckpointer
+from pipeline.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.ledger import PendingDocument, StreamLedger
 from pipeline.rescale import states_for_workers
@@ -81,14 +81,19 @@ class RecoveryPolicy:
 
     def restore_all(self, target: str) -> Checkpoint:
         """Every worker takes the states of checkpoint ``target`` (a version, an alias, or
-        ``base``: fresh states, the base model as the stream started); raises what loading it
-        raises (CheckpointError, MLflow down), changing nothing."""
+        ``base``: fresh states, the base model as the stream started; ``last-good`` before any
+        version passed the monitor is ``base`` too); raises what loading it raises
+        (CheckpointError, MLflow down), changing nothing."""
+        store = self.checkpointer.store
+        if target == LAST_GOOD and store.resolve(LAST_GOOD) is None:
+            log.warning("no version is %s yet: rolling back to the base model (fresh states)", LAST_GOOD)
+            target = BASE
         if target == BASE:
-            for w in range(len(self.pool.names)):
-                self.pool.restore(w, [])
-            return Checkpoint(BASE, {}, {name: [] for name in self.pool.names})
-        checkpoint = self.checkpointer.store.load(target)
-        states = self._states_of(checkpoint)
+            checkpoint = Checkpoint.base(self.pool.names)
+            states = checkpoint.states
+        else:
+            checkpoint = store.load(target)
+            states = self._states_of(checkpoint)
         for w, name in enumerate(self.pool.names):
             self.pool.restore(w, states[name])
         return checkpoint

@@ -49,7 +49,7 @@ def rollback_offline(config: AppConfig, to: str) -> str:
     if store.resolve(LIVE) is None:
         raise CheckpointError(f"{store.name}: no live version to roll back from")
     live = store.load(LIVE)
-    target = Checkpoint(BASE, {}, {name: [] for name in live.states}) if to == BASE else store.load(to)
+    target = Checkpoint.base(list(live.states)) if to == BASE else store.load(to)
     return store.save(CheckpointRequest(
         states=target.states, topic=live.manifest["offsets"]["topic"], offsets=live.offsets,
         config_digest=live.manifest["config_digest"], base_model=live.manifest["base_model"],
