@@ -3,7 +3,8 @@
 Documents run one at a time in submission order (the default concurrency group has one
 thread), which is what keeps per-partition order and states deterministic; status calls use a
 separate group so that they answer while a long document is being read, and ``prepare``
-(tokenizing a document ahead of its ``process``) a third, so that it overlaps the reading.
+(tokenizing a document ahead of its ``process``) a third, so that it overlaps the reading. Every
+call that touches the model runs on one ModelThread, whichever group's thread receives it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ray
 
 from actors.cp_group import ContextParallelFailure
 from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker, WorkerSpec
+from actors.model_thread import ModelThread
 from actors.state_store import StateBlob
 
 
@@ -31,7 +33,8 @@ class WorkerActor:
                     cause = getattr(err, "cause", None)
                     raise ContextParallelFailure(str(cause or err)) from None
 
-        self.worker = DocumentWorker(spec, name, reader)
+        self.model_thread = ModelThread(f"{name}-model")
+        self.worker = self.model_thread.call(DocumentWorker, spec, name, reader)
         with warnings.catch_warnings():  # it reads a deprecated property inside Ray itself
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -42,20 +45,20 @@ class WorkerActor:
         self.worker.prepare(task)
 
     def process(self, task: DocumentTask) -> DocumentOutcome:
-        return self.worker.process(task)
+        return self.model_thread.call(self.worker.process, task)
 
     def process_batch(self, tasks: list[DocumentTask]) -> DocumentOutcome | list[DocumentOutcome | Exception]:
         """One return value per task (``num_returns`` = len(tasks)): its outcome, or what reading
         it raised, so that one bad document does not fail the others."""
-        outcomes = self.worker.process_batch(tasks, errors_as_values=True)
+        outcomes = self.model_thread.call(self.worker.process_batch, tasks, errors_as_values=True)
         return outcomes[0] if len(tasks) == 1 else outcomes
 
     def snapshot(self) -> list[StateBlob]:
         # Default group: runs after every document submitted before it, a consistent cut.
-        return self.worker.snapshot()
+        return self.model_thread.call(self.worker.snapshot)
 
     def restore(self, blobs: list[StateBlob]) -> None:
-        self.worker.restore(blobs)
+        self.model_thread.call(self.worker.restore, blobs)
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
