@@ -34,7 +34,7 @@ from ttt_model.objectives import token_nll
 from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
 from ttt_model.session import TTTSession
 from ttt_model.slow import SlowConfig, SlowLearner, rehearsal_chunks
-from ttt_model.state import FastWeightState
+from ttt_model.state import FastWeightState, ttt_layers
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class WorkerSpec:
     # Windows of at least this many tokens go to the context-parallel reader (when one is given).
     context_parallel_min_tokens: int | None = None
     # process_batch, per_document scope: documents read in one forward, up to this many padded
-    # tokens (rows x the longest document, rounded up to the TTT chunk).
+    # tokens (rows x the longest document).
     batch_tokens: int = 16384
     # Tokenize the next document in another thread while one is read (``prepare``). None: on a
     # GPU only, where the CPU waits for the device meanwhile; on a CPU the model already uses the
@@ -245,7 +245,6 @@ class DocumentWorker:
                     if ahead is not None:
                         ahead.join()
             return outcomes
-        C = ttt_config_of(self.model).chunk_size
         outcomes: list[DocumentOutcome | None] = [None] * len(tasks)
         group: list[tuple[int, DocumentTask, list[int]]] = []
 
@@ -272,7 +271,7 @@ class DocumentWorker:
                 read_group()
                 outcomes[i] = one(task, ids)  # oversize or too short: the one-document path decides
                 continue
-            padded = -(-max([len(ids)] + [len(g[2]) for g in group]) // C) * C
+            padded = max([len(ids)] + [len(g[2]) for g in group])
             keys = {g[1].key for g in group}
             if group and ((len(group) + 1) * padded > self.spec.batch_tokens or len(group) >= self.spec.max_keys_in_memory
                           or (self.spec.scope == "per_key" and task.key in keys)):
@@ -303,16 +302,19 @@ class DocumentWorker:
     def _read_batch(self, items: list[tuple[DocumentTask, list[int]]]) -> list[DocumentOutcome]:
         """Documents of one window each (per_key: of different keys) in one forward.
 
-        Rows are right-padded to a multiple of the TTT chunk: a token never attends to later
-        ones, and only the updates of its row's earlier chunks reach it, so padding changes no
-        real token's output. ``update_lengths`` keeps the padding out of the fast weights: with
-        per_document also each row's unfinished last chunk, as ``process`` does for that scope;
-        with per_key that chunk is learned zero-padded, exactly what ``end_document`` does.
+        Rows are right-padded to the longest: a token never attends to later ones, and only the
+        updates of its row's earlier chunks reach it, so padding changes no real token's output.
+        ``update_lengths`` keeps the padding out of the fast weights: with per_document also each
+        row's unfinished last chunk, as ``process`` does for that scope; with per_key that chunk
+        is learned zero-padded, exactly what ``end_document`` does (the batch's unfinished last
+        chunk by ``flush_tail``, which pads it with zeros). Padding to the longest rather than to
+        a whole chunk: eight documents of 2,050 tokens and a chunk of 1,024 are 2,050 columns,
+        not 3,072.
         """
         start = time.perf_counter()
         C = ttt_config_of(self.model).chunk_size
         lengths = [len(ids) for _, ids in items]
-        B, L = len(items), -(-max(lengths) // C) * C
+        B, L = len(items), max(lengths)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((B, L), pad, dtype=torch.long)
         for b, (_, row) in enumerate(items):
@@ -329,6 +331,9 @@ class DocumentWorker:
                 layer.delta[b] = scoped.state.fast.layers[idx].delta[0]
         with ttt_forward(state=state, update_lengths=n if per_key else (n // C) * C):
             logits = self.model(input_ids=ids, use_cache=False).logits
+        if per_key:
+            for idx, mlp in ttt_layers(self.model).items():
+                mlp.flush_tail(state.layers[idx])
         scored = torch.arange(L - 1, device=self.device) < (n - 1)[:, None]  # predicting tokens 1..len-1
         adapted = (token_nll(logits[:, :-1], ids[:, 1:]).double() * scored).sum(1) / (n - 1)
         del logits

@@ -220,7 +220,7 @@ class ProcessorConfig(_Section):
     max_in_flight_per_worker: int = Field(default=2, ge=1)
     # Documents sent to a worker in one call; with the per_document and per_key scopes (no slow
     # weights) the worker reads them in one forward (up to batch_tokens padded tokens: rows x the
-    # longest, rounded up to the TTT chunk; its logits are that many vocabulary-wide rows; per_key:
+    # longest; its logits are that many vocabulary-wide rows; per_key:
     # distinct keys). None: with those scopes on GPU workers 8 (at most max_in_flight_per_worker:
     # raise it to 16 for batches of 8), else 1 (a CPU gains nothing from batching, and global
     # reads one document at a time).
