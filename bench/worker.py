@@ -81,10 +81,11 @@ def sync(device: torch.device) -> None:
 
 
 def static_score(model, ids: torch.Tensor) -> torch.Tensor:
-    """TTT off: full logits, then the NLL of every next token (fp32 cross-entropy)."""
+    """TTT off: full logits, then the NLL of every next token (fp32 cross-entropy); ``ids`` is
+    (batch, tokens)."""
     with torch.no_grad(), static_mode(model):
-        logits = model(input_ids=ids).logits[0, :-1]
-        return F.cross_entropy(logits.float(), ids[0, 1:], reduction="none")
+        logits = model(input_ids=ids).logits[:, :-1]
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
 
 
 def prefill(model, ids: torch.Tensor) -> None:
@@ -210,7 +211,9 @@ def main() -> None:
                                      name="bench-batch")
             for length in args.batch_lengths:
                 texts = [text_of_length(tokenizer, length, gen) for _ in range(args.batch)]
-                runs = {"one at a time": [], "batched": []}
+                runs = {"one at a time": [], "batched": [], "static, batched": []}
+                batch_ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][:length] for t in texts],
+                                         device=device)
                 for r in range(args.warmup + args.documents):
                     tasks = [DocumentTask(f"b{length}-{r}-{i}", t) for i, t in enumerate(texts)]
                     for t in tasks:
@@ -220,13 +223,17 @@ def main() -> None:
                     for t in tasks:
                         per_doc.prepare(t)
                     many = timed(lambda: per_doc.process_batch(tasks), device)
+                    # The same batch without TTT, one forward: what batching can reach at best.
+                    static = timed(lambda: static_score(model, batch_ids), device)
                     if r >= args.warmup:
                         runs["one at a time"].append(one)
                         runs["batched"].append(many)
+                        runs["static, batched"].append(static)
                 median = {k: statistics.median(v) for k, v in runs.items()}
                 row = {"tokens": length, "documents": args.batch,
                        **{f"{k} tok/s": args.batch * length / v for k, v in median.items()},
-                       "batched / one at a time": median["one at a time"] / median["batched"]}
+                       "batched / one at a time": median["one at a time"] / median["batched"],
+                       "batched / static batched": median["static, batched"] / median["batched"]}
                 batched.append(row)
                 print(json.dumps(row), flush=True)
                 if args.profile:
@@ -235,6 +242,8 @@ def main() -> None:
                         per_doc.prepare(t)
                     profiles[f"{args.batch} x {length}, batched"] = profile_worker(
                         lambda: per_doc.process_batch(tasks), device)
+                    profiles[f"{args.batch} x {length}, static batched"] = profile_worker(
+                        lambda: static_score(model, batch_ids), device)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.preset} {args.dtype} on {name}, chunk {args.chunk}, TTT layers {sorted(ttt_layers(model))}, "
@@ -249,10 +258,12 @@ def main() -> None:
               f"{r['worker / (tokenize + static)']:.2f}x | {r['worker / prefill']:.2f}x")
     if batched:
         print(f"\nper_document scope, {args.batch} documents per process_batch vs one at a time (tokenized ahead):")
-        print("tokens | one at a time tok/s | batched tok/s | batched / one at a time")
+        print("tokens | one at a time tok/s | batched tok/s | static batched tok/s | batched / one at a time | "
+              "batched / static batched")
         for r in batched:
             print(f"{r['tokens']} | {r['one at a time tok/s']:.0f} | {r['batched tok/s']:.0f} | "
-                  f"{r['batched / one at a time']:.2f}x")
+                  f"{r['static, batched tok/s']:.0f} | {r['batched / one at a time']:.2f}x | "
+                  f"{r['batched / static batched']:.2f}x")
     for length, sides in profiles.items():
         for side, ops in sides.items():
             print(f"\nprofile, {length} tokens, {side} (self time by operator):")

@@ -14,26 +14,6 @@ import torch.nn.functional as F
 from ttt_model.config import TTTConfig
 
 
-# Rows of logits turned into float32 at a time by ``token_nll``: 2,048 x 151,936 entries (Qwen3's
-# vocabulary) is 1.2 GB, where a whole 32k-token document at once would be 20 GB.
-NLL_ROWS = 2048
-
-
-@torch.no_grad()
-def token_nll(logits: torch.Tensor, targets: torch.Tensor, rows: int = NLL_ROWS) -> torch.Tensor:
-    """-log p(targets) per position, float32: logits (..., V), targets (...) -> (...).
-
-    Computed ``rows`` positions at a time, so that the float32 copy of the logits is never
-    materialised for a whole document (the logits may be bf16).
-    """
-    flat, wanted = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    out = torch.empty(wanted.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, flat.shape[0], rows):
-        out[start : start + rows] = F.cross_entropy(flat[start : start + rows].float(), wanted[start : start + rows],
-                                                    reduction="none")
-    return out.reshape(targets.shape)
-
-
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting input_ids[:, 1:] from logits[:, :-1]."""
     vocab = logits.shape[-1]

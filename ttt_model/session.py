@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ttt_model.objectives import gradient_objective_loss, make_optimizer, token_nll
 from ttt_model.forward_call import ttt_forward
+from ttt_model.objectives import gradient_objective_loss, make_optimizer
 from ttt_model.state import FastWeightState, ttt_layers
+from ttt_model.token_nll import token_nll
 from ttt_model.update_rule import apply_update
 
 
