@@ -80,8 +80,7 @@ class InPlaceTTTMLP(nn.Module):
 
         eta is folded into the k x d conv taps (``chunk_conv``: one Triton kernel on a GPU).
         """
-        taps = self.config.eta * self.ttt_conv.weight[:, 0, :].t()  # (k, d); Conv1d cross-correlates
-        mixed = chunk_conv(t, taps, self.config.chunk_size)
+        mixed = chunk_conv(t, self.conv_taps(), self.config.chunk_size)
         return self.ttt_proj(mixed) if self.ttt_proj is not None else mixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,6 +188,15 @@ class InPlaceTTTMLP(nn.Module):
     def conv_is_zero(self) -> bool:
         """Whether the TTT conv is all zero (saves a device sync on every forward)."""
         return self._cached("conv_zero", self.ttt_conv.weight, lambda w: not bool(w.any()))
+
+    def conv_taps(self) -> torch.Tensor:
+        """eta times the conv's taps as (k, d) (Conv1d cross-correlates). Without autograd it is
+        computed once per weight: two launches fewer per layer and forward, which a launch-bound
+        prefill of a few thousand tokens feels."""
+        eta, weight = self.config.eta, self.ttt_conv.weight
+        if torch.is_grad_enabled():  # a graph through the taps (training), or one that saves them
+            return eta * weight[:, 0, :].t()
+        return self._cached(f"taps@{eta}", weight, lambda w: (eta * w[:, 0, :].t()).contiguous())
 
     def w0_norm(self) -> torch.Tensor:
         """||W_down||_F, for the cap on ||delta|| / ||W_down||."""

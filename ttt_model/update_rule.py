@@ -78,7 +78,7 @@ class FastWeightWalk:
         """The sum of the updates so far (None before the first)."""
         if self.general or self._running is None:
             return self._delta
-        return self._running - self.weight.to(self.acc)
+        return torch.sub(self._running, self.weight)  # type promotion casts W_0 inside the kernel
 
     def serve(self, h: torch.Tensor) -> torch.Tensor:
         """h (W_0 + delta)^T (+ bias): (B, c, D) -> (B, c, d)."""
@@ -96,7 +96,8 @@ class FastWeightWalk:
             self.add(torch.matmul(values.transpose(1, 2), h))
             return
         if self._running is None:
-            self._running = self.weight.to(self.acc).expand(h.shape[0], *self.weight.shape).clone()
+            # One launch: copy_ broadcasts and casts (to() then clone() were two).
+            self._running = torch.empty(h.shape[0], *self.weight.shape, dtype=self.acc, device=h.device).copy_(self.weight)
         self._running = multiply_accumulate(self._running, values.transpose(1, 2), h)
 
     def add(self, update: torch.Tensor) -> None:

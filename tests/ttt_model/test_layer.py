@@ -206,3 +206,20 @@ def test_zero_initialised_conv_receives_a_gradient():
     for idx in (0, 1):
         grad = model.model.layers[idx].mlp.ttt_conv.weight.grad
         assert grad is not None and grad.abs().sum() > 0
+
+
+def test_cached_conv_taps_follow_the_weight_and_eta():
+    """Without autograd the taps are computed once per weight: an in-place change of the conv (an
+    optimiser step, a loaded checkpoint) or of eta must reach the next forward."""
+    model = tiny_model("qwen3", seed=40)
+    enable_ttt(model, TTTConfig(layers=[1], chunk_size=4, eta=0.9))
+    randomise_ttt_parameters(model, seed=41)
+    ids = torch.randint(0, 101, (1, 21))
+    with torch.no_grad():
+        model(ids)  # fills the cache
+        mlp = ttt_layers(model)[1]
+        mlp.ttt_conv.weight.mul_(-2.0)
+        assert rel_err(model(ids).logits, reference_logits(model, ids)) < 1e-5
+        mlp.config.eta = 0.3
+        assert rel_err(model(ids).logits, reference_logits(model, ids)) < 1e-5
+        assert torch.equal(mlp.conv_taps(), (0.3 * mlp.ttt_conv.weight[:, 0, :].t()).contiguous())
