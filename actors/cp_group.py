@@ -27,6 +27,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ttt_model.parallel import ContextParallelGroup, split_lengths
+from ttt_model.token_nll import token_nll
 
 
 @dataclass
@@ -92,7 +93,9 @@ class ContextParallelMember:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         return {"logits": logits.float().cpu() if with_logits else None, "last": logits[:, -1].float().cpu(),
-                "log_probs": _segment_nll(logits, segment.to(self.device)).cpu(),
+                # NLL of tokens 1.. of the segment from its own logits (the first token's comes
+                # from the previous member's last logits).
+                "log_probs": token_nll(logits[:, :-1], segment[:, 1:].to(self.device)).cpu(),
                 "state": state.state_dict() if self.rank == 0 else None,
                 "seconds": seconds, "communication_seconds": timer.seconds}
 
@@ -111,13 +114,6 @@ def _get_all_or_fail(refs: list) -> list:
         done, pending = ray.wait(pending, num_returns=1)
         ray.get(done)  # raises RayActorError / RayTaskError for a failed member
     return ray.get(refs)
-
-
-def _segment_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """NLL of tokens 1.. of the segment from its own logits (the first token's comes from the
-    previous member's last logits)."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
 
 
 class ContextParallelActors:
