@@ -30,11 +30,11 @@ import torch
 from actors.state_store import Scope, ScopedState, StateBlob, StateStore
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.forward_call import ttt_forward
-from ttt_model.token_nll import token_nll
 from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
 from ttt_model.session import TTTSession
 from ttt_model.slow import SlowConfig, SlowLearner, rehearsal_chunks
 from ttt_model.state import FastWeightState, ttt_layers
+from ttt_model.token_nll import token_nll
 
 log = logging.getLogger(__name__)
 
