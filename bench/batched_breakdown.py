@@ -7,6 +7,7 @@ the same batch (CUDA events, stages interleaved, median of --reps).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -18,8 +19,8 @@ import torch
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
 from bench.worker import static_score, text_of_length, write_model
 from ttt_model import FastWeightState, ttt_forward
-from ttt_model.token_nll import token_nll, token_nll_plain
 from ttt_model.patch import static_mode
+from ttt_model.token_nll import token_nll, token_nll_plain
 
 
 def main() -> None:
@@ -54,46 +55,33 @@ def main() -> None:
         n = torch.full((B,), ids.shape[1], device=device)
         C = args.chunk
 
-        def ttt_prefill() -> None:
-            with torch.no_grad(), ttt_forward(state=FastWeightState.for_model(model, batch_size=B),
-                                              update_lengths=(n // C) * C):
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        def forward(ttt: bool, all_logits: bool, nll=None) -> None:
+            """One forward of the batch: TTT on (fresh fast weights per row) or off; the last
+            position's logits only (prefill) or all of them, then optionally their token NLL."""
+            mode = (ttt_forward(state=FastWeightState.for_model(model, batch_size=B), update_lengths=(n // C) * C)
+                    if ttt else static_mode(model))
+            with torch.no_grad(), mode:
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=0 if all_logits else 1).logits
+                if nll is not None:
+                    nll(logits[:, :-1], ids[:, 1:]).sum().item()
 
-        def ttt_logits() -> None:
-            with torch.no_grad(), ttt_forward(state=FastWeightState.for_model(model, batch_size=B),
-                                              update_lengths=(n // C) * C):
-                model(input_ids=ids, use_cache=False).logits
-
-        def ttt_logits_nll(nll=token_nll) -> None:
-            with torch.no_grad(), ttt_forward(state=FastWeightState.for_model(model, batch_size=B),
-                                              update_lengths=(n // C) * C):
-                logits = model(input_ids=ids, use_cache=False).logits
-                nll(logits[:, :-1], ids[:, 1:]).sum().item()
-
-        def static_prefill() -> None:
-            with torch.no_grad(), static_mode(model):
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-        def static_logits() -> None:
-            with torch.no_grad(), static_mode(model):
-                model(input_ids=ids, use_cache=False).logits
-
-        rep = [0]
+        batch_numbers = itertools.count()
         pending: list[list[DocumentTask]] = []
 
         def tokenize_next() -> None:  # as prepare() does ahead of each batch, outside the timing
-            rep[0] += 1
-            pending.append([DocumentTask(f"r{rep[0]}-{i}", t) for i, t in enumerate(texts)])
+            r = next(batch_numbers)
+            pending.append([DocumentTask(f"r{r}-{i}", t) for i, t in enumerate(texts)])
             for t in pending[-1]:
                 worker.prepare(t)
 
         def worker_batch() -> None:
             worker.process_batch(pending.pop())
 
-        stages = {"static prefill": static_prefill, "static logits": static_logits,
+        stages = {"static prefill": lambda: forward(False, False), "static logits": lambda: forward(False, True),
                   "static scorer (logits + fp32 CE)": lambda: static_score(model, ids).sum().item(),
-                  "ttt prefill": ttt_prefill, "ttt logits": ttt_logits, "ttt logits + token_nll": ttt_logits_nll,
-                  "ttt logits + token_nll, plain form": lambda: ttt_logits_nll(token_nll_plain),
+                  "ttt prefill": lambda: forward(True, False), "ttt logits": lambda: forward(True, True),
+                  "ttt logits + token_nll": lambda: forward(True, True, token_nll),
+                  "ttt logits + token_nll, plain form": lambda: forward(True, True, token_nll_plain),
                   "worker process_batch": worker_batch}
         times = {k: [] for k in stages}
         for r in range(args.reps + 2):
