@@ -191,7 +191,8 @@ class DocumentWorker:
             return None
         if not Path(cfg.rehearsal_path).is_file():
             raise FileNotFoundError(f"model.slow.rehearsal_path: {cfg.rehearsal_path} does not exist (cwd {os.getcwd()})")
-        return rehearsal_chunks(cfg.rehearsal_path, self.tokenizer, self.slow_chunk_tokens, cfg.rehearsal_chunks).to(self.device)
+        tokens = cfg.rehearsal_tokens or self.slow_chunk_tokens
+        return rehearsal_chunks(cfg.rehearsal_path, self.tokenizer, tokens, cfg.rehearsal_chunks).to(self.device)
 
     def new_state(self) -> AdaptedState:
         """A state equal to the base model, for a new scope key."""

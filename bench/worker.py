@@ -126,6 +126,21 @@ def profile_worker(read, device: torch.device, top: int = 25) -> dict[str, list[
             "host": by("self_cpu_time_total")}
 
 
+def slow_settings(config: str, variants: list[str]) -> dict[str, dict]:
+    """The embedded default's slow-weight settings (``model.slow`` of ``config``, read as written:
+    the GPU machine has no pipeline dependencies), without rehearsal, and the given variants."""
+    import yaml
+
+    from bench.domain_stream import parse_overrides
+
+    default = {**((yaml.safe_load(Path(config).read_text()) or {}).get("model", {}).get("slow") or {}), "enabled": True}
+    settings = {"slow+fast": default, "slow+fast, no rehearsal": {**default, "rehearsal_path": None}}
+    for variant in variants:
+        label, _, pairs = variant.partition(":")
+        settings[label] = {**default, **parse_overrides([p for p in pairs.split(";") if p])}
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -143,6 +158,12 @@ def main() -> None:
                         help="also: per_document scope, this many documents per process_batch vs one at a time")
     parser.add_argument("--batch-lengths", type=int, nargs="+", default=[2048],
                         help="document lengths of the --batch comparison (its logits are batch x length x vocab)")
+    parser.add_argument("--slow", action="store_true",
+                        help="also: workers with slow weights (the embedded default's settings from --config, with "
+                             "and without rehearsal), each timed beside the others on the same documents")
+    parser.add_argument("--slow-variant", action="append", default=[], metavar="LABEL:KEY=VALUE;...",
+                        help="with --slow, one more slow-weight worker: the default's settings with these overrides")
+    parser.add_argument("--config", default="configs/local.yaml", help="where the embedded default's slow settings are")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -155,11 +176,18 @@ def main() -> None:
                                            max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                 name="bench")
         model, tokenizer = worker.model, worker.tokenizer
+        slow_workers = {}
+        if args.slow:
+            for label, slow in slow_settings(args.config, args.slow_variant).items():
+                slow_workers[label] = DocumentWorker(
+                    WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
+                               max_document_tokens=2 * max(args.lengths), tokenize_ahead=False), name=f"bench-{label}")
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
         for length in args.lengths:
             texts = [text_of_length(tokenizer, length, gen) for _ in range(args.warmup + args.documents)]
-            times = {"worker": [], "worker, tokenizing ahead": [], "static": [], "prefill": [], "tokenize": []}
+            times = {"worker": [], "worker, tokenizing ahead": [], "static": [], "prefill": [], "tokenize": [],
+                     **{label: [] for label in slow_workers}}
             tokens = []
             ahead = [DocumentTask(f"ahead-{length}-{i}", text) for i, text in enumerate(texts)]
             worker.prepare(ahead[0])
@@ -182,6 +210,8 @@ def main() -> None:
                     "static": timed(lambda: static_score(model, ids), device),
                     "prefill": timed(lambda: prefill(model, ids), device),
                     "tokenize": timed(lambda: tokenizer(text, add_special_tokens=False), device),
+                    # Slow weights: the whole document read and learned from, tokenizing inline.
+                    **{label: timed(lambda: w.process(task), device) for label, w in slow_workers.items()},
                 }
                 if i >= args.warmup:
                     tokens.append(ids.shape[1])
@@ -194,13 +224,16 @@ def main() -> None:
                    "worker / static": median["static"] / median["worker"],
                    "worker / (tokenize + static)": (median["tokenize"] + median["static"]) / median["worker"],
                    "worker tokenizing ahead / static": median["static"] / median["worker, tokenizing ahead"],
-                   "worker / prefill": median["prefill"] / median["worker"]}
+                   "worker / prefill": median["prefill"] / median["worker"],
+                   **{f"{label} / static": median["static"] / median[label] for label in slow_workers}}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile:
                 task = DocumentTask(f"profile-{length}", texts[0])
                 profiles[str(length)] = profile_worker(lambda: worker.process(task), device)
                 profiles[f"{length}, static scorer"] = profile_worker(lambda: static_score(model, ids), device)
+                for label, w in slow_workers.items():
+                    profiles[f"{length}, {label}"] = profile_worker(lambda: w.process(task), device)
 
         batched = []
         if args.batch:
@@ -256,6 +289,14 @@ def main() -> None:
               f"{r['static tok/s']:.0f} ({r['static ms']:.1f}) | {r['prefill tok/s']:.0f} ({r['prefill ms']:.1f}) | "
               f"{r['tokenize ms']:.1f} | {r['worker / static']:.2f}x | {r['worker tokenizing ahead / static']:.2f}x | "
               f"{r['worker / (tokenize + static)']:.2f}x | {r['worker / prefill']:.2f}x")
+    if slow_workers:
+        print("\nslow weights (tokenizing inline), tok/s and x the static scorer:")
+        print("tokens | static | fast only | " + " | ".join(slow_workers))
+        for r in rows:
+            print(f"{r['tokens']:.0f} | {r['static tok/s']:.0f} | {r['worker tok/s']:.0f} ({r['worker / static']:.3f}x) | "
+                  + " | ".join(f"{r[f'{label} tok/s']:.0f} ({r[f'{label} / static']:.3f}x)" for label in slow_workers))
+        for label, w in slow_workers.items():
+            print(f"  {label}: {json.dumps(w.slow_config.to_dict())}")
     if batched:
         print(f"\nper_document scope, {args.batch} documents per process_batch vs one at a time (tokenized ahead):")
         print("tokens | one at a time tok/s | batched tok/s | static batched tok/s | batched / one at a time | "
@@ -271,7 +312,8 @@ def main() -> None:
                 print(f"  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['op'][:110]}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "args": vars(args), "rows": rows, "batched": batched, "profiles": profiles},
+            json.dump({"device": name, "args": vars(args), "rows": rows, "batched": batched, "profiles": profiles,
+                       "slow": {label: w.slow_config.to_dict() for label, w in slow_workers.items()}},
                       f, indent=2)
 
 

@@ -44,6 +44,9 @@ class TTTCall:
     layer_rule: LayerRule | None = None
     # The decoder's input embeddings, for the 'input_embeddings' target (set by the model's hooks).
     input_embeds: torch.Tensor | None = None
+    # The fast-weight updates are taken out of the autograd graph: a caller that trains other
+    # weights (the slow weights) through this forward's outputs, not through the fast weights.
+    frozen_updates: bool = False
     outer: "TTTCall | None" = None
 
     def target_embeddings(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,7 @@ def ttt_forward(
     layer_rule: LayerRule | None = None,
     input_embeds: torch.Tensor | None = None,
     update_lengths: torch.Tensor | None = None,
+    frozen_updates: bool | None = None,
 ) -> Iterator[TTTCall]:
     """Run the forwards inside this block with these per-call inputs; those left None are the
     enclosing block's."""
@@ -79,6 +83,7 @@ def ttt_forward(
         update_lengths=update_lengths if update_lengths is not None else outer.update_lengths,
         layer_rule=layer_rule if layer_rule is not None else outer.layer_rule,
         input_embeds=input_embeds if input_embeds is not None else outer.input_embeds,
+        frozen_updates=frozen_updates if frozen_updates is not None else outer.frozen_updates,
         outer=_CURRENT.get(),
     )
     token = _CURRENT.set(call)

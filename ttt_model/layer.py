@@ -93,7 +93,7 @@ class InPlaceTTTMLP(nn.Module):
         t = x if self.config.target == "hidden_states" else call.target_embeddings(x)
         if call.layer_rule is not None:
             return call.layer_rule(self, h, t, fast)
-        return self.apply_then_update(h, t, fast, call.document_starts, call.update_lengths)
+        return self.apply_then_update(h, t, fast, call.document_starts, call.update_lengths, call.frozen_updates)
 
     def walk(self, delta: torch.Tensor | None, general: bool = False) -> FastWeightWalk:
         """This layer's running fast weights, starting from ``delta``."""
@@ -106,6 +106,7 @@ class InPlaceTTTMLP(nn.Module):
     def apply_then_update(
         self, h: torch.Tensor, t: torch.Tensor, fast: LayerFastWeights | None,
         document_starts: torch.Tensor | None = None, update_lengths: torch.Tensor | None = None,
+        frozen_updates: bool = False,
     ) -> torch.Tensor:
         """Outputs for h, chunk by chunk; updates ``fast`` in place when it is given.
 
@@ -115,6 +116,9 @@ class InPlaceTTTMLP(nn.Module):
         ``update_lengths[b]`` are zeroed for the updates (not for the outputs), so that the
         padding teaches the fast weights nothing (a zero key adds nothing to V^T h, and zero
         targets are what ``flush_tail`` pads a last chunk with).
+        ``frozen_updates``: the updates are computed from detached keys and targets, so that a
+        backward through the outputs reaches h (and the weights before it) but not the fast
+        weights' history: a slow step trains through the score without the fast-weight graph.
         """
         L = h.shape[1]
         C = self.config.chunk_size
@@ -143,7 +147,11 @@ class InPlaceTTTMLP(nn.Module):
                     raise ValueError("update_lengths apply to whole windows, not to a streaming state")
                 keep = torch.arange(h_all.shape[1], device=h_all.device) < update_lengths.to(h_all.device)[:, None]
                 h_upd, t_all = h_all * keep[..., None].to(h_all.dtype), t_all * keep[..., None].to(t_all.dtype)
-            values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
+            if frozen_updates:
+                h_upd, t_all = h_upd.detach(), t_all.detach()
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_updates):
+                values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
+            # With grad on, the walk's W_0 carries the graph (the slow weights' adapters on it)
             walk = self.walk(None if fast is None else fast.delta, general=document_starts is not None)
             outputs = []
             for k, served, update_after in self._chunk_schedule(h_all.shape[1], r, keep_last=fast is not None):
@@ -152,7 +160,8 @@ class InPlaceTTTMLP(nn.Module):
                 if served is not None:
                     outputs.append(walk.serve(h_all[:, served]))
                 if update_after:
-                    walk.update(values[:, k], h_upd[:, k * C : (k + 1) * C])
+                    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_updates):
+                        walk.update(values[:, k], h_upd[:, k * C : (k + 1) * C])
             out, delta = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], walk.delta
 
         if fast is not None:

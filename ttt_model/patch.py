@@ -58,6 +58,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return module
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder under the language-model head (``model.model`` in these families)."""
+    return getattr(model, family_of(model).layers_path.split(".")[0])
+
+
 def has_ttt(model: nn.Module) -> bool:
     """Whether TTT is enabled on ``model``."""
     try:

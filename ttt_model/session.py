@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from ttt_model.forward_call import ttt_forward
 from ttt_model.objectives import gradient_objective_loss, make_optimizer
+from ttt_model.patch import decoder_of
 from ttt_model.state import FastWeightState, ttt_layers
 from ttt_model.token_nll import token_nll
 from ttt_model.update_rule import apply_update
@@ -92,6 +93,24 @@ class TTTSession:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
         return StepOutput(logits=logits, nll=self._nll(logits, input_ids))
 
+    def feed_hidden(self, input_ids: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process the next piece (B, L) of the stream up to the head: its last hidden states
+        (B, L, d), for a caller that applies the head itself (a slow step,
+        ``ttt_model.head_loss``), and the nll (B,) of its first token under the previous piece's
+        logits (NaN at the stream's start).
+
+        ``grad``: keep the autograd graph of the hidden states. The fast weights are applied and
+        updated as by ``feed``, their updates out of the graph; call ``detach_`` after.
+        """
+        if self.config.objective != "in_place":
+            raise ValueError("feed_hidden needs the in_place objective: the gradient objective trains itself")
+        with torch.set_grad_enabled(grad), ttt_forward(state=self.state, frozen_updates=True):
+            hidden = decoder_of(self.model)(input_ids=input_ids, past_key_values=self.cache, use_cache=True).last_hidden_state
+        first = self._first_nll(input_ids)
+        with torch.no_grad():
+            self.last_logits = self.model.get_output_embeddings()(hidden[:, -1])
+        return hidden, first
+
     def detach_(self) -> None:
         """Cut the autograd graph from the fast weights and the attention cache."""
         self.state.detach_()
@@ -106,13 +125,16 @@ class TTTSession:
 
     def _nll(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         nll = torch.empty(input_ids.shape, dtype=torch.float32, device=logits.device)
-        if self.last_logits is None:
-            nll[:, 0] = float("nan")
-        else:
-            nll[:, 0] = token_nll(self.last_logits, input_ids[:, 0])
+        nll[:, 0] = self._first_nll(input_ids)
         nll[:, 1:] = token_nll(logits[:, :-1].detach(), input_ids[:, 1:])
         self.last_logits = logits[:, -1].detach()
         return nll
+
+    def _first_nll(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The piece's first token under the previous piece's last logits (B,), NaN at the start."""
+        if self.last_logits is None:
+            return torch.full(input_ids.shape[:1], float("nan"), device=input_ids.device)
+        return token_nll(self.last_logits, input_ids[:, 0])
 
     def _feed_gradient(self, input_ids: torch.Tensor) -> torch.Tensor:
         C = self.config.chunk_size

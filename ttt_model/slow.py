@@ -30,8 +30,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ttt_model.data import load_documents
-from ttt_model.objectives import next_token_loss
-from ttt_model.patch import static_mode
+from ttt_model.forward_call import ttt_forward
+from ttt_model.head_loss import head_nll_and_grad
+from ttt_model.patch import decoder_layers, decoder_of, static_mode
 
 # The gated MLP's projections: on the domain streams of bench/domain_stream.py they gave more
 # gain per unit of forgetting than attention + MLP (README, "Continual learning").
@@ -45,7 +46,9 @@ class SlowConfig:
     """What adapts across documents, how fast, and how it is bounded."""
 
     enabled: bool = False
-    # Linear modules whose names end with one of these, in the chosen decoder layers (None: all).
+    # Linear modules whose names end with one of these, in the chosen decoder layers (None: all;
+    # negative indices count from the top, -1 the last). A step's backward stops at the lowest
+    # adapted layer, so adapters in the top layers only cost a fraction of a forward.
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     layers: list[int] | None = None
     rank: int = 8
@@ -65,6 +68,8 @@ class SlowConfig:
     rehearsal_path: str | None = None
     rehearsal_chunks: int = 64
     rehearsal_every: int = 1  # slow steps per rehearsed chunk (2: faster, a little more forgetting)
+    # Tokens of a rehearsed chunk; None: the slow step's own (``chunk_tokens``).
+    rehearsal_tokens: int | None = None
     # per_key scope: a new key starts from the slow weights of the existing key whose first
     # document is most like its own (cosine of the base model's mean last hidden state over the
     # first chunk), when that similarity is at least ``reuse_min_similarity``; else from the base.
@@ -79,7 +84,7 @@ class SlowConfig:
         checks = [
             ("targets", isinstance(self.targets, list) and all(isinstance(t, str) and t for t in self.targets)
              and bool(self.targets)),
-            ("layers", self.layers is None or all(isinstance(i, int) and i >= 0 for i in self.layers)),
+            ("layers", self.layers is None or (bool(self.layers) and all(isinstance(i, int) for i in self.layers))),
             ("rank", isinstance(self.rank, int) and self.rank >= 1),
             ("alpha", isinstance(self.alpha, (int, float)) and self.alpha > 0),
             ("lr", isinstance(self.lr, (int, float)) and self.lr > 0),
@@ -93,6 +98,7 @@ class SlowConfig:
             ("reuse_nearest_key", isinstance(self.reuse_nearest_key, bool)),
             ("reuse_min_similarity", isinstance(self.reuse_min_similarity, (int, float)) and -1 <= self.reuse_min_similarity <= 1),
             ("chunk_tokens", self.chunk_tokens is None or self.chunk_tokens >= 2),
+            ("rehearsal_tokens", self.rehearsal_tokens is None or (isinstance(self.rehearsal_tokens, int) and self.rehearsal_tokens >= 2)),
         ]
         for name, ok in checks:
             if not ok:
@@ -271,56 +277,92 @@ class SlowLearner:
 
     def read(self, session, input_ids: torch.Tensor, state: SlowState, chunk_tokens: int) -> torch.Tensor:
         """Read ``input_ids`` (1, L) through ``session`` chunk by chunk: score each chunk with the
-        current slow + fast weights, then take one slow step on it. Returns the nll (1, L)."""
+        current slow + fast weights, then take one slow step on it. Returns the nll (1, L).
+
+        The forward that scores a chunk is the graph its step flows back through: the head's
+        loss and its gradient come out of the same logits (``head_nll_and_grad``), the
+        fast-weight updates stay out of the graph, and the backward stops at the lowest adapted
+        layer. Replayed and rehearsed chunks add one forward each, on the steps they join.
+        """
+        head = self.model.get_output_embeddings().weight
         nll = []
         for start in range(0, input_ids.shape[1], chunk_tokens):
             piece = input_ids[:, start : start + chunk_tokens]
-            with self.bound(state):
-                for adapter in state.adapters.values():
-                    adapter.A.requires_grad_(True)
-                    adapter.B.requires_grad_(True)
+            learn = piece.shape[1] >= 2
+            extra = self._extra_chunks(state) if learn else []
+            with self.bound(state), self._trainable(state, learn):
                 try:
-                    out = session.feed(piece, grad=True)
-                    nll.append(out.nll)
-                    if piece.shape[1] >= 2:
-                        losses = [next_token_loss(out.logits, piece)]
-                        if state.replay is not None:
-                            replayed = state.replay[state.steps % state.replay.shape[0]][None]
-                            losses.append(next_token_loss(self.model(input_ids=replayed).logits, replayed))
-                        every = self.config.rehearsal_every
-                        if self.rehearsal is not None and state.steps % every == 0:
-                            rehearsed = self.rehearsal[(state.steps // every) % self.rehearsal.shape[0]][None]
-                            losses.append(next_token_loss(self.model(input_ids=rehearsed).logits, rehearsed))
-                        self._step(state, torch.stack(losses).mean())
-                        state.tokens += piece.shape[1]
+                    hidden, first = session.feed_hidden(piece, grad=learn)
+                    n = piece.shape[1]
+                    scale = 1.0 / ((n - 1) * (1 + len(extra))) if learn else 0.0
+                    scored, grad = head_nll_and_grad(hidden[0, :-1], head, piece[0, 1:], scale)
+                    nll.append(torch.cat([first.float(), scored.float()])[None])
+                    if learn:
+                        hiddens, grads = [hidden[0, :-1]], [grad]
+                        for ids in extra:
+                            with ttt_forward(frozen_updates=True):  # the plain parallel form, fresh fast weights
+                                h = decoder_of(self.model)(input_ids=ids[None]).last_hidden_state[0, :-1]
+                            hiddens.append(h)
+                            grads.append(head_nll_and_grad(h, head, ids[1:], 1.0 / ((ids.shape[0] - 1) * (1 + len(extra))))[1])
+                        self._step(state, torch.autograd.grad(hiddens, self._parameters(state), grads))
+                        state.tokens += n
                 finally:
-                    for adapter in state.adapters.values():
-                        adapter.A.requires_grad_(False)
-                        adapter.B.requires_grad_(False)
                     session.detach_()
             if self.config.replay_chunks and piece.shape[1] == chunk_tokens:
                 self._remember(state, piece[0])
         return torch.cat(nll, dim=1)
 
-    def _step(self, state: SlowState, loss: torch.Tensor) -> None:
-        """One Adam step on A and B, with the L2 pull to the base and the cap (no autograd state kept)."""
-        params = [t for a in state.adapters.values() for t in (a.A, a.B)]
-        grads = torch.autograd.grad(loss, params)
+    def _extra_chunks(self, state: SlowState) -> list[torch.Tensor]:
+        """The chunks (1-d token ids) that join the next step besides the stream's: one replayed
+        (with ``replay_chunks``), one rehearsed every ``rehearsal_every`` steps."""
+        extra = []
+        if state.replay is not None:
+            extra.append(state.replay[state.steps % state.replay.shape[0]])
+        every = self.config.rehearsal_every
+        if self.rehearsal is not None and state.steps % every == 0:
+            extra.append(self.rehearsal[(state.steps // every) % self.rehearsal.shape[0]])
+        return extra
+
+    @staticmethod
+    def _parameters(state: SlowState) -> list[torch.Tensor]:
+        return [t for a in state.adapters.values() for t in (a.A, a.B)]
+
+    @contextmanager
+    def _trainable(self, state: SlowState, on: bool) -> Iterator[None]:
+        params = self._parameters(state) if on else []
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+
+    def _step(self, state: SlowState, grads: tuple[torch.Tensor, ...]) -> None:
+        """One Adam step on every A and B at once (foreach kernels: a few launches for all the
+        adapters, no wait on the host), with the clip, the L2 pull to the base and the cap."""
         cfg = self.config
+        params = self._parameters(state)
+        moments = [getattr(a, f"m_{p}") for a in state.adapters.values() for p in ("A", "B")]
+        squares = [getattr(a, f"v_{p}") for a in state.adapters.values() for p in ("A", "B")]
         with torch.no_grad():
+            grads = list(grads)
             if cfg.max_grad_norm is not None:
-                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                grads = [g * torch.clamp(cfg.max_grad_norm / (total + 1e-6), max=1.0) for g in grads]
+                total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                torch._foreach_mul_(grads, torch.clamp(cfg.max_grad_norm / (total + 1e-6), max=1.0))
             state.steps += 1
             b1, b2 = ADAM_BETAS
             correction1, correction2 = 1 - b1 ** state.steps, 1 - b2 ** state.steps
-            for i, adapter in enumerate(state.adapters.values()):
-                for part, grad in (("A", grads[2 * i]), ("B", grads[2 * i + 1])):
-                    p, m, v = getattr(adapter, part), getattr(adapter, f"m_{part}"), getattr(adapter, f"v_{part}")
-                    m.mul_(b1).add_(grad, alpha=1 - b1)
-                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                    step = (m / correction1) / ((v / correction2).sqrt() + ADAM_EPS)
-                    p.sub_(cfg.lr * (step + cfg.l2_to_base * p))
+            torch._foreach_mul_(moments, b1)
+            torch._foreach_add_(moments, grads, alpha=1 - b1)
+            torch._foreach_mul_(squares, b2)
+            torch._foreach_addcmul_(squares, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(squares)
+            torch._foreach_div_(denom, math.sqrt(correction2))
+            torch._foreach_add_(denom, ADAM_EPS)
+            if cfg.l2_to_base:
+                torch._foreach_mul_(params, 1 - cfg.lr * cfg.l2_to_base)
+            torch._foreach_addcdiv_(params, moments, denom, value=-cfg.lr / correction1)
             if cfg.max_delta_ratio is not None:
                 for name, adapter in state.adapters.items():
                     delta = cfg.scale * torch.linalg.matrix_norm(adapter.B @ adapter.A)
@@ -399,13 +441,17 @@ def rehearsal_chunks(path: str | Path, tokenizer, chunk_tokens: int, count: int)
 
 def _target_linears(model: nn.Module, config: SlowConfig) -> dict[str, nn.Linear]:
     """The model's nn.Linear modules named ``...layers.<i>.<...>.<target>``, in model order."""
+    count = len(decoder_layers(model))
+    if config.layers is not None and any(not -count <= i < count for i in config.layers):
+        raise ValueError(f"SlowConfig.layers: {config.layers} outside the model's {count} decoder layers")
+    layers = None if config.layers is None else {i % count for i in config.layers}
     found = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in config.targets:
             continue
         parts = name.split(".")
         layer = next((int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
-        if layer is None or (config.layers is not None and layer not in config.layers):
+        if layer is None or (layers is not None and layer not in layers):
             continue
         found[name] = module
     return found
