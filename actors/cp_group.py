@@ -44,8 +44,10 @@ class ContextParallelReading:
 @ray.remote
 class ContextParallelMember:
     def __init__(self, model_path: str, rank: int, world: int, device: str = "cpu",
-                 ttt_overrides: dict[str, Any] | None = None, num_threads: int | None = None):
+                 ttt_overrides: dict[str, Any] | None = None, num_threads: int | None = None,
+                 slow: dict[str, Any] | None = None):
         from ttt_model.patch import configure_ttt, load_ttt_model
+        from ttt_model.slow import SlowConfig, SlowLearner
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -55,6 +57,9 @@ class ContextParallelMember:
         self.model.to(self.device).eval()
         if ttt_overrides:
             configure_ttt(self.model, ttt_overrides)
+        # The stream's slow-weight adapters, bound to the version each read is given.
+        slow_config = SlowConfig.from_dict(slow or {})
+        self.slow = SlowLearner(self.model, slow_config) if slow_config.enabled else None
 
     def rendezvous_address(self) -> tuple[str, int]:
         with socket.socket() as sock:
@@ -74,7 +79,17 @@ class ContextParallelMember:
         return os.getpid()
 
     def forward(self, segment: torch.Tensor, lengths: tuple[int, ...], with_logits: bool,
-                start_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                start_state: dict[str, torch.Tensor] | None = None, version: Any = None) -> dict[str, Any]:
+        """``version``: the SlowVersion to read with (the members were built with its adapters)."""
+        if version is not None and self.slow is None:
+            raise ValueError("a slow version was given to a member built without slow weights")
+        if self.slow is None:
+            return self._forward(segment, lengths, with_logits, start_state)
+        with self.slow.bound(self.slow.state_of(version) if version is not None else None):
+            return self._forward(segment, lengths, with_logits, start_state)
+
+    def _forward(self, segment: torch.Tensor, lengths: tuple[int, ...], with_logits: bool,
+                 start_state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         import time
 
         from ttt_model.parallel import CommunicationTimer, context_parallel_forward
@@ -122,7 +137,7 @@ class ContextParallelActors:
 
     def __init__(self, model_path: str, world: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  strategy: str = "PACK", timeout_s: float = 300.0, ttt_overrides: dict[str, Any] | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, slow: dict[str, Any] | None = None):
         self.world = world
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement = placement_group([bundle] * world, strategy=strategy)
@@ -132,21 +147,23 @@ class ContextParallelActors:
             ContextParallelMember.options(
                 num_cpus=num_cpus, num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r),
-            ).remote(model_path, r, world, device, ttt_overrides, num_threads)
+            ).remote(model_path, r, world, device, ttt_overrides, num_threads, slow)
             for r in range(world)
         ]
         address, port = ray.get(self.members[0].rendezvous_address.remote(), timeout=timeout_s)
         ray.get([m.join.remote(address, port) for m in self.members], timeout=timeout_s)
 
     def read(self, input_ids: torch.Tensor, with_logits: bool = False,
-             state: dict[str, torch.Tensor] | None = None) -> ContextParallelReading:
+             state: dict[str, torch.Tensor] | None = None, version: Any = None) -> ContextParallelReading:
         """Read one document; ``state`` (a FastWeightState.state_dict with no unfinished chunk)
-        is where the fast weights start, fresh when None."""
+        is where the fast weights start, fresh when None; ``version`` the slow weights to read
+        with (a SlowVersion; the group built with ``slow``)."""
         lengths = split_lengths(input_ids.shape[1], self.world)
         bounds = [sum(lengths[:r]) for r in range(self.world + 1)]
         state_ref = ray.put(state) if state is not None else None
+        version_ref = ray.put(version) if version is not None else None
         parts = _get_all_or_fail([
-            m.forward.remote(input_ids[:, bounds[r] : bounds[r + 1]], lengths, with_logits, state_ref)
+            m.forward.remote(input_ids[:, bounds[r] : bounds[r + 1]], lengths, with_logits, state_ref, version_ref)
             for r, m in enumerate(self.members)
         ])
         nll = []
@@ -190,6 +207,8 @@ class ContextParallelSpec:
     num_threads: int | None = None
     # PACK: the members on one node where they fit (their all-gathers are the heavy traffic).
     strategy: str = "PACK"
+    # The stream's SlowConfig (as a dict) when readers read with the learner's slow weights.
+    slow: dict[str, Any] | None = None
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)
@@ -207,13 +226,14 @@ class ContextParallelService:
         if self.group is None:
             s = self.spec
             self.group = ContextParallelActors(s.model_path, s.world, s.num_cpus, s.num_gpus, strategy=s.strategy,
-                                               ttt_overrides=s.ttt_overrides, num_threads=s.num_threads)
+                                               ttt_overrides=s.ttt_overrides, num_threads=s.num_threads, slow=s.slow)
         return self.group
 
-    def read(self, input_ids: torch.Tensor, state: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
-        """(nll of tokens 1.., the state after the document)."""
+    def read(self, input_ids: torch.Tensor, state: dict[str, torch.Tensor] | None,
+             version: Any = None) -> tuple[torch.Tensor, dict]:
+        """(nll of tokens 1.., the state after the document); ``version``: its slow weights."""
         try:
-            reading = self._ensure_group().read(input_ids, state=state)
+            reading = self._ensure_group().read(input_ids, state=state, version=version)
         except (ray.exceptions.RayError, RuntimeError) as err:
             self.failures += 1
             if self.group is not None:

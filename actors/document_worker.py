@@ -32,7 +32,7 @@ from ttt_model.adapted_state import AdaptedState
 from ttt_model.forward_call import ttt_forward
 from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
 from ttt_model.session import TTTSession
-from ttt_model.slow import SlowConfig, SlowLearner, rehearsal_chunks
+from ttt_model.slow import SlowConfig, SlowLearner, SlowState, SlowVersion, rehearsal_chunks
 from ttt_model.state import FastWeightState, ttt_layers
 from ttt_model.token_nll import token_nll
 
@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 # Documents tokenized ahead (``DocumentWorker.prepare``) and kept until processed.
 MAX_PREPARED = 64
 
-# (input ids (1, N), fast-weight state dict or None) -> (nll of tokens 1..N-1 (1, N-1), state dict after)
-LongDocumentReader = Callable[[torch.Tensor, dict[str, torch.Tensor] | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (input ids (1, N), fast-weight state dict or None, slow version or None)
+#   -> (nll of tokens 1..N-1 (1, N-1), state dict after)
+LongDocumentReader = Callable[[torch.Tensor, dict[str, torch.Tensor] | None, "SlowVersion | None"],
+                              tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class WorkerSpec:
     # process_batch, per_document scope: documents read in one forward, up to this many padded
     # tokens (rows x the longest document).
     batch_tokens: int = 16384
+    # The slow weights are trained by the stream's learner (actors.learner): this worker reads
+    # every document with the SlowVersion it is given, learns nothing across documents and keeps
+    # no state between them (its fast weights start from zero at every document).
+    slow_from_learner: bool = False
     # Tokenize the next document in another thread while one is read (``prepare``). None: on a
     # GPU only, where the CPU waits for the device meanwhile; on a CPU the model already uses the
     # cores (measured on 2 cores: 26% slower with it).
@@ -168,11 +174,18 @@ class DocumentWorker:
         if spec.ttt_overrides or not has_ttt(self.model):
             configure_ttt(self.model, spec.ttt_overrides)
         self.slow_config = SlowConfig.from_dict(spec.slow)
-        self.slow = SlowLearner(self.model, self.slow_config, self._rehearsal()) if self.slow_config.enabled else None
+        if spec.slow_from_learner and not (self.slow_config.enabled and spec.scope == "global"):
+            raise ValueError(f"{name}: slow_from_learner needs slow weights and the global scope")
+        self.reads_versions = spec.slow_from_learner
+        rehearsal = None if self.reads_versions else self._rehearsal()
+        self.slow = SlowLearner(self.model, self.slow_config, rehearsal) if self.slow_config.enabled else None
         self.states = StateStore(spec.scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / name)
         self.long_reader = long_reader if spec.context_parallel_min_tokens is not None else None
-        if self.long_reader is not None and self.slow is not None:
-            raise ValueError(f"{name}: context parallelism does not read with slow weights; turn one of them off")
+        if self.long_reader is not None and self.slow is not None and not self.reads_versions:
+            raise ValueError(f"{name}: context parallelism reads with slow weights from a learner only "
+                             "(processor.learner); turn one of them off")
+        self._version: tuple[int, SlowState, float] | None = None  # the version bound last, its delta ratio
+        self._reading: SlowVersion | None = None  # the version of the document being read
         self.documents = 0
         self.tokens = 0
         self.busy_s = 0.0
@@ -196,7 +209,8 @@ class DocumentWorker:
 
     def new_state(self) -> AdaptedState:
         """A state equal to the base model, for a new scope key."""
-        return AdaptedState(FastWeightState.for_model(self.model), self.slow.new_state() if self.slow else None)
+        learns_slow = self.slow is not None and not self.reads_versions
+        return AdaptedState(FastWeightState.for_model(self.model), self.slow.new_state() if learns_slow else None)
 
     def effective_config(self) -> dict[str, Any]:
         """The TTT and slow-weight configs this worker reads with (recorded in checkpoints)."""
@@ -214,7 +228,8 @@ class DocumentWorker:
             while len(self._prepared) > MAX_PREPARED:  # prepared, then never processed here
                 self._prepared.popitem(last=False)
 
-    def process_batch(self, tasks: list[DocumentTask], errors_as_values: bool = False) -> list[DocumentOutcome]:
+    def process_batch(self, tasks: list[DocumentTask], errors_as_values: bool = False,
+                      version: SlowVersion | None = None) -> list[DocumentOutcome]:
         """Read ``tasks`` in order; the outcomes are those of ``process`` on each in turn (with
         ``errors_as_values``, what ``process`` raised on a document takes its place).
 
@@ -227,7 +242,7 @@ class DocumentWorker:
 
         def one(task: DocumentTask, ids: list[int] | None = None):
             try:
-                return self.process(task) if ids is None else self._process(task, ids)
+                return self.process(task, version) if ids is None else self._process(task, ids, version=version)
             except Exception as err:  # noqa: BLE001 - the caller asked for it as a value
                 if not errors_as_values:
                     raise
@@ -384,12 +399,35 @@ class DocumentWorker:
             ))
         return outcomes
 
-    def process(self, task: DocumentTask) -> DocumentOutcome:
+    def process(self, task: DocumentTask, version: SlowVersion | None = None) -> DocumentOutcome:
+        """Read one document; ``version``: the slow weights to read it with (``slow_from_learner``)."""
         start = time.perf_counter()
-        return self._process(task, self._tokens_of(task), start)
+        return self._process(task, self._tokens_of(task), start, version)
 
-    def _process(self, task: DocumentTask, ids: list[int], start: float | None = None) -> DocumentOutcome:
+    def _process(self, task: DocumentTask, ids: list[int], start: float | None = None,
+                 version: SlowVersion | None = None) -> DocumentOutcome:
         start = time.perf_counter() if start is None else start
+        if self.reads_versions:
+            if version is None:
+                raise ValueError(f"{self.name}: reads with the learner's slow weights, and no version was given")
+            self._reading = version
+            try:
+                with self.slow.bound(self._bind(version)):
+                    outcome = self._read(task, ids, start)
+            finally:
+                self._reading = None
+            outcome.slow_delta_ratio = self._version[2]
+            return outcome
+        return self._read(task, ids, start)
+
+    def _bind(self, version: SlowVersion) -> SlowState:
+        """``version`` as a state on the device (kept while the next documents read the same)."""
+        if self._version is None or self._version[0] != version.index:
+            state = self.slow.state_of(version)
+            self._version = (version.index, state, self.slow.delta_ratio(state))
+        return self._version[1]
+
+    def _read(self, task: DocumentTask, ids: list[int], start: float) -> DocumentOutcome:
         limit = self.spec.max_document_tokens
         if len(ids) > limit and self.spec.oversize == "reject":
             return DocumentOutcome(
@@ -410,7 +448,8 @@ class DocumentWorker:
         slow_ratio = 0.0
         if self.slow is not None:
             fast.reset()  # the fast weights live for one document
-            slow_ratio = self.slow.delta_ratio(scoped.state.slow)
+            if scoped.state.slow is not None:
+                slow_ratio = self.slow.delta_ratio(scoped.state.slow)
         self.documents += 1
         self.tokens += ids.shape[1]
         elapsed = time.perf_counter() - start
@@ -428,9 +467,13 @@ class DocumentWorker:
         )
 
     def snapshot(self) -> list[StateBlob]:
-        return self.states.snapshot()
+        """Every state, as bytes (none when reading the learner's versions: nothing outlives a
+        document here)."""
+        return [] if self.reads_versions else self.states.snapshot()
 
     def restore(self, blobs: list[StateBlob]) -> None:
+        if self.reads_versions and blobs:
+            raise ValueError(f"{self.name}: reads the learner's versions and keeps no state; got {len(blobs)}")
         self.states.restore(blobs)
 
     def stats(self) -> dict[str, Any]:
@@ -474,7 +517,7 @@ class DocumentWorker:
         for window in windows:
             # Each window is a fresh attention context; the fast weights (and the unfinished
             # chunk) carry over, which is how a TTT model reads past its attention span.
-            if self.slow is not None:
+            if adapted.slow is not None:
                 session.reset(keep_state=True)
                 nll.append(self.slow.read(session, window, adapted.slow, self.slow_chunk_tokens)[0, 1:])
             elif self.long_reader is not None and window.shape[1] >= self.spec.context_parallel_min_tokens:
@@ -491,7 +534,7 @@ class DocumentWorker:
             # The parallel form starts on a chunk border: a window after the first of a split
             # document learns its predecessor's unfinished chunk first, as a document end does.
             session.end_document()
-        nll, after = self.long_reader(window.cpu(), state.state_dict())
+        nll, after = self.long_reader(window.cpu(), state.state_dict(), self._reading)
         state.load_state_dict(after)
         self.parallel_windows += 1
         return nll[0].to(self.device)

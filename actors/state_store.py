@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 Scope = Literal["global", "per_key", "per_document"]
 GLOBAL_KEY = "__global__"
+# The learner's published slow-weight versions still read with (actors.learner), beside its state.
+PUBLISHED_KEY = "__published_versions__"
 
 
 @dataclass(frozen=True)

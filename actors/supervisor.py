@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.assignment import assign_partitions
 from actors.cp_group import ContextParallelService, ContextParallelSpec
 from actors.document_worker import WorkerSpec
+from actors.learner import LearnerActor
 from actors.worker import WorkerActor
 
 
@@ -26,7 +27,9 @@ class Supervisor:
     """Plain-class core of SupervisorActor: worker handles, assignment, status."""
 
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
-                 max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD"):
+                 max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
+                 learner: tuple[int, float, float] | None = None):
+        """``learner``: (lag, num_cpus, num_gpus) of the stream's learner, when it has one."""
         self.stream = stream
         # One bundle per worker: Ray places them by ``strategy`` over the nodes, and a bundle of a
         # lost node is placed again on a node with room, where Ray restarts its worker.
@@ -48,6 +51,15 @@ class Supervisor:
             for i, name in enumerate(self.names)
         ]
         self.assignment: dict[int, int] = {}
+        # Not restarted by Ray: what it learned since the last checkpoint dies with it, and the
+        # processor stops so that the next run resumes from that checkpoint (LearnerDied).
+        self.learner_name = f"{stream}-learner"
+        self.learner = None
+        if learner is not None:
+            lag, learner_cpus, learner_gpus = learner
+            self.learner = LearnerActor.options(
+                name=self.learner_name, max_restarts=0, num_cpus=learner_cpus, num_gpus=learner_gpus,
+            ).remote(spec, lag, self.learner_name)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         try:
@@ -57,7 +69,8 @@ class Supervisor:
             raise RuntimeError(f"the cluster has no room for {len(bundles)} workers of {bundles[0]} placed "
                                f"{self.strategy} (processor.placement_strategy) within {timeout_s:.0f} s; "
                                f"it has {ray.available_resources()} free") from None
-        return ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
+        learner = [self.learner.ready.remote()] if self.learner is not None else []
+        return ray.get([w.ready.remote() for w in self.workers] + learner, timeout=timeout_s)
 
     def assign(self, partitions: list[int]) -> tuple[list[Any], list[str], dict[int, int]]:
         """(worker handles, their names, partition -> worker index)."""
@@ -77,6 +90,11 @@ class Supervisor:
             workers.append(stats)
         report = {"stream": self.stream, "uptime_s": time.time() - self.started, "placement": self.strategy,
                   "workers": workers}
+        if self.learner is not None:
+            try:
+                report["learner"] = {**ray.get(self.learner.stats.remote(), timeout=timeout_s), "alive": True}
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                report["learner"] = {"worker": self.learner_name, "alive": False, "error": type(err).__name__}
         if self.context_parallel is not None:
             try:
                 report["context_parallel"] = ray.get(self.context_parallel.stats.remote(), timeout=timeout_s)
@@ -85,6 +103,8 @@ class Supervisor:
         return report
 
     def shutdown(self) -> None:
+        if self.learner is not None:
+            ray.kill(self.learner)
         if self.context_parallel is not None:
             ray.get(self.context_parallel.shutdown.remote(), timeout=60)
         remove_placement_group(self.placement)
@@ -93,15 +113,20 @@ class Supervisor:
 @ray.remote(num_cpus=0)
 class SupervisorActor:
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
-                 max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD"):
+                 max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
+                 learner: tuple[int, float, float] | None = None):
         self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel,
-                                     strategy)
+                                     strategy, learner)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         return self.supervisor.wait_ready(timeout_s)
 
     def assign(self, partitions: list[int]) -> tuple[list[Any], list[str], dict[int, int]]:
         return self.supervisor.assign(partitions)
+
+    def learner(self) -> tuple[Any, str]:
+        """(the learner's handle, its name)."""
+        return self.supervisor.learner, self.supervisor.learner_name
 
     def status(self) -> dict[str, Any]:
         return self.supervisor.status()

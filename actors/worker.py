@@ -18,6 +18,7 @@ from actors.cp_group import ContextParallelFailure
 from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker, WorkerSpec
 from actors.model_thread import ModelThread
 from actors.state_store import StateBlob
+from ttt_model.slow import SlowVersion
 
 
 @ray.remote(concurrency_groups={"control": 1, "prepare": 1})
@@ -26,9 +27,9 @@ class WorkerActor:
         """``context_parallel``: a ContextParallelService handle that reads the long windows."""
         reader = None
         if context_parallel is not None:
-            def reader(ids, state):
+            def reader(ids, state, version):
                 try:
-                    return ray.get(context_parallel.read.remote(ids, state))
+                    return ray.get(context_parallel.read.remote(ids, state, version))
                 except ray.exceptions.RayError as err:
                     cause = getattr(err, "cause", None)
                     raise ContextParallelFailure(str(cause or err)) from None
@@ -44,13 +45,16 @@ class WorkerActor:
         # Its own thread: the next document is tokenized while this one is read.
         self.worker.prepare(task)
 
-    def process(self, task: DocumentTask) -> DocumentOutcome:
-        return self.model_thread.call(self.worker.process, task)
+    def process(self, task: DocumentTask, version: SlowVersion | None = None) -> DocumentOutcome:
+        return self.model_thread.call(self.worker.process, task, version)
 
-    def process_batch(self, tasks: list[DocumentTask]) -> DocumentOutcome | list[DocumentOutcome | Exception]:
+    def process_batch(self, tasks: list[DocumentTask],
+                      version: SlowVersion | None = None) -> DocumentOutcome | list[DocumentOutcome | Exception]:
         """One return value per task (``num_returns`` = len(tasks)): its outcome, or what reading
-        it raised, so that one bad document does not fail the others."""
-        outcomes = self.model_thread.call(self.worker.process_batch, tasks, errors_as_values=True)
+        it raised, so that one bad document does not fail the others. ``version``: the learner's
+        slow weights to read with (passed as the learner's ObjectRef: Ray holds the call until
+        the learner has published it)."""
+        outcomes = self.model_thread.call(self.worker.process_batch, tasks, errors_as_values=True, version=version)
         return outcomes[0] if len(tasks) == 1 else outcomes
 
     def snapshot(self) -> list[StateBlob]:

@@ -44,6 +44,8 @@ from ttt_model.patch import static_mode
 from ttt_model.state import ttt_layers
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "ttt-tiny-qwen3"
+# A reader of the learner's versions (actors.learner): reads with fixed slow weights, learns nothing.
+READER = "reader of a learner's version"
 
 
 def write_model(preset: str, dtype: torch.dtype, chunk: int, layers: list[int] | None, out: Path) -> None:
@@ -182,12 +184,21 @@ def main() -> None:
                 slow_workers[label] = DocumentWorker(
                     WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=False), name=f"bench-{label}")
+        reader, version = None, None
+        if slow_workers:
+            # The learner's readers: the default's adapters, read with a fixed version (the first
+            # slow worker's state, once the warm-up documents have trained it).
+            default = next(iter(slow_workers.values()))
+            reader = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope="global",
+                                               slow=default.slow_config.to_dict(), slow_from_learner=True,
+                                               max_document_tokens=2 * max(args.lengths), tokenize_ahead=False),
+                                    name="bench-reader")
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
         for length in args.lengths:
             texts = [text_of_length(tokenizer, length, gen) for _ in range(args.warmup + args.documents)]
             times = {"worker": [], "worker, tokenizing ahead": [], "static": [], "prefill": [], "tokenize": [],
-                     **{label: [] for label in slow_workers}}
+                     **{label: [] for label in slow_workers}, **({READER: []} if reader else {})}
             tokens = []
             ahead = [DocumentTask(f"ahead-{length}-{i}", text) for i, text in enumerate(texts)]
             worker.prepare(ahead[0])
@@ -213,6 +224,10 @@ def main() -> None:
                     # Slow weights: the whole document read and learned from, tokenizing inline.
                     **{label: timed(lambda: w.process(task), device) for label, w in slow_workers.items()},
                 }
+                if reader is not None:
+                    if version is None:
+                        version = default.states.get(None).state.slow.version(1)
+                    sample[READER] = timed(lambda: reader.process(task, version), device)
                 if i >= args.warmup:
                     tokens.append(ids.shape[1])
                     for k, v in sample.items():
@@ -225,15 +240,15 @@ def main() -> None:
                    "worker / (tokenize + static)": (median["tokenize"] + median["static"]) / median["worker"],
                    "worker tokenizing ahead / static": median["static"] / median["worker, tokenizing ahead"],
                    "worker / prefill": median["prefill"] / median["worker"],
-                   **{f"{label} / static": median["static"] / median[label] for label in slow_workers}}
+                   **{f"{label} / static": median["static"] / median[label] for label in [*slow_workers, *([READER] if reader else [])]}}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile:
                 task = DocumentTask(f"profile-{length}", texts[0])
                 profiles[str(length)] = profile_worker(lambda: worker.process(task), device)
                 profiles[f"{length}, static scorer"] = profile_worker(lambda: static_score(model, ids), device)
-                for label, w in slow_workers.items():
-                    profiles[f"{length}, {label}"] = profile_worker(lambda: w.process(task), device)
+                if slow_workers:  # one document with the default's slow steps
+                    profiles[f"{length}, slow+fast"] = profile_worker(lambda: default.process(task), device)
 
         batched = []
         if args.batch:
@@ -291,10 +306,11 @@ def main() -> None:
               f"{r['worker / (tokenize + static)']:.2f}x | {r['worker / prefill']:.2f}x")
     if slow_workers:
         print("\nslow weights (tokenizing inline), tok/s and x the static scorer:")
-        print("tokens | static | fast only | " + " | ".join(slow_workers))
+        labels = [*slow_workers, READER]
+        print("tokens | static | fast only | " + " | ".join(labels))
         for r in rows:
             print(f"{r['tokens']:.0f} | {r['static tok/s']:.0f} | {r['worker tok/s']:.0f} ({r['worker / static']:.3f}x) | "
-                  + " | ".join(f"{r[f'{label} tok/s']:.0f} ({r[f'{label} / static']:.3f}x)" for label in slow_workers))
+                  + " | ".join(f"{r[f'{label} tok/s']:.0f} ({r[f'{label} / static']:.3f}x)" for label in labels))
         for label, w in slow_workers.items():
             print(f"  {label}: {json.dumps(w.slow_config.to_dict())}")
     if batched:

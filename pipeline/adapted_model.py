@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load
 from torch import nn
 
+from actors.state_store import PUBLISHED_KEY
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.patch import configure_ttt, disable_ttt, load_ttt_model
 from ttt_model.session import TTTSession
@@ -32,7 +33,8 @@ def choose_state(entries: dict[str, list[dict[str, Any]]], worker: str | None, k
                  where: str) -> tuple[str, dict[str, Any]]:
     """The one (worker, entry) of a manifest's ``workers`` matching ``worker`` and ``key``."""
     workers = [worker] if worker else sorted(entries)
-    found = [(w, e) for w in workers for e in entries.get(w, []) if key is None or e["key"] == key]
+    found = [(w, e) for w in workers for e in entries.get(w, [])
+             if e["key"] != PUBLISHED_KEY and (key is None or e["key"] == key)]
     if not found:
         held = ", ".join(f"{w}: {[e['key'] for e in es]}" for w, es in sorted(entries.items()))
         raise StateChoiceError(f"{where}: no state for worker {worker!r} key {key!r}; it has {{{held}}}")

@@ -197,6 +197,19 @@ class ContextParallelConfig(_Section):
     placement_strategy: PlacementStrategy = "PACK"
 
 
+class LearnerConfig(_Section):
+    """The stream's learner (actors.learner): one actor trains the slow weights from every
+    document in the order they were taken from the topic, while the workers read each document
+    at a static model's speed with a published version of them."""
+
+    enabled: bool = False
+    # Document n reads with the slow weights learned from documents 0 .. n - lag (1: all before
+    # it; larger: the readers may run that many documents ahead of the learner).
+    lag: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
 class ProcessorConfig(_Section):
     """How ``ttt-stream run`` reads the documents topic and adapts."""
 
@@ -207,8 +220,9 @@ class ProcessorConfig(_Section):
     # each): SPREAD over the nodes where it can, STRICT_SPREAD one per node or not at all,
     # PACK / STRICT_PACK on as few nodes as possible / on one.
     placement_strategy: PlacementStrategy = "SPREAD"
-    # global: one state per worker learns from every document it reads (with one worker, one
-    # state for the stream); per_key: one state per message key; per_document: reset each time.
+    # global: one state learns from every document (with processor.learner: one for the stream,
+    # however many workers; without: one per worker); per_key: one state per message key;
+    # per_document: reset each time.
     scope: Literal["global", "per_key", "per_document"] = "global"
     max_keys_in_memory: int = Field(default=64, ge=1)
     spill_dir: Path = Path("data/spill")
@@ -239,6 +253,7 @@ class ProcessorConfig(_Section):
     metrics: MetricsConfig = MetricsConfig()
     # None: every document on a single worker.
     context_parallel: ContextParallelConfig | None = None
+    learner: LearnerConfig = LearnerConfig()
 
     @property
     def documents_per_call(self) -> int:
@@ -277,11 +292,11 @@ class AppConfig(_Section):
         if is_model_uri(self.model.path):
             raise ValueError("processor.context_parallel reads a model directory on every node: model.path may not be "
                              "an MLflow URI with it (a shared volume, or the image, holds the model)")
-        if self.model.slow_enabled:
-            # A slow step follows every chunk of the document: the ranks could not read their
-            # segments at the same time.
-            raise ValueError("processor.context_parallel does not read with slow weights: "
-                             "set model.slow.enabled: false to use it")
+        if self.model.slow_enabled and not self.processor.learner.enabled:
+            # Synchronous slow steps follow the chunks of a document: the ranks could not read
+            # their segments at the same time. With the learner they read with a fixed version.
+            raise ValueError("processor.context_parallel reads with slow weights only from the learner: "
+                             "set processor.learner.enabled: true (or model.slow.enabled: false)")
         ttt = TTTConfig.from_dict(self.model.effective_ttt())
         if ttt.objective != "in_place":
             where = "model.ttt.objective" if "objective" in self.model.ttt else f"{self.model.path}/config.json ttt.objective"
@@ -290,6 +305,18 @@ class AppConfig(_Section):
         if self.processor.context_parallel.min_tokens > self.processor.max_document_tokens:
             raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "
                              "no window would reach the group")
+        return self
+
+    @model_validator(mode="after")
+    def _learner_fits_the_stream(self) -> "AppConfig":
+        if not self.processor.learner.enabled:
+            return self
+        if not self.model.slow_enabled:
+            raise ValueError("processor.learner trains the slow weights: it needs model.slow.enabled: true")
+        if self.processor.scope != "global":
+            raise ValueError(f"processor.learner learns one slow state for the stream (scope global); with scope "
+                             f"{self.processor.scope!r} each worker learns its keys' slow weights itself: "
+                             "set processor.learner.enabled: false")
         return self
 
     def digest(self) -> str:

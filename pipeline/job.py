@@ -25,12 +25,12 @@ from pipeline.metrics import StreamMetrics
 from pipeline.monitor import DegradationMonitor
 from pipeline.processor_run import ProcessorRun
 from pipeline.processor import StreamProcessor
-from pipeline.rescale import states_for_workers
+from pipeline.rescale import split_learner, states_for_workers
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource, OffsetOutOfRange
 from pipeline.topics import ensure_topics
-from pipeline.worker_pool import RayWorkerPool, WorkerPool
+from pipeline.worker_pool import Learner, RayLearner, RayWorkerPool, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def worker_spec(config: AppConfig, source: BaseModelSource | None = None) -> Wor
         deterministic=p.deterministic,
         context_parallel_min_tokens=p.context_parallel.min_tokens if p.context_parallel else None,
         batch_tokens=p.batch_tokens,
+        slow_from_learner=p.learner.enabled,
     )
 
 
@@ -73,15 +74,18 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
         model_path=actor_path(config.model.path), world=cp.world, num_cpus=cp.num_cpus,
         num_gpus=cp.num_gpus, ttt_overrides=dict(config.model.ttt), strategy=cp.placement_strategy,
         num_threads=1 if config.processor.deterministic else None,
+        # With the learner, the group reads with its versions, through the same adapters.
+        slow=dict(config.model.slow) if config.processor.learner.enabled else None,
     )
 
 
 def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: KafkaDocumentSource,
                             pool: WorkerPool, positions: dict[int, int], assignment: dict[int, int],
-                            base: dict[str, Any] | None = None, model_dir: Path | None = None) -> StreamCheckpointer:
-    """The checkpointer of this run; with ``checkpoint.restore``, the workers' states and the
-    source's offsets are set from the ``live`` version first (written by as many workers or not:
-    ``pipeline.rescale`` says which worker takes which state)."""
+                            base: dict[str, Any] | None = None, model_dir: Path | None = None,
+                            learner: Learner | None = None) -> StreamCheckpointer:
+    """The checkpointer of this run; with ``checkpoint.restore``, the workers' states (and the
+    learner's) and the source's offsets are set from the ``live`` version first (written by as
+    many workers or not: ``pipeline.rescale`` says which worker takes which state)."""
     names = pool.names
     start, resumed, current = None, {}, source.topic_id()
     if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:
@@ -97,9 +101,12 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
                 f"{store.name} v{start.version} read topic {topic!r} with id {recorded}; the topic now has id "
                 f"{current}: it was deleted and created again, and the version's offsets belong to the old one; "
                 "set kafka.offset_reset to earliest (read the new topic from its start) or latest")
-        states = states_for_workers(start, names, assignment, config.processor.scope)
+        workers, learned = split_learner(start, learner.name if learner is not None else None)
+        states = states_for_workers(workers, names, assignment, config.processor.scope)
         for w, name in enumerate(names):
             pool.restore(w, states[name])
+        if learner is not None:
+            learner.restore(learned)
         if recreated:
             offsets = source.seek_to_start(config.kafka.offset_reset)
             log.warning("topic %s was created again (id %s, the version read %s): reading from offsets %s "
@@ -174,6 +181,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
         config.stream.name, worker_spec(config, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
         context_parallel_spec(config), p.placement_strategy,
+        (p.learner.lag, p.learner.num_cpus, p.learner.num_gpus) if p.learner.enabled else None,
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)
@@ -183,10 +191,15 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         log.info("workers ready: %s", ", ".join(names))
         workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
         pool = RayWorkerPool(workers, names)
+        learner = None
+        if p.learner.enabled:
+            actor, name = ray.get(supervisor.learner.remote())
+            learner = RayLearner(actor, name, p.learner.lag)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         if p.checkpoint.enabled:
             store = CheckpointStore(config.mlflow, config.stream.name)
-            checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir)
+            checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir,
+                                                   learner)
             start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
             control = ControlSource(config.kafka)
             if p.monitor.enabled:
@@ -203,7 +216,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             p, source, sinks, pool, assignment, stream=config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
             checkpointer=checkpointer, start_offsets=start_offsets,
-            monitor=monitor, control=control, metrics=metrics, run_log=run_log,
+            monitor=monitor, control=control, metrics=metrics, run_log=run_log, learner=learner,
         )
         if stop_event is not None:
             processor.stop_event = stop_event

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Hashable, Iterator
+from typing import Any, Hashable, Iterator
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -24,6 +24,7 @@ class PendingDocument:
     parsed: ParsedDocument
     worker: int
     attempts: int = 0  # times sent to a worker
+    version: Any = None  # the learner's slow weights it reads with (fixed by its place in the ledger)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -40,10 +41,10 @@ class StreamLedger:
 
     # -- taking records in ---------------------------------------------------------------------
 
-    def accept(self, record: ConsumerRecord, parsed: ParsedDocument, worker: int) -> None:
-        """A document for ``worker``'s queue."""
+    def accept(self, record: ConsumerRecord, parsed: ParsedDocument, worker: int, version: Any = None) -> None:
+        """A document for ``worker``'s queue (to read with the learner's ``version``)."""
         self._offsets.started(record.partition, record.offset)
-        self._queues[worker].append(PendingDocument(record, parsed, worker))
+        self._queues[worker].append(PendingDocument(record, parsed, worker, version=version))
 
     def given_up(self, record: ConsumerRecord) -> bool:
         """Whether this record went to the dead-letter topic before the partition was rewound:

@@ -28,7 +28,7 @@ from pipeline.recovery import RecoveryPolicy
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
-from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, WorkerDied, WorkerPool
+from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class StreamProcessor:
         control: ControlSource | None = None,
         metrics: StreamMetrics | None = None,
         run_log: ProcessorRun | None = None,
+        learner: Learner | None = None,
     ):
         self.config = config
         self.source = source
@@ -63,6 +64,7 @@ class StreamProcessor:
         self.control = control
         self.metrics = metrics
         self.run_log = run_log  # the MLflow run of this processor run: curves over documents
+        self.learner = learner  # trains the slow weights; the workers read with its versions
         self._start_documents = checkpointer.documents if checkpointer is not None else 0
         self._last_outcome = None
         self.rollbacks: list[dict[str, Any]] = []
@@ -71,7 +73,7 @@ class StreamProcessor:
         self._breach_at_documents = 0
         self.summary = RunSummary()
         self.recovery = RecoveryPolicy(config, self.ledger, pool, source, self.worker_of, checkpointer,
-                                       self.summary, self._finish_rejected)
+                                       self.summary, self._finish_rejected, learner)
         self.stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -147,7 +149,9 @@ class StreamProcessor:
             self._dead_letter(record, parsed.reason)
             self.ledger.passed_over(record)
         else:
-            self.ledger.accept(record, parsed, self.worker_of[record.partition])
+            # The learner takes the documents in the ledger's order, which fixes each one's version.
+            version = self.learner.submit(parsed.task) if self.learner is not None else None
+            self.ledger.accept(record, parsed, self.worker_of[record.partition], version)
 
     # -- working -------------------------------------------------------------------------------
 
@@ -157,9 +161,17 @@ class StreamProcessor:
             per_worker.setdefault(pending.worker, []).append(pending)
         size = self.config.documents_per_call
         for w, documents in per_worker.items():
-            for start in range(0, len(documents), size):
-                batch = documents[start : start + size]
-                for handle, pending in zip(self.pool.submit(w, [p.parsed.task for p in batch]), batch):
+            batches: list[list[PendingDocument]] = []
+            for pending in documents:  # one call reads with one version
+                if batches and len(batches[-1]) < size and batches[-1][0].version is pending.version:
+                    batches[-1].append(pending)
+                else:
+                    batches.append([pending])
+            for batch in batches:
+                tasks = [p.parsed.task for p in batch]
+                handles = self.pool.submit(w, tasks) if batch[0].version is None else \
+                    self.pool.submit(w, tasks, batch[0].version)
+                for handle, pending in zip(handles, batch):
                     self.ledger.sent(handle, pending)
 
     def _collect(self, timeout_s: float) -> int:
@@ -176,6 +188,8 @@ class StreamProcessor:
             try:
                 outcome = self.pool.result(handle)
             except WorkerDied:
+                if self.learner is not None:
+                    self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
                 self.recovery.worker_died(pending)
                 continue
             except ContextParallelFailure as err:
@@ -227,6 +241,8 @@ class StreamProcessor:
         self.sinks.flush()
         offsets = self.ledger.committable()
         states = self.pool.snapshot()
+        if self.learner is not None:  # after every document accepted so far: the same cut
+            states[self.learner.name] = self.learner.snapshot()
         version = self.checkpointer.write(states, offsets, reason, self.summary.checkpoint_metrics())
         if self.metrics is not None:
             self.metrics.checkpoint(version, reason)
@@ -368,8 +384,9 @@ class StreamProcessor:
             try:
                 report = self.status()
                 message["workers"] = report["workers"]
-                if "context_parallel" in report:
-                    message["context_parallel"] = report["context_parallel"]
+                for part in ("context_parallel", "learner"):
+                    if part in report:
+                        message[part] = report[part]
             except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
                 message["workers_error"] = repr(err)
         self.sinks.metrics(message)

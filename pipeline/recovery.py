@@ -24,10 +24,10 @@ from actors.state_store import StateBlob
 from pipeline.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.ledger import PendingDocument, StreamLedger
-from pipeline.rescale import states_for_workers
+from pipeline.rescale import split_learner, states_for_workers
 from pipeline.run_summary import RunSummary
 from pipeline.source import KafkaDocumentSource
-from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, WorkerDied, WorkerPool
+from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class RecoveryPolicy:
         checkpointer: StreamCheckpointer | None,
         summary: RunSummary,
         reject: Callable[[PendingDocument, str], None],
+        learner: Learner | None = None,
     ):
         self.config = config
         self.ledger = ledger
@@ -55,9 +56,12 @@ class RecoveryPolicy:
         self.checkpointer = checkpointer
         self.summary = summary
         self.reject = reject  # to the dead-letter topic, with the reason
+        # With a learner the workers keep nothing between documents: a failed read is sent again
+        # with the same version, and the result is what it would have been (no rewind needed).
+        self.learner = learner
 
     def worker_died(self, pending: PendingDocument) -> None:
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and self.learner is None:
             self._back_to_checkpoint(pending.worker, restarted=True)
         else:
             self._retry_on_restart(pending)
@@ -66,13 +70,14 @@ class RecoveryPolicy:
         failures = self.ledger.parallel_failure(pending)
         self.summary.parallel_failures += 1
         log.warning("context-parallel read of %s/%d failed (%d): %s", *pending.position, failures, reason)
+        stateful = self.checkpointer is not None and self.learner is None
         if failures >= self.config.max_attempts:
             self.reject(pending, f"context-parallel read failed {failures} times: {reason}")
-            if self.checkpointer is not None:
+            if stateful:
                 # What the failed read learned goes too; the partition is read again without it.
                 self.ledger.give_up(pending)
                 self._back_to_checkpoint(pending.worker, restarted=False)
-        elif self.checkpointer is not None:
+        elif stateful:
             self._back_to_checkpoint(pending.worker, restarted=False)
         else:
             # Sent again after what is already on the worker: without checkpoints, best effort.
@@ -88,14 +93,19 @@ class RecoveryPolicy:
         if target == LAST_GOOD and store.resolve(LAST_GOOD) is None:
             log.warning("no version is %s yet: rolling back to the base model (fresh states)", LAST_GOOD)
             target = BASE
+        learner = self.learner.name if self.learner is not None else None
         if target == BASE:
-            checkpoint = Checkpoint.base(self.pool.names)
-            states = checkpoint.states
+            checkpoint = Checkpoint.base(self.pool.names + ([learner] if learner else []))
         else:
             checkpoint = store.load(target)
-            states = self._states_of(checkpoint)
+        workers, learned = split_learner(checkpoint, learner)
+        states = workers.states if target == BASE else self._states_of(workers)
         for w, name in enumerate(self.pool.names):
             self.pool.restore(w, states[name])
+        if self.learner is not None:
+            self.learner.restore(learned)
+            if target == BASE:  # the version recording the rollback holds the fresh learner
+                checkpoint.states[learner] = self.learner.snapshot()
         return checkpoint
 
     def _states_of(self, checkpoint: Checkpoint) -> dict[str, list[StateBlob]]:

@@ -24,11 +24,36 @@ from __future__ import annotations
 import logging
 import re
 
+from dataclasses import replace
+
 from actors.state_store import StateBlob
 from actors.assignment import assign_partitions
 from pipeline.checkpoint import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)
+
+# The learner's name in a checkpoint: ``<stream>-learner`` (actors.supervisor names it).
+LEARNER_SUFFIX = "-learner"
+
+
+def split_learner(checkpoint: Checkpoint, learner: str | None) -> tuple[Checkpoint, list[StateBlob]]:
+    """(the checkpoint with the workers' states only, the states of ``learner``). A version
+    written with a learner restores only with one, and the other way round: one holds the
+    stream's slow weights on the learner, the other on each worker."""
+    where = f"v{checkpoint.version}"
+    held = [name for name in checkpoint.states if name.endswith(LEARNER_SUFFIX)]
+    if learner is None:
+        if held:
+            raise CheckpointError(f"{where} was written with processor.learner (the slow weights are on {held[0]}): "
+                                  "set processor.learner.enabled: true to read on from it")
+        return checkpoint, []
+    if not held and any(checkpoint.states.values()):
+        raise CheckpointError(f"{where} was written without processor.learner (each worker held its own slow weights): "
+                              "read on from it with processor.learner.enabled: false, or start a new stream")
+    if held and held != [learner]:
+        raise CheckpointError(f"{where} holds the learner {held[0]}, this run's is {learner}")
+    workers = {name: blobs for name, blobs in checkpoint.states.items() if name != learner}
+    return replace(checkpoint, states=workers), list(checkpoint.states.get(learner, []))
 
 
 def checkpoint_assignment(checkpoint: Checkpoint) -> dict[int, str]:

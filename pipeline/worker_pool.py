@@ -24,7 +24,8 @@ from actors.cp_group import ContextParallelFailure
 from actors.document_worker import DocumentOutcome, DocumentTask
 from actors.state_store import StateBlob
 
-__all__ = ["ContextParallelFailure", "DocumentFailed", "RayWorkerPool", "WorkerDied", "WorkerPool"]
+__all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayWorkerPool",
+           "WorkerDied", "WorkerPool"]
 
 
 class WorkerDied(RuntimeError):
@@ -39,14 +40,20 @@ class DocumentFailed(RuntimeError):
         self.cause = cause
 
 
+class LearnerDied(RuntimeError):
+    """The learner is gone with the slow weights learned since the last checkpoint: the run stops,
+    and the next one resumes from that checkpoint."""
+
+
 class WorkerPool(Protocol):
     """Worker ``w`` reads the documents submitted to it one at a time, in submission order."""
 
     names: list[str]
 
-    def submit(self, worker: int, tasks: list[DocumentTask]) -> list[Hashable]:
+    def submit(self, worker: int, tasks: list[DocumentTask], version: Hashable | None = None) -> list[Hashable]:
         """Send ``tasks`` to ``worker`` in one call (read in order; a per_document worker reads
-        them in one forward); returns one handle per task, for ``wait`` and ``result``."""
+        them in one forward); returns one handle per task, for ``wait`` and ``result``.
+        ``version``: the learner's slow weights to read them with (``Learner.submit``)."""
 
     def wait(self, handles: list[Hashable], timeout_s: float, every: bool = False) -> list[Hashable]:
         """The handles that are done: as soon as one is (all of them with ``every``), plus
@@ -66,6 +73,67 @@ class WorkerPool(Protocol):
         not within ``timeout_s``."""
 
 
+class Learner(Protocol):
+    """The stream's learner (actors.learner) as the processor sees it."""
+
+    name: str
+
+    def submit(self, task: DocumentTask) -> Hashable:
+        """The next document of the stream, to learn from; returns the version that document is
+        read with (pass it to ``WorkerPool.submit``)."""
+
+    def check(self) -> None:
+        """Raise LearnerDied if the learner is gone."""
+
+    def snapshot(self) -> list[StateBlob]:
+        """The learner's state after every document submitted before this call."""
+
+    def restore(self, blobs: list[StateBlob]) -> None:
+        """Back to ``blobs`` ([]: the base model); the order of documents restarts from there."""
+
+
+class RayLearner:
+    """``Learner`` over a LearnerActor handle: ``version`` then ``learn`` per document, in the
+    order of the ledger, so that document n's version is published by the time ``learn`` of
+    document n - lag has run, and never waits on later documents."""
+
+    # Learn calls whose result is checked only once this many are outstanding (or at a checkpoint).
+    CHECK_EVERY = 64
+
+    def __init__(self, actor, name: str, lag: int):
+        self.actor, self.name, self.lag = actor, name, lag
+        self.position = ray.get(actor.position.remote())
+        self._learning: list = []
+
+    def submit(self, task: DocumentTask):
+        version = self.actor.version.remote(max(0, self.position + 1 - self.lag))
+        self._learning.append(self.actor.learn.remote(task))
+        self.position += 1
+        if len(self._learning) >= self.CHECK_EVERY:
+            self.check()
+        return version
+
+    def check(self) -> None:
+        done, self._learning = ray.wait(self._learning, num_returns=len(self._learning), timeout=0)
+        try:
+            ray.get(done)
+        except ray.exceptions.RayError as err:
+            raise LearnerDied(f"the learner {self.name} failed: {err}") from None
+
+    def snapshot(self) -> list[StateBlob]:
+        try:
+            blobs = ray.get(self.actor.snapshot.remote())
+        except ray.exceptions.RayError as err:
+            raise LearnerDied(f"the learner {self.name} failed: {err}") from None
+        self.check()
+        return blobs
+
+    def restore(self, blobs: list[StateBlob]) -> None:
+        ray.get(self.actor.restore.remote(blobs))
+        self.position = ray.get(self.actor.position.remote())
+        self._learning = []
+
+
 class RayWorkerPool:
     """``WorkerPool`` over WorkerActor handles (restarted by Ray after a crash)."""
 
@@ -73,10 +141,11 @@ class RayWorkerPool:
         self.actors = actors
         self.names = names
 
-    def submit(self, worker: int, tasks: list[DocumentTask]) -> list:
+    def submit(self, worker: int, tasks: list[DocumentTask], version=None) -> list:
         for task in tasks:
             self.actors[worker].prepare.remote(task)  # tokenized while the documents before it are read
-        refs = self.actors[worker].process_batch.options(num_returns=len(tasks)).remote(tasks)
+        # A version is the learner's ObjectRef: Ray starts the call once it is published.
+        refs = self.actors[worker].process_batch.options(num_returns=len(tasks)).remote(tasks, version)
         return [refs] if len(tasks) == 1 else list(refs)
 
     def wait(self, handles: list, timeout_s: float, every: bool = False) -> list:

@@ -164,6 +164,11 @@ class SlowState:
         # (hidden,) float32: the embedding of the key's first document (adapter reuse), or None
         self.signature: torch.Tensor | None = None
 
+    def version(self, index: int) -> SlowVersion:
+        """These slow weights, frozen as a version for readers (A and B copied to the CPU)."""
+        return SlowVersion(index, {n: (a.A.detach().float().cpu().clone(), a.B.detach().float().cpu().clone())
+                                   for n, a in self.adapters.items()})
+
     def copy_from(self, other: "SlowState") -> None:
         """Take ``other``'s adapters, optimiser moments and step counters (not its replay buffer,
         which holds another key's text, nor its signature)."""
@@ -213,6 +218,32 @@ class SlowState:
         }
 
 
+@dataclass(frozen=True)
+class SlowVersion:
+    """One published version of a stream's slow weights, immutable: what readers read with while
+    a learner trains the next. ``index``: the documents the learner had read when it published
+    it (document n of the stream reads with version n + 1 - lag)."""
+
+    index: int
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A, B), float32 on the CPU
+
+    PREFIX = "version."
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {f"{self.PREFIX}{self.index}.{n}.{part}": t for n, ab in self.adapters.items() for part, t in zip("AB", ab)}
+        return tensors
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> list["SlowVersion"]:
+        """The versions in ``tensors`` (keys ``version.<index>.<adapter>.<A|B>``), oldest first."""
+        found: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        for key, tensor in tensors.items():
+            index, rest = key.removeprefix(cls.PREFIX).split(".", 1)
+            name, part = rest.rsplit(".", 1)
+            found.setdefault(int(index), {}).setdefault(name, {})[part] = tensor
+        return [cls(i, {n: (ab["A"], ab["B"]) for n, ab in found[i].items()}) for i in sorted(found)]
+
+
 class SlowLearner:
     """Attaches low-rank slow weights to a model and trains a bound SlowState while reading.
 
@@ -250,6 +281,19 @@ class SlowLearner:
             B = torch.zeros(out_features, r, device=device)
             adapters[name] = AdapterTensors(A, B, torch.zeros_like(A), torch.zeros_like(A),
                                             torch.zeros_like(B), torch.zeros_like(B))
+        return SlowState(adapters)
+
+    def state_of(self, version: SlowVersion) -> SlowState:
+        """A state that reads with ``version`` (its A and B on the model's device; no optimiser
+        moments: a reader does not train it)."""
+        if set(version.adapters) != set(self.modules):
+            raise ValueError(f"slow version {version.index} does not fit these adapters: "
+                             f"{sorted(set(version.adapters) ^ set(self.modules))[:4]}")
+        adapters = {}
+        for name, (A, B) in version.adapters.items():
+            device = self.base_weight(name).device
+            A, B = A.to(device), B.to(device)
+            adapters[name] = AdapterTensors(A, B, A[:0], A[:0], B[:0], B[:0])
         return SlowState(adapters)
 
     def base_weight(self, name: str) -> torch.Tensor:

@@ -53,7 +53,7 @@ def test_worker_routes_long_windows_to_the_service_and_keeps_the_state(ray_sessi
     service = ContextParallelService.remote(ContextParallelSpec(MODEL, world=2, num_cpus=0.5))
     base = dict(model_path=MODEL, device="cpu", scope="global", spill_dir=str(tmp_path))
     routed = DocumentWorker(WorkerSpec(**base, context_parallel_min_tokens=700), "routed",
-                            lambda ids, state: ray.get(service.read.remote(ids, state)))
+                            lambda ids, state, version: ray.get(service.read.remote(ids, state, version)))
     alone = DocumentWorker(WorkerSpec(**base), "alone")
     texts = [TEXT[:1500], TEXT[:4000], TEXT[4000:5000], TEXT[1000:5500]]  # short, long, short, long
     try:

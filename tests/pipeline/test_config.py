@@ -91,8 +91,22 @@ def test_context_parallel_refuses_unreachable_thresholds():
     with pytest.raises(ConfigError, match=r"processor\.context_parallel\.min_tokens is above"):
         parse_config({"processor": {"max_document_tokens": 4096, "context_parallel": {"min_tokens": 8192}}},
                      environ={})
-    with pytest.raises(ConfigError, match=r"context_parallel does not read with slow weights"):
+    with pytest.raises(ConfigError, match=r"context_parallel reads with slow weights only from the learner"):
         parse_config({"model": {"slow": {"enabled": True}}, "processor": {"context_parallel": {}}}, environ={})
+    with_learner = parse_config({"model": {"slow": {"enabled": True}},
+                                 "processor": {"context_parallel": {}, "learner": {"enabled": True}}}, environ={})
+    assert with_learner.processor.learner.enabled and with_learner.processor.context_parallel is not None
+
+
+def test_the_learner_needs_slow_weights_and_the_global_scope():
+    with pytest.raises(ConfigError, match=r"processor\.learner trains the slow weights: it needs model\.slow"):
+        parse_config({"processor": {"learner": {"enabled": True}}}, environ={})
+    with pytest.raises(ConfigError, match=r"with scope 'per_key' each worker learns its keys' slow weights"):
+        parse_config({"model": {"slow": {"enabled": True}}, "processor": {"scope": "per_key", "learner": {"enabled": True}}},
+                     environ={})
+    with pytest.raises(ConfigError, match=r"processor\.learner\.lag: "):
+        parse_config({"model": {"slow": {"enabled": True}}, "processor": {"learner": {"enabled": True, "lag": 0}}},
+                     environ={})
     with pytest.raises(ConfigError, match=r"model\.slow: .*SlowConfig\.rank"):
         parse_config({"model": {"slow": {"rank": 0}}}, environ={})
     with pytest.raises(ConfigError, match=r"processor\.context_parallel\.world: "):

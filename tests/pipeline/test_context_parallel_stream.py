@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pipeline.config import ContextParallelConfig
+from pipeline.config import ContextParallelConfig, LearnerConfig
 from pipeline.job import run_stream
 from pipeline.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
@@ -23,11 +23,12 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 def cp_config(stack, tmp_path, context_parallel):
     config = stream_config(stack, tmp_path, workers=1, scope="global", context_parallel=context_parallel,
+                           learner=LearnerConfig(enabled=False),
                            checkpoint=stack.processor.checkpoint.model_copy(
                                update={"every_documents": 4, "every_seconds": 3600.0}),
                            monitor=stack.processor.monitor.model_copy(update={"enabled": False}))
     # The group reads with safeguards on (they pass the weights from rank to rank) and fast
-    # weights only (slow weights are refused with it).
+    # weights only (test_learner_stream reads with slow weights from the learner).
     return config.model_copy(update={"model": config.model.model_copy(
         update={"ttt": {"decay": 0.05, "max_delta_ratio": 0.5}, "slow": {}})})
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from actors.state_store import PUBLISHED_KEY
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointStore
 from pipeline.job import run_stream
 from pipeline.topics import ensure_topics
@@ -87,7 +88,8 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     live = store.load(LIVE)
     slow = live.manifest["model_config"]["slow"]
     assert slow["enabled"]
-    (blob,) = live.states[f"{config.stream.name}-worker-0"]
+    # The stream's one state: on its learner (the embedded default), else on its worker.
+    (blob,) = [b for blobs in live.states.values() for b in blobs if b.key != PUBLISHED_KEY]
     tensors = load(blob.data)
     reference = load_ttt_model(ROOT / "models/ttt-tiny-qwen3", dtype=torch.float32).eval()
     adapted = sorted({k[len("slow."):].rsplit(".", 1)[0] for k in tensors if k.endswith(".A")})

@@ -1,0 +1,89 @@
+"""The learner and the readers of its versions, with the shipped model, without Ray: readers score
+what the synchronous reader scores, versions follow the ledger's order, and a restored learner
+goes on bit for bit."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from actors.learner import StreamLearner
+from actors.state_store import PUBLISHED_KEY
+
+MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
+README = (Path(__file__).parents[2] / "README.md").read_text()
+DOCS = [DocumentTask(f"d{i}", README[i * 1500 : (i + 1) * 1500]) for i in range(5)]
+# One slow step per document (the documents are shorter than a step), every layer adapted.
+SLOW = {"enabled": True, "lr": 3e-3, "chunk_tokens": 1024, "layers": [-2, -1]}
+
+
+def spec(tmp_path, **overrides) -> WorkerSpec:
+    return WorkerSpec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), slow=SLOW, scope="global",
+                      deterministic=True, **overrides)
+
+
+def test_readers_of_lag_1_score_what_the_synchronous_reader_scores(tmp_path):
+    synchronous = DocumentWorker(spec(tmp_path), name="sync")
+    learner = StreamLearner(spec(tmp_path), lag=1)
+    reader = DocumentWorker(spec(tmp_path, slow_from_learner=True), name="reader")
+    base = learner.version(0)
+    for n, task in enumerate(DOCS):
+        version = learner.version(n)  # trained on documents 0 .. n - 1
+        read = reader.process(task, version)
+        learner.learn(task)
+        want = synchronous.process(task)
+        # One step per document: the synchronous reader's weights while it scores document n
+        # are those it had after n - 1, which is version n.
+        assert read.loss == pytest.approx(want.loss, rel=1e-5)
+        assert (read.slow_delta_ratio == 0.0) == (n == 0)  # version 0 is the base model
+    assert learner.position == len(DOCS) and learner.version(len(DOCS)).index == len(DOCS)
+    later = reader.process(DOCS[0], learner.version(len(DOCS)))
+    first = reader.process(DOCS[0], base)
+    assert later.loss < first.loss  # the stream taught the slow weights something
+    assert reader.snapshot() == []  # nothing outlives a document on a reader
+
+
+def test_versions_are_held_for_the_lag_and_follow_the_order(tmp_path):
+    learner = StreamLearner(spec(tmp_path), lag=2)
+    learner.learn(DOCS[0])
+    learner.learn(DOCS[1])
+    assert [v.index for v in learner.published] == [1, 2]
+    with pytest.raises(ValueError, match="version 0 is not held"):
+        learner.version(0)
+    one, two = learner.version(1), learner.version(2)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(one.adapters.values(), two.adapters.values()))
+
+
+def test_a_restored_learner_goes_on_bit_for_bit(tmp_path):
+    straight = StreamLearner(spec(tmp_path), lag=2)
+    for task in DOCS[:2]:
+        straight.learn(task)
+    saved = straight.snapshot()
+    assert [b.key for b in saved] == ["__global__", PUBLISHED_KEY]
+    for task in DOCS[2:]:
+        straight.learn(task)
+
+    resumed = StreamLearner(spec(tmp_path), lag=2)
+    resumed.restore(saved)
+    assert resumed.position == 2 and [v.index for v in resumed.published] == [1, 2]
+    for task in DOCS[2:]:
+        resumed.learn(task)
+    assert [b.data for b in resumed.snapshot()] == [b.data for b in straight.snapshot()]
+
+    resumed.restore([])  # the base model: position 0, version 0 = no adaptation
+    assert resumed.position == 0
+    assert all(not B.any() for _, B in resumed.version(0).adapters.values())
+
+
+def test_a_reader_of_versions_needs_one_and_keeps_no_state(tmp_path):
+    reader = DocumentWorker(spec(tmp_path, slow_from_learner=True), name="reader")
+    with pytest.raises(ValueError, match="no version was given"):
+        reader.process(DOCS[0])
+    learner = StreamLearner(spec(tmp_path), lag=1)
+    with pytest.raises(ValueError, match="keeps no state"):
+        reader.restore(learner.snapshot())
+    keyed = WorkerSpec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), slow=SLOW, scope="per_key",
+                       slow_from_learner=True)
+    with pytest.raises(ValueError, match="global scope"):
+        DocumentWorker(keyed, name="keyed")

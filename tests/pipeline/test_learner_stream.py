@@ -1,0 +1,99 @@
+"""The learner on the real stack: two workers read with the versions one learner trains, every
+MLflow version holds one model that ``models:/<stream>-ttt@live`` loads with no choice to make,
+and context parallelism reads with the slow weights, scoring what single workers score."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load
+
+from actors.state_store import GLOBAL_KEY, PUBLISHED_KEY
+from pipeline.checkpoint import LIVE, CheckpointStore
+from pipeline.config import ContextParallelConfig, LearnerConfig
+from pipeline.job import run_stream
+from pipeline.topics import ensure_topics
+from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+def learner_config(stack, tmp_path, **processor):
+    settings = dict(scope="global", base_loss_sample_rate=0.0, learner=LearnerConfig(enabled=True, num_cpus=0.5),
+                    checkpoint=stack.processor.checkpoint.model_copy(update={"every_documents": 6, "every_seconds": 3600.0}),
+                    monitor=stack.processor.monitor.model_copy(update={"enabled": False}))
+    return stream_config(stack, tmp_path, **{**settings, **processor})
+
+
+def results(config, n):
+    rows = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.results, expect=n)]
+    return {r["id"]: r for r in rows}
+
+
+def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack, ray_session, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    assert stack.model.slow_enabled
+    docs = short_documents(12, length=600)
+    config = learner_config(stack, tmp_path, workers=2, worker_num_cpus=0.5)
+    ensure_topics(config.kafka)
+    produce(config, [json.dumps(d).encode() for d in docs], partitions=[i % 2 for i in range(len(docs))])
+    summary = run_stream(config, until_idle_s=3.0)
+    assert summary.documents == len(docs) and summary.dead_letters == 0
+
+    got = results(config, len(docs))
+    assert set(got) == {d["id"] for d in docs}
+    assert {r["worker"] for r in got.values()} == {f"{config.stream.name}-worker-{i}" for i in range(2)}
+    ratios = sorted(r["slow_delta_ratio"] for r in got.values())
+    assert ratios[0] == 0.0 and ratios[-1] > 0  # the first document reads the base, later ones what was learned
+
+    store = CheckpointStore(config.mlflow, config.stream.name)
+    live = store.load(LIVE)
+    learner = f"{config.stream.name}-learner"
+    assert {name: [b.key for b in blobs] for name, blobs in live.states.items()} == {
+        f"{config.stream.name}-worker-0": [], f"{config.stream.name}-worker-1": [],
+        learner: [GLOBAL_KEY, PUBLISHED_KEY]}
+    (state,) = [b for b in live.states[learner] if b.key == GLOBAL_KEY]
+    assert state.documents == len(docs)
+    assert any(k.startswith("slow.") and k.endswith(".B") and t.any() for k, t in load(state.data).items())
+
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    mlflow.set_registry_uri(config.mlflow.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{store.name}@{LIVE}")  # no worker or key to choose
+    text = docs[0]["text"]
+    scored = model.predict(pd.DataFrame({"text": [text]}))["loss"][0]
+    # The live version scores a text the way the stream's next document would read it: with the
+    # learner's weights after every document, the ones a reader would be given next.
+    assert 0 < scored < got[docs[0]["id"]]["loss"]
+
+
+def test_context_parallel_reads_with_the_learners_versions(stack, ray_session, tmp_path):
+    docs = [d for pair in zip(short_documents(4, length=150), short_documents(4, length=2600)) for d in pair]
+    for i, d in enumerate(docs):
+        d["id"] = f"doc-{i:02d}"
+    values = [json.dumps(d).encode() for d in docs]
+
+    reference = learner_config(stack, tmp_path / "ref", workers=1)
+    ensure_topics(reference.kafka)
+    produce(reference, values, partitions=[0] * len(values))
+    run_stream(reference, until_idle_s=3.0)
+    want = results(reference, len(docs))
+
+    config = learner_config(stack, tmp_path / "cp", workers=1,
+                            context_parallel=ContextParallelConfig(min_tokens=600, world=2, num_cpus=0.25))
+    ensure_topics(config.kafka)
+    produce(config, values, partitions=[0] * len(values))
+    summary = run_stream(config, until_idle_s=3.0)
+    assert summary.dead_letters == 0
+    got = results(config, len(docs))
+    long_ids = {i for i, r in got.items() if r["tokens"] >= 600}
+    assert len(long_ids) >= 3
+    assert max(got[i]["slow_delta_ratio"] for i in long_ids) > 0  # read with slow weights that moved
+    for doc_id, row in got.items():
+        assert row["loss"] == pytest.approx(want[doc_id]["loss"], rel=1e-4), doc_id
+    status = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.metrics, expect=1)]
+    final = [s for s in status if s.get("final")][-1]
+    assert final["workers"][0]["parallel_windows"] >= len(long_ids)
+    assert final["learner"]["position"] == len(docs)
