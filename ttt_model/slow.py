@@ -37,6 +37,9 @@ from ttt_model.patch import decoder_layers, decoder_of, static_mode
 # The gated MLP's projections: on the domain streams of bench/domain_stream.py they gave more
 # gain per unit of forgetting than attention + MLP (README, "Continual learning").
 DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# The top three decoder layers: a step's backward stops there. The defaults of SlowConfig are the
+# embedded default's, chosen on bench/domain_stream.py (README, "Continual learning").
+DEFAULT_LAYERS = (-3, -2, -1)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -50,10 +53,10 @@ class SlowConfig:
     # negative indices count from the top, -1 the last). A step's backward stops at the lowest
     # adapted layer, so adapters in the top layers only cost a fraction of a forward.
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    layers: list[int] | None = None
+    layers: list[int] | None = field(default_factory=lambda: list(DEFAULT_LAYERS))
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 5e-4
+    lr: float = 3e-3
     # Decoupled weight decay of A and B (times lr, per step): a pull of the adaptation towards
     # the base, so that it settles where the stream's pull and this one balance.
     l2_to_base: float = 10.0
@@ -67,17 +70,18 @@ class SlowConfig:
     # is also held to what the stream does not show (forgetting). None: no rehearsal.
     rehearsal_path: str | None = None
     rehearsal_chunks: int = 64
-    rehearsal_every: int = 1  # slow steps per rehearsed chunk (2: faster, a little more forgetting)
+    rehearsal_every: int = 2  # slow steps per rehearsed chunk
     # Tokens of a rehearsed chunk; None: the slow step's own (``chunk_tokens``).
-    rehearsal_tokens: int | None = None
+    rehearsal_tokens: int | None = 256
     # per_key scope: a new key starts from the slow weights of the existing key whose first
     # document is most like its own (cosine of the base model's mean last hidden state over the
     # first chunk), when that similarity is at least ``reuse_min_similarity``; else from the base.
     # Off by default: it carries what one key's documents taught into another key's model.
     reuse_nearest_key: bool = False
     reuse_min_similarity: float = 0.0
-    # Tokens per slow step; None: the TTT chunk size (the fast weights' own granularity).
-    chunk_tokens: int | None = None
+    # Tokens per slow step, each taken through the forward that scored them; None: the TTT
+    # chunk size (the fast weights' own granularity).
+    chunk_tokens: int | None = 2048
     seed: int = 0
 
     def __post_init__(self) -> None:
