@@ -195,8 +195,8 @@ class DocumentWorker:
 
     @property
     def slow_chunk_tokens(self) -> int:
-        """Tokens per slow step: the slow config's, else the TTT chunk (the fast weights' own)."""
-        return self.slow_config.chunk_tokens or ttt_config_of(self.model).chunk_size
+        """Tokens per slow step: the slow config's, else one step per window."""
+        return self.slow_config.chunk_tokens or self.spec.max_document_tokens
 
     def _rehearsal(self) -> torch.Tensor | None:
         cfg = self.slow_config
@@ -204,7 +204,7 @@ class DocumentWorker:
             return None
         if not Path(cfg.rehearsal_path).is_file():
             raise FileNotFoundError(f"model.slow.rehearsal_path: {cfg.rehearsal_path} does not exist (cwd {os.getcwd()})")
-        tokens = cfg.rehearsal_tokens or self.slow_chunk_tokens
+        tokens = cfg.rehearsal_tokens or ttt_config_of(self.model).chunk_size
         return rehearsal_chunks(cfg.rehearsal_path, self.tokenizer, tokens, cfg.rehearsal_chunks).to(self.device)
 
     def new_state(self) -> AdaptedState:
@@ -500,7 +500,7 @@ class DocumentWorker:
         cfg, key = self.slow_config, task.key
         if self.slow is None or not cfg.reuse_nearest_key or self.spec.scope != "per_key" or key in self.states:
             return self.states.get(key, task.partition), None
-        signature = self.slow.signature(ids[:, : self.slow_chunk_tokens])
+        signature = self.slow.signature(ids[:, : ttt_config_of(self.model).chunk_size])
         nearest = self.slow.nearest(signature, self.states.signatures())
         source = self.states.peek(nearest[0]).slow if nearest and nearest[1] >= cfg.reuse_min_similarity else None
         scoped = self.states.get(key, task.partition)

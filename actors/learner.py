@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 class StreamLearner:
     """Plain-class core of LearnerActor (tested and benchmarked without Ray)."""
 
-    def __init__(self, spec: WorkerSpec, lag: int = 1, name: str = "learner"):
-        if lag < 1:
-            raise ValueError(f"learner lag must be >= 1, got {lag}")
+    def __init__(self, spec: WorkerSpec, lag: int = 1, name: str = "learner", every: int = 1):
+        """``every``: learn from documents 0, every, 2 * every, ... of the order (the others only
+        take their place in it), for a learner slower than its readers."""
+        if lag < 1 or every < 1:
+            raise ValueError(f"learner lag and every must be >= 1, got {lag} and {every}")
         # The learner is the synchronous reader of every document: slow steps, no shadow
         # evaluation, no context parallelism (it reads windows of max_document_tokens).
         spec = replace(spec, slow_from_learner=False, scope="global", base_loss_sample_rate=0.0,
@@ -50,6 +52,8 @@ class StreamLearner:
             raise ValueError("the learner needs slow weights (model.slow.enabled)")
         self.name = name
         self.lag = lag
+        self.every = every
+        self.learned = 0  # documents learned from
         self.position = 0  # documents given to ``learn`` since the stream started (its ledger order)
         self.published: deque[SlowVersion] = deque(maxlen=lag)  # versions position - lag + 1 .. position
         self.failures = 0
@@ -59,8 +63,11 @@ class StreamLearner:
     def _slow(self):
         return self.worker.states.get(None).state.slow
 
-    def _publish(self) -> None:
-        self.published.append(self._slow().version(self.position))
+    def _publish(self, changed: bool = True) -> None:
+        if changed or not self.published:
+            self.published.append(self._slow().version(self.position))
+        else:  # the same weights under the next index
+            self.published.append(SlowVersion(self.position, self.published[-1].adapters))
 
     def version(self, index: int) -> SlowVersion:
         """Version ``index`` (the slow weights after ``index`` documents), which the readers of
@@ -75,6 +82,12 @@ class StreamLearner:
         """Read ``task`` with slow steps and publish the next version. A document the learner
         rejects or fails on teaches nothing, and still takes its place in the order."""
         start = time.perf_counter()
+        if self.position % self.every:
+            self.position += 1
+            self._publish(changed=False)
+            return {"ok": True, "tokens": 0, "loss": None, "reason": "not learned (learner.every)",
+                    "version": self.position}
+        self.learned += 1
         try:
             outcome = self.worker.process(task)
             report = {"ok": outcome.ok, "tokens": outcome.tokens, "loss": outcome.loss, "reason": outcome.reason}
@@ -123,6 +136,7 @@ class StreamLearner:
 
     def stats(self) -> dict[str, Any]:
         return {**self.worker.stats(), "worker": self.name, "position": self.position, "lag": self.lag,
+                "every": self.every, "learned": self.learned,
                 "learn_failures": self.failures, "learn_s": self.learn_s,
                 "slow_steps": self._slow().steps}
 
@@ -132,9 +146,9 @@ class LearnerActor:
     """The Ray shell of StreamLearner: ``version``, ``learn``, ``snapshot`` and ``restore`` run in
     the order the processor sends them, on one model thread."""
 
-    def __init__(self, spec: WorkerSpec, lag: int, name: str):
+    def __init__(self, spec: WorkerSpec, lag: int, name: str, every: int = 1):
         self.model_thread = ModelThread(f"{name}-model")
-        self.learner = self.model_thread.call(StreamLearner, spec, lag, name)
+        self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every)
 
     def version(self, index: int) -> SlowVersion:
         return self.learner.version(index)

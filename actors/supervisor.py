@@ -28,8 +28,8 @@ class Supervisor:
 
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
-                 learner: tuple[int, float, float] | None = None):
-        """``learner``: (lag, num_cpus, num_gpus) of the stream's learner, when it has one."""
+                 learner: Any = None):
+        """``learner``: the stream's LearnerConfig (lag, every, num_cpus, num_gpus), when it has one."""
         self.stream = stream
         # One bundle per worker: Ray places them by ``strategy`` over the nodes, and a bundle of a
         # lost node is placed again on a node with room, where Ray restarts its worker.
@@ -56,10 +56,9 @@ class Supervisor:
         self.learner_name = f"{stream}-learner"
         self.learner = None
         if learner is not None:
-            lag, learner_cpus, learner_gpus = learner
             self.learner = LearnerActor.options(
-                name=self.learner_name, max_restarts=0, num_cpus=learner_cpus, num_gpus=learner_gpus,
-            ).remote(spec, lag, self.learner_name)
+                name=self.learner_name, max_restarts=0, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
+            ).remote(spec, learner.lag, self.learner_name, learner.every)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         try:
@@ -114,7 +113,7 @@ class Supervisor:
 class SupervisorActor:
     def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
-                 learner: tuple[int, float, float] | None = None):
+                 learner: Any = None):
         self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel,
                                      strategy, learner)
 

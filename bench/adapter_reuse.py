@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from domain_stream import parse_overrides, prepare  # noqa: E402
 
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec  # noqa: E402
+from ttt_model.patch import ttt_config_of  # noqa: E402
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
     signatures = reusing.states.signatures()
     for key, rows in new.items():
         ids = torch.tensor(tokenizer(rows[0].text, add_special_tokens=False)["input_ids"], device=reusing.device)[None]
-        own = reusing.slow.signature(ids[:, : reusing.slow_chunk_tokens])
+        own = reusing.slow.signature(ids[:, : ttt_config_of(reusing.model).chunk_size])
         similarity = {k: float(torch.nn.functional.cosine_similarity(own, s, dim=0)) for k, s in signatures.items()}
         outcomes = {}
         for label, w in (("reuse", reusing), ("base", fresh)):

@@ -44,8 +44,9 @@ from ttt_model.patch import static_mode
 from ttt_model.state import ttt_layers
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "ttt-tiny-qwen3"
-# A reader of the learner's versions (actors.learner): reads with fixed slow weights, learns nothing.
-READER = "reader of a learner's version"
+# A reader of the learner's versions (actors.learner): reads with fixed slow weights, learns
+# nothing; timed as the actor runs it, tokenizing the next document meanwhile.
+READER = "reader of a learner's version, tokenizing ahead"
 
 
 def write_model(preset: str, dtype: torch.dtype, chunk: int, layers: list[int] | None, out: Path) -> None:
@@ -191,7 +192,7 @@ def main() -> None:
             default = next(iter(slow_workers.values()))
             reader = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope="global",
                                                slow=default.slow_config.to_dict(), slow_from_learner=True,
-                                               max_document_tokens=2 * max(args.lengths), tokenize_ahead=False),
+                                               max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                     name="bench-reader")
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
@@ -218,37 +219,52 @@ def main() -> None:
                 sample = {
                     "worker": timed(lambda: worker.process(task), device),
                     "worker, tokenizing ahead": timed(pipelined, device),
+                }
+                if reader is not None:  # right after the fast worker: the same conditions
+                    if version is None:
+                        version = next(iter(slow_workers.values())).states.get(None).state.slow.version(1)
+
+                    def reader_pipelined() -> None:  # as the actor runs it: the next one tokenized meanwhile
+                        nxt = threading.Thread(target=reader.prepare, args=(ahead[(i + 1) % len(ahead)],))
+                        nxt.start()
+                        reader.process(ahead[i], version)
+                        nxt.join()
+
+                    reader.prepare(ahead[i])
+                    sample[READER] = timed(reader_pipelined, device)
+                sample |= {
                     "static": timed(lambda: static_score(model, ids), device),
                     "prefill": timed(lambda: prefill(model, ids), device),
                     "tokenize": timed(lambda: tokenizer(text, add_special_tokens=False), device),
                     # Slow weights: the whole document read and learned from, tokenizing inline.
                     **{label: timed(lambda: w.process(task), device) for label, w in slow_workers.items()},
                 }
-                if reader is not None:
-                    if version is None:
-                        version = default.states.get(None).state.slow.version(1)
-                    sample[READER] = timed(lambda: reader.process(task, version), device)
                 if i >= args.warmup:
                     tokens.append(ids.shape[1])
                     for k, v in sample.items():
                         times[k].append(v)
             median = {k: statistics.median(v) for k, v in times.items()}
             n = statistics.median(tokens)
+            # Slow workers alternate steps with and without rehearsal: their mean, not a median.
+            mean = {k: statistics.mean(times[k]) for k in slow_workers}
             row = {"tokens": n, **{f"{k} ms": 1000 * v for k, v in median.items()},
                    **{f"{k} tok/s": n / v for k, v in median.items()},
                    "worker / static": median["static"] / median["worker"],
                    "worker / (tokenize + static)": (median["tokenize"] + median["static"]) / median["worker"],
                    "worker tokenizing ahead / static": median["static"] / median["worker, tokenizing ahead"],
                    "worker / prefill": median["prefill"] / median["worker"],
-                   **{f"{label} / static": median["static"] / median[label] for label in [*slow_workers, *([READER] if reader else [])]}}
+                   **{f"{label} / static": median["static"] / median[label] for label in [*slow_workers, *([READER] if reader else [])]},
+                   **{f"{label} mean tok/s": n / mean[label] for label in slow_workers},
+                   **{f"{label} mean / static": median["static"] / mean[label] for label in slow_workers}}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile:
                 task = DocumentTask(f"profile-{length}", texts[0])
                 profiles[str(length)] = profile_worker(lambda: worker.process(task), device)
                 profiles[f"{length}, static scorer"] = profile_worker(lambda: static_score(model, ids), device)
-                if slow_workers:  # one document with the default's slow steps
+                if slow_workers:  # one document with the default's slow steps; one read with a version
                     profiles[f"{length}, slow+fast"] = profile_worker(lambda: default.process(task), device)
+                    profiles[f"{length}, {READER}"] = profile_worker(lambda: reader.process(task, version), device)
 
         batched = []
         if args.batch:
@@ -306,11 +322,13 @@ def main() -> None:
               f"{r['worker / (tokenize + static)']:.2f}x | {r['worker / prefill']:.2f}x")
     if slow_workers:
         print("\nslow weights (tokenizing inline), tok/s and x the static scorer:")
-        labels = [*slow_workers, READER]
-        print("tokens | static | fast only | " + " | ".join(labels))
+        print("tokens | static | fast only | fast only, tokenizing ahead | " + " | ".join(f"{x} (mean)" for x in slow_workers)
+              + f" | {READER}")
         for r in rows:
             print(f"{r['tokens']:.0f} | {r['static tok/s']:.0f} | {r['worker tok/s']:.0f} ({r['worker / static']:.3f}x) | "
-                  + " | ".join(f"{r[f'{label} tok/s']:.0f} ({r[f'{label} / static']:.3f}x)" for label in labels))
+                  f"{r['worker, tokenizing ahead tok/s']:.0f} ({r['worker tokenizing ahead / static']:.3f}x) | "
+                  + " | ".join(f"{r[f'{label} mean tok/s']:.0f} ({r[f'{label} mean / static']:.3f}x)" for label in slow_workers)
+                  + f" | {r[f'{READER} tok/s']:.0f} ({r[f'{READER} / static']:.3f}x)")
         for label, w in slow_workers.items():
             print(f"  {label}: {json.dumps(w.slow_config.to_dict())}")
     if batched:

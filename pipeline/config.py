@@ -206,6 +206,9 @@ class LearnerConfig(_Section):
     # Document n reads with the slow weights learned from documents 0 .. n - lag (1: all before
     # it; larger: the readers may run that many documents ahead of the learner).
     lag: int = Field(default=1, ge=1)
+    # Learn from every document (1), or from one in ``every`` (in the ledger's order): for a
+    # learner slower than its readers, which then read at their own speed.
+    every: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
 

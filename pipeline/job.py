@@ -181,7 +181,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
         config.stream.name, worker_spec(config, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
         context_parallel_spec(config), p.placement_strategy,
-        (p.learner.lag, p.learner.num_cpus, p.learner.num_gpus) if p.learner.enabled else None,
+        p.learner if p.learner.enabled else None,
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)

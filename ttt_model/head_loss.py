@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-# Logit elements per block (rows x vocabulary): 32M float32 is 128 MB.
-BLOCK_ELEMENTS = 1 << 25
+# Logit elements per block (rows x vocabulary): 64M float32 is 256 MB, a few blocks for a
+# document of several thousand tokens on a 150k vocabulary (each block is ~8 launches).
+BLOCK_ELEMENTS = 1 << 26
 
 
 def head_nll_and_grad(

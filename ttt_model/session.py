@@ -93,7 +93,8 @@ class TTTSession:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
         return StepOutput(logits=logits, nll=self._nll(logits, input_ids))
 
-    def feed_hidden(self, input_ids: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def feed_hidden(self, input_ids: torch.Tensor, grad: bool = False,
+                    cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Process the next piece (B, L) of the stream up to the head: its last hidden states
         (B, L, d), for a caller that applies the head itself (a slow step,
         ``ttt_model.head_loss``), and the nll (B,) of its first token under the previous piece's
@@ -101,11 +102,19 @@ class TTTSession:
 
         ``grad``: keep the autograd graph of the hidden states. The fast weights are applied and
         updated as by ``feed``, their updates out of the graph; call ``detach_`` after.
+        ``cache``: False for a piece that is a whole attention context (a new one, and nothing
+        read after it), whose keys and values are then not kept.
         """
         if self.config.objective != "in_place":
             raise ValueError("feed_hidden needs the in_place objective: the gradient objective trains itself")
+        if not cache and self.cache.get_seq_length() > 0:
+            raise ValueError("feed_hidden(cache=False) starts an attention context: reset the session first")
         with torch.set_grad_enabled(grad), ttt_forward(state=self.state, frozen_updates=True):
-            hidden = decoder_of(self.model)(input_ids=input_ids, past_key_values=self.cache, use_cache=True).last_hidden_state
+            decoder = decoder_of(self.model)
+            if cache:
+                hidden = decoder(input_ids=input_ids, past_key_values=self.cache, use_cache=True).last_hidden_state
+            else:
+                hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         first = self._first_nll(input_ids)
         with torch.no_grad():
             self.last_logits = self.model.get_output_embeddings()(hidden[:, -1])

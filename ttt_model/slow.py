@@ -71,7 +71,7 @@ class SlowConfig:
     rehearsal_path: str | None = None
     rehearsal_chunks: int = 64
     rehearsal_every: int = 2  # slow steps per rehearsed chunk
-    # Tokens of a rehearsed chunk; None: the slow step's own (``chunk_tokens``).
+    # Tokens of a rehearsed chunk; None: the TTT chunk size.
     rehearsal_tokens: int | None = 256
     # per_key scope: a new key starts from the slow weights of the existing key whose first
     # document is most like its own (cosine of the base model's mean last hidden state over the
@@ -79,9 +79,10 @@ class SlowConfig:
     # Off by default: it carries what one key's documents taught into another key's model.
     reuse_nearest_key: bool = False
     reuse_min_similarity: float = 0.0
-    # Tokens per slow step, each taken through the forward that scored them; None: the TTT
-    # chunk size (the fast weights' own granularity).
-    chunk_tokens: int | None = 2048
+    # Tokens per slow step, each taken through the forward that scored them. None: one step per
+    # window (the reader's max_document_tokens): the whole document in one forward, as a static
+    # model reads it; fast weights adapt within it, the slow step follows it.
+    chunk_tokens: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -263,6 +264,7 @@ class SlowLearner:
         self.modules = _target_linears(model, config)
         if not self.modules:
             raise ValueError(f"SlowConfig.targets: no linear module of the model matches {config.targets}")
+        self._rehearsal_inputs: dict[int, torch.Tensor] = {}  # rehearsed chunk -> hidden state below the adapters
         self.deltas: dict[str, LowRankDelta] = {}
         for name, module in self.modules.items():
             delta = LowRankDelta(config.scale)
@@ -340,16 +342,16 @@ class SlowLearner:
             extra = self._extra_chunks(state) if learn else []
             with self.bound(state), self._trainable(state, learn):
                 try:
-                    hidden, first = session.feed_hidden(piece, grad=learn)
+                    whole = start == 0 and piece.shape[1] == input_ids.shape[1]  # no later piece reads its cache
+                    hidden, first = session.feed_hidden(piece, grad=learn, cache=not whole)
                     n = piece.shape[1]
                     scale = 1.0 / ((n - 1) * (1 + len(extra))) if learn else 0.0
                     scored, grad = head_nll_and_grad(hidden[0, :-1], head, piece[0, 1:], scale)
                     nll.append(torch.cat([first.float(), scored.float()])[None])
                     if learn:
                         hiddens, grads = [hidden[0, :-1]], [grad]
-                        for ids in extra:
-                            with ttt_forward(frozen_updates=True):  # the plain parallel form, fresh fast weights
-                                h = decoder_of(self.model)(input_ids=ids[None]).last_hidden_state[0, :-1]
+                        for ids, rehearsed in extra:
+                            h = self._extra_hidden(ids, rehearsed)[0, :-1]
                             hiddens.append(h)
                             grads.append(head_nll_and_grad(h, head, ids[1:], 1.0 / ((ids.shape[0] - 1) * (1 + len(extra))))[1])
                         self._step(state, torch.autograd.grad(hiddens, self._parameters(state), grads))
@@ -360,16 +362,55 @@ class SlowLearner:
                 self._remember(state, piece[0])
         return torch.cat(nll, dim=1)
 
-    def _extra_chunks(self, state: SlowState) -> list[torch.Tensor]:
-        """The chunks (1-d token ids) that join the next step besides the stream's: one replayed
-        (with ``replay_chunks``), one rehearsed every ``rehearsal_every`` steps."""
+    def _extra_chunks(self, state: SlowState) -> list[tuple[torch.Tensor, int | None]]:
+        """The chunks that join the next step besides the stream's, as (1-d token ids, index
+        of a rehearsed chunk or None): one replayed (with ``replay_chunks``), one rehearsed
+        every ``rehearsal_every`` steps."""
         extra = []
         if state.replay is not None:
-            extra.append(state.replay[state.steps % state.replay.shape[0]])
+            extra.append((state.replay[state.steps % state.replay.shape[0]], None))
         every = self.config.rehearsal_every
         if self.rehearsal is not None and state.steps % every == 0:
-            extra.append(self.rehearsal[(state.steps // every) % self.rehearsal.shape[0]])
+            index = (state.steps // every) % self.rehearsal.shape[0]
+            extra.append((self.rehearsal[index], index))
         return extra
+
+    def _extra_hidden(self, ids: torch.Tensor, rehearsed: int | None) -> torch.Tensor:
+        """The last hidden states (1, n, d) of a chunk read alone (the plain parallel form, fresh
+        fast weights, their updates out of the graph). A rehearsed chunk is fixed text, and the
+        layers below the lowest adapted one do not depend on the slow weights: its hidden state
+        there is computed once and kept, and only the adapted layers run again."""
+        decoder = decoder_of(self.model)
+        lowest = self.lowest_layer
+        if rehearsed is None or lowest == 0:
+            with ttt_forward(frozen_updates=True):
+                return decoder(input_ids=ids[None]).last_hidden_state
+        entry = self._rehearsal_inputs.get(rehearsed)
+        if entry is None:
+            captured = {}
+            hook = decoder.layers[lowest].register_forward_pre_hook(
+                lambda module, args: captured.setdefault("hidden", args[0].detach()))
+            try:
+                with torch.no_grad(), ttt_forward(frozen_updates=True):
+                    decoder(input_ids=ids[None])
+            finally:
+                hook.remove()
+            entry = self._rehearsal_inputs[rehearsed] = captured["hidden"]
+        layers = decoder.layers
+        # The layers below stand aside: the first hands on the kept hidden state, the others
+        # pass it through; the embedding still runs (a TTT layer's target may read it).
+        decoder.layers = torch.nn.ModuleList([_KnownHidden(entry if i == 0 else None) for i in range(lowest)]
+                                             + list(layers[lowest:]))
+        try:
+            with ttt_forward(frozen_updates=True):
+                return decoder(input_ids=ids[None]).last_hidden_state
+        finally:
+            decoder.layers = layers
+
+    @property
+    def lowest_layer(self) -> int:
+        """The lowest decoder layer with an adapter: a step's backward stops there."""
+        return min(int(n.split("layers.")[1].split(".")[0]) for n in self.modules)
 
     @staticmethod
     def _parameters(state: SlowState) -> list[torch.Tensor]:
@@ -469,6 +510,18 @@ class SlowLearner:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         self.deltas = {}
         return self.model
+
+
+class _KnownHidden(nn.Module):
+    """Stands in for a decoder layer below the slow weights' adapters, where the hidden state of
+    a rehearsed chunk is already known: returns it (or, with None, its input unchanged)."""
+
+    def __init__(self, hidden: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states if self.hidden is None else self.hidden
 
 
 def rehearsal_chunks(path: str | Path, tokenizer, chunk_tokens: int, count: int) -> torch.Tensor:

@@ -87,3 +87,13 @@ def test_a_reader_of_versions_needs_one_and_keeps_no_state(tmp_path):
                        slow_from_learner=True)
     with pytest.raises(ValueError, match="global scope"):
         DocumentWorker(keyed, name="keyed")
+
+
+def test_a_learner_of_every_second_document_keeps_the_order(tmp_path):
+    learner = StreamLearner(spec(tmp_path), lag=2, every=2)
+    reports = [learner.learn(task) for task in DOCS[:4]]
+    assert [r["tokens"] > 0 for r in reports] == [True, False, True, False]
+    assert learner.position == 4 and learner.learned == 2
+    three, four = learner.version(3), learner.version(4)
+    assert all(torch.equal(three.adapters[n][1], four.adapters[n][1]) for n in three.adapters)  # 3 taught nothing
+    assert any(B.any() for _, B in four.adapters.values())

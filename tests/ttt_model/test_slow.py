@@ -203,3 +203,25 @@ def test_rehearsal_holds_the_adaptation_to_the_rehearsed_text():
     # every second step) keeps its loss lower.
     assert losses[None] > base
     assert losses[1] < losses[None] and losses[2] < losses[None]
+
+
+def test_a_rehearsed_chunk_runs_only_the_adapted_layers_and_gives_the_full_forward():
+    model = ttt_model(seed=9)
+    rehearsed = torch.randint(0, 101, (2, CHUNK + 3), generator=torch.Generator().manual_seed(2))
+    learner = SlowLearner(model, SlowConfig(enabled=True, layers=[-1], rank=2), rehearsed)
+    assert learner.lowest_layer == 2
+    state = learner.new_state()
+    random_adapters(learner, state, seed=3)
+    from ttt_model.patch import decoder_of
+
+    with learner.bound(state), learner._trainable(state, True):
+        with ttt_forward(frozen_updates=True):
+            full = decoder_of(model)(input_ids=rehearsed[1][None]).last_hidden_state
+        want = torch.autograd.grad(full.square().sum(), learner._parameters(state))
+        for _ in range(2):  # the first call keeps the hidden state below the adapters, the second uses it
+            kept = learner._extra_hidden(rehearsed[1], 1)
+            got = torch.autograd.grad(kept.square().sum(), learner._parameters(state))
+            assert rel_err(kept, full) < 1e-12
+            assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
+    assert set(learner._rehearsal_inputs) == {1}
+    assert len(decoder_of(model).layers) == 3 and not any(type(m).__name__ == "_KnownHidden" for m in model.modules())
