@@ -184,8 +184,8 @@ class DocumentWorker:
         if self.long_reader is not None and self.slow is not None and not self.reads_versions:
             raise ValueError(f"{name}: context parallelism reads with slow weights from a learner only "
                              "(processor.learner); turn one of them off")
-        self._version: tuple[int, SlowState, float] | None = None  # the version bound last, its delta ratio
-        self._reading: SlowVersion | None = None  # the version of the document being read
+        # The version bound last, on the device, and its delta ratio (kept while documents read it).
+        self._version: tuple[SlowVersion, SlowState, float] | None = None
         self.documents = 0
         self.tokens = 0
         self.busy_s = 0.0
@@ -410,21 +410,17 @@ class DocumentWorker:
         if self.reads_versions:
             if version is None:
                 raise ValueError(f"{self.name}: reads with the learner's slow weights, and no version was given")
-            self._reading = version
-            try:
-                with self.slow.bound(self._bind(version)):
-                    outcome = self._read(task, ids, start)
-            finally:
-                self._reading = None
+            with self.slow.bound(self._bind(version)):
+                outcome = self._read(task, ids, start)
             outcome.slow_delta_ratio = self._version[2]
             return outcome
         return self._read(task, ids, start)
 
     def _bind(self, version: SlowVersion) -> SlowState:
         """``version`` as a state on the device (kept while the next documents read the same)."""
-        if self._version is None or self._version[0] != version.index:
+        if self._version is None or self._version[0].index != version.index:
             state = self.slow.state_of(version)
-            self._version = (version.index, state, self.slow.delta_ratio(state))
+            self._version = (version, state, self.slow.delta_ratio(state))
         return self._version[1]
 
     def _read(self, task: DocumentTask, ids: list[int], start: float) -> DocumentOutcome:
@@ -534,7 +530,8 @@ class DocumentWorker:
             # The parallel form starts on a chunk border: a window after the first of a split
             # document learns its predecessor's unfinished chunk first, as a document end does.
             session.end_document()
-        nll, after = self.long_reader(window.cpu(), state.state_dict(), self._reading)
+        version = self._version[0] if self.reads_versions else None  # the one bound for this document
+        nll, after = self.long_reader(window.cpu(), state.state_dict(), version)
         state.load_state_dict(after)
         self.parallel_windows += 1
         return nll[0].to(self.device)

@@ -168,9 +168,7 @@ class StreamProcessor:
                 else:
                     batches.append([pending])
             for batch in batches:
-                tasks = [p.parsed.task for p in batch]
-                handles = self.pool.submit(w, tasks) if batch[0].version is None else \
-                    self.pool.submit(w, tasks, batch[0].version)
+                handles = self.pool.submit(w, [p.parsed.task for p in batch], batch[0].version)
                 for handle, pending in zip(handles, batch):
                     self.ledger.sent(handle, pending)
 

@@ -147,9 +147,10 @@ class InPlaceTTTMLP(nn.Module):
                     raise ValueError("update_lengths apply to whole windows, not to a streaming state")
                 keep = torch.arange(h_all.shape[1], device=h_all.device) < update_lengths.to(h_all.device)[:, None]
                 h_upd, t_all = h_all * keep[..., None].to(h_all.dtype), t_all * keep[..., None].to(t_all.dtype)
+            grad_through_updates = torch.is_grad_enabled() and not frozen_updates
             if frozen_updates:
                 h_upd, t_all = h_upd.detach(), t_all.detach()
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_updates):
+            with torch.set_grad_enabled(grad_through_updates):
                 values = self.update_values(t_all[:, : n_full * C]) if n_full else None  # eta V, (B, n, C, d)
             # With grad on, the walk's W_0 carries the graph (the slow weights' adapters on it)
             walk = self.walk(None if fast is None else fast.delta, general=document_starts is not None)
@@ -160,7 +161,7 @@ class InPlaceTTTMLP(nn.Module):
                 if served is not None:
                     outputs.append(walk.serve(h_all[:, served]))
                 if update_after:
-                    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_updates):
+                    with torch.set_grad_enabled(grad_through_updates):
                         walk.update(values[:, k], h_upd[:, k * C : (k + 1) * C])
             out, delta = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], walk.delta
 

@@ -235,8 +235,7 @@ class SlowVersion:
     PREFIX = "version."
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = {f"{self.PREFIX}{self.index}.{n}.{part}": t for n, ab in self.adapters.items() for part, t in zip("AB", ab)}
-        return tensors
+        return {f"{self.PREFIX}{self.index}.{n}.{part}": t for n, ab in self.adapters.items() for part, t in zip("AB", ab)}
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> list["SlowVersion"]:

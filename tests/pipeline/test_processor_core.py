@@ -69,7 +69,7 @@ class FakePool:
     def kill(self, w: int, after: int) -> None:
         self.die_in[w] = after
 
-    def submit(self, w, tasks):
+    def submit(self, w, tasks, version=None):
         self.batches.append(len(tasks))
         return [self._submit_one(w, task) for task in tasks]
 
