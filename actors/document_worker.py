@@ -21,17 +21,18 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from actors.state_store import Scope, ScopedState, StateBlob, StateStore
+from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, WorkerSpec
+from actors.readers import (ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader,
+                            WindowReader)
+from actors.state_store import ScopedState, StateStore
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.forward_call import ttt_forward
 from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
-from ttt_model.session import TTTSession
 from ttt_model.slow import SlowConfig, SlowLearner, SlowState, SlowVersion, rehearsal_chunks
 from ttt_model.state import FastWeightState, ttt_layers
 from ttt_model.token_nll import token_nll
@@ -40,82 +41,6 @@ log = logging.getLogger(__name__)
 
 # Documents tokenized ahead (``DocumentWorker.prepare``) and kept until processed.
 MAX_PREPARED = 64
-
-# (input ids (1, N), fast-weight state dict or None, slow version or None)
-#   -> (nll of tokens 1..N-1 (1, N-1), state dict after)
-LongDocumentReader = Callable[[torch.Tensor, dict[str, torch.Tensor] | None, "SlowVersion | None"],
-                              tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker hosts and how it adapts; built by the pipeline from its config."""
-
-    model_path: str
-    device: str = "auto"  # auto | cpu | cuda
-    # A model registered in MLflow (pipeline.base_model.BaseModelSource as a dict): fetched into
-    # model_cache_dir on this node and verified, instead of reading model_path.
-    model_source: dict[str, Any] | None = None
-    model_cache_dir: str = "/tmp/ttt-stream/models"
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    ttt_overrides: dict[str, Any] = field(default_factory=dict)
-    # Fields of SlowConfig: the slow weights learned across documents ({} or enabled false: none).
-    slow: dict[str, Any] = field(default_factory=dict)
-    scope: Scope = "global"
-    max_keys_in_memory: int = 64
-    spill_dir: str = "data/spill"
-    max_document_tokens: int = 32768
-    oversize: str = "split"  # split | reject
-    base_loss_sample_rate: float = 0.0
-    deterministic: bool = False
-    # Windows of at least this many tokens go to the context-parallel reader (when one is given).
-    context_parallel_min_tokens: int | None = None
-    # process_batch, per_document scope: documents read in one forward, up to this many padded
-    # tokens (rows x the longest document).
-    batch_tokens: int = 16384
-    # The slow weights are trained by the stream's learner (actors.learner): this worker reads
-    # every document with the SlowVersion it is given, learns nothing across documents and keeps
-    # no state between them (its fast weights start from zero at every document).
-    slow_from_learner: bool = False
-    # Tokenize the next document in another thread while one is read (``prepare``). None: on a
-    # GPU only, where the CPU waits for the device meanwhile; on a CPU the model already uses the
-    # cores (measured on 2 cores: 26% slower with it).
-    tokenize_ahead: bool | None = None
-
-
-@dataclass(frozen=True)
-class DocumentTask:
-    id: str
-    text: str
-    key: str | None = None
-    partition: int | None = None  # of the documents topic: where its state lives (rescaling)
-
-
-@dataclass
-class DocumentOutcome:
-    """What became of one document. ``ok`` False: rejected (``reason``), state untouched."""
-
-    id: str
-    ok: bool
-    reason: str | None = None
-    tokens: int = 0
-    loss: float | None = None  # prequential adapted loss, mean nats per predicted token
-    base_loss: float | None = None  # TTT off, same tokens; only for sampled documents
-    finite: bool = True
-    latency_ms: float = 0.0
-    state_key: str | None = None
-    state_documents: int = 0  # documents the state had absorbed after this one
-    fast_weight_norm: float = 0.0
-    delta_ratio: float = 0.0  # max over layers of ||dW|| / ||W_down||: how far the fast weights moved
-    slow_delta_ratio: float = 0.0  # max over adapted matrices of ||B A|| / ||W_0|| after the document
-    windows: int = 0
-    worker: str = ""
-    # per_key with slow.reuse_nearest_key: the key whose slow weights this new key started from
-    reused_from: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def sampled(document_id: str, rate: float) -> bool:
     """Whether a document gets the base-model shadow evaluation: a stable hash of its id, so
@@ -186,12 +111,22 @@ class DocumentWorker:
                              "(processor.learner); turn one of them off")
         # The version bound last, on the device, and its delta ratio (kept while documents read it).
         self._version: tuple[SlowVersion, SlowState, float] | None = None
+        self.reader = self._choose_reader()
         self.documents = 0
         self.tokens = 0
         self.busy_s = 0.0
-        self.parallel_windows = 0
         self.batches = 0  # forwards of process_batch that read several documents
         self.batched_documents = 0
+
+    def _choose_reader(self) -> WindowReader:
+        if self.slow is not None and not self.reads_versions:
+            return SlowStepReader(self.model, self.slow, self.slow_chunk_tokens)
+        # Without slow weights the fast weights are the scope's state and outlive the document.
+        fast = FastReader(self.model, carries_over=self.slow is None and self.spec.scope != "per_document")
+        if self.long_reader is None:
+            return fast
+        return ContextParallelReader(fast, self.long_reader, self.spec.context_parallel_min_tokens,
+                                     lambda: self._version[0] if self.reads_versions else None)
 
     @property
     def slow_chunk_tokens(self) -> int:
@@ -433,7 +368,7 @@ class DocumentWorker:
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         scoped, reused_from = self._state_for(task, ids)
         windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
-        adapted = self._adapted_nll(scoped.state, windows)
+        adapted = self.reader.read(scoped.state, windows)
         base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
         scoped.documents += 1
         fast = scoped.state.fast
@@ -483,7 +418,7 @@ class DocumentWorker:
             "spills": self.states.spills,
             "reloads": self.states.reloads,
             "device": str(self.device),
-            "parallel_windows": self.parallel_windows,
+            "parallel_windows": self.reader.parallel_windows,
             "batches": self.batches,
             "batched_documents": self.batched_documents,
         }
@@ -505,36 +440,6 @@ class DocumentWorker:
             log.info("%s: new key %r starts from the slow weights of %r (similarity %.3f)", self.name, key, *nearest)
         scoped.state.slow.signature = signature
         return scoped, nearest[0] if source is not None else None
-
-    def _adapted_nll(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
-        state = adapted.fast
-        session = TTTSession(self.model, state)
-        nll = []
-        for window in windows:
-            # Each window is a fresh attention context; the fast weights (and the unfinished
-            # chunk) carry over, which is how a TTT model reads past its attention span.
-            if adapted.slow is not None:
-                session.reset(keep_state=True)
-                nll.append(self.slow.read(session, window, adapted.slow, self.slow_chunk_tokens)[0, 1:])
-            elif self.long_reader is not None and window.shape[1] >= self.spec.context_parallel_min_tokens:
-                session.reset(keep_state=True)
-                nll.append(self._read_in_parallel(session, state, window))
-            else:
-                nll.append(session.read_window(window).nll[0, 1:])
-        if self.spec.scope != "per_document" and self.slow is None:
-            session.end_document()
-        return torch.cat(nll)
-
-    def _read_in_parallel(self, session: TTTSession, state: FastWeightState, window: torch.Tensor) -> torch.Tensor:
-        if any(layer.tail_len for _, layer in state):
-            # The parallel form starts on a chunk border: a window after the first of a split
-            # document learns its predecessor's unfinished chunk first, as a document end does.
-            session.end_document()
-        version = self._version[0] if self.reads_versions else None  # the one bound for this document
-        nll, after = self.long_reader(window.cpu(), state.state_dict(), version)
-        state.load_state_dict(after)
-        self.parallel_windows += 1
-        return nll[0].to(self.device)
 
     @torch.no_grad()
     def _base_nll(self, windows: list[torch.Tensor]) -> torch.Tensor:

@@ -23,20 +23,18 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
-import ray
 import torch
 from safetensors.torch import load, save
 
-from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
-from actors.model_thread import ModelThread
-from actors.state_store import PUBLISHED_KEY, StateBlob
+from actors.call_types import PUBLISHED_KEY, DocumentTask, StateBlob, WorkerSpec
+from actors.document_worker import DocumentWorker
 from ttt_model.slow import SlowVersion
 
 log = logging.getLogger(__name__)
 
 
 class StreamLearner:
-    """Plain-class core of LearnerActor (tested and benchmarked without Ray)."""
+    """Plain-class core of ``actors.learner_actor.LearnerActor`` (tested and benchmarked without Ray)."""
 
     def __init__(self, spec: WorkerSpec, lag: int = 1, name: str = "learner", every: int = 1):
         """``every``: learn from documents 0, every, 2 * every, ... of the order (the others only
@@ -139,36 +137,3 @@ class StreamLearner:
                 "every": self.every, "learned": self.learned,
                 "learn_failures": self.failures, "learn_s": self.learn_s,
                 "slow_steps": self._slow().steps}
-
-
-@ray.remote(concurrency_groups={"control": 1})
-class LearnerActor:
-    """The Ray shell of StreamLearner: ``version``, ``learn``, ``snapshot`` and ``restore`` run in
-    the order the processor sends them, on one model thread."""
-
-    def __init__(self, spec: WorkerSpec, lag: int, name: str, every: int = 1):
-        self.model_thread = ModelThread(f"{name}-model")
-        self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every)
-
-    def version(self, index: int) -> SlowVersion:
-        return self.learner.version(index)
-
-    def learn(self, task: DocumentTask) -> dict[str, Any]:
-        return self.model_thread.call(self.learner.learn, task)
-
-    def position(self) -> int:
-        return self.learner.position
-
-    def snapshot(self) -> list[StateBlob]:
-        return self.model_thread.call(self.learner.snapshot)
-
-    def restore(self, blobs: list[StateBlob]) -> None:
-        self.model_thread.call(self.learner.restore, blobs)
-
-    @ray.method(concurrency_group="control")
-    def stats(self) -> dict[str, Any]:
-        return self.learner.stats()
-
-    @ray.method(concurrency_group="control")
-    def ready(self) -> str:
-        return self.learner.name

@@ -8,32 +8,18 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from safetensors.torch import load
 
+from actors.call_types import Scope, StateBlob
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.state import StateIntegrityError
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["global", "per_key", "per_document"]
 GLOBAL_KEY = "__global__"
-# The learner's published slow-weight versions still read with (actors.learner), beside its state.
-PUBLISHED_KEY = "__published_versions__"
-
-
-@dataclass(frozen=True)
-class StateBlob:
-    """One state serialised for a checkpoint: safetensors bytes, their sha256, its document count
-    and the partition its last document came from (where its key lives when workers change)."""
-
-    key: str
-    data: bytes
-    sha256: str
-    documents: int
-    partition: int | None = None
 
 
 @dataclass

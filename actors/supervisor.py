@@ -18,8 +18,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.assignment import assign_partitions
 from actors.cp_group import ContextParallelService, ContextParallelSpec
-from actors.document_worker import WorkerSpec
-from actors.learner import LearnerActor
+from actors.call_types import WorkerSpec
+from actors.learner_actor import LearnerActor
 from actors.worker import WorkerActor
 
 

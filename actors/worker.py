@@ -15,9 +15,9 @@ from typing import Any
 import ray
 
 from actors.cp_group import ContextParallelFailure
-from actors.document_worker import DocumentOutcome, DocumentTask, DocumentWorker, WorkerSpec
+from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, WorkerSpec
+from actors.document_worker import DocumentWorker
 from actors.model_thread import ModelThread
-from actors.state_store import StateBlob
 from ttt_model.slow import SlowVersion
 
 

@@ -10,7 +10,10 @@ document in one process, so that their ratios are side by side:
 - static scorer: TTT off, one forward with full logits, then cross-entropy over every position
   (what scoring a document costs without TTT);
 - prefill: In-Place TTT on, ``logits_to_keep=1`` (what bench/ttt_forward.py times: the model's
-  own speed, no scoring).
+  own speed, no scoring);
+- with ``--slow``: workers that also learn slow weights (the embedded default's settings, with
+  and without rehearsal, and ``--slow-variant``s), and a reader of a learner's version; all
+  timed as the actor runs them, tokenizing the next document meanwhile.
 
 The model has the preset's shape and random weights (TTT parameters drawn small but non-zero),
 saved with the shipped model's tokenizer to a temporary directory that the worker loads like any
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from actors.learner import StreamLearner
 from bench.ttt_forward import PRESETS
 from ttt_model import FastWeightState, TTTConfig, enable_ttt, ttt_forward
 from ttt_model.patch import static_mode
@@ -47,6 +52,9 @@ TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "ttt-tiny-qwen3"
 # A reader of the learner's versions (actors.learner): reads with fixed slow weights, learns
 # nothing; timed as the actor runs it, tokenizing the next document meanwhile.
 READER = "reader of a learner's version, tokenizing ahead"
+# The learner itself (actors.learner.StreamLearner.learn): reads a document with slow steps and
+# publishes the next version; as the actor runs it, tokenizing inline.
+LEARNER = "learner"
 
 
 def write_model(preset: str, dtype: torch.dtype, chunk: int, layers: list[int] | None, out: Path) -> None:
@@ -144,6 +152,13 @@ def slow_settings(config: str, variants: list[str]) -> dict[str, dict]:
     return settings
 
 
+def paired(times: list[float], static: list[float]) -> tuple[float, float]:
+    """Over consecutive pairs of documents: the median of static time / ``times`` for the pair,
+    and the median time per document of a pair."""
+    pairs = [(static[i] + static[i + 1], times[i] + times[i + 1]) for i in range(0, len(times) - 1, 2)]
+    return statistics.median(s / t for s, t in pairs), statistics.median(t / 2 for _, t in pairs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -184,8 +199,8 @@ def main() -> None:
             for label, slow in slow_settings(args.config, args.slow_variant).items():
                 slow_workers[label] = DocumentWorker(
                     WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
-                               max_document_tokens=2 * max(args.lengths), tokenize_ahead=False), name=f"bench-{label}")
-        reader, version = None, None
+                               max_document_tokens=2 * max(args.lengths), tokenize_ahead=True), name=f"bench-{label}")
+        reader, version, learner = None, None, None
         if slow_workers:
             # The learner's readers: the default's adapters, read with a fixed version (the first
             # slow worker's state, once the warm-up documents have trained it).
@@ -194,12 +209,15 @@ def main() -> None:
                                                slow=default.slow_config.to_dict(), slow_from_learner=True,
                                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                     name="bench-reader")
+            learner = StreamLearner(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype,
+                                               slow=default.slow_config.to_dict(),
+                                               max_document_tokens=2 * max(args.lengths)), name="bench-learner")
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
         for length in args.lengths:
             texts = [text_of_length(tokenizer, length, gen) for _ in range(args.warmup + args.documents)]
             times = {"worker": [], "worker, tokenizing ahead": [], "static": [], "prefill": [], "tokenize": [],
-                     **{label: [] for label in slow_workers}, **({READER: []} if reader else {})}
+                     **{label: [] for label in slow_workers}, **({READER: [], LEARNER: []} if reader else {})}
             tokens = []
             ahead = [DocumentTask(f"ahead-{length}-{i}", text) for i, text in enumerate(texts)]
             worker.prepare(ahead[0])
@@ -208,36 +226,33 @@ def main() -> None:
                 ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], device=device)[None]
                 ids = ids[:, : worker.spec.max_document_tokens]
 
-                def pipelined() -> None:
+                def pipelined(reads: DocumentWorker, version=None) -> None:
                     # As the Ray actor does: the next document is tokenized in another thread
                     # while this one is read (this one was tokenized during the previous read).
-                    nxt = threading.Thread(target=worker.prepare, args=(ahead[(i + 1) % len(ahead)],))
+                    nxt = threading.Thread(target=reads.prepare, args=(ahead[(i + 1) % len(ahead)],))
                     nxt.start()
-                    worker.process(ahead[i])
+                    reads.process(ahead[i], version)
                     nxt.join()
 
                 sample = {
                     "worker": timed(lambda: worker.process(task), device),
-                    "worker, tokenizing ahead": timed(pipelined, device),
+                    "worker, tokenizing ahead": timed(lambda: pipelined(worker), device),
                 }
                 if reader is not None:  # right after the fast worker: the same conditions
                     if version is None:
                         version = next(iter(slow_workers.values())).states.get(None).state.slow.version(1)
-
-                    def reader_pipelined() -> None:  # as the actor runs it: the next one tokenized meanwhile
-                        nxt = threading.Thread(target=reader.prepare, args=(ahead[(i + 1) % len(ahead)],))
-                        nxt.start()
-                        reader.process(ahead[i], version)
-                        nxt.join()
-
                     reader.prepare(ahead[i])
-                    sample[READER] = timed(reader_pipelined, device)
+                    sample[READER] = timed(lambda: pipelined(reader, version), device)
+                for label, w in slow_workers.items():
+                    # Slow weights: the whole document read and learned from, as the actor runs it.
+                    w.prepare(ahead[i])
+                    sample[label] = timed(lambda: pipelined(w), device)
+                if learner is not None:
+                    sample[LEARNER] = timed(lambda: learner.learn(task), device)
                 sample |= {
                     "static": timed(lambda: static_score(model, ids), device),
                     "prefill": timed(lambda: prefill(model, ids), device),
                     "tokenize": timed(lambda: tokenizer(text, add_special_tokens=False), device),
-                    # Slow weights: the whole document read and learned from, tokenizing inline.
-                    **{label: timed(lambda: w.process(task), device) for label, w in slow_workers.items()},
                 }
                 if i >= args.warmup:
                     tokens.append(ids.shape[1])
@@ -245,8 +260,11 @@ def main() -> None:
                         times[k].append(v)
             median = {k: statistics.median(v) for k, v in times.items()}
             n = statistics.median(tokens)
-            # Slow workers alternate steps with and without rehearsal: their mean, not a median.
-            mean = {k: statistics.mean(times[k]) for k in slow_workers}
+            # Slow steps alternate with and without rehearsal: they are compared by pairs of
+            # documents (one rehearsed step each), each pair's time against the static scorer's
+            # on the same two documents, and the median pair taken.
+            learning = [*slow_workers, *([LEARNER] if learner else [])]
+            pairs = {k: paired(times[k], times["static"]) for k in learning}
             row = {"tokens": n, **{f"{k} ms": 1000 * v for k, v in median.items()},
                    **{f"{k} tok/s": n / v for k, v in median.items()},
                    "worker / static": median["static"] / median["worker"],
@@ -254,8 +272,12 @@ def main() -> None:
                    "worker tokenizing ahead / static": median["static"] / median["worker, tokenizing ahead"],
                    "worker / prefill": median["prefill"] / median["worker"],
                    **{f"{label} / static": median["static"] / median[label] for label in [*slow_workers, *([READER] if reader else [])]},
-                   **{f"{label} mean tok/s": n / mean[label] for label in slow_workers},
-                   **{f"{label} mean / static": median["static"] / mean[label] for label in slow_workers}}
+                   **{f"{label} pairs ms": 1000 * pairs[label][1] for label in learning},
+                   **{f"{label} pairs / static": pairs[label][0] for label in learning},
+                   # With its own device, the learner keeps up with one reader of a version when
+                   # it learns from one document in this many (processor.learner.every).
+                   **({"learner every": math.ceil(pairs[LEARNER][1] / median[READER])} if learner else {}),
+                   "per document ms": {k: [round(1000 * t, 3) for t in v] for k, v in times.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile:
@@ -321,14 +343,18 @@ def main() -> None:
               f"{r['tokenize ms']:.1f} | {r['worker / static']:.2f}x | {r['worker tokenizing ahead / static']:.2f}x | "
               f"{r['worker / (tokenize + static)']:.2f}x | {r['worker / prefill']:.2f}x")
     if slow_workers:
-        print("\nslow weights (tokenizing inline), tok/s and x the static scorer:")
-        print("tokens | static | fast only | fast only, tokenizing ahead | " + " | ".join(f"{x} (mean)" for x in slow_workers)
-              + f" | {READER}")
+        print("\nslow weights, tok/s and x the static scorer (slow steps: median pair of documents; all but the "
+              "static scorer and the learner tokenizing ahead):")
+        print("tokens | static | fast only | " + " | ".join(f"{x}" for x in [*slow_workers, READER, LEARNER])
+              + " | documents per learned one, to keep up with one reader")
         for r in rows:
-            print(f"{r['tokens']:.0f} | {r['static tok/s']:.0f} | {r['worker tok/s']:.0f} ({r['worker / static']:.3f}x) | "
+            print(f"{r['tokens']:.0f} | {r['static tok/s']:.0f} | "
                   f"{r['worker, tokenizing ahead tok/s']:.0f} ({r['worker tokenizing ahead / static']:.3f}x) | "
-                  + " | ".join(f"{r[f'{label} mean tok/s']:.0f} ({r[f'{label} mean / static']:.3f}x)" for label in slow_workers)
-                  + f" | {r[f'{READER} tok/s']:.0f} ({r[f'{READER} / static']:.3f}x)")
+                  + " | ".join(f"{r['tokens'] / r[f'{label} pairs ms'] * 1000:.0f} ({r[f'{label} pairs / static']:.3f}x)"
+                               for label in slow_workers)
+                  + f" | {r[f'{READER} tok/s']:.0f} ({r[f'{READER} / static']:.3f}x)"
+                  + f" | {r['tokens'] / r[f'{LEARNER} pairs ms'] * 1000:.0f} ({r[f'{LEARNER} pairs / static']:.3f}x)"
+                  + f" | {r['learner every']}")
         for label, w in slow_workers.items():
             print(f"  {label}: {json.dumps(w.slow_config.to_dict())}")
     if batched:

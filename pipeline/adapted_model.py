@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load
 from torch import nn
 
-from actors.state_store import PUBLISHED_KEY
+from actors.call_types import PUBLISHED_KEY
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.patch import configure_ttt, disable_ttt, load_ttt_model
 from ttt_model.session import TTTSession

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.state_store import StateBlob
+from actors.call_types import StateBlob
 from pipeline.config import MlflowConfig
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.cp_group import ContextParallelSpec
-from actors.document_worker import WorkerSpec
+from actors.call_types import WorkerSpec
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
 from pipeline.base_model import BaseModelSource, local_model_dir

@@ -19,7 +19,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_http_server
 
-from actors.document_worker import DocumentOutcome
+from actors.call_types import DocumentOutcome
 from pipeline.messages import reason_kind
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from actors.document_worker import DocumentOutcome
+from actors.call_types import DocumentOutcome
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from actors.state_store import StateBlob
+from actors.call_types import StateBlob
 from pipeline.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.ledger import PendingDocument, StreamLedger

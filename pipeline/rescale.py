@@ -26,7 +26,7 @@ import re
 
 from dataclasses import replace
 
-from actors.state_store import StateBlob
+from actors.call_types import StateBlob
 from actors.assignment import assign_partitions
 from pipeline.checkpoint import Checkpoint, CheckpointError
 

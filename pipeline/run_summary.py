@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.document_worker import DocumentOutcome
+from actors.call_types import DocumentOutcome
 from pipeline.messages import reason_kind
 
 

@@ -21,8 +21,7 @@ from typing import Hashable, Protocol
 import ray
 
 from actors.cp_group import ContextParallelFailure
-from actors.document_worker import DocumentOutcome, DocumentTask
-from actors.state_store import StateBlob
+from actors.call_types import DocumentOutcome, DocumentTask, StateBlob
 
 __all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayWorkerPool",
            "WorkerDied", "WorkerPool"]

@@ -384,17 +384,9 @@ class SlowLearner:
         if rehearsed is None or lowest == 0:
             with ttt_forward(frozen_updates=True):
                 return decoder(input_ids=ids[None]).last_hidden_state
-        entry = self._rehearsal_inputs.get(rehearsed)
-        if entry is None:
-            captured = {}
-            hook = decoder.layers[lowest].register_forward_pre_hook(
-                lambda module, args: captured.setdefault("hidden", args[0].detach()))
-            try:
-                with torch.no_grad(), ttt_forward(frozen_updates=True):
-                    decoder(input_ids=ids[None])
-            finally:
-                hook.remove()
-            entry = self._rehearsal_inputs[rehearsed] = captured["hidden"]
+        if not self._rehearsal_inputs:
+            self._rehearsal_inputs = self._hidden_below(self.rehearsal, lowest)
+        entry = self._rehearsal_inputs[rehearsed]
         layers = decoder.layers
         # The layers below stand aside: the first hands on the kept hidden state, the others
         # pass it through; the embedding still runs (a TTT layer's target may read it).
@@ -405,6 +397,32 @@ class SlowLearner:
                 return decoder(input_ids=ids[None]).last_hidden_state
         finally:
             decoder.layers = layers
+
+    @torch.no_grad()
+    def _hidden_below(self, chunks: torch.Tensor, layer: int, rows: int = 16) -> dict[int, torch.Tensor]:
+        """The hidden state (1, n, d) at the input of decoder layer ``layer`` of every chunk in
+        ``chunks`` (k, n), read as a batch of ``rows`` chunks at a time: all of them at the first
+        rehearsal, so that no later step pays a whole forward for its rehearsed chunk. The
+        layers above ``layer`` do not run."""
+        decoder = decoder_of(self.model)
+        captured: list[torch.Tensor] = []
+
+        def stop(module, args):
+            captured.append(args[0].detach())
+            raise _ReachedLayer
+
+        hook = decoder.layers[layer].register_forward_pre_hook(stop)
+        try:
+            for start in range(0, chunks.shape[0], rows):
+                with ttt_forward(frozen_updates=True):
+                    try:
+                        decoder(input_ids=chunks[start : start + rows])
+                    except _ReachedLayer:
+                        pass
+        finally:
+            hook.remove()
+        hidden = torch.cat(captured)
+        return {i: hidden[i : i + 1].clone() for i in range(hidden.shape[0])}
 
     @property
     def lowest_layer(self) -> int:
@@ -509,6 +527,10 @@ class SlowLearner:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         self.deltas = {}
         return self.model
+
+
+class _ReachedLayer(Exception):
+    """Ends a forward at the layer whose input was wanted (``SlowLearner._hidden_below``)."""
 
 
 class _KnownHidden(nn.Module):

@@ -60,7 +60,7 @@ def test_worker_routes_long_windows_to_the_service_and_keeps_the_state(ray_sessi
         for i, text in enumerate(texts):
             a, b = routed.process(DocumentTask(f"d{i}", text)), alone.process(DocumentTask(f"d{i}", text))
             assert a.tokens == b.tokens and a.loss == pytest.approx(b.loss, rel=1e-5), i
-        assert routed.parallel_windows == 2
+        assert routed.reader.parallel_windows == 2
         [got], [want] = routed.snapshot(), alone.snapshot()
         got, want = load(got.data), load(want.data)
         for name, tensor in want.items():

@@ -9,7 +9,7 @@ import torch
 
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
 from actors.learner import StreamLearner
-from actors.state_store import PUBLISHED_KEY
+from actors.call_types import PUBLISHED_KEY
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
 README = (Path(__file__).parents[2] / "README.md").read_text()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from actors.state_store import PUBLISHED_KEY
+from actors.call_types import PUBLISHED_KEY
 from pipeline.checkpoint import LIVE, CheckpointStore
 from pipeline.export import export_checkpoint
 from pipeline.job import run_stream

@@ -9,7 +9,8 @@ import json
 import pytest
 from safetensors.torch import load
 
-from actors.state_store import GLOBAL_KEY, PUBLISHED_KEY
+from actors.call_types import PUBLISHED_KEY
+from actors.state_store import GLOBAL_KEY
 from pipeline.checkpoint import LIVE, CheckpointStore
 from pipeline.config import ContextParallelConfig, LearnerConfig
 from pipeline.job import run_stream

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from actors.state_store import PUBLISHED_KEY
+from actors.call_types import PUBLISHED_KEY
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointStore
 from pipeline.job import run_stream
 from pipeline.topics import ensure_topics

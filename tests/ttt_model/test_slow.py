@@ -207,7 +207,7 @@ def test_rehearsal_holds_the_adaptation_to_the_rehearsed_text():
 
 def test_a_rehearsed_chunk_runs_only_the_adapted_layers_and_gives_the_full_forward():
     model = ttt_model(seed=9)
-    rehearsed = torch.randint(0, 101, (2, CHUNK + 3), generator=torch.Generator().manual_seed(2))
+    rehearsed = torch.randint(0, 101, (3, CHUNK + 3), generator=torch.Generator().manual_seed(2))
     learner = SlowLearner(model, SlowConfig(enabled=True, layers=[-1], rank=2), rehearsed)
     assert learner.lowest_layer == 2
     state = learner.new_state()
@@ -218,10 +218,17 @@ def test_a_rehearsed_chunk_runs_only_the_adapted_layers_and_gives_the_full_forwa
         with ttt_forward(frozen_updates=True):
             full = decoder_of(model)(input_ids=rehearsed[1][None]).last_hidden_state
         want = torch.autograd.grad(full.square().sum(), learner._parameters(state))
-        for _ in range(2):  # the first call keeps the hidden state below the adapters, the second uses it
+        for _ in range(2):  # the first call keeps every chunk's hidden state below the adapters
             kept = learner._extra_hidden(rehearsed[1], 1)
             got = torch.autograd.grad(kept.square().sum(), learner._parameters(state))
             assert rel_err(kept, full) < 1e-12
             assert all(rel_err(g, w) < 1e-12 for g, w in zip(got, want))
-    assert set(learner._rehearsal_inputs) == {1}
+    # Kept for all chunks at once, read as a batch (two rows at a time here): each equal to the
+    # chunk read alone.
+    assert set(learner._rehearsal_inputs) == {0, 1, 2}
+    batched = learner._hidden_below(rehearsed, 2, rows=2)
+    for i in range(3):
+        with ttt_forward(frozen_updates=True), torch.no_grad():
+            hidden = decoder_of(model)(input_ids=rehearsed[i][None], output_hidden_states=True).hidden_states[2]
+        assert rel_err(batched[i], hidden) < 1e-12 and rel_err(learner._rehearsal_inputs[i], hidden) < 1e-12
     assert len(decoder_of(model).layers) == 3 and not any(type(m).__name__ == "_KnownHidden" for m in model.modules())

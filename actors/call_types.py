@@ -1,0 +1,93 @@
+"""What goes into and comes out of the actors' calls: plain dataclasses, no torch, so that the
+pipeline (the processor, the ledger, the monitor) imports them without loading a model's stack."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Scope = Literal["global", "per_key", "per_document"]
+# The learner's published slow-weight versions still read with (actors.learner), beside its state.
+PUBLISHED_KEY = "__published_versions__"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker hosts and how it adapts; built by the pipeline from its config."""
+
+    model_path: str
+    device: str = "auto"  # auto | cpu | cuda
+    # A model registered in MLflow (pipeline.base_model.BaseModelSource as a dict): fetched into
+    # model_cache_dir on this node and verified, instead of reading model_path.
+    model_source: dict[str, Any] | None = None
+    model_cache_dir: str = "/tmp/ttt-stream/models"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    ttt_overrides: dict[str, Any] = field(default_factory=dict)
+    # Fields of SlowConfig: the slow weights learned across documents ({} or enabled false: none).
+    slow: dict[str, Any] = field(default_factory=dict)
+    scope: Scope = "global"
+    max_keys_in_memory: int = 64
+    spill_dir: str = "data/spill"
+    max_document_tokens: int = 32768
+    oversize: str = "split"  # split | reject
+    base_loss_sample_rate: float = 0.0
+    deterministic: bool = False
+    # Windows of at least this many tokens go to the context-parallel reader (when one is given).
+    context_parallel_min_tokens: int | None = None
+    # process_batch, per_document scope: documents read in one forward, up to this many padded
+    # tokens (rows x the longest document).
+    batch_tokens: int = 16384
+    # The slow weights are trained by the stream's learner (actors.learner): this worker reads
+    # every document with the SlowVersion it is given, learns nothing across documents and keeps
+    # no state between them (its fast weights start from zero at every document).
+    slow_from_learner: bool = False
+    # Tokenize the next document in another thread while one is read (``prepare``). None: on a
+    # GPU only, where the CPU waits for the device meanwhile; on a CPU the model already uses the
+    # cores (measured on 2 cores: 26% slower with it).
+    tokenize_ahead: bool | None = None
+
+
+@dataclass(frozen=True)
+class DocumentTask:
+    id: str
+    text: str
+    key: str | None = None
+    partition: int | None = None  # of the documents topic: where its state lives (rescaling)
+
+
+@dataclass
+class DocumentOutcome:
+    """What became of one document. ``ok`` False: rejected (``reason``), state untouched."""
+
+    id: str
+    ok: bool
+    reason: str | None = None
+    tokens: int = 0
+    loss: float | None = None  # prequential adapted loss, mean nats per predicted token
+    base_loss: float | None = None  # TTT off, same tokens; only for sampled documents
+    finite: bool = True
+    latency_ms: float = 0.0
+    state_key: str | None = None
+    state_documents: int = 0  # documents the state had absorbed after this one
+    fast_weight_norm: float = 0.0
+    delta_ratio: float = 0.0  # max over layers of ||dW|| / ||W_down||: how far the fast weights moved
+    slow_delta_ratio: float = 0.0  # max over adapted matrices of ||B A|| / ||W_0|| after the document
+    windows: int = 0
+    worker: str = ""
+    # per_key with slow.reuse_nearest_key: the key whose slow weights this new key started from
+    reused_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StateBlob:
+    """One state serialised for a checkpoint: safetensors bytes, their sha256, its document count
+    and the partition its last document came from (where its key lives when workers change)."""
+
+    key: str
+    data: bytes
+    sha256: str
+    documents: int
+    partition: int | None = None

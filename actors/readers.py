@@ -1,0 +1,111 @@
+"""How a worker reads the windows of one document, chosen once when the worker is built.
+
+- ``FastReader``: the fast weights (In-Place TTT) alone, chunk by chunk. Also the reader of a
+  learner's version: the worker binds the version's slow weights around the read.
+- ``SlowStepReader``: the fast weights on top of the scope's slow weights, which take their lean
+  step on what was just scored (``ttt_model.slow.SlowLearner.read``).
+- ``ContextParallelReader``: windows of at least ``min_tokens`` tokens go to a context-parallel
+  group (``actors.cp_group``), starting from this worker's fast weights; shorter ones to a
+  FastReader.
+
+Each returns the loss of tokens 1.. of every window, and leaves the scope's state as the next
+document of the scope must find it. Documents read as a batch (``DocumentWorker.process_batch``)
+do not go through a reader.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ttt_model.adapted_state import AdaptedState
+from ttt_model.session import TTTSession
+from ttt_model.slow import SlowLearner, SlowVersion
+
+# (input ids (1, N), fast-weight state dict, slow version or None)
+#   -> (nll of tokens 1..N-1 (1, N-1), state dict after)
+LongDocumentReader = Callable[[torch.Tensor, dict[str, torch.Tensor], SlowVersion | None],
+                              tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class WindowReader(Protocol):
+    parallel_windows: int  # windows read by a context-parallel group
+
+    def read(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
+        """The nll (1-d) of tokens 1.. of each window of one document, concatenated."""
+
+
+class FastReader:
+    """Fast weights only. ``carries_over``: the fast weights outlive the document (the global
+    and per_key scopes without slow weights), so its unfinished last chunk is learned at its end."""
+
+    parallel_windows = 0
+
+    def __init__(self, model: nn.Module, carries_over: bool):
+        self.model = model
+        self.carries_over = carries_over
+
+    def read(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
+        session = TTTSession(self.model, adapted.fast)
+        # Each window is a fresh attention context; the fast weights (and the unfinished chunk)
+        # carry over, which is how a TTT model reads past its attention span.
+        nll = [session.read_window(window).nll[0, 1:] for window in windows]
+        if self.carries_over:
+            session.end_document()
+        return torch.cat(nll)
+
+
+class SlowStepReader:
+    """Fast weights on the scope's slow weights, one slow step per ``chunk_tokens`` read."""
+
+    parallel_windows = 0
+
+    def __init__(self, model: nn.Module, learner: SlowLearner, chunk_tokens: int):
+        self.model = model
+        self.learner = learner
+        self.chunk_tokens = chunk_tokens
+
+    def read(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
+        session = TTTSession(self.model, adapted.fast)
+        nll = []
+        for window in windows:
+            session.reset(keep_state=True)
+            nll.append(self.learner.read(session, window, adapted.slow, self.chunk_tokens)[0, 1:])
+        return torch.cat(nll)
+
+
+class ContextParallelReader:
+    """Long windows through a context-parallel group, the others through ``short``. A group's
+    failure propagates (the caller retries the document)."""
+
+    def __init__(self, short: FastReader, group: LongDocumentReader, min_tokens: int,
+                 version: Callable[[], SlowVersion | None]):
+        self.short = short
+        self.group = group
+        self.min_tokens = min_tokens
+        self.version = version  # the slow version bound for the document being read, if any
+        self.parallel_windows = 0
+
+    def read(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
+        state = adapted.fast
+        session = TTTSession(self.short.model, state)
+        nll = []
+        for window in windows:
+            if window.shape[1] < self.min_tokens:
+                nll.append(session.read_window(window).nll[0, 1:])
+                continue
+            session.reset(keep_state=True)
+            if any(layer.tail_len for _, layer in state):
+                # The parallel form starts on a chunk border: a window after the first of a
+                # split document learns its predecessor's unfinished chunk first, as a
+                # document end does.
+                session.end_document()
+            window_nll, after = self.group(window.cpu(), state.state_dict(), self.version())
+            state.load_state_dict(after)
+            self.parallel_windows += 1
+            nll.append(window_nll[0].to(window.device))
+        if self.short.carries_over:
+            session.end_document()
+        return torch.cat(nll)

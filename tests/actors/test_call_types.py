@@ -1,0 +1,33 @@
+"""The types of the actors' calls load without torch, and so do the pipeline modules that only
+pass them along."""
+
+import subprocess
+import sys
+
+BLOCK_TORCH = """
+import importlib, sys
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+print("imported without torch")
+"""
+
+LIGHT = ["actors.call_types", "pipeline.messages", "pipeline.ledger", "pipeline.monitor", "pipeline.metrics",
+         "pipeline.run_summary", "pipeline.checkpoint", "pipeline.config"]
+
+
+def test_the_call_types_and_the_pipeline_around_them_import_without_torch():
+    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *LIGHT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported without torch" in done.stdout
+
+
+def test_the_blocker_does_block_torch():
+    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "actors.document_worker"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "torch is blocked" in done.stderr
