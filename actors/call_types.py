@@ -27,6 +27,10 @@ class WorkerSpec:
     slow: dict[str, Any] = field(default_factory=dict)
     scope: Scope = "global"
     max_keys_in_memory: int = 64
+    # per_key: keys held in all (memory and spill) and documents a key may go unread; past either
+    # its state is forgotten (actors.state_store).
+    max_keys: int | None = None
+    key_retention_documents: int | None = None
     spill_dir: str = "data/spill"
     max_document_tokens: int = 32768
     oversize: str = "split"  # split | reject
@@ -91,3 +95,4 @@ class StateBlob:
     sha256: str
     documents: int
     partition: int | None = None
+    last_read: int = 0  # its store's document count when it was last read with (key expiry)

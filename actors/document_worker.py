@@ -104,7 +104,13 @@ class DocumentWorker:
         self.reads_versions = spec.slow_from_learner
         rehearsal = None if self.reads_versions else self._rehearsal()
         self.slow = SlowLearner(self.model, self.slow_config, rehearsal) if self.slow_config.enabled else None
-        self.states = StateStore(spec.scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / name)
+        self.states = StateStore(spec.scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / name,
+                                 spec.max_keys, spec.key_retention_documents)
+        if spec.scope == "per_key":
+            size = len(self.new_state().to_bytes())
+            log.info("%s: per_key states of %.1f MB, up to %d in memory, %s in all (spill directory up to %.1f GB)",
+                     name, size / 1e6, spec.max_keys_in_memory, spec.max_keys or "no bound",
+                     (spec.max_keys or 0) * size / 1e9)
         self.long_reader = long_reader if spec.context_parallel_min_tokens is not None else None
         if self.long_reader is not None and self.slow is not None and not self.reads_versions:
             raise ValueError(f"{name}: context parallelism reads with slow weights from a learner only "
@@ -407,6 +413,11 @@ class DocumentWorker:
             raise ValueError(f"{self.name}: reads the learner's versions and keeps no state; got {len(blobs)}")
         self.states.restore(blobs)
 
+    def forget(self, key: str) -> bool:
+        """Drop ``key``'s per_key state, in memory or spilled (its replay buffer with it);
+        whether this worker held one."""
+        return self.spec.scope == "per_key" and self.states.forget(key)
+
     def stats(self) -> dict[str, Any]:
         return {
             "worker": self.name,
@@ -417,6 +428,7 @@ class DocumentWorker:
             "states_in_memory": self.states.in_memory,
             "spills": self.states.spills,
             "reloads": self.states.reloads,
+            "expired_keys": self.states.expired,
             "device": str(self.device),
             "parallel_windows": self.reader.parallel_windows,
             "batches": self.batches,

@@ -1,5 +1,6 @@
 """Fast-weight states by scope: one shared state, or a bounded LRU of per-key states that spills
-to disk (safetensors + sha256 sidecar) when it is full and reloads a key on demand."""
+to disk (safetensors + sha256 sidecar) when it is full and reloads a key on demand, and forgets
+keys past ``max_keys`` or unread for ``retention_documents`` documents."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class ScopedState:
     state: AdaptedState
     documents: int = 0
     partition: int | None = None  # of the last document read with it
+    last_read: int = 0  # the store's document count when it was last read with
 
 
 class StateStore:
@@ -37,22 +39,34 @@ class StateStore:
 
     - ``global``: one state for every document (``key`` ignored).
     - ``per_key``: one state per key, at most ``capacity`` in memory; the least recently used is
-      written to ``spill_dir`` and read back (hash verified) when its key comes again.
+      written to ``spill_dir`` and read back (hash verified) when its key comes again; its file is
+      deleted then. At most ``max_keys`` keys are held in all: past that the least recently read
+      spilled key is forgotten, as is one not read in the last ``retention_documents``
+      documents (counted in documents, not seconds, so that a run restored from a checkpoint
+      forgets exactly what a run without the restart did).
     - ``per_document``: one state, reset before every document.
     """
 
-    def __init__(self, scope: Scope, new_state: Callable[[], AdaptedState], capacity: int, spill_dir: Path):
+    def __init__(self, scope: Scope, new_state: Callable[[], AdaptedState], capacity: int, spill_dir: Path,
+                 max_keys: int | None = None, retention_documents: int | None = None):
         if scope not in ("global", "per_key", "per_document"):
             raise ValueError(f"unknown state scope {scope!r}")
+        if max_keys is not None and max_keys < capacity:
+            raise ValueError(f"max_keys {max_keys} is below the keys held in memory ({capacity})")
         self.scope = scope
         self._new_state = new_state
         self.capacity = capacity
+        self.max_keys = max_keys
+        self.retention_documents = retention_documents
         self.spill_dir = Path(spill_dir)
         self._live: OrderedDict[str, ScopedState] = OrderedDict()
-        self._spilled: dict[str, tuple[str, int, int | None]] = {}  # key -> (sha256, documents, partition)
+        # key -> (sha256, documents, partition, last_read), least recently read first
+        self._spilled: OrderedDict[str, tuple[str, int, int | None, int]] = OrderedDict()
         self._spilled_signatures: dict[str, torch.Tensor] = {}  # key -> its slow weights' signature
+        self.reads = 0  # documents read with a state of this store
         self.spills = 0
         self.reloads = 0
+        self.expired = 0
 
     def get(self, key: str | None, partition: int | None = None) -> ScopedState:
         """The state to read a document of ``key`` from ``partition`` with (recorded on it)."""
@@ -70,14 +84,38 @@ class StateStore:
                 scoped.state.reset()
             return scoped
         key = key if key is not None else ""
+        self.reads += 1
         if key in self._live:
             self._live.move_to_end(key)
-            return self._live[key]
-        scoped = self._reload(key) if key in self._spilled else ScopedState(key, self._new_state())
-        self._live[key] = scoped
-        while len(self._live) > self.capacity:
-            self._spill(*self._live.popitem(last=False))
+            scoped = self._live[key]
+        else:
+            scoped = self._reload(key) if key in self._spilled else ScopedState(key, self._new_state())
+            self._live[key] = scoped
+            while len(self._live) > self.capacity:
+                self._spill(*self._live.popitem(last=False))
+        scoped.last_read = self.reads
+        self._expire()
         return scoped
+
+    def _expire(self) -> None:
+        while self._spilled:
+            key, (_, _, _, last_read) = next(iter(self._spilled.items()))
+            over = self.max_keys is not None and len(self) > self.max_keys
+            stale = self.retention_documents is not None and self.reads - last_read > self.retention_documents
+            if not (over or stale):
+                return
+            self.forget(key)
+            self.expired += 1
+
+    def forget(self, key: str) -> bool:
+        """Drop ``key``'s state, in memory or spilled (its file deleted); whether it was held."""
+        held = self._live.pop(key, None) is not None
+        if key in self._spilled:
+            del self._spilled[key]
+            self._spilled_signatures.pop(key, None)
+            self._path(key).unlink(missing_ok=True)
+            held = True
+        return held
 
     def __contains__(self, key: str | None) -> bool:
         key = key if key is not None else ""
@@ -103,13 +141,14 @@ class StateStore:
         blobs = []
         for key, scoped in self._live.items():
             data = scoped.state.to_bytes()
-            blobs.append(StateBlob(key, data, hashlib.sha256(data).hexdigest(), scoped.documents, scoped.partition))
-        for key, (digest, documents, partition) in self._spilled.items():
+            blobs.append(StateBlob(key, data, hashlib.sha256(data).hexdigest(), scoped.documents, scoped.partition,
+                                   scoped.last_read))
+        for key, (digest, documents, partition, last_read) in self._spilled.items():
             data = self._path(key).read_bytes()
             got = hashlib.sha256(data).hexdigest()
             if got != digest:
                 raise StateIntegrityError(f"spilled state of key {key!r}: sha256 {got} != recorded {digest}")
-            blobs.append(StateBlob(key, data, digest, documents, partition))
+            blobs.append(StateBlob(key, data, digest, documents, partition, last_read))
         return sorted(blobs, key=lambda b: b.key)
 
     def restore(self, blobs: list[StateBlob]) -> None:
@@ -119,11 +158,14 @@ class StateStore:
             if got != blob.sha256:
                 raise StateIntegrityError(f"state of key {blob.key!r}: sha256 {got} != recorded {blob.sha256}")
         restored: OrderedDict[str, ScopedState] = OrderedDict()
-        for blob in blobs:
+        for blob in sorted(blobs, key=lambda b: b.last_read):  # least recently read first, as the LRU had them
             state = self._new_state()
             state.load_state_dict(load(blob.data))
-            restored[blob.key] = ScopedState(blob.key, state, blob.documents, blob.partition)
-        self._live, self._spilled, self._spilled_signatures = restored, {}, {}
+            restored[blob.key] = ScopedState(blob.key, state, blob.documents, blob.partition, blob.last_read)
+        for key in list(self._spilled):  # what was spilled before goes with its files
+            self.forget(key)
+        self._live, self._spilled_signatures = restored, {}
+        self.reads = max((b.last_read for b in blobs), default=0)
         while len(self._live) > self.capacity:
             self._spill(*self._live.popitem(last=False))
 
@@ -140,16 +182,17 @@ class StateStore:
 
     def _spill(self, key: str, scoped: ScopedState) -> None:
         digest = scoped.state.save(self._path(key), metadata={"key": key, "documents": str(scoped.documents)})
-        self._spilled[key] = (digest, scoped.documents, scoped.partition)
+        self._spilled[key] = (digest, scoped.documents, scoped.partition, scoped.last_read)
         if scoped.state.slow is not None and scoped.state.slow.signature is not None:
             self._spilled_signatures[key] = scoped.state.slow.signature
         self.spills += 1
         log.debug("spilled state of key %r (%s)", key, digest[:12])
 
     def _reload(self, key: str) -> ScopedState:
-        digest, documents, partition = self._spilled.pop(key)
+        digest, documents, partition, last_read = self._spilled.pop(key)
         self._spilled_signatures.pop(key, None)
         state = self._new_state()
         state.load(self._path(key), expected_sha256=digest)
+        self._path(key).unlink()  # in memory again: a later spill writes it anew
         self.reloads += 1
-        return ScopedState(key, state, documents, partition)
+        return ScopedState(key, state, documents, partition, last_read)

@@ -64,6 +64,9 @@ class WorkerActor:
     def restore(self, blobs: list[StateBlob]) -> None:
         self.model_thread.call(self.worker.restore, blobs)
 
+    def forget(self, key: str) -> bool:
+        return self.model_thread.call(self.worker.forget, key)
+
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
         context = ray.get_runtime_context()

@@ -171,6 +171,11 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=5, help="timed documents per length")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--jitter", type=int, default=0,
+                        help="document i has length + (37 i mod jitter) tokens: every one a length of its own, as in "
+                             "a real stream (attention kernels that plan per shape pay for each new one)")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="SDPA without its cuDNN backend (flash attention instead), for every row")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--batch", type=int, default=0,
                         help="also: per_document scope, this many documents per process_batch vs one at a time")
@@ -187,6 +192,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     with tempfile.TemporaryDirectory() as tmp:
         write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
@@ -215,7 +222,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
         for length in args.lengths:
-            texts = [text_of_length(tokenizer, length, gen) for _ in range(args.warmup + args.documents)]
+            texts = [text_of_length(tokenizer, length + (37 * i) % args.jitter if args.jitter else length, gen)
+                     for i in range(args.warmup + args.documents)]
             times = {"worker": [], "worker, tokenizing ahead": [], "static": [], "prefill": [], "tokenize": [],
                      **{label: [] for label in slow_workers}, **({READER: [], LEARNER: []} if reader else {})}
             tokens = []

@@ -6,3 +6,11 @@ cd "$ROOT"
 bash infra/install.sh
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Commands on the control topic are signed with this key (processor.control.key_env): one per
+# checkout, made on first use and kept in data/ (readable by its owner only).
+if [[ -z "${TTT_STREAM_CONTROL_KEY:-}" ]]; then
+  mkdir -p data
+  [[ -s data/control.key ]] || (umask 077 && .venv/bin/python -c "import secrets; print(secrets.token_hex(32))" >data/control.key)
+  TTT_STREAM_CONTROL_KEY="$(cat data/control.key)"
+  export TTT_STREAM_CONTROL_KEY
+fi

@@ -89,7 +89,18 @@ def load_adapted_model(base_path: str | Path, model_config: dict[str, Any], stat
 
 
 def verified_state_bytes(root: Path, entry: dict[str, Any]) -> bytes:
-    data = (root / entry["file"]).read_bytes()
+    """An entry's state file, checked against its sha256: in the checkpoint at ``root``, or in
+    the MLflow run of the earlier version that wrote it (an incremental checkpoint's ``run_id``)."""
+    if "run_id" in entry:
+        import mlflow
+
+        from pipeline.checkpoint import ARTIFACT_DIR, PYFUNC_CHECKPOINT
+
+        path = mlflow.artifacts.download_artifacts(
+            run_id=entry["run_id"], artifact_path=f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/{entry['file']}")
+        data = Path(path).read_bytes()
+    else:
+        data = (root / entry["file"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"{entry['file']}: sha256 does not match the manifest")
     return data

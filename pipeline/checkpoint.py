@@ -97,6 +97,10 @@ class CheckpointStore:
         # The processor's own MLflow run (pipeline/processor_run.py): checkpoint runs nest under
         # it. Read at each save: a run created late (MLflow down at start) is still found.
         self.parent_run: Any = None
+        # State files already in the registry, by sha256: (the run that holds it, its file). A
+        # version reuses them instead of uploading the same bytes (incremental checkpoints).
+        self._stored: dict[str, tuple[str, str]] = {}
+        self._manifests: dict[str, dict[str, Any]] = {}  # version -> manifest (versions never change)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -110,11 +114,16 @@ class CheckpointStore:
             for worker, blobs in sorted(request.states.items()):
                 entries = []
                 for blob in blobs:
-                    rel = f"states/{worker}/{hashlib.sha256(blob.key.encode()).hexdigest()[:32]}.safetensors"
-                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (staging / rel).write_bytes(blob.data)
-                    entries.append({"key": blob.key, "file": rel, "sha256": blob.sha256, "documents": blob.documents,
-                                    "partition": blob.partition})
+                    entry = {"key": blob.key, "sha256": blob.sha256, "documents": blob.documents,
+                             "partition": blob.partition, "last_read": blob.last_read}
+                    if blob.sha256 in self._stored:  # unchanged since a version already written
+                        entry["run_id"], entry["file"] = self._stored[blob.sha256]
+                    else:
+                        rel = f"states/{worker}/{hashlib.sha256(blob.key.encode()).hexdigest()[:32]}.safetensors"
+                        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                        (staging / rel).write_bytes(blob.data)
+                        entry["file"] = rel
+                    entries.append(entry)
                 files[worker] = entries
             manifest = {
                 "format": FORMAT,
@@ -134,6 +143,7 @@ class CheckpointStore:
                 "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
             }
             manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            staging.mkdir(parents=True, exist_ok=True)  # a version that reuses every file writes none
             (staging / "manifest.json").write_bytes(manifest_bytes)
             manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
             # The version's folder is an MLflow pyfunc model (from code, nothing pickled) whose
@@ -175,9 +185,54 @@ class CheckpointStore:
             },
         ).version
         self.client.set_registered_model_alias(self.name, LIVE, version)
-        log.info("checkpoint %s v%s (%s): %d documents, offsets %s", self.name, version, request.reason,
-                 request.documents, request.offsets)
+        self._remember(str(version), run_id, manifest)
+        uploaded = sum("run_id" not in e for entries in files.values() for e in entries)
+        log.info("checkpoint %s v%s (%s): %d documents, offsets %s, %d of %d states uploaded", self.name, version,
+                 request.reason, request.documents, request.offsets, uploaded, sum(map(len, files.values())))
         return str(version)
+
+    def _remember(self, version: str, run_id: str, manifest: dict[str, Any]) -> None:
+        """The state files of ``version`` (written by ``run_id``), for the next version to reuse."""
+        self._manifests[version] = manifest
+        self._stored = {e["sha256"]: (e.get("run_id", run_id), e["file"])
+                        for entries in manifest["workers"].values() for e in entries}
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete the versions (and their runs) older than the newest ``keep``, except those an
+        alias points at and those whose state files a kept version reads; returns them."""
+        model = self.client.get_registered_model(self.name)
+        aliased = {str(v) for v in (model.aliases or {}).values()}
+        versions = sorted(self.client.search_model_versions(f"name='{self.name}'"), key=lambda mv: -int(mv.version))
+        by_run = {mv.run_id: str(mv.version) for mv in versions}
+        kept = {str(mv.version) for mv in versions[:keep]} | aliased
+        todo = list(kept)
+        while todo:  # and, transitively, the versions holding files that kept ones read
+            for entries in self._manifest(todo.pop())["workers"].values():
+                for entry in entries:
+                    holder = by_run.get(entry.get("run_id"))
+                    if holder is not None and holder not in kept:
+                        kept.add(holder)
+                        todo.append(holder)
+        deleted = []
+        for mv in versions:
+            if str(mv.version) not in kept:
+                self.client.delete_model_version(self.name, mv.version)
+                self.client.delete_run(mv.run_id)
+                self._manifests.pop(str(mv.version), None)
+                deleted.append(str(mv.version))
+        gone = {mv.run_id for mv in versions if str(mv.version) in deleted}
+        self._stored = {sha: src for sha, src in self._stored.items() if src[0] not in gone}
+        if deleted:
+            log.info("%s: deleted versions %s (keeping %d, aliased and referenced ones)", self.name, deleted, keep)
+        return deleted
+
+    def _manifest(self, version: str) -> dict[str, Any]:
+        if version not in self._manifests:
+            mv = self.client.get_model_version(self.name, version)
+            with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
+                path = self.client.download_artifacts(mv.run_id, f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/manifest.json", tmp)
+                self._manifests[version] = json.loads(Path(path).read_bytes())
+        return self._manifests[version]
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)
@@ -245,7 +300,9 @@ class CheckpointStore:
                 local = Path(self.client.download_artifacts(mv.run_id, ARTIFACT_DIR, tmp))
             except Exception as err:  # noqa: BLE001 - any failure to fetch is a missing artifact
                 raise CheckpointError(f"{self.name} v{version}: cannot download its artifacts: {err}") from None
-            return self._verify(version, mv.tags, local)
+            checkpoint = self._verify(version, mv.tags, local)
+        self._remember(version, mv.run_id, checkpoint.manifest)
+        return checkpoint
 
     def _verify(self, version: str, tags: dict[str, str], local: Path) -> Checkpoint:
         where = f"{self.name} v{version}"
@@ -265,15 +322,26 @@ class CheckpointStore:
             blobs = []
             for entry in entries:
                 try:
-                    data = (local / entry["file"]).read_bytes()
-                except OSError:
-                    raise CheckpointError(f"{where}: state file {entry['file']} is missing") from None
+                    data = self._state_file(local, entry)
+                except Exception:  # noqa: BLE001 - not in this version, nor in the one it names
+                    raise CheckpointError(f"{where}: state file {entry['file']} "
+                                          f"{'of run ' + entry['run_id'] + ' ' if 'run_id' in entry else ''}is missing") from None
                 digest = hashlib.sha256(data).hexdigest()
                 if digest != entry["sha256"]:
                     raise CheckpointError(f"{where}: {entry['file']} sha256 {digest} != manifest {entry['sha256']}")
-                blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"]), entry.get("partition")))
+                blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"]), entry.get("partition"),
+                                       int(entry.get("last_read", 0))))
             states[worker] = blobs
         return Checkpoint(version, manifest, states)
+
+    def _state_file(self, local: Path, entry: dict[str, Any]) -> bytes:
+        """An entry's bytes: in this version's artifacts, or in the run of an earlier version
+        that wrote them (``run_id``)."""
+        if "run_id" not in entry:
+            return (local / entry["file"]).read_bytes()
+        with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
+            path = self.client.download_artifacts(entry["run_id"], f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/{entry['file']}", tmp)
+            return Path(path).read_bytes()
 
     def versions(self) -> list[dict[str, Any]]:
         """Every version, newest first, with its tags, aliases and its run's metrics."""
@@ -400,4 +468,9 @@ class StreamCheckpointer:
         self.last_at = time.monotonic()
         self._retry_at = 0.0
         self._delay = self.config.retry_initial_s
+        if self.config.keep_versions is not None:
+            try:
+                self.store.prune(self.config.keep_versions)
+            except Exception as err:  # noqa: BLE001 - retention waits for the next version
+                log.warning("could not delete old versions of %s: %s", self.store.name, err)
         return version

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 import yaml
@@ -70,7 +70,7 @@ def up(
     stack = LocalStack(cfg.local_stack)
     try:
         if bootstrap_servers:
-            if not broker_answers(bootstrap_servers):
+            if not broker_answers(bootstrap_servers, client=cfg.kafka.client_settings()):
                 raise StackError(f"broker: no Kafka broker answers at {bootstrap_servers}")
             stack.up(skip=("broker",))
         else:
@@ -100,7 +100,7 @@ def status(config: Path = ConfigOption) -> None:
     """The local servers, then the stream: workers, partitions, committed offsets, lag, throughput."""
     cfg = _load(config)
     _print_status(LocalStack(cfg.local_stack), cfg)
-    if broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0):
+    if broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0, client=cfg.kafka.client_settings()):
         from pipeline.stream_status import read_stream_status
 
         _print_stream_status(read_stream_status(cfg.kafka))
@@ -181,25 +181,54 @@ def rollback(
     offline: bool = typer.Option(False, help="No processor is running: record the rollback in MLflow only."),
 ) -> None:
     """Roll the stream's adapted state back; a running processor does it at once."""
-    from pipeline.rollback import request_rollback, rollback_offline
+    from pipeline.control_client import request_rollback, rollback_offline
 
     cfg = _load(config)
     if offline:
         version = rollback_offline(cfg, to)
         console.print(f"live is now v{version}, a copy of {to}; the next `ttt-stream run` starts from it", markup=False)
         return
-    result = request_rollback(cfg, to, timeout_s=timeout)
-    if result is None:
-        err_console.print(f"error: no running processor confirmed within {timeout:.0f} s (use --offline if none runs)")
-        raise typer.Exit(1)
-    if result["type"] != "rollback":
-        err_console.print(f"error: rollback failed: {result.get('error')}", markup=False)
-        raise typer.Exit(1)
+    result = _answer("rollback", lambda: request_rollback(cfg, to, timeout_s=timeout), timeout)
     console.print(
         f"rolled back to v{result['to']} (from v{result['from']}), recorded as v{result['version']}: workers "
         f"serving it {result['serving_after_request_s']:.2f} s after the request, recorded after "
         f"{result['recorded_after_request_s']:.2f} s", markup=False,
     )
+
+
+@app.command()
+def forget(
+    key: str = typer.Argument(..., help="The tenant's key (the records' key, or their JSON 'key')."),
+    config: Path = ConfigOption,
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the running processor to confirm."),
+    offline: bool = typer.Option(False, help="No processor is running: write the version without it in MLflow only."),
+) -> None:
+    """Erase one tenant's per-key state: in memory, spilled, and from the next version on."""
+    from pipeline.control_client import forget_offline, request_forget
+
+    cfg = _load(config)
+    if offline:
+        version, dropped = forget_offline(cfg, key)
+        console.print(f"live is now v{version}, without the key ({dropped} states dropped)", markup=False)
+        return
+    result = _answer("forget", lambda: request_forget(cfg, key, timeout_s=timeout), timeout)
+    console.print(f"forgotten by {result['held']} worker(s); v{result['version']} holds no state of it", markup=False)
+
+
+def _answer(action: str, send: Callable[[], dict[str, Any] | None], timeout: float) -> dict[str, Any]:
+    """The running processor's answer to a command sent by ``send``; exits on anything else."""
+    try:
+        result = send()
+    except RuntimeError as err:  # no control key to sign with
+        err_console.print(f"error: {err}", markup=False)
+        raise typer.Exit(2) from None
+    if result is None:
+        err_console.print(f"error: no running processor confirmed within {timeout:.0f} s (use --offline if none runs)")
+        raise typer.Exit(1)
+    if result["type"] != action:
+        err_console.print(f"error: {action} failed: {result.get('error')}", markup=False)
+        raise typer.Exit(1)
+    return result
 
 
 @app.command("register-model")
@@ -406,7 +435,7 @@ def _print_status(stack: LocalStack, cfg: AppConfig) -> None:
     for column in ("server", "address", "pid", "answers", "log"):
         table.add_column(column)
     answers = {
-        "broker": broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0),
+        "broker": broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0, client=cfg.kafka.client_settings()),
         "mlflow": mlflow_answers(cfg.mlflow.tracking_uri),
     }
     for server in stack.status():

@@ -10,15 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.base_model import DEFAULT_CACHE_DIR, is_model_uri
 
 ENV_PREFIX = "TTT_STREAM__"
+# Keys of the Kafka client settings that hold secrets (sasl_plain_password, ssl_password,
+# sasl_oauth_token, ...): kept as SecretStr, shown as ********** and left out of the digest.
+SECRET_SETTING = re.compile(r"password|secret|token|credential", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -37,6 +41,18 @@ class TopicsConfig(_Section):
     dead_letter: str = "ttt.dead-letter"
     control: str = "ttt.control"
     partitions: int = Field(default=2, ge=1)
+    # Copies of each record the broker keeps, and how many must have it before a write counts
+    # (the topic's min.insync.replicas). 1 and None fit the one-broker embedded stack; a cluster
+    # wants 3 and 2.
+    replication_factor: int = Field(default=1, ge=1)
+    min_insync_replicas: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> "TopicsConfig":
+        if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication_factor:
+            raise ValueError(f"kafka.topics.min_insync_replicas {self.min_insync_replicas} is above "
+                             f"kafka.topics.replication_factor {self.replication_factor}")
+        return self
 
 
 class KafkaConfig(_Section):
@@ -55,6 +71,27 @@ class KafkaConfig(_Section):
     # error refuses to read, naming the partition; earliest / latest read on from the first /
     # next record, as Kafka's auto.offset.reset does, and say so in the log.
     offset_reset: Literal["error", "earliest", "latest"] = "error"
+
+    @field_validator("client", "consumer", "producer")
+    @classmethod
+    def _secrets_kept_secret(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: SecretStr(v) if SECRET_SETTING.search(k) and isinstance(v, str) else v for k, v in settings.items()}
+
+    def client_settings(self) -> dict[str, Any]:
+        """``client`` as kafka-python takes it (secrets revealed: for a client only)."""
+        return _revealed(self.client)
+
+    def consumer_settings(self) -> dict[str, Any]:
+        """``client`` then ``consumer``, secrets revealed."""
+        return _revealed({**self.client, **self.consumer})
+
+    def producer_settings(self) -> dict[str, Any]:
+        """``client`` then ``producer``, secrets revealed."""
+        return _revealed({**self.client, **self.producer})
+
+
+def _revealed(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in settings.items()}
 
 
 class MlflowConfig(_Section):
@@ -153,6 +190,10 @@ class CheckpointConfig(_Section):
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=30.0, gt=0)
     max_pending_documents: int = Field(default=1000, ge=1)
+    # Versions kept in the registry: older ones are deleted (model version and run) unless an
+    # alias points at one or a kept version reads its state files (incremental checkpoints).
+    # None: keep every version.
+    keep_versions: int | None = Field(default=100, ge=1)
 
 
 class MonitorConfig(_Section):
@@ -213,6 +254,20 @@ class LearnerConfig(_Section):
     num_gpus: float = Field(default=0.0, ge=0)
 
 
+class ControlConfig(_Section):
+    """Who may command a running processor through the control topic: a command carries an
+    HMAC-SHA256 signature made with the key in the environment variable ``key_env`` (the
+    processor's and the sender's; ``ttt-stream rollback`` signs with it). Without the key every
+    command is refused."""
+
+    key_env: str = Field(default="TTT_STREAM_CONTROL_KEY", min_length=1)
+    # A signed command older than this (or from further in the future) is refused: a copy of
+    # one cannot be sent again later.
+    max_age_s: float = Field(default=300.0, gt=0)
+    # At most one rollback asked for through the control topic per this many seconds.
+    min_rollback_interval_s: float = Field(default=60.0, ge=0)
+
+
 class ProcessorConfig(_Section):
     """How ``ttt-stream run`` reads the documents topic and adapts."""
 
@@ -228,7 +283,17 @@ class ProcessorConfig(_Section):
     # per_document: reset each time.
     scope: Literal["global", "per_key", "per_document"] = "global"
     max_keys_in_memory: int = Field(default=64, ge=1)
+    # per_key: keys a worker holds in all, in memory and spilled to spill_dir; past it the least
+    # recently read key is forgotten. The spill directory, and the driver at a checkpoint (it
+    # gathers every held state), hold up to max_keys x one state's size (a worker logs both at
+    # start: 2.4 MB a key for the shipped model, 63 MB for Qwen3-0.6B with 5 TTT layers).
+    max_keys: int = Field(default=1024, ge=1)
+    # per_key: a key unread for this many of its worker's documents is forgotten (None: kept
+    # until max_keys pushes it out).
+    key_retention_documents: int | None = Field(default=None, ge=1)
     spill_dir: Path = Path("data/spill")
+    # Records larger than this go to the dead-letter topic unread (before any parsing).
+    max_document_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_document_tokens: int = Field(default=32768, ge=2)
     # split: read an oversize document in windows of max_document_tokens (the attention cache
     # restarts, the fast weights carry over); reject: send it to the dead-letter topic.
@@ -245,6 +310,10 @@ class ProcessorConfig(_Section):
     batch_tokens: int = Field(default=16384, ge=2)
     max_restarts: int = Field(default=3, ge=0)
     max_attempts: int = Field(default=3, ge=1)
+    # A worker still reading one document after this many seconds (counted from when its earlier
+    # documents were done) is restarted: the document counts as one that killed its worker
+    # (max_attempts). None: no deadline.
+    document_timeout_s: float | None = Field(default=600.0, gt=0)
     restart_timeout_s: float = Field(default=300.0, gt=0)
     poll_timeout_ms: int = Field(default=200, ge=1)
     commit_interval_s: float = Field(default=5.0, gt=0)
@@ -257,6 +326,7 @@ class ProcessorConfig(_Section):
     # None: every document on a single worker.
     context_parallel: ContextParallelConfig | None = None
     learner: LearnerConfig = LearnerConfig()
+    control: ControlConfig = ControlConfig()
 
     @property
     def documents_per_call(self) -> int:
@@ -305,6 +375,9 @@ class AppConfig(_Section):
             where = "model.ttt.objective" if "objective" in self.model.ttt else f"{self.model.path}/config.json ttt.objective"
             raise ValueError(f"processor.context_parallel needs the in_place objective (the gradient objective "
                              f"trains between chunks); set by {where}")
+        if self.processor.max_keys < self.processor.max_keys_in_memory:
+            raise ValueError(f"processor.max_keys {self.processor.max_keys} is below processor.max_keys_in_memory "
+                             f"{self.processor.max_keys_in_memory}")
         if self.processor.context_parallel.min_tokens > self.processor.max_document_tokens:
             raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "
                              "no window would reach the group")
@@ -323,7 +396,8 @@ class AppConfig(_Section):
         return self
 
     def digest(self) -> str:
-        """sha256 of the validated config, stable across key order; recorded with checkpoints."""
+        """sha256 of the validated config, stable across key order, secrets left out (they dump
+        as **********); recorded with checkpoints."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -1,50 +1,143 @@
-"""The control topic: commands to a running processor (``{"action": "rollback", "to": V}``)."""
+"""The control topic: signed commands to a running processor (``{"action": "rollback", "to": V,
+"request_id": ..., "issued_at": T, "signature": HMAC}``, or ``{"action": "forget", "key": K,
+...}``: erase one tenant's per-key state).
+
+Anyone who can write to the topic can send a record; only a holder of the control key (the
+environment variable named by ``processor.control.key_env``) can send a command. The signature is
+HMAC-SHA256 over the command's canonical JSON (sorted keys, no spaces, without the signature);
+``issued_at`` bounds its age, and a signature is taken once.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import math
+import os
+import time
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.config import KafkaConfig
+from pipeline.config import ControlConfig, KafkaConfig
+from pipeline.messages import MAX_KEY_CHARS
+from pipeline.untrusted_json import UntrustedJSONError, loads_untrusted
 
 log = logging.getLogger(__name__)
-ACTIONS = ("rollback",)
+ACTIONS = ("rollback", "forget")
+# A command is a few fields; anything longer is not one.
+MAX_COMMAND_BYTES = 4096
+SIGNATURE = "signature"
 
 
 @dataclass(frozen=True)
 class ControlCommand:
     action: str
-    to: str
+    to: str | None = None  # rollback: a version, an alias, or base
     request_id: str | None = None
+    key: str | None = None  # forget: the tenant's key
 
 
-def parse_command(value: bytes | None) -> ControlCommand | str:
-    """A command, or why the message is not one."""
+def key_digest(key: str) -> str:
+    """How a forgotten key is named in tags and alerts: not the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def control_key(config: ControlConfig, environ: Mapping[str, str] = os.environ) -> bytes | None:
+    key = environ.get(config.key_env)
+    return key.encode() if key else None
+
+
+def _canonical(message: dict[str, Any]) -> bytes:
+    unsigned = {k: v for k, v in message.items() if k != SIGNATURE}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sign_command(message: dict[str, Any], key: bytes, now: float | None = None) -> dict[str, Any]:
+    """``message`` with ``issued_at`` and its signature."""
+    signed = {**message, "issued_at": time.time() if now is None else now}
+    signed[SIGNATURE] = hmac.new(key, _canonical(signed), hashlib.sha256).hexdigest()
+    return signed
+
+
+class CommandVerifier:
+    """Takes a command only if signed with ``key``, recent, and not taken before."""
+
+    def __init__(self, key: bytes | None, config: ControlConfig, clock: Callable[[], float] = time.time):
+        self.key = key
+        self.config = config
+        self.clock = clock
+        self._taken: dict[str, float] = {}  # signature -> issued_at, while it is young enough to matter
+
+    def refusal(self, message: dict[str, Any]) -> str | None:
+        """Why ``message`` is not taken as a command (None: it is, and is now spent)."""
+        if self.key is None:
+            return f"refused: no control key in ${self.config.key_env} on the processor"
+        signature = message.get(SIGNATURE)
+        if not isinstance(signature, str):
+            return "refused: unsigned command"
+        expected = hmac.new(self.key, _canonical(message), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            return "refused: bad signature"
+        issued = message.get("issued_at")
+        now = self.clock()
+        if not isinstance(issued, (int, float)) or isinstance(issued, bool) or not math.isfinite(issued):
+            return "refused: no issued_at"
+        if abs(now - issued) > self.config.max_age_s:
+            return f"refused: issued {now - issued:.0f} s ago (processor.control.max_age_s {self.config.max_age_s:g})"
+        self._taken = {s: t for s, t in self._taken.items() if now - t <= self.config.max_age_s}
+        if signature in self._taken:
+            return "refused: replayed command"
+        self._taken[signature] = issued
+        return None
+
+
+def parse_command(value: bytes | None, verifier: CommandVerifier) -> ControlCommand | str:
+    """A command, or why the record is not one."""
+    if value is not None and len(value) > MAX_COMMAND_BYTES:
+        return f"too large: {len(value)} bytes > {MAX_COMMAND_BYTES}"
     try:
-        message = json.loads(value or b"")
-    except ValueError as err:
-        return f"bad JSON: {err}"
+        message = loads_untrusted((value or b"").decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return f"invalid UTF-8 at byte {err.start}: {err.reason}"
+    except UntrustedJSONError as err:
+        return str(err)
     if not isinstance(message, dict) or message.get("action") not in ACTIONS:
-        return f"unknown action {message.get('action') if isinstance(message, dict) else message!r}; known: {ACTIONS}"
-    to = message.get("to")
-    if not isinstance(to, (str, int)) or isinstance(to, bool) or not str(to):
-        return "rollback needs 'to': a version number or an alias such as last-good"
+        action = message.get("action") if isinstance(message, dict) else message
+        return f"unknown action {str(action)[:64]!r}; known: {ACTIONS}"
+    to, key = message.get("to"), message.get("key")
+    if message["action"] == "rollback":
+        if not isinstance(to, (str, int)) or isinstance(to, bool) or not str(to) or len(str(to)) > 64:
+            return "rollback needs 'to': a version number or an alias such as last-good"
+        to = str(to)
+    elif not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+        return f"forget needs 'key': a string of at most {MAX_KEY_CHARS} characters"
+    refusal = verifier.refusal(message)
+    if refusal is not None:
+        return refusal
     request_id = message.get("request_id")
-    return ControlCommand(message["action"], str(to), str(request_id) if request_id is not None else None)
+    request_id = str(request_id)[:128] if request_id is not None else None
+    if message["action"] == "rollback":
+        return ControlCommand("rollback", to, request_id)
+    return ControlCommand("forget", request_id=request_id, key=key)
 
 
 class ControlSource:
     """Reads new commands (committed under ``<group_id>.control``; a first start skips old ones)."""
 
-    def __init__(self, config: KafkaConfig):
+    def __init__(self, config: KafkaConfig, control: ControlConfig, environ: Mapping[str, str] = os.environ):
         self.topic = config.topics.control
+        self.verifier = CommandVerifier(control_key(control, environ), control)
+        if self.verifier.key is None:
+            log.warning("no control key in $%s: every command on %s will be refused", control.key_env, self.topic)
         self.consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap_servers, group_id=f"{config.group_id}.control",
-            auto_offset_reset="latest", **config.client, **config.consumer, enable_auto_commit=False,
+            auto_offset_reset="latest", **config.consumer_settings(), enable_auto_commit=False,
         )
         partitions = self.consumer.partitions_for_topic(self.topic) or {0}
         self.tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
@@ -52,11 +145,12 @@ class ControlSource:
         for tp in self.tps:
             self.consumer.position(tp)  # resolve "latest" now, before any command is sent
 
-    def poll(self) -> list[ControlCommand | str]:
+    def poll(self) -> list[tuple[ConsumerRecord, ControlCommand | str]]:
+        """New records, each with its command or why it is none."""
         out = []
         for tp, records in self.consumer.poll(timeout_ms=0).items():
             for record in records:
-                out.append(parse_command(record.value))
+                out.append((record, parse_command(record.value, self.verifier)))
             self.consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)})
         return out
 

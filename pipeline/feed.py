@@ -67,7 +67,7 @@ def feed(config: KafkaConfig, topic: str, messages: Iterator[FeedMessage], progr
     from tqdm import tqdm
 
     producer = KafkaProducer(
-        bootstrap_servers=config.bootstrap_servers, **{"acks": "all", **config.client, **config.producer}
+        bootstrap_servers=config.bootstrap_servers, **{"acks": "all", **config.producer_settings()}
     )
     futures = []
     try:

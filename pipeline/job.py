@@ -54,7 +54,7 @@ def worker_spec(config: AppConfig, source: BaseModelSource | None = None) -> Wor
         ttt_overrides=dict(m.ttt),
         slow=dict(m.slow),
         scope=p.scope,
-        max_keys_in_memory=p.max_keys_in_memory,
+        max_keys_in_memory=p.max_keys_in_memory, max_keys=p.max_keys, key_retention_documents=p.key_retention_documents,
         spill_dir=actor_path(p.spill_dir),
         max_document_tokens=p.max_document_tokens,
         oversize=p.oversize,
@@ -201,7 +201,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir,
                                                    learner)
             start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
-            control = ControlSource(config.kafka)
+            control = ControlSource(config.kafka, p.control)
             if p.monitor.enabled:
                 monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD),
                                              chunk_tokens=checkpointer.model_config["ttt"]["chunk_size"])

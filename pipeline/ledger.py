@@ -8,6 +8,7 @@ loop and the recovery policy change it only through these methods.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterator
@@ -25,6 +26,7 @@ class PendingDocument:
     worker: int
     attempts: int = 0  # times sent to a worker
     version: Any = None  # the learner's slow weights it reads with (fixed by its place in the ledger)
+    sent_at: float = 0.0  # time.monotonic() when it was last sent to its worker
 
     @property
     def position(self) -> tuple[int, int]:
@@ -38,6 +40,12 @@ class StreamLedger:
         self._offsets = OffsetTracker(start_offsets or {})
         self._parallel_failures: dict[tuple[int, int], int] = {}
         self._given_up: set[tuple[int, int]] = set()  # dead-lettered after a failed recovery
+        # Worker deaths with the document in flight, kept across rewinds; and the documents in
+        # flight at a death, read again one at a time until each was read once (so that a
+        # document that kills its worker is the only one in flight when it does it again).
+        self._deaths: dict[tuple[int, int], int] = {}
+        self._suspects: set[tuple[int, int]] = set()
+        self._done_at: dict[int, float] = {}  # worker -> when a document of it last came back
 
     # -- taking records in ---------------------------------------------------------------------
 
@@ -62,17 +70,33 @@ class StreamLedger:
         """Queued documents, worker by worker in queue order, while their worker has room; each
         one yielded counts as an attempt and must be passed to ``sent``."""
         per_worker = [0] * len(self._queues)
+        alone = [False] * len(self._queues)
         for pending in self._in_flight.values():
             per_worker[pending.worker] += 1
+            alone[pending.worker] |= pending.position in self._suspects
         for w, queue in enumerate(self._queues):
-            while queue and per_worker[w] < max_in_flight_per_worker:
+            while queue and per_worker[w] < max_in_flight_per_worker and not alone[w]:
+                if queue[0].position in self._suspects:
+                    if per_worker[w]:
+                        break
+                    alone[w] = True
                 pending = queue.popleft()
                 pending.attempts += 1
                 per_worker[w] += 1
                 yield pending
 
     def sent(self, handle: Hashable, pending: PendingDocument) -> None:
+        pending.sent_at = time.monotonic()
         self._in_flight[handle] = pending
+
+    def reading_since(self, now: float) -> dict[int, tuple[PendingDocument, float]]:
+        """Per worker with documents in flight: the one it reads now (its oldest, as it reads
+        them in order) and since when (sent, or its predecessor done, whichever was later)."""
+        out: dict[int, tuple[PendingDocument, float]] = {}
+        for pending in self._in_flight.values():
+            if pending.worker not in out:
+                out[pending.worker] = (pending, max(pending.sent_at, self._done_at.get(pending.worker, 0.0)))
+        return out
 
     def handles(self, worker: int | None = None) -> list[Hashable]:
         """The handles in flight (on ``worker``, when given)."""
@@ -80,11 +104,18 @@ class StreamLedger:
 
     def take(self, handle: Hashable) -> PendingDocument | None:
         """The document of a done handle, no longer in flight (None: already dealt with)."""
-        return self._in_flight.pop(handle, None)
+        pending = self._in_flight.pop(handle, None)
+        if pending is not None:
+            self._done_at[pending.worker] = time.monotonic()
+        return pending
 
     def finished(self, pending: PendingDocument) -> None:
         """Its output (result or dead letter) is on its way: its offset may be committed."""
         self._offsets.finished(*pending.position)
+        self._suspects.discard(pending.position)
+
+    def in_flight_on(self, worker: int) -> list[PendingDocument]:
+        return [p for p in self._in_flight.values() if p.worker == worker]
 
     # -- recovery --------------------------------------------------------------------------------
 
@@ -104,6 +135,14 @@ class StreamLedger:
     def give_up(self, pending: PendingDocument) -> None:
         """The document (finished: it went to the dead-letter topic) is passed over if read again."""
         self._given_up.add(pending.position)
+
+    def worker_died(self, documents: list[PendingDocument]) -> dict[tuple[int, int], int]:
+        """Count a death for each document in flight on a worker that died; they are read again
+        one at a time. Returns each one's deaths so far (kept across rewinds)."""
+        for pending in documents:
+            self._deaths[pending.position] = self._deaths.get(pending.position, 0) + 1
+            self._suspects.add(pending.position)
+        return {p.position: self._deaths[p.position] for p in documents}
 
     def parallel_failure(self, pending: PendingDocument) -> int:
         """Count one failed context-parallel read of this document; returns the count so far

@@ -7,6 +7,8 @@ not a server here: the stream processor starts it in-process (see ``actors.runti
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import logging
 import os
@@ -49,15 +51,16 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def broker_answers(bootstrap_servers: str, timeout_s: float = 5.0) -> bool:
-    """True if a Kafka-protocol broker answers a metadata request."""
+def broker_answers(bootstrap_servers: str, timeout_s: float = 5.0, client: dict[str, Any] | None = None) -> bool:
+    """True if a Kafka-protocol broker answers a metadata request (``client``: kafka-python
+    settings such as SASL_SSL's, as ``KafkaConfig.client_settings`` gives them)."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
     try:
         admin = KafkaAdminClient(
             bootstrap_servers=bootstrap_servers,
-            request_timeout_ms=int(timeout_s * 1000),
+            **{**(client or {}), "request_timeout_ms": int(timeout_s * 1000)},
         )
     except (KafkaError, OSError, ValueError):
         return False

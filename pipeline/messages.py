@@ -2,7 +2,8 @@
 
 A document is JSON ``{"id": str, "text": str, "key": str?, "meta": {}?}`` or plain UTF-8 text
 (its id is then ``topic/partition/offset``). Anything else is rejected with a reason and goes,
-bytes unchanged, to the dead-letter topic.
+bytes unchanged, to the dead-letter topic: more than ``max_bytes``, JSON that is not strict
+(``pipeline.untrusted_json``), an id or key longer than ``MAX_ID_CHARS`` / ``MAX_KEY_CHARS``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.document_worker import DocumentOutcome, DocumentTask
+from actors.call_types import DocumentOutcome, DocumentTask
+from pipeline.untrusted_json import UntrustedJSONError, loads_untrusted
 
 # Kafka Connect's convention: the original record unchanged, the error in headers.
 REASON_HEADER = "ttt.error.reason"
 SOURCE_HEADERS = ("ttt.source.topic", "ttt.source.partition", "ttt.source.offset")
+# An id names a document in results and logs, a key a tenant's state: neither is text to read.
+MAX_ID_CHARS = 256
+MAX_KEY_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,15 @@ def source_id(topic: str, partition: int, offset: int) -> str:
 
 
 def parse_document(
-    value: bytes | None, record_key: bytes | None, topic: str, partition: int, offset: int
+    value: bytes | None, record_key: bytes | None, topic: str, partition: int, offset: int, max_bytes: int,
 ) -> ParsedDocument | Rejected:
     """The document in one Kafka record, or why there is none."""
     if not value:
         return Rejected("empty message")
+    if len(value) > max_bytes:
+        return Rejected(f"too large: {len(value)} bytes > processor.max_document_bytes {max_bytes}")
+    if record_key is not None and len(record_key) > 4 * MAX_KEY_CHARS:
+        return Rejected(f"record key too long: {len(record_key)} bytes")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -48,11 +57,11 @@ def parse_document(
     if not text.lstrip().startswith(("{", "[")):
         if not text.strip():
             return Rejected("empty text")
-        return ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key, partition))
+        return _bounded(ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key, partition)))
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        return Rejected(f"bad JSON: {err.msg} at line {err.lineno} column {err.colno}")
+        doc = loads_untrusted(text)
+    except UntrustedJSONError as err:
+        return Rejected(str(err))
     if not isinstance(doc, dict):
         return Rejected(f"JSON message must be an object, got {type(doc).__name__}")
     if "text" not in doc:
@@ -63,7 +72,7 @@ def parse_document(
         return Rejected("empty text")
     doc_id = doc.get("id", source_id(topic, partition, offset))
     if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or doc_id == "":
-        return Rejected(f"field 'id' must be a non-empty string, got {doc_id!r}")
+        return Rejected(f"field 'id' must be a non-empty string, got {str(doc_id)[:64]!r}")
     doc_key = doc.get("key", key)
     if doc_key is not None and not isinstance(doc_key, str):
         return Rejected(f"field 'key' must be a string, got {type(doc_key).__name__}")
@@ -71,7 +80,16 @@ def parse_document(
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
         return Rejected(f"field 'meta' must be an object, got {type(meta).__name__}")
-    return ParsedDocument(DocumentTask(str(doc_id), doc["text"], doc_key, partition), meta)
+    return _bounded(ParsedDocument(DocumentTask(str(doc_id), doc["text"], doc_key, partition), meta))
+
+
+def _bounded(parsed: ParsedDocument) -> ParsedDocument | Rejected:
+    task = parsed.task
+    if len(task.id) > MAX_ID_CHARS:
+        return Rejected(f"id too long: {len(task.id)} characters > {MAX_ID_CHARS}")
+    if task.key is not None and len(task.key) > MAX_KEY_CHARS:
+        return Rejected(f"key too long: {len(task.key)} characters > {MAX_KEY_CHARS}")
+    return parsed
 
 
 def _decode_key(record_key: bytes | None) -> str | None:

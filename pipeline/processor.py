@@ -10,6 +10,7 @@ only after the broker acknowledged every output for what lies below.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable
@@ -18,8 +19,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
 from pipeline.messages import Rejected, dead_letter_headers, parse_document, result_message
-from pipeline.checkpoint import LAST_GOOD, StreamCheckpointer
-from pipeline.control import ControlSource
+from pipeline.checkpoint import BASE, LAST_GOOD, StreamCheckpointer
+from pipeline.control import ControlCommand, ControlSource, key_digest
 from pipeline.ledger import PendingDocument, StreamLedger
 from pipeline.metrics import StreamMetrics, partition_lag
 from pipeline.monitor import Breach, DegradationMonitor
@@ -71,6 +72,8 @@ class StreamProcessor:
         self.unread_partitions: list[int] = []  # partitions added to the topic while running
         self._rolling_back = False
         self._breach_at_documents = 0
+        self._restarting: set[int] = set()  # workers restarted for a deadline, until their recovery
+        self._last_commanded_rollback = -math.inf  # monotonic time of the last one the control topic asked for
         self.summary = RunSummary()
         self.recovery = RecoveryPolicy(config, self.ledger, pool, source, self.worker_of, checkpointer,
                                        self.summary, self._finish_rejected, learner)
@@ -99,6 +102,7 @@ class StreamProcessor:
                 if self._collect(timeout_s=0.0 if records else cfg.poll_timeout_ms / 1000):
                     last_activity = time.monotonic()
                 now = time.monotonic()
+                self._enforce_deadline(now)
                 if self.checkpointer is not None:
                     if self.checkpointer.due(now):
                         self._checkpoint("periodic")
@@ -144,7 +148,8 @@ class StreamProcessor:
         if self.ledger.given_up(record):
             self.ledger.passed_over(record)
             return
-        parsed = parse_document(record.value, record.key, record.topic, record.partition, record.offset)
+        parsed = parse_document(record.value, record.key, record.topic, record.partition, record.offset,
+                                self.config.max_document_bytes)
         if isinstance(parsed, Rejected):
             self._dead_letter(record, parsed.reason)
             self.ledger.passed_over(record)
@@ -189,6 +194,7 @@ class StreamProcessor:
                 if self.learner is not None:
                     self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
                 self.recovery.worker_died(pending)
+                self._restarting.discard(pending.worker)
                 continue
             except ContextParallelFailure as err:
                 self.recovery.context_parallel_failed(pending, str(err))
@@ -212,6 +218,20 @@ class StreamProcessor:
                 if breach is not None:
                     self._on_breach(breach)
         return len(ready)
+
+    def _enforce_deadline(self, now: float) -> None:
+        timeout = self.config.document_timeout_s
+        if timeout is None:
+            return
+        for w, (pending, since) in self.ledger.reading_since(now).items():
+            if now - since > timeout and w not in self._restarting:
+                log.warning("worker %s has read %s/%d for %.0f s (processor.document_timeout_s %g): restarting it",
+                            self.pool.names[w], *pending.position, now - since, timeout)
+                self.sinks.alert({"type": "document_timeout", "stream": self.stream, "worker": self.pool.names[w],
+                                  "document": pending.parsed.task.id, "seconds": round(now - since, 1),
+                                  "time": time.time()})
+                self._restarting.add(w)  # its calls now fail with WorkerDied: recovery takes it from there
+                self.pool.restart(w)
 
     def _finish_rejected(self, pending: PendingDocument, reason: str) -> None:
         self._dead_letter(pending.record, reason)
@@ -271,14 +291,56 @@ class StreamProcessor:
             self.rollback(LAST_GOOD, cause=breach.rule)
 
     def _handle_commands(self) -> None:
-        for command in self.control.poll():
-            if isinstance(command, str):
-                self.sinks.alert({"type": "control_error", "stream": self.stream, "error": command, "time": time.time()})
-            elif self.checkpointer is None:
-                self.sinks.alert({"type": "control_error", "stream": self.stream, "request_id": command.request_id,
-                                  "error": "rollback needs processor.checkpoint.enabled", "time": time.time()})
-            else:
-                self.rollback(command.to, cause="manual", request_id=command.request_id)
+        for record, command in self.control.poll():
+            refusal = command if isinstance(command, str) else self._refusal(command)
+            if refusal is not None:
+                # Never executed: alerted, and the record kept in the dead-letter topic.
+                log.warning("control record %s/%d/%d refused: %s", record.topic, record.partition, record.offset, refusal)
+                self.sinks.alert({"type": "control_error", "stream": self.stream, "error": refusal,
+                                  "request_id": None if isinstance(command, str) else command.request_id,
+                                  "time": time.time()})
+                self._dead_letter(record, refusal)
+                continue
+            if command.action == "forget":
+                self.forget(command.key, request_id=command.request_id)
+                continue
+            self._last_commanded_rollback = time.monotonic()
+            self.rollback(command.to, cause="manual", request_id=command.request_id)
+
+    def _refusal(self, command: ControlCommand) -> str | None:
+        """Why a signed command is still not carried out (None: it is)."""
+        if self.checkpointer is None:
+            return f"{command.action} needs processor.checkpoint.enabled"
+        if command.action == "forget":
+            return None if self.config.scope == "per_key" else (
+                f"refused: forget erases a per_key state; this stream's scope is {self.config.scope!r}")
+        if command.to not in (BASE, LAST_GOOD):
+            try:
+                known = self.checkpointer.store.resolve(command.to) is not None
+            except Exception:  # noqa: BLE001 - MLflow out of reach: the rollback itself reports it
+                known = True
+            if not known:
+                return f"refused: {self.checkpointer.store.name} has no version {command.to!r}"
+        since = time.monotonic() - self._last_commanded_rollback
+        interval = self.config.control.min_rollback_interval_s
+        if since < interval:
+            return (f"refused: a rollback was asked for {since:.0f} s ago "
+                    f"(processor.control.min_rollback_interval_s {interval:g})")
+        return None
+
+    def forget(self, key: str, request_id: str | None = None) -> str | None:
+        """Erase ``key``'s per-key state on every worker (in memory, spilled, its replay buffer
+        with it) and write a version without it; returns that version. Documents of the key read
+        after this start a new state; earlier versions in MLflow keep theirs until retention."""
+        while self.ledger.in_flight:  # documents already on the workers finish first
+            self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
+        held = sum(self.pool.forget(w, key) for w in range(len(self.pool.names)))
+        version = self._checkpoint("forget")
+        digest = key_digest(key)
+        log.info("forgot key %s (held by %d workers): version %s", digest, held, version)
+        self.sinks.alert({"type": "forget", "stream": self.stream, "key_sha256": digest, "held": held,
+                          "version": version, "request_id": request_id, "time": time.time()})
+        return version
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
         """Every worker back to the states of version ``target`` (number or alias), recorded as a

@@ -2,7 +2,9 @@
 
 - A worker died (``worker_died``). With checkpoints: the restarted worker takes the states of
   the last checkpoint and its partitions are read again from that checkpoint's offsets (states
-  exactly once; the results since then are sent again: results at least once). Without: the
+  exactly once; the results since then are sent again: results at least once). The documents
+  in flight at the death are read again one at a time; one that kills its worker alone
+  ``max_attempts`` times (deaths counted across rewinds) goes to the dead-letter topic. Without: the
   documents it held go back to the head of its queue for the restarted worker (best effort: its
   state starts over).
 - A context-parallel read failed (``context_parallel_failed``): the worker is alive but may
@@ -62,6 +64,14 @@ class RecoveryPolicy:
 
     def worker_died(self, pending: PendingDocument) -> None:
         if self.checkpointer is not None and self.learner is None:
+            suspects = [pending, *self.ledger.in_flight_on(pending.worker)]
+            deaths = self.ledger.worker_died(suspects)
+            if len(suspects) == 1 and deaths[pending.position] >= self.config.max_attempts:
+                # Alone in flight, again: this document kills its worker. It goes to the
+                # dead-letter topic once and is passed over when the partition is read again.
+                self.reject(pending, f"its worker died {deaths[pending.position]} times reading it "
+                                     "(a crash, or processor.document_timeout_s)")
+                self.ledger.give_up(pending)
             self._back_to_checkpoint(pending.worker, restarted=True)
         else:
             self._retry_on_restart(pending)

@@ -24,7 +24,7 @@ class KafkaSinks:
         self.topics = config.topics
         self.producer = KafkaProducer(
             bootstrap_servers=config.bootstrap_servers,
-            **{"acks": "all", "linger_ms": 5, **config.client, **config.producer},
+            **{"acks": "all", "linger_ms": 5, **config.producer_settings()},
         )
         self._pending: list[FutureRecordMetadata] = []
         self.counts = {"results": 0, "metrics": 0, "alerts": 0, "dead_letter": 0}
@@ -34,13 +34,13 @@ class KafkaSinks:
         self.counts[kind] += 1
 
     def result(self, message: dict[str, Any]) -> None:
-        self._send("results", self.topics.results, _json(message), message["id"].encode())
+        self._send("results", self.topics.results, encode_json(message), message["id"].encode())
 
     def metrics(self, message: dict[str, Any]) -> None:
-        self._send("metrics", self.topics.metrics, _json(message), None)
+        self._send("metrics", self.topics.metrics, encode_json(message), None)
 
     def alert(self, message: dict[str, Any]) -> None:
-        self._send("alerts", self.topics.alerts, _json(message), None)
+        self._send("alerts", self.topics.alerts, encode_json(message), None)
 
     def dead_letter(self, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         self._send("dead_letter", self.topics.dead_letter, value if value is not None else b"", key, headers)
@@ -57,5 +57,5 @@ class KafkaSinks:
         self.producer.close(timeout=10)
 
 
-def _json(message: dict[str, Any]) -> bytes:
+def encode_json(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()

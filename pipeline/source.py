@@ -32,10 +32,9 @@ class KafkaDocumentSource:
             bootstrap_servers=config.bootstrap_servers,
             group_id=config.group_id,
             auto_offset_reset="earliest",
-            **config.client,
             # Metadata every 30 s (kafka-python's default is 5 min): partitions added to the topic
             # while the stream runs are seen soon (unassigned_partitions).
-            **{"metadata_max_age_ms": 30_000, **config.consumer},
+            **{"metadata_max_age_ms": 30_000, **config.consumer_settings()},
             enable_auto_commit=False,
         )
         self._tps = [TopicPartition(self.topic, p) for p in self._wait_for_partitions(metadata_timeout_s)]

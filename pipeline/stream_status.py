@@ -15,7 +15,7 @@ from pipeline.config import KafkaConfig
 def read_stream_status(config: KafkaConfig, timeout_s: float = 3.0) -> dict[str, Any]:
     consumer = KafkaConsumer(
         bootstrap_servers=config.bootstrap_servers, group_id=config.group_id, enable_auto_commit=False,
-        auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000), **config.client,
+        auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000), **config.consumer_settings(),
     )
     try:
         return {"last_report": _last_report(consumer, config.topics.metrics), "partitions": _offsets(consumer, config)}

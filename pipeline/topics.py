@@ -20,7 +20,7 @@ def stream_topics(config: KafkaConfig) -> list[str]:
 
 def ensure_topics(config: KafkaConfig) -> list[str]:
     """Create the stream's topics that do not exist yet; return the names it created."""
-    admin = KafkaAdminClient(bootstrap_servers=config.bootstrap_servers, **config.client)
+    admin = KafkaAdminClient(bootstrap_servers=config.bootstrap_servers, **config.client_settings())
     try:
         existing = set(admin.list_topics())
         missing = [name for name in stream_topics(config) if name not in existing]
@@ -30,7 +30,11 @@ def ensure_topics(config: KafkaConfig) -> list[str]:
             # outputs and control, read in order by one consumer.
             partitions = config.topics.partitions if name == config.topics.documents else 1
             try:
-                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+                topics = config.topics
+                settings = ({"min.insync.replicas": str(topics.min_insync_replicas)}
+                            if topics.min_insync_replicas is not None else {})
+                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=topics.replication_factor,
+                                              topic_configs=settings)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass

@@ -71,6 +71,14 @@ class WorkerPool(Protocol):
         """Block until ``worker`` answers (a restarted one: its model loaded); False if it does
         not within ``timeout_s``."""
 
+    def forget(self, worker: int, key: str) -> bool:
+        """Drop ``key``'s per-key state on ``worker`` (after what was submitted before); whether
+        it held one."""
+
+    def restart(self, worker: int) -> None:
+        """Stop ``worker`` where it is (a document past its deadline) and start it again: what it
+        held in flight fails with WorkerDied."""
+
 
 class Learner(Protocol):
     """The stream's learner (actors.learner) as the processor sees it."""
@@ -177,6 +185,12 @@ class RayWorkerPool:
 
     def restore(self, worker: int, blobs: list[StateBlob]) -> None:
         ray.get(self.actors[worker].restore.remote(blobs))
+
+    def forget(self, worker: int, key: str) -> bool:
+        return ray.get(self.actors[worker].forget.remote(key))
+
+    def restart(self, worker: int) -> None:
+        ray.kill(self.actors[worker], no_restart=False)
 
     def wait_ready(self, worker: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

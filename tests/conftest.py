@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -10,6 +12,11 @@ import yaml
 
 from pipeline.config import AppConfig, parse_config
 from pipeline.local_stack import LocalStack
+
+
+# The control topic's signing key (processor.control): the processors these tests start and the
+# `ttt-stream rollback` they call share it through the environment.
+os.environ.setdefault("TTT_STREAM_CONTROL_KEY", secrets.token_hex(32))
 
 
 def free_port() -> int:

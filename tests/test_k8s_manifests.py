@@ -82,3 +82,34 @@ def test_the_image_installs_the_pinned_set_and_this_project():
     for package in ("actors", "pipeline", "ttt_model", "configs"):
         assert f"COPY {package} {package}" in dockerfile
     assert "WORKDIR /app" in dockerfile
+
+
+def test_the_cluster_is_locked_down():
+    spec = manifest("raycluster.yaml")["spec"]
+    assert spec["authOptions"] == {"mode": "token"}  # Ray's token on the dashboard, Jobs API, GCS
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["runAsUser"] != 0
+        for container in containers(pod):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            # Every pod gets the credentials it needs (the workers fetch models:/ from MLflow).
+            assert {"secretRef": {"name": "ttt-stream-secrets"}} in container["envFrom"]
+        for volume in pod["spec"].get("volumes", []):
+            if "emptyDir" in volume:
+                assert volume["emptyDir"].get("sizeLimit"), volume  # spill files cannot fill the node
+    assert re.search(r"^USER 1000$", (K8S / "Dockerfile").read_text(), re.M)
+
+
+def test_the_network_policy_admits_only_the_cluster_the_submitters_and_prometheus():
+    policy = manifest("networkpolicy.yaml")
+    cluster = manifest("raycluster.yaml")["metadata"]["name"]
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/cluster": cluster}}
+    rules = policy["spec"]["ingress"]
+    open_rules = [r for r in rules if "ports" not in r]
+    assert open_rules == [{"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": cluster}}}]}]
+    ported = {p["port"] for r in rules if "ports" in r for p in r["ports"]}
+    head_ports = {p["containerPort"] for p in containers(manifest("raycluster.yaml")["spec"]["headGroupSpec"]["template"])[0]["ports"]}
+    assert ported == {8265, 9464} and ported <= head_ports  # the Jobs API and the stream's metrics, nothing else

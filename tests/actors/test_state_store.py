@@ -86,3 +86,56 @@ def test_restore_refuses_a_blob_whose_bytes_do_not_match_its_hash(model, tmp_pat
     with pytest.raises(StateIntegrityError, match="sha256"):
         store.restore([bad])
     assert store.get(None).state.fast.layers[0].delta.eq(4.0).all()  # the current state is kept
+
+
+def files(path):
+    return len(list(path.glob("*.safetensors")))
+
+
+def test_ten_thousand_keys_stay_within_the_key_and_disk_bounds(model, tmp_path):
+    store = StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=4,
+                       spill_dir=tmp_path, max_keys=16)
+    one_state = len(store.get("probe").state.to_bytes())
+    for i in range(10_000):
+        marked(store, f"tenant-{i}", float(i))
+        assert store.in_memory <= 4 and len(store) <= 16
+    assert files(tmp_path) == 12  # the rest of the 16 held, and nothing else
+    assert sum(f.stat().st_size for f in tmp_path.glob("*.safetensors")) < 12 * (one_state + 4096)
+    assert store.expired == 10_001 - 16  # "probe" too
+    # The most recent 16 keys are the ones held, each with its own state.
+    assert sorted(b.key for b in store.snapshot()) == sorted(f"tenant-{i}" for i in range(10_000 - 16, 10_000))
+    assert store.get("tenant-9990").state.fast.layers[0].delta.eq(9990.0).all()
+
+
+def test_a_reloaded_key_s_spill_file_is_deleted_and_a_forgotten_key_leaves_nothing(model, tmp_path):
+    store = StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=1, spill_dir=tmp_path)
+    marked(store, "a", 1.0)
+    marked(store, "b", 2.0)
+    assert files(tmp_path) == 1
+    store.get("a")  # "a" back in memory (its file deleted), "b" spilled
+    assert files(tmp_path) == 1 and store.reloads == 1
+    assert store.forget("b") and files(tmp_path) == 0 and "b" not in store
+    assert store.forget("a") and len(store) == 0 and not store.forget("a")
+
+
+def test_keys_unread_for_the_retention_are_forgotten_and_a_restore_forgets_the_same(model, tmp_path):
+    def new_store(path):
+        return StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=2,
+                          spill_dir=path, retention_documents=5)
+
+    order = [f"k{i % 7}" if i % 3 else "hot" for i in range(60)] + [f"late-{i}" for i in range(8)]
+    straight = new_store(tmp_path / "straight")
+    for i, key in enumerate(order):
+        marked(straight, key, float(i))
+    assert straight.expired > 0 and "k1" not in straight and "hot" not in straight
+    # Half way, a snapshot into a new store (a worker restored from a checkpoint): the keys it
+    # forgets afterwards, and the states it ends with, are the same.
+    first = new_store(tmp_path / "first")
+    for i, key in enumerate(order[:30]):
+        marked(first, key, float(i))
+    restored = new_store(tmp_path / "restored")
+    restored.restore(first.snapshot())
+    for i, key in enumerate(order[30:], start=30):
+        marked(restored, key, float(i))
+    assert [(b.key, b.sha256, b.last_read) for b in restored.snapshot()] == \
+        [(b.key, b.sha256, b.last_read) for b in straight.snapshot()]

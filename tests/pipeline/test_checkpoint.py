@@ -1,6 +1,7 @@
 """Checkpoints on the real MLflow server: versions, aliases, verification on load."""
 
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,56 @@ def test_a_tampered_or_missing_artifact_fails_clearly(store, stack):
         store.load(version)
     with pytest.raises(CheckpointError, match="no version is aliased"):
         store.load(LAST_GOOD)
+
+
+def uploaded_states(store, version) -> list[str]:
+    run_id = store.client.get_model_version(store.name, version).run_id
+    from pipeline.checkpoint import ARTIFACT_DIR, PYFUNC_CHECKPOINT
+
+    root = f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/states"
+    return [f.path for d in store.client.list_artifacts(run_id, root) for f in store.client.list_artifacts(run_id, d.path)]
+
+
+def test_a_checkpoint_uploads_only_the_states_that_changed_and_loads_whole(store, stack):
+    first = request(1.0, {0: 5}, None)
+    v1 = store.save(first)
+    assert len(uploaded_states(store, v1)) == 3
+    changed = request(1.0, {0: 9}, v1)
+    changed.states["w-1"][1] = blob("b", 7.0, 3, 3)  # one key read since: its state changed
+    v2 = store.save(changed)
+    assert len(uploaded_states(store, v2)) == 1  # b's, and nothing else
+    # A store that never saw v1 loads v2 whole, every file hash-checked, the reused ones from v1's run.
+    fresh = CheckpointStore(stack.mlflow, store.stream)
+    loaded = fresh.load(v2)
+    assert {w: [(b.key, b.data) for b in blobs] for w, blobs in loaded.states.items()} == \
+        {w: [(b.key, b.data) for b in blobs] for w, blobs in changed.states.items()}
+    # The next version from that store reuses what v1 and v2 hold: nothing is uploaded.
+    v3 = fresh.save(changed)
+    assert uploaded_states(store, v3) == [] and fresh.load(v3).states == loaded.states
+    # The pyfunc (models:/...) reads a reused file from the run that wrote it, hash-checked too.
+    import mlflow
+
+    from pipeline.adapted_model import verified_state_bytes
+
+    mlflow.set_tracking_uri(stack.mlflow.tracking_uri)
+    entry = next(e for e in loaded.manifest["workers"]["w-0"])
+    assert "run_id" in entry and verified_state_bytes(Path("/nonexistent"), entry) == changed.states["w-0"][0].data
+    with pytest.raises(ValueError, match="sha256"):
+        verified_state_bytes(Path("/nonexistent"), {**entry, "sha256": "0" * 64})
+
+
+def test_retention_keeps_the_newest_the_aliased_and_the_referenced_versions(store):
+    v1 = store.save(request(1.0, {0: 1}, None))  # its files stay in use: later versions keep w-0 and a
+    versions = [v1]
+    for i in range(2, 7):
+        req = request(1.0, {0: i}, versions[-1])
+        req.states["w-1"][1] = blob("b", float(i), 3, 3)  # only b changes
+        versions.append(store.save(req))
+    store.set_alias(LAST_GOOD, versions[2])
+    deleted = store.prune(keep=2)
+    # v1 holds the unchanged files every later version reads; v3 is last-good; v5, v6 the newest.
+    assert sorted(deleted, key=int) == [versions[1], versions[3]]
+    remaining = {r["version"] for r in store.versions()}
+    assert remaining == {versions[0], versions[2], versions[4], versions[5]}
+    for version in remaining:  # each still loads whole
+        assert len(store.load(version).states["w-1"]) == 2

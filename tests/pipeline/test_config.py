@@ -118,3 +118,33 @@ def test_placement_strategies_are_ray_s_and_a_context_parallel_group_packs_by_de
         parse_config({"processor": {"placement_strategy": "spread-ish"}}, environ={})
     config = parse_config({"processor": {"context_parallel": {"world": 2}}}, environ={})
     assert (config.processor.placement_strategy, config.processor.context_parallel.placement_strategy) == ("SPREAD", "PACK")
+
+
+MARKER = "marker-pa55word-7f3a"
+
+
+def test_secrets_are_kept_secret_in_dumps_the_digest_and_the_config_command(tmp_path):
+    raw = {"kafka": {"client": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                                "sasl_plain_username": "ttt", "sasl_plain_password": MARKER},
+                     "producer": {"ssl_password": MARKER}}}
+    cfg = parse_config(raw, environ={})
+    # Clients get the secret; nothing printed or hashed holds it.
+    assert cfg.kafka.client_settings()["sasl_plain_password"] == MARKER
+    assert cfg.kafka.producer_settings() == {**cfg.kafka.client_settings(), "ssl_password": MARKER}
+    assert MARKER not in json.dumps(cfg.model_dump(mode="json")) and MARKER not in repr(cfg)
+    other = parse_config({**raw, "kafka": {**raw["kafka"], "client": {**raw["kafka"]["client"],
+                                                                       "sasl_plain_password": "another"}}}, environ={})
+    assert other.digest() == cfg.digest()  # the digest leaves secrets out
+    # From the environment, as a deployment passes it, and through `ttt-stream config`.
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"kafka": {"client": {"security_protocol": "SASL_SSL"}}}))
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "-c", str(path)], capture_output=True,
+                           text=True, cwd=ROOT, timeout=120,
+                           env={"PATH": "/usr/bin:/bin", "TTT_STREAM__KAFKA__CLIENT__SASL_PLAIN_PASSWORD": MARKER})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "sasl_plain_password: '**********'" in shown.stdout and MARKER not in shown.stdout + shown.stderr
+
+
+def test_min_insync_replicas_cannot_exceed_the_replication_factor():
+    with pytest.raises(ConfigError, match=r"min_insync_replicas 3 is above kafka.topics.replication_factor 2"):
+        parse_config({"kafka": {"topics": {"replication_factor": 2, "min_insync_replicas": 3}}}, environ={})

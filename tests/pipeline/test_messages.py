@@ -4,11 +4,14 @@ import json
 
 import pytest
 
-from pipeline.messages import ParsedDocument, Rejected, parse_document
+from pipeline.messages import MAX_ID_CHARS, MAX_KEY_CHARS, ParsedDocument, Rejected, parse_document, result_message
+from pipeline.sink import encode_json
+
+MAX_BYTES = 64 * 1024
 
 
 def parse(value, key=None):
-    return parse_document(value, key, "docs", 1, 42)
+    return parse_document(value, key, "docs", 1, 42, MAX_BYTES)
 
 
 def test_json_document_with_key_and_meta():
@@ -50,3 +53,43 @@ def test_malformed_messages_are_rejected_with_a_reason(value, reason):
     got = parse(value)
     assert isinstance(got, Rejected)
     assert got.reason.startswith(reason)
+
+
+HOSTILE = [
+    (b'{"id": "a", "text": "x", "meta": {"score": NaN}}', "bad JSON: NaN is not JSON"),
+    (b'{"id": "a", "text": "x", "meta": {"score": Infinity}}', "bad JSON: Infinity is not JSON"),
+    (b'{"id": "a", "text": "x", "meta": {"score": -Infinity}}', "bad JSON: -Infinity is not JSON"),
+    (b'{"id": "a", "text": "x", "meta": {"score": 1e400}}', "bad JSON: number 1e400 is out of range"),
+    (b'{"id": "a", "text": "x", "meta": {"n": ' + b"9" * 5000 + b"}}", "bad JSON"),
+    (b'{"id": "a", "text": "x", "meta": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2000 + b"}", "JSON nested deeper than 32"),
+    (b'{"id": "a", "text": "x", "meta": ' + b"[" * 40 + b"]" * 40 + b"}", "JSON nested deeper than 32"),
+    (b'{"id": "a", "text": "x", "key": "\\ud800"}', "invalid UTF-8: lone surrogate"),
+    (b'{"id": "\\udfff", "text": "x"}', "invalid UTF-8: lone surrogate"),
+    (b'{"id": "a", "text": "x \\ud800 y"}', "invalid UTF-8: lone surrogate"),
+    (b'{"id": "a", "text": "x", "meta": {"\\ud800": 1}}', "invalid UTF-8: lone surrogate"),
+    (json.dumps({"id": "i" * (MAX_ID_CHARS + 1), "text": "x"}).encode(), "id too long"),
+    (json.dumps({"id": "a", "text": "x", "key": "k" * (MAX_KEY_CHARS + 1)}).encode(), "key too long"),
+    (json.dumps({"id": "a", "text": "x" * MAX_BYTES}).encode(), "too large"),
+]
+
+
+@pytest.mark.parametrize("value, reason", HOSTILE)
+def test_hostile_records_are_rejected_with_a_reason_and_nothing_raises(value, reason):
+    got = parse(value)
+    assert isinstance(got, Rejected), got
+    assert got.reason.startswith(reason), got.reason
+    assert len(got.reason) < 200
+
+
+def test_a_long_record_key_is_rejected_and_plain_text_is_bounded_too():
+    assert parse(b"plain", key=b"k" * (4 * MAX_KEY_CHARS + 1)).reason.startswith("record key too long")
+    assert parse(b"plain", key="é".encode() * (MAX_KEY_CHARS + 1)).reason.startswith("key too long")
+    assert parse(b"x" * (MAX_BYTES + 1)).reason.startswith("too large")
+
+
+def test_what_is_accepted_encodes_in_the_results_topic():
+    got = parse(json.dumps({"id": "a", "text": "x", "meta": {"deep": [[[1.5]]], "u": "\u00e9"}}).encode())
+    assert isinstance(got, ParsedDocument)
+    from actors.call_types import DocumentOutcome
+
+    assert json.loads(encode_json(result_message(DocumentOutcome("a", ok=True), got.meta, 1, 42)))["meta"] == got.meta

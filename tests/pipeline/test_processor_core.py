@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 
 from kafka.consumer.fetcher import ConsumerRecord
 
 from actors.document_worker import DocumentOutcome, DocumentTask
 from actors.state_store import StateBlob
 from pipeline.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
-from pipeline.config import CheckpointConfig, MonitorConfig, ProcessorConfig
+from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, ProcessorConfig
+from pipeline.control import ControlCommand
 from pipeline.monitor import DegradationMonitor
 from pipeline.processor import StreamProcessor
 from pipeline.worker_pool import ContextParallelFailure, WorkerDied
@@ -62,6 +64,10 @@ class FakePool:
         self.restarts = 0
         self.parallel_failures: dict[str, int] = {}  # document id -> context-parallel reads that fail
         self.batches: list[int] = []  # documents per submit call
+        self.killers: set[str] = set()  # document ids that kill their worker whenever read
+        self.hangers: set[str] = set()  # document ids their worker never finishes (until restarted)
+        self.hung: dict[int, list] = {}  # worker -> handles that never finish
+        self.in_flight_at_kill: list[int] = []  # calls of the batch that killed the worker
 
     def fail_parallel(self, doc_id: str, times: int) -> None:
         self.parallel_failures[doc_id] = times
@@ -71,6 +77,8 @@ class FakePool:
 
     def submit(self, w, tasks, version=None):
         self.batches.append(len(tasks))
+        if any(t.id in self.killers for t in tasks):
+            self.in_flight_at_kill.append(len(tasks))
         return [self._submit_one(w, task) for task in tasks]
 
     def _submit_one(self, w, task):
@@ -79,6 +87,16 @@ class FakePool:
             self.die_in[w] -= 1
             if self.die_in[w] == 0:
                 self.dead[w], self.die_in[w] = True, None
+        if task.id in self.killers:
+            self.dead[w] = True
+        if task.id in self.hangers and not self.dead[w]:
+            self.hung.setdefault(w, []).append(handle)
+            self.outcomes[handle] = WorkerDied("restarted past its deadline")
+            return handle
+        if self.hung.get(w) and not self.dead[w]:  # queued behind the hung document
+            self.hung[w].append(handle)
+            self.outcomes[handle] = WorkerDied("restarted past its deadline")
+            return handle
         if self.dead[w]:
             self.outcomes[handle] = WorkerDied("killed")
         elif self.parallel_failures.get(task.id, 0) > 0:
@@ -90,7 +108,13 @@ class FakePool:
         return handle
 
     def wait(self, handles, timeout_s, every=False):
-        return list(handles)
+        hung = {h for hs in self.hung.values() for h in hs}
+        return [h for h in handles if h not in hung]
+
+    def restart(self, w):
+        self.hung.pop(w, None)  # what it held fails with WorkerDied
+        self.dead[w] = True
+        self.restarts_asked = getattr(self, "restarts_asked", 0) + 1
 
     def result(self, handle):
         outcome = self.outcomes.pop(handle)
@@ -199,13 +223,34 @@ class FakeStore:
     def record_reference_loss(self, version, loss):
         self.reference[version] = loss
 
+    def prune(self, keep):
+        return []  # retention is tested on the real MLflow (tests/pipeline/test_checkpoint.py)
+
 
 def documents(partitions: int, per_partition: int, poison: set[str] = frozenset()) -> dict[int, list[dict]]:
     return {p: [{"id": f"p{p}-{i:03d}", "text": "poison" if f"p{p}-{i:03d}" in poison else "text"}
                 for i in range(per_partition)] for p in range(partitions)}
 
 
-def processor(docs, store=None, every=5, monitor=None, **config):
+class FakeControl:
+    """Hands out ``records`` (record, command or refusal) at its ``at``-th poll."""
+
+    def __init__(self, at: int, records):
+        self.at, self.records, self.polls = at, list(records), 0
+
+    def poll(self):
+        self.polls += 1
+        if self.polls < self.at:
+            return []
+        out, self.records = self.records, []
+        return out
+
+
+def control_record(offset):
+    return ConsumerRecord("control", 0, None, offset, 0, 0, None, b"{}", [], None, -1, -1, -1)
+
+
+def processor(docs, store=None, every=5, monitor=None, control_source=None, **config):
     cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=every, every_seconds=3600, retry_initial_s=0.001,
                                                       retry_max_s=0.001, max_pending_documents=config.pop("max_pending", 1000)),
                           poll_timeout_ms=1, **config)
@@ -214,7 +259,7 @@ def processor(docs, store=None, every=5, monitor=None, **config):
     if store is not None:
         checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {p: 0 for p in docs})
     proc = StreamProcessor(cfg, source, sinks, pool, {p: p for p in docs}, stream="s", checkpointer=checkpointer,
-                           start_offsets={p: 0 for p in docs}, monitor=monitor)
+                           start_offsets={p: 0 for p in docs}, monitor=monitor, control=control_source)
     return proc, pool, source, sinks
 
 
@@ -375,3 +420,60 @@ def test_the_fast_delta_ratio_is_bounded_per_square_root_of_the_chunks_a_documen
     assert monitor.observe(grown).values["chunks"] == 16
     unscaled = DegradationMonitor(MonitorConfig(max_fast_delta_ratio=1.3, max_loss_over_base=None, max_loss_jump=None))
     assert unscaled.observe(long_and_good).rule == "delta_ratio"  # no chunk size known: the ratio itself
+
+
+def test_a_document_that_kills_its_worker_every_time_is_dead_lettered_once_and_passed_over():
+    docs = documents(2, 23)
+    straight, pool_a, _, _ = processor(docs, store=FakeStore())
+    straight.run(until_idle_s=0.05)
+
+    proc, pool, source, sinks = processor(docs, store=FakeStore(), max_attempts=3, batch_documents=4,
+                                          max_in_flight_per_worker=4)
+    pool.killers = {"p0-013"}
+    summary = proc.run(until_idle_s=0.05)
+
+    # The first death took a batch of four with it; after it the suspects were read one at a
+    # time, so that the next two deaths had the killer alone in flight.
+    assert pool.in_flight_at_kill[0] == 4 and pool.in_flight_at_kill[1:] == [1, 1]
+    assert pool.restarts == 3 and summary.dead_letters == 1
+    assert json.loads(sinks.dead_letters[0])["id"] == "p0-013"
+    # States exactly once, without the killer; the other worker never noticed.
+    assert pool.workers[0].read == [d["id"] for d in docs[0] if d["id"] != "p0-013"]
+    assert pool.workers[1].read == pool_a.workers[1].read
+    assert {r["id"] for r in sinks.results} == {d["id"] for p in docs.values() for d in p} - {"p0-013"}
+    assert source.commits[-1] == {0: 23, 1: 23}
+
+
+def test_control_refusals_are_alerted_and_dead_lettered_and_rollbacks_are_rate_limited():
+    control = FakeControl(at=30, records=[
+        (control_record(0), "refused: unsigned command"),
+        (control_record(1), ControlCommand("rollback", "99", "unknown")),
+        (control_record(2), ControlCommand("rollback", "1", "first")),
+        (control_record(3), ControlCommand("rollback", "1", "too-soon")),
+    ])
+    proc, pool, source, sinks = processor(documents(1, 40), store=FakeStore(), control_source=control,
+                                          control=ControlConfig(min_rollback_interval_s=3600))
+    summary = proc.run(until_idle_s=0.05)
+
+    refused = {a["request_id"]: a["error"] for a in sinks.alerts if a["type"] == "control_error"}
+    assert refused == {None: "refused: unsigned command", "unknown": "refused: s-ttt has no version '99'",
+                       "too-soon": refused["too-soon"]}
+    assert refused["too-soon"].startswith("refused: a rollback was asked for 0 s ago")
+    assert [a["request_id"] for a in sinks.alerts if a["type"] == "rollback"] == ["first"]
+    assert summary.dead_letters == 3 and len(sinks.dead_letters) == 3
+
+
+def test_a_document_past_its_deadline_restarts_its_worker_and_is_dead_lettered_after_max_attempts():
+    docs = documents(2, 12)
+    proc, pool, source, sinks = processor(docs, store=FakeStore(), max_attempts=2, document_timeout_s=0.2)
+    pool.hangers = {"p1-005"}
+    started = time.monotonic()
+    summary = proc.run(until_idle_s=0.05)
+
+    timeouts = [a for a in sinks.alerts if a["type"] == "document_timeout"]
+    assert [a["document"] for a in timeouts] == ["p1-005", "p1-005"] and pool.restarts == 2
+    assert time.monotonic() - started >= 0.4  # two deadlines passed
+    assert summary.dead_letters == 1 and json.loads(sinks.dead_letters[0])["id"] == "p1-005"
+    assert pool.workers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-005"]
+    assert pool.workers[0].read == [d["id"] for d in docs[0]]
+    assert source.commits[-1] == {0: 12, 1: 12}

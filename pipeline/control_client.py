@@ -1,0 +1,95 @@
+"""Commands from outside the processor: a rollback or a forget, through the control topic to a
+running processor (signed with the control key), or offline, as a new version in MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from pipeline.checkpoint import BASE, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
+from pipeline.config import AppConfig
+from pipeline.control import control_key, key_digest, sign_command
+
+
+def request_rollback(config: AppConfig, to: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """Roll a running processor back to ``to`` and wait for its record of it; adds the times
+    measured from the request."""
+    sent_at = time.time()
+    answer = request(config, {"action": "rollback", "to": to}, ("rollback", "rollback_failed"), timeout_s)
+    if answer is not None and answer["type"] == "rollback":
+        answer["serving_after_request_s"] = answer["served_at"] - sent_at
+        answer["recorded_after_request_s"] = answer["time"] - sent_at
+    return answer
+
+
+def request_forget(config: AppConfig, key: str, timeout_s: float = 60.0) -> dict[str, Any] | None:
+    """Have a running processor erase ``key``'s per-key state and write a version without it."""
+    return request(config, {"action": "forget", "key": key}, ("forget",), timeout_s)
+
+
+def request(config: AppConfig, command: dict[str, Any], answers: tuple[str, ...],
+            timeout_s: float) -> dict[str, Any] | None:
+    """Send ``command``, signed with the control key, and wait for the processor's answer to it
+    on the alerts topic (one of ``answers``, or its refusal, ``control_error``); None if none came."""
+    kafka = config.kafka
+    key = control_key(config.processor.control)
+    if key is None:
+        raise RuntimeError(f"no control key: set ${config.processor.control.key_env} to the processor's")
+    request_id = uuid.uuid4().hex
+    consumer = KafkaConsumer(
+        kafka.topics.alerts, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest",
+        enable_auto_commit=False, consumer_timeout_ms=200, **kafka.consumer_settings(),
+    )
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, **kafka.producer_settings())
+    signed = sign_command({**command, "request_id": request_id}, key)
+    producer.send(kafka.topics.control, json.dumps(signed).encode())
+    producer.flush()
+    producer.close()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for record in consumer:
+                message = json.loads(record.value)
+                if message.get("request_id") == request_id and message.get("type") in (*answers, "control_error"):
+                    return message
+    finally:
+        consumer.close()
+    return None
+
+
+def rollback_offline(config: AppConfig, to: str) -> str:
+    """A new version holding the states of ``to`` and the offsets of ``live``: the next run
+    starts from that state where the stream left off."""
+    store = CheckpointStore(config.mlflow, config.stream.name)
+    if store.resolve(LIVE) is None:
+        raise CheckpointError(f"{store.name}: no live version to roll back from")
+    live = store.load(LIVE)
+    target = Checkpoint.base(list(live.states)) if to == BASE else store.load(to)
+    return store.save(CheckpointRequest(
+        states=target.states, topic=live.manifest["offsets"]["topic"], offsets=live.offsets,
+        config_digest=live.manifest["config_digest"], base_model=live.manifest["base_model"],
+        documents=int(live.manifest["documents"]), reason="rollback", parent_version=live.version,
+        metrics={}, tags={"rollback_to": target.version, "rollback_from": live.version, "rollback_cause": "manual"},
+    ))
+
+
+def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
+    """A new version holding ``live``'s states without ``key``'s (and its offsets): the next run
+    starts without that tenant. Returns the version and how many states of the key it dropped."""
+    store = CheckpointStore(config.mlflow, config.stream.name)
+    if store.resolve(LIVE) is None:
+        raise CheckpointError(f"{store.name}: no live version to forget a key in")
+    live = store.load(LIVE)
+    states = {name: [b for b in blobs if b.key != key] for name, blobs in live.states.items()}
+    dropped = sum(len(blobs) for blobs in live.states.values()) - sum(len(blobs) for blobs in states.values())
+    version = store.save(CheckpointRequest(
+        states=states, topic=live.manifest["offsets"]["topic"], offsets=live.offsets,
+        config_digest=live.manifest["config_digest"], base_model=live.manifest["base_model"],
+        documents=int(live.manifest["documents"]), reason="forget", parent_version=live.version,
+        metrics={}, tags={"forgot_key_sha256": key_digest(key)},
+    ))
+    return version, dropped
