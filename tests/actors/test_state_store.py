@@ -115,6 +115,7 @@ def test_a_reloaded_key_s_spill_file_is_deleted_and_a_forgotten_key_leaves_nothi
     store.get("a")  # "a" back in memory (its file deleted), "b" spilled
     assert files(tmp_path) == 1 and store.reloads == 1
     assert store.forget("b") and files(tmp_path) == 0 and "b" not in store
+    assert not list(tmp_path.iterdir())  # the sha256 sidecars went too
     assert store.forget("a") and len(store) == 0 and not store.forget("a")
 
 
