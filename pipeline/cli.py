@@ -153,21 +153,25 @@ def versions(config: Path = ConfigOption) -> None:
     cfg = _load(config)
     store = CheckpointStore(cfg.mlflow, cfg.stream.name)
     rows = store.versions()
-    table = Table(title=f"{store.name} ({cfg.mlflow.tracking_uri})")
-    for column in ("version", "aliases", "reason", "parent", "documents", "adapted loss", "offsets", "created"):
-        table.add_column(column)
     import datetime
 
+    from pipeline.terminal_table import TableColumn, fitting_table
+
+    columns = [TableColumn("version"), TableColumn("aliases"), TableColumn("reason"), TableColumn("parent", 2),
+               TableColumn("documents", justify="right"), TableColumn("loss", justify="right"),
+               TableColumn("offsets", 3), TableColumn("created", 1)]
+    cells = []
     for row in rows:
         tags = row["tags"]
         reason = tags.get("reason", "-")
         if reason == "rollback":
             reason += f" to v{tags.get('rollback_to')} ({tags.get('rollback_cause')})"
-        table.add_row(
+        cells.append([
             row["version"], ",".join(row["aliases"]), reason, tags.get("parent_version", "-"),
             tags.get("documents", "-"), _fmt(row["metrics"].get("adapted_loss"), ".4f"), tags.get("offsets", "-"),
             datetime.datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S"),
-        )
+        ])
+    table = fitting_table(console, f"{store.name} ({cfg.mlflow.tracking_uri})", columns, cells)
     console.print(table)
     if not rows:
         console.print(f"no versions of {store.name} yet", markup=False)
@@ -331,17 +335,19 @@ def _print_stream_status(status: dict) -> None:
             f"{report['queued']} queued",
             markup=False, highlight=False,
         )
-        workers = Table(title="workers")
-        for column in ("worker", "alive", "restarted", "node", "partitions", "documents", "tokens", "parallel windows",
-                       "device"):
-            workers.add_column(column)
-        for w in report.get("workers", []):
-            workers.add_row(
-                w["worker"], "yes" if w.get("alive") else "no", "yes" if w.get("restarted") else "no",
-                f"{w['node_ip']} ({w['node_id'][:8]})" if w.get("node_id") else "-",
-                ",".join(map(str, w.get("partitions", []))), str(w.get("documents", "-")),
-                str(w.get("tokens", "-")), str(w.get("parallel_windows", "-")), w.get("device", "-"),
-            )
+        from pipeline.terminal_table import TableColumn, fitting_table
+
+        columns = [TableColumn("worker"), TableColumn("alive"), TableColumn("restarted", 2), TableColumn("node", 4),
+                   TableColumn("partitions"), TableColumn("documents", justify="right"),
+                   TableColumn("tokens", 1, "right"), TableColumn("parallel windows", 3, "right"),
+                   TableColumn("device", 5)]
+        cells = [[
+            w["worker"], "yes" if w.get("alive") else "no", "yes" if w.get("restarted") else "no",
+            f"{w['node_ip']} ({w['node_id'][:8]})" if w.get("node_id") else "-",
+            ",".join(map(str, w.get("partitions", []))), str(w.get("documents", "-")),
+            str(w.get("tokens", "-")), str(w.get("parallel_windows", "-")), w.get("device", "-"),
+        ] for w in report.get("workers", [])]
+        workers = fitting_table(console, "workers", columns, cells)
         console.print(workers)
         cp = report.get("context_parallel")
         if cp is not None:
@@ -431,23 +437,18 @@ def evaluate(
 
 
 def _print_status(stack: LocalStack, cfg: AppConfig) -> None:
-    table = Table(title="ttt-stream local stack")
-    for column in ("server", "address", "pid", "answers", "log"):
-        table.add_column(column)
+    from pipeline.terminal_table import TableColumn, fitting_table
+
     answers = {
         "broker": broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0, client=cfg.kafka.client_settings()),
         "mlflow": mlflow_answers(cfg.mlflow.tracking_uri),
     }
-    for server in stack.status():
-        table.add_row(
-            server.name,
-            server.url,
-            str(server.pid) if server.running else "-",
-            "yes" if answers[server.name] else "no",
-            str(server.log_path),
-        )
-    ray_where = cfg.ray.address or f"in-process (ray.init, num_cpus={cfg.ray.num_cpus})"
-    table.add_row("ray", ray_where, "-", "-", "-")
+    cells = [[server.name, server.url, str(server.pid) if server.running else "-",
+              "yes" if answers[server.name] else "no", str(server.log_path)] for server in stack.status()]
+    cells.append(["ray", cfg.ray.address or f"in-process (ray.init, num_cpus={cfg.ray.num_cpus})", "-", "-", "-"])
+    columns = [TableColumn("server"), TableColumn("address"), TableColumn("pid", 1), TableColumn("answers"),
+               TableColumn("log", 2)]
+    table = fitting_table(console, "ttt-stream local stack", columns, cells)
     console.print(table)
     topics = cfg.kafka.topics
     console.print(

@@ -41,6 +41,14 @@ def actor_path(path: str | Path) -> str:
     return str(path) if ray.is_initialized() and ships_working_dir() else str(Path(path).resolve())
 
 
+def actor_slow_settings(config: AppConfig) -> dict[str, Any]:
+    """``model.slow`` with its rehearsal file as the actors must see it (``actor_path``)."""
+    slow = dict(config.model.slow)
+    if slow.get("rehearsal_path"):
+        slow["rehearsal_path"] = actor_path(slow["rehearsal_path"])
+    return slow
+
+
 def worker_spec(config: AppConfig, source: BaseModelSource | None = None) -> WorkerSpec:
     """The worker's view of the config (``source``: the registered model ``model.path`` names,
     pinned to one version by the driver)."""
@@ -52,7 +60,7 @@ def worker_spec(config: AppConfig, source: BaseModelSource | None = None) -> Wor
         device=m.device,
         dtype=m.dtype,
         ttt_overrides=dict(m.ttt),
-        slow=dict(m.slow),
+        slow=actor_slow_settings(config),
         scope=p.scope,
         max_keys_in_memory=p.max_keys_in_memory, max_keys=p.max_keys, key_retention_documents=p.key_retention_documents,
         spill_dir=actor_path(p.spill_dir),
@@ -75,7 +83,7 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
         num_gpus=cp.num_gpus, ttt_overrides=dict(config.model.ttt), strategy=cp.placement_strategy,
         num_threads=1 if config.processor.deterministic else None,
         # With the learner, the group reads with its versions, through the same adapters.
-        slow=dict(config.model.slow) if config.processor.learner.enabled else None,
+        slow=actor_slow_settings(config) if config.processor.learner.enabled else None,
     )
 
 

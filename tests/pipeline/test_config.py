@@ -148,3 +148,18 @@ def test_secrets_are_kept_secret_in_dumps_the_digest_and_the_config_command(tmp_
 def test_min_insync_replicas_cannot_exceed_the_replication_factor():
     with pytest.raises(ConfigError, match=r"min_insync_replicas 3 is above kafka.topics.replication_factor 2"):
         parse_config({"kafka": {"topics": {"replication_factor": 2, "min_insync_replicas": 3}}}, environ={})
+
+
+def test_the_actors_get_the_rehearsal_file_as_an_absolute_path(monkeypatch, tmp_path):
+    from pipeline.job import context_parallel_spec, worker_spec
+
+    local = load_config(ROOT / "configs/local.yaml", environ={})
+    assert not Path(local.model.slow["rehearsal_path"]).is_absolute()
+    monkeypatch.chdir(ROOT)
+    spec = worker_spec(local)
+    assert spec.slow["rehearsal_path"] == str(ROOT / local.model.slow["rehearsal_path"])
+    assert Path(spec.slow["rehearsal_path"]).is_file() and Path(spec.model_path).is_absolute()
+    with_cp = local.model_copy(update={"processor": local.processor.model_copy(update={
+        "context_parallel": {"world": 2, "min_tokens": 4096}})})
+    assert context_parallel_spec(AppConfig.model_validate(with_cp.model_dump())).slow["rehearsal_path"] == \
+        spec.slow["rehearsal_path"]
