@@ -21,7 +21,7 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 1e6
 
 
-KEYS = 1_500
+KEYS = 800
 
 
 def test_many_keys_stay_within_the_key_disk_and_memory_bounds(tmp_path):
@@ -29,7 +29,7 @@ def test_many_keys_stay_within_the_key_disk_and_memory_bounds(tmp_path):
                                        max_keys_in_memory=64, max_keys=256, spill_dir=str(tmp_path)), name="w")
     state_bytes = len(worker.new_state().to_bytes())
     spill = tmp_path / "w"
-    for i in range(200):  # the memory of 64 states and the allocator's pools, before measuring
+    for i in range(100):  # the memory of 64 states and the allocator's pools, before measuring
         worker.process(DocumentTask(f"warm-{i}", "a short document about pandas", key=f"warm-{i}"))
     before = rss_mb()
     peak_files = 0
@@ -43,7 +43,7 @@ def test_many_keys_stay_within_the_key_disk_and_memory_bounds(tmp_path):
     assert len(files) == 256 - 64 and peak_files <= 256 - 64
     assert len(list(spill.iterdir())) == 2 * len(files)  # each state and its sha256 sidecar, nothing else
     assert sum(f.stat().st_size for f in files) <= (256 - 64) * (state_bytes + 4096)
-    assert worker.states.expired == KEYS + 200 - 256
+    assert worker.states.expired == KEYS + 100 - 256
     # Memory: no growth with the number of tenants seen (64 states were held before as after);
-    # without return_freed_states_to_the_os it grew by 92 MB over these keys, and on.
+    # without return_freed_states_to_the_os it grew by 53 MB over the first 500 keys, and on.
     assert rss_mb() - before < 30, (before, rss_mb())

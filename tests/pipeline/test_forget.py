@@ -36,7 +36,7 @@ def test_forget_erases_a_tenant_from_the_running_stream_and_offline(stack, ray_s
     docs = short_documents(9, length=300)  # keys k0, k1, k2
     produce(config, [json.dumps(d).encode() for d in docs], partitions=[0] * len(docs))
 
-    runner = threading.Thread(target=run_stream, args=(config,), kwargs={"until_idle_s": 20.0})
+    runner = threading.Thread(target=run_stream, args=(config,), kwargs={"until_idle_s": 12.0})
     runner.start()
     try:
         deadline = time.monotonic() + 240
