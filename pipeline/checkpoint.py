@@ -230,7 +230,7 @@ class CheckpointStore:
         if version not in self._manifests:
             mv = self.client.get_model_version(self.name, version)
             with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
-                path = self.client.download_artifacts(mv.run_id, f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/manifest.json", tmp)
+                path = self.client.download_artifacts(mv.run_id, checkpoint_artifact("manifest.json"), tmp)
                 self._manifests[version] = json.loads(Path(path).read_bytes())
         return self._manifests[version]
 
@@ -340,7 +340,7 @@ class CheckpointStore:
         if "run_id" not in entry:
             return (local / entry["file"]).read_bytes()
         with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
-            path = self.client.download_artifacts(entry["run_id"], f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/{entry['file']}", tmp)
+            path = self.client.download_artifacts(entry["run_id"], checkpoint_artifact(entry["file"]), tmp)
             return Path(path).read_bytes()
 
     def versions(self) -> list[dict[str, Any]]:
@@ -365,6 +365,11 @@ class CheckpointStore:
 
 
 PYFUNC_CHECKPOINT = "artifacts/checkpoint"  # where save_model puts the "checkpoint" artifact
+
+
+def checkpoint_artifact(file: str) -> str:
+    """Where a checkpoint file (``manifest.json``, a state) lies among its run's artifacts."""
+    return f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/{file}"
 
 
 def save_pyfunc(path: Path, checkpoint_dir: Path, base_model: str) -> None:
@@ -468,7 +473,8 @@ class StreamCheckpointer:
         self.last_at = time.monotonic()
         self._retry_at = 0.0
         self._delay = self.config.retry_initial_s
-        if self.config.keep_versions is not None:
+        # Version numbers only grow: up to keep_versions of them, there is nothing to delete.
+        if self.config.keep_versions is not None and int(version) > self.config.keep_versions:
             try:
                 self.store.prune(self.config.keep_versions)
             except Exception as err:  # noqa: BLE001 - retention waits for the next version

@@ -10,6 +10,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
+from actors.call_types import StateBlob
 from pipeline.checkpoint import BASE, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
 from pipeline.config import AppConfig
 from pipeline.control import control_key, key_digest, sign_command
@@ -64,32 +65,37 @@ def request(config: AppConfig, command: dict[str, Any], answers: tuple[str, ...]
 def rollback_offline(config: AppConfig, to: str) -> str:
     """A new version holding the states of ``to`` and the offsets of ``live``: the next run
     starts from that state where the stream left off."""
-    store = CheckpointStore(config.mlflow, config.stream.name)
-    if store.resolve(LIVE) is None:
-        raise CheckpointError(f"{store.name}: no live version to roll back from")
-    live = store.load(LIVE)
+    store, live = _live(config, "roll back from")
     target = Checkpoint.base(list(live.states)) if to == BASE else store.load(to)
-    return store.save(CheckpointRequest(
-        states=target.states, topic=live.manifest["offsets"]["topic"], offsets=live.offsets,
-        config_digest=live.manifest["config_digest"], base_model=live.manifest["base_model"],
-        documents=int(live.manifest["documents"]), reason="rollback", parent_version=live.version,
-        metrics={}, tags={"rollback_to": target.version, "rollback_from": live.version, "rollback_cause": "manual"},
-    ))
+    return _save_after(store, live, target.states, "rollback",
+                       {"rollback_to": target.version, "rollback_from": live.version, "rollback_cause": "manual"})
 
 
 def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
     """A new version holding ``live``'s states without ``key``'s (and its offsets): the next run
     starts without that tenant. Returns the version and how many states of the key it dropped."""
-    store = CheckpointStore(config.mlflow, config.stream.name)
-    if store.resolve(LIVE) is None:
-        raise CheckpointError(f"{store.name}: no live version to forget a key in")
-    live = store.load(LIVE)
+    store, live = _live(config, "forget a key in")
     states = {name: [b for b in blobs if b.key != key] for name, blobs in live.states.items()}
     dropped = sum(len(blobs) for blobs in live.states.values()) - sum(len(blobs) for blobs in states.values())
-    version = store.save(CheckpointRequest(
-        states=states, topic=live.manifest["offsets"]["topic"], offsets=live.offsets,
-        config_digest=live.manifest["config_digest"], base_model=live.manifest["base_model"],
-        documents=int(live.manifest["documents"]), reason="forget", parent_version=live.version,
-        metrics={}, tags={"forgot_key_sha256": key_digest(key)},
+    return _save_after(store, live, states, "forget", {"forgot_key_sha256": key_digest(key)}), dropped
+
+
+def _live(config: AppConfig, what: str) -> tuple[CheckpointStore, Checkpoint]:
+    store = CheckpointStore(config.mlflow, config.stream.name)
+    if store.resolve(LIVE) is None:
+        raise CheckpointError(f"{store.name}: no live version to {what}")
+    return store, store.load(LIVE)
+
+
+def _save_after(store: CheckpointStore, live: Checkpoint, states: dict[str, list[StateBlob]], reason: str,
+                tags: dict[str, str]) -> str:
+    """A version after ``live``: its offsets, documents and model, with ``states``."""
+    manifest = live.manifest
+    return store.save(CheckpointRequest(
+        states=states, topic=manifest["offsets"]["topic"], offsets=live.offsets,
+        config_digest=manifest["config_digest"], base_model=manifest["base_model"],
+        documents=int(manifest["documents"]), reason=reason, parent_version=live.version,
+        model_config=manifest.get("model_config") or {}, metrics={}, tags=tags,
+        assignment={int(p): w for p, w in (manifest.get("assignment") or {}).items()},
+        topic_id=manifest["offsets"].get("topic_id"),
     ))
-    return version, dropped

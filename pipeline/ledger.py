@@ -89,7 +89,7 @@ class StreamLedger:
         pending.sent_at = time.monotonic()
         self._in_flight[handle] = pending
 
-    def reading_since(self, now: float) -> dict[int, tuple[PendingDocument, float]]:
+    def reading_since(self) -> dict[int, tuple[PendingDocument, float]]:
         """Per worker with documents in flight: the one it reads now (its oldest, as it reads
         them in order) and since when (sent, or its predecessor done, whichever was later)."""
         out: dict[int, tuple[PendingDocument, float]] = {}

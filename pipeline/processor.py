@@ -223,7 +223,7 @@ class StreamProcessor:
         timeout = self.config.document_timeout_s
         if timeout is None:
             return
-        for w, (pending, since) in self.ledger.reading_since(now).items():
+        for w, (pending, since) in self.ledger.reading_since().items():
             if now - since > timeout and w not in self._restarting:
                 log.warning("worker %s has read %s/%d for %.0f s (processor.document_timeout_s %g): restarting it",
                             self.pool.names[w], *pending.position, now - since, timeout)

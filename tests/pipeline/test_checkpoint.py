@@ -80,9 +80,9 @@ def test_a_tampered_or_missing_artifact_fails_clearly(store, stack):
 
 def uploaded_states(store, version) -> list[str]:
     run_id = store.client.get_model_version(store.name, version).run_id
-    from pipeline.checkpoint import ARTIFACT_DIR, PYFUNC_CHECKPOINT
+    from pipeline.checkpoint import checkpoint_artifact
 
-    root = f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}/states"
+    root = checkpoint_artifact("states")
     return [f.path for d in store.client.list_artifacts(run_id, root) for f in store.client.list_artifacts(run_id, d.path)]
 
 

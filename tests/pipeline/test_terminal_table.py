@@ -5,8 +5,8 @@ import time
 
 from rich.console import Console
 
-from pipeline import cli
 from pipeline.terminal_table import TableColumn, fitting_table
+from tests.pipeline.test_status_view import status_output
 
 VERSIONS = [TableColumn("version"), TableColumn("aliases"), TableColumn("reason"), TableColumn("parent", 2),
             TableColumn("documents", justify="right"), TableColumn("loss", justify="right"),
@@ -38,11 +38,5 @@ def test_the_workers_table_fits_80_columns():
               "workers": [{"worker": "prod-stream-worker-0", "alive": True, "restarted": False, "partitions": [0, 1, 2],
                            "documents": 1200, "tokens": 4_800_000, "parallel_windows": 5, "device": "cuda:0",
                            "node_id": "f3a9c2d1e0b4", "node_ip": "10.0.0.7"}]}
-    width, cli.console.width = cli.console.width, 80
-    try:
-        with cli.console.capture() as captured:
-            cli._print_stream_status({"last_report": report, "partitions": []})
-    finally:
-        cli.console.width = width
-    out = captured.get()
+    out = status_output(report, width=80)
     assert "prod-stream-worker-0" in out and "0,1,2" in out and "1200" in out and "…" not in out, out
