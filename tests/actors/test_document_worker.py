@@ -8,9 +8,10 @@ import torch
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec, sampled
 from ttt_model import TTTSession
 from ttt_model.patch import static_mode
+from tests.sample_text import SAMPLE_TEXT
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
-TEXT = (Path(__file__).parents[2] / "README.md").read_text()[:6000]
+TEXT = SAMPLE_TEXT[:6000]
 
 
 def worker(tmp_path, **overrides) -> DocumentWorker:

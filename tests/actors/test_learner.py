@@ -10,10 +10,10 @@ import torch
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
 from actors.learner import StreamLearner
 from actors.call_types import PUBLISHED_KEY
+from tests.sample_text import SAMPLE_TEXT
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
-README = (Path(__file__).parents[2] / "README.md").read_text()
-DOCS = [DocumentTask(f"d{i}", README[i * 1500 : (i + 1) * 1500]) for i in range(5)]
+DOCS = [DocumentTask(f"d{i}", SAMPLE_TEXT[i * 1500 : (i + 1) * 1500]) for i in range(5)]
 # One slow step per document (the documents are shorter than a step), every layer adapted.
 SLOW = {"enabled": True, "lr": 3e-3, "chunk_tokens": 1024, "layers": [-2, -1]}
 

@@ -13,10 +13,11 @@ import pytest
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
 from pipeline.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
                                  resolve_base_model)
+from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack]
 MODEL = Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3"
-TEXT = (Path(__file__).parents[2] / "README.md").read_text()[:3000]
+TEXT = SAMPLE_TEXT[:3000]
 
 
 def test_a_registered_base_model_is_fetched_once_verified_and_read_like_its_directory(stack, tmp_path):

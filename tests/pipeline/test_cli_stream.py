@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.pipeline.test_stream_e2e import read_topic, stream_config
+from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def test_feed_run_status_from_the_command_line(stack, tmp_path):
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     folder = tmp_path / "docs"
     folder.mkdir()
-    (folder / "readme.md").write_text((ROOT / "README.md").read_text()[:3000])
+    (folder / "readme.md").write_text(SAMPLE_TEXT[:3000])
     (folder / "design.txt").write_text((ROOT / "pyproject.toml").read_text())
 
     fed = cli("feed", str(folder), "-c", str(config_file))

@@ -21,9 +21,10 @@ from pipeline.job import restore_from_checkpoint, worker_spec
 from pipeline.processor import StreamProcessor
 from pipeline.rescale import states_for_workers
 from tests.pipeline.test_processor_core import TOPIC, FakePool, FakeSinks, FakeSource, FakeStore, FakeWorker
+from tests.sample_text import SAMPLE_TEXT
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
-TEXT = (Path(__file__).parents[2] / "README.md").read_text()
+TEXT = SAMPLE_TEXT
 
 
 def app_config(tmp_path, workers: int, scope: str):

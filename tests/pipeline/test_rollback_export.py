@@ -22,6 +22,7 @@ from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointStore
 from pipeline.job import run_stream
 from pipeline.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, short_documents, stream_config
+from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +114,7 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     mlflow.set_registry_uri(config.mlflow.tracking_uri)
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{store.name}@{LIVE}")
-    text = (ROOT / "README.md").read_text()[:2000]
+    text = SAMPLE_TEXT[:2000]
     scored = model.predict(pd.DataFrame({"text": [text]}))
     ids = torch.tensor(AutoTokenizer.from_pretrained(ROOT / "models/ttt-tiny-qwen3")(text, add_special_tokens=False)["input_ids"])[None]
     with torch.no_grad():

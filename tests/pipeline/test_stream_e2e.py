@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from pipeline.config import AppConfig
 from pipeline.job import run_stream
 from pipeline.messages import REASON_HEADER
-from ttt_model.data import load_documents
+from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -62,14 +62,9 @@ def stream_config(stack: AppConfig, tmp_path, **processor) -> AppConfig:
 
 
 def short_documents(n: int, length: int = 200) -> list[dict]:
-    """n held-out-corpus snippets of ``length`` to ``length`` + 400 characters, with unique ids."""
-    from pathlib import Path
-
-    corpus = Path("data/corpus/heldout.jsonl")
-    if corpus.exists():
-        texts = [d.text for d in load_documents(corpus, limit=20)]
-    else:  # the corpus is built by the demo, not the tests: the README is real text too
-        texts = [Path("README.md").read_text()]
+    """n snippets of the sample text, ``length`` to ``length`` + 400 characters, with unique ids
+    (the same text here and in CI, which has no built corpus)."""
+    texts = [SAMPLE_TEXT]
     out = []
     for i in range(n):
         text = texts[i % len(texts)]

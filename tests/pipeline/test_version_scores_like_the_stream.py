@@ -17,11 +17,12 @@ from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
 from pipeline.adapted_model import StateChoiceError
 from pipeline.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore, base_model_id
 from pipeline.export import export_checkpoint
+from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack]
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = str(ROOT / "models" / "ttt-tiny-qwen3")
-TEXT = (ROOT / "README.md").read_text()
+TEXT = SAMPLE_TEXT
 DOCS = [TEXT[i * 1500 : i * 1500 + 1800] for i in range(3)]
 PROBE = TEXT[9000:11000]
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from ttt_model import TTTConfig, enable_ttt, has_ttt, load_ttt_model
 from ttt_model.data import PackedTokenStream
 from ttt_model.train import TrainConfig, adamw_optimizer, fit, lr_at, prepare, load_prepared, load_tokenizer
+from tests.sample_text import SAMPLE_TEXT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,9 +86,9 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
 
 
 def write_readme_corpus(corpus: Path) -> str:
-    """A train/heldout corpus of overlapping README slices (CI has no built corpus); the README text."""
+    """A train/heldout corpus of overlapping slices of the sample text (CI has no built corpus); that text."""
     corpus.mkdir()
-    text = (ROOT / "README.md").read_text()
+    text = SAMPLE_TEXT
     for split, n in (("train", 6), ("heldout", 2)):
         with open(corpus / f"{split}.jsonl", "w") as f:
             for i in range(n):
