@@ -1,10 +1,13 @@
-"""What goes into and comes out of the actors' calls: plain dataclasses, no torch, so that the
-pipeline (the processor, the ledger, the monitor) imports them without loading a model's stack."""
+"""What goes into and comes out of the actors' calls: plain dataclasses and the pydantic model
+configs, no torch, so that the pipeline (the processor, the ledger, the monitor) imports them
+without loading a model's stack."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from ttt_model.config import SlowConfig, TTTConfig
 
 Scope = Literal["global", "per_key", "per_document"]
 # The learner's published slow-weight versions still read with (actors.learner), beside its state.
@@ -13,42 +16,43 @@ PUBLISHED_KEY = "__published_versions__"
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker hosts and how it adapts; built by the pipeline from its config."""
+    """What a reader actor hosts and how it adapts. Built from a stream's config by
+    ``pipeline.actor_specs.worker_spec`` (the one place it is built; no defaults of its own): the
+    config's validator has checked how these settings go together, and the worker trusts it."""
 
-    model_path: str
-    device: str = "auto"  # auto | cpu | cuda
-    # A model registered in MLflow (pipeline.base_model.BaseModelSource as a dict): fetched into
+    model_path: str  # as the actor sees it: absolute, or relative to the job's working directory
+    # A model registered in MLflow (actors.base_model.BaseModelSource as a dict): fetched into
     # model_cache_dir on this node and verified, instead of reading model_path.
-    model_source: dict[str, Any] | None = None
-    model_cache_dir: str = "/tmp/ttt-stream/models"
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    ttt_overrides: dict[str, Any] = field(default_factory=dict)
-    # Fields of SlowConfig: the slow weights learned across documents ({} or enabled false: none).
-    slow: dict[str, Any] = field(default_factory=dict)
-    scope: Scope = "global"
-    max_keys_in_memory: int = 64
+    model_source: dict[str, Any] | None
+    model_cache_dir: str
+    device: str  # auto | cpu | cuda
+    dtype: str  # auto | float32 | bfloat16 | float16
+    ttt: TTTConfig  # its set fields replace the model's own
+    slow: SlowConfig
+    scope: Scope
+    max_keys_in_memory: int
     # per_key: keys held in all (memory and spill) and documents a key may go unread; past either
     # its state is forgotten (actors.state_store).
-    max_keys: int | None = None
-    key_retention_documents: int | None = None
-    spill_dir: str = "data/spill"
-    max_document_tokens: int = 32768
-    oversize: str = "split"  # split | reject
-    base_loss_sample_rate: float = 0.0
-    deterministic: bool = False
-    # Windows of at least this many tokens go to the context-parallel reader (when one is given).
-    context_parallel_min_tokens: int | None = None
-    # process_batch, per_document scope: documents read in one forward, up to this many padded
-    # tokens (rows x the longest document).
-    batch_tokens: int = 16384
+    max_keys: int
+    key_retention_documents: int | None
+    spill_dir: str
+    max_document_tokens: int
+    oversize: str  # split | reject
+    base_loss_sample_rate: float
+    deterministic: bool
+    # Windows of at least this many tokens go to the context-parallel reader (None: none).
+    context_parallel_min_tokens: int | None
+    # process_batch, per_document / per_key scope: documents read in one forward, up to this many
+    # padded tokens (rows x the longest document).
+    batch_tokens: int
     # The slow weights are trained by the stream's learner (actors.learner): this worker reads
     # every document with the SlowVersion it is given, learns nothing across documents and keeps
     # no state between them (its fast weights start from zero at every document).
-    slow_from_learner: bool = False
+    slow_from_learner: bool
     # Tokenize the next document in another thread while one is read (``prepare``). None: on a
     # GPU only, where the CPU waits for the device meanwhile; on a CPU the model already uses the
     # cores (measured on 2 cores: 26% slower with it).
-    tokenize_ahead: bool | None = None
+    tokenize_ahead: bool | None
 
 
 @dataclass(frozen=True)

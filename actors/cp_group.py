@@ -26,6 +26,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ttt_model.config import SlowConfig, TTTConfig
 from ttt_model.parallel import ContextParallelGroup, split_lengths
 from ttt_model.token_nll import token_nll
 
@@ -43,23 +44,17 @@ class ContextParallelReading:
 
 @ray.remote
 class ContextParallelMember:
-    def __init__(self, model_path: str, rank: int, world: int, device: str = "cpu",
-                 ttt_overrides: dict[str, Any] | None = None, num_threads: int | None = None,
-                 slow: dict[str, Any] | None = None):
-        from ttt_model.patch import configure_ttt, load_ttt_model
-        from ttt_model.slow import SlowConfig, SlowLearner
+    def __init__(self, model_path: str, rank: int, world: int, device: str = "cpu", ttt: TTTConfig | None = None,
+                 num_threads: int | None = None, slow: SlowConfig | None = None):
+        from ttt_model.factory import build_model
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.rank, self.world = rank, world
         self.device = torch.device(device)
-        self.model = load_ttt_model(model_path, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-        self.model.to(self.device).eval()
-        if ttt_overrides:
-            configure_ttt(self.model, ttt_overrides)
-        # The stream's slow-weight adapters, bound to the version each read is given.
-        slow_config = SlowConfig.from_dict(slow or {})
-        self.slow = SlowLearner(self.model, slow_config) if slow_config.enabled else None
+        # The stream's model; with slow weights, the adapters bound to the version each read is given.
+        self.model, self.slow = build_model(model_path, ttt or TTTConfig(), slow or SlowConfig(), self.device,
+                                            torch.float32 if device == "cpu" else torch.bfloat16)
 
     def rendezvous_address(self) -> tuple[str, int]:
         with socket.socket() as sock:
@@ -136,8 +131,8 @@ class ContextParallelActors:
     """``world`` members in one placement group, joined into one process group."""
 
     def __init__(self, model_path: str, world: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 strategy: str = "PACK", timeout_s: float = 300.0, ttt_overrides: dict[str, Any] | None = None,
-                 num_threads: int | None = None, slow: dict[str, Any] | None = None):
+                 strategy: str = "PACK", timeout_s: float = 300.0, ttt: TTTConfig | None = None,
+                 num_threads: int | None = None, slow: SlowConfig | None = None):
         self.world = world
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement = placement_group([bundle] * world, strategy=strategy)
@@ -147,7 +142,7 @@ class ContextParallelActors:
             ContextParallelMember.options(
                 num_cpus=num_cpus, num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r),
-            ).remote(model_path, r, world, device, ttt_overrides, num_threads, slow)
+            ).remote(model_path, r, world, device, ttt, num_threads, slow)
             for r in range(world)
         ]
         address, port = ray.get(self.members[0].rendezvous_address.remote(), timeout=timeout_s)
@@ -197,18 +192,18 @@ class ContextParallelFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class ContextParallelSpec:
-    """How the stream processor's context-parallel group is built."""
+    """How the stream processor's context-parallel group is built (``pipeline.actor_specs``)."""
 
     model_path: str
-    world: int = 2
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    ttt_overrides: dict[str, Any] | None = None
-    num_threads: int | None = None
+    world: int
+    num_cpus: float
+    num_gpus: float
+    ttt: TTTConfig
+    num_threads: int | None
     # PACK: the members on one node where they fit (their all-gathers are the heavy traffic).
-    strategy: str = "PACK"
-    # The stream's SlowConfig (as a dict) when readers read with the learner's slow weights.
-    slow: dict[str, Any] | None = None
+    strategy: str
+    # The stream's slow weights (read with the learner's versions; disabled: none).
+    slow: SlowConfig
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)
@@ -226,7 +221,7 @@ class ContextParallelService:
         if self.group is None:
             s = self.spec
             self.group = ContextParallelActors(s.model_path, s.world, s.num_cpus, s.num_gpus, strategy=s.strategy,
-                                               ttt_overrides=s.ttt_overrides, num_threads=s.num_threads, slow=s.slow)
+                                               ttt=s.ttt, num_threads=s.num_threads, slow=s.slow)
         return self.group
 
     def read(self, input_ids: torch.Tensor, state: dict[str, torch.Tensor] | None,

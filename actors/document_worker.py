@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 
+from actors.base_model import BaseModelSource, fetch_base_model
 from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, WorkerSpec
 from actors.readers import (ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader,
                             WindowReader)
 from actors.state_store import ScopedState, StateStore
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.forward_call import ttt_forward
-from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, static_mode, ttt_config_of
-from ttt_model.slow import SlowConfig, SlowLearner, SlowState, SlowVersion, rehearsal_chunks
+from ttt_model.factory import build_model
+from ttt_model.patch import static_mode, ttt_config_of
+from ttt_model.slow import SlowState, SlowVersion
 from ttt_model.state import FastWeightState, ttt_layers
 from ttt_model.token_nll import token_nll
 
@@ -80,10 +82,7 @@ class DocumentWorker:
             torch.use_deterministic_algorithms(True)
             torch.set_num_threads(1)
         self.device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, self.device)
         if spec.model_source is not None:
-            from pipeline.base_model import BaseModelSource, fetch_base_model
-
             path = fetch_base_model(BaseModelSource(**spec.model_source), Path(spec.model_cache_dir))
         else:
             path = Path(spec.model_path)
@@ -95,26 +94,19 @@ class DocumentWorker:
         self._prepare_tokenizer = AutoTokenizer.from_pretrained(str(path))
         self._prepared: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()
         self._prepared_lock = threading.Lock()
-        self.model = load_ttt_model(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
-        if spec.ttt_overrides or not has_ttt(self.model):
-            configure_ttt(self.model, spec.ttt_overrides)
-        self.slow_config = SlowConfig.from_dict(spec.slow)
-        if spec.slow_from_learner and not (self.slow_config.enabled and spec.scope == "global"):
-            raise ValueError(f"{name}: slow_from_learner needs slow weights and the global scope")
+        # Which settings go together (slow weights from a learner, context parallelism, scopes)
+        # was checked once, by the config's validator.
         self.reads_versions = spec.slow_from_learner
-        rehearsal = None if self.reads_versions else self._rehearsal()
-        self.slow = SlowLearner(self.model, self.slow_config, rehearsal) if self.slow_config.enabled else None
+        self.model, self.slow = build_model(path, spec.ttt, spec.slow, self.device, resolve_dtype(spec.dtype, self.device),
+                                            rehearsal_tokenizer=None if self.reads_versions else self.tokenizer)
+        self.slow_config = spec.slow
         self.states = StateStore(spec.scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / name,
                                  spec.max_keys, spec.key_retention_documents)
         if spec.scope == "per_key":
             size = len(self.new_state().to_bytes())
-            log.info("%s: per_key states of %.1f MB, up to %d in memory, %s in all (spill directory up to %.1f GB)",
-                     name, size / 1e6, spec.max_keys_in_memory, spec.max_keys or "no bound",
-                     (spec.max_keys or 0) * size / 1e9)
+            log.info("%s: per_key states of %.1f MB, up to %d in memory, %d in all (spill directory up to %.1f GB)",
+                     name, size / 1e6, spec.max_keys_in_memory, spec.max_keys, spec.max_keys * size / 1e9)
         self.long_reader = long_reader if spec.context_parallel_min_tokens is not None else None
-        if self.long_reader is not None and self.slow is not None and not self.reads_versions:
-            raise ValueError(f"{name}: context parallelism reads with slow weights from a learner only "
-                             "(processor.learner); turn one of them off")
         # The version bound last, on the device, and its delta ratio (kept while documents read it).
         self._version: tuple[SlowVersion, SlowState, float] | None = None
         self.reader = self._choose_reader()
@@ -139,15 +131,6 @@ class DocumentWorker:
         """Tokens per slow step: the slow config's, else one step per window."""
         return self.slow_config.chunk_tokens or self.spec.max_document_tokens
 
-    def _rehearsal(self) -> torch.Tensor | None:
-        cfg = self.slow_config
-        if cfg.rehearsal_path is None:
-            return None
-        if not Path(cfg.rehearsal_path).is_file():
-            raise FileNotFoundError(f"model.slow.rehearsal_path: {cfg.rehearsal_path} does not exist (cwd {os.getcwd()})")
-        tokens = cfg.rehearsal_tokens or ttt_config_of(self.model).chunk_size
-        return rehearsal_chunks(cfg.rehearsal_path, self.tokenizer, tokens, cfg.rehearsal_chunks).to(self.device)
-
     def new_state(self) -> AdaptedState:
         """A state equal to the base model, for a new scope key."""
         learns_slow = self.slow is not None and not self.reads_versions
@@ -155,7 +138,7 @@ class DocumentWorker:
 
     def effective_config(self) -> dict[str, Any]:
         """The TTT and slow-weight configs this worker reads with (recorded in checkpoints)."""
-        return {"ttt": ttt_config_of(self.model).to_dict(), "slow": self.slow_config.to_dict()}
+        return {"ttt": ttt_config_of(self.model).model_dump(), "slow": self.slow_config.model_dump()}
 
     def prepare(self, task: DocumentTask) -> None:
         """Tokenize ``task`` ahead of its ``process`` call. Called from another thread while the

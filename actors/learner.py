@@ -39,15 +39,11 @@ class StreamLearner:
     def __init__(self, spec: WorkerSpec, lag: int = 1, name: str = "learner", every: int = 1):
         """``every``: learn from documents 0, every, 2 * every, ... of the order (the others only
         take their place in it), for a learner slower than its readers."""
-        if lag < 1 or every < 1:
-            raise ValueError(f"learner lag and every must be >= 1, got {lag} and {every}")
         # The learner is the synchronous reader of every document: slow steps, no shadow
         # evaluation, no context parallelism (it reads windows of max_document_tokens).
         spec = replace(spec, slow_from_learner=False, scope="global", base_loss_sample_rate=0.0,
                        context_parallel_min_tokens=None, tokenize_ahead=False)
         self.worker = DocumentWorker(spec, name=name)
-        if self.worker.slow is None:
-            raise ValueError("the learner needs slow weights (model.slow.enabled)")
         self.name = name
         self.lag = lag
         self.every = every

@@ -26,7 +26,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from domain_stream import parse_overrides, prepare  # noqa: E402
 
-from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec  # noqa: E402
+from actors.document_worker import DocumentTask, DocumentWorker  # noqa: E402
+from pipeline.actor_specs import standalone_worker_spec  # noqa: E402
 from ttt_model.patch import ttt_config_of  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def main() -> None:
            "shipped-new": docs(args.shipped_heldout, args.new)}
 
     def worker(reuse: bool, name: str) -> DocumentWorker:
-        spec = WorkerSpec(model_path=model_path, device=args.device, scope="per_key", ttt_overrides=dict(model.get("ttt") or {}),
+        spec = standalone_worker_spec(model_path=model_path, device=args.device, scope="per_key", ttt=dict(model.get("ttt") or {}),
                           slow={**slow, "reuse_nearest_key": reuse, "reuse_min_similarity": -1.0},
                           max_document_tokens=args.max_tokens, spill_dir=f"/tmp/ttt-stream-bench-reuse/{name}")
         return DocumentWorker(spec, name=name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from actors.document_worker import DocumentTask, DocumentWorker
 from pipeline.config import load_config
-from pipeline.job import worker_spec
+from pipeline.actor_specs import as_actors_see_it, worker_spec
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config)
-    worker = DocumentWorker(worker_spec(config), name="delta-ratios")
+    worker = DocumentWorker(worker_spec(as_actors_see_it(config)), name="delta-ratios")
     rows = []
     with args.documents.open() as f:
         for i, line in enumerate(f):

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from pipeline.actor_specs import standalone_worker_spec
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.data import Document, load_documents
 from ttt_model.patch import static_mode
@@ -140,8 +141,7 @@ def main() -> None:
     parser.add_argument("--mlflow-uri", default=None)
     args = parser.parse_args()
 
-    # The model section as written (the worker validates its TTT and slow fields): this runs
-    # where the pipeline's own dependencies are not installed, e.g. on a GPU machine.
+    # The model section as written; the spec validates its TTT and slow fields.
     model = (yaml.safe_load(args.config.read_text()) or {}).get("model", {})
     root = args.data / args.domain
     if not (root / "stream.jsonl").exists():
@@ -154,9 +154,9 @@ def main() -> None:
     base = dict(model_path=model_path, device=args.device, max_document_tokens=args.max_tokens,
                 spill_dir="/tmp/ttt-stream-bench-spill", deterministic=False)
     settings = {
-        "fast": WorkerSpec(**base, scope="per_document", ttt_overrides=ttt, base_loss_sample_rate=1.0),
-        "slow": WorkerSpec(**base, scope="global", ttt_overrides={**ttt, "eta": 0.0}, slow=slow),
-        "slow+fast": WorkerSpec(**base, scope="global", ttt_overrides=ttt, slow=slow),
+        "fast": standalone_worker_spec(**base, scope="per_document", ttt=ttt, base_loss_sample_rate=1.0),
+        "slow": standalone_worker_spec(**base, scope="global", ttt={**ttt, "eta": 0.0}, slow=slow, base_loss_sample_rate=0.0),
+        "slow+fast": standalone_worker_spec(**base, scope="global", ttt=ttt, slow=slow, base_loss_sample_rate=0.0),
     }
     chosen = args.settings.split(",")
     from transformers import AutoTokenizer

@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from actors.document_worker import DocumentTask, DocumentWorker
+from pipeline.actor_specs import standalone_worker_spec
 from ttt_model.data import load_documents
 
 SETTINGS = [
@@ -35,7 +36,7 @@ def main() -> None:
     docs = load_documents(args.corpus, limit=args.documents)
     rows = []
     for name, scope, ttt in SETTINGS:
-        spec = WorkerSpec(args.model, scope=scope, ttt_overrides=ttt, base_loss_sample_rate=1.0,
+        spec = standalone_worker_spec(args.model, scope=scope, ttt=ttt, base_loss_sample_rate=1.0,
                           max_document_tokens=args.max_tokens, spill_dir="/tmp/ttt-stream-bench-spill")
         worker = DocumentWorker(spec, name="bench")
         adapted = base = tokens = 0.0

@@ -26,7 +26,8 @@ import torch
 
 from actors.document_worker import DocumentTask, DocumentWorker
 from pipeline.config import load_config
-from pipeline.job import run_stream, worker_spec
+from pipeline.actor_specs import as_actors_see_it, worker_spec
+from pipeline.job import run_stream
 from pipeline.local_stack import LocalStack
 from ttt_model.data import load_documents
 
@@ -85,7 +86,7 @@ def main() -> None:
         "mlflow": config.mlflow.model_copy(update={"processor_runs": False}),
         "ray": config.ray.model_copy(update={"num_cpus": max(config.ray.num_cpus, args.threads)}),
     })
-    spec = worker_spec(config)
+    spec = worker_spec(as_actors_see_it(config))
 
     torch.set_num_threads(args.threads)
     direct = DocumentWorker(spec, "direct")

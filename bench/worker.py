@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from actors.document_worker import DocumentTask, DocumentWorker
+from pipeline.actor_specs import standalone_worker_spec
 from actors.learner import StreamLearner
 from bench.ttt_forward import PRESETS
 from ttt_model import FastWeightState, TTTConfig, enable_ttt, ttt_forward
@@ -138,13 +139,12 @@ def profile_worker(read, device: torch.device, top: int = 25) -> dict[str, list[
 
 
 def slow_settings(config: str, variants: list[str]) -> dict[str, dict]:
-    """The embedded default's slow-weight settings (``model.slow`` of ``config``, read as written:
-    the GPU machine has no pipeline dependencies), without rehearsal, and the given variants."""
-    import yaml
-
+    """The embedded default's slow-weight settings (``model.slow`` of ``config``), without
+    rehearsal, and the given variants."""
     from bench.domain_stream import parse_overrides
+    from pipeline.config import load_config
 
-    default = {**((yaml.safe_load(Path(config).read_text()) or {}).get("model", {}).get("slow") or {}), "enabled": True}
+    default = {**load_config(config, environ={}).model.slow.model_dump(), "enabled": True}
     settings = {"slow+fast": default, "slow+fast, no rehearsal": {**default, "rehearsal_path": None}}
     for variant in variants:
         label, _, pairs = variant.partition(":")
@@ -197,7 +197,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
-        worker = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope,
+        worker = DocumentWorker(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope=args.scope,
                                            max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                 name="bench")
         model, tokenizer = worker.model, worker.tokenizer
@@ -205,19 +205,19 @@ def main() -> None:
         if args.slow:
             for label, slow in slow_settings(args.config, args.slow_variant).items():
                 slow_workers[label] = DocumentWorker(
-                    WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
+                    standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=True), name=f"bench-{label}")
         reader, version, learner = None, None, None
         if slow_workers:
             # The learner's readers: the default's adapters, read with a fixed version (the first
             # slow worker's state, once the warm-up documents have trained it).
             default = next(iter(slow_workers.values()))
-            reader = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope="global",
-                                               slow=default.slow_config.to_dict(), slow_from_learner=True,
+            reader = DocumentWorker(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope="global",
+                                               slow=default.slow_config, slow_from_learner=True,
                                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                     name="bench-reader")
-            learner = StreamLearner(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype,
-                                               slow=default.slow_config.to_dict(),
+            learner = StreamLearner(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype,
+                                               slow=default.slow_config,
                                                max_document_tokens=2 * max(args.lengths)), name="bench-learner")
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
@@ -298,7 +298,7 @@ def main() -> None:
 
         batched = []
         if args.batch:
-            per_doc = DocumentWorker(WorkerSpec(model_path=tmp, device=args.device, dtype=args.dtype, scope="per_document",
+            per_doc = DocumentWorker(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope="per_document",
                                                 max_document_tokens=2 * max(args.batch_lengths),
                                                 batch_tokens=args.batch * (max(args.batch_lengths) + 1024),
                                                 tokenize_ahead=True),
@@ -364,7 +364,7 @@ def main() -> None:
                   + f" | {r['tokens'] / r[f'{LEARNER} pairs ms'] * 1000:.0f} ({r[f'{LEARNER} pairs / static']:.3f}x)"
                   + f" | {r['learner every']}")
         for label, w in slow_workers.items():
-            print(f"  {label}: {json.dumps(w.slow_config.to_dict())}")
+            print(f"  {label}: {w.slow_config.model_dump_json()}")
     if batched:
         print(f"\nper_document scope, {args.batch} documents per process_batch vs one at a time (tokenized ahead):")
         print("tokens | one at a time tok/s | batched tok/s | static batched tok/s | batched / one at a time | "
@@ -381,7 +381,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": vars(args), "rows": rows, "batched": batched, "profiles": profiles,
-                       "slow": {label: w.slow_config.to_dict() for label, w in slow_workers.items()}},
+                       "slow": {label: w.slow_config.model_dump() for label, w in slow_workers.items()}},
                       f, indent=2)
 
 

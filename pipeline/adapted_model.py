@@ -19,9 +19,11 @@ from torch import nn
 
 from actors.call_types import PUBLISHED_KEY
 from ttt_model.adapted_state import AdaptedState
-from ttt_model.patch import configure_ttt, disable_ttt, load_ttt_model
+from ttt_model.config import SlowConfig, TTTConfig
+from ttt_model.factory import build_model
+from ttt_model.patch import disable_ttt
 from ttt_model.session import TTTSession
-from ttt_model.slow import SlowConfig, SlowLearner
+from ttt_model.slow import SlowLearner
 from ttt_model.state import FastWeightState
 
 
@@ -78,11 +80,8 @@ class AdaptedModel:
 def load_adapted_model(base_path: str | Path, model_config: dict[str, Any], state_data: bytes) -> AdaptedModel:
     """``state_data`` (a checkpoint's safetensors blob) on the model at ``base_path``, configured by
     the manifest's ``model_config`` ({"ttt": ..., "slow": ...}; {} for the model's own config)."""
-    model = load_ttt_model(base_path, dtype=torch.float32).eval().requires_grad_(False)
-    if model_config.get("ttt"):
-        configure_ttt(model, dict(model_config["ttt"]))
-    slow = SlowConfig.from_dict(dict(model_config.get("slow") or {}))
-    learner = SlowLearner(model, slow) if slow.enabled else None
+    model, learner = build_model(base_path, TTTConfig.model_validate(model_config.get("ttt") or {}),
+                                 SlowConfig.model_validate(model_config.get("slow") or {}))
     state = AdaptedState(FastWeightState.for_model(model), learner.new_state() if learner else None)
     state.load_state_dict(load(state_data))
     return AdaptedModel(model, learner, state)

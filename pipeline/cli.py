@@ -244,7 +244,7 @@ def register_model(
 ) -> None:
     """Register a base model in MLflow (every file's sha256 in the version's tags), for model.path:
     models:/NAME@ALIAS on clusters without a shared file system."""
-    from pipeline.base_model import register_base_model
+    from actors.base_model import register_base_model
 
     cfg = _load(config)
     try:

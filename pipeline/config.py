@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
-from pipeline.base_model import DEFAULT_CACHE_DIR, is_model_uri
+from actors.base_model import DEFAULT_CACHE_DIR, is_model_uri
+from ttt_model.config import SlowConfig, TTTConfig
 
 ENV_PREFIX = "TTT_STREAM__"
 # Keys of the Kafka client settings that hold secrets (sasl_plain_password, ssl_password,
@@ -138,36 +140,27 @@ class StreamConfig(_Section):
 class ModelConfig(_Section):
     """The model every worker hosts: a local Hugging Face directory (no hub downloads), or one
     registered in MLflow (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``:
-    pipeline.base_model), fetched once per node into ``cache_dir`` and verified."""
+    actors.base_model), fetched once per node into ``cache_dir`` and verified."""
 
     path: str = "models/ttt-tiny-qwen3"
     cache_dir: Path = DEFAULT_CACHE_DIR
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Fields of TTTConfig replacing the model's own (objective, safeguards, gradient_lr, ...).
-    ttt: dict[str, Any] = Field(default_factory=dict)
-    # Fields of SlowConfig: the slow weights learned across documents (ttt_model.slow).
-    slow: dict[str, Any] = Field(default_factory=dict)
+    # The fields set here replace the model's own TTT config (objective, safeguards, ...); the
+    # others keep the values in the model's config.json.
+    ttt: TTTConfig = Field(default_factory=TTTConfig)
+    # The slow weights learned across documents (ttt_model.slow).
+    slow: SlowConfig = Field(default_factory=SlowConfig)
 
-    @field_validator("ttt", "slow")
-    @classmethod
-    def _valid_fields(cls, value: dict[str, Any], info) -> dict[str, Any]:
-        from ttt_model.config import TTTConfig
-        from ttt_model.slow import SlowConfig
+    @field_serializer("ttt")
+    def _only_overrides(self, ttt: TTTConfig) -> dict[str, Any]:
+        # Dumped as written, so that the dump parses back to the same overrides.
+        return ttt.overrides()
 
-        {"ttt": TTTConfig, "slow": SlowConfig}[info.field_name].from_dict(value)  # ValueError names the field
-        return value
-
-    @property
-    def slow_enabled(self) -> bool:
-        return bool(self.slow.get("enabled", False))
-
-    def effective_ttt(self, model_dir: Path | None = None) -> dict[str, Any]:
+    def effective_ttt(self, model_dir: Path | None = None) -> TTTConfig:
         """The TTT config the stream reads with: the model's own (in ``model_dir``, where a
-        registered model was fetched to) with ``ttt`` replacing fields."""
-        from ttt_model.config import TTTConfig
-
-        return TTTConfig.from_dict({**self.saved_ttt(model_dir), **self.ttt}).to_dict()
+        registered model was fetched to) with ``ttt``'s set fields replacing its fields."""
+        return TTTConfig.model_validate({**self.saved_ttt(model_dir), **self.ttt.overrides()})
 
     def saved_ttt(self, model_dir: Path | None = None) -> dict[str, Any]:
         """The TTT fields in the model's own config.json ({} where the model is not on this machine)."""
@@ -337,13 +330,6 @@ class ProcessorConfig(_Section):
             return min(8, self.max_in_flight_per_worker)
         return 1
 
-    @model_validator(mode="after")
-    def _batches_fit_in_flight(self) -> "ProcessorConfig":
-        if self.batch_documents is not None and self.batch_documents > self.max_in_flight_per_worker:
-            raise ValueError(f"batch_documents ({self.batch_documents}) is above max_in_flight_per_worker "
-                             f"({self.max_in_flight_per_worker}): no batch that large would form")
-        return self
-
 
 class AppConfig(_Section):
     """The whole deployment: one stream, its Kafka topics, MLflow, Ray and the local stack."""
@@ -357,42 +343,41 @@ class AppConfig(_Section):
     local_stack: LocalStackConfig = LocalStackConfig()
 
     @model_validator(mode="after")
-    def _context_parallel_fits_the_model(self) -> "AppConfig":
-        if self.processor.context_parallel is None:
-            return self
-        from ttt_model.config import TTTConfig
-
-        if is_model_uri(self.model.path):
-            raise ValueError("processor.context_parallel reads a model directory on every node: model.path may not be "
-                             "an MLflow URI with it (a shared volume, or the image, holds the model)")
-        if self.model.slow_enabled and not self.processor.learner.enabled:
-            # Synchronous slow steps follow the chunks of a document: the ranks could not read
-            # their segments at the same time. With the learner they read with a fixed version.
-            raise ValueError("processor.context_parallel reads with slow weights only from the learner: "
-                             "set processor.learner.enabled: true (or model.slow.enabled: false)")
-        ttt = TTTConfig.from_dict(self.model.effective_ttt())
-        if ttt.objective != "in_place":
-            where = "model.ttt.objective" if "objective" in self.model.ttt else f"{self.model.path}/config.json ttt.objective"
-            raise ValueError(f"processor.context_parallel needs the in_place objective (the gradient objective "
-                             f"trains between chunks); set by {where}")
-        if self.processor.max_keys < self.processor.max_keys_in_memory:
-            raise ValueError(f"processor.max_keys {self.processor.max_keys} is below processor.max_keys_in_memory "
-                             f"{self.processor.max_keys_in_memory}")
-        if self.processor.context_parallel.min_tokens > self.processor.max_document_tokens:
-            raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "
-                             "no window would reach the group")
-        return self
-
-    @model_validator(mode="after")
-    def _learner_fits_the_stream(self) -> "AppConfig":
-        if not self.processor.learner.enabled:
-            return self
-        if not self.model.slow_enabled:
-            raise ValueError("processor.learner trains the slow weights: it needs model.slow.enabled: true")
-        if self.processor.scope != "global":
-            raise ValueError(f"processor.learner learns one slow state for the stream (scope global); with scope "
-                             f"{self.processor.scope!r} each worker learns its keys' slow weights itself: "
-                             "set processor.learner.enabled: false")
+    def _settings_agree(self) -> "AppConfig":
+        """The rules that tie settings of several sections together, checked here once: the
+        workers and the processor trust them and do not repeat them."""
+        p, model = self.processor, self.model
+        if p.max_keys < p.max_keys_in_memory:
+            raise ValueError(f"processor.max_keys {p.max_keys} is below processor.max_keys_in_memory "
+                             f"{p.max_keys_in_memory}")
+        if p.batch_documents is not None and p.batch_documents > p.max_in_flight_per_worker:
+            raise ValueError(f"processor.batch_documents ({p.batch_documents}) is above "
+                             f"processor.max_in_flight_per_worker ({p.max_in_flight_per_worker}): no batch that large "
+                             "would form")
+        if p.learner.enabled:
+            if not model.slow.enabled:
+                raise ValueError("processor.learner trains the slow weights: it needs model.slow.enabled: true")
+            if p.scope != "global":
+                raise ValueError(f"processor.learner learns one slow state for the stream (scope global); with scope "
+                                 f"{p.scope!r} each worker learns its keys' slow weights itself: "
+                                 "set processor.learner.enabled: false")
+        if p.context_parallel is not None:
+            if is_model_uri(model.path):
+                raise ValueError("processor.context_parallel reads a model directory on every node: model.path may "
+                                 "not be an MLflow URI with it (a shared volume, or the image, holds the model)")
+            if model.slow.enabled and not p.learner.enabled:
+                # Synchronous slow steps follow the chunks of a document: the ranks could not read
+                # their segments at the same time. With the learner they read with a fixed version.
+                raise ValueError("processor.context_parallel reads with slow weights only from the learner: "
+                                 "set processor.learner.enabled: true (or model.slow.enabled: false)")
+            if model.effective_ttt().objective != "in_place":
+                where = ("model.ttt.objective" if "objective" in model.ttt.model_fields_set
+                         else f"{model.path}/config.json ttt.objective")
+                raise ValueError(f"processor.context_parallel needs the in_place objective (the gradient objective "
+                                 f"trains between chunks); set by {where}")
+            if p.context_parallel.min_tokens > p.max_document_tokens:
+                raise ValueError("processor.context_parallel.min_tokens is above processor.max_document_tokens: "
+                                 "no window would reach the group")
         return self
 
     def digest(self) -> str:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.adapted_model import StateChoiceError, choose_state, load_adapted_model
-from pipeline.base_model import DEFAULT_CACHE_DIR, local_model_dir
+from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
 from pipeline.checkpoint import Checkpoint, CheckpointError, base_model_id
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -13,11 +12,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.cp_group import ContextParallelSpec
-from actors.call_types import WorkerSpec
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
-from pipeline.base_model import BaseModelSource, local_model_dir
+from actors.base_model import local_model_dir
+from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, worker_spec
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig
 from pipeline.control import ControlSource
@@ -33,58 +31,6 @@ from pipeline.topics import ensure_topics
 from pipeline.worker_pool import Learner, RayLearner, RayWorkerPool, WorkerPool
 
 log = logging.getLogger(__name__)
-
-
-def actor_path(path: str | Path) -> str:
-    """A path as the actors must see it: absolute (they need not share the driver's cwd), unless
-    the Ray job ships a working directory, which every actor runs in, on its own node."""
-    return str(path) if ray.is_initialized() and ships_working_dir() else str(Path(path).resolve())
-
-
-def actor_slow_settings(config: AppConfig) -> dict[str, Any]:
-    """``model.slow`` with its rehearsal file as the actors must see it (``actor_path``)."""
-    slow = dict(config.model.slow)
-    if slow.get("rehearsal_path"):
-        slow["rehearsal_path"] = actor_path(slow["rehearsal_path"])
-    return slow
-
-
-def worker_spec(config: AppConfig, source: BaseModelSource | None = None) -> WorkerSpec:
-    """The worker's view of the config (``source``: the registered model ``model.path`` names,
-    pinned to one version by the driver)."""
-    m, p = config.model, config.processor
-    return WorkerSpec(
-        model_path=source.uri if source else actor_path(m.path),
-        model_source=source.to_dict() if source else None,
-        model_cache_dir=str(m.cache_dir),
-        device=m.device,
-        dtype=m.dtype,
-        ttt_overrides=dict(m.ttt),
-        slow=actor_slow_settings(config),
-        scope=p.scope,
-        max_keys_in_memory=p.max_keys_in_memory, max_keys=p.max_keys, key_retention_documents=p.key_retention_documents,
-        spill_dir=actor_path(p.spill_dir),
-        max_document_tokens=p.max_document_tokens,
-        oversize=p.oversize,
-        base_loss_sample_rate=p.base_loss_sample_rate,
-        deterministic=p.deterministic,
-        context_parallel_min_tokens=p.context_parallel.min_tokens if p.context_parallel else None,
-        batch_tokens=p.batch_tokens,
-        slow_from_learner=p.learner.enabled,
-    )
-
-
-def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
-    cp = config.processor.context_parallel
-    if cp is None:
-        return None
-    return ContextParallelSpec(
-        model_path=actor_path(config.model.path), world=cp.world, num_cpus=cp.num_cpus,
-        num_gpus=cp.num_gpus, ttt_overrides=dict(config.model.ttt), strategy=cp.placement_strategy,
-        num_threads=1 if config.processor.deterministic else None,
-        # With the learner, the group reads with its versions, through the same adapters.
-        slow=actor_slow_settings(config) if config.processor.learner.enabled else None,
-    )
 
 
 def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: KafkaDocumentSource,
@@ -130,18 +76,6 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
                               assignment={p: names[w] for p, w in assignment.items()}, topic_id=current)
 
 
-def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> dict:
-    """What the workers read with, recorded in every checkpoint: the model's TTT config with the
-    stream's overrides, the slow-weight config and the sha256 of its rehearsal file."""
-    from ttt_model.slow import SlowConfig
-
-    slow = SlowConfig.from_dict(dict(config.model.slow))
-    recorded = {"ttt": config.model.effective_ttt(model_dir), "slow": slow.to_dict()}
-    if slow.enabled and slow.rehearsal_path is not None and Path(slow.rehearsal_path).is_file():
-        recorded["rehearsal_sha256"] = hashlib.sha256(Path(slow.rehearsal_path).read_bytes()).hexdigest()
-    return recorded
-
-
 class PartitionsChanged(RuntimeError):
     """The documents topic has partitions that the run did not read (added while it ran)."""
 
@@ -156,7 +90,7 @@ def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun
         "group_id": config.kafka.group_id, "model": base.get("path", config.model.path),
         "workers": p.workers, "scope": p.scope, "max_document_tokens": p.max_document_tokens,
         "base_loss_sample_rate": p.base_loss_sample_rate, "batch_documents": p.documents_per_call,
-        "slow_weights": config.model.slow_enabled, "context_parallel": p.context_parallel is not None,
+        "slow_weights": config.model.slow.enabled, "context_parallel": p.context_parallel is not None,
     }
     run = ProcessorRun(MlflowClient(tracking_uri=config.mlflow.tracking_uri), config.mlflow.experiment,
                        config.stream.name, params)
@@ -182,13 +116,14 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     ensure_topics(config.kafka)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
     p = config.processor
+    seen = as_actors_see_it(config, job_working_dir=ships_working_dir())
     # The supervisor (owner of the workers: they die with it) lives on the driver's node, whose
     # fate it shares anyway, never on a worker node that may be lost. Not soft: Ray's soft
     # affinity passes over a node without CPUs, such as a head kept free of workers.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
-        config.stream.name, worker_spec(config, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
-        context_parallel_spec(config), p.placement_strategy,
+        config.stream.name, worker_spec(seen, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
+        context_parallel_spec(seen), p.placement_strategy,
         p.learner if p.learner.enabled else None,
     )
     source = KafkaDocumentSource(config.kafka)

@@ -31,7 +31,7 @@ class TTTCheckpointModel(PythonModel):
         from transformers import AutoTokenizer
 
         from pipeline.adapted_model import choose_state, load_adapted_model, verified_state_bytes
-        from pipeline.base_model import DEFAULT_CACHE_DIR, local_model_dir
+        from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
         from pipeline.checkpoint import base_model_id
 
         config = context.model_config

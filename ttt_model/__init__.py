@@ -1,29 +1,35 @@
-"""In-Place Test-Time Training for Hugging Face causal LMs (pure torch + transformers)."""
+"""In-Place Test-Time Training for Hugging Face causal LMs (pure torch + transformers).
 
-from ttt_model.config import TTTConfig
-from ttt_model.forward_call import TTTCall, ttt_forward
-from ttt_model.layer import InPlaceTTTMLP
-from ttt_model.patch import (
-    SUPPORTED_FAMILIES, configure_ttt, disable_ttt, enable_ttt, has_ttt, load_ttt_model, ttt_config_of,
-)
-from ttt_model.session import StepOutput, TTTSession
-from ttt_model.state import FastWeightState, LayerFastWeights, StateIntegrityError
+Names load on first use, so that ``ttt_model.config`` (pydantic only) imports without torch.
+"""
 
-__all__ = [
-    "FastWeightState",
-    "InPlaceTTTMLP",
-    "LayerFastWeights",
-    "SUPPORTED_FAMILIES",
-    "StateIntegrityError",
-    "StepOutput",
-    "TTTCall",
-    "TTTConfig",
-    "TTTSession",
-    "configure_ttt",
-    "disable_ttt",
-    "enable_ttt",
-    "has_ttt",
-    "load_ttt_model",
-    "ttt_config_of",
-    "ttt_forward",
-]
+from importlib import import_module
+from typing import Any
+
+_HOME = {
+    "TTTConfig": "ttt_model.config",
+    "SlowConfig": "ttt_model.config",
+    "TTTCall": "ttt_model.forward_call",
+    "ttt_forward": "ttt_model.forward_call",
+    "InPlaceTTTMLP": "ttt_model.layer",
+    "SUPPORTED_FAMILIES": "ttt_model.patch",
+    "configure_ttt": "ttt_model.patch",
+    "disable_ttt": "ttt_model.patch",
+    "enable_ttt": "ttt_model.patch",
+    "has_ttt": "ttt_model.patch",
+    "load_ttt_model": "ttt_model.patch",
+    "ttt_config_of": "ttt_model.patch",
+    "StepOutput": "ttt_model.session",
+    "TTTSession": "ttt_model.session",
+    "FastWeightState": "ttt_model.state",
+    "LayerFastWeights": "ttt_model.state",
+    "StateIntegrityError": "ttt_model.state",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'ttt_model' has no attribute {name!r}")
+    return getattr(import_module(_HOME[name]), name)

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ def gradient_mode(model, gradient: TTTConfig):
         return
     mlps = ttt_layers(model)
     saved = {idx: mlp.config for idx, mlp in mlps.items()}
-    config = replace(gradient, layers=list(mlps))
+    config = gradient.model_copy(update={"layers": list(mlps)})
     try:
         for mlp in mlps.values():
             mlp.config = config
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         all_docs = load_prepared(args.data or Path("data/prepared"), "heldout")
     docs = [d for d in all_docs if len(d) >= args.min_tokens][: args.limit]
     result = evaluate(model, docs, modes, gradient, args.max_tokens, args.device)
-    result.update({"model": str(args.model), "modes": modes, "gradient_config": gradient.to_dict()})
+    result.update({"model": str(args.model), "modes": modes, "gradient_config": gradient.model_dump()})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out / "loss_by_position.png", f"{args.model} on {len(docs)} held-out documents")

@@ -87,7 +87,7 @@ def enable_ttt(model: nn.Module, config: TTTConfig | None = None) -> nn.Module:
     for idx in config.resolve_layers(len(layers)):
         mlp = getattr(layers[idx], family.mlp_attr)
         setattr(layers[idx], family.mlp_attr, InPlaceTTTMLP(mlp, config, idx))
-    config_dict = config.to_dict()
+    config_dict = config.model_dump()
     config_dict["layers"] = config.resolve_layers(len(layers))
     model.config.ttt = config_dict
 
@@ -120,25 +120,28 @@ def disable_ttt(model: nn.Module) -> nn.Module:
     return model
 
 
-def configure_ttt(model: nn.Module, overrides: dict[str, Any]) -> TTTConfig:
+def configure_ttt(model: nn.Module, overrides: TTTConfig | dict[str, Any]) -> TTTConfig:
     """Change how a model's TTT layers adapt (objective, safeguards, ...) and return the config.
 
-    A model with TTT layers keeps its layers and trained TTT parameters, with ``overrides``
-    replacing fields of its config; a plain model gets TTT enabled with ``overrides`` (useful
+    ``overrides``: a dict of fields, or a TTTConfig whose explicitly set fields are the ones
+    to replace (a stream's ``model.ttt``). A model with TTT layers keeps its layers and trained
+    TTT parameters, with those fields replaced; a plain model gets TTT enabled with them (useful
     with the gradient objective, which needs no trained TTT parameters).
     """
+    if isinstance(overrides, TTTConfig):
+        overrides = overrides.overrides()
     if not has_ttt(model):
-        config = TTTConfig.from_dict(dict(overrides))
+        config = TTTConfig.model_validate(dict(overrides))
         enable_ttt(model, config)
         return config
     mlps = ttt_layers(model)
     current = next(iter(mlps.values())).config
     if "layers" in overrides and sorted(overrides["layers"] or []) != sorted(mlps):
         raise ValueError(f"TTTConfig.layers: the model's TTT layers are {sorted(mlps)}; they cannot be overridden")
-    config = TTTConfig.from_dict({**current.to_dict(), **overrides, "layers": sorted(mlps)})
+    config = TTTConfig.model_validate({**current.model_dump(), **overrides, "layers": sorted(mlps)})
     for mlp in mlps.values():
         mlp.config = config
-    model.config.ttt = config.to_dict()
+    model.config.ttt = config.model_dump()
     return config
 
 
@@ -162,7 +165,7 @@ def ttt_config_of(model: nn.Module) -> TTTConfig:
     raw = getattr(model.config, "ttt", None)
     if raw is None:
         raise ValueError("model config has no 'ttt' entry")
-    return TTTConfig.from_dict(dict(raw))
+    return TTTConfig.model_validate(dict(raw))
 
 
 def load_ttt_model(path: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:

@@ -80,7 +80,7 @@ def convert_reference_checkpoint(source: str | Path, out: str | Path) -> Path:
             raise ValueError(f"{source}: ttt_proj is on but ttt_proj weights are there for layers {sorted(proj_layers)}")
     converted = {k: v for k, v in config.items() if k not in REFERENCE_KEYS}
     if ttt is not None:
-        converted["ttt"] = ttt.to_dict()
+        converted["ttt"] = ttt.model_dump()
     (out / "config.json").write_text(json.dumps(converted, indent=2, sort_keys=True))
     for item in source.iterdir():  # tokenizer, generation config, shard index
         if item.is_file() and item.suffix != ".safetensors" and item.name != "config.json":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,99 +29,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ttt_model.config import SlowConfig
 from ttt_model.data import load_documents
 from ttt_model.forward_call import ttt_forward
 from ttt_model.head_loss import head_nll_and_grad
 from ttt_model.patch import decoder_layers, decoder_of, static_mode
 
-# The gated MLP's projections: on the domain streams of bench/domain_stream.py they gave more
-# gain per unit of forgetting than attention + MLP (README, "Continual learning").
-DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")
-# The top three decoder layers: a step's backward stops there. The defaults of SlowConfig are the
-# embedded default's, chosen on bench/domain_stream.py (README, "Continual learning").
-DEFAULT_LAYERS = (-3, -2, -1)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-
-
-@dataclass
-class SlowConfig:
-    """What adapts across documents, how fast, and how it is bounded."""
-
-    enabled: bool = False
-    # Linear modules whose names end with one of these, in the chosen decoder layers (None: all;
-    # negative indices count from the top, -1 the last). A step's backward stops at the lowest
-    # adapted layer, so adapters in the top layers only cost a fraction of a forward.
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    layers: list[int] | None = field(default_factory=lambda: list(DEFAULT_LAYERS))
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 3e-3
-    # Decoupled weight decay of A and B (times lr, per step): a pull of the adaptation towards
-    # the base, so that it settles where the stream's pull and this one balance.
-    l2_to_base: float = 10.0
-    # Cap on ||(alpha/r) B A||_F / ||W_0||_F per adapted matrix; None: no cap.
-    max_delta_ratio: float | None = None
-    max_grad_norm: float | None = 1.0
-    # Earlier full chunks kept and trained on again with each new chunk (0: no replay).
-    replay_chunks: int = 0
-    # Rehearsal: documents of the text the base model was trained on (a JSONL file of
-    # {"id", "text"}), cut into chunks; one chunk joins each slow step, so that the adaptation
-    # is also held to what the stream does not show (forgetting). None: no rehearsal.
-    rehearsal_path: str | None = None
-    rehearsal_chunks: int = 64
-    rehearsal_every: int = 2  # slow steps per rehearsed chunk
-    # Tokens of a rehearsed chunk; None: the TTT chunk size.
-    rehearsal_tokens: int | None = 256
-    # per_key scope: a new key starts from the slow weights of the existing key whose first
-    # document is most like its own (cosine of the base model's mean last hidden state over the
-    # first chunk), when that similarity is at least ``reuse_min_similarity``; else from the base.
-    # Off by default: it carries what one key's documents taught into another key's model.
-    reuse_nearest_key: bool = False
-    reuse_min_similarity: float = 0.0
-    # Tokens per slow step, each taken through the forward that scored them. None: one step per
-    # window (the reader's max_document_tokens): the whole document in one forward, as a static
-    # model reads it; fast weights adapt within it, the slow step follows it.
-    chunk_tokens: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("targets", isinstance(self.targets, list) and all(isinstance(t, str) and t for t in self.targets)
-             and bool(self.targets)),
-            ("layers", self.layers is None or (bool(self.layers) and all(isinstance(i, int) for i in self.layers))),
-            ("rank", isinstance(self.rank, int) and self.rank >= 1),
-            ("alpha", isinstance(self.alpha, (int, float)) and self.alpha > 0),
-            ("lr", isinstance(self.lr, (int, float)) and self.lr > 0),
-            ("l2_to_base", self.l2_to_base >= 0),
-            ("max_delta_ratio", self.max_delta_ratio is None or self.max_delta_ratio > 0),
-            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0),
-            ("replay_chunks", isinstance(self.replay_chunks, int) and self.replay_chunks >= 0),
-            ("rehearsal_path", self.rehearsal_path is None or (isinstance(self.rehearsal_path, str) and self.rehearsal_path)),
-            ("rehearsal_chunks", isinstance(self.rehearsal_chunks, int) and self.rehearsal_chunks >= 1),
-            ("rehearsal_every", isinstance(self.rehearsal_every, int) and self.rehearsal_every >= 1),
-            ("reuse_nearest_key", isinstance(self.reuse_nearest_key, bool)),
-            ("reuse_min_similarity", isinstance(self.reuse_min_similarity, (int, float)) and -1 <= self.reuse_min_similarity <= 1),
-            ("chunk_tokens", self.chunk_tokens is None or self.chunk_tokens >= 2),
-            ("rehearsal_tokens", self.rehearsal_tokens is None or (isinstance(self.rehearsal_tokens, int) and self.rehearsal_tokens >= 2)),
-        ]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"SlowConfig.{name}: invalid value {getattr(self, name)!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SlowConfig":
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"SlowConfig: unknown fields {unknown}")
-        return cls(**data)
 
 
 class LowRankDelta(nn.Module):

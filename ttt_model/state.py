@@ -208,7 +208,7 @@ class FastWeightState:
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> str:
         """Write ``path`` (safetensors) and ``path``.json (hash, format, config); return the sha256."""
         return write_verified(Path(path), self.to_bytes(), {
-            "ttt_config": self.config.to_dict() if self.config else None,
+            "ttt_config": self.config.model_dump() if self.config else None,
             "tokens_seen": self.tokens_seen,
             "metadata": metadata or {},
         })

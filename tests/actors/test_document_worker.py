@@ -5,17 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec, sampled
+from actors.document_worker import DocumentTask, DocumentWorker, sampled
 from ttt_model import TTTSession
 from ttt_model.patch import static_mode
 from tests.sample_text import SAMPLE_TEXT
+from pipeline.actor_specs import standalone_worker_spec
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
 TEXT = SAMPLE_TEXT[:6000]
 
 
 def worker(tmp_path, **overrides) -> DocumentWorker:
-    spec = WorkerSpec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), **overrides)
+    spec = standalone_worker_spec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), **overrides)
     return DocumentWorker(spec, name="w0")
 
 

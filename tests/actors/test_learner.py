@@ -11,6 +11,7 @@ from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
 from actors.learner import StreamLearner
 from actors.call_types import PUBLISHED_KEY
 from tests.sample_text import SAMPLE_TEXT
+from pipeline.actor_specs import standalone_worker_spec
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
 DOCS = [DocumentTask(f"d{i}", SAMPLE_TEXT[i * 1500 : (i + 1) * 1500]) for i in range(5)]
@@ -19,7 +20,7 @@ SLOW = {"enabled": True, "lr": 3e-3, "chunk_tokens": 1024, "layers": [-2, -1]}
 
 
 def spec(tmp_path, **overrides) -> WorkerSpec:
-    return WorkerSpec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), slow=SLOW, scope="global",
+    return standalone_worker_spec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), slow=SLOW, scope="global",
                       deterministic=True, **overrides)
 
 
@@ -83,10 +84,6 @@ def test_a_reader_of_versions_needs_one_and_keeps_no_state(tmp_path):
     learner = StreamLearner(spec(tmp_path), lag=1)
     with pytest.raises(ValueError, match="keeps no state"):
         reader.restore(learner.snapshot())
-    keyed = WorkerSpec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), slow=SLOW, scope="per_key",
-                       slow_from_learner=True)
-    with pytest.raises(ValueError, match="global scope"):
-        DocumentWorker(keyed, name="keyed")
 
 
 def test_a_learner_of_every_second_document_keeps_the_order(tmp_path):

@@ -80,7 +80,7 @@ def test_context_parallel_takes_the_safeguards_and_refuses_the_gradient_objectiv
     cp = {"context_parallel": {"min_tokens": 8192}}
     ok = parse_config({"model": {"path": str(model), "ttt": {"decay": 0.5, "max_update_norm": 1.0}}, "processor": cp},
                       environ={})
-    assert ok.model.effective_ttt()["max_delta_ratio"] == 0.2 and ok.model.effective_ttt()["decay"] == 0.5
+    assert ok.model.effective_ttt().max_delta_ratio == 0.2 and ok.model.effective_ttt().decay == 0.5
     with pytest.raises(ConfigError, match=r"needs the in_place objective .* set by model\.ttt\.objective"):
         parse_config({"model": {"path": str(model), "ttt": {"objective": "gradient"}}, "processor": cp}, environ={})
 
@@ -107,7 +107,7 @@ def test_the_learner_needs_slow_weights_and_the_global_scope():
     with pytest.raises(ConfigError, match=r"processor\.learner\.lag: "):
         parse_config({"model": {"slow": {"enabled": True}}, "processor": {"learner": {"enabled": True, "lag": 0}}},
                      environ={})
-    with pytest.raises(ConfigError, match=r"model\.slow: .*SlowConfig\.rank"):
+    with pytest.raises(ConfigError, match=r"model\.slow\.rank: Input should be greater than or equal to 1"):
         parse_config({"model": {"slow": {"rank": 0}}}, environ={})
     with pytest.raises(ConfigError, match=r"processor\.context_parallel\.world: "):
         parse_config({"processor": {"context_parallel": {"world": 1}}}, environ={})
@@ -150,16 +150,31 @@ def test_min_insync_replicas_cannot_exceed_the_replication_factor():
         parse_config({"kafka": {"topics": {"replication_factor": 2, "min_insync_replicas": 3}}}, environ={})
 
 
-def test_the_actors_get_the_rehearsal_file_as_an_absolute_path(monkeypatch, tmp_path):
-    from pipeline.job import context_parallel_spec, worker_spec
+def test_the_actors_get_every_path_resolved_in_one_place(monkeypatch, tmp_path):
+    from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, worker_spec
 
     local = load_config(ROOT / "configs/local.yaml", environ={})
-    assert not Path(local.model.slow["rehearsal_path"]).is_absolute()
+    assert not Path(local.model.slow.rehearsal_path).is_absolute() and not Path(local.model.path).is_absolute()
     monkeypatch.chdir(ROOT)
-    spec = worker_spec(local)
-    assert spec.slow["rehearsal_path"] == str(ROOT / local.model.slow["rehearsal_path"])
-    assert Path(spec.slow["rehearsal_path"]).is_file() and Path(spec.model_path).is_absolute()
-    with_cp = local.model_copy(update={"processor": local.processor.model_copy(update={
-        "context_parallel": {"world": 2, "min_tokens": 4096}})})
-    assert context_parallel_spec(AppConfig.model_validate(with_cp.model_dump())).slow["rehearsal_path"] == \
-        spec.slow["rehearsal_path"]
+    raw = local.model_dump()
+    raw["processor"]["context_parallel"] = {"world": 2, "min_tokens": 4096}
+    seen = as_actors_see_it(AppConfig.model_validate(raw))
+    spec, cp = worker_spec(seen), context_parallel_spec(seen)
+    assert spec.slow.rehearsal_path == cp.slow.rehearsal_path == str(ROOT / local.model.slow.rehearsal_path)
+    assert Path(spec.slow.rehearsal_path).is_file()
+    assert spec.model_path == cp.model_path == str(ROOT / local.model.path)
+    assert spec.spill_dir == str(ROOT / local.processor.spill_dir) and Path(spec.model_cache_dir).is_absolute()
+    # A Ray job that ships its working directory: every actor runs in a copy of it.
+    shipped = worker_spec(as_actors_see_it(local, job_working_dir=True))
+    assert (shipped.model_path, shipped.slow.rehearsal_path) == (local.model.path, local.model.slow.rehearsal_path)
+    # The config's other fields reach the spec as they are: nothing of the slow block is re-read.
+    assert spec.slow.model_copy(update={"rehearsal_path": None}) == local.model.slow.model_copy(update={"rehearsal_path": None})
+
+
+def test_ttt_overrides_are_the_fields_written_and_dump_back_as_written():
+    config = parse_config({"model": {"ttt": {"decay": 0.5}}}, environ={"TTT_STREAM__MODEL__TTT__ETA": "2.0"})
+    assert config.model.ttt.overrides() == {"decay": 0.5, "eta": 2.0}
+    assert config.model.model_dump()["ttt"] == {"decay": 0.5, "eta": 2.0}
+    assert AppConfig.model_validate(config.model_dump()).model.ttt.overrides() == {"decay": 0.5, "eta": 2.0}
+    with pytest.raises(ConfigError, match=r"model\.ttt\.conv_kernel: Value error, the causal convolution needs an odd"):
+        parse_config({"model": {"ttt": {"conv_kernel": 4}}}, environ={})

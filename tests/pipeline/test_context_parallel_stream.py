@@ -17,6 +17,7 @@ from pipeline.config import ContextParallelConfig, LearnerConfig
 from pipeline.job import run_stream
 from pipeline.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
+from ttt_model.config import SlowConfig, TTTConfig
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -30,7 +31,7 @@ def cp_config(stack, tmp_path, context_parallel):
     # The group reads with safeguards on (they pass the weights from rank to rank) and fast
     # weights only (test_learner_stream reads with slow weights from the learner).
     return config.model_copy(update={"model": config.model.model_copy(
-        update={"ttt": {"decay": 0.05, "max_delta_ratio": 0.5}, "slow": {}})})
+        update={"ttt": TTTConfig(decay=0.05, max_delta_ratio=0.5), "slow": SlowConfig()})})
 
 
 def losses(config, n):

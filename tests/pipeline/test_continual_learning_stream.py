@@ -45,7 +45,7 @@ def static_loss(model, tokenizer, texts: list[str]) -> float:
 
 
 def test_the_live_version_beats_the_base_on_held_out_documents_of_the_stream_domain(stack, ray_session, tmp_path):
-    assert stack.model.slow_enabled  # the embedded default learns across documents
+    assert stack.model.slow.enabled  # the embedded default learns across documents
     docs = domain_documents()
     assert len(docs) >= 22, len(docs)
     stream, heldout = docs[:18], docs[-4:]

@@ -36,7 +36,7 @@ def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack
     import mlflow
     import pandas as pd
 
-    assert stack.model.slow_enabled
+    assert stack.model.slow.enabled
     docs = short_documents(12, length=600)
     config = learner_config(stack, tmp_path, workers=2, worker_num_cpus=0.5)
     ensure_topics(config.kafka)

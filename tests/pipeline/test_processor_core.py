@@ -380,11 +380,12 @@ def test_batch_documents_defaults_to_eight_on_a_gpu_worker_of_a_batching_scope_a
     assert ProcessorConfig(**gpu).documents_per_call == 2  # max_in_flight_per_worker 2
     assert ProcessorConfig(worker_num_gpus=1, scope="per_key", max_in_flight_per_worker=16).documents_per_call == 8
     assert ProcessorConfig(worker_num_gpus=1, scope="global", max_in_flight_per_worker=16).documents_per_call == 1
-    import pydantic
     import pytest
 
-    with pytest.raises(pydantic.ValidationError, match="batch_documents .* is above max_in_flight_per_worker"):
-        ProcessorConfig(batch_documents=4)
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"processor\.batch_documents \(4\) is above processor\.max_in_flight_per_worker"):
+        parse_config({"processor": {"batch_documents": 4}}, environ={})
 
 
 def test_partitions_added_while_running_stop_the_run_loudly_after_what_was_read_is_committed():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.base_model import file_hashes, register_base_model
+from actors.base_model import file_hashes, register_base_model
 from pipeline.checkpoint import LIVE, CheckpointStore
 from pipeline.topics import ensure_topics
 from tests.pipeline.ray_start_cluster import RayStartCluster

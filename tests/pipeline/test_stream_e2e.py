@@ -49,7 +49,7 @@ def stream_config(stack: AppConfig, tmp_path, **processor) -> AppConfig:
                 "status_interval_s": 2.0, "poll_timeout_ms": 100, **processor}
     # Rehearsal every fourth slow step instead of every step: the stack tests check the pipeline,
     # not how much the model forgets, and CI has 2 cores.
-    slow = {**stack.model.slow, "rehearsal_every": 4} if stack.model.slow_enabled else stack.model.slow
+    slow = stack.model.slow.model_copy(update={"rehearsal_every": 4})
     if settings.get("scope", stack.processor.scope) != "global":
         # The learner trains one slow state for the stream; other scopes learn on their workers.
         settings.setdefault("learner", stack.processor.learner.model_copy(update={"enabled": False}))

@@ -1,0 +1,52 @@
+"""A setting of the slow block is defined once, in ttt_model.config, and reaches every model the
+stream builds from it (the reader actors, the pyfunc flavour and ``export``) with no second copy
+to update: a changed default is seen in all of them."""
+
+from pathlib import Path
+
+import pytest
+
+from actors.call_types import DocumentTask
+from actors.document_worker import DocumentWorker
+from pipeline.actor_specs import as_actors_see_it, effective_model_config, worker_spec
+from pipeline.adapted_model import load_adapted_model
+from pipeline.config import AppConfig, ModelConfig, parse_config
+from tests.sample_text import SAMPLE_TEXT
+from ttt_model.config import SlowConfig
+
+MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
+
+
+@pytest.fixture
+def slow_rank_default_3():
+    field = SlowConfig.model_fields["rank"]
+    original = field.default
+    field.default = 3
+    try:
+        for model in (SlowConfig, ModelConfig, AppConfig):
+            model.model_rebuild(force=True)
+        yield
+    finally:
+        field.default = original
+        for model in (SlowConfig, ModelConfig, AppConfig):
+            model.model_rebuild(force=True)
+
+
+def ranks(learner) -> set[int]:
+    return {adapter.A.shape[0] for adapter in learner.new_state().adapters.values()}
+
+
+def test_a_changed_slow_default_reaches_the_worker_the_pyfunc_and_export(slow_rank_default_3, tmp_path):
+    config = parse_config({"model": {"path": MODEL, "device": "cpu", "slow": {"enabled": True}},
+                           "processor": {"spill_dir": str(tmp_path)}}, environ={})
+    assert config.model.slow.rank == 3
+    worker = DocumentWorker(worker_spec(as_actors_see_it(config)), name="w0")
+    assert ranks(worker.slow) == {3}
+    worker.process(DocumentTask("d0", SAMPLE_TEXT[:1500]))
+    (blob,) = worker.snapshot()
+    # What a checkpoint records, and what the pyfunc flavour and export load it with.
+    model_config = effective_model_config(config)
+    assert model_config["slow"]["rank"] == 3
+    adapted = load_adapted_model(MODEL, model_config, blob.data)
+    assert ranks(adapted.learner) == {3}
+    assert adapted.state.slow.steps == worker.states.get(None).state.slow.steps == 1
