@@ -15,9 +15,9 @@ PUBLISHED_KEY = "__published_versions__"
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
+class ReaderSpec:
     """What a reader actor hosts and how it adapts. Built from a stream's config by
-    ``pipeline.actor_specs.worker_spec`` (the one place it is built; no defaults of its own): the
+    ``pipeline.actor_specs.reader_spec`` (the one place it is built; no defaults of its own): the
     config's validator has checked how these settings go together, and the worker trusts it."""
 
     model_path: str  # as the actor sees it: absolute, or relative to the job's working directory

@@ -1,7 +1,7 @@
 """The learner: trains a stream's slow weights from the documents its readers read, and publishes
 them as immutable versions.
 
-Readers (``DocumentWorker`` with ``slow_from_learner``) read at the speed of a static model with a
+Readers (``DocumentReader`` with ``slow_from_learner``) read at the speed of a static model with a
 fixed version; the learner reads the same documents, in the order the processor took them from
 the topic (the ledger's), each one prequentially with the lean slow step of
 ``ttt_model.slow.SlowLearner.read``, and after document n publishes version n + 1. Document n is
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from actors.call_types import PUBLISHED_KEY, DocumentTask, StateBlob, WorkerSpec
-from actors.document_worker import DocumentWorker
+from actors.call_types import PUBLISHED_KEY, DocumentTask, StateBlob, ReaderSpec
+from actors.document_reader import DocumentReader
 from ttt_model.slow import SlowVersion
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,14 @@ log = logging.getLogger(__name__)
 class StreamLearner:
     """Plain-class core of ``actors.learner_actor.LearnerActor`` (tested and benchmarked without Ray)."""
 
-    def __init__(self, spec: WorkerSpec, lag: int = 1, name: str = "learner", every: int = 1):
+    def __init__(self, spec: ReaderSpec, lag: int = 1, name: str = "learner", every: int = 1):
         """``every``: learn from documents 0, every, 2 * every, ... of the order (the others only
         take their place in it), for a learner slower than its readers."""
         # The learner is the synchronous reader of every document: slow steps, no shadow
         # evaluation, no context parallelism (it reads windows of max_document_tokens).
         spec = replace(spec, slow_from_learner=False, scope="global", base_loss_sample_rate=0.0,
                        context_parallel_min_tokens=None, tokenize_ahead=False)
-        self.worker = DocumentWorker(spec, name=name)
+        self.worker = DocumentReader(spec, name=name)
         self.name = name
         self.lag = lag
         self.every = every

@@ -6,7 +6,7 @@ from typing import Any
 
 import ray
 
-from actors.call_types import DocumentTask, StateBlob, WorkerSpec
+from actors.call_types import DocumentTask, StateBlob, ReaderSpec
 from actors.learner import StreamLearner
 from actors.model_thread import ModelThread
 from ttt_model.slow import SlowVersion
@@ -17,7 +17,7 @@ class LearnerActor:
     """The Ray shell of StreamLearner: ``version``, ``learn``, ``snapshot`` and ``restore`` run in
     the order the processor sends them, on one model thread."""
 
-    def __init__(self, spec: WorkerSpec, lag: int, name: str, every: int = 1):
+    def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1):
         self.model_thread = ModelThread(f"{name}-model")
         self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every)
 

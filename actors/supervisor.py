@@ -18,15 +18,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.assignment import assign_partitions
 from actors.cp_group import ContextParallelService, ContextParallelSpec
-from actors.call_types import WorkerSpec
+from actors.call_types import ReaderSpec
 from actors.learner_actor import LearnerActor
-from actors.worker import WorkerActor
+from actors.reader_actor import ReaderActor
 
 
 class Supervisor:
     """Plain-class core of SupervisorActor: worker handles, assignment, status."""
 
-    def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
+    def __init__(self, stream: str, spec: ReaderSpec, workers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
                  learner: Any = None):
         """``learner``: the stream's LearnerConfig (lag, every, num_cpus, num_gpus), when it has one."""
@@ -44,7 +44,7 @@ class Supervisor:
             if context_parallel is not None else None
         )
         self.workers = [
-            WorkerActor.options(
+            ReaderActor.options(
                 name=name, max_restarts=max_restarts, max_task_retries=0, num_cpus=num_cpus, num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
             ).remote(spec, name, self.context_parallel)
@@ -111,7 +111,7 @@ class Supervisor:
 
 @ray.remote(num_cpus=0)
 class SupervisorActor:
-    def __init__(self, stream: str, spec: WorkerSpec, workers: int, num_cpus: float, num_gpus: float,
+    def __init__(self, stream: str, spec: ReaderSpec, workers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
                  learner: Any = None):
         self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel,

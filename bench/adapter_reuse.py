@@ -26,8 +26,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from domain_stream import parse_overrides, prepare  # noqa: E402
 
-from actors.document_worker import DocumentTask, DocumentWorker  # noqa: E402
-from pipeline.actor_specs import standalone_worker_spec  # noqa: E402
+from actors.document_reader import DocumentTask, DocumentReader  # noqa: E402
+from pipeline.actor_specs import standalone_reader_spec  # noqa: E402
 from ttt_model.patch import ttt_config_of  # noqa: E402
 
 
@@ -64,11 +64,11 @@ def main() -> None:
            "sphinx-new": docs(args.data / "sphinx" / "heldout.jsonl", args.new),
            "shipped-new": docs(args.shipped_heldout, args.new)}
 
-    def worker(reuse: bool, name: str) -> DocumentWorker:
-        spec = standalone_worker_spec(model_path=model_path, device=args.device, scope="per_key", ttt=dict(model.get("ttt") or {}),
+    def worker(reuse: bool, name: str) -> DocumentReader:
+        spec = standalone_reader_spec(model_path=model_path, device=args.device, scope="per_key", ttt=dict(model.get("ttt") or {}),
                           slow={**slow, "reuse_nearest_key": reuse, "reuse_min_similarity": -1.0},
                           max_document_tokens=args.max_tokens, spill_dir=f"/tmp/ttt-stream-bench-reuse/{name}")
-        return DocumentWorker(spec, name=name)
+        return DocumentReader(spec, name=name)
 
     started = time.perf_counter()
     reusing, fresh = worker(True, "reuse"), worker(False, "base")

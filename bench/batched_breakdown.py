@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from actors.document_worker import DocumentTask, DocumentWorker
-from pipeline.actor_specs import standalone_worker_spec
-from bench.worker import static_score, text_of_length, write_model
+from actors.document_reader import DocumentTask, DocumentReader
+from pipeline.actor_specs import standalone_reader_spec
+from bench.reader import static_score, text_of_length, write_model
 from ttt_model import FastWeightState, ttt_forward
 from ttt_model.patch import static_mode
 from ttt_model.token_nll import token_nll, token_nll_plain
@@ -46,7 +46,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
-        worker = DocumentWorker(standalone_worker_spec(model_path=tmp, device=args.device, dtype=args.dtype, scope="per_document",
+        worker = DocumentReader(standalone_reader_spec(model_path=tmp, device=args.device, dtype=args.dtype, scope="per_document",
                                            max_document_tokens=2 * L, batch_tokens=B * (L + args.chunk),
                                            tokenize_ahead=True), name="bench")
         model, tok = worker.model, worker.tokenizer

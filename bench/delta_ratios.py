@@ -13,9 +13,9 @@ import json
 import statistics
 from pathlib import Path
 
-from actors.document_worker import DocumentTask, DocumentWorker
+from actors.document_reader import DocumentTask, DocumentReader
 from pipeline.config import load_config
-from pipeline.actor_specs import as_actors_see_it, worker_spec
+from pipeline.actor_specs import as_actors_see_it, reader_spec
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config)
-    worker = DocumentWorker(worker_spec(as_actors_see_it(config)), name="delta-ratios")
+    worker = DocumentReader(reader_spec(as_actors_see_it(config)), name="delta-ratios")
     rows = []
     with args.documents.open() as f:
         for i, line in enumerate(f):

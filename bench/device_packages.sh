@@ -3,7 +3,7 @@
 # pyyaml and safetensors are there; pydantic, which the model configs are, is not), installed
 # for that machine's Python into .device-packages/. Carry it with the run and put it on the path:
 #   bash bench/device_packages.sh
-#   (device run, carry [".device-packages"]) PYTHONPATH=.:.device-packages python bench/worker.py ...
+#   (device run, carry [".device-packages"]) PYTHONPATH=.:.device-packages python bench/reader.py ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VERSION="${DEVICE_PYTHON_VERSION:-3.12}"

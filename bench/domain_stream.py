@@ -4,7 +4,7 @@
     python bench/domain_stream.py --domain pandas --slow lr=3e-3 --slow rank=16
 
 The domain's documents (a Debian documentation package, split by a hash of their id) are cut to
-``--max-tokens`` and read in a fixed shuffled order by one DocumentWorker per setting:
+``--max-tokens`` and read in a fixed shuffled order by one DocumentReader per setting:
 
 - fast only: In-Place TTT, fast weights reset at every document (per_document scope);
 - slow only: slow weights learned across documents, no fast weights (eta 0);
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
-from pipeline.actor_specs import standalone_worker_spec
+from actors.document_reader import DocumentTask, DocumentReader, ReaderSpec
+from pipeline.actor_specs import standalone_reader_spec
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.data import Document, load_documents
 from ttt_model.patch import static_mode
@@ -51,8 +51,8 @@ def prepare(path: Path, tokenizer, max_tokens: int, limit: int | None, seed: int
     return out
 
 
-def read_stream(spec: WorkerSpec, docs: list[Document]) -> tuple[DocumentWorker, list[dict]]:
-    worker = DocumentWorker(spec, name="bench")
+def read_stream(spec: ReaderSpec, docs: list[Document]) -> tuple[DocumentReader, list[dict]]:
+    worker = DocumentReader(spec, name="bench")
     rows = []
     for doc in docs:
         out = worker.process(DocumentTask(doc.id, doc.text))
@@ -62,7 +62,7 @@ def read_stream(spec: WorkerSpec, docs: list[Document]) -> tuple[DocumentWorker,
 
 
 @torch.no_grad()
-def evaluate(worker: DocumentWorker, state: AdaptedState | None, docs: list[Document], fast: bool) -> float:
+def evaluate(worker: DocumentReader, state: AdaptedState | None, docs: list[Document], fast: bool) -> float:
     """Token-weighted loss of ``docs`` under ``state``'s slow weights (None: base), with fresh fast
     weights per document or TTT off; nothing is learned."""
     total = tokens = 0.0
@@ -154,9 +154,9 @@ def main() -> None:
     base = dict(model_path=model_path, device=args.device, max_document_tokens=args.max_tokens,
                 spill_dir="/tmp/ttt-stream-bench-spill", deterministic=False)
     settings = {
-        "fast": standalone_worker_spec(**base, scope="per_document", ttt=ttt, base_loss_sample_rate=1.0),
-        "slow": standalone_worker_spec(**base, scope="global", ttt={**ttt, "eta": 0.0}, slow=slow, base_loss_sample_rate=0.0),
-        "slow+fast": standalone_worker_spec(**base, scope="global", ttt=ttt, slow=slow, base_loss_sample_rate=0.0),
+        "fast": standalone_reader_spec(**base, scope="per_document", ttt=ttt, base_loss_sample_rate=1.0),
+        "slow": standalone_reader_spec(**base, scope="global", ttt={**ttt, "eta": 0.0}, slow=slow, base_loss_sample_rate=0.0),
+        "slow+fast": standalone_reader_spec(**base, scope="global", ttt=ttt, slow=slow, base_loss_sample_rate=0.0),
     }
     chosen = args.settings.split(",")
     from transformers import AutoTokenizer

@@ -2,7 +2,7 @@
 
     python bench/scopes.py --documents 20 --max-tokens 8192
 
-One DocumentWorker per setting reads the same held-out documents in order, every document
+One DocumentReader per setting reads the same held-out documents in order, every document
 shadow-evaluated with TTT off; prints token-weighted means.
 """
 
@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from actors.document_worker import DocumentTask, DocumentWorker
-from pipeline.actor_specs import standalone_worker_spec
+from actors.document_reader import DocumentTask, DocumentReader
+from pipeline.actor_specs import standalone_reader_spec
 from ttt_model.data import load_documents
 
 SETTINGS = [
@@ -36,9 +36,9 @@ def main() -> None:
     docs = load_documents(args.corpus, limit=args.documents)
     rows = []
     for name, scope, ttt in SETTINGS:
-        spec = standalone_worker_spec(args.model, scope=scope, ttt=ttt, base_loss_sample_rate=1.0,
+        spec = standalone_reader_spec(args.model, scope=scope, ttt=ttt, base_loss_sample_rate=1.0,
                           max_document_tokens=args.max_tokens, spill_dir="/tmp/ttt-stream-bench-spill")
-        worker = DocumentWorker(spec, name="bench")
+        worker = DocumentReader(spec, name="bench")
         adapted = base = tokens = 0.0
         for doc in docs:
             out = worker.process(DocumentTask(doc.id, doc.text))

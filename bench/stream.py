@@ -2,7 +2,7 @@
 
     python bench/stream.py -c configs/local.yaml --documents 24 --max-tokens 2048
 
-1. direct: one DocumentWorker in this process reads the documents one after another;
+1. direct: one DocumentReader in this process reads the documents one after another;
 2. pipeline: the same documents fed to a fresh documents topic and read by ``ttt-stream run``'s
    machinery (Kafka source, one Ray worker actor with the same model and threads, results to
    Kafka), timed from the first record read to the last result.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from actors.document_worker import DocumentTask, DocumentWorker
+from actors.document_reader import DocumentTask, DocumentReader
 from pipeline.config import load_config
-from pipeline.actor_specs import as_actors_see_it, worker_spec
+from pipeline.actor_specs import as_actors_see_it, reader_spec
 from pipeline.job import run_stream
 from pipeline.local_stack import LocalStack
 from ttt_model.data import load_documents
@@ -86,10 +86,10 @@ def main() -> None:
         "mlflow": config.mlflow.model_copy(update={"processor_runs": False}),
         "ray": config.ray.model_copy(update={"num_cpus": max(config.ray.num_cpus, args.threads)}),
     })
-    spec = worker_spec(as_actors_see_it(config))
+    spec = reader_spec(as_actors_see_it(config))
 
     torch.set_num_threads(args.threads)
-    direct = DocumentWorker(spec, "direct")
+    direct = DocumentReader(spec, "direct")
     docs = documents(args.corpus, args.documents, args.max_tokens, direct.tokenizer)
     direct.process(DocumentTask("warm-up", docs[0]["text"]))
     start = time.perf_counter()

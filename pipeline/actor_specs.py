@@ -1,5 +1,5 @@
 """What the actors are given, built from the stream's config in one place: every path as the
-actors see it, the reader actors' ``WorkerSpec``, the context-parallel group's spec, and the
+actors see it, the reader actors' ``ReaderSpec``, the context-parallel group's spec, and the
 model configuration that checkpoints record. No Ray here: the benches build the same specs on
 machines without it."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.base_model import BaseModelSource, is_model_uri
-from actors.call_types import WorkerSpec
+from actors.call_types import ReaderSpec
 from actors.cp_group import ContextParallelSpec
 from pipeline.config import AppConfig, ModelConfig
 
@@ -36,11 +36,11 @@ def as_actors_see_it(config: AppConfig, job_working_dir: bool = False) -> AppCon
     return config.model_copy(update={"model": model, "processor": processor})
 
 
-def worker_spec(config: AppConfig, source: BaseModelSource | None = None) -> WorkerSpec:
+def reader_spec(config: AppConfig, source: BaseModelSource | None = None) -> ReaderSpec:
     """The reader actors' view of the config (paths as given: see ``as_actors_see_it``;
     ``source``: the registered model ``model.path`` names, pinned to one version by the driver)."""
     m, p = config.model, config.processor
-    return WorkerSpec(
+    return ReaderSpec(
         model_path=source.uri if source else m.path,
         model_source=source.to_dict() if source else None,
         model_cache_dir=str(m.cache_dir),
@@ -88,8 +88,8 @@ def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> 
     return recorded
 
 
-def standalone_worker_spec(model_path: str | Path, **changes: Any) -> WorkerSpec:
-    """A WorkerSpec for a reader outside a stream (tests, benches): the config model's defaults,
-    then ``changes`` (WorkerSpec fields; ``ttt`` and ``slow`` as dicts of fields or configs)."""
+def standalone_reader_spec(model_path: str | Path, **changes: Any) -> ReaderSpec:
+    """A ReaderSpec for a reader outside a stream (tests, benches): the config model's defaults,
+    then ``changes`` (ReaderSpec fields; ``ttt`` and ``slow`` as dicts of fields or configs)."""
     model = ModelConfig(path=str(model_path), ttt=changes.pop("ttt", {}), slow=changes.pop("slow", {}))
-    return replace(worker_spec(as_actors_see_it(AppConfig(model=model))), **changes)
+    return replace(reader_spec(as_actors_see_it(AppConfig(model=model))), **changes)

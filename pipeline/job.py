@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
 from actors.base_model import local_model_dir
-from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, worker_spec
+from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, reader_spec
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig
 from pipeline.control import ControlSource
@@ -28,13 +28,13 @@ from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource, OffsetOutOfRange
 from pipeline.topics import ensure_topics
-from pipeline.worker_pool import Learner, RayLearner, RayWorkerPool, WorkerPool
+from pipeline.reader_pool import Learner, RayLearner, RayReaderPool, ReaderPool
 
 log = logging.getLogger(__name__)
 
 
 def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: KafkaDocumentSource,
-                            pool: WorkerPool, positions: dict[int, int], assignment: dict[int, int],
+                            pool: ReaderPool, positions: dict[int, int], assignment: dict[int, int],
                             base: dict[str, Any] | None = None, model_dir: Path | None = None,
                             learner: Learner | None = None) -> StreamCheckpointer:
     """The checkpointer of this run; with ``checkpoint.restore``, the workers' states (and the
@@ -122,7 +122,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     # affinity passes over a node without CPUs, such as a head kept free of workers.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
-        config.stream.name, worker_spec(seen, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
+        config.stream.name, reader_spec(seen, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
         context_parallel_spec(seen), p.placement_strategy,
         p.learner if p.learner.enabled else None,
     )
@@ -133,7 +133,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
         log.info("workers ready: %s", ", ".join(names))
         workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
-        pool = RayWorkerPool(workers, names)
+        pool = RayReaderPool(workers, names)
         learner = None
         if p.learner.enabled:
             actor, name = ray.get(supervisor.learner.remote())

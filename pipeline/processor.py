@@ -29,7 +29,7 @@ from pipeline.recovery import RecoveryPolicy
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
-from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, WorkerPool
+from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, ReaderPool
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class StreamProcessor:
         config: ProcessorConfig,
         source: KafkaDocumentSource,
         sinks: KafkaSinks,
-        pool: WorkerPool,
+        pool: ReaderPool,
         assignment: dict[int, int],
         stream: str = "default",
         status: Callable[[], dict[str, Any]] | None = None,

@@ -29,7 +29,7 @@ from pipeline.ledger import PendingDocument, StreamLedger
 from pipeline.rescale import split_learner, states_for_workers
 from pipeline.run_summary import RunSummary
 from pipeline.source import KafkaDocumentSource
-from pipeline.worker_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, WorkerPool
+from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, ReaderPool
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class RecoveryPolicy:
         self,
         config: ProcessorConfig,
         ledger: StreamLedger,
-        pool: WorkerPool,
+        pool: ReaderPool,
         source: KafkaDocumentSource,
         worker_of: dict[int, int],
         checkpointer: StreamCheckpointer | None,

@@ -28,6 +28,6 @@ def test_the_call_types_and_the_pipeline_around_them_import_without_torch():
 
 
 def test_the_blocker_does_block_torch():
-    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "actors.document_worker"], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "actors.document_reader"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "torch is blocked" in done.stderr

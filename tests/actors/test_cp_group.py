@@ -8,7 +8,7 @@ from actors.cp_group import ContextParallelActors
 from tests.ttt_model.reference import randomise_ttt_parameters, rel_err, tiny_model
 from ttt_model import FastWeightState, TTTConfig, TTTSession, enable_ttt
 from ttt_model.config import SlowConfig
-from pipeline.actor_specs import standalone_worker_spec
+from pipeline.actor_specs import standalone_reader_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -49,14 +49,14 @@ def test_worker_routes_long_windows_to_the_service_and_keeps_the_state(ray_sessi
     from safetensors.torch import load
 
     from actors.cp_group import ContextParallelService, ContextParallelSpec
-    from actors.document_worker import DocumentTask, DocumentWorker
-    from tests.actors.test_document_worker import MODEL, TEXT
+    from actors.document_reader import DocumentTask, DocumentReader
+    from tests.actors.test_document_reader import MODEL, TEXT
 
     service = ContextParallelService.remote(ContextParallelSpec(MODEL, world=2, num_cpus=0.5, num_gpus=0.0, ttt=TTTConfig(), num_threads=None, strategy="PACK", slow=SlowConfig()))
     base = dict(model_path=MODEL, device="cpu", scope="global", spill_dir=str(tmp_path))
-    routed = DocumentWorker(standalone_worker_spec(**base, context_parallel_min_tokens=700), "routed",
+    routed = DocumentReader(standalone_reader_spec(**base, context_parallel_min_tokens=700), "routed",
                             lambda ids, state, version: ray.get(service.read.remote(ids, state, version)))
-    alone = DocumentWorker(standalone_worker_spec(**base), "alone")
+    alone = DocumentReader(standalone_reader_spec(**base), "alone")
     texts = [TEXT[:1500], TEXT[:4000], TEXT[4000:5000], TEXT[1000:5500]]  # short, long, short, long
     try:
         for i, text in enumerate(texts):

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.document_worker import DocumentTask, DocumentWorker, WorkerSpec
+from actors.document_reader import DocumentTask, DocumentReader, ReaderSpec
 from actors.learner import StreamLearner
 from actors.call_types import PUBLISHED_KEY
 from tests.sample_text import SAMPLE_TEXT
-from pipeline.actor_specs import standalone_worker_spec
+from pipeline.actor_specs import standalone_reader_spec
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
 DOCS = [DocumentTask(f"d{i}", SAMPLE_TEXT[i * 1500 : (i + 1) * 1500]) for i in range(5)]
@@ -19,15 +19,15 @@ DOCS = [DocumentTask(f"d{i}", SAMPLE_TEXT[i * 1500 : (i + 1) * 1500]) for i in r
 SLOW = {"enabled": True, "lr": 3e-3, "chunk_tokens": 1024, "layers": [-2, -1]}
 
 
-def spec(tmp_path, **overrides) -> WorkerSpec:
-    return standalone_worker_spec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), slow=SLOW, scope="global",
+def spec(tmp_path, **overrides) -> ReaderSpec:
+    return standalone_reader_spec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), slow=SLOW, scope="global",
                       deterministic=True, **overrides)
 
 
 def test_readers_of_lag_1_score_what_the_synchronous_reader_scores(tmp_path):
-    synchronous = DocumentWorker(spec(tmp_path), name="sync")
+    synchronous = DocumentReader(spec(tmp_path), name="sync")
     learner = StreamLearner(spec(tmp_path), lag=1)
-    reader = DocumentWorker(spec(tmp_path, slow_from_learner=True), name="reader")
+    reader = DocumentReader(spec(tmp_path, slow_from_learner=True), name="reader")
     base = learner.version(0)
     for n, task in enumerate(DOCS):
         version = learner.version(n)  # trained on documents 0 .. n - 1
@@ -78,7 +78,7 @@ def test_a_restored_learner_goes_on_bit_for_bit(tmp_path):
 
 
 def test_a_reader_of_versions_needs_one_and_keeps_no_state(tmp_path):
-    reader = DocumentWorker(spec(tmp_path, slow_from_learner=True), name="reader")
+    reader = DocumentReader(spec(tmp_path, slow_from_learner=True), name="reader")
     with pytest.raises(ValueError, match="no version was given"):
         reader.process(DOCS[0])
     learner = StreamLearner(spec(tmp_path), lag=1)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from actors.call_types import DocumentTask
-from actors.document_worker import DocumentWorker
-from pipeline.actor_specs import standalone_worker_spec
+from actors.document_reader import DocumentReader
+from pipeline.actor_specs import standalone_reader_spec
 
 pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ KEYS = 800
 
 
 def test_many_keys_stay_within_the_key_disk_and_memory_bounds(tmp_path):
-    worker = DocumentWorker(standalone_worker_spec(model_path=str(ROOT / "models/ttt-tiny-qwen3"), device="cpu", scope="per_key",
+    worker = DocumentReader(standalone_reader_spec(model_path=str(ROOT / "models/ttt-tiny-qwen3"), device="cpu", scope="per_key",
                                        max_keys_in_memory=64, max_keys=256, spill_dir=str(tmp_path)), name="w")
     state_bytes = len(worker.new_state().to_bytes())
     spill = tmp_path / "w"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.document_worker import DocumentTask, DocumentWorker
+from actors.document_reader import DocumentTask, DocumentReader
 from actors.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
                                resolve_base_model)
-from pipeline.actor_specs import standalone_worker_spec
+from pipeline.actor_specs import standalone_reader_spec
 from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack]
@@ -35,12 +35,12 @@ def test_a_registered_base_model_is_fetched_once_verified_and_read_like_its_dire
 
     cache = tmp_path / "cache"
 
-    def from_mlflow() -> DocumentWorker:
-        spec = standalone_worker_spec(model_path=source.uri, model_source=source.to_dict(), model_cache_dir=str(cache),
+    def from_mlflow() -> DocumentReader:
+        spec = standalone_reader_spec(model_path=source.uri, model_source=source.to_dict(), model_cache_dir=str(cache),
                           device="cpu", spill_dir=str(tmp_path / "spill"))
-        return DocumentWorker(spec, "remote")
+        return DocumentReader(spec, "remote")
 
-    local = DocumentWorker(standalone_worker_spec(model_path=str(MODEL), device="cpu", spill_dir=str(tmp_path / "spill")), "local")
+    local = DocumentReader(standalone_reader_spec(model_path=str(MODEL), device="cpu", spill_dir=str(tmp_path / "spill")), "local")
     task = DocumentTask("d", TEXT)
     assert from_mlflow().process(task).loss == local.process(task).loss
     (copy,) = [p for p in cache.iterdir() if p.is_dir()]

@@ -151,7 +151,7 @@ def test_min_insync_replicas_cannot_exceed_the_replication_factor():
 
 
 def test_the_actors_get_every_path_resolved_in_one_place(monkeypatch, tmp_path):
-    from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, worker_spec
+    from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, reader_spec
 
     local = load_config(ROOT / "configs/local.yaml", environ={})
     assert not Path(local.model.slow.rehearsal_path).is_absolute() and not Path(local.model.path).is_absolute()
@@ -159,13 +159,13 @@ def test_the_actors_get_every_path_resolved_in_one_place(monkeypatch, tmp_path):
     raw = local.model_dump()
     raw["processor"]["context_parallel"] = {"world": 2, "min_tokens": 4096}
     seen = as_actors_see_it(AppConfig.model_validate(raw))
-    spec, cp = worker_spec(seen), context_parallel_spec(seen)
+    spec, cp = reader_spec(seen), context_parallel_spec(seen)
     assert spec.slow.rehearsal_path == cp.slow.rehearsal_path == str(ROOT / local.model.slow.rehearsal_path)
     assert Path(spec.slow.rehearsal_path).is_file()
     assert spec.model_path == cp.model_path == str(ROOT / local.model.path)
     assert spec.spill_dir == str(ROOT / local.processor.spill_dir) and Path(spec.model_cache_dir).is_absolute()
     # A Ray job that ships its working directory: every actor runs in a copy of it.
-    shipped = worker_spec(as_actors_see_it(local, job_working_dir=True))
+    shipped = reader_spec(as_actors_see_it(local, job_working_dir=True))
     assert (shipped.model_path, shipped.slow.rehearsal_path) == (local.model.path, local.model.slow.rehearsal_path)
     # The config's other fields reach the spec as they are: nothing of the slow block is re-read.
     assert spec.slow.model_copy(update={"rehearsal_path": None}) == local.model.slow.model_copy(update={"rehearsal_path": None})

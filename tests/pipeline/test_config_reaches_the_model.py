@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from actors.call_types import DocumentTask
-from actors.document_worker import DocumentWorker
-from pipeline.actor_specs import as_actors_see_it, effective_model_config, worker_spec
+from actors.document_reader import DocumentReader
+from pipeline.actor_specs import as_actors_see_it, effective_model_config, reader_spec
 from pipeline.adapted_model import load_adapted_model
 from pipeline.config import AppConfig, ModelConfig, parse_config
 from tests.sample_text import SAMPLE_TEXT
@@ -40,7 +40,7 @@ def test_a_changed_slow_default_reaches_the_worker_the_pyfunc_and_export(slow_ra
     config = parse_config({"model": {"path": MODEL, "device": "cpu", "slow": {"enabled": True}},
                            "processor": {"spill_dir": str(tmp_path)}}, environ={})
     assert config.model.slow.rank == 3
-    worker = DocumentWorker(worker_spec(as_actors_see_it(config)), name="w0")
+    worker = DocumentReader(reader_spec(as_actors_see_it(config)), name="w0")
     assert ranks(worker.slow) == {3}
     worker.process(DocumentTask("d0", SAMPLE_TEXT[:1500]))
     (blob,) = worker.snapshot()

@@ -13,14 +13,14 @@ import time
 
 from kafka.consumer.fetcher import ConsumerRecord
 
-from actors.document_worker import DocumentOutcome, DocumentTask
+from actors.document_reader import DocumentOutcome, DocumentTask
 from actors.state_store import StateBlob
 from pipeline.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
 from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, ProcessorConfig
 from pipeline.control import ControlCommand
 from pipeline.monitor import DegradationMonitor
 from pipeline.processor import StreamProcessor
-from pipeline.worker_pool import ContextParallelFailure, WorkerDied
+from pipeline.reader_pool import ContextParallelFailure, WorkerDied
 
 TOPIC = "docs"
 
@@ -55,7 +55,7 @@ class FakePool:
 
     def __init__(self, n: int, make_worker=FakeWorker):
         self.names = [f"s-worker-{i}" for i in range(n)]
-        self.make_worker = make_worker  # name -> a worker (FakeWorker, or a real DocumentWorker)
+        self.make_worker = make_worker  # name -> a worker (FakeWorker, or a real DocumentReader)
         self.workers = [make_worker(name) for name in self.names]
         self.dead = [False] * n
         self.die_in = [None] * n

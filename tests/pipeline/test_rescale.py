@@ -2,7 +2,7 @@
 3 -> 1). per_key states follow their keys' partitions (bitwise equal to one worker reading every
 key); global and per_document states follow the documented rule (pipeline.rescale). The real
 StreamProcessor, StreamCheckpointer and restore path over the in-process fakes of
-test_processor_core; the per_key runs read with real DocumentWorkers."""
+test_processor_core; the per_key runs read with real DocumentReaders."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from actors.assignment import assign_partitions
-from actors.document_worker import DocumentTask, DocumentWorker
+from actors.document_reader import DocumentTask, DocumentReader
 from actors.state_store import StateBlob
 from pipeline.checkpoint import LIVE, Checkpoint, CheckpointError
 from pipeline.config import parse_config
-from pipeline.actor_specs import as_actors_see_it, worker_spec
+from pipeline.actor_specs import as_actors_see_it, reader_spec
 from pipeline.job import restore_from_checkpoint
 from pipeline.processor import StreamProcessor
 from pipeline.rescale import states_for_workers
@@ -70,7 +70,7 @@ def test_per_key_states_follow_their_partitions_from_2_to_3_to_1_workers_bitwise
     for workers, upto in ((2, 3), (3, 6), (1, 9)):
         config = app_config(tmp_path / str(workers), workers, "per_key")
         pool, sinks = run_from_live(config, store, first(docs, upto),
-                                    lambda name, c=config: DocumentWorker(worker_spec(as_actors_see_it(c)), name))
+                                    lambda name, c=config: DocumentReader(reader_spec(as_actors_see_it(c)), name))
         results += [r["id"] for r in sinks.results]
         live = store.load(LIVE)
         owner = {int(p): w for p, w in live.manifest["assignment"].items()}
@@ -80,7 +80,7 @@ def test_per_key_states_follow_their_partitions_from_2_to_3_to_1_workers_bitwise
     # Nothing lost, nothing read twice, and every key's state is the one a single worker that
     # read all of the key's documents has.
     assert sorted(results) == sorted(d["id"] for p in docs.values() for d in p)
-    one = DocumentWorker(worker_spec(as_actors_see_it(app_config(tmp_path / "one", 1, "per_key"))), "one")
+    one = DocumentReader(reader_spec(as_actors_see_it(app_config(tmp_path / "one", 1, "per_key"))), "one")
     for p in sorted(docs):
         for d in docs[p]:
             one.process(DocumentTask(d["id"], d["text"], d["key"], p))

@@ -1,6 +1,6 @@
 """A version in MLflow scores like the stream that wrote it (real MLflow server, shipped model).
 
-A DocumentWorker with non-default TTT overrides (decay, cap, gradient objective) or slow weights
+A DocumentReader with non-default TTT overrides (decay, cap, gradient objective) or slow weights
 reads a few documents; its states go through the checkpoint path; then the pyfunc model loaded
 from the registry scores a text as the worker reads it, and ``export`` gives a plain model whose
 loss is the merged state's.
@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from actors.document_worker import DocumentTask, DocumentWorker
+from actors.document_reader import DocumentTask, DocumentReader
 from pipeline.adapted_model import StateChoiceError
 from pipeline.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore, base_model_id
 from pipeline.export import export_checkpoint
 from tests.sample_text import SAMPLE_TEXT
-from pipeline.actor_specs import standalone_worker_spec
+from pipeline.actor_specs import standalone_reader_spec
 
 pytestmark = [pytest.mark.stack]
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ DOCS = [TEXT[i * 1500 : i * 1500 + 1800] for i in range(3)]
 PROBE = TEXT[9000:11000]
 
 
-def checkpoint(stack, worker: DocumentWorker, scope_keys: int = 1) -> CheckpointStore:
+def checkpoint(stack, worker: DocumentReader, scope_keys: int = 1) -> CheckpointStore:
     store = CheckpointStore(stack.mlflow, f"test-{uuid.uuid4().hex[:8]}")
     store.save(CheckpointRequest(
         states={worker.name: worker.snapshot()}, topic="docs", offsets={0: len(DOCS)}, config_digest="c" * 64,
@@ -61,7 +61,7 @@ def static_loss(model, tokenizer, text: str) -> float:
     {"objective": "gradient", "gradient_lr": 0.3, "max_delta_ratio": 0.05},
 ], ids=["decay", "cap-clip", "gradient"])
 def test_pyfunc_scores_like_the_worker_and_export_equals_the_merged_state(stack, tmp_path, overrides):
-    worker = DocumentWorker(standalone_worker_spec(MODEL, device="cpu", ttt=overrides, spill_dir=str(tmp_path)), "w0")
+    worker = DocumentReader(standalone_reader_spec(MODEL, device="cpu", ttt=overrides, spill_dir=str(tmp_path)), "w0")
     for i, doc in enumerate(DOCS):
         worker.process(DocumentTask(f"d{i}", doc))
     store = checkpoint(stack, worker)
@@ -74,7 +74,7 @@ def test_pyfunc_scores_like_the_worker_and_export_equals_the_merged_state(stack,
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(exported).eval()
-    merged = DocumentWorker(standalone_worker_spec(MODEL, device="cpu", ttt=overrides, spill_dir=str(tmp_path)), "w1")
+    merged = DocumentReader(standalone_reader_spec(MODEL, device="cpu", ttt=overrides, spill_dir=str(tmp_path)), "w1")
     (blob,) = store.load(LIVE).states["w0"]
     merged.states.restore([blob])
     merged.states.get(None).state.fast.merge_into(merged.model)
@@ -86,8 +86,8 @@ def test_pyfunc_scores_like_the_worker_and_export_equals_the_merged_state(stack,
 
 
 def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tmp_path):
-    spec = standalone_worker_spec(MODEL, device="cpu", slow={"enabled": True, "lr": 3e-3}, spill_dir=str(tmp_path))
-    worker = DocumentWorker(spec, "w0")
+    spec = standalone_reader_spec(MODEL, device="cpu", slow={"enabled": True, "lr": 3e-3}, spill_dir=str(tmp_path))
+    worker = DocumentReader(spec, "w0")
     for i, doc in enumerate(DOCS):
         worker.process(DocumentTask(f"d{i}", doc))
     store = checkpoint(stack, worker)
@@ -122,7 +122,7 @@ def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tm
 
 
 def test_a_version_of_several_states_needs_a_choice(stack, tmp_path):
-    worker = DocumentWorker(standalone_worker_spec(MODEL, device="cpu", scope="per_key", spill_dir=str(tmp_path)), "w0")
+    worker = DocumentReader(standalone_reader_spec(MODEL, device="cpu", scope="per_key", spill_dir=str(tmp_path)), "w0")
     worker.process(DocumentTask("a", DOCS[0], key="tenant-a"))
     worker.process(DocumentTask("b", DOCS[1], key="tenant-b"))
     store = checkpoint(stack, worker)
@@ -147,7 +147,7 @@ def test_mlflow_models_serve_answers_invocations_with_the_worker_s_loss(stack, t
 
     from tests.conftest import free_port
 
-    worker = DocumentWorker(standalone_worker_spec(MODEL, device="cpu", spill_dir=str(tmp_path)), "w0")
+    worker = DocumentReader(standalone_reader_spec(MODEL, device="cpu", spill_dir=str(tmp_path)), "w0")
     for i, doc in enumerate(DOCS):
         worker.process(DocumentTask(f"d{i}", doc))
     store = checkpoint(stack, worker)

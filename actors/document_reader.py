@@ -1,6 +1,6 @@
-"""DocumentWorker: one model replica and its adapted states, reading documents prequentially.
+"""DocumentReader: one model replica and its adapted states, reading documents prequentially.
 
-A plain class (the Ray actor in ``actors.worker`` is a thin shell around it), so it is tested
+A plain class (the Ray actor in ``actors.reader_actor`` is a thin shell around it), so it is tested
 and benchmarked without Ray. Per document: tokenize, pick the state of the document's scope,
 score every chunk with the current weights and then learn from it, and report the adapted loss
 next to the base model's loss on a sample of documents.
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from actors.base_model import BaseModelSource, fetch_base_model
-from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, WorkerSpec
-from actors.readers import (ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader,
+from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, ReaderSpec
+from actors.window_readers import (ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader,
                             WindowReader)
 from actors.state_store import ScopedState, StateStore
 from ttt_model.adapted_state import AdaptedState
@@ -41,7 +41,7 @@ from ttt_model.token_nll import token_nll
 
 log = logging.getLogger(__name__)
 
-# Documents tokenized ahead (``DocumentWorker.prepare``) and kept until processed.
+# Documents tokenized ahead (``DocumentReader.prepare``) and kept until processed.
 MAX_PREPARED = 64
 
 def sampled(document_id: str, rate: float) -> bool:
@@ -65,7 +65,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-class DocumentWorker:
+class DocumentReader:
     """Hosts one model replica; ``process`` reads one document and adapts the right state.
 
     With a ``long_reader`` (a context-parallel group, see actors.cp_group), windows of at least
@@ -73,7 +73,7 @@ class DocumentWorker:
     and the state it returns replaces ours; its failure propagates and the caller retries.
     """
 
-    def __init__(self, spec: WorkerSpec, name: str = "worker", long_reader: LongDocumentReader | None = None):
+    def __init__(self, spec: ReaderSpec, name: str = "worker", long_reader: LongDocumentReader | None = None):
         from transformers import AutoTokenizer
 
         self.spec = spec

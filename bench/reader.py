@@ -1,12 +1,12 @@
-"""Tokens/s through the stream worker (``DocumentWorker.process``) against the model alone.
+"""Tokens/s through the stream worker (``DocumentReader.process``) against the model alone.
 
 Three ways to read the same documents with the same model object, interleaved document by
 document in one process, so that their ratios are side by side:
 
-- worker: ``DocumentWorker.process`` (tokenize, pick the scope's state, score every chunk with
+- worker: ``DocumentReader.process`` (tokenize, pick the scope's state, score every chunk with
   the fast weights of the chunks before it, learn, report norms and delta ratios);
 - worker, tokenizing ahead: the same while another thread tokenizes the next document
-  (``DocumentWorker.prepare``, as the Ray actor does), the wait for it included;
+  (``DocumentReader.prepare``, as the Ray actor does), the wait for it included;
 - static scorer: TTT off, one forward with full logits, then cross-entropy over every position
   (what scoring a document costs without TTT);
 - prefill: In-Place TTT on, ``logits_to_keep=1`` (what bench/ttt_forward.py times: the model's
@@ -20,8 +20,8 @@ saved with the shipped model's tokenizer to a temporary directory that the worke
 model path. Documents are random token ids decoded to text; the reported token counts are the
 worker's own. With ``--profile`` the worker's time on one document is broken down by operator.
 
-    python bench/worker.py --preset small --device cpu --lengths 2048 8192               # CPU table
-    python bench/worker.py --preset qwen3-0.6b --device cuda --dtype bfloat16 \\
+    python bench/reader.py --preset small --device cpu --lengths 2048 8192               # CPU table
+    python bench/reader.py --preset qwen3-0.6b --device cuda --dtype bfloat16 \\
         --lengths 2048 8192 32768 --chunk 1024 --layers 0 6 12 18 24 --profile          # the GPU table
 """
 
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-from actors.document_worker import DocumentTask, DocumentWorker
-from pipeline.actor_specs import standalone_worker_spec
+from actors.document_reader import DocumentTask, DocumentReader
+from pipeline.actor_specs import standalone_reader_spec
 from actors.learner import StreamLearner
 from bench.ttt_forward import PRESETS
 from ttt_model import FastWeightState, TTTConfig, enable_ttt, ttt_forward
@@ -197,26 +197,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
-        worker = DocumentWorker(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope=args.scope,
+        worker = DocumentReader(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope=args.scope,
                                            max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                 name="bench")
         model, tokenizer = worker.model, worker.tokenizer
         slow_workers = {}
         if args.slow:
             for label, slow in slow_settings(args.config, args.slow_variant).items():
-                slow_workers[label] = DocumentWorker(
-                    standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
+                slow_workers[label] = DocumentReader(
+                    standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=True), name=f"bench-{label}")
         reader, version, learner = None, None, None
         if slow_workers:
             # The learner's readers: the default's adapters, read with a fixed version (the first
             # slow worker's state, once the warm-up documents have trained it).
             default = next(iter(slow_workers.values()))
-            reader = DocumentWorker(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope="global",
+            reader = DocumentReader(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope="global",
                                                slow=default.slow_config, slow_from_learner=True,
                                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                     name="bench-reader")
-            learner = StreamLearner(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype,
+            learner = StreamLearner(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype,
                                                slow=default.slow_config,
                                                max_document_tokens=2 * max(args.lengths)), name="bench-learner")
         gen = torch.Generator().manual_seed(1)
@@ -234,7 +234,7 @@ def main() -> None:
                 ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], device=device)[None]
                 ids = ids[:, : worker.spec.max_document_tokens]
 
-                def pipelined(reads: DocumentWorker, version=None) -> None:
+                def pipelined(reads: DocumentReader, version=None) -> None:
                     # As the Ray actor does: the next document is tokenized in another thread
                     # while this one is read (this one was tokenized during the previous read).
                     nxt = threading.Thread(target=reads.prepare, args=(ahead[(i + 1) % len(ahead)],))
@@ -298,7 +298,7 @@ def main() -> None:
 
         batched = []
         if args.batch:
-            per_doc = DocumentWorker(standalone_worker_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope="per_document",
+            per_doc = DocumentReader(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope="per_document",
                                                 max_document_tokens=2 * max(args.batch_lengths),
                                                 batch_tokens=args.batch * (max(args.batch_lengths) + 1024),
                                                 tokenize_ahead=True),

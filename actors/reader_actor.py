@@ -1,4 +1,4 @@
-"""WorkerActor: the Ray shell around DocumentWorker, one per model replica.
+"""ReaderActor: the Ray shell around DocumentReader, one per model replica.
 
 Documents run one at a time in submission order (the default concurrency group has one
 thread), which is what keeps per-partition order and states deterministic; status calls use a
@@ -15,15 +15,15 @@ from typing import Any
 import ray
 
 from actors.cp_group import ContextParallelFailure
-from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, WorkerSpec
-from actors.document_worker import DocumentWorker
+from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, ReaderSpec
+from actors.document_reader import DocumentReader
 from actors.model_thread import ModelThread
 from ttt_model.slow import SlowVersion
 
 
 @ray.remote(concurrency_groups={"control": 1, "prepare": 1})
-class WorkerActor:
-    def __init__(self, spec: WorkerSpec, name: str, context_parallel: Any = None):
+class ReaderActor:
+    def __init__(self, spec: ReaderSpec, name: str, context_parallel: Any = None):
         """``context_parallel``: a ContextParallelService handle that reads the long windows."""
         reader = None
         if context_parallel is not None:
@@ -35,7 +35,7 @@ class WorkerActor:
                     raise ContextParallelFailure(str(cause or err)) from None
 
         self.model_thread = ModelThread(f"{name}-model")
-        self.worker = self.model_thread.call(DocumentWorker, spec, name, reader)
+        self.worker = self.model_thread.call(DocumentReader, spec, name, reader)
         with warnings.catch_warnings():  # it reads a deprecated property inside Ray itself
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed

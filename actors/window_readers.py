@@ -9,7 +9,7 @@
   FastReader.
 
 Each returns the loss of tokens 1.. of every window, and leaves the scope's state as the next
-document of the scope must find it. Documents read as a batch (``DocumentWorker.process_batch``)
+document of the scope must find it. Documents read as a batch (``DocumentReader.process_batch``)
 do not go through a reader.
 """
 

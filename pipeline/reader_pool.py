@@ -2,8 +2,8 @@
 
 The processor's run loop (``pipeline.processor``) knows nothing of Ray: it submits a document
 to worker ``w``, waits for handles, reads outcomes (or the failure of a worker), snapshots and
-restores states, and waits for a restarted worker. ``RayWorkerPool`` is that interface over
-``actors.worker.WorkerActor`` handles; unit tests use an in-process pool of their own.
+restores states, and waits for a restarted worker. ``RayReaderPool`` is that interface over
+``actors.reader_actor.ReaderActor`` handles; unit tests use an in-process pool of their own.
 
 Failures, as the processor must tell them apart:
 
@@ -23,8 +23,8 @@ import ray
 from actors.cp_group import ContextParallelFailure
 from actors.call_types import DocumentOutcome, DocumentTask, StateBlob
 
-__all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayWorkerPool",
-           "WorkerDied", "WorkerPool"]
+__all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayReaderPool",
+           "WorkerDied", "ReaderPool"]
 
 
 class WorkerDied(RuntimeError):
@@ -44,7 +44,7 @@ class LearnerDied(RuntimeError):
     and the next one resumes from that checkpoint."""
 
 
-class WorkerPool(Protocol):
+class ReaderPool(Protocol):
     """Worker ``w`` reads the documents submitted to it one at a time, in submission order."""
 
     names: list[str]
@@ -87,7 +87,7 @@ class Learner(Protocol):
 
     def submit(self, task: DocumentTask) -> Hashable:
         """The next document of the stream, to learn from; returns the version that document is
-        read with (pass it to ``WorkerPool.submit``)."""
+        read with (pass it to ``ReaderPool.submit``)."""
 
     def check(self) -> None:
         """Raise LearnerDied if the learner is gone."""
@@ -141,8 +141,8 @@ class RayLearner:
         self._learning = []
 
 
-class RayWorkerPool:
-    """``WorkerPool`` over WorkerActor handles (restarted by Ray after a crash)."""
+class RayReaderPool:
+    """``ReaderPool`` over ReaderActor handles (restarted by Ray after a crash)."""
 
     def __init__(self, actors: list, names: list[str]):
         self.actors = actors

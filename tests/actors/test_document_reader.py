@@ -1,23 +1,23 @@
-"""DocumentWorker with the shipped model, without Ray: prequential loss, scopes, oversize."""
+"""DocumentReader with the shipped model, without Ray: prequential loss, scopes, oversize."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from actors.document_worker import DocumentTask, DocumentWorker, sampled
+from actors.document_reader import DocumentTask, DocumentReader, sampled
 from ttt_model import TTTSession
 from ttt_model.patch import static_mode
 from tests.sample_text import SAMPLE_TEXT
-from pipeline.actor_specs import standalone_worker_spec
+from pipeline.actor_specs import standalone_reader_spec
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
 TEXT = SAMPLE_TEXT[:6000]
 
 
-def worker(tmp_path, **overrides) -> DocumentWorker:
-    spec = standalone_worker_spec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), **overrides)
-    return DocumentWorker(spec, name="w0")
+def worker(tmp_path, **overrides) -> DocumentReader:
+    spec = standalone_reader_spec(model_path=MODEL, device="cpu", spill_dir=str(tmp_path), **overrides)
+    return DocumentReader(spec, name="w0")
 
 
 def test_loss_is_the_prequential_loss_and_base_loss_is_the_static_model(tmp_path):

@@ -1,0 +1,34 @@
+"""The floors of the code base: ttt_model (the method) < actors (hosting models) < pipeline (the
+stream, the CLI). No module imports from a floor above its own, at the top or inside a function."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOORS = ["ttt_model", "actors", "pipeline"]
+
+
+def imported_packages(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("floor", FLOORS)
+def test_no_module_imports_from_a_floor_above(floor):
+    above = set(FLOORS[FLOORS.index(floor) + 1:])
+    offenders = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & above)
+                 for path in sorted((ROOT / floor).rglob("*.py"))}
+    assert {p: a for p, a in offenders.items() if a} == {}
+
+
+def test_the_check_sees_an_import_inside_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from pipeline.config import AppConfig\n")
+    assert "pipeline" in imported_packages(module)
