@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -17,18 +17,20 @@ from actors.supervisor import SupervisorActor
 from actors.base_model import local_model_dir
 from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, reader_spec
 from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
-from pipeline.config import AppConfig
+from pipeline.config import AppConfig, ProcessorConfig
 from pipeline.control import ControlSource
 from pipeline.metrics import StreamMetrics
-from pipeline.monitor import DegradationMonitor
+from pipeline.monitor import Breach, DegradationMonitor
 from pipeline.processor_run import ProcessorRun
 from pipeline.processor import StreamProcessor
+from pipeline.recovery import BestEffortRecovery, CheckpointedRecovery
+from pipeline.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
 from pipeline.rescale import split_learner, states_for_workers
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource, OffsetOutOfRange
 from pipeline.topics import ensure_topics
-from pipeline.reader_pool import Learner, RayLearner, RayReaderPool, ReaderPool
+from pipeline.reader_pool import Learner, NoLearner, RayLearner, RayReaderPool, ReaderPool
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,74 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
 
 class PartitionsChanged(RuntimeError):
     """The documents topic has partitions that the run did not read (added while it ran)."""
+
+
+class NoCommands:
+    """The control topic of a stream without checkpoints is not read: nothing could be carried out."""
+
+    def poll(self) -> list:
+        return []
+
+
+def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks: KafkaSinks, pool: ReaderPool,
+                    assignment: dict[int, int], stream: str, status: Callable[[], dict[str, Any]] | None = None,
+                    checkpointer: StreamCheckpointer | None = None, start_offsets: dict[int, int] | None = None,
+                    monitor: DegradationMonitor | None = None, control: ControlSource | None = None,
+                    metrics: StreamMetrics | None = None, run_log: ProcessorRun | None = None,
+                    learner: Learner | None = None) -> StreamProcessor:
+    """The processor of a deployment, its parts picked once here: the recovery policy (with
+    checkpoints or best effort), and the observers subscribed to its events (metrics, the MLflow
+    run, the monitor with its rollbacks and last-good alias, the alert topic)."""
+    events = StreamEvents()
+    recovery = CheckpointedRecovery(checkpointer) if checkpointer is not None else BestEffortRecovery()
+    processor = StreamProcessor(config, source, sinks, pool, assignment, stream,
+                                status if status is not None else (lambda: {"workers": {}}),
+                                recovery, events, control if control is not None else NoCommands(),
+                                learner if learner is not None else NoLearner(), start_offsets)
+    if metrics is not None:
+        metrics.subscribe_to(events)
+    if run_log is not None:
+        run_log.subscribe_to(events)
+    if monitor is not None:
+        if checkpointer is None:
+            raise ValueError("the monitor rolls back to checkpointed versions: it needs a checkpointer")
+        watch_with_monitor(events, monitor, recovery, checkpointer)
+
+    def alert_rollback(event: RolledBack) -> None:
+        sinks.alert(event.record)
+        sinks.flush()
+
+    events.subscribe(RolledBack, alert_rollback)
+    return processor
+
+
+def watch_with_monitor(events: StreamEvents, monitor: DegradationMonitor, recovery: CheckpointedRecovery,
+                       checkpointer: StreamCheckpointer) -> None:
+    """The monitor reads every outcome (not those finishing while a rollback waits for them); a
+    breach is published and rolls back; a checkpoint it passes becomes ``last-good``."""
+
+    def observe(event: DocumentRead) -> None:
+        if recovery.rolling_back:
+            return
+        breach = monitor.observe(event.outcome)
+        if breach is not None:
+            events.publish(breach)
+
+    def mark_last_good(event: CheckpointWritten) -> None:
+        if event.version is None or event.reason == "rollback" or not monitor.passes():
+            return
+        store = checkpointer.store
+        try:
+            if monitor.reference_loss is not None:
+                store.record_reference_loss(event.version, monitor.reference_loss)
+            store.set_alias(LAST_GOOD, event.version)
+        except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good stays
+            log.warning("could not move %s to v%s: %s", LAST_GOOD, event.version, err)
+
+    events.subscribe(DocumentRead, observe)
+    events.subscribe(Breach, recovery.on_breach)
+    events.subscribe(CheckpointWritten, mark_last_good)
+    events.subscribe(RolledBack, lambda event: monitor.reset())
 
 
 def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun:
@@ -155,11 +225,11 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             run_log = start_processor_run(config, base)
             if checkpointer is not None:
                 checkpointer.store.parent_run = run_log
-        processor = StreamProcessor(
-            p, source, sinks, pool, assignment, stream=config.stream.name,
+        processor = build_processor(
+            p, source, sinks, pool, assignment, config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
-            checkpointer=checkpointer, start_offsets=start_offsets,
-            monitor=monitor, control=control, metrics=metrics, run_log=run_log, learner=learner,
+            checkpointer=checkpointer, start_offsets=start_offsets, monitor=monitor, control=control,
+            metrics=metrics, run_log=run_log, learner=learner,
         )
         if stop_event is not None:
             processor.stop_event = stop_event

@@ -21,6 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_
 
 from actors.call_types import DocumentOutcome
 from pipeline.messages import reason_kind
+from pipeline.monitor import Breach
+from pipeline.stream_events import (CheckpointWritten, DocumentRead, DocumentRejected, Progress, RolledBack,
+                                    StatusTick, StreamEvents)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,17 @@ class StreamMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def subscribe_to(self, events: StreamEvents) -> None:
+        """Follow a stream's events (``pipeline.stream_events``)."""
+        events.subscribe(DocumentRead, lambda e: self.document(e.outcome))
+        events.subscribe(DocumentRejected, lambda e: self.dead_letter(e.reason))
+        events.subscribe(CheckpointWritten, lambda e: self.checkpoint(e.version, e.reason))
+        events.subscribe(RolledBack, lambda e: self.rollback(e.cause))
+        events.subscribe(Breach, lambda e: self.alert(e.rule))
+        events.subscribe(Progress, lambda e: self.progress(e.committed, e.highwaters, e.in_flight, e.queued))
+        # Published before the status message goes out: it then says where to scrape.
+        events.subscribe(StatusTick, lambda e: e.message.update({"metrics_url": self.url} if self.url else {}))
 
     # -- what the processor reports --------------------------------------------------------------
 

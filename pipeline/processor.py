@@ -18,23 +18,32 @@ from typing import Any, Callable
 from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
-from pipeline.messages import Rejected, dead_letter_headers, parse_document, result_message
-from pipeline.checkpoint import BASE, LAST_GOOD, StreamCheckpointer
-from pipeline.control import ControlCommand, ControlSource, key_digest
+from pipeline.control import ControlCommand, key_digest
 from pipeline.ledger import PendingDocument, StreamLedger
-from pipeline.metrics import StreamMetrics, partition_lag
-from pipeline.monitor import Breach, DegradationMonitor
-from pipeline.processor_run import ProcessorRun, report_figures
-from pipeline.recovery import RecoveryPolicy
+from pipeline.messages import Rejected, dead_letter_headers, parse_document, result_message
+from pipeline.metrics import partition_lag
+from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
+from pipeline.recovery import RecoveryPolicy, StreamParts
 from pipeline.run_summary import RunSummary
 from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
-from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, ReaderPool
+from pipeline.stream_events import DocumentRead, DocumentRejected, Progress, RolledBack, StatusTick, StreamEvents
 
 log = logging.getLogger(__name__)
 
 
+class CommandSource:
+    """Where signed control commands come from (``pipeline.control.ControlSource``)."""
+
+    def poll(self) -> list[tuple[ConsumerRecord, ControlCommand | str]]: ...
+
+
 class StreamProcessor:
+    """The run loop. Everything it works with is given, nothing is optional: how progress is made
+    durable and failures recovered is the ``recovery`` policy; who watches (metrics, the MLflow
+    run, the monitor, the alert topic) subscribes to ``events`` (``pipeline.job.build_processor``
+    wires one up)."""
+
     def __init__(
         self,
         config: ProcessorConfig,
@@ -42,15 +51,13 @@ class StreamProcessor:
         sinks: KafkaSinks,
         pool: ReaderPool,
         assignment: dict[int, int],
-        stream: str = "default",
-        status: Callable[[], dict[str, Any]] | None = None,
-        checkpointer: StreamCheckpointer | None = None,
+        stream: str,
+        status: Callable[[], dict[str, Any]],
+        recovery: RecoveryPolicy,
+        events: StreamEvents,
+        control: CommandSource,
+        learner: Learner,
         start_offsets: dict[int, int] | None = None,
-        monitor: DegradationMonitor | None = None,
-        control: ControlSource | None = None,
-        metrics: StreamMetrics | None = None,
-        run_log: ProcessorRun | None = None,
-        learner: Learner | None = None,
     ):
         self.config = config
         self.source = source
@@ -60,23 +67,19 @@ class StreamProcessor:
         self.pool = pool  # worker i owns the partitions assigned to i
         self.worker_of = dict(assignment)
         self.ledger = StreamLedger(len(pool.names), start_offsets)
-        self.checkpointer = checkpointer
-        self.monitor = monitor  # needs the checkpointer: rollbacks go to checkpointed versions
+        self.events = events
         self.control = control
-        self.metrics = metrics
-        self.run_log = run_log  # the MLflow run of this processor run: curves over documents
         self.learner = learner  # trains the slow weights; the workers read with its versions
-        self._start_documents = checkpointer.documents if checkpointer is not None else 0
+        self.summary = RunSummary()
+        self.recovery = recovery
+        recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, self.worker_of, self.summary,
+                                    learner, events, self._finish_rejected, self._settle))
         self._last_outcome = None
         self.rollbacks: list[dict[str, Any]] = []
+        events.subscribe(RolledBack, lambda e: self.rollbacks.append(e.record))
         self.unread_partitions: list[int] = []  # partitions added to the topic while running
-        self._rolling_back = False
-        self._breach_at_documents = 0
         self._restarting: set[int] = set()  # workers restarted for a deadline, until their recovery
         self._last_commanded_rollback = -math.inf  # monotonic time of the last one the control topic asked for
-        self.summary = RunSummary()
-        self.recovery = RecoveryPolicy(config, self.ledger, pool, source, self.worker_of, checkpointer,
-                                       self.summary, self._finish_rejected, learner)
         self.stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -86,7 +89,7 @@ class StreamProcessor:
         """Process until ``stop()`` (or, with ``until_idle_s``, until nothing arrived or finished
         for that long); then finish what is in flight, flush and commit."""
         cfg = self.config
-        started = last_activity = last_commit = last_status = last_progress = time.monotonic()
+        started = last_activity = last_status = last_progress = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 records = self._poll()
@@ -96,38 +99,28 @@ class StreamProcessor:
                         self.summary.first_record_at = last_activity
                 for record in records:
                     self._accept(record)
-                if self.control is not None:
-                    self._handle_commands()
+                self._handle_commands()
                 self._dispatch()
                 if self._collect(timeout_s=0.0 if records else cfg.poll_timeout_ms / 1000):
                     last_activity = time.monotonic()
                 now = time.monotonic()
                 self._enforce_deadline(now)
-                if self.checkpointer is not None:
-                    if self.checkpointer.due(now):
-                        self._checkpoint("periodic")
-                elif now - last_commit >= cfg.commit_interval_s:
-                    self._commit()
-                    last_commit = now
+                self.recovery.tick(now)
                 if now - last_status >= cfg.status_interval_s:
                     self._publish_status(now - started)
                     self._check_partitions()
                     last_status = now
-                if self.metrics is not None and now - last_progress >= 1.0:
+                if now - last_progress >= 1.0:
                     self._report_progress()
                     last_progress = now
                 if until_idle_s is not None and not self.ledger.busy and now - last_activity >= until_idle_s:
                     log.info("idle for %.1f s: stopping", now - last_activity)
                     break
             self._drain()
-            if self.checkpointer is not None:
-                self._final_checkpoint()
-            else:
-                self._commit()
+            self.recovery.finish()
         finally:
             self.summary.wall_s = time.monotonic() - started
-        if self.metrics is not None:
-            self._report_progress()
+        self._report_progress()
         self._publish_status(self.summary.wall_s, final=True)
         self.sinks.flush()
         return self.summary
@@ -139,7 +132,7 @@ class StreamProcessor:
         # 3.0 can park a paused partition's fetched records and never fetch it again after
         # resume (seen here: the tail of a partition silently went unread).
         budget = 2 * self.config.max_in_flight_per_worker * len(self.pool.names) - self.ledger.queued
-        if budget <= 0 or (self.checkpointer is not None and self.checkpointer.backlog_full):
+        if budget <= 0 or self.recovery.reading_paused:
             return []
         return self.source.poll(timeout_ms=0 if self.ledger.in_flight else self.config.poll_timeout_ms,
                                 max_records=budget)
@@ -155,7 +148,7 @@ class StreamProcessor:
             self.ledger.passed_over(record)
         else:
             # The learner takes the documents in the ledger's order, which fixes each one's version.
-            version = self.learner.submit(parsed.task) if self.learner is not None else None
+            version = self.learner.submit(parsed.task)
             self.ledger.accept(record, parsed, self.worker_of[record.partition], version)
 
     # -- working -------------------------------------------------------------------------------
@@ -191,8 +184,7 @@ class StreamProcessor:
             try:
                 outcome = self.pool.result(handle)
             except WorkerDied:
-                if self.learner is not None:
-                    self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
+                self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
                 self.recovery.worker_died(pending)
                 self._restarting.discard(pending.worker)
                 continue
@@ -208,16 +200,15 @@ class StreamProcessor:
             self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position))
             self.summary.add(outcome)
             self._last_outcome = outcome
-            if self.metrics is not None:
-                self.metrics.document(outcome)
             self.ledger.finished(pending)
-            if self.checkpointer is not None:
-                self.checkpointer.document_done()
-            if self.monitor is not None and not self._rolling_back:
-                breach = self.monitor.observe(outcome)
-                if breach is not None:
-                    self._on_breach(breach)
+            self.recovery.document_done()
+            self.events.publish(DocumentRead(outcome))
         return len(ready)
+
+    def _settle(self) -> None:
+        """Collect until nothing is in flight: what the workers hold is finished."""
+        while self.ledger.in_flight:
+            self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
 
     def _enforce_deadline(self, now: float) -> None:
         timeout = self.config.document_timeout_s
@@ -241,54 +232,14 @@ class StreamProcessor:
         log.info("dead letter %s/%d/%d: %s", record.topic, record.partition, record.offset, reason)
         self.sinks.dead_letter(record.value, record.key, dead_letter_headers(reason, record.topic, record.partition, record.offset))
         self.summary.reject(reason)
-        if self.metrics is not None:
-            self.metrics.dead_letter(reason)
+        self.events.publish(DocumentRejected(reason))
 
     def _drain(self) -> None:
         while self.ledger.busy:
             self._dispatch()
             self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
 
-    # -- committing and reporting ----------------------------------------------------------------
-
-    def _checkpoint(self, reason: str) -> str | None:
-        """A consistent cut: finish what the workers hold, snapshot their states, write the
-        checkpoint, and only then commit the offsets it records."""
-        while self.ledger.in_flight:
-            self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
-        self.sinks.flush()
-        offsets = self.ledger.committable()
-        states = self.pool.snapshot()
-        if self.learner is not None:  # after every document accepted so far: the same cut
-            states[self.learner.name] = self.learner.snapshot()
-        version = self.checkpointer.write(states, offsets, reason, self.summary.checkpoint_metrics())
-        if self.metrics is not None:
-            self.metrics.checkpoint(version, reason)
-        if version is None:
-            return None
-        self.source.commit(offsets)
-        if self.monitor is not None and self.monitor.passes():
-            store = self.checkpointer.store
-            try:
-                if self.monitor.reference_loss is not None:
-                    store.record_reference_loss(version, self.monitor.reference_loss)
-                store.set_alias(LAST_GOOD, version)
-            except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good stays
-                log.warning("could not move %s to v%s: %s", LAST_GOOD, version, err)
-        return version
-
-    # -- monitoring and rollback -----------------------------------------------------------------
-
-    def _on_breach(self, breach: Breach) -> None:
-        self._breach_at_documents = self.summary.documents
-        live = self.checkpointer.version
-        log.warning("degradation: rule %s on document %s: %s", breach.rule, breach.document, breach.values)
-        if self.metrics is not None:
-            self.metrics.alert(breach.rule)
-        self.sinks.alert({"type": "alert", "stream": self.stream, "rule": breach.rule, "values": breach.values,
-                          "document": breach.document, "version": live, "time": time.time()})
-        if self.config.monitor.auto_rollback:
-            self.rollback(LAST_GOOD, cause=breach.rule)
+    # -- monitoring and commands -----------------------------------------------------------------
 
     def _handle_commands(self) -> None:
         for record, command in self.control.poll():
@@ -309,18 +260,9 @@ class StreamProcessor:
 
     def _refusal(self, command: ControlCommand) -> str | None:
         """Why a signed command is still not carried out (None: it is)."""
-        if self.checkpointer is None:
-            return f"{command.action} needs processor.checkpoint.enabled"
-        if command.action == "forget":
-            return None if self.config.scope == "per_key" else (
-                f"refused: forget erases a per_key state; this stream's scope is {self.config.scope!r}")
-        if command.to not in (BASE, LAST_GOOD):
-            try:
-                known = self.checkpointer.store.resolve(command.to) is not None
-            except Exception:  # noqa: BLE001 - MLflow out of reach: the rollback itself reports it
-                known = True
-            if not known:
-                return f"refused: {self.checkpointer.store.name} has no version {command.to!r}"
+        refusal = self.recovery.refusal(command.action, command.to)
+        if refusal is not None or command.action == "forget":
+            return refusal
         since = time.monotonic() - self._last_commanded_rollback
         interval = self.config.control.min_rollback_interval_s
         if since < interval:
@@ -332,10 +274,9 @@ class StreamProcessor:
         """Erase ``key``'s per-key state on every worker (in memory, spilled, its replay buffer
         with it) and write a version without it; returns that version. Documents of the key read
         after this start a new state; earlier versions in MLflow keep theirs until retention."""
-        while self.ledger.in_flight:  # documents already on the workers finish first
-            self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
+        self._settle()  # documents already on the workers finish first
         held = sum(self.pool.forget(w, key) for w in range(len(self.pool.names)))
-        version = self._checkpoint("forget")
+        version = self.recovery.checkpoint("forget")
         digest = key_digest(key)
         log.info("forgot key %s (held by %d workers): version %s", digest, held, version)
         self.sinks.alert({"type": "forget", "stream": self.stream, "key_sha256": digest, "held": held,
@@ -343,66 +284,10 @@ class StreamProcessor:
         return version
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
-        """Every worker back to the states of version ``target`` (number or alias), recorded as a
-        new version (reason ``rollback``) that becomes ``live``. The stream reads on from where it
-        is: the documents since ``target`` stay read, their learning is dropped."""
-        started = time.monotonic()
-        self._rolling_back = True
-        try:
-            while self.ledger.in_flight:  # documents already on the workers finish first
-                self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
-        finally:
-            self._rolling_back = False
-        previous = self.checkpointer.version
-        try:
-            checkpoint = self.recovery.restore_all(target)
-        except Exception as err:  # noqa: BLE001 - CheckpointError or MLflow down: keep serving
-            log.error("rollback to %s failed: %s", target, err)
-            self.sinks.alert({"type": "rollback_failed", "stream": self.stream, "to": target, "error": str(err),
-                              "request_id": request_id, "time": time.time()})
-            return None
-        serving_s, served_at = time.monotonic() - started, time.time()
-        after_breach = None if cause == "manual" else self.summary.documents - self._breach_at_documents
-        self.sinks.flush()
-        offsets = self.ledger.committable()
-        version = self.checkpointer.write(
-            checkpoint.states, offsets, "rollback", self.summary.checkpoint_metrics(),
-            tags={"rollback_to": checkpoint.version, "rollback_from": str(previous), "rollback_cause": cause},
-        )
-        if version is not None:
-            self.source.commit(offsets)
-        if self.metrics is not None:
-            self.metrics.checkpoint(version, "rollback")
-            self.metrics.rollback(cause)
-        if self.monitor is not None:
-            self.monitor.reset()
-        record = {
-            "type": "rollback", "stream": self.stream, "cause": cause, "from": previous, "to": checkpoint.version,
-            "version": version, "request_id": request_id, "serving_after_s": round(serving_s, 3),
-            "documents_after_breach": after_breach, "served_at": served_at,
-            "recorded_after_s": round(time.monotonic() - started, 3), "time": time.time(),
-        }
-        self.rollbacks.append(record)
-        self.sinks.alert(record)
-        self.sinks.flush()
-        log.warning("rolled back to v%s (%s): workers serving it after %.2f s; recorded as v%s",
-                    checkpoint.version, cause, serving_s, version)
-        return version
+        """Every worker back to the states of version ``target`` (``pipeline.recovery``)."""
+        return self.recovery.rollback(target, cause, request_id)
 
-
-    def _final_checkpoint(self) -> None:
-        deadline = time.monotonic() + self.config.checkpoint.retry_max_s * 4
-        while self.checkpointer.pending_documents and time.monotonic() < deadline:
-            if self._checkpoint("shutdown") is not None:
-                return
-            time.sleep(self.config.checkpoint.retry_initial_s)
-        if self.checkpointer.pending_documents:
-            log.error("no checkpoint after shutdown: %d documents will be read again on restart",
-                      self.checkpointer.pending_documents)
-
-    def _commit(self) -> None:
-        self.sinks.flush()  # raises DeliveryError, and then nothing is committed
-        self.source.commit(self.ledger.committable())
+    # -- reporting -----------------------------------------------------------------------------
 
     def _check_partitions(self) -> None:
         """Partitions added to the documents topic while running are not read by this run (its
@@ -419,8 +304,8 @@ class StreamProcessor:
         self.stop()
 
     def _report_progress(self) -> None:
-        self.metrics.progress(self.ledger.committable(), self.source.highwaters(), self.ledger.in_flight,
-                              self.ledger.queued)
+        self.events.publish(Progress(self.ledger.committable(), self.source.highwaters(), self.ledger.in_flight,
+                                     self.ledger.queued))
 
     def _publish_status(self, elapsed_s: float, final: bool = False) -> None:
         message = {
@@ -431,27 +316,20 @@ class StreamProcessor:
             "in_flight": self.ledger.in_flight,
             "queued": self.ledger.queued,
             "committed": {str(p): o for p, o in self.ledger.committable().items()},
-            "checkpoint": None if self.checkpointer is None else {
-                "version": self.checkpointer.version, "pending_documents": self.checkpointer.pending_documents,
-                "failures": self.checkpointer.failures, "reading_paused": self.checkpointer.backlog_full,
-            },
+            "checkpoint": self.recovery.status(),
             **self.summary.as_dict(),
         }
         message["wall_s"] = round(elapsed_s, 3)  # the run so far, not the summary's final figure
-        if self.metrics is not None and self.metrics.url is not None:
-            message["metrics_url"] = self.metrics.url
-        if self.status is not None:
-            try:
-                report = self.status()
-                message["workers"] = report["workers"]
-                for part in ("context_parallel", "learner"):
-                    if part in report:
-                        message[part] = report[part]
-            except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
-                message["workers_error"] = repr(err)
+        try:
+            report = self.status()
+            message["workers"] = report["workers"]
+            for part in ("context_parallel", "learner"):
+                if part in report:
+                    message[part] = report[part]
+        except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
+            message["workers_error"] = repr(err)
+        self.events.publish(StatusTick(message, self._run_figures(), self.recovery.documents_before + self.summary.documents))
         self.sinks.metrics(message)
-        if self.run_log is not None:
-            self.run_log.log(report_figures(message, self._run_figures()), step=self._start_documents + self.summary.documents)
 
     def _run_figures(self) -> dict[str, float | None]:
         lags = partition_lag(self.ledger.committable(), self.source.highwaters())
@@ -461,6 +339,6 @@ class StreamProcessor:
             "delta_ratio": last.delta_ratio if last is not None and last.delta_ratio >= 0 else None,
             "slow_delta_ratio": last.slow_delta_ratio if last is not None and last.slow_delta_ratio > 0 else None,
             "rollbacks": float(len(self.rollbacks)),
-            "checkpoint_version": float(self.checkpointer.version) if self.checkpointer and self.checkpointer.version else None,
-            "checkpoint_failures": float(self.checkpointer.failures) if self.checkpointer is not None else None,
+            "checkpoint_version": None, "checkpoint_failures": None,
+            **self.recovery.figures(),
         }

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any
 
+from pipeline.stream_events import StatusTick, StreamEvents
+
 log = logging.getLogger(__name__)
 
 # status report field -> metric name
@@ -71,6 +73,10 @@ class ProcessorRun:
                     self.dropped += 1
                 except queue.Empty:
                     pass
+
+    def subscribe_to(self, events: StreamEvents) -> None:
+        """Log every status tick's figures (``pipeline.stream_events.StatusTick``)."""
+        events.subscribe(StatusTick, lambda e: self.log(report_figures(e.message, e.figures), step=e.step))
 
     def close(self, status: str = "FINISHED", timeout_s: float = 30.0) -> None:
         """Send what is queued (up to ``timeout_s``) and end the run with ``status``."""

@@ -81,11 +81,15 @@ class ReaderPool(Protocol):
 
 
 class Learner(Protocol):
-    """The stream's learner (actors.learner) as the processor sees it."""
+    """The stream's learner (actors.learner) as the processor sees it; ``NoLearner`` where the
+    stream has none."""
 
-    name: str
+    name: str | None
+    # True: the readers read with the learner's versions and keep nothing between documents, so
+    # a failed read is sent again as it is (no rewind to a checkpoint).
+    keeps_readers_stateless: bool
 
-    def submit(self, task: DocumentTask) -> Hashable:
+    def submit(self, task: DocumentTask) -> Hashable | None:
         """The next document of the stream, to learn from; returns the version that document is
         read with (pass it to ``ReaderPool.submit``)."""
 
@@ -95,8 +99,34 @@ class Learner(Protocol):
     def snapshot(self) -> list[StateBlob]:
         """The learner's state after every document submitted before this call."""
 
+    def states(self) -> dict[str, list[StateBlob]]:
+        """``snapshot`` under the learner's name, as a checkpoint holds it ({} without one)."""
+
     def restore(self, blobs: list[StateBlob]) -> None:
         """Back to ``blobs`` ([]: the base model); the order of documents restarts from there."""
+
+
+class NoLearner:
+    """A stream without a learner: readers learn what they learn themselves."""
+
+    name = None
+    keeps_readers_stateless = False
+
+    def submit(self, task: DocumentTask) -> None:
+        return None
+
+    def check(self) -> None:
+        pass
+
+    def snapshot(self) -> list[StateBlob]:
+        return []
+
+    def states(self) -> dict[str, list[StateBlob]]:
+        return {}
+
+    def restore(self, blobs: list[StateBlob]) -> None:
+        if blobs:
+            raise ValueError("this stream has no learner to restore a learner's state into")
 
 
 class RayLearner:
@@ -106,6 +136,7 @@ class RayLearner:
 
     # Learn calls whose result is checked only once this many are outstanding (or at a checkpoint).
     CHECK_EVERY = 64
+    keeps_readers_stateless = True
 
     def __init__(self, actor, name: str, lag: int):
         self.actor, self.name, self.lag = actor, name, lag
@@ -134,6 +165,9 @@ class RayLearner:
             raise LearnerDied(f"the learner {self.name} failed: {err}") from None
         self.check()
         return blobs
+
+    def states(self) -> dict[str, list[StateBlob]]:
+        return {self.name: self.snapshot()}
 
     def restore(self, blobs: list[StateBlob]) -> None:
         ray.get(self.actor.restore.remote(blobs))

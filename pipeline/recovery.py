@@ -1,4 +1,7 @@
-"""RecoveryPolicy: what the processor does when reading goes wrong, in one place.
+"""What the processor does when reading goes wrong, and how it makes progress durable: two
+policies, picked once (``pipeline.job.build_processor``): ``CheckpointedRecovery`` (states and
+offsets to MLflow, exactly-once states, rollbacks) and ``BestEffortRecovery`` (offsets committed
+on a timer, nothing restored).
 
 - A worker died (``worker_died``). With checkpoints: the restarted worker takes the states of
   the last checkpoint and its partitions are read again from that checkpoint's offsets (states
@@ -12,7 +15,8 @@
   last checkpoint as above, without it the document is sent again. A document that fails
   ``max_attempts`` times goes to the dead-letter topic (with checkpoints, the worker still goes
   back, so that nothing of it stays learned, and the document is passed over when read again).
-- A rollback (``restore_all``): every worker takes the states of a checkpointed version.
+- A rollback (``rollback``, with checkpoints): every worker takes the states of a checkpointed
+  version, recorded as a new version that becomes ``live``.
 - The model registry is unreachable: ``StreamCheckpointer`` retries with backoff and holds the
   offsets back; reading pauses once ``max_pending_documents`` wait (pipeline.checkpoint).
 """
@@ -20,16 +24,21 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from actors.call_types import StateBlob
 from pipeline.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.ledger import PendingDocument, StreamLedger
+from pipeline.monitor import Breach
+from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
 from pipeline.rescale import split_learner, states_for_workers
 from pipeline.run_summary import RunSummary
+from pipeline.sink import KafkaSinks
 from pipeline.source import KafkaDocumentSource
-from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, WorkerDied, ReaderPool
+from pipeline.stream_events import CheckpointWritten, RolledBack, StreamEvents
 
 log = logging.getLogger(__name__)
 
@@ -37,130 +46,350 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_WAIT_S = 60.0
 
 
+@dataclass
+class StreamParts:
+    """What a recovery policy works on: the processor's ledger and the parts around it."""
+
+    config: ProcessorConfig
+    stream: str
+    ledger: StreamLedger
+    pool: ReaderPool
+    source: KafkaDocumentSource
+    sinks: KafkaSinks
+    worker_of: dict[int, int]  # partition -> worker
+    summary: RunSummary
+    learner: Learner
+    events: StreamEvents
+    reject: Callable[[PendingDocument, str], None]  # to the dead-letter topic, with the reason
+    settle: Callable[[], None]  # collect until nothing is in flight (a consistent cut)
+
+
 class RecoveryPolicy:
-    def __init__(
-        self,
-        config: ProcessorConfig,
-        ledger: StreamLedger,
-        pool: ReaderPool,
-        source: KafkaDocumentSource,
-        worker_of: dict[int, int],
-        checkpointer: StreamCheckpointer | None,
-        summary: RunSummary,
-        reject: Callable[[PendingDocument, str], None],
-        learner: Learner | None = None,
-    ):
-        self.config = config
-        self.ledger = ledger
-        self.pool = pool
-        self.source = source
-        self.worker_of = worker_of  # partition -> worker
-        self.checkpointer = checkpointer
-        self.summary = summary
-        self.reject = reject  # to the dead-letter topic, with the reason
-        # With a learner the workers keep nothing between documents: a failed read is sent again
-        # with the same version, and the result is what it would have been (no rewind needed).
-        self.learner = learner
+    """The interface both policies share; ``attach`` gives one the processor's parts."""
+
+    documents_before = 0  # documents the stream read in earlier runs
+    rolling_back = False  # the documents in flight before a rollback are being finished
+    parts: StreamParts
+
+    def attach(self, parts: StreamParts) -> None:
+        self.parts = parts
 
     def worker_died(self, pending: PendingDocument) -> None:
-        if self.checkpointer is not None and self.learner is None:
-            suspects = [pending, *self.ledger.in_flight_on(pending.worker)]
-            deaths = self.ledger.worker_died(suspects)
-            if len(suspects) == 1 and deaths[pending.position] >= self.config.max_attempts:
-                # Alone in flight, again: this document kills its worker. It goes to the
-                # dead-letter topic once and is passed over when the partition is read again.
-                self.reject(pending, f"its worker died {deaths[pending.position]} times reading it "
-                                     "(a crash, or processor.document_timeout_s)")
-                self.ledger.give_up(pending)
-            self._back_to_checkpoint(pending.worker, restarted=True)
-        else:
-            self._retry_on_restart(pending)
+        raise NotImplementedError
 
     def context_parallel_failed(self, pending: PendingDocument, reason: str) -> None:
-        failures = self.ledger.parallel_failure(pending)
-        self.summary.parallel_failures += 1
+        raise NotImplementedError
+
+    def document_done(self) -> None:
+        """One more document finished (its result sent)."""
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether reading waits for progress to become durable."""
+        return False
+
+    def tick(self, now: float) -> None:
+        """Called on every loop turn: make progress durable when it is due."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """The run ends: make what was read durable."""
+        raise NotImplementedError
+
+    def refusal(self, action: str, target: str | None) -> str | None:
+        """Why a control command cannot be carried out (None: it can)."""
+        raise NotImplementedError
+
+    def checkpoint(self, reason: str) -> str | None:
+        raise NotImplementedError
+
+    def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any] | None:
+        return None
+
+    def figures(self) -> dict[str, float | None]:
+        return {}
+
+    def _retry_on_restart(self, first: PendingDocument) -> None:
+        """Every document in flight on the dead worker failed with it: wait for all of them, then
+        put them back at the head of its queue in offset order, for the restarted actor."""
+        parts, w = self.parts, first.worker
+        handles = parts.ledger.handles(w)
+        done = set(parts.pool.wait(handles, timeout_s=IN_FLIGHT_WAIT_S, every=True))
+        failed = [first]
+        for handle in handles:
+            try:
+                if handle not in done:
+                    raise WorkerDied(f"no answer within {IN_FLIGHT_WAIT_S:.0f} s")
+                parts.pool.result(handle)
+            except (WorkerDied, ContextParallelFailure, DocumentFailed):  # any failure of a dead worker's call is a retry
+                failed.append(parts.ledger.take(handle))
+            # else: it finished before the crash and is collected normally
+        failed.sort(key=lambda p: p.position, reverse=True)
+        back = parts.pool.wait_ready(w, parts.config.restart_timeout_s)
+        for pending in failed:
+            if not back or pending.attempts >= parts.config.max_attempts:
+                parts.reject(pending, f"worker failed: {pending.attempts} attempts died with the worker")
+            else:
+                parts.summary.retries += 1
+                parts.ledger.retry_first(pending)
+        log.warning("worker %d died; %d documents go back to its queue", w, len(failed))
+
+    def _send_again(self, pending: PendingDocument, reason: str) -> None:
+        """A failed context-parallel read of a worker that keeps nothing it must undo: the
+        document is sent again after what is already on the worker, up to max_attempts."""
+        parts = self.parts
+        failures = parts.ledger.parallel_failure(pending)
+        parts.summary.parallel_failures += 1
         log.warning("context-parallel read of %s/%d failed (%d): %s", *pending.position, failures, reason)
-        stateful = self.checkpointer is not None and self.learner is None
-        if failures >= self.config.max_attempts:
-            self.reject(pending, f"context-parallel read failed {failures} times: {reason}")
-            if stateful:
-                # What the failed read learned goes too; the partition is read again without it.
-                self.ledger.give_up(pending)
-                self._back_to_checkpoint(pending.worker, restarted=False)
-        elif stateful:
-            self._back_to_checkpoint(pending.worker, restarted=False)
+        if failures >= parts.config.max_attempts:
+            parts.reject(pending, f"context-parallel read failed {failures} times: {reason}")
         else:
-            # Sent again after what is already on the worker: without checkpoints, best effort.
-            self.summary.retries += 1
-            self.ledger.retry_first(pending)
+            parts.summary.retries += 1
+            parts.ledger.retry_first(pending)
+
+
+class BestEffortRecovery(RecoveryPolicy):
+    """Without checkpoints: offsets committed every ``commit_interval_s`` once the broker has the
+    outputs; a dead worker's documents are sent again to its restarted actor, whose state starts
+    over; no rollback, no forget."""
+
+    def __init__(self) -> None:
+        self._last_commit = time.monotonic()
+
+    def worker_died(self, pending: PendingDocument) -> None:
+        self._retry_on_restart(pending)
+
+    def context_parallel_failed(self, pending: PendingDocument, reason: str) -> None:
+        self._send_again(pending, reason)
+
+    def tick(self, now: float) -> None:
+        if now - self._last_commit >= self.parts.config.commit_interval_s:
+            self.checkpoint("periodic")
+            self._last_commit = now
+
+    def finish(self) -> None:
+        self.checkpoint("shutdown")
+
+    def checkpoint(self, reason: str) -> str | None:
+        """Commit what is read (no state is kept): after the broker has every output below it."""
+        self.parts.sinks.flush()  # raises DeliveryError, and then nothing is committed
+        self.parts.source.commit(self.parts.ledger.committable())
+        return None
+
+    def refusal(self, action: str, target: str | None) -> str | None:
+        return f"{action} needs processor.checkpoint.enabled"
+
+    def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
+        raise RuntimeError("a rollback needs processor.checkpoint.enabled")
+
+
+class CheckpointedRecovery(RecoveryPolicy):
+    """With checkpoints: states and offsets written to MLflow as a version, offsets committed
+    only after; a failed worker goes back to the last one; rollbacks to any version."""
+
+    def __init__(self, checkpointer: StreamCheckpointer):
+        self.checkpointer = checkpointer
+        self.documents_before = checkpointer.documents
+        self.rolling_back = False
+        self._breach_at_documents = 0
+
+    # -- failures ------------------------------------------------------------------------------
+
+    def worker_died(self, pending: PendingDocument) -> None:
+        parts = self.parts
+        if parts.learner.keeps_readers_stateless:
+            # The workers keep nothing between documents: a failed read is sent again with the
+            # same version, and the result is what it would have been (no rewind needed).
+            self._retry_on_restart(pending)
+            return
+        suspects = [pending, *parts.ledger.in_flight_on(pending.worker)]
+        deaths = parts.ledger.worker_died(suspects)
+        if len(suspects) == 1 and deaths[pending.position] >= parts.config.max_attempts:
+            # Alone in flight, again: this document kills its worker. It goes to the
+            # dead-letter topic once and is passed over when the partition is read again.
+            parts.reject(pending, f"its worker died {deaths[pending.position]} times reading it "
+                                  "(a crash, or processor.document_timeout_s)")
+            parts.ledger.give_up(pending)
+        self._back_to_checkpoint(pending.worker, restarted=True)
+
+    def context_parallel_failed(self, pending: PendingDocument, reason: str) -> None:
+        parts = self.parts
+        if parts.learner.keeps_readers_stateless:
+            self._send_again(pending, reason)
+            return
+        failures = parts.ledger.parallel_failure(pending)
+        parts.summary.parallel_failures += 1
+        log.warning("context-parallel read of %s/%d failed (%d): %s", *pending.position, failures, reason)
+        if failures >= parts.config.max_attempts:
+            parts.reject(pending, f"context-parallel read failed {failures} times: {reason}")
+            # What the failed read learned goes too; the partition is read again without it.
+            parts.ledger.give_up(pending)
+        self._back_to_checkpoint(pending.worker, restarted=False)
+
+    def _states_of(self, checkpoint: Checkpoint) -> dict[str, list[StateBlob]]:
+        # The version may come from a run with other workers (rescaled since).
+        parts = self.parts
+        return states_for_workers(checkpoint, parts.pool.names, parts.worker_of, parts.config.scope)
+
+    def _back_to_checkpoint(self, w: int, restarted: bool) -> None:
+        parts = self.parts
+        handles = parts.ledger.handles(w)
+        parts.pool.wait(handles, timeout_s=IN_FLIGHT_WAIT_S, every=True)
+        for handle in handles:
+            parts.ledger.take(handle)  # read again below, whatever became of them
+        if restarted and not parts.pool.wait_ready(w, parts.config.restart_timeout_s):
+            raise RuntimeError(f"worker {parts.pool.names[w]} did not come back within "
+                               f"{parts.config.restart_timeout_s} s")
+        version = self.checkpointer.version
+        blobs = self._states_of(self.checkpointer.store.load(version))[parts.pool.names[w]] if version else []
+        parts.pool.restore(w, blobs)
+        positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in parts.worker_of.items() if i == w}
+        positions = parts.source.seek(positions)
+        parts.ledger.rewind(w, positions)
+        parts.summary.retries += 1
+        log.warning("worker %s %s: restored from checkpoint %s, partitions %s read again from %s",
+                    parts.pool.names[w], "died" if restarted else "failed a document",
+                    version or "(none: fresh state)", sorted(positions), positions)
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def document_done(self) -> None:
+        self.checkpointer.document_done()
+
+    @property
+    def reading_paused(self) -> bool:
+        return self.checkpointer.backlog_full
+
+    def tick(self, now: float) -> None:
+        if self.checkpointer.due(now):
+            self.checkpoint("periodic")
+
+    def checkpoint(self, reason: str) -> str | None:
+        """A consistent cut: finish what the workers hold, snapshot their states, write the
+        checkpoint, and only then commit the offsets it records."""
+        parts = self.parts
+        parts.settle()
+        parts.sinks.flush()
+        offsets = parts.ledger.committable()
+        states = parts.pool.snapshot()
+        states.update(parts.learner.states())  # after every document accepted so far: the same cut
+        version = self.checkpointer.write(states, offsets, reason, parts.summary.checkpoint_metrics())
+        parts.events.publish(CheckpointWritten(version, reason))
+        if version is not None:
+            parts.source.commit(offsets)
+        return version
+
+    def finish(self) -> None:
+        cfg = self.parts.config.checkpoint
+        deadline = time.monotonic() + cfg.retry_max_s * 4
+        while self.checkpointer.pending_documents and time.monotonic() < deadline:
+            if self.checkpoint("shutdown") is not None:
+                return
+            time.sleep(cfg.retry_initial_s)
+        if self.checkpointer.pending_documents:
+            log.error("no checkpoint after shutdown: %d documents will be read again on restart",
+                      self.checkpointer.pending_documents)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def refusal(self, action: str, target: str | None) -> str | None:
+        scope = self.parts.config.scope
+        if action == "forget":
+            return None if scope == "per_key" else (
+                f"refused: forget erases a per_key state; this stream's scope is {scope!r}")
+        if target not in (BASE, LAST_GOOD):
+            try:
+                known = self.checkpointer.store.resolve(target) is not None
+            except Exception:  # noqa: BLE001 - MLflow out of reach: the rollback itself reports it
+                known = True
+            if not known:
+                return f"refused: {self.checkpointer.store.name} has no version {target!r}"
+        return None
+
+    def on_breach(self, breach: Breach) -> None:
+        """A monitor rule fired: alert, and roll back to last-good (``monitor.auto_rollback``)."""
+        parts = self.parts
+        self._breach_at_documents = parts.summary.documents
+        log.warning("degradation: rule %s on document %s: %s", breach.rule, breach.document, breach.values)
+        parts.sinks.alert({"type": "alert", "stream": parts.stream, "rule": breach.rule, "values": breach.values,
+                           "document": breach.document, "version": self.checkpointer.version, "time": time.time()})
+        if parts.config.monitor.auto_rollback:
+            self.rollback(LAST_GOOD, cause=breach.rule)
 
     def restore_all(self, target: str) -> Checkpoint:
         """Every worker takes the states of checkpoint ``target`` (a version, an alias, or
         ``base``: fresh states, the base model as the stream started; ``last-good`` before any
         version passed the monitor is ``base`` too); raises what loading it raises
         (CheckpointError, MLflow down), changing nothing."""
+        parts = self.parts
         store = self.checkpointer.store
         if target == LAST_GOOD and store.resolve(LAST_GOOD) is None:
             log.warning("no version is %s yet: rolling back to the base model (fresh states)", LAST_GOOD)
             target = BASE
-        learner = self.learner.name if self.learner is not None else None
+        learner = parts.learner.name
         if target == BASE:
-            checkpoint = Checkpoint.base(self.pool.names + ([learner] if learner else []))
+            checkpoint = Checkpoint.base(parts.pool.names + ([learner] if learner else []))
         else:
             checkpoint = store.load(target)
         workers, learned = split_learner(checkpoint, learner)
         states = workers.states if target == BASE else self._states_of(workers)
-        for w, name in enumerate(self.pool.names):
-            self.pool.restore(w, states[name])
-        if self.learner is not None:
-            self.learner.restore(learned)
-            if target == BASE:  # the version recording the rollback holds the fresh learner
-                checkpoint.states[learner] = self.learner.snapshot()
+        for w, name in enumerate(parts.pool.names):
+            parts.pool.restore(w, states[name])
+        parts.learner.restore(learned)
+        if target == BASE and learner:  # the version recording the rollback holds the fresh learner
+            checkpoint.states.update(parts.learner.states())
         return checkpoint
 
-    def _states_of(self, checkpoint: Checkpoint) -> dict[str, list[StateBlob]]:
-        # The version may come from a run with other workers (rescaled since).
-        return states_for_workers(checkpoint, self.pool.names, self.worker_of, self.config.scope)
+    def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
+        """Every worker back to the states of version ``target`` (number or alias), recorded as a
+        new version (reason ``rollback``) that becomes ``live``. The stream reads on from where it
+        is: the documents since ``target`` stay read, their learning is dropped. A monitor rule
+        that fires while the documents in flight finish asks for no second rollback."""
+        parts = self.parts
+        started = time.monotonic()
+        self.rolling_back = True
+        try:
+            parts.settle()  # documents already on the workers finish first
+        finally:
+            self.rolling_back = False
+        previous = self.checkpointer.version
+        try:
+            checkpoint = self.restore_all(target)
+        except Exception as err:  # noqa: BLE001 - CheckpointError or MLflow down: keep serving
+            log.error("rollback to %s failed: %s", target, err)
+            parts.sinks.alert({"type": "rollback_failed", "stream": parts.stream, "to": target, "error": str(err),
+                               "request_id": request_id, "time": time.time()})
+            return None
+        serving_s, served_at = time.monotonic() - started, time.time()
+        after_breach = None if cause == "manual" else parts.summary.documents - self._breach_at_documents
+        parts.sinks.flush()
+        offsets = parts.ledger.committable()
+        version = self.checkpointer.write(
+            checkpoint.states, offsets, "rollback", parts.summary.checkpoint_metrics(),
+            tags={"rollback_to": checkpoint.version, "rollback_from": str(previous), "rollback_cause": cause},
+        )
+        if version is not None:
+            parts.source.commit(offsets)
+        record = {
+            "type": "rollback", "stream": parts.stream, "cause": cause, "from": previous, "to": checkpoint.version,
+            "version": version, "request_id": request_id, "serving_after_s": round(serving_s, 3),
+            "documents_after_breach": after_breach, "served_at": served_at,
+            "recorded_after_s": round(time.monotonic() - started, 3), "time": time.time(),
+        }
+        parts.events.publish(CheckpointWritten(version, "rollback"))
+        parts.events.publish(RolledBack(cause, record))
+        log.warning("rolled back to v%s (%s): workers serving it after %.2f s; recorded as v%s",
+                    checkpoint.version, cause, serving_s, version)
+        return version
 
-    def _back_to_checkpoint(self, w: int, restarted: bool) -> None:
-        handles = self.ledger.handles(w)
-        self.pool.wait(handles, timeout_s=IN_FLIGHT_WAIT_S, every=True)
-        for handle in handles:
-            self.ledger.take(handle)  # read again below, whatever became of them
-        if restarted and not self.pool.wait_ready(w, self.config.restart_timeout_s):
-            raise RuntimeError(f"worker {self.pool.names[w]} did not come back within {self.config.restart_timeout_s} s")
-        version = self.checkpointer.version
-        blobs = self._states_of(self.checkpointer.store.load(version))[self.pool.names[w]] if version else []
-        self.pool.restore(w, blobs)
-        positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in self.worker_of.items() if i == w}
-        positions = self.source.seek(positions)
-        self.ledger.rewind(w, positions)
-        self.summary.retries += 1
-        log.warning("worker %s %s: restored from checkpoint %s, partitions %s read again from %s",
-                    self.pool.names[w], "died" if restarted else "failed a document",
-                    version or "(none: fresh state)", sorted(positions), positions)
+    def status(self) -> dict[str, Any]:
+        c = self.checkpointer
+        return {"version": c.version, "pending_documents": c.pending_documents, "failures": c.failures,
+                "reading_paused": c.backlog_full}
 
-    def _retry_on_restart(self, first: PendingDocument) -> None:
-        """Every document in flight on the dead worker failed with it: wait for all of them, then
-        put them back at the head of its queue in offset order, for the restarted actor."""
-        w = first.worker
-        handles = self.ledger.handles(w)
-        done = set(self.pool.wait(handles, timeout_s=IN_FLIGHT_WAIT_S, every=True))
-        failed = [first]
-        for handle in handles:
-            try:
-                if handle not in done:
-                    raise WorkerDied(f"no answer within {IN_FLIGHT_WAIT_S:.0f} s")
-                self.pool.result(handle)
-            except (WorkerDied, ContextParallelFailure, DocumentFailed):  # any failure of a dead worker's call is a retry
-                failed.append(self.ledger.take(handle))
-            # else: it finished before the crash and is collected normally
-        failed.sort(key=lambda p: p.position, reverse=True)
-        back = self.pool.wait_ready(w, self.config.restart_timeout_s)
-        for pending in failed:
-            if not back or pending.attempts >= self.config.max_attempts:
-                self.reject(pending, f"worker failed: {pending.attempts} attempts died with the worker")
-            else:
-                self.summary.retries += 1
-                self.ledger.retry_first(pending)
-        log.warning("worker %d died; %d documents go back to its queue", w, len(failed))
+    def figures(self) -> dict[str, float | None]:
+        c = self.checkpointer
+        return {"checkpoint_version": float(c.version) if c.version else None, "checkpoint_failures": float(c.failures)}

@@ -19,7 +19,7 @@ from pipeline.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
 from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, ProcessorConfig
 from pipeline.control import ControlCommand
 from pipeline.monitor import DegradationMonitor
-from pipeline.processor import StreamProcessor
+from pipeline.job import build_processor
 from pipeline.reader_pool import ContextParallelFailure, WorkerDied
 
 TOPIC = "docs"
@@ -160,6 +160,9 @@ class FakeSource:
     def commit(self, offsets):
         self.commits.append(dict(offsets))
 
+    def highwaters(self):
+        return {p: len(records) for p, records in self.records.items()}
+
     def unassigned_partitions(self):
         return list(self.added)
 
@@ -258,7 +261,7 @@ def processor(docs, store=None, every=5, monitor=None, control_source=None, **co
     checkpointer = None
     if store is not None:
         checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {p: 0 for p in docs})
-    proc = StreamProcessor(cfg, source, sinks, pool, {p: p for p in docs}, stream="s", checkpointer=checkpointer,
+    proc = build_processor(cfg, source, sinks, pool, {p: p for p in docs}, "s", checkpointer=checkpointer,
                            start_offsets={p: 0 for p in docs}, monitor=monitor, control=control_source)
     return proc, pool, source, sinks
 
@@ -280,7 +283,7 @@ def test_a_dead_worker_is_restored_from_the_checkpoint_and_its_partition_read_ag
     ids = [r["id"] for r in sinks.results]
     assert set(ids) == {d["id"] for p in docs.values() for d in p} and len(ids) > 46
     assert source.commits[-1] == {0: 23, 1: 23}
-    assert crashed.checkpointer.store.load(LIVE).manifest["offsets"]["partitions"] == {"0": 23, "1": 23}
+    assert crashed.recovery.checkpointer.store.load(LIVE).manifest["offsets"]["partitions"] == {"0": 23, "1": 23}
 
 
 def test_while_mlflow_is_down_nothing_is_committed_and_reading_pauses_at_the_backlog():
@@ -288,7 +291,7 @@ def test_while_mlflow_is_down_nothing_is_committed_and_reading_pauses_at_the_bac
     store = FakeStore(down_for=30)
     proc, pool, source, sinks = processor(docs, store=store, every=4, max_pending=10)
     seen = []  # at every failed write: commits so far, documents waiting, records read
-    store.on_failure = lambda: seen.append((len(source.commits), proc.checkpointer.pending_documents, source.position[0]))
+    store.on_failure = lambda: seen.append((len(source.commits), proc.recovery.checkpointer.pending_documents, source.position[0]))
     proc.run(until_idle_s=0.5)
 
     assert len(seen) == 30 and all(commits == 0 for commits, _, _ in seen)

@@ -18,8 +18,7 @@ from actors.state_store import StateBlob
 from pipeline.checkpoint import LIVE, Checkpoint, CheckpointError
 from pipeline.config import parse_config
 from pipeline.actor_specs import as_actors_see_it, reader_spec
-from pipeline.job import restore_from_checkpoint
-from pipeline.processor import StreamProcessor
+from pipeline.job import build_processor, restore_from_checkpoint
 from pipeline.rescale import states_for_workers
 from tests.pipeline.test_processor_core import TOPIC, FakePool, FakeSinks, FakeSource, FakeStore, FakeWorker
 from tests.sample_text import SAMPLE_TEXT
@@ -53,7 +52,7 @@ def run_from_live(config, store, docs, make_worker):
     source = FakeSource(docs)
     assignment = assign_partitions(sorted(docs), config.processor.workers)
     checkpointer = restore_from_checkpoint(config, store, source, pool, {p: 0 for p in docs}, assignment)
-    proc = StreamProcessor(config.processor, source, FakeSinks(), pool, assignment, stream="s",
+    proc = build_processor(config.processor, source, FakeSinks(), pool, assignment, "s",
                            checkpointer=checkpointer, start_offsets=dict(checkpointer.offsets))
     proc.run(until_idle_s=0.05)
     return pool, proc.sinks
