@@ -32,22 +32,31 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class TopicsConfig(_Section):
     documents: str = "ttt.documents"
+    """Topic the documents are read from (JSON: id, text, optional key and meta)."""
     results: str = "ttt.results"
+    """Topic of the per-document results (losses, tokens, state)."""
     metrics: str = "ttt.metrics"
+    """Topic of the processor's status reports."""
     alerts: str = "ttt.alerts"
+    """Topic of alerts: monitor breaches, rollbacks, refused commands, forgets."""
     dead_letter: str = "ttt.dead-letter"
+    """Topic of records that were not read, each with its reason in the headers."""
     control: str = "ttt.control"
+    """Topic of signed commands to a running processor (rollback, forget)."""
     partitions: int = Field(default=2, ge=1)
-    # Copies of each record the broker keeps, and how many must have it before a write counts
-    # (the topic's min.insync.replicas). 1 and None fit the one-broker embedded stack; a cluster
-    # wants 3 and 2.
+    """Partitions of the documents topic when it is created: the unit of parallelism."""
     replication_factor: int = Field(default=1, ge=1)
+    """Copies of each record the broker keeps, and how many must have it before a write counts (the
+    topic's min.insync.replicas). 1 and None fit the one-broker embedded stack; a cluster wants 3
+    and 2.
+    """
     min_insync_replicas: int | None = Field(default=None, ge=1)
+    """The topics' min.insync.replicas (None: the broker's default)."""
 
     @model_validator(mode="after")
     def _insync_within_replicas(self) -> "TopicsConfig":
@@ -59,20 +68,27 @@ class TopicsConfig(_Section):
 
 class KafkaConfig(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
+    """Kafka bootstrap servers, host:port[,host:port...]."""
     group_id: str = "ttt-stream"
+    """Consumer group of the processor: where its committed offsets live."""
     topics: TopicsConfig = TopicsConfig()
-    # Passed unchanged to every kafka-python client (security_protocol, sasl_*, ssl_*, ...), so a
-    # user's existing Kafka settings work as they are.
+    """The stream's topics."""
     client: dict[str, Any] = Field(default_factory=dict)
-    # Extra keys for the consumer only. The default poll interval is short because a long one
-    # stalls group joins on the embedded broker.
+    """Passed unchanged to every kafka-python client (security_protocol, sasl_*, ssl_*, ...), so a
+    user's existing Kafka settings work as they are.
+    """
     consumer: dict[str, Any] = Field(default_factory=lambda: {"max_poll_interval_ms": 10_000})
+    """Extra keys for the consumer only. The default poll interval is short because a long one stalls
+    group joins on the embedded broker.
+    """
     producer: dict[str, Any] = Field(default_factory=dict)
-    # An offset to resume from (a checkpoint's, the group's committed one) outside the records the
-    # broker has (a recreated topic, a restarted in-memory broker, retention that deleted them):
-    # error refuses to read, naming the partition; earliest / latest read on from the first /
-    # next record, as Kafka's auto.offset.reset does, and say so in the log.
+    """Extra keys for the producer only (secrets kept as SecretStr)."""
     offset_reset: Literal["error", "earliest", "latest"] = "error"
+    """An offset to resume from (a checkpoint's, the group's committed one) outside the records the
+    broker has (a recreated topic, a restarted in-memory broker, retention that deleted them): error
+    refuses to read, naming the partition; earliest / latest read on from the first / next record,
+    as Kafka's auto.offset.reset does, and say so in the log.
+    """
 
     @field_validator("client", "consumer", "producer")
     @classmethod
@@ -98,43 +114,60 @@ def _revealed(settings: dict[str, Any]) -> dict[str, Any]:
 
 class MlflowConfig(_Section):
     tracking_uri: str = "http://127.0.0.1:5000"
+    """MLflow tracking server (and model registry)."""
     experiment: str = "ttt-stream"
-    # One MLflow run per `ttt-stream run`: the stream's figures over time (pipeline/processor_run.py),
-    # the checkpoints' runs nested under it.
+    """MLflow experiment of the processor and checkpoint runs."""
     processor_runs: bool = True
+    """One MLflow run per `ttt-stream run`: the stream's figures over time (pipeline/processor_run.py),
+    the checkpoints' runs nested under it.
+    """
 
 
 class RayConfig(_Section):
-    # None: start Ray inside the calling process (ray.init()); else the address of a cluster.
     address: str | None = None
+    """None: start Ray inside the calling process (ray.init()); else the address of a cluster."""
     num_cpus: int = Field(default=2, ge=1)
+    """CPUs of the Ray instance started in-process (address None)."""
     object_store_memory_mb: int = Field(default=256, ge=78)
+    """Object store of the Ray instance started in-process, in MB."""
     namespace: str = "ttt-stream"
+    """Ray namespace of the stream's named actors."""
 
 
 class BrokerServerConfig(_Section):
     host: str = "127.0.0.1"
+    """Address the local broker listens on."""
     port: int = Field(default=9092, ge=1, le=65535)
+    """Port of the local broker."""
     startup_timeout_s: float = Field(default=30.0, gt=0)
+    """How long `ttt-stream up` waits for the broker."""
 
 
 class MlflowServerConfig(_Section):
     host: str = "127.0.0.1"
+    """Address the local MLflow server listens on."""
     port: int = Field(default=5000, ge=1, le=65535)
+    """Port of the local MLflow server."""
     workers: int = Field(default=1, ge=1)
+    """Worker processes of the local MLflow server."""
     startup_timeout_s: float = Field(default=120.0, gt=0)
+    """How long `ttt-stream up` waits for MLflow."""
 
 
 class LocalStackConfig(_Section):
     """Servers that ``ttt-stream up`` starts on this machine (the embedded default)."""
 
     data_dir: Path = Path("data/local-stack")
+    """Where the local broker's log and MLflow's database and artifacts live."""
     broker: BrokerServerConfig = BrokerServerConfig()
+    """The local Kafka-protocol broker."""
     mlflow: MlflowServerConfig = MlflowServerConfig()
+    """The local MLflow tracking server."""
 
 
 class StreamConfig(_Section):
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The stream's name: its registered model is `<name>-ttt`, its MLflow runs carry it."""
 
 
 class ModelConfig(_Section):
@@ -143,14 +176,19 @@ class ModelConfig(_Section):
     actors.base_model), fetched once per node into ``cache_dir`` and verified."""
 
     path: str = "models/ttt-tiny-qwen3"
+    """A local model directory, or models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model."""
     cache_dir: Path = DEFAULT_CACHE_DIR
+    """Where each node keeps fetched registered models (on its own disk)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when there is one, else cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # The fields set here replace the model's own TTT config (objective, safeguards, ...); the
-    # others keep the values in the model's config.json.
+    """auto: bfloat16 on cuda, float32 on cpu."""
     ttt: TTTConfig = Field(default_factory=TTTConfig)
-    # The slow weights learned across documents (ttt_model.slow).
+    """The fields set here replace the model's own TTT config (objective, safeguards, ...); the others
+    keep the values in the model's config.json.
+    """
     slow: SlowConfig = Field(default_factory=SlowConfig)
+    """The slow weights learned across documents (ttt_model.slow)."""
 
     @field_serializer("ttt")
     def _only_overrides(self, ttt: TTTConfig) -> dict[str, Any]:
@@ -174,45 +212,63 @@ class CheckpointConfig(_Section):
     """Adapted state + consumed offsets to MLflow; offsets are committed only after that."""
 
     enabled: bool = True
+    """Write checkpoints (without: offsets committed on a timer, best effort)."""
     every_documents: int = Field(default=200, ge=1)
+    """A checkpoint after this many documents..."""
     every_seconds: float = Field(default=120.0, gt=0)
-    # On start, restore the registered model's `live` version and read on from its offsets.
+    """... or this many seconds, whichever comes first."""
     restore: bool = True
-    # While MLflow is unreachable: retry with exponential backoff, keep reading until this many
-    # documents wait for a checkpoint, then pause reading until one is written.
+    """On start, restore the registered model's `live` version and read on from its offsets."""
     retry_initial_s: float = Field(default=1.0, gt=0)
+    """While MLflow is unreachable: retry with exponential backoff, keep reading until this many
+    documents wait for a checkpoint, then pause reading until one is written.
+    """
     retry_max_s: float = Field(default=30.0, gt=0)
+    """Longest backoff between retries while MLflow is unreachable."""
     max_pending_documents: int = Field(default=1000, ge=1)
-    # Versions kept in the registry: older ones are deleted (model version and run) unless an
-    # alias points at one or a kept version reads its state files (incremental checkpoints).
-    # None: keep every version.
+    """Documents read without a checkpoint before reading pauses."""
     keep_versions: int | None = Field(default=100, ge=1)
+    """Versions kept in the registry: older ones are deleted (model version and run) unless an alias
+    points at one or a kept version reads its state files (incremental checkpoints). None: keep
+    every version.
+    """
 
 
 class MonitorConfig(_Section):
     """Degradation rules over a rolling window of documents; a breach alerts and rolls back."""
 
     enabled: bool = True
+    """Watch the outcomes (needs checkpoint.enabled: rollbacks go to versions)."""
     window_documents: int = Field(default=10, ge=1)
+    """Documents in the rolling window of the loss rules."""
     min_documents: int = Field(default=3, ge=1)
+    """Documents the window needs before a loss rule, or a pass, counts."""
     non_finite: bool = True
-    # The fast weights' largest ||dW|| / ||W_down|| over sqrt(TTT chunks the document spans):
-    # the ratio grows with the number of updates, about as their square root (not the model's
-    # own hard cap on it, model.ttt.max_delta_ratio: this one alerts and rolls back).
+    """Breach on a non-finite loss or weight."""
     max_fast_delta_ratio: float | None = Field(default=None, gt=0)
-    # The slow weights' largest ||B A|| / ||W_0||: a bound on how far the stream moved the model.
+    """The fast weights' largest ||dW|| / ||W_down|| over sqrt(TTT chunks the document spans): the
+    ratio grows with the number of updates, about as their square root (not the model's own hard cap
+    on it, model.ttt.max_delta_ratio: this one alerts and rolls back).
+    """
     max_slow_delta_ratio: float | None = Field(default=None, gt=0)
+    """The slow weights' largest ||B A|| / ||W_0||: a bound on how far the stream moved the model."""
     max_loss_over_base: float | None = Field(default=0.05, ge=0)
+    """Breach when the window's adapted loss exceeds the static model's by this fraction."""
     max_loss_jump: float | None = Field(default=0.3, gt=0)
+    """Breach when the window's adapted loss exceeds last-good's by this fraction."""
     auto_rollback: bool = True
+    """Roll back to last-good on a breach (else only alert)."""
 
 
 class MetricsConfig(_Section):
     """The Prometheus endpoint of ``ttt-stream run`` (pipeline/metrics.py)."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"  # 0.0.0.0 where Prometheus scrapes from another machine
-    port: int = Field(default=9464, ge=0, le=65535)  # 0: a free port, logged and in the status reports
+    """Serve Prometheus metrics from `ttt-stream run`."""
+    host: str = "127.0.0.1"
+    """Address to serve on; 0.0.0.0 where Prometheus scrapes from another machine."""
+    port: int = Field(default=9464, ge=0, le=65535)
+    """Port to serve on; 0: a free port, logged and in the status reports."""
 
 
 PlacementStrategy = Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"]
@@ -221,14 +277,18 @@ PlacementStrategy = Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"]
 class ContextParallelConfig(_Section):
     """Long documents read by a group of actors (ttt_model.parallel), the rest by single workers."""
 
-    # Windows of at least this many tokens go to the group.
     min_tokens: int = Field(default=16384, ge=2)
+    """Windows of at least this many tokens go to the group."""
     world: int = Field(default=2, ge=2)
+    """Members (processes) of the group."""
     num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs of each member."""
     num_gpus: float = Field(default=0.0, ge=0)
-    # PACK: the group on one node where it fits (its all-gathers are the heavy traffic);
-    # STRICT_PACK: only on one node; SPREAD / STRICT_SPREAD: over nodes, when asked.
+    """GPUs of each member."""
     placement_strategy: PlacementStrategy = "PACK"
+    """PACK: the group on one node where it fits (its all-gathers are the heavy traffic); STRICT_PACK:
+    only on one node; SPREAD / STRICT_SPREAD: over nodes, when asked.
+    """
 
 
 class LearnerConfig(_Section):
@@ -237,14 +297,19 @@ class LearnerConfig(_Section):
     at a static model's speed with a published version of them."""
 
     enabled: bool = False
-    # Document n reads with the slow weights learned from documents 0 .. n - lag (1: all before
-    # it; larger: the readers may run that many documents ahead of the learner).
+    """Train the slow weights in one learner actor (needs model.slow.enabled and scope global)."""
     lag: int = Field(default=1, ge=1)
-    # Learn from every document (1), or from one in ``every`` (in the ledger's order): for a
-    # learner slower than its readers, which then read at their own speed.
+    """Document n reads with the slow weights learned from documents 0 .. n - lag (1: all before it;
+    larger: the readers may run that many documents ahead of the learner).
+    """
     every: int = Field(default=1, ge=1)
+    """Learn from every document (1), or from one in ``every`` (in the ledger's order): for a learner
+    slower than its readers, which then read at their own speed.
+    """
     num_cpus: float = Field(default=1.0, ge=0)
+    """CPUs of the learner actor."""
     num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs of the learner actor."""
 
 
 class ControlConfig(_Section):
@@ -254,72 +319,100 @@ class ControlConfig(_Section):
     command is refused."""
 
     key_env: str = Field(default="TTT_STREAM_CONTROL_KEY", min_length=1)
-    # A signed command older than this (or from further in the future) is refused: a copy of
-    # one cannot be sent again later.
+    """Environment variable that holds the HMAC key of control commands."""
     max_age_s: float = Field(default=300.0, gt=0)
-    # At most one rollback asked for through the control topic per this many seconds.
+    """A signed command older than this (or from further in the future) is refused: a copy of one
+    cannot be sent again later.
+    """
     min_rollback_interval_s: float = Field(default=60.0, ge=0)
+    """At most one rollback asked for through the control topic per this many seconds."""
 
 
 class ProcessorConfig(_Section):
     """How ``ttt-stream run`` reads the documents topic and adapts."""
 
     workers: int = Field(default=1, ge=1)
+    """Reader actors; each owns a share of the documents topic's partitions."""
     worker_num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs of each reader actor."""
     worker_num_gpus: float = Field(default=0.0, ge=0)
-    # How Ray places the workers (one placement-group bundle of worker_num_cpus / worker_num_gpus
-    # each): SPREAD over the nodes where it can, STRICT_SPREAD one per node or not at all,
-    # PACK / STRICT_PACK on as few nodes as possible / on one.
+    """GPUs of each reader actor (fractions share one)."""
     placement_strategy: PlacementStrategy = "SPREAD"
-    # global: one state learns from every document (with processor.learner: one for the stream,
-    # however many workers; without: one per worker); per_key: one state per message key;
-    # per_document: reset each time.
+    """How Ray places the workers (one placement-group bundle of worker_num_cpus / worker_num_gpus
+    each): SPREAD over the nodes where it can, STRICT_SPREAD one per node or not at all, PACK /
+    STRICT_PACK on as few nodes as possible / on one.
+    """
     scope: Literal["global", "per_key", "per_document"] = "global"
+    """global: one state learns from every document (with processor.learner: one for the stream,
+    however many workers; without: one per worker); per_key: one state per message key;
+    per_document: reset each time.
+    """
     max_keys_in_memory: int = Field(default=64, ge=1)
-    # per_key: keys a worker holds in all, in memory and spilled to spill_dir; past it the least
-    # recently read key is forgotten. The spill directory, and the driver at a checkpoint (it
-    # gathers every held state), hold up to max_keys x one state's size (a worker logs both at
-    # start: 2.4 MB a key for the shipped model, 63 MB for Qwen3-0.6B with 5 TTT layers).
+    """per_key: states held in memory; the rest spill to spill_dir."""
     max_keys: int = Field(default=1024, ge=1)
-    # per_key: a key unread for this many of its worker's documents is forgotten (None: kept
-    # until max_keys pushes it out).
+    """per_key: keys a worker holds in all, in memory and spilled to spill_dir; past it the least
+    recently read key is forgotten. The spill directory, and the driver at a checkpoint (it gathers
+    every held state), hold up to max_keys x one state's size (a worker logs both at start: 2.4 MB a
+    key for the shipped model, 63 MB for Qwen3-0.6B with 5 TTT layers).
+    """
     key_retention_documents: int | None = Field(default=None, ge=1)
+    """per_key: a key unread for this many of its worker's documents is forgotten (None: kept until
+    max_keys pushes it out).
+    """
     spill_dir: Path = Path("data/spill")
-    # Records larger than this go to the dead-letter topic unread (before any parsing).
+    """Where per_key states spill to (one folder per reader)."""
     max_document_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Records larger than this go to the dead-letter topic unread (before any parsing)."""
     max_document_tokens: int = Field(default=32768, ge=2)
-    # split: read an oversize document in windows of max_document_tokens (the attention cache
-    # restarts, the fast weights carry over); reject: send it to the dead-letter topic.
+    """Tokens of one window: longer documents are split (or rejected: oversize)."""
     oversize: Literal["split", "reject"] = "split"
+    """split: read an oversize document in windows of max_document_tokens (the attention cache
+    restarts, the fast weights carry over); reject: send it to the dead-letter topic.
+    """
     base_loss_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Fraction of documents also scored by the static model (the monitor's reference)."""
     max_in_flight_per_worker: int = Field(default=2, ge=1)
-    # Documents sent to a worker in one call; with the per_document and per_key scopes (no slow
-    # weights) the worker reads them in one forward (up to batch_tokens padded tokens: rows x the
-    # longest; its logits are that many vocabulary-wide rows; per_key:
-    # distinct keys). None: with those scopes on GPU workers 8 (at most max_in_flight_per_worker:
-    # raise it to 16 for batches of 8), else 1 (a CPU gains nothing from batching, and global
-    # reads one document at a time).
+    """Documents handed to a reader before its earlier ones are done."""
     batch_documents: int | None = Field(default=None, ge=1)
+    """Documents sent to a worker in one call; with the per_document and per_key scopes (no slow
+    weights) the worker reads them in one forward (up to batch_tokens padded tokens: rows x the
+    longest; its logits are that many vocabulary-wide rows; per_key: distinct keys). None: with
+    those scopes on GPU workers 8 (at most max_in_flight_per_worker: raise it to 16 for batches of
+    8), else 1 (a CPU gains nothing from batching, and global reads one document at a time).
+    """
     batch_tokens: int = Field(default=16384, ge=2)
+    """Padded tokens of one batched forward (rows x the longest document)."""
     max_restarts: int = Field(default=3, ge=0)
+    """Times Ray restarts a reader actor that died."""
     max_attempts: int = Field(default=3, ge=1)
-    # A worker still reading one document after this many seconds (counted from when its earlier
-    # documents were done) is restarted: the document counts as one that killed its worker
-    # (max_attempts). None: no deadline.
+    """Tries of a document that fails (its reader died, a context-parallel read failed) before it is dead-lettered."""
     document_timeout_s: float | None = Field(default=600.0, gt=0)
+    """A worker still reading one document after this many seconds (counted from when its earlier
+    documents were done) is restarted: the document counts as one that killed its worker
+    (max_attempts). None: no deadline.
+    """
     restart_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a restarted reader may take to come back."""
     poll_timeout_ms: int = Field(default=200, ge=1)
+    """Longest wait of one poll of the documents topic."""
     commit_interval_s: float = Field(default=5.0, gt=0)
+    """Without checkpoints: how often offsets are committed."""
     status_interval_s: float = Field(default=10.0, gt=0)
-    # Bit-reproducible CPU arithmetic (torch deterministic algorithms, one intra-op thread).
+    """How often a status report goes to the metrics topic and the MLflow run."""
     deterministic: bool = False
+    """Bit-reproducible CPU arithmetic (torch deterministic algorithms, one intra-op thread)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """Adapted states and offsets to MLflow."""
     monitor: MonitorConfig = MonitorConfig()
+    """Degradation rules, alerts and automatic rollback."""
     metrics: MetricsConfig = MetricsConfig()
-    # None: every document on a single worker.
+    """The Prometheus endpoint."""
     context_parallel: ContextParallelConfig | None = None
+    """None: every document on a single worker."""
     learner: LearnerConfig = LearnerConfig()
+    """The learner actor that trains the slow weights for the whole stream."""
     control: ControlConfig = ControlConfig()
+    """Who may command the processor through the control topic."""
 
     @property
     def documents_per_call(self) -> int:
@@ -335,12 +428,19 @@ class AppConfig(_Section):
     """The whole deployment: one stream, its Kafka topics, MLflow, Ray and the local stack."""
 
     stream: StreamConfig = StreamConfig()
+    """The stream's identity."""
     kafka: KafkaConfig = KafkaConfig()
+    """Kafka: brokers, topics, client settings."""
     mlflow: MlflowConfig = MlflowConfig()
+    """MLflow: tracking server and registry."""
     ray: RayConfig = RayConfig()
+    """Ray: in-process or a cluster."""
     model: ModelConfig = ModelConfig()
+    """The model every reader hosts, its TTT and slow-weight settings."""
     processor: ProcessorConfig = ProcessorConfig()
+    """How `ttt-stream run` reads, adapts, checkpoints and watches."""
     local_stack: LocalStackConfig = LocalStackConfig()
+    """The servers `ttt-stream up` starts on this machine."""
 
     @model_validator(mode="after")
     def _settings_agree(self) -> "AppConfig":
