@@ -56,6 +56,22 @@ class ReaderSpec:
 
 
 @dataclass(frozen=True)
+class ContextParallelSpec:
+    """How the stream processor's context-parallel group is built (``pipeline.actor_specs``)."""
+
+    model_path: str
+    world: int
+    num_cpus: float
+    num_gpus: float
+    ttt: TTTConfig
+    num_threads: int | None
+    # PACK: the members on one node where they fit (their all-gathers are the heavy traffic).
+    strategy: str
+    # The stream's slow weights (read with the learner's versions; disabled: none).
+    slow: SlowConfig
+
+
+@dataclass(frozen=True)
 class DocumentTask:
     id: str
     text: str

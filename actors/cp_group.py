@@ -26,6 +26,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.call_types import ContextParallelSpec
 from ttt_model.config import SlowConfig, TTTConfig
 from ttt_model.parallel import ContextParallelGroup, split_lengths
 from ttt_model.token_nll import token_nll
@@ -188,22 +189,6 @@ class ContextParallelActors:
 
 class ContextParallelFailure(RuntimeError):
     """A context-parallel read failed (a member died, or the group could not be formed)."""
-
-
-@dataclass(frozen=True)
-class ContextParallelSpec:
-    """How the stream processor's context-parallel group is built (``pipeline.actor_specs``)."""
-
-    model_path: str
-    world: int
-    num_cpus: float
-    num_gpus: float
-    ttt: TTTConfig
-    num_threads: int | None
-    # PACK: the members on one node where they fit (their all-gathers are the heavy traffic).
-    strategy: str
-    # The stream's slow weights (read with the learner's versions; disabled: none).
-    slow: SlowConfig
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)

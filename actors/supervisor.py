@@ -17,7 +17,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.assignment import assign_partitions
-from actors.cp_group import ContextParallelService, ContextParallelSpec
+from actors.call_types import ContextParallelSpec
+from actors.cp_group import ContextParallelService
 from actors.call_types import ReaderSpec
 from actors.learner_actor import LearnerActor
 from actors.reader_actor import ReaderActor

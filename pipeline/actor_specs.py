@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.base_model import BaseModelSource, is_model_uri
-from actors.call_types import ReaderSpec
-from actors.cp_group import ContextParallelSpec
+from actors.call_types import ContextParallelSpec, ReaderSpec
 from pipeline.config import AppConfig, ModelConfig
 
 
