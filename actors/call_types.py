@@ -17,7 +17,7 @@ PUBLISHED_KEY = "__published_versions__"
 @dataclass(frozen=True)
 class ReaderSpec:
     """What a reader actor hosts and how it adapts. Built from a stream's config by
-    ``pipeline.actor_specs.reader_spec`` (the one place it is built; no defaults of its own): the
+    ``pipeline.processing.actor_specs.reader_spec`` (the one place it is built; no defaults of its own): the
     config's validator has checked how these settings go together, and the worker trusts it."""
 
     model_path: str  # as the actor sees it: absolute, or relative to the job's working directory
@@ -57,7 +57,7 @@ class ReaderSpec:
 
 @dataclass(frozen=True)
 class ContextParallelSpec:
-    """How the stream processor's context-parallel group is built (``pipeline.actor_specs``)."""
+    """How the stream processor's context-parallel group is built (``pipeline.processing.actor_specs``)."""
 
     model_path: str
     world: int

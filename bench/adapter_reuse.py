@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from domain_stream import parse_overrides, prepare  # noqa: E402
 
 from actors.document_reader import DocumentTask, DocumentReader  # noqa: E402
-from pipeline.actor_specs import standalone_reader_spec  # noqa: E402
+from pipeline.processing.actor_specs import standalone_reader_spec  # noqa: E402
 from ttt_model.patch import ttt_config_of  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     for domain in ("pandas", "sphinx"):
         if not (args.data / domain / "stream.jsonl").exists():
-            from pipeline.corpus import DOMAINS, build_domain
+            from pipeline.local.corpus import DOMAINS, build_domain
 
             build_domain(DOMAINS[domain], args.data / domain)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from actors.document_reader import DocumentTask, DocumentReader
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 from bench.reader import static_score, text_of_length, write_model
 from ttt_model import FastWeightState, ttt_forward
 from ttt_model.patch import static_mode

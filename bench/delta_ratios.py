@@ -15,7 +15,7 @@ from pathlib import Path
 
 from actors.document_reader import DocumentTask, DocumentReader
 from pipeline.config import load_config
-from pipeline.actor_specs import as_actors_see_it, reader_spec
+from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from actors.document_reader import DocumentTask, DocumentReader, ReaderSpec
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.data import Document, load_documents
 from ttt_model.patch import static_mode
@@ -145,7 +145,7 @@ def main() -> None:
     model = (yaml.safe_load(args.config.read_text()) or {}).get("model", {})
     root = args.data / args.domain
     if not (root / "stream.jsonl").exists():
-        from pipeline.corpus import DOMAINS, build_domain
+        from pipeline.local.corpus import DOMAINS, build_domain
 
         build_domain(DOMAINS[args.domain], root)
     slow = {**(model.get("slow") or {}), **parse_overrides(args.slow), "enabled": True}

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from actors.document_reader import DocumentTask, DocumentReader
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 from actors.learner import StreamLearner
 from bench.ttt_forward import PRESETS
 from ttt_model import FastWeightState, TTTConfig, enable_ttt, ttt_forward

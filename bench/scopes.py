@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from actors.document_reader import DocumentTask, DocumentReader
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 from ttt_model.data import load_documents
 
 SETTINGS = [

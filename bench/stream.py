@@ -26,9 +26,9 @@ import torch
 
 from actors.document_reader import DocumentTask, DocumentReader
 from pipeline.config import load_config
-from pipeline.actor_specs import as_actors_see_it, reader_spec
-from pipeline.job import run_stream
-from pipeline.local_stack import LocalStack
+from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
+from pipeline.processing.job import run_stream
+from pipeline.local.local_stack import LocalStack
 from ttt_model.data import load_documents
 
 
@@ -104,7 +104,7 @@ def main() -> None:
     try:
         from kafka import KafkaProducer
 
-        from pipeline.topics import ensure_topics
+        from pipeline.stream_io.topics import ensure_topics
 
         ensure_topics(config.kafka)
         producer = KafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers)

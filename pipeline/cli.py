@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import AppConfig, ConfigError, load_config
-from pipeline.local_stack import LocalStack, StackError, broker_answers, mlflow_answers
+from pipeline.local.local_stack import LocalStack, StackError, broker_answers, mlflow_answers
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
 EXIT_CONFIG = 2
@@ -78,7 +78,7 @@ def up(
             # The stream's topics now, with the configured partitions: a standard client that
             # produces first would otherwise make the broker create the documents topic with
             # its own default count.
-            from pipeline.topics import ensure_topics
+            from pipeline.stream_io.topics import ensure_topics
 
             ensure_topics(cfg.kafka)
     except StackError as err:
@@ -101,7 +101,7 @@ def status(config: Path = ConfigOption) -> None:
     cfg = _load(config)
     _print_status(LocalStack(cfg.local_stack), cfg)
     if broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0, client=cfg.kafka.client_settings()):
-        from pipeline.stream_status import read_stream_status
+        from pipeline.observability.stream_status import read_stream_status
 
         _print_stream_status(read_stream_status(cfg.kafka))
 
@@ -115,7 +115,7 @@ def run(
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting Ray here."),
 ) -> None:
     """Run the stream processor: documents topic -> workers (Ray) -> results; until stopped."""
-    from pipeline.job import run_stream
+    from pipeline.processing.job import run_stream
 
     cfg = _load(config)
     if ray_address:
@@ -132,8 +132,8 @@ def feed(
     config: Path = ConfigOption,
 ) -> None:
     """Send documents to a topic, with a progress bar."""
-    from pipeline.feed import feed as send, feed_messages
-    from pipeline.topics import ensure_topics
+    from pipeline.stream_io.feed import feed as send, feed_messages
+    from pipeline.stream_io.topics import ensure_topics
 
     cfg = _load(config)
     ensure_topics(cfg.kafka)
@@ -148,14 +148,14 @@ def feed(
 @app.command()
 def versions(config: Path = ConfigOption) -> None:
     """The stream's checkpoint versions in MLflow: aliases, reason, documents, metrics."""
-    from pipeline.checkpoint import CheckpointStore
+    from pipeline.state.checkpoint import CheckpointStore
 
     cfg = _load(config)
     store = CheckpointStore(cfg.mlflow, cfg.stream.name)
     rows = store.versions()
     import datetime
 
-    from pipeline.terminal_table import TableColumn, fitting_table
+    from pipeline.observability.terminal_table import TableColumn, fitting_table
 
     columns = [TableColumn("version"), TableColumn("aliases"), TableColumn("reason"), TableColumn("parent", 2),
                TableColumn("documents", justify="right"), TableColumn("loss", justify="right"),
@@ -185,7 +185,7 @@ def rollback(
     offline: bool = typer.Option(False, help="No processor is running: record the rollback in MLflow only."),
 ) -> None:
     """Roll the stream's adapted state back; a running processor does it at once."""
-    from pipeline.control_client import request_rollback, rollback_offline
+    from pipeline.stream_io.control_client import request_rollback, rollback_offline
 
     cfg = _load(config)
     if offline:
@@ -208,7 +208,7 @@ def forget(
     offline: bool = typer.Option(False, help="No processor is running: write the version without it in MLflow only."),
 ) -> None:
     """Erase one tenant's per-key state: in memory, spilled, and from the next version on."""
-    from pipeline.control_client import forget_offline, request_forget
+    from pipeline.stream_io.control_client import forget_offline, request_forget
 
     cfg = _load(config)
     if offline:
@@ -282,8 +282,8 @@ def export(
     config: Path = ConfigOption,
 ) -> None:
     """Write a plain Hugging Face model with a version's adapted state merged into W_down."""
-    from pipeline.checkpoint import CheckpointError, CheckpointStore
-    from pipeline.export import export_checkpoint
+    from pipeline.state.checkpoint import CheckpointError, CheckpointStore
+    from pipeline.state.export import export_checkpoint
 
     cfg = _load(config)
     try:
@@ -335,7 +335,7 @@ def _print_stream_status(status: dict) -> None:
             f"{report['queued']} queued",
             markup=False, highlight=False,
         )
-        from pipeline.terminal_table import TableColumn, fitting_table
+        from pipeline.observability.terminal_table import TableColumn, fitting_table
 
         columns = [TableColumn("worker"), TableColumn("alive"), TableColumn("restarted", 2), TableColumn("node", 4),
                    TableColumn("partitions"), TableColumn("documents", justify="right"),
@@ -374,7 +374,7 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 @app.command("corpus")
 def corpus(out: Path = typer.Option(Path("data/corpus"), help="Where to write the corpus.")) -> None:
     """Build the shipped corpus (Python 3.11 manual + Linux 6.1 docs) from Debian packages."""
-    from pipeline.corpus import build_corpus
+    from pipeline.local.corpus import build_corpus
 
     manifest = build_corpus(out)
     console.print(f"corpus in {out}: {manifest['documents']}", markup=False)
@@ -385,7 +385,7 @@ def _run_tracked(config: Path, mlflow: bool, run_name: str, args: list[str], run
     if not mlflow or "--help" in args or "-h" in args:
         run(args)
         return
-    from pipeline.tracking import mlflow_run
+    from pipeline.observability.tracking import mlflow_run
 
     cfg = _load(config)
     with mlflow_run(cfg.mlflow, run_name, {"argv": " ".join(args)}):
@@ -428,7 +428,7 @@ def evaluate(
     mlflow: bool = typer.Option(True, help="Log the table and plot to the configured MLflow server."),
 ) -> None:
     """Held-out loss by position (static / in-place / gradient); args go to `python -m ttt_model.evaluate`."""
-    from pipeline.tracking import log_eval_result
+    from pipeline.observability.tracking import log_eval_result
     from ttt_model import evaluate as evaluator
 
     args = list(ctx.args)
@@ -437,7 +437,7 @@ def evaluate(
 
 
 def _print_status(stack: LocalStack, cfg: AppConfig) -> None:
-    from pipeline.terminal_table import TableColumn, fitting_table
+    from pipeline.observability.terminal_table import TableColumn, fitting_table
 
     answers = {
         "broker": broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0, client=cfg.kafka.client_settings()),

@@ -118,7 +118,7 @@ class MlflowConfig(_Section):
     experiment: str = "ttt-stream"
     """MLflow experiment of the processor and checkpoint runs."""
     processor_runs: bool = True
-    """One MLflow run per `ttt-stream run`: the stream's figures over time (pipeline/processor_run.py),
+    """One MLflow run per `ttt-stream run`: the stream's figures over time (pipeline/observability/processor_run.py),
     the checkpoints' runs nested under it.
     """
 
@@ -261,7 +261,7 @@ class MonitorConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    """The Prometheus endpoint of ``ttt-stream run`` (pipeline/metrics.py)."""
+    """The Prometheus endpoint of ``ttt-stream run`` (pipeline/observability/metrics.py)."""
 
     enabled: bool = True
     """Serve Prometheus metrics from `ttt-stream run`."""

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import AppConfig, parse_config
-from pipeline.local_stack import LocalStack
+from pipeline.local.local_stack import LocalStack
 
 
 # The control topic's signing key (processor.control): the processors these tests start and the

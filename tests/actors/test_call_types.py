@@ -17,8 +17,8 @@ assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
 print("imported without torch")
 """
 
-LIGHT = ["actors.call_types", "pipeline.messages", "pipeline.ledger", "pipeline.monitor", "pipeline.metrics",
-         "pipeline.run_summary", "pipeline.checkpoint", "pipeline.config"]
+LIGHT = ["actors.call_types", "pipeline.stream_io.messages", "pipeline.processing.ledger", "pipeline.observability.monitor", "pipeline.observability.metrics",
+         "pipeline.processing.run_summary", "pipeline.state.checkpoint", "pipeline.config"]
 
 
 def test_the_call_types_and_the_pipeline_around_them_import_without_torch():
@@ -42,7 +42,7 @@ BLOCK_CLUSTER_CLIENTS = BLOCK_TORCH.replace('name == "torch" or name.startswith(
 def test_a_reader_and_its_spec_build_without_ray_mlflow_or_kafka():
     """What bench/reader.py runs on a GPU machine that has none of them: the reader, the learner
     and the specs built from the config."""
-    modules = ["pipeline.actor_specs", "actors.document_reader", "actors.learner"]
+    modules = ["pipeline.processing.actor_specs", "actors.document_reader", "actors.learner"]
     done = subprocess.run([sys.executable, "-c", BLOCK_CLUSTER_CLIENTS, *modules], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,7 +8,7 @@ from actors.cp_group import ContextParallelActors
 from tests.ttt_model.reference import randomise_ttt_parameters, rel_err, tiny_model
 from ttt_model import FastWeightState, TTTConfig, TTTSession, enable_ttt
 from ttt_model.config import SlowConfig
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 
 pytestmark = [pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from actors.document_reader import DocumentTask, DocumentReader, sampled
 from ttt_model import TTTSession
 from ttt_model.patch import static_mode
 from tests.sample_text import SAMPLE_TEXT
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
 TEXT = SAMPLE_TEXT[:6000]

@@ -11,7 +11,7 @@ from actors.document_reader import DocumentTask, DocumentReader, ReaderSpec
 from actors.learner import StreamLearner
 from actors.call_types import PUBLISHED_KEY
 from tests.sample_text import SAMPLE_TEXT
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 
 MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
 DOCS = [DocumentTask(f"d{i}", SAMPLE_TEXT[i * 1500 : (i + 1) * 1500]) for i in range(5)]

@@ -12,7 +12,7 @@ import pytest
 
 from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 
 pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import pytest
 from actors.document_reader import DocumentTask, DocumentReader
 from actors.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
                                resolve_base_model)
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack]

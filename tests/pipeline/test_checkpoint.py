@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actors.state_store import StateBlob
-from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointRequest, CheckpointStore
+from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointRequest, CheckpointStore
 from tests.ttt_model.reference import tiny_model
 from ttt_model import FastWeightState, TTTConfig, enable_ttt
 
@@ -50,7 +50,7 @@ def test_versions_aliases_and_a_verified_round_trip(store):
     original = request(2.0, {}, None).states
     assert {w: [(b.key, b.sha256, b.documents, b.partition) for b in blobs] for w, blobs in loaded.states.items()} == \
         {w: [(b.key, b.sha256, b.documents, b.partition) for b in blobs] for w, blobs in original.items()}
-    assert loaded.manifest["assignment"] == {"0": "w-0", "1": "w-1"}  # for rescaling (pipeline.rescale)
+    assert loaded.manifest["assignment"] == {"0": "w-0", "1": "w-1"}  # for rescaling (pipeline.state.rescale)
     assert loaded.states["w-1"][0].data == original["w-1"][0].data
     assert store.load(LAST_GOOD).offsets == {0: 10, 1: 7}
     rows = store.versions()
@@ -80,7 +80,7 @@ def test_a_tampered_or_missing_artifact_fails_clearly(store, stack):
 
 def uploaded_states(store, version) -> list[str]:
     run_id = store.client.get_model_version(store.name, version).run_id
-    from pipeline.checkpoint import checkpoint_artifact
+    from pipeline.state.checkpoint import checkpoint_artifact
 
     root = checkpoint_artifact("states")
     return [f.path for d in store.client.list_artifacts(run_id, root) for f in store.client.list_artifacts(run_id, d.path)]
@@ -105,7 +105,7 @@ def test_a_checkpoint_uploads_only_the_states_that_changed_and_loads_whole(store
     # The pyfunc (models:/...) reads a reused file from the run that wrote it, hash-checked too.
     import mlflow
 
-    from pipeline.adapted_model import verified_state_bytes
+    from pipeline.state.adapted_model import verified_state_bytes
 
     mlflow.set_tracking_uri(stack.mlflow.tracking_uri)
     entry = next(e for e in loaded.manifest["workers"]["w-0"])

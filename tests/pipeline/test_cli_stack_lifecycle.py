@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.local_stack import broker_answers, mlflow_answers, port_is_open, process_group_alive
+from pipeline.local.local_stack import broker_answers, mlflow_answers, port_is_open, process_group_alive
 from tests.conftest import stack_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

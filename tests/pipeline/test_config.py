@@ -151,7 +151,7 @@ def test_min_insync_replicas_cannot_exceed_the_replication_factor():
 
 
 def test_the_actors_get_every_path_resolved_in_one_place(monkeypatch, tmp_path):
-    from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, reader_spec
+    from pipeline.processing.actor_specs import as_actors_see_it, context_parallel_spec, reader_spec
 
     local = load_config(ROOT / "configs/local.yaml", environ={})
     assert not Path(local.model.slow.rehearsal_path).is_absolute() and not Path(local.model.path).is_absolute()

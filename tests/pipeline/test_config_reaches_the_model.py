@@ -8,8 +8,8 @@ import pytest
 
 from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
-from pipeline.actor_specs import as_actors_see_it, effective_model_config, reader_spec
-from pipeline.adapted_model import load_adapted_model
+from pipeline.processing.actor_specs import as_actors_see_it, effective_model_config, reader_spec
+from pipeline.state.adapted_model import load_adapted_model
 from pipeline.config import AppConfig, ModelConfig, parse_config
 from tests.sample_text import SAMPLE_TEXT
 from ttt_model.config import SlowConfig

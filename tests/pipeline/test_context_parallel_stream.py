@@ -14,8 +14,8 @@ import time
 import pytest
 
 from pipeline.config import ContextParallelConfig, LearnerConfig
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 from ttt_model.config import SlowConfig, TTTConfig
 

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load
 
 from actors.call_types import PUBLISHED_KEY
-from pipeline.checkpoint import LIVE, CheckpointStore
-from pipeline.export import export_checkpoint
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.state.export import export_checkpoint
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline.config import ControlConfig
-from pipeline.control import CommandVerifier, ControlCommand, control_key, parse_command, sign_command
+from pipeline.stream_io.control import CommandVerifier, ControlCommand, control_key, parse_command, sign_command
 
 KEY = b"k" * 32
 NOW = 1_800_000_000.0

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from pipeline.corpus import SOURCES, collect_documents, is_heldout
+from pipeline.local.corpus import SOURCES, collect_documents, is_heldout
 
 
 def test_collect_documents_keeps_long_rst_sources_with_ids(tmp_path):

@@ -1,7 +1,7 @@
 import io
 import json
 
-from pipeline.feed import feed_messages
+from pipeline.stream_io.feed import feed_messages
 
 
 def test_folder_files_become_documents_and_jsonl_lines_pass_unchanged(tmp_path):

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.checkpoint import LIVE, CheckpointStore
-from pipeline.control import key_digest
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.stream_io.control import key_digest
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_rollback_export import cli
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from pipeline.checkpoint import CheckpointStore
-from pipeline.job import run_stream
-from pipeline.messages import MAX_ID_CHARS, MAX_KEY_CHARS, REASON_HEADER
-from pipeline.topics import ensure_topics
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.messages import MAX_ID_CHARS, MAX_KEY_CHARS, REASON_HEADER
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_kafka_clients import produce_confluent
 from tests.pipeline.test_stream_e2e import read_topic, short_documents, stream_config
 

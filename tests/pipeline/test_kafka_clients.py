@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from pipeline.job import run_stream
-from pipeline.topics import stream_topics
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import stream_topics
 from tests.pipeline.test_stream_e2e import short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

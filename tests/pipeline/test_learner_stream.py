@@ -11,10 +11,10 @@ from safetensors.torch import load
 
 from actors.call_types import PUBLISHED_KEY
 from actors.state_store import GLOBAL_KEY
-from pipeline.checkpoint import LIVE, CheckpointStore
+from pipeline.state.checkpoint import LIVE, CheckpointStore
 from pipeline.config import ContextParallelConfig, LearnerConfig
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.document_reader import DocumentOutcome
-from pipeline.metrics import StreamMetrics
+from pipeline.observability.metrics import StreamMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

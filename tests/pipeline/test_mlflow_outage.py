@@ -10,10 +10,10 @@ import time
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from pipeline.checkpoint import LIVE, CheckpointStore
-from pipeline.job import run_stream
-from pipeline.local_stack import LocalStack, mlflow_answers
-from pipeline.topics import ensure_topics
+from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.processing.job import run_stream
+from pipeline.local.local_stack import LocalStack, mlflow_answers
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 from tests.pipeline.test_recovery import ResultCounter
 

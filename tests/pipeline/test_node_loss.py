@@ -20,8 +20,8 @@ import pytest
 import yaml
 from kafka import KafkaConsumer
 
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from pipeline.config import LearnerConfig
 from tests.pipeline.test_recovery import ResultCounter, checkpoint_settings, final_states
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config

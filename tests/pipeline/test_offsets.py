@@ -1,4 +1,4 @@
-from pipeline.offsets import OffsetTracker
+from pipeline.stream_io.offsets import OffsetTracker
 
 
 def test_commit_stops_below_the_oldest_unfinished_record():

@@ -15,12 +15,12 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from actors.document_reader import DocumentOutcome, DocumentTask
 from actors.state_store import StateBlob
-from pipeline.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
+from pipeline.state.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
 from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, ProcessorConfig
-from pipeline.control import ControlCommand
-from pipeline.monitor import DegradationMonitor
-from pipeline.job import build_processor
-from pipeline.reader_pool import ContextParallelFailure, WorkerDied
+from pipeline.stream_io.control import ControlCommand
+from pipeline.observability.monitor import DegradationMonitor
+from pipeline.processing.job import build_processor
+from pipeline.processing.reader_pool import ContextParallelFailure, WorkerDied
 
 TOPIC = "docs"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from actors.base_model import file_hashes, register_base_model
-from pipeline.checkpoint import LIVE, CheckpointStore
-from pipeline.topics import ensure_topics
+from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.ray_start_cluster import RayStartCluster
 from tests.pipeline.test_recovery import ResultCounter
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config

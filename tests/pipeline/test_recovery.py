@@ -18,9 +18,9 @@ import pytest
 import yaml
 from kafka import KafkaConsumer
 
-from pipeline.checkpoint import LIVE, CheckpointStore
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -1,6 +1,6 @@
 """Rescaling from a checkpoint: the stream goes on with another ``processor.workers`` (2 -> 3,
 3 -> 1). per_key states follow their keys' partitions (bitwise equal to one worker reading every
-key); global and per_document states follow the documented rule (pipeline.rescale). The real
+key); global and per_document states follow the documented rule (pipeline.state.rescale). The real
 StreamProcessor, StreamCheckpointer and restore path over the in-process fakes of
 test_processor_core; the per_key runs read with real DocumentReaders."""
 
@@ -15,11 +15,11 @@ import pytest
 from actors.assignment import assign_partitions
 from actors.document_reader import DocumentTask, DocumentReader
 from actors.state_store import StateBlob
-from pipeline.checkpoint import LIVE, Checkpoint, CheckpointError
+from pipeline.state.checkpoint import LIVE, Checkpoint, CheckpointError
 from pipeline.config import parse_config
-from pipeline.actor_specs import as_actors_see_it, reader_spec
-from pipeline.job import build_processor, restore_from_checkpoint
-from pipeline.rescale import states_for_workers
+from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
+from pipeline.processing.job import build_processor, restore_from_checkpoint
+from pipeline.state.rescale import states_for_workers
 from tests.pipeline.test_processor_core import TOPIC, FakePool, FakeSinks, FakeSource, FakeStore, FakeWorker
 from tests.sample_text import SAMPLE_TEXT
 

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from actors.call_types import PUBLISHED_KEY
-from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointStore
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointStore
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, short_documents, stream_config
 from tests.sample_text import SAMPLE_TEXT
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.source import KafkaDocumentSource, OffsetOutOfRange
-from pipeline.topics import ensure_topics
+from pipeline.stream_io.source import KafkaDocumentSource, OffsetOutOfRange
+from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, stream_config
 
 pytestmark = pytest.mark.stack
@@ -48,8 +48,8 @@ def test_a_restarted_in_memory_broker_under_a_kept_checkpoint_is_refused_then_re
     MLflow still holds the last checkpoint's offsets. Reading on from them would skip every new
     record with no error (seen: 2 documents fed, 0 read)."""
     from pipeline.config import LocalStackConfig
-    from pipeline.job import run_stream
-    from pipeline.local_stack import LocalStack
+    from pipeline.processing.job import run_stream
+    from pipeline.local.local_stack import LocalStack
     from tests.conftest import free_port
     from tests.pipeline.test_stream_e2e import short_documents
 
@@ -89,8 +89,8 @@ def test_a_topic_created_again_with_more_records_than_the_checkpoint_s_offset_is
 
     from kafka.admin import KafkaAdminClient
 
-    from pipeline.checkpoint import LIVE, CheckpointStore
-    from pipeline.job import run_stream
+    from pipeline.state.checkpoint import LIVE, CheckpointStore
+    from pipeline.processing.job import run_stream
     from tests.pipeline.test_stream_e2e import short_documents
 
     config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0)

@@ -17,8 +17,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.config import AppConfig
-from pipeline.job import run_stream
-from pipeline.messages import REASON_HEADER
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.messages import REASON_HEADER
 from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -108,7 +108,7 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     # Malformed messages interleaved with the good ones.
     for i, bad in enumerate(MALFORMED):
         values.insert(7 + 10 * i, bad)
-    from pipeline.topics import ensure_topics
+    from pipeline.stream_io.topics import ensure_topics
 
     ensure_topics(config.kafka)
     produce(config, values)
@@ -138,7 +138,7 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     assert len(final[-1]["workers"]) == 2 and all(w["alive"] for w in final[-1]["workers"])
 
     # What `ttt-stream status` shows: the last report, and every record committed.
-    from pipeline.stream_status import read_stream_status
+    from pipeline.observability.stream_status import read_stream_status
 
     shown = read_stream_status(config.kafka)
     assert shown["last_report"]["final"] and shown["last_report"]["documents"] == 200
@@ -150,7 +150,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_no_document_is_los
 
     config = stream_config(stack, tmp_path, scope="per_document")
     docs = short_documents(40, length=3000)  # long enough that the kill lands mid-stream
-    from pipeline.topics import ensure_topics
+    from pipeline.stream_io.topics import ensure_topics
 
     ensure_topics(config.kafka)
     produce(config, [json.dumps(d).encode() for d in docs])

@@ -1,6 +1,6 @@
 """What a running stream shows to the tools users already run, on the real stack: its Prometheus
-endpoint (pipeline/metrics.py) scraped over HTTP during the run, the counters moving while
-documents are read and ending at what was read; and its MLflow run (pipeline/processor_run.py),
+endpoint (pipeline/observability/metrics.py) scraped over HTTP during the run, the counters moving while
+documents are read and ending at what was read; and its MLflow run (pipeline/observability/processor_run.py),
 whose metric history is the stream's curve, with the checkpoints nested under it."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.job import run_stream
-from pipeline.topics import ensure_topics
+from pipeline.processing.job import run_stream
+from pipeline.stream_io.topics import ensure_topics
 from tests.conftest import free_port
 from tests.pipeline.test_stream_e2e import produce, short_documents, stream_config
 
@@ -91,7 +91,7 @@ def test_prometheus_and_mlflow_follow_the_stream_while_it_runs(
     # The MLflow run of this processor run: the curves, at step = documents read.
     from mlflow import MlflowClient
 
-    from pipeline.checkpoint import model_name
+    from pipeline.state.checkpoint import model_name
 
     client = MlflowClient(config.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name(config.mlflow.experiment)

@@ -5,7 +5,7 @@ import time
 
 from rich.console import Console
 
-from pipeline.terminal_table import TableColumn, fitting_table
+from pipeline.observability.terminal_table import TableColumn, fitting_table
 from tests.pipeline.test_status_view import status_output
 
 VERSIONS = [TableColumn("version"), TableColumn("aliases"), TableColumn("reason"), TableColumn("parent", 2),

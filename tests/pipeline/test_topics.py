@@ -2,7 +2,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from pipeline.config import KafkaConfig, TopicsConfig
-from pipeline.topics import ensure_topics, stream_topics
+from pipeline.stream_io.topics import ensure_topics, stream_topics
 
 pytestmark = pytest.mark.stack
 

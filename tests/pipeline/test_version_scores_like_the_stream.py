@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load
 
 from actors.document_reader import DocumentTask, DocumentReader
-from pipeline.adapted_model import StateChoiceError
-from pipeline.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore, base_model_id
-from pipeline.export import export_checkpoint
+from pipeline.state.adapted_model import StateChoiceError
+from pipeline.state.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore, base_model_id
+from pipeline.state.export import export_checkpoint
 from tests.sample_text import SAMPLE_TEXT
-from pipeline.actor_specs import standalone_reader_spec
+from pipeline.processing.actor_specs import standalone_reader_spec
 
 pytestmark = [pytest.mark.stack]
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.call_types import DocumentOutcome
-from pipeline.messages import reason_kind
+from pipeline.stream_io.messages import reason_kind
 
 
 @dataclass

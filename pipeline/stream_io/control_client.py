@@ -11,9 +11,9 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 
 from actors.call_types import StateBlob
-from pipeline.checkpoint import BASE, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
+from pipeline.state.checkpoint import BASE, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
 from pipeline.config import AppConfig
-from pipeline.control import control_key, key_digest, sign_command
+from pipeline.stream_io.control import control_key, key_digest, sign_command
 
 
 def request_rollback(config: AppConfig, to: str, timeout_s: float = 30.0) -> dict[str, Any] | None:

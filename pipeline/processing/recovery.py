@@ -1,5 +1,5 @@
 """What the processor does when reading goes wrong, and how it makes progress durable: two
-policies, picked once (``pipeline.job.build_processor``): ``CheckpointedRecovery`` (states and
+policies, picked once (``pipeline.processing.job.build_processor``): ``CheckpointedRecovery`` (states and
 offsets to MLflow, exactly-once states, rollbacks) and ``BestEffortRecovery`` (offsets committed
 on a timer, nothing restored).
 
@@ -18,7 +18,7 @@ on a timer, nothing restored).
 - A rollback (``rollback``, with checkpoints): every worker takes the states of a checkpointed
   version, recorded as a new version that becomes ``live``.
 - The model registry is unreachable: ``StreamCheckpointer`` retries with backoff and holds the
-  offsets back; reading pauses once ``max_pending_documents`` wait (pipeline.checkpoint).
+  offsets back; reading pauses once ``max_pending_documents`` wait (pipeline.state.checkpoint).
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from actors.call_types import StateBlob
-from pipeline.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
+from pipeline.state.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
-from pipeline.ledger import PendingDocument, StreamLedger
-from pipeline.monitor import Breach
-from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
-from pipeline.rescale import split_learner, states_for_workers
-from pipeline.run_summary import RunSummary
-from pipeline.sink import KafkaSinks
-from pipeline.source import KafkaDocumentSource
-from pipeline.stream_events import CheckpointWritten, RolledBack, StreamEvents
+from pipeline.processing.ledger import PendingDocument, StreamLedger
+from pipeline.observability.monitor import Breach
+from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
+from pipeline.state.rescale import split_learner, states_for_workers
+from pipeline.processing.run_summary import RunSummary
+from pipeline.stream_io.sink import KafkaSinks
+from pipeline.stream_io.source import KafkaDocumentSource
+from pipeline.processing.stream_events import CheckpointWritten, RolledBack, StreamEvents
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.adapted_model import StateChoiceError, choose_state, load_adapted_model
+from pipeline.state.adapted_model import StateChoiceError, choose_state, load_adapted_model
 from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
-from pipeline.checkpoint import Checkpoint, CheckpointError, base_model_id
+from pipeline.state.checkpoint import Checkpoint, CheckpointError, base_model_id
 
 
 def export_checkpoint(checkpoint: Checkpoint, out: Path, worker: str | None = None, key: str | None = None,

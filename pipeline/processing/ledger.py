@@ -15,8 +15,8 @@ from typing import Any, Hashable, Iterator
 
 from kafka.consumer.fetcher import ConsumerRecord
 
-from pipeline.messages import ParsedDocument
-from pipeline.offsets import OffsetTracker
+from pipeline.stream_io.messages import ParsedDocument
+from pipeline.stream_io.offsets import OffsetTracker
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A document is JSON ``{"id": str, "text": str, "key": str?, "meta": {}?}`` or plain UTF-8 text
 (its id is then ``topic/partition/offset``). Anything else is rejected with a reason and goes,
 bytes unchanged, to the dead-letter topic: more than ``max_bytes``, JSON that is not strict
-(``pipeline.untrusted_json``), an id or key longer than ``MAX_ID_CHARS`` / ``MAX_KEY_CHARS``.
+(``pipeline.stream_io.untrusted_json``), an id or key longer than ``MAX_ID_CHARS`` / ``MAX_KEY_CHARS``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.call_types import DocumentOutcome, DocumentTask
-from pipeline.untrusted_json import UntrustedJSONError, loads_untrusted
+from pipeline.stream_io.untrusted_json import UntrustedJSONError, loads_untrusted
 
 # Kafka Connect's convention: the original record unchanged, the error in headers.
 REASON_HEADER = "ttt.error.reason"

@@ -93,7 +93,7 @@ def verified_state_bytes(root: Path, entry: dict[str, Any]) -> bytes:
     if "run_id" in entry:
         import mlflow
 
-        from pipeline.checkpoint import checkpoint_artifact
+        from pipeline.state.checkpoint import checkpoint_artifact
 
         path = mlflow.artifacts.download_artifacts(run_id=entry["run_id"], artifact_path=checkpoint_artifact(entry["file"]))
         data = Path(path).read_bytes()

@@ -18,22 +18,22 @@ from typing import Any, Callable
 from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
-from pipeline.control import ControlCommand, key_digest
-from pipeline.ledger import PendingDocument, StreamLedger
-from pipeline.messages import Rejected, dead_letter_headers, parse_document, result_message
-from pipeline.metrics import partition_lag
-from pipeline.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
-from pipeline.recovery import RecoveryPolicy, StreamParts
-from pipeline.run_summary import RunSummary
-from pipeline.sink import KafkaSinks
-from pipeline.source import KafkaDocumentSource
-from pipeline.stream_events import DocumentRead, DocumentRejected, Progress, RolledBack, StatusTick, StreamEvents
+from pipeline.stream_io.control import ControlCommand, key_digest
+from pipeline.processing.ledger import PendingDocument, StreamLedger
+from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, result_message
+from pipeline.observability.metrics import partition_lag
+from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
+from pipeline.processing.recovery import RecoveryPolicy, StreamParts
+from pipeline.processing.run_summary import RunSummary
+from pipeline.stream_io.sink import KafkaSinks
+from pipeline.stream_io.source import KafkaDocumentSource
+from pipeline.processing.stream_events import DocumentRead, DocumentRejected, Progress, RolledBack, StatusTick, StreamEvents
 
 log = logging.getLogger(__name__)
 
 
 class CommandSource:
-    """Where signed control commands come from (``pipeline.control.ControlSource``)."""
+    """Where signed control commands come from (``pipeline.stream_io.control.ControlSource``)."""
 
     def poll(self) -> list[tuple[ConsumerRecord, ControlCommand | str]]: ...
 
@@ -41,7 +41,7 @@ class CommandSource:
 class StreamProcessor:
     """The run loop. Everything it works with is given, nothing is optional: how progress is made
     durable and failures recovered is the ``recovery`` policy; who watches (metrics, the MLflow
-    run, the monitor, the alert topic) subscribes to ``events`` (``pipeline.job.build_processor``
+    run, the monitor, the alert topic) subscribes to ``events`` (``pipeline.processing.job.build_processor``
     wires one up)."""
 
     def __init__(
@@ -284,7 +284,7 @@ class StreamProcessor:
         return version
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
-        """Every worker back to the states of version ``target`` (``pipeline.recovery``)."""
+        """Every worker back to the states of version ``target`` (``pipeline.processing.recovery``)."""
         return self.recovery.rollback(target, cause, request_id)
 
     # -- reporting -----------------------------------------------------------------------------

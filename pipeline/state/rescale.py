@@ -28,7 +28,7 @@ from dataclasses import replace
 
 from actors.call_types import StateBlob
 from actors.assignment import assign_partitions
-from pipeline.checkpoint import Checkpoint, CheckpointError
+from pipeline.state.checkpoint import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)
 

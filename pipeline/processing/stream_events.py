@@ -1,7 +1,7 @@
 """What happens in a stream, as events, and the bus that carries them to their observers.
 
 The processor publishes; the Prometheus metrics, the MLflow run, the degradation monitor and the
-alert topic subscribe (``pipeline.job.build_processor`` wires them), so that the run loop neither
+alert topic subscribe (``pipeline.processing.job.build_processor`` wires them), so that the run loop neither
 knows which observers a deployment has nor checks for them. Handlers run synchronously, in the
 order they subscribed, on the processor's thread.
 """

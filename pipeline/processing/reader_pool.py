@@ -1,6 +1,6 @@
 """The workers as the stream processor sees them: a pool it submits documents to.
 
-The processor's run loop (``pipeline.processor``) knows nothing of Ray: it submits a document
+The processor's run loop (``pipeline.processing.processor``) knows nothing of Ray: it submits a document
 to worker ``w``, waits for handles, reads outcomes (or the failure of a worker), snapshots and
 restores states, and waits for a restarted worker. ``RayReaderPool`` is that interface over
 ``actors.reader_actor.ReaderActor`` handles; unit tests use an in-process pool of their own.

@@ -15,22 +15,22 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
 from actors.base_model import local_model_dir
-from pipeline.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, reader_spec
-from pipeline.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
+from pipeline.processing.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, reader_spec
+from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig, ProcessorConfig
-from pipeline.control import ControlSource
-from pipeline.metrics import StreamMetrics
-from pipeline.monitor import Breach, DegradationMonitor
-from pipeline.processor_run import ProcessorRun
-from pipeline.processor import StreamProcessor
-from pipeline.recovery import BestEffortRecovery, CheckpointedRecovery
-from pipeline.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
-from pipeline.rescale import split_learner, states_for_workers
-from pipeline.run_summary import RunSummary
-from pipeline.sink import KafkaSinks
-from pipeline.source import KafkaDocumentSource, OffsetOutOfRange
-from pipeline.topics import ensure_topics
-from pipeline.reader_pool import Learner, NoLearner, RayLearner, RayReaderPool, ReaderPool
+from pipeline.stream_io.control import ControlSource
+from pipeline.observability.metrics import StreamMetrics
+from pipeline.observability.monitor import Breach, DegradationMonitor
+from pipeline.observability.processor_run import ProcessorRun
+from pipeline.processing.processor import StreamProcessor
+from pipeline.processing.recovery import BestEffortRecovery, CheckpointedRecovery
+from pipeline.processing.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
+from pipeline.state.rescale import split_learner, states_for_workers
+from pipeline.processing.run_summary import RunSummary
+from pipeline.stream_io.sink import KafkaSinks
+from pipeline.stream_io.source import KafkaDocumentSource, OffsetOutOfRange
+from pipeline.stream_io.topics import ensure_topics
+from pipeline.processing.reader_pool import Learner, NoLearner, RayLearner, RayReaderPool, ReaderPool
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
                             learner: Learner | None = None) -> StreamCheckpointer:
     """The checkpointer of this run; with ``checkpoint.restore``, the workers' states (and the
     learner's) and the source's offsets are set from the ``live`` version first (written by as
-    many workers or not: ``pipeline.rescale`` says which worker takes which state)."""
+    many workers or not: ``pipeline.state.rescale`` says which worker takes which state)."""
     names = pool.names
     start, resumed, current = None, {}, source.topic_id()
     if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:

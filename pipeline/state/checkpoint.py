@@ -94,7 +94,7 @@ class CheckpointStore:
         self.stream = stream
         self.name = model_name(stream)
         self.client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
-        # The processor's own MLflow run (pipeline/processor_run.py): checkpoint runs nest under
+        # The processor's own MLflow run (pipeline/observability/processor_run.py): checkpoint runs nest under
         # it. Read at each save: a run created late (MLflow down at start) is still found.
         self.parent_run: Any = None
         # State files already in the registry, by sha256: (the run that holds it, its file). A

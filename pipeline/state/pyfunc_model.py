@@ -4,7 +4,7 @@
     model.predict(pd.DataFrame({"text": [...]}))                                  # scores
     model.predict(pd.DataFrame({"text": [...]}), params={"mode": "generate"})     # continues
 
-Each text is read as a new document of the stream would be (pipeline.adapted_model: the
+Each text is read as a new document of the stream would be (pipeline.state.adapted_model: the
 stream's TTT config, its slow weights, fresh fast weights; texts do not affect one another):
 ``score`` returns the prequential loss per text; ``generate`` reads the text, then continues
 it greedily for ``max_new_tokens``. The base model is loaded from the path the checkpoint
@@ -30,9 +30,9 @@ class TTTCheckpointModel(PythonModel):
 
         from transformers import AutoTokenizer
 
-        from pipeline.adapted_model import choose_state, load_adapted_model, verified_state_bytes
+        from pipeline.state.adapted_model import choose_state, load_adapted_model, verified_state_bytes
         from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
-        from pipeline.checkpoint import base_model_id
+        from pipeline.state.checkpoint import base_model_id
 
         config = context.model_config
         root = Path(context.artifacts["checkpoint"])

@@ -25,8 +25,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import ControlConfig, KafkaConfig
-from pipeline.messages import MAX_KEY_CHARS
-from pipeline.untrusted_json import UntrustedJSONError, loads_untrusted
+from pipeline.stream_io.messages import MAX_KEY_CHARS
+from pipeline.stream_io.untrusted_json import UntrustedJSONError, loads_untrusted
 
 log = logging.getLogger(__name__)
 ACTIONS = ("rollback", "forget")

@@ -1,0 +1,1 @@
+"""The local stack that ``ttt-stream up`` starts, and the shipped corpus."""

@@ -1,0 +1,1 @@
+"""Adapted state in MLflow: checkpoints (versions, aliases, offsets), rescaling, the pyfunc flavour and export."""
