@@ -1,5 +1,5 @@
 """Thousands of tenants through a per_key worker (the shipped model, real reads): the keys it
-holds, its spill directory and its memory stay within the bounds the config sets and the README
+holds, its spill directory and its memory stay within the bounds the config sets and the docs
 documents (max_keys x one state's size on disk; max_keys_in_memory states in memory). 10,000
 keys through the store alone: tests/actors/test_state_store.py."""
 
