@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -32,8 +32,9 @@ from pipeline.processing.stream_events import DocumentRead, DocumentRejected, Pr
 log = logging.getLogger(__name__)
 
 
-class CommandSource:
-    """Where signed control commands come from (``pipeline.stream_io.control.ControlSource``)."""
+class CommandSource(Protocol):
+    """Where signed control commands come from (``pipeline.stream_io.control.ControlSource``):
+    each record with its verified command, or why it was refused."""
 
     def poll(self) -> list[tuple[ConsumerRecord, ControlCommand | str]]: ...
 
