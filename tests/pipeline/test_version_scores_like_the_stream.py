@@ -100,7 +100,7 @@ def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tm
     from ttt_model import TTTSession, load_ttt_model
 
     reference = load_ttt_model(MODEL, dtype=torch.float32).eval()
-    scale = spec.slow.get("alpha", 16.0) / spec.slow.get("rank", 8)
+    scale = spec.slow.alpha / spec.slow.rank
     with torch.no_grad():
         for name in {k[len("slow."):].rsplit(".", 1)[0] for k in tensors if k.endswith(".A")}:
             weight = reference.get_submodule(name).weight
