@@ -89,7 +89,6 @@ def configuration_reference() -> str:
              "at load with the field's path.", ""]
     section = None
     for path, field in config_fields(AppConfig):
-        top = path.split(".")[0] if "." in path else None
         if "." not in path:
             continue  # a section: its fields follow under its heading
         head = path.rsplit(".", 1)[0]
@@ -100,7 +99,6 @@ def configuration_reference() -> str:
         description = (field.description or "").replace("\n", " ").replace("|", "\\|")
         lines.append(f"| `{path.rsplit('.', 1)[1]}` | `{_type_name(field.annotation)}`".replace("|`", "| `")
                      + f" | {_default(field)} | {_bounds(field)} | {description} |")
-        del top
     return "\n".join(lines) + "\n"
 
 
