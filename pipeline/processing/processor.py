@@ -340,6 +340,5 @@ class StreamProcessor:
             "delta_ratio": last.delta_ratio if last is not None and last.delta_ratio >= 0 else None,
             "slow_delta_ratio": last.slow_delta_ratio if last is not None and last.slow_delta_ratio > 0 else None,
             "rollbacks": float(len(self.rollbacks)),
-            "checkpoint_version": None, "checkpoint_failures": None,
             **self.recovery.figures(),
         }
