@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,12 @@ URI_SCHEMES = ("models:/", "runs:/")
 
 class BaseModelIntegrityError(RuntimeError):
     """A downloaded or cached base model whose files are not the registered ones."""
+
+
+def masked_uri(uri: str) -> str:
+    """``uri`` with the password of a ``user:password@`` part shown as ``***``: what a log, a
+    printed config or the config digest may hold of it."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", uri)
 
 
 def is_model_uri(path: str | Path) -> bool:
@@ -106,7 +113,7 @@ def resolve_base_model(uri: str, tracking_uri: str | None) -> BaseModelSource:
                 mv = client.get_model_version(name, number)
             pinned, tags = f"models:/{mv.name}/{mv.version}", mv.tags
     except MlflowException as err:
-        raise FileNotFoundError(f"model.path: {uri}: not found in MLflow at {tracking_uri} ({err.error_code})") from None
+        raise FileNotFoundError(f"model.path: {uri}: not found in MLflow at {masked_uri(tracking_uri or '')} ({err.error_code})") from None
     files = {k.removeprefix(HASH_TAG): v for k, v in tags.items() if k.startswith(HASH_TAG)}
     if not files:
         raise BaseModelIntegrityError(f"model.path: {uri} has no file hashes in its tags: register it with "

@@ -22,6 +22,9 @@ from ttt_model.state import StateIntegrityError, sidecar_path
 log = logging.getLogger(__name__)
 
 GLOBAL_KEY = "__global__"
+# The state of documents without a key: not the empty key's (a tenant of its own). Tenant keys
+# never hold control characters (pipeline.stream_io.messages.tenant_key), so no key is this one.
+NO_KEY = "\x00no-key"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -82,6 +85,8 @@ class StateStore:
         # key -> (sha256, documents, partition, last_read), least recently read first
         self._spilled: OrderedDict[str, tuple[str, int, int | None, int]] = OrderedDict()
         self._spilled_signatures: dict[str, torch.Tensor] = {}  # key -> its slow weights' signature
+        if scope == "per_key":
+            self._remove_earlier_spills()
         self.reads = 0  # documents read with a state of this store
         self.spills = 0
         self.reloads = 0
@@ -102,7 +107,7 @@ class StateStore:
             if self.scope == "per_document":
                 scoped.state.reset()
             return scoped
-        key = key if key is not None else ""
+        key = key if key is not None else NO_KEY
         self.reads += 1
         if key in self._live:
             self._live.move_to_end(key)
@@ -132,12 +137,12 @@ class StateStore:
         if key in self._spilled:
             del self._spilled[key]
             self._spilled_signatures.pop(key, None)
-            self._delete_spill_file(key)
             held = True
+        self._delete_spill_file(key)  # also one an earlier incarnation left, unknown to this one
         return held
 
     def __contains__(self, key: str | None) -> bool:
-        key = key if key is not None else ""
+        key = key if key is not None else NO_KEY
         return key in self._live or key in self._spilled
 
     def peek(self, key: str) -> AdaptedState:
@@ -198,6 +203,17 @@ class StateStore:
     def _path(self, key: str) -> Path:
         # Keys are arbitrary user strings: the file name is their hash.
         return self.spill_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def _remove_earlier_spills(self) -> None:
+        """Spill files of an earlier incarnation of this reader (it died; its states come back
+        from a checkpoint): nothing indexes them, so they would outlive a forget."""
+        if not self.spill_dir.is_dir():
+            return
+        stale = [p for p in self.spill_dir.iterdir() if p.is_file() and ".safetensors" in p.name]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d spill files of an earlier incarnation from %s", len(stale), self.spill_dir)
 
     def _delete_spill_file(self, key: str) -> None:
         path = self._path(key)

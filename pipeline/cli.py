@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import AppConfig, ConfigError, load_config
+from actors.base_model import masked_uri
 from pipeline.local.local_stack import LocalStack, StackError, broker_answers, mlflow_answers
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
@@ -171,7 +172,7 @@ def versions(config: Path = ConfigOption) -> None:
             tags.get("documents", "-"), _fmt(row["metrics"].get("adapted_loss"), ".4f"), tags.get("offsets", "-"),
             datetime.datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S"),
         ])
-    table = fitting_table(console, f"{store.name} ({cfg.mlflow.tracking_uri})", columns, cells)
+    table = fitting_table(console, f"{store.name} ({masked_uri(cfg.mlflow.tracking_uri)})", columns, cells)
     console.print(table)
     if not rows:
         console.print(f"no versions of {store.name} yet", markup=False)
@@ -278,17 +279,23 @@ def export(
     version: str = typer.Option(..., "--version", help="A version number or alias (live, last-good)."),
     out: Path = typer.Option(..., "--out", help="Folder for the Hugging Face model."),
     worker: Optional[str] = typer.Option(None, help="Whose state, when the version holds several."),
-    key: Optional[str] = typer.Option(None, help="Which key's state (per_key scope)."),
+    key: Optional[str] = typer.Option(None, help="Which tenant's state (per_key scope): the records' key."),
     config: Path = ConfigOption,
 ) -> None:
     """Write a plain Hugging Face model with a version's adapted state merged into W_down."""
     from pipeline.state.checkpoint import CheckpointError, CheckpointStore
     from pipeline.state.export import export_checkpoint
 
+    from pipeline.state.tenant_keys import TenantKeys
+
     cfg = _load(config)
     try:
-        checkpoint = CheckpointStore(cfg.mlflow, cfg.stream.name).load(version)
-        export_checkpoint(checkpoint, out, worker, key, cfg.mlflow.tracking_uri)
+        store = CheckpointStore(cfg.mlflow, cfg.stream.name)
+        checkpoint = store.load(version)
+        state_key = TenantKeys(store.key_salt()).state_key(key) if key is not None else None
+        if state_key is not None and state_key in store.tombstones():
+            raise CheckpointError(f"the key was forgotten (state {state_key}): no version holds its state")
+        export_checkpoint(checkpoint, out, worker, state_key, cfg.mlflow.tracking_uri)
     except CheckpointError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
         raise typer.Exit(1) from None
@@ -452,7 +459,7 @@ def _print_status(stack: LocalStack, cfg: AppConfig) -> None:
     console.print(table)
     topics = cfg.kafka.topics
     console.print(
-        f"MLflow UI: {cfg.mlflow.tracking_uri}   Kafka: {cfg.kafka.bootstrap_servers}   topics: "
+        f"MLflow UI: {masked_uri(cfg.mlflow.tracking_uri)}   Kafka: {cfg.kafka.bootstrap_servers}   topics: "
         f"{topics.documents}, {topics.results}, {topics.metrics}, {topics.alerts}, "
         f"{topics.dead_letter}, {topics.control}",
         markup=False,

@@ -18,7 +18,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator,
                       model_validator)
 
-from actors.base_model import DEFAULT_CACHE_DIR, is_model_uri
+from actors.base_model import DEFAULT_CACHE_DIR, is_model_uri, masked_uri
 from ttt_model.config import SlowConfig, TTTConfig
 
 ENV_PREFIX = "TTT_STREAM__"
@@ -83,6 +83,12 @@ class KafkaConfig(_Section):
     """
     producer: dict[str, Any] = Field(default_factory=dict)
     """Extra keys for the producer only (secrets kept as SecretStr)."""
+    max_output_bytes: int = Field(default=262_144, ge=16_384)
+    """The largest record the processor writes (results, dead letters, alerts, status): fields echoed
+    from the input past it are cut and marked (a dead letter keeps a prefix of the record and its
+    sha256). Below the producer's max_request_size (kafka-python: 1 MiB) and the broker's
+    message.max.bytes.
+    """
     offset_reset: Literal["error", "earliest", "latest"] = "error"
     """An offset to resume from (a checkpoint's, the group's committed one) outside the records the
     broker has (a recreated topic, a restarted in-memory broker, retention that deleted them): error
@@ -93,7 +99,19 @@ class KafkaConfig(_Section):
     @field_validator("client", "consumer", "producer")
     @classmethod
     def _secrets_kept_secret(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        for k, v in settings.items():
+            if SECRET_SETTING.search(k) and not isinstance(v, (str, SecretStr)):
+                # YAML reads 0123 as 83 and 1e3 as 1000.0: a secret is text, exactly as written.
+                raise ValueError(f"{k}: a secret must be a string (quote it in YAML), got {type(v).__name__}")
         return {k: SecretStr(v) if SECRET_SETTING.search(k) and isinstance(v, str) else v for k, v in settings.items()}
+
+    @model_validator(mode="after")
+    def _outputs_fit_a_request(self) -> "KafkaConfig":
+        limit = self.producer.get("max_request_size", self.client.get("max_request_size", 1_048_576))
+        if isinstance(limit, int) and self.max_output_bytes > limit:
+            raise ValueError(f"kafka.max_output_bytes {self.max_output_bytes} is above the producer's "
+                             f"max_request_size {limit}")
+        return self
 
     def client_settings(self) -> dict[str, Any]:
         """``client`` as kafka-python takes it (secrets revealed: for a client only)."""
@@ -115,6 +133,10 @@ def _revealed(settings: dict[str, Any]) -> dict[str, Any]:
 class MlflowConfig(_Section):
     tracking_uri: str = "http://127.0.0.1:5000"
     """MLflow tracking server (and model registry)."""
+
+    @field_serializer("tracking_uri")
+    def _credentials_masked(self, uri: str) -> str:
+        return masked_uri(uri)
     experiment: str = "ttt-stream"
     """MLflow experiment of the processor and checkpoint runs."""
     processor_runs: bool = True
@@ -326,6 +348,9 @@ class ControlConfig(_Section):
     """
     min_rollback_interval_s: float = Field(default=60.0, ge=0)
     """At most one rollback asked for through the control topic per this many seconds."""
+    min_forget_interval_s: float = Field(default=1.0, ge=0)
+    """At most one forget asked for through the control topic per this many seconds (each writes a
+    version)."""
 
 
 class ProcessorConfig(_Section):
@@ -490,7 +515,8 @@ class AppConfig(_Section):
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Return ``raw`` with ``TTT_STREAM__A__B=value`` variables set at path ``a.b``.
 
-    Values are parsed as YAML scalars, so numbers, booleans and lists keep their types.
+    Values are parsed as YAML scalars, so numbers, booleans and lists keep their types; a setting
+    whose name says it is a secret (password, token, ...) is taken as the raw string.
     """
     merged = json.loads(json.dumps(raw))
     for name, value in sorted(environ.items()):
@@ -505,7 +531,8 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict
             if not isinstance(child, dict):
                 raise ConfigError(f"{name}: '{part}' is not a section")
             node = child
-        node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+        # A secret is taken as written: parsed as YAML, digits-only "0123" would become the int 83.
+        node[path[-1]] = value if value == "" or SECRET_SETTING.search(path[-1]) else yaml.safe_load(value)
     return merged
 
 

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from actors.base_model import masked_uri
 from pipeline.config import MlflowConfig
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def mlflow_run(config: MlflowConfig, run_name: str, params: dict) -> Iterator[ob
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        log.info("MLflow run %s (%s/#/experiments/%s/runs/%s)", run.info.run_id, config.tracking_uri,
+        log.info("MLflow run %s (%s/#/experiments/%s/runs/%s)", run.info.run_id, masked_uri(config.tracking_uri),
                  run.info.experiment_id, run.info.run_id)
         yield run
 

@@ -18,7 +18,8 @@ from actors.base_model import local_model_dir
 from pipeline.processing.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, reader_spec
 from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig, ProcessorConfig
-from pipeline.stream_io.control import ControlSource
+from pipeline.stream_io.control import CommandLedger, ControlSource
+from pipeline.state.tenant_keys import TenantKeys
 from pipeline.observability.metrics import StreamMetrics
 from pipeline.observability.monitor import Breach, DegradationMonitor
 from pipeline.observability.processor_run import ProcessorRun
@@ -94,7 +95,7 @@ def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks:
                     checkpointer: StreamCheckpointer | None = None, start_offsets: dict[int, int] | None = None,
                     monitor: DegradationMonitor | None = None, control: ControlSource | None = None,
                     metrics: StreamMetrics | None = None, run_log: ProcessorRun | None = None,
-                    learner: Learner | None = None) -> StreamProcessor:
+                    learner: Learner | None = None, keys: TenantKeys | None = None) -> StreamProcessor:
     """The processor of a deployment, its parts picked once here: the recovery policy (with
     checkpoints or best effort), and the observers subscribed to its events (metrics, the MLflow
     run, the monitor with its rollbacks and last-good alias, the alert topic)."""
@@ -103,7 +104,8 @@ def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks:
     processor = StreamProcessor(config, source, sinks, pool, assignment, stream,
                                 status if status is not None else (lambda: {"workers": {}}),
                                 recovery, events, control if control is not None else NoCommands(),
-                                learner if learner is not None else NoLearner(), start_offsets)
+                                learner if learner is not None else NoLearner(),
+                                keys if keys is not None else TenantKeys.unpersisted(stream), start_offsets)
     if metrics is not None:
         metrics.subscribe_to(events)
     if run_log is not None:
@@ -209,12 +211,16 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             actor, name = ray.get(supervisor.learner.remote())
             learner = RayLearner(actor, name, p.learner.lag)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
+        keys = TenantKeys.unpersisted(config.stream.name)
         if p.checkpoint.enabled:
             store = CheckpointStore(config.mlflow, config.stream.name)
             checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir,
                                                    learner)
             start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
-            control = ControlSource(config.kafka, p.control)
+            keys = TenantKeys(store.key_salt())
+            commands = CommandLedger.from_dict(checkpointer.commands_at_start)
+            checkpointer.commands = commands.as_dict  # replay protection survives a restart
+            control = ControlSource(config.kafka, p.control, config.stream.name, commands)
             if p.monitor.enabled:
                 monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD),
                                              chunk_tokens=checkpointer.model_config["ttt"]["chunk_size"])
@@ -229,7 +235,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             p, source, sinks, pool, assignment, config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
             checkpointer=checkpointer, start_offsets=start_offsets, monitor=monitor, control=control,
-            metrics=metrics, run_log=run_log, learner=learner,
+            metrics=metrics, run_log=run_log, learner=learner, keys=keys,
         )
         if stop_event is not None:
             processor.stop_event = stop_event

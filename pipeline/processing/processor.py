@@ -13,18 +13,20 @@ import logging
 import math
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable, Protocol
 
 from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
-from pipeline.stream_io.control import ControlCommand, key_digest
+from pipeline.stream_io.control import ControlCommand
 from pipeline.processing.ledger import PendingDocument, StreamLedger
-from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, result_message
+from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, reason_kind, result_message
 from pipeline.observability.metrics import partition_lag
 from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
 from pipeline.processing.recovery import RecoveryPolicy, StreamParts
 from pipeline.processing.run_summary import RunSummary
+from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
 from pipeline.processing.stream_events import DocumentRead, DocumentRejected, Progress, RolledBack, StatusTick, StreamEvents
@@ -58,6 +60,7 @@ class StreamProcessor:
         events: StreamEvents,
         control: CommandSource,
         learner: Learner,
+        keys: TenantKeys,
         start_offsets: dict[int, int] | None = None,
     ):
         self.config = config
@@ -71,6 +74,7 @@ class StreamProcessor:
         self.events = events
         self.control = control
         self.learner = learner  # trains the slow weights; the workers read with its versions
+        self.keys = keys  # names of per-key states
         self.summary = RunSummary()
         self.recovery = recovery
         recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, self.worker_of, self.summary,
@@ -80,7 +84,8 @@ class StreamProcessor:
         events.subscribe(RolledBack, lambda e: self.rollbacks.append(e.record))
         self.unread_partitions: list[int] = []  # partitions added to the topic while running
         self._restarting: set[int] = set()  # workers restarted for a deadline, until their recovery
-        self._last_commanded_rollback = -math.inf  # monotonic time of the last one the control topic asked for
+        self._last_command: dict[str, float] = {}  # action -> monotonic time the control topic last had it done
+        self._control_refused: dict[str, int] = {}  # refused control records by reason kind, since the last alert
         self.stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -108,6 +113,7 @@ class StreamProcessor:
                 self._enforce_deadline(now)
                 self.recovery.tick(now)
                 if now - last_status >= cfg.status_interval_s:
+                    self._alert_control_refusals()
                     self._publish_status(now - started)
                     self._check_partitions()
                     last_status = now
@@ -122,6 +128,7 @@ class StreamProcessor:
         finally:
             self.summary.wall_s = time.monotonic() - started
         self._report_progress()
+        self._alert_control_refusals()
         self._publish_status(self.summary.wall_s, final=True)
         self.sinks.flush()
         return self.summary
@@ -148,6 +155,8 @@ class StreamProcessor:
             self._dead_letter(record, parsed.reason)
             self.ledger.passed_over(record)
         else:
+            # From here on a tenant is its state's name, never its key (pipeline.state.tenant_keys).
+            parsed = replace(parsed, task=replace(parsed.task, key=self.keys.state_key(parsed.task.key)))
             # The learner takes the documents in the ledger's order, which fixes each one's version.
             version = self.learner.submit(parsed.task)
             self.ledger.accept(record, parsed, self.worker_of[record.partition], version)
@@ -198,7 +207,8 @@ class StreamProcessor:
             if not outcome.ok:
                 self._finish_rejected(pending, outcome.reason or "rejected")
                 continue
-            self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position))
+            self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position),
+                              refused=lambda reason, record=pending.record: self._dead_letter(record, reason))
             self.summary.add(outcome)
             self._last_outcome = outcome
             self.ledger.finished(pending)
@@ -246,41 +256,55 @@ class StreamProcessor:
         for record, command in self.control.poll():
             refusal = command if isinstance(command, str) else self._refusal(command)
             if refusal is not None:
-                # Never executed: alerted, and the record kept in the dead-letter topic.
-                log.warning("control record %s/%d/%d refused: %s", record.topic, record.partition, record.offset, refusal)
-                self.sinks.alert({"type": "control_error", "stream": self.stream, "error": refusal,
-                                  "request_id": None if isinstance(command, str) else command.request_id,
-                                  "time": time.time()})
+                # Never executed: kept in the dead-letter topic. A signed command's sender waits
+                # for its answer (its request_id); any other refused record is only counted, and
+                # the counts go out once a status interval (_alert_control_refusals).
+                log.debug("control record %s/%d/%d refused: %s", record.topic, record.partition, record.offset, refusal)
+                if isinstance(command, ControlCommand):
+                    self.sinks.alert({"type": "control_error", "stream": self.stream, "error": refusal,
+                                      "request_id": command.request_id, "time": time.time()})
+                else:
+                    kind = reason_kind(refusal)
+                    self._control_refused[kind] = self._control_refused.get(kind, 0) + 1
                 self._dead_letter(record, refusal)
                 continue
+            self._last_command[command.action] = time.monotonic()
             if command.action == "forget":
                 self.forget(command.key, request_id=command.request_id)
-                continue
-            self._last_commanded_rollback = time.monotonic()
-            self.rollback(command.to, cause="manual", request_id=command.request_id)
+            else:
+                self.rollback(command.to, cause="manual", request_id=command.request_id)
 
     def _refusal(self, command: ControlCommand) -> str | None:
         """Why a signed command is still not carried out (None: it is)."""
         refusal = self.recovery.refusal(command.action, command.to)
-        if refusal is not None or command.action == "forget":
+        if refusal is not None:
             return refusal
-        since = time.monotonic() - self._last_commanded_rollback
-        interval = self.config.control.min_rollback_interval_s
+        since = time.monotonic() - self._last_command.get(command.action, -math.inf)
+        setting = f"min_{command.action}_interval_s"
+        interval = getattr(self.config.control, setting)
         if since < interval:
-            return (f"refused: a rollback was asked for {since:.0f} s ago "
-                    f"(processor.control.min_rollback_interval_s {interval:g})")
+            return (f"refused: rate limit: a {command.action} was done {since:.0f} s ago "
+                    f"(processor.control.{setting} {interval:g})")
         return None
+
+    def _alert_control_refusals(self) -> None:
+        if self._control_refused:
+            log.warning("control records refused since the last report: %s", self._control_refused)
+            self.sinks.alert({"type": "control_refused", "stream": self.stream, "counts": self._control_refused,
+                              "time": time.time()})
+            self._control_refused = {}
 
     def forget(self, key: str, request_id: str | None = None) -> str | None:
         """Erase ``key``'s per-key state on every worker (in memory, spilled, its replay buffer
-        with it) and write a version without it; returns that version. Documents of the key read
-        after this start a new state; earlier versions in MLflow keep theirs until retention."""
+        with it), leave its tombstone, write a version without it and erase its state files from
+        every earlier version (``recovery.forget``); returns the new version. Documents of the key
+        read after this start a new state."""
         self._settle()  # documents already on the workers finish first
-        held = sum(self.pool.forget(w, key) for w in range(len(self.pool.names)))
-        version = self.recovery.checkpoint("forget")
-        digest = key_digest(key)
-        log.info("forgot key %s (held by %d workers): version %s", digest, held, version)
-        self.sinks.alert({"type": "forget", "stream": self.stream, "key_sha256": digest, "held": held,
+        state_key = self.keys.state_key(key)
+        held = sum(self.pool.forget(w, state_key) for w in range(len(self.pool.names)))
+        version = self.recovery.forget(state_key)
+        log.info("forgot the key of state %s (held by %d workers): version %s", state_key, held, version)
+        self.sinks.alert({"type": "forget", "stream": self.stream, "state_key": state_key, "held": held,
                           "version": version, "request_id": request_id, "time": time.time()})
         return version
 

@@ -103,6 +103,10 @@ class RecoveryPolicy:
     def checkpoint(self, reason: str) -> str | None:
         raise NotImplementedError
 
+    def forget(self, state_key: str) -> str | None:
+        """The workers no longer hold ``state_key``: make its erasure final; the new version."""
+        raise NotImplementedError
+
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
         raise NotImplementedError
 
@@ -181,10 +185,13 @@ class BestEffortRecovery(RecoveryPolicy):
         return None
 
     def refusal(self, action: str, target: str | None) -> str | None:
-        return f"{action} needs processor.checkpoint.enabled"
+        return f"refused: checkpoints off: {action} needs processor.checkpoint.enabled"
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
         raise RuntimeError("a rollback needs processor.checkpoint.enabled")
+
+    def forget(self, state_key: str) -> str | None:
+        raise RuntimeError("a forget needs processor.checkpoint.enabled")
 
 
 class CheckpointedRecovery(RecoveryPolicy):
@@ -196,6 +203,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         self.documents_before = checkpointer.documents
         self.rolling_back = False
         self._breach_at_documents = 0
+        self._to_erase: set[str] = set()  # forgotten state keys whose files are not erased yet
 
     # -- failures ------------------------------------------------------------------------------
 
@@ -281,7 +289,28 @@ class CheckpointedRecovery(RecoveryPolicy):
         parts.events.publish(CheckpointWritten(version, reason))
         if version is not None:
             parts.source.commit(offsets)
+            if self._to_erase and reason != "forget":
+                self._erase_pending()
         return version
+
+    def forget(self, state_key: str) -> str | None:
+        """A tombstone first (no restore, rollback or rescale from now on brings the key back, even
+        if the version below cannot be written yet), then a version without the key, then its
+        state files erased from every version. An erasure that fails (MLflow out of reach) is
+        done again after the next version written."""
+        self.checkpointer.store.forget(state_key)
+        self._to_erase.add(state_key)
+        version = self.checkpoint("forget")
+        self._erase_pending()
+        return version
+
+    def _erase_pending(self) -> None:
+        for state_key in sorted(self._to_erase):
+            try:
+                self.checkpointer.store.erase(state_key)
+                self._to_erase.discard(state_key)
+            except Exception as err:  # noqa: BLE001 - MLflow out of reach: the tombstone holds; again later
+                log.warning("could not erase the state files of %s yet: %s", state_key, err)
 
     def finish(self) -> None:
         cfg = self.parts.config.checkpoint
@@ -300,14 +329,14 @@ class CheckpointedRecovery(RecoveryPolicy):
         scope = self.parts.config.scope
         if action == "forget":
             return None if scope == "per_key" else (
-                f"refused: forget erases a per_key state; this stream's scope is {scope!r}")
+                f"refused: forget needs per_key scope: it erases a per_key state; this stream's scope is {scope!r}")
         if target not in (BASE, LAST_GOOD):
             try:
                 known = self.checkpointer.store.resolve(target) is not None
             except Exception:  # noqa: BLE001 - MLflow out of reach: the rollback itself reports it
                 known = True
             if not known:
-                return f"refused: {self.checkpointer.store.name} has no version {target!r}"
+                return f"refused: unknown version: {self.checkpointer.store.name} has no version {target!r}"
         return None
 
     def on_breach(self, breach: Breach) -> None:

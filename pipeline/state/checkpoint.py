@@ -18,14 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from actors.call_types import StateBlob
 from pipeline.config import MlflowConfig
+from pipeline.state.tenant_keys import SALT_TAG
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class CheckpointRequest:
     tags: dict[str, str] = field(default_factory=dict)
     assignment: dict[int, str] = field(default_factory=dict)  # partition -> worker name
     topic_id: str | None = None  # the documents topic's UUID: its offsets mean nothing in another
+    # The control commands taken, while young enough to be sent again (pipeline.stream_io.control.CommandLedger).
+    commands: dict[str, Any] = field(default_factory=dict)
 
 
 def model_name(stream: str) -> str:
@@ -101,6 +105,67 @@ class CheckpointStore:
         # version reuses them instead of uploading the same bytes (incremental checkpoints).
         self._stored: dict[str, tuple[str, str]] = {}
         self._manifests: dict[str, dict[str, Any]] = {}  # version -> manifest (versions never change)
+        self._forgotten: dict[str, int] | None = None  # tombstones: state key -> first version after its forget
+        self._newest = 0  # the highest version number of the model, as last seen
+
+    # -- erasure -------------------------------------------------------------------------------
+
+    def key_salt(self) -> bytes:
+        """The stream's salt of state names (``pipeline.state.tenant_keys``), made on first use."""
+        self._ensure_registered_model()
+        tags = self.client.get_registered_model(self.name).tags or {}
+        if SALT_TAG not in tags:
+            self.client.set_registered_model_tag(self.name, SALT_TAG, secrets.token_hex(32))
+            tags = self.client.get_registered_model(self.name).tags  # another writer's, if it was first
+        return bytes.fromhex(tags[SALT_TAG])
+
+    def tombstones(self) -> dict[str, int]:
+        """The state keys ``forget`` erased, each with the first version that may hold a state of
+        it again (one begun after the forget): as the newest version's manifest lists them (each
+        version carries every earlier one's), plus those forgotten since. No load returns a state
+        of a key from a version before its tombstone."""
+        if self._forgotten is None:
+            versions = [int(mv.version) for mv in self._all_versions()]
+            self._newest = max(versions, default=0)
+            self._forgotten = ({k: int(v) for k, v in self._manifest(str(self._newest)).get("forgotten", {}).items()}
+                               if self._newest else {})
+        return self._forgotten
+
+    def forget(self, state_key: str) -> None:
+        """Leave a tombstone for ``state_key``: from now on no load returns a state of it from a
+        version written so far, and every version written after holds the tombstone."""
+        tombstones = self.tombstones()
+        tombstones[state_key] = self._newest + 1
+
+    def erase(self, state_key: str) -> int:
+        """Delete the state files of ``state_key`` from every version before its tombstone (the
+        runs that hold them); returns how many. The versions stay loadable: their other states
+        are untouched, and load passes over the entries of a forgotten key."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        if state_key not in self.tombstones():
+            self.forget(state_key)
+        before = self.tombstones()[state_key]
+        runs = {int(mv.version): mv.run_id for mv in self._all_versions() if int(mv.version) < before}
+        files = set()
+        for version, run_id in runs.items():
+            for entries in self._manifest(str(version))["workers"].values():
+                files |= {(e.get("run_id", run_id), e["file"]) for e in entries if e["key"] == state_key}
+        for run_id, file in sorted(files):
+            artifact_uri = self.client.get_run(run_id).info.artifact_uri
+            get_artifact_repository(artifact_uri, tracking_uri=self.config.tracking_uri).delete_artifacts(
+                checkpoint_artifact(file))
+        self._stored = {sha: src for sha, src in self._stored.items() if src not in files}
+        log.info("%s: erased %d state files of a forgotten key from %d versions", self.name, len(files), len(runs))
+        return len(files)
+
+    def _forgotten_in(self, version: str, key: str) -> bool:
+        tombstone = self.tombstones().get(key)
+        return tombstone is not None and int(version) < tombstone
+
+    def _all_versions(self) -> list[Any]:
+        # Raises while MLflow is out of reach: tombstones are never taken as "none".
+        return list(self.client.search_model_versions(f"name='{self.name}'"))
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -111,6 +176,7 @@ class CheckpointStore:
         with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
             staging = Path(tmp) / "staging" / "checkpoint"  # its folder name is its place in the model
             files = {}
+            forgotten = self.tombstones()
             for worker, blobs in sorted(request.states.items()):
                 entries = []
                 for blob in blobs:
@@ -141,6 +207,8 @@ class CheckpointStore:
                 "workers": files,
                 # partition -> worker name: which worker's state read which partition (rescaling)
                 "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
+                "forgotten": dict(sorted(forgotten.items())),
+                "commands": request.commands,
             }
             manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
             staging.mkdir(parents=True, exist_ok=True)  # a version that reuses every file writes none
@@ -185,6 +253,7 @@ class CheckpointStore:
             },
         ).version
         self.client.set_registered_model_alias(self.name, LIVE, version)
+        self._newest = max(self._newest, int(version))
         self._remember(str(version), run_id, manifest)
         uploaded = sum("run_id" not in e for entries in files.values() for e in entries)
         log.info("checkpoint %s v%s (%s): %d documents, offsets %s, %d of %d states uploaded", self.name, version,
@@ -195,7 +264,8 @@ class CheckpointStore:
         """The state files of ``version`` (written by ``run_id``), for the next version to reuse."""
         self._manifests[version] = manifest
         self._stored = {e["sha256"]: (e.get("run_id", run_id), e["file"])
-                        for entries in manifest["workers"].values() for e in entries}
+                        for entries in manifest["workers"].values() for e in entries
+                        if not self._forgotten_in(version, e["key"])}  # an erased file is never reused
 
     def prune(self, keep: int) -> list[str]:
         """Delete the versions (and their runs) older than the newest ``keep``, except those an
@@ -321,6 +391,8 @@ class CheckpointStore:
         for worker, entries in manifest["workers"].items():
             blobs = []
             for entry in entries:
+                if self._forgotten_in(version, entry["key"]):  # erased: its file is gone, nothing brings it back
+                    continue
                 try:
                     data = self._state_file(local, entry)
                 except Exception:  # noqa: BLE001 - not in this version, nor in the one it names
@@ -426,6 +498,10 @@ class StreamCheckpointer:
         self.base_model = base_model
         self.model_config = model_config or {}
         self.version = start.version if start else None
+        # The control commands taken (pipeline.stream_io.control.CommandLedger), as the start
+        # version recorded them; ``commands`` gives them as they are now, for each new version.
+        self.commands_at_start: dict[str, Any] = dict(start.manifest.get("commands") or {}) if start else {}
+        self.commands: Callable[[], dict[str, Any]] = dict
         self.offsets = dict(start_offsets)  # where this run resumes: the version's offsets as the source took them
         self.documents = int(start.manifest["documents"]) if start else 0
         self.pending_documents = 0
@@ -454,7 +530,7 @@ class StreamCheckpointer:
             base_model=self.base_model, model_config=self.model_config,
             documents=self.documents + self.pending_documents, reason=reason,
             parent_version=self.version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
-            topic_id=self.topic_id,
+            topic_id=self.topic_id, commands=self.commands(),
         )
         try:
             version = self.store.save(request)

@@ -5,7 +5,10 @@
 Anyone who can write to the topic can send a record; only a holder of the control key (the
 environment variable named by ``processor.control.key_env``) can send a command. The signature is
 HMAC-SHA256 over the command's canonical JSON (sorted keys, no spaces, without the signature);
-``issued_at`` bounds its age, and a signature is taken once.
+``issued_at`` bounds its age, and a signature is taken once. A command names its stream and
+consumer group (``stream``, ``group``, both signed) and is refused by any other. The signatures
+taken go into every checkpoint (``CommandLedger``), so that a captured command cannot be sent
+again after a restart either.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from kafka import KafkaConsumer, TopicPartition
@@ -33,6 +36,11 @@ ACTIONS = ("rollback", "forget")
 # A command is a few fields; anything longer is not one.
 MAX_COMMAND_BYTES = 4096
 SIGNATURE = "signature"
+# Control records read per turn of the run loop: a flood of them waits its turn, documents go on.
+MAX_RECORDS_PER_POLL = 64
+# Signatures remembered (and checkpointed) at most; past it the oldest go, and no command issued
+# before the newest of those that went is taken (CommandLedger.floor).
+MAX_TAKEN = 1024
 
 
 @dataclass(frozen=True)
@@ -65,14 +73,51 @@ def sign_command(message: dict[str, Any], key: bytes, now: float | None = None) 
     return signed
 
 
-class CommandVerifier:
-    """Takes a command only if signed with ``key``, recent, and not taken before."""
+@dataclass
+class CommandLedger:
+    """The commands a stream has taken, while young enough to be sent again: their signatures
+    with their ``issued_at``, and a floor below which none is taken. Written into every
+    checkpoint and read back at start (``as_dict`` / ``from_dict``)."""
 
-    def __init__(self, key: bytes | None, config: ControlConfig, clock: Callable[[], float] = time.time):
+    taken: dict[str, float] = field(default_factory=dict)
+    floor: float = -math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"taken": dict(self.taken), "floor": self.floor if math.isfinite(self.floor) else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "CommandLedger":
+        data = data or {}
+        floor = data.get("floor")
+        return cls({str(s): float(t) for s, t in (data.get("taken") or {}).items()},
+                   float(floor) if floor is not None else -math.inf)
+
+    def take(self, signature: str, issued: float, now: float, max_age_s: float) -> str | None:
+        """Record ``signature`` as taken, or say why it cannot be."""
+        for old in [s for s, t in self.taken.items() if now - t > max_age_s]:
+            del self.taken[old]
+        if signature in self.taken:
+            return "refused: replayed command"
+        if issued <= self.floor:
+            return "refused: replayed command (issued before commands this stream no longer lists)"
+        self.taken[signature] = issued
+        while len(self.taken) > MAX_TAKEN:
+            oldest = min(self.taken, key=self.taken.__getitem__)
+            self.floor = max(self.floor, self.taken.pop(oldest))
+        return None
+
+
+class CommandVerifier:
+    """Takes a command only if signed with ``key``, for this stream, recent, and not taken before."""
+
+    def __init__(self, key: bytes | None, config: ControlConfig, stream: str, group: str,
+                 ledger: CommandLedger | None = None, clock: Callable[[], float] = time.time):
         self.key = key
         self.config = config
+        self.stream = stream
+        self.group = group
+        self.ledger = ledger if ledger is not None else CommandLedger()
         self.clock = clock
-        self._taken: dict[str, float] = {}  # signature -> issued_at, while it is young enough to matter
 
     def refusal(self, message: dict[str, Any]) -> str | None:
         """Why ``message`` is not taken as a command (None: it is, and is now spent)."""
@@ -84,17 +129,17 @@ class CommandVerifier:
         expected = hmac.new(self.key, _canonical(message), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(signature.encode(), expected.encode()):
             return "refused: bad signature"
+        if message.get("stream") != self.stream or message.get("group") != self.group:
+            return (f"refused: for another stream: the command names stream {str(message.get('stream'))[:64]!r}, "
+                    f"group {str(message.get('group'))[:64]!r}")
         issued = message.get("issued_at")
         now = self.clock()
         if not isinstance(issued, (int, float)) or isinstance(issued, bool) or not math.isfinite(issued):
             return "refused: no issued_at"
         if abs(now - issued) > self.config.max_age_s:
-            return f"refused: issued {now - issued:.0f} s ago (processor.control.max_age_s {self.config.max_age_s:g})"
-        self._taken = {s: t for s, t in self._taken.items() if now - t <= self.config.max_age_s}
-        if signature in self._taken:
-            return "refused: replayed command"
-        self._taken[signature] = issued
-        return None
+            return (f"refused: expired: issued {now - issued:.0f} s ago "
+                    f"(processor.control.max_age_s {self.config.max_age_s:g})")
+        return self.ledger.take(signature, float(issued), now, self.config.max_age_s)
 
 
 def parse_command(value: bytes | None, verifier: CommandVerifier) -> ControlCommand | str:
@@ -130,9 +175,10 @@ def parse_command(value: bytes | None, verifier: CommandVerifier) -> ControlComm
 class ControlSource:
     """Reads new commands (committed under ``<group_id>.control``; a first start skips old ones)."""
 
-    def __init__(self, config: KafkaConfig, control: ControlConfig, environ: Mapping[str, str] = os.environ):
+    def __init__(self, config: KafkaConfig, control: ControlConfig, stream: str, ledger: CommandLedger,
+                 environ: Mapping[str, str] = os.environ):
         self.topic = config.topics.control
-        self.verifier = CommandVerifier(control_key(control, environ), control)
+        self.verifier = CommandVerifier(control_key(control, environ), control, stream, config.group_id, ledger)
         if self.verifier.key is None:
             log.warning("no control key in $%s: every command on %s will be refused", control.key_env, self.topic)
         self.consumer = KafkaConsumer(
@@ -148,7 +194,7 @@ class ControlSource:
     def poll(self) -> list[tuple[ConsumerRecord, ControlCommand | str]]:
         """New records, each with its command or why it is none."""
         out = []
-        for tp, records in self.consumer.poll(timeout_ms=0).items():
+        for tp, records in self.consumer.poll(timeout_ms=0, max_records=MAX_RECORDS_PER_POLL).items():
             for record in records:
                 out.append((record, parse_command(record.value, self.verifier)))
             self.consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)})

@@ -13,7 +13,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from actors.call_types import StateBlob
 from pipeline.state.checkpoint import BASE, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
 from pipeline.config import AppConfig
-from pipeline.stream_io.control import control_key, key_digest, sign_command
+from pipeline.stream_io.control import control_key, sign_command
+from pipeline.state.tenant_keys import TenantKeys
 
 
 def request_rollback(config: AppConfig, to: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
@@ -46,7 +47,9 @@ def request(config: AppConfig, command: dict[str, Any], answers: tuple[str, ...]
         enable_auto_commit=False, consumer_timeout_ms=200, **kafka.consumer_settings(),
     )
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, **kafka.producer_settings())
-    signed = sign_command({**command, "request_id": request_id}, key)
+    # Bound to this stream: the processor of another stream (same control topic) refuses it.
+    signed = sign_command({**command, "request_id": request_id, "stream": config.stream.name,
+                           "group": kafka.group_id}, key)
     producer.send(kafka.topics.control, json.dumps(signed).encode())
     producer.flush()
     producer.close()
@@ -72,12 +75,18 @@ def rollback_offline(config: AppConfig, to: str) -> str:
 
 
 def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
-    """A new version holding ``live``'s states without ``key``'s (and its offsets): the next run
-    starts without that tenant. Returns the version and how many states of the key it dropped."""
+    """A new version holding ``live``'s states without ``key``'s (and its offsets), its tombstone
+    in it, and the key's state files erased from every version: the next run starts without that
+    tenant, and no rollback brings it back. Returns the version and how many states of ``live``
+    it dropped."""
     store, live = _live(config, "forget a key in")
-    states = {name: [b for b in blobs if b.key != key] for name, blobs in live.states.items()}
+    state_key = TenantKeys(store.key_salt()).state_key(key)
+    states = {name: [b for b in blobs if b.key != state_key] for name, blobs in live.states.items()}
     dropped = sum(len(blobs) for blobs in live.states.values()) - sum(len(blobs) for blobs in states.values())
-    return _save_after(store, live, states, "forget", {"forgot_key_sha256": key_digest(key)}), dropped
+    store.forget(state_key)
+    version = _save_after(store, live, states, "forget", {"forgot_state_key": state_key})
+    store.erase(state_key)
+    return version, dropped
 
 
 def _live(config: AppConfig, what: str) -> tuple[CheckpointStore, Checkpoint]:
@@ -97,5 +106,5 @@ def _save_after(store: CheckpointStore, live: Checkpoint, states: dict[str, list
         documents=int(manifest["documents"]), reason=reason, parent_version=live.version,
         model_config=manifest.get("model_config") or {}, metrics={}, tags=tags,
         assignment={int(p): w for p, w in (manifest.get("assignment") or {}).items()},
-        topic_id=manifest["offsets"].get("topic_id"),
+        topic_id=manifest["offsets"].get("topic_id"), commands=manifest.get("commands") or {},
     ))

@@ -21,7 +21,9 @@ REASON_HEADER = "ttt.error.reason"
 SOURCE_HEADERS = ("ttt.source.topic", "ttt.source.partition", "ttt.source.offset")
 # An id names a document in results and logs, a key a tenant's state: neither is text to read.
 MAX_ID_CHARS = 256
-MAX_KEY_CHARS = 256
+HEX_KEY = "hex:"  # a key that is not plain text, by its bytes (tenant_key)
+MAX_KEY_CHARS = len(HEX_KEY) + 2 * 256  # a key of 256 bytes in hex
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,16 @@ def parse_document(
         text = value.decode("utf-8")
     except UnicodeDecodeError as err:
         return Rejected(f"invalid UTF-8 at byte {err.start}: {err.reason}")
-    key = _decode_key(record_key)
-    if not text.lstrip().startswith(("{", "[")):
-        if not text.strip():
-            return Rejected("empty text")
-        return _bounded(ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key, partition)))
+    key = tenant_key(record_key)
+    if not text.strip():
+        return Rejected("empty text")
     try:
         doc = loads_untrusted(text)
     except UntrustedJSONError as err:
-        return Rejected(str(err))
+        if text.lstrip().startswith(("{", "[")):
+            return Rejected(str(err))
+        # Not JSON: plain text, a document of its own.
+        return _bounded(ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key, partition)))
     if not isinstance(doc, dict):
         return Rejected(f"JSON message must be an object, got {type(doc).__name__}")
     if "text" not in doc:
@@ -73,9 +76,15 @@ def parse_document(
     doc_id = doc.get("id", source_id(topic, partition, offset))
     if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or doc_id == "":
         return Rejected(f"field 'id' must be a non-empty string, got {str(doc_id)[:64]!r}")
+    if isinstance(doc_id, str) and CONTROL_CHARACTER.search(doc_id):
+        return Rejected("control character in field 'id'")
     doc_key = doc.get("key", key)
     if doc_key is not None and not isinstance(doc_key, str):
         return Rejected(f"field 'key' must be a string, got {type(doc_key).__name__}")
+    if "key" in doc:
+        doc_key = tenant_key(doc_key.encode())
+        if record_key is not None and doc_key != key:
+            return Rejected("key contradicts the record key: field 'key' and the Kafka record's key name two tenants")
     meta = doc.get("meta")
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
@@ -92,10 +101,20 @@ def _bounded(parsed: ParsedDocument) -> ParsedDocument | Rejected:
     return parsed
 
 
-def _decode_key(record_key: bytes | None) -> str | None:
+def tenant_key(record_key: bytes | None) -> str | None:
+    """The tenant a key names, exactly: UTF-8 text as it is; bytes that are not UTF-8 text (or
+    text with control characters, or text that starts with ``hex:``) as ``hex:`` and their
+    hexadecimal digits. One to one: two keys share a state only if their bytes are equal, and
+    an empty key is a tenant of its own, not the absence of one (None)."""
     if record_key is None:
         return None
-    return record_key.decode("utf-8", errors="replace")
+    try:
+        text = record_key.decode("utf-8")
+    except UnicodeDecodeError:
+        return HEX_KEY + record_key.hex()
+    if text.startswith(HEX_KEY) or CONTROL_CHARACTER.search(text):
+        return HEX_KEY + record_key.hex()
+    return text
 
 
 def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: int, offset: int) -> dict[str, Any]:
@@ -121,10 +140,32 @@ def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: in
     }
 
 
+# Every kind of reason a record can be refused for: a closed set, so that counts by reason and
+# metric labels stay bounded whatever the input (a reason's detail may quote the record). A reason
+# is "<kind>..." with its detail after; the longest kind it starts with names it, else "other".
+REASON_KINDS = (
+    # the record
+    "empty message", "too large", "record key too long", "invalid UTF-8", "empty text", "bad JSON",
+    "JSON nested deeper", "JSON message must be an object", "missing field 'text'", "field 'text'", "field 'id'",
+    "field 'key'", "field 'meta'", "id too long", "key too long", "key contradicts the record key",
+    "control character in", "duplicate field",
+    # reading it
+    "oversize", "processing error", "rejected", "worker failed", "its worker died", "context-parallel read failed",
+    # writing its output
+    "output refused",
+    # control records
+    "unknown action", "rollback needs", "forget needs", "refused: no control key", "refused: unsigned command",
+    "refused: bad signature", "refused: no issued_at", "refused: expired", "refused: replayed command",
+    "refused: for another stream", "refused: rate limit", "refused: unknown version", "refused: forget needs per_key",
+    "refused: checkpoints off",
+)
+
+
 def reason_kind(reason: str) -> str:
-    """A dead letter's reason without its particulars ("bad JSON: Expecting ... column 2" ->
-    "bad JSON"): a bounded set, for counts by reason and metric labels."""
-    return re.split(r":|, got| at ", reason, maxsplit=1)[0].strip()
+    """The kind of a reason ("bad JSON: Expecting ... column 2" -> "bad JSON"): one of
+    ``REASON_KINDS`` or "other"."""
+    matches = [kind for kind in REASON_KINDS if reason.startswith(kind)]
+    return max(matches, key=len) if matches else "other"
 
 
 def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -23,15 +23,29 @@ def loads_untrusted(text: str, max_depth: int = MAX_DEPTH) -> Any:
     either; at most ``max_depth`` levels of nesting; every string, keys included, valid Unicode
     (encodable as UTF-8)."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_fields)
     except RecursionError:
         raise UntrustedJSONError(f"JSON nested deeper than {max_depth} levels") from None
     except json.JSONDecodeError as err:
         raise UntrustedJSONError(f"bad JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except UntrustedJSONError:
+        raise
     except ValueError as err:  # ours, or an integer of too many digits
         raise UntrustedJSONError(f"bad JSON: {err}") from None
     _check_tree(value, max_depth)
     return value
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python keeps the last of two equal keys, other parsers the first: the same record would
+    # say two things.
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise UntrustedJSONError(f"duplicate field {twice[:64]!r}")
+    return fields
 
 
 def _refuse_constant(name: str) -> float:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipeline.stream_io.messages import MAX_ID_CHARS, MAX_KEY_CHARS, ParsedDocument, Rejected, parse_document, result_message
-from pipeline.stream_io.sink import encode_json
+from pipeline.stream_io.output_budget import encode_json
 
 MAX_BYTES = 64 * 1024
 

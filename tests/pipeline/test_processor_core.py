@@ -15,6 +15,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from actors.document_reader import DocumentOutcome, DocumentTask
 from actors.state_store import StateBlob
+from pipeline.state.tenant_keys import TenantKeys
 from pipeline.state.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
 from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, ProcessorConfig
 from pipeline.stream_io.control import ControlCommand
@@ -128,6 +129,10 @@ class FakePool:
     def restore(self, w, blobs):
         self.workers[w].restore(blobs)
 
+    def forget(self, w, key):
+        self.forgotten = [*getattr(self, "forgotten", []), key]
+        return False
+
     def wait_ready(self, w, timeout_s):
         if self.dead[w]:
             self.dead[w], self.workers[w] = False, self.make_worker(self.names[w])
@@ -174,7 +179,7 @@ class FakeSinks:
     def __init__(self):
         self.results, self.alerts, self.dead_letters = [], [], []
 
-    def result(self, message):
+    def result(self, message, refused=None):
         self.results.append(message)
 
     def alert(self, message):
@@ -228,6 +233,14 @@ class FakeStore:
 
     def prune(self, keep):
         return []  # retention is tested on the real MLflow (tests/pipeline/test_checkpoint.py)
+
+    # Erasure is tested on the real MLflow (tests/pipeline/test_forget.py); here it is recorded.
+    def forget(self, state_key):
+        self.tombstones_left = [*getattr(self, "tombstones_left", []), state_key]
+
+    def erase(self, state_key):
+        self.erased = [*getattr(self, "erased", []), state_key]
+        return 0
 
 
 def documents(partitions: int, per_partition: int, poison: set[str] = frozenset()) -> dict[int, list[dict]]:
@@ -448,23 +461,37 @@ def test_a_document_that_kills_its_worker_every_time_is_dead_lettered_once_and_p
     assert source.commits[-1] == {0: 23, 1: 23}
 
 
-def test_control_refusals_are_alerted_and_dead_lettered_and_rollbacks_are_rate_limited():
+def test_control_refusals_are_dead_lettered_counted_and_every_command_kind_is_rate_limited():
     control = FakeControl(at=30, records=[
         (control_record(0), "refused: unsigned command"),
         (control_record(1), ControlCommand("rollback", "99", "unknown")),
         (control_record(2), ControlCommand("rollback", "1", "first")),
         (control_record(3), ControlCommand("rollback", "1", "too-soon")),
+        *[(control_record(4 + i), "refused: unsigned command") for i in range(50)],
+        (control_record(60), ControlCommand("forget", key="k1", request_id="forget-1")),
+        (control_record(61), ControlCommand("forget", key="k2", request_id="forget-too-soon")),
     ])
     proc, pool, source, sinks = processor(documents(1, 40), store=FakeStore(), control_source=control,
-                                          control=ControlConfig(min_rollback_interval_s=3600))
+                                          control=ControlConfig(min_rollback_interval_s=3600,
+                                                                min_forget_interval_s=3600), scope="per_key")
     summary = proc.run(until_idle_s=0.05)
 
+    # A signed command's refusal answers its sender; the 51 unsigned records are one alert, counted.
     refused = {a["request_id"]: a["error"] for a in sinks.alerts if a["type"] == "control_error"}
-    assert refused == {None: "refused: unsigned command", "unknown": "refused: s-ttt has no version '99'",
-                       "too-soon": refused["too-soon"]}
-    assert refused["too-soon"].startswith("refused: a rollback was asked for 0 s ago")
+    assert refused == {"unknown": "refused: unknown version: s-ttt has no version '99'",
+                       "too-soon": refused["too-soon"], "forget-too-soon": refused["forget-too-soon"]}
+    assert refused["too-soon"].startswith("refused: rate limit: a rollback was done 0 s ago")
+    assert refused["forget-too-soon"].startswith("refused: rate limit: a forget was done 0 s ago")
+    assert [a["counts"] for a in sinks.alerts if a["type"] == "control_refused"] == [
+        {"refused: unsigned command": 51}]
     assert [a["request_id"] for a in sinks.alerts if a["type"] == "rollback"] == ["first"]
-    assert summary.dead_letters == 3 and len(sinks.dead_letters) == 3
+    (forget,) = [a for a in sinks.alerts if a["type"] == "forget"]
+    # Workers, the tombstone and the erasure all name the state, never the key itself.
+    state_key = TenantKeys.unpersisted("s").state_key("k1")
+    assert forget["request_id"] == "forget-1" and forget["state_key"] == state_key and "k1" not in json.dumps(forget)
+    store = proc.recovery.checkpointer.store
+    assert pool.forgotten == [state_key] and store.tombstones_left == store.erased == [state_key]
+    assert summary.dead_letters == 54 and len(sinks.dead_letters) == 54
 
 
 def test_a_document_past_its_deadline_restarts_its_worker_and_is_dead_lettered_after_max_attempts():
