@@ -119,6 +119,31 @@ def test_a_reloaded_key_s_spill_file_is_deleted_and_a_forgotten_key_leaves_nothi
     assert store.forget("a") and len(store) == 0 and not store.forget("a")
 
 
+def test_a_restarted_reader_removes_the_spill_files_of_its_earlier_incarnation(model, tmp_path):
+    def new_store():
+        return StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=1, spill_dir=tmp_path)
+
+    died = new_store()
+    for key in ("a", "b", "c"):
+        marked(died, key, 1.0)
+    assert files(tmp_path) == 2  # the reader dies here: nothing indexes these files any more
+    again = new_store()  # its next incarnation (its states come back from a checkpoint)
+    assert files(tmp_path) == 0 and not list(tmp_path.iterdir())
+    marked(again, "a", 2.0)
+    marked(again, "b", 2.0)
+    # And a forget removes a key's file even where this incarnation never wrote it.
+    stray = again._path("z")
+    stray.write_bytes(b"a state of z, left by someone else")
+    assert not again.forget("z") and not stray.exists()
+
+
+def test_an_empty_key_and_no_key_are_two_states(model, tmp_path):
+    store = StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=4, spill_dir=tmp_path)
+    marked(store, "", 1.0)
+    marked(store, None, 2.0)
+    assert len(store) == 2 and store.get("").state.fast.layers[0].delta.eq(1.0).all()
+
+
 def test_keys_unread_for_the_retention_are_forgotten_and_a_restore_forgets_the_same(model, tmp_path):
     def new_store(path):
         return StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=2,

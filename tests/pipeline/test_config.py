@@ -178,3 +178,35 @@ def test_ttt_overrides_are_the_fields_written_and_dump_back_as_written():
     assert AppConfig.model_validate(config.model_dump()).model.ttt.overrides() == {"decay": 0.5, "eta": 2.0}
     with pytest.raises(ConfigError, match=r"model\.ttt\.conv_kernel: Value error, the causal convolution needs an odd"):
         parse_config({"model": {"ttt": {"conv_kernel": 4}}}, environ={})
+
+def test_a_secret_from_the_environment_is_the_string_as_written():
+    cfg = parse_config({}, environ={"TTT_STREAM__KAFKA__CLIENT__SASL_PLAIN_PASSWORD": "0123",
+                                    "TTT_STREAM__KAFKA__CLIENT__SASL_PLAIN_USERNAME": "0123"})
+    assert cfg.kafka.client_settings()["sasl_plain_password"] == "0123"  # not 83, not 123
+    assert cfg.kafka.client_settings()["sasl_plain_username"] == 83  # not a secret: YAML, as documented
+    dumped = json.dumps(cfg.model_dump(mode="json"))
+    assert "0123" not in dumped and "**********" in dumped
+    # The digest leaves the secret out: two passwords, one digest (nothing to recover from it).
+    other = parse_config({}, environ={"TTT_STREAM__KAFKA__CLIENT__SASL_PLAIN_PASSWORD": "9999",
+                                      "TTT_STREAM__KAFKA__CLIENT__SASL_PLAIN_USERNAME": "0123"})
+    assert cfg.digest() == other.digest()
+
+
+def test_a_secret_that_yaml_would_read_as_a_number_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"kafka.producer: Value error, sasl_plain_password: a secret must be a string"):
+        parse_config({"kafka": {"producer": {"sasl_plain_password": 1234}}}, environ={})
+
+
+def test_credentials_in_the_tracking_uri_are_masked_in_dumps_and_the_digest():
+    cfg = parse_config({"mlflow": {"tracking_uri": "https://ops:hunter2@mlflow.example:5000/x"}}, environ={})
+    assert cfg.mlflow.tracking_uri == "https://ops:hunter2@mlflow.example:5000/x"  # the client still gets it
+    assert cfg.model_dump(mode="json")["mlflow"]["tracking_uri"] == "https://ops:***@mlflow.example:5000/x"
+    other = parse_config({"mlflow": {"tracking_uri": "https://ops:1234@mlflow.example:5000/x"}}, environ={})
+    assert cfg.digest() == other.digest()
+
+
+def test_outputs_must_fit_the_producers_request_size():
+    with pytest.raises(ConfigError, match="kafka.max_output_bytes 2000000 is above the producer's max_request_size"):
+        parse_config({"kafka": {"max_output_bytes": 2_000_000}}, environ={})
+    assert parse_config({"kafka": {"max_output_bytes": 2_000_000, "producer": {"max_request_size": 4_000_000}}},
+                        environ={}).kafka.max_output_bytes == 2_000_000

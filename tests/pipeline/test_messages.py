@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pipeline.stream_io.messages import MAX_ID_CHARS, MAX_KEY_CHARS, ParsedDocument, Rejected, parse_document, result_message
+from pipeline.stream_io.messages import (MAX_ID_CHARS, MAX_KEY_CHARS, ParsedDocument, Rejected, parse_document,
+                                         result_message, tenant_key)
 from pipeline.stream_io.output_budget import encode_json
 
 MAX_BYTES = 64 * 1024
@@ -93,3 +94,44 @@ def test_what_is_accepted_encodes_in_the_results_topic():
     from actors.call_types import DocumentOutcome
 
     assert json.loads(encode_json(result_message(DocumentOutcome("a", ok=True), got.meta, 1, 42)))["meta"] == got.meta
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b'{"id": "a", "text": "x", "text": "y"}', "duplicate field 'text'"),
+    (b'{"id": "a", "text": "x", "meta": {"m": 1, "m": 2}}', "duplicate field 'm'"),
+    (b'"a JSON string"', "JSON message must be an object, got str"),
+    (b"42", "JSON message must be an object, got int"),
+    (b"null", "JSON message must be an object, got NoneType"),
+    (b'{"id": "a\\u0000b", "text": "x"}', "control character in field 'id'"),
+    (b'{"id": "a\\nb", "text": "x"}', "control character in field 'id'"),
+])
+def test_leniencies_of_the_parser_are_verdicts(value, reason):
+    got = parse(value)
+    assert isinstance(got, Rejected) and got.reason.startswith(reason), got
+
+
+def test_plain_text_that_only_looks_like_json_is_still_text():
+    for text in ('"Hello," she said.', "42 is the answer", "true story", "nullable fields"):
+        got = parse(text.encode())
+        assert isinstance(got, ParsedDocument) and got.task.text == text
+
+
+def test_tenant_keys_are_exact_one_state_per_distinct_key():
+    keys = [None, b"", b"a", b"\xff", b"\xfe", b"\xff\xfe", "é".encode(), b"a\x00", b"a\x01", b"hex:ff", b"hex:",
+            b"\xef\xbf\xbd"]  # the last: U+FFFD, what errors="replace" made of every invalid byte
+    names = [tenant_key(k) for k in keys]
+    assert len(set(names)) == len(keys)  # no two share a state
+    assert names[0] is None and names[1] == "" and names[2] == "a"
+    assert names[3] == "hex:ff" and names[9] == "hex:" + b"hex:ff".hex()
+    for k in keys[1:]:  # and the name is the key: it comes back as the bytes
+        name = tenant_key(k)
+        assert (bytes.fromhex(name[4:]) if name.startswith("hex:") else name.encode()) == k
+
+
+def test_the_json_key_must_name_the_record_keys_tenant():
+    assert parse(b'{"text": "x", "key": "t1"}', key=b"t1").task.key == "t1"
+    assert parse(b'{"text": "x", "key": "hex:ff"}', key=b"\xff").reason.startswith("key contradicts")
+    assert parse(b'{"text": "x", "key": "t2"}', key=b"t1").reason.startswith("key contradicts the record key")
+    assert parse(b'{"text": "x", "key": ""}', key=None).task.key == ""  # empty: a tenant, not "no key"
+    assert parse(b'{"text": "x"}', key=None).task.key is None
+    assert parse(b'{"text": "x"}', key=b"\xff").task.key == "hex:ff"
