@@ -105,7 +105,8 @@ class StreamProcessor:
                         self.summary.first_record_at = last_activity
                 for record in records:
                     self._accept(record)
-                self._handle_commands()
+                if self._handle_commands():
+                    last_activity = time.monotonic()  # a flood of control records is not idleness
                 self._dispatch()
                 if self._collect(timeout_s=0.0 if records else cfg.poll_timeout_ms / 1000):
                     last_activity = time.monotonic()
@@ -252,8 +253,10 @@ class StreamProcessor:
 
     # -- monitoring and commands -----------------------------------------------------------------
 
-    def _handle_commands(self) -> None:
-        for record, command in self.control.poll():
+    def _handle_commands(self) -> int:
+        """Carry out (or refuse) the control records of this turn; how many there were."""
+        records = self.control.poll()
+        for record, command in records:
             refusal = command if isinstance(command, str) else self._refusal(command)
             if refusal is not None:
                 # Never executed: kept in the dead-letter topic. A signed command's sender waits
@@ -273,6 +276,7 @@ class StreamProcessor:
                 self.forget(command.key, request_id=command.request_id)
             else:
                 self.rollback(command.to, cause="manual", request_id=command.request_id)
+        return len(records)
 
     def _refusal(self, command: ControlCommand) -> str | None:
         """Why a signed command is still not carried out (None: it is)."""
