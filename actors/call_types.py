@@ -79,6 +79,18 @@ class DocumentTask:
     partition: int | None = None  # of the documents topic: where its state lives (rescaling)
 
 
+@dataclass(frozen=True)
+class StateTarget:
+    """Where a checkpoint's states go: the MLflow run of the version being written. Each reader
+    writes its own states there (``actors.state_upload``), so that the driver, which commits the
+    version, never holds them."""
+
+    run_id: str
+    artifact_uri: str  # the run's artifact root
+    tracking_uri: str
+    folder: str  # where a state file ``states/<reader>/<name>`` lies under the artifact root
+
+
 @dataclass
 class DocumentOutcome:
     """What became of one document. ``ok`` False: rejected (``reason``), state untouched."""

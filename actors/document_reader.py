@@ -22,15 +22,16 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from actors.base_model import BaseModelSource, fetch_base_model
-from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, ReaderSpec
+from actors.call_types import DocumentOutcome, DocumentTask, ReaderSpec, StateBlob, StateTarget
 from actors.window_readers import (ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader,
                             WindowReader)
 from actors.state_store import ScopedState, StateStore
+from actors.state_upload import StateUploader
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.forward_call import ttt_forward
 from ttt_model.factory import build_model
@@ -102,6 +103,7 @@ class DocumentReader:
         self.slow_config = spec.slow
         self.states = StateStore(spec.scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / name,
                                  spec.max_keys, spec.key_retention_documents)
+        self.uploader = StateUploader(name)
         if spec.scope == "per_key":
             size = len(self.new_state().to_bytes())
             log.info("%s: per_key states of %.1f MB, up to %d in memory, %d in all (spill directory up to %.1f GB)",
@@ -389,7 +391,16 @@ class DocumentReader:
     def snapshot(self) -> list[StateBlob]:
         """Every state, as bytes (none when reading the learner's versions: nothing outlives a
         document here)."""
-        return [] if self.reads_versions else self.states.snapshot()
+        return list(self.iter_snapshot())
+
+    def iter_snapshot(self) -> Iterator[StateBlob]:
+        """``snapshot`` one state at a time."""
+        return iter(()) if self.reads_versions else self.states.iter_snapshot()
+
+    def write_states(self, target: StateTarget) -> bytes:
+        """Upload this reader's states into the checkpoint's run, one at a time; their manifest
+        entries (a JSON list)."""
+        return self.uploader.write(self.iter_snapshot(), target)
 
     def restore(self, blobs: list[StateBlob]) -> None:
         if self.reads_versions and blobs:
@@ -399,6 +410,7 @@ class DocumentReader:
     def forget(self, key: str) -> bool:
         """Drop ``key``'s per_key state, in memory or spilled (its replay buffer with it);
         whether this worker held one."""
+        self.uploader.forget(key)
         return self.spec.scope == "per_key" and self.states.forget(key)
 
     def stats(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from actors.cp_group import ContextParallelFailure
-from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, ReaderSpec
+from actors.call_types import DocumentOutcome, DocumentTask, ReaderSpec, StateBlob, StateTarget
 from actors.document_reader import DocumentReader
 from actors.model_thread import ModelThread
 from ttt_model.slow import SlowVersion
@@ -60,6 +60,10 @@ class ReaderActor:
     def snapshot(self) -> list[StateBlob]:
         # Default group: runs after every document submitted before it, a consistent cut.
         return self.model_thread.call(self.worker.snapshot)
+
+    def write_states(self, target: StateTarget) -> bytes:
+        # In order with the documents, as snapshot: the states after every one submitted before.
+        return self.model_thread.call(self.worker.write_states, target)
 
     def restore(self, blobs: list[StateBlob]) -> None:
         self.model_thread.call(self.worker.restore, blobs)

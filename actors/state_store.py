@@ -10,7 +10,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load
@@ -162,18 +162,24 @@ class StateStore:
 
     def snapshot(self) -> list[StateBlob]:
         """Every state, in memory or spilled (read back and hash-checked), as bytes."""
-        blobs = []
-        for key, scoped in self._live.items():
-            data = scoped.state.to_bytes()
-            blobs.append(StateBlob(key, data, hashlib.sha256(data).hexdigest(), scoped.documents, scoped.partition,
-                                   scoped.last_read))
-        for key, (digest, documents, partition, last_read) in self._spilled.items():
+        return list(self.iter_snapshot())
+
+    def iter_snapshot(self) -> Iterator[StateBlob]:
+        """``snapshot`` one state at a time, in the order of the keys: a checkpoint of many
+        spilled keys never holds more than one of them as bytes."""
+        for key in sorted([*self._live, *self._spilled]):
+            if key in self._live:
+                scoped = self._live[key]
+                data = scoped.state.to_bytes()
+                yield StateBlob(key, data, hashlib.sha256(data).hexdigest(), scoped.documents, scoped.partition,
+                                scoped.last_read)
+                continue
+            digest, documents, partition, last_read = self._spilled[key]
             data = self._path(key).read_bytes()
             got = hashlib.sha256(data).hexdigest()
             if got != digest:
                 raise StateIntegrityError(f"spilled state of key {key!r}: sha256 {got} != recorded {digest}")
-            blobs.append(StateBlob(key, data, digest, documents, partition, last_read))
-        return sorted(blobs, key=lambda b: b.key)
+            yield StateBlob(key, data, digest, documents, partition, last_read)
 
     def restore(self, blobs: list[StateBlob]) -> None:
         """Replace every state with ``blobs`` (hash-checked first: on a mismatch nothing changes)."""

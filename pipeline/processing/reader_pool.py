@@ -16,12 +16,12 @@ Failures, as the processor must tell them apart:
 from __future__ import annotations
 
 import time
-from typing import Hashable, Protocol
+from typing import Any, Hashable, Protocol
 
 import ray
 
 from actors.cp_group import ContextParallelFailure
-from actors.call_types import DocumentOutcome, DocumentTask, StateBlob
+from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, StateTarget
 
 __all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayReaderPool",
            "WorkerDied", "ReaderPool"]
@@ -61,8 +61,9 @@ class ReaderPool(Protocol):
     def result(self, handle: Hashable) -> DocumentOutcome:
         """The outcome of a done handle, else WorkerDied, ContextParallelFailure or DocumentFailed."""
 
-    def snapshot(self) -> dict[str, list[StateBlob]]:
-        """Every worker's states, after every document submitted before this call."""
+    def write_states(self, target: StateTarget) -> dict[str, list[Any]]:
+        """Every worker writes its states into ``target`` (after every document submitted before
+        this call); their manifest entries by worker."""
 
     def restore(self, worker: int, blobs: list[StateBlob]) -> None:
         """Replace ``worker``'s states with ``blobs`` (after what was submitted before)."""
@@ -214,8 +215,8 @@ class RayReaderPool:
             raise DocumentFailed(outcome)
         return outcome
 
-    def snapshot(self) -> dict[str, list[StateBlob]]:
-        return dict(zip(self.names, ray.get([a.snapshot.remote() for a in self.actors])))
+    def write_states(self, target: StateTarget) -> dict[str, list[Any]]:
+        return dict(zip(self.names, ray.get([a.write_states.remote(target) for a in self.actors])))
 
     def restore(self, worker: int, blobs: list[StateBlob]) -> None:
         ray.get(self.actors[worker].restore.remote(blobs))

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from actors.call_types import StateBlob
+from actors.call_types import StateBlob, StateTarget
 from pipeline.state.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.processing.ledger import PendingDocument, StreamLedger
@@ -283,9 +283,13 @@ class CheckpointedRecovery(RecoveryPolicy):
         parts.settle()
         parts.sinks.flush()
         offsets = parts.ledger.committable()
-        states = parts.pool.snapshot()
-        states.update(parts.learner.states())  # after every document accepted so far: the same cut
-        version = self.checkpointer.write(states, offsets, reason, parts.summary.checkpoint_metrics())
+
+        def write_states(run: StateTarget) -> dict[str, list]:
+            # Each reader writes its own states into the version's run; the driver gets their
+            # entries only. The learner's one state after: every document accepted so far, the same cut.
+            return {**parts.pool.write_states(run), **parts.learner.states()}
+
+        version = self.checkpointer.write(write_states, offsets, reason, parts.summary.checkpoint_metrics())
         parts.events.publish(CheckpointWritten(version, reason))
         if version is not None:
             parts.source.commit(offsets)

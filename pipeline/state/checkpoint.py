@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from actors.call_types import StateBlob
+from actors.call_types import StateBlob, StateTarget
+from actors.state_upload import manifest_entry, state_file
 from pipeline.config import MlflowConfig
 from pipeline.state.tenant_keys import SALT_TAG
 
@@ -40,6 +41,18 @@ ARTIFACT_DIR = "checkpoint"
 # The monitor's mean adapted loss over its window when a version became last-good: the reference
 # its loss-jump rule compares with after a restart.
 REFERENCE_LOSS = "window_adapted_loss"
+
+
+WORKERS_PLACEHOLDER = "<the workers' entries>"
+
+
+def _with_workers(manifest: bytes, files: dict[str, list[dict[str, Any]]], written: dict[str, bytes]) -> bytes:
+    """``manifest`` with its workers' entries in place of the placeholder: those of the states
+    given as bytes, and those the readers wrote, spliced in as they came (never parsed here)."""
+    parts = [json.dumps(w).encode() + b":" + (written[w] if w in written else
+                                               json.dumps(files[w], sort_keys=True, separators=(",", ":")).encode())
+             for w in sorted({*files, *written})]
+    return manifest.replace(json.dumps(WORKERS_PLACEHOLDER).encode(), b"{" + b",".join(parts) + b"}", 1)
 
 
 class CheckpointError(RuntimeError):
@@ -101,9 +114,10 @@ class CheckpointStore:
         # The processor's own MLflow run (pipeline/observability/processor_run.py): checkpoint runs nest under
         # it. Read at each save: a run created late (MLflow down at start) is still found.
         self.parent_run: Any = None
-        # State files already in the registry, by sha256: (the run that holds it, its file). A
-        # version reuses them instead of uploading the same bytes (incremental checkpoints).
-        self._stored: dict[str, tuple[str, str]] = {}
+        # State files already in the registry, by (key, sha256): (the run that holds it, its file).
+        # A version reuses them instead of uploading the same bytes (incremental checkpoints);
+        # states that readers write themselves are remembered by the readers (actors.state_upload).
+        self._stored: dict[tuple[str, str], tuple[str, str]] = {}
         self._manifests: dict[str, dict[str, Any]] = {}  # version -> manifest (versions never change)
         self._forgotten: dict[str, int] | None = None  # tombstones: state key -> first version after its forget
         self._newest = 0  # the highest version number of the model, as last seen
@@ -155,7 +169,7 @@ class CheckpointStore:
             artifact_uri = self.client.get_run(run_id).info.artifact_uri
             get_artifact_repository(artifact_uri, tracking_uri=self.config.tracking_uri).delete_artifacts(
                 checkpoint_artifact(file))
-        self._stored = {sha: src for sha, src in self._stored.items() if src not in files}
+        self._stored = {held: src for held, src in self._stored.items() if src not in files}
         log.info("%s: erased %d state files of a forgotten key from %d versions", self.name, len(files), len(runs))
         return len(files)
 
@@ -169,26 +183,53 @@ class CheckpointStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def save(self, request: CheckpointRequest) -> str:
-        """Log the checkpoint as a run, register it as a new version, move ``live``; return it."""
+    def open_run(self, reason: str) -> StateTarget:
+        """The run of the next version, for the readers to write their states into (``save``
+        then completes it)."""
+        parent_run_id = getattr(self.parent_run, "run_id", None)
+        run = self.client.create_run(
+            self._experiment_id(), run_name=f"{self.stream}-{reason}",
+            tags={"ttt.stream": self.stream, "ttt.reason": reason,
+                  **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})},
+        )
+        return StateTarget(run.info.run_id, run.info.artifact_uri, self.config.tracking_uri,
+                           f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}")
+
+    def save(self, request: CheckpointRequest, run: StateTarget | None = None) -> str:
+        """Log the checkpoint as a run (``run``: one opened before, the states its readers wrote
+        in it given as their manifest entries), register it as a new version, move ``live``;
+        return it."""
+        run = run if run is not None else self.open_run(request.reason)
+        run_id = run.run_id
+        try:
+            version = self._complete(request, run)
+        except Exception:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        return version
+
+    def _complete(self, request: CheckpointRequest, run: StateTarget) -> str:
         from mlflow.entities import Metric, Param
 
+        run_id = run.run_id
         with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
             staging = Path(tmp) / "staging" / "checkpoint"  # its folder name is its place in the model
-            files = {}
+            files: dict[str, list[dict[str, Any]]] = {}  # worker -> the entries of the states given as bytes
+            written: dict[str, bytes] = {}  # worker -> the JSON entries of the states it wrote itself
             forgotten = self.tombstones()
-            for worker, blobs in sorted(request.states.items()):
+            for worker, states in sorted(request.states.items()):
+                if isinstance(states, bytes):
+                    written[worker] = states
+                    continue
                 entries = []
-                for blob in blobs:
-                    entry = {"key": blob.key, "sha256": blob.sha256, "documents": blob.documents,
-                             "partition": blob.partition, "last_read": blob.last_read}
-                    if blob.sha256 in self._stored:  # unchanged since a version already written
-                        entry["run_id"], entry["file"] = self._stored[blob.sha256]
+                for state in states:
+                    entry = manifest_entry(state)
+                    if (state.key, state.sha256) in self._stored:  # unchanged since a version already written
+                        entry["run_id"], entry["file"] = self._stored[state.key, state.sha256]
                     else:
-                        rel = f"states/{worker}/{hashlib.sha256(blob.key.encode()).hexdigest()[:32]}.safetensors"
-                        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                        (staging / rel).write_bytes(blob.data)
-                        entry["file"] = rel
+                        entry["file"] = state_file(worker, state.key)
+                        (staging / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+                        (staging / entry["file"]).write_bytes(state.data)
                     entries.append(entry)
                 files[worker] = entries
             manifest = {
@@ -204,13 +245,13 @@ class CheckpointStore:
                 "model_config": request.model_config,
                 "documents": request.documents,
                 "metrics": request.metrics,
-                "workers": files,
+                "workers": WORKERS_PLACEHOLDER,  # spliced in below, as the readers wrote it
                 # partition -> worker name: which worker's state read which partition (rescaling)
                 "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
                 "forgotten": dict(sorted(forgotten.items())),
                 "commands": request.commands,
             }
-            manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            manifest_bytes = _with_workers(json.dumps(manifest, indent=2, sort_keys=True).encode(), files, written)
             staging.mkdir(parents=True, exist_ok=True)  # a version that reuses every file writes none
             (staging / "manifest.json").write_bytes(manifest_bytes)
             manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
@@ -219,29 +260,19 @@ class CheckpointStore:
             root = Path(tmp) / ARTIFACT_DIR
             save_pyfunc(root, staging, request.base_model["path"])
 
-            parent_run_id = getattr(self.parent_run, "run_id", None)
-            run = self.client.create_run(
-                self._experiment_id(), run_name=f"{self.stream}-{request.reason}",
-                tags={"ttt.stream": self.stream, "ttt.reason": request.reason,
-                      **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})},
+            now = int(time.time() * 1000)
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), now, 0) for k, v in request.metrics.items() if v is not None],
+                params=[Param("config_digest", request.config_digest), Param("base_model", request.base_model["path"][-250:]),
+                        Param("reason", request.reason), Param("parent_version", str(request.parent_version))],
             )
-            run_id = run.info.run_id
-            try:
-                now = int(time.time() * 1000)
-                self.client.log_batch(
-                    run_id,
-                    metrics=[Metric(k, float(v), now, 0) for k, v in request.metrics.items() if v is not None],
-                    params=[Param("config_digest", request.config_digest), Param("base_model", request.base_model["path"][-250:]),
-                            Param("reason", request.reason), Param("parent_version", str(request.parent_version))],
-                )
-                self.client.log_artifacts(run_id, str(root), ARTIFACT_DIR)
-                self.client.set_terminated(run_id)
-            except Exception:
-                self.client.set_terminated(run_id, status="FAILED")
-                raise
+            self.client.log_artifacts(run_id, str(root), ARTIFACT_DIR)
+            self.client.set_terminated(run_id)
         self._ensure_registered_model()
+        parent_run_id = getattr(self.parent_run, "run_id", None)
         version = self.client.create_model_version(
-            self.name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
+            self.name, source=f"{run.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
             tags={
                 "offsets": json.dumps(manifest["offsets"]["partitions"], sort_keys=True),
                 "parent_version": str(request.parent_version),
@@ -254,18 +285,28 @@ class CheckpointStore:
         ).version
         self.client.set_registered_model_alias(self.name, LIVE, version)
         self._newest = max(self._newest, int(version))
-        self._remember(str(version), run_id, manifest)
-        uploaded = sum("run_id" not in e for entries in files.values() for e in entries)
-        log.info("checkpoint %s v%s (%s): %d documents, offsets %s, %d of %d states uploaded", self.name, version,
-                 request.reason, request.documents, request.offsets, uploaded, sum(map(len, files.values())))
+        if written:
+            # The readers remember their own files; the manifest is read back when needed
+            # (prune, erase), never kept: the driver holds no more than the entries it wrote.
+            self._stored = self._entries_stored(str(version), run_id, {**files})
+        else:
+            self._remember(str(version), run_id, json.loads(manifest_bytes))
+        log.info("checkpoint %s v%s (%s): %d documents, offsets %s, %d states through the driver, %d readers wrote "
+                 "their own (%d bytes of entries)", self.name, version, request.reason, request.documents,
+                 request.offsets, sum(map(len, files.values())), len(written), sum(map(len, written.values())))
         return str(version)
 
     def _remember(self, version: str, run_id: str, manifest: dict[str, Any]) -> None:
         """The state files of ``version`` (written by ``run_id``), for the next version to reuse."""
         self._manifests[version] = manifest
-        self._stored = {e["sha256"]: (e.get("run_id", run_id), e["file"])
-                        for entries in manifest["workers"].values() for e in entries
-                        if not self._forgotten_in(version, e["key"])}  # an erased file is never reused
+        self._stored = self._entries_stored(version, run_id, manifest["workers"])
+
+    def _entries_stored(self, version: str, run_id: str,
+                        workers: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], tuple[str, str]]:
+        # By key and sha256: a file holds one key's state, so that erasing a key deletes no file
+        # another key reads; an erased file is never reused.
+        return {(e["key"], e["sha256"]): (e.get("run_id", run_id), e["file"])
+                for entries in workers.values() for e in entries if not self._forgotten_in(version, e["key"])}
 
     def prune(self, keep: int) -> list[str]:
         """Delete the versions (and their runs) older than the newest ``keep``, except those an
@@ -291,7 +332,7 @@ class CheckpointStore:
                 self._manifests.pop(str(mv.version), None)
                 deleted.append(str(mv.version))
         gone = {mv.run_id for mv in versions if str(mv.version) in deleted}
-        self._stored = {sha: src for sha, src in self._stored.items() if src[0] not in gone}
+        self._stored = {held: src for held, src in self._stored.items() if src[0] not in gone}
         if deleted:
             log.info("%s: deleted versions %s (keeping %d, aliased and referenced ones)", self.name, deleted, keep)
         return deleted
@@ -522,19 +563,24 @@ class StreamCheckpointer:
     def backlog_full(self) -> bool:
         return self.pending_documents >= self.config.max_pending_documents
 
-    def write(self, states: dict[str, list[StateBlob]], offsets: dict[int, int], reason: str,
-              metrics: dict[str, float], tags: dict[str, str] | None = None) -> str | None:
-        """A new version, or None after a failure (retried later with backoff)."""
-        request = CheckpointRequest(
-            states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
-            base_model=self.base_model, model_config=self.model_config,
-            documents=self.documents + self.pending_documents, reason=reason,
-            parent_version=self.version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
-            topic_id=self.topic_id, commands=self.commands(),
-        )
+    def write(self, states: dict[str, list[StateBlob]] | Callable[[StateTarget], dict[str, list[Any]]],
+              offsets: dict[int, int], reason: str, metrics: dict[str, float],
+              tags: dict[str, str] | None = None) -> str | None:
+        """A new version, or None after a failure (retried later with backoff). ``states``: the
+        states as bytes, or what writes them into the version's run and returns their entries
+        (the readers, each its own: ``ReaderPool.write_states``)."""
         try:
-            version = self.store.save(request)
+            run = None
+            if callable(states):
+                run = self.store.open_run(reason)
+                states = states(run)
+            return self._save(states, offsets, reason, metrics, tags, run)
         except Exception as err:  # noqa: BLE001 - MLflow down or refusing: retry, lose nothing
+            if run is not None:
+                try:  # a reader failed writing into it: the run is no version's
+                    self.store.client.set_terminated(run.run_id, status="FAILED")
+                except Exception:  # noqa: BLE001 - MLflow down: the run stays as it was
+                    pass
             self.failures += 1
             self._retry_at = time.monotonic() + self._delay
             log.warning("checkpoint failed (%s: %s); retry in %.1f s, %d documents wait",
@@ -542,6 +588,17 @@ class StreamCheckpointer:
                         exc_info=self.failures == 1)  # the first failure's traceback, once
             self._delay = min(2 * self._delay, self.config.retry_max_s)
             return None
+
+    def _save(self, states: dict[str, list[Any]], offsets: dict[int, int], reason: str, metrics: dict[str, float],
+              tags: dict[str, str] | None, run: StateTarget | None) -> str:
+        request = CheckpointRequest(
+            states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
+            base_model=self.base_model, model_config=self.model_config,
+            documents=self.documents + self.pending_documents, reason=reason,
+            parent_version=self.version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
+            topic_id=self.topic_id, commands=self.commands(),
+        )
+        version = self.store.save(request, run)
         self.version = version
         self.offsets = request.offsets
         self.documents = request.documents

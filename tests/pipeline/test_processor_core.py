@@ -123,8 +123,8 @@ class FakePool:
             raise outcome
         return outcome
 
-    def snapshot(self):
-        return {name: w.snapshot() for name, w in zip(self.names, self.workers)}
+    def write_states(self, target):
+        return {name: w.snapshot() for name, w in zip(self.names, self.workers)}  # FakeStore takes blobs
 
     def restore(self, w, blobs):
         self.workers[w].restore(blobs)
@@ -206,7 +206,10 @@ class FakeStore:
         self.down_for = down_for  # writes that fail before MLflow is back
         self.on_failure = lambda: None
 
-    def save(self, request):
+    def open_run(self, reason):
+        return None
+
+    def save(self, request, run=None):
         if self.down_for:
             self.down_for -= 1
             self.on_failure()
