@@ -29,24 +29,28 @@ class Supervisor:
 
     def __init__(self, stream: str, spec: ReaderSpec, workers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
-                 learner: Any = None):
-        """``learner``: the stream's LearnerConfig (lag, every, num_cpus, num_gpus), when it has one."""
+                 learner: Any = None, memory_mb: int | None = None):
+        """``learner``: the stream's LearnerConfig (lag, every, num_cpus, num_gpus), when it has one;
+        ``memory_mb``: the memory Ray reserves for each reader (None: none reserved)."""
         self.stream = stream
         # One bundle per worker: Ray places them by ``strategy`` over the nodes, and a bundle of a
         # lost node is placed again on a node with room, where Ray restarts its worker.
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        memory = {"memory": memory_mb * 2**20} if memory_mb else {}
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **memory}
         self.strategy = strategy
         self.placement = placement_group([bundle] * workers, strategy=strategy)
         self.started = time.time()
         self.names = [f"{stream}-worker-{i}" for i in range(workers)]
         self.context_parallel = (
-            ContextParallelService.options(name=f"{stream}-context-parallel", max_restarts=max_restarts)
+            ContextParallelService.options(name=f"{stream}-context-parallel", max_restarts=-1)
             .remote(context_parallel)
             if context_parallel is not None else None
         )
         self.workers = [
             ReaderActor.options(
-                name=name, max_restarts=max_restarts, max_task_retries=0, num_cpus=num_cpus, num_gpus=num_gpus,
+                # No lifetime limit: the processor counts deaths per document and per window
+                # (processor.max_attempts, max_restarts in restart_window_s).
+                name=name, max_restarts=-1, max_task_retries=0, num_cpus=num_cpus, num_gpus=num_gpus, **memory,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
             ).remote(spec, name, self.context_parallel)
             for i, name in enumerate(self.names)
@@ -114,9 +118,9 @@ class Supervisor:
 class SupervisorActor:
     def __init__(self, stream: str, spec: ReaderSpec, workers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
-                 learner: Any = None):
+                 learner: Any = None, memory_mb: int | None = None):
         self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel,
-                                     strategy, learner)
+                                     strategy, learner, memory_mb)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         return self.supervisor.wait_ready(timeout_s)

@@ -222,6 +222,25 @@ class ModelConfig(_Section):
         registered model was fetched to) with ``ttt``'s set fields replacing its fields."""
         return TTTConfig.model_validate({**self.saved_ttt(model_dir), **self.ttt.overrides()})
 
+    def per_key_state_bytes(self, model_dir: Path | None = None) -> int | None:
+        """A lower bound of one per-key state's size: the float32 fast-weight delta of every TTT
+        layer, d x D each (slow weights, where a state has them, come on top). None where the
+        model's config.json is not on this machine."""
+        config = Path(model_dir or self.path) / "config.json"
+        if not config.is_file():
+            return None
+        model = json.loads(config.read_text(encoding="utf-8"))
+        try:
+            layers = self.effective_ttt(model_dir).resolve_layers(int(model["num_hidden_layers"]))
+            return len(layers) * int(model["hidden_size"]) * int(model["intermediate_size"]) * 4
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def weight_bytes(self, model_dir: Path | None = None) -> int | None:
+        """The size of the model's weight files (None where they are not on this machine)."""
+        files = list(Path(model_dir or self.path).glob("*.safetensors"))
+        return sum(f.stat().st_size for f in files) if files else None
+
     def saved_ttt(self, model_dir: Path | None = None) -> dict[str, Any]:
         """The TTT fields in the model's own config.json ({} where the model is not on this machine)."""
         config = Path(model_dir or self.path) / "config.json"
@@ -376,9 +395,15 @@ class ProcessorConfig(_Section):
     """per_key: states held in memory; the rest spill to spill_dir."""
     max_keys: int = Field(default=1024, ge=1)
     """per_key: keys a worker holds in all, in memory and spilled to spill_dir; past it the least
-    recently read key is forgotten. The spill directory, and the driver at a checkpoint (it gathers
-    every held state), hold up to max_keys x one state's size (a worker logs both at start: 2.4 MB a
-    key for the shipped model, 63 MB for Qwen3-0.6B with 5 TTT layers).
+    recently read key is forgotten. The spill directory holds up to max_keys x one state's size (a
+    worker logs both at start: 2.4 MB a key for the shipped model, 63 MB for Qwen3-0.6B with 5 TTT
+    layers); at a checkpoint each worker uploads its own states, one at a time, and the driver
+    holds their entries only (about 200 bytes a state).
+    """
+    worker_memory_mb: int | None = Field(default=None, ge=64)
+    """Memory Ray reserves for each reader actor (its `memory` resource; None: none reserved). With
+    it, a per_key config whose max_keys_in_memory states and model weights cannot fit is refused at
+    load (where the model's config.json is on this machine to size a state).
     """
     key_retention_documents: int | None = Field(default=None, ge=1)
     """per_key: a key unread for this many of its worker's documents is forgotten (None: kept until
@@ -407,8 +432,13 @@ class ProcessorConfig(_Section):
     """
     batch_tokens: int = Field(default=16384, ge=2)
     """Padded tokens of one batched forward (rows x the longest document)."""
-    max_restarts: int = Field(default=3, ge=0)
-    """Times Ray restarts a reader actor that died."""
+    max_restarts: int = Field(default=10, ge=0)
+    """Deaths of one reader within restart_window_s that the stream recovers from (Ray restarts a
+    reader with no lifetime limit); one more stops the run with an error. A document that kills
+    its reader is dead-lettered after max_attempts deaths, so it cannot use up the budget alone.
+    """
+    restart_window_s: float = Field(default=600.0, gt=0)
+    """The window max_restarts counts a reader's deaths in."""
     max_attempts: int = Field(default=3, ge=1)
     """Tries of a document that fails (its reader died, a context-parallel read failed) before it is dead-lettered."""
     document_timeout_s: float | None = Field(default=600.0, gt=0)
@@ -475,10 +505,22 @@ class AppConfig(_Section):
         if p.max_keys < p.max_keys_in_memory:
             raise ValueError(f"processor.max_keys {p.max_keys} is below processor.max_keys_in_memory "
                              f"{p.max_keys_in_memory}")
+        if p.max_restarts < p.max_attempts:
+            raise ValueError(f"processor.max_restarts {p.max_restarts} is below processor.max_attempts "
+                             f"{p.max_attempts}: a document that kills its reader would stop the run before it "
+                             "is dead-lettered")
         if p.batch_documents is not None and p.batch_documents > p.max_in_flight_per_worker:
             raise ValueError(f"processor.batch_documents ({p.batch_documents}) is above "
                              f"processor.max_in_flight_per_worker ({p.max_in_flight_per_worker}): no batch that large "
                              "would form")
+        if p.worker_memory_mb is not None and p.scope == "per_key":
+            state, weights = model.per_key_state_bytes(), model.weight_bytes()
+            if state is not None and p.max_keys_in_memory * state + (weights or 0) > p.worker_memory_mb * 2**20:
+                raise ValueError(
+                    f"processor.max_keys_in_memory {p.max_keys_in_memory} states of {state / 2**20:.1f} MiB (at least) "
+                    f"and the model's {(weights or 0) / 2**20:.0f} MiB of weights do not fit "
+                    f"processor.worker_memory_mb {p.worker_memory_mb}: lower max_keys_in_memory (the rest spill to "
+                    "spill_dir) or raise worker_memory_mb")
         if p.learner.enabled:
             if not model.slow.enabled:
                 raise ValueError("processor.learner trains the slow weights: it needs model.slow.enabled: true")

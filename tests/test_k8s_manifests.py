@@ -57,6 +57,8 @@ def test_worker_pods_give_each_worker_what_the_processor_asks_of_ray():
         resources = container["resources"][bound]
         assert float(resources["cpu"]) == config.worker_num_cpus
         assert float(resources.get("nvidia.com/gpu", 0)) == config.worker_num_gpus
+        # Ray's reservation for the reader fits the pod, with room for Ray's own processes.
+        assert resources["memory"].endswith("Gi") and config.worker_memory_mb <= int(resources["memory"][:-2]) * 1024 - 2048
 
 
 def test_every_pod_runs_the_one_image_with_the_model_and_scratch_where_the_config_looks():
@@ -94,8 +96,16 @@ def test_the_cluster_is_locked_down():
         for container in containers(pod):
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-            # Every pod gets the credentials it needs (the workers fetch models:/ from MLflow).
-            assert {"secretRef": {"name": "ttt-stream-secrets"}} in container["envFrom"]
+    # The head (the driver) gets the stream's secrets; a worker only MLflow's credentials (it
+    # fetches models:/ and uploads its states), never the control key or Kafka's password.
+    (head,) = containers(spec["headGroupSpec"]["template"])
+    assert {"secretRef": {"name": "ttt-stream-secrets"}} in head["envFrom"]
+    for group in spec["workerGroupSpecs"]:
+        for container in containers(group["template"]):
+            assert "envFrom" not in container
+            assert {e["name"] for e in container["env"]} == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+            assert all(e["valueFrom"]["secretKeyRef"]["key"] == e["name"] for e in container["env"])
+    for pod in pods:
         for volume in pod["spec"].get("volumes", []):
             if "emptyDir" in volume:
                 assert volume["emptyDir"].get("sizeLimit"), volume  # spill files cannot fill the node
@@ -103,9 +113,17 @@ def test_the_cluster_is_locked_down():
 
 
 def test_the_network_policy_admits_only_the_cluster_the_submitters_and_prometheus():
-    policy = manifest("networkpolicy.yaml")
+    policy, head_kafka = yaml.safe_load_all((K8S / "networkpolicy.yaml").read_text())
     cluster = manifest("raycluster.yaml")["metadata"]["name"]
-    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # Egress: each other, DNS and MLflow for every pod; Kafka for the head only.
+    egress_ports = {p["port"] for r in policy["spec"]["egress"] for p in r.get("ports", [])}
+    assert egress_ports == {53, 5000}
+    assert head_kafka["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    assert [p["port"] for r in head_kafka["spec"]["egress"] for p in r["ports"]] == [9092]
+    config = load_config(ROOT / "configs/cluster.yaml", environ={})
+    assert {int(s.rsplit(":", 1)[1]) for s in config.kafka.bootstrap_servers.split(",")} == {9092}
+    assert config.mlflow.tracking_uri.endswith(":5000")
     assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/cluster": cluster}}
     rules = policy["spec"]["ingress"]
     open_rules = [r for r in rules if "ports" not in r]

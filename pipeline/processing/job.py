@@ -196,7 +196,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
         config.stream.name, reader_spec(seen, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
         context_parallel_spec(seen), p.placement_strategy,
-        p.learner if p.learner.enabled else None,
+        p.learner if p.learner.enabled else None, p.worker_memory_mb,
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)

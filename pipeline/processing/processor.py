@@ -24,7 +24,7 @@ from pipeline.processing.ledger import PendingDocument, StreamLedger
 from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, reason_kind, result_message
 from pipeline.observability.metrics import partition_lag
 from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
-from pipeline.processing.recovery import RecoveryPolicy, StreamParts
+from pipeline.processing.recovery import RecoveryPolicy, RestartBudget, StreamParts
 from pipeline.processing.run_summary import RunSummary
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.sink import KafkaSinks
@@ -84,6 +84,7 @@ class StreamProcessor:
         events.subscribe(RolledBack, lambda e: self.rollbacks.append(e.record))
         self.unread_partitions: list[int] = []  # partitions added to the topic while running
         self._restarting: set[int] = set()  # workers restarted for a deadline, until their recovery
+        self.restarts = RestartBudget(config.max_restarts, config.restart_window_s)
         self._last_command: dict[str, float] = {}  # action -> monotonic time the control topic last had it done
         self._control_refused: dict[str, int] = {}  # refused control records by reason kind, since the last alert
         self.stop_event = threading.Event()
@@ -196,6 +197,8 @@ class StreamProcessor:
                 outcome = self.pool.result(handle)
             except WorkerDied:
                 self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
+                if pending.worker not in self._restarting:  # a deadline restart was counted when asked
+                    self.restarts.died(pending.worker, self.pool.names[pending.worker])
                 self.recovery.worker_died(pending)
                 self._restarting.discard(pending.worker)
                 continue
@@ -234,6 +237,7 @@ class StreamProcessor:
                                   "document": pending.parsed.task.id, "seconds": round(now - since, 1),
                                   "time": time.time()})
                 self._restarting.add(w)  # its calls now fail with WorkerDied: recovery takes it from there
+                self.restarts.died(w, self.pool.names[w])
                 self.pool.restart(w)
 
     def _finish_rejected(self, pending: PendingDocument, reason: str) -> None:

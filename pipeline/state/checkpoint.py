@@ -46,13 +46,26 @@ REFERENCE_LOSS = "window_adapted_loss"
 WORKERS_PLACEHOLDER = "<the workers' entries>"
 
 
-def _with_workers(manifest: bytes, files: dict[str, list[dict[str, Any]]], written: dict[str, bytes]) -> bytes:
-    """``manifest`` with its workers' entries in place of the placeholder: those of the states
-    given as bytes, and those the readers wrote, spliced in as they came (never parsed here)."""
-    parts = [json.dumps(w).encode() + b":" + (written[w] if w in written else
-                                               json.dumps(files[w], sort_keys=True, separators=(",", ":")).encode())
-             for w in sorted({*files, *written})]
-    return manifest.replace(json.dumps(WORKERS_PLACEHOLDER).encode(), b"{" + b",".join(parts) + b"}", 1)
+def _write_manifest(path: Path, manifest: dict[str, Any], files: dict[str, list[dict[str, Any]]],
+                    written: dict[str, bytes]) -> str:
+    """Write ``manifest`` with its workers' entries in place of the placeholder: those of the
+    states given as bytes, and those the readers wrote, streamed as they came (never parsed nor
+    copied here, so that a checkpoint of many keys adds no more than their entries to the
+    driver); returns its sha256."""
+    head, tail = json.dumps(manifest, indent=2, sort_keys=True).encode().split(json.dumps(WORKERS_PLACEHOLDER).encode())
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        def put(data: bytes) -> None:
+            f.write(data)
+            digest.update(data)
+
+        put(head + b"{")
+        for i, worker in enumerate(sorted({*files, *written})):
+            put((b"," if i else b"") + json.dumps(worker).encode() + b":")
+            put(written[worker] if worker in written
+                else json.dumps(files[worker], sort_keys=True, separators=(",", ":")).encode())
+        put(b"}" + tail)
+    return digest.hexdigest()
 
 
 class CheckpointError(RuntimeError):
@@ -251,10 +264,8 @@ class CheckpointStore:
                 "forgotten": dict(sorted(forgotten.items())),
                 "commands": request.commands,
             }
-            manifest_bytes = _with_workers(json.dumps(manifest, indent=2, sort_keys=True).encode(), files, written)
             staging.mkdir(parents=True, exist_ok=True)  # a version that reuses every file writes none
-            (staging / "manifest.json").write_bytes(manifest_bytes)
-            manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+            manifest_sha = _write_manifest(staging / "manifest.json", manifest, files, written)
             # The version's folder is an MLflow pyfunc model (from code, nothing pickled) whose
             # one artifact is the checkpoint: `models:/<stream>-ttt@live` loads and scores.
             root = Path(tmp) / ARTIFACT_DIR
@@ -290,7 +301,7 @@ class CheckpointStore:
             # (prune, erase), never kept: the driver holds no more than the entries it wrote.
             self._stored = self._entries_stored(str(version), run_id, {**files})
         else:
-            self._remember(str(version), run_id, json.loads(manifest_bytes))
+            self._remember(str(version), run_id, {**manifest, "workers": files})
         log.info("checkpoint %s v%s (%s): %d documents, offsets %s, %d states through the driver, %d readers wrote "
                  "their own (%d bytes of entries)", self.name, version, request.reason, request.documents,
                  request.offsets, sum(map(len, files.values())), len(written), sum(map(len, written.values())))

@@ -48,3 +48,16 @@ def test_many_keys_stay_within_the_key_disk_and_memory_bounds(tmp_path):
     # Memory: no growth with the number of tenants seen (64 states were held before as after);
     # without return_freed_states_to_the_os it grew by 53 MB over the first 500 keys, and on.
     assert rss_mb() - before < 30, (before, rss_mb())
+
+
+def test_the_configs_state_size_bound_holds_for_the_states_a_reader_makes(tmp_path):
+    """What the config refuses at load (max_keys_in_memory states against worker_memory_mb) is
+    sized from config.json: a lower bound of the real state, and within its safetensors header."""
+    from pipeline.config import parse_config
+
+    model = str(ROOT / "models/ttt-tiny-qwen3")
+    bound = parse_config({"model": {"path": model}}, environ={}).model.per_key_state_bytes()
+    worker = DocumentReader(standalone_reader_spec(model_path=model, device="cpu", scope="per_key",
+                                                   spill_dir=str(tmp_path)), name="w")
+    state_bytes = len(worker.new_state().to_bytes())
+    assert bound <= state_bytes < bound + 16_384, (bound, state_bytes)

@@ -210,3 +210,13 @@ def test_outputs_must_fit_the_producers_request_size():
         parse_config({"kafka": {"max_output_bytes": 2_000_000}}, environ={})
     assert parse_config({"kafka": {"max_output_bytes": 2_000_000, "producer": {"max_request_size": 4_000_000}}},
                         environ={}).kafka.max_output_bytes == 2_000_000
+
+
+def test_a_per_key_config_whose_states_cannot_fit_its_readers_memory_is_refused():
+    model = {"path": str(ROOT / "models/ttt-tiny-qwen3")}
+    # 64 states of 2.25 MiB and 13 MiB of weights: 157 MiB.
+    with pytest.raises(ConfigError, match=r"max_keys_in_memory 64 states of 2.2 MiB .* do not fit processor.worker_memory_mb 150"):
+        parse_config({"model": model, "processor": {"scope": "per_key", "worker_memory_mb": 150}}, environ={})
+    ok = parse_config({"model": model, "processor": {"scope": "per_key", "worker_memory_mb": 160}}, environ={})
+    assert ok.processor.worker_memory_mb == 160
+    assert parse_config({"model": model, "processor": {"scope": "global", "worker_memory_mb": 64}}, environ={})

@@ -16,7 +16,10 @@ import time
 
 import pytest
 
+from actors.state_store import NO_KEY
 from pipeline.processing.job import run_stream
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.topics import stream_topics
 from tests.pipeline.test_stream_e2e import short_documents, stream_config
 
@@ -159,10 +162,12 @@ def test_each_client_s_documents_are_answered_and_read_back_by_it(stream, client
     answers = {json.loads(v)["id"]: (k, json.loads(v)) for k, v, _ in results}
     assert set(answers) == {f"{c}-{i}" for c in CLIENTS for i in range(PER_CLIENT)}  # all, each once
     assert len(results) == len(answers)
+    names = TenantKeys(CheckpointStore(config.mlflow, config.stream.name).key_salt())
     for i, (key, _, _) in enumerate(produced[client]):
         result_key, result = answers[f"{client}-{i}"]
         assert result_key == f"{client}-{i}".encode()  # results are keyed by document id
-        assert result["state_key"] == (key.decode() if key is not None else "")  # per_key: key-less share ""
+        # per_key: a state named by the key's keyed digest; key-less records share one state of their own
+        assert result["state_key"] == (names.state_key(key.decode()) if key is not None else NO_KEY)
         assert result["tokens"] > 0 and result["loss"] > 0
     assert answers[f"{client}-{PER_CLIENT - 1}"][1]["partition"] == 1  # produced to an explicit partition
     dead = READ[client](config.kafka.bootstrap_servers, config.kafka.topics.dead_letter, 1)

@@ -11,6 +11,7 @@ import itertools
 import json
 import time
 
+import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from actors.document_reader import DocumentOutcome, DocumentTask
@@ -22,6 +23,7 @@ from pipeline.stream_io.control import ControlCommand
 from pipeline.observability.monitor import DegradationMonitor
 from pipeline.processing.job import build_processor
 from pipeline.processing.reader_pool import ContextParallelFailure, WorkerDied
+from pipeline.processing.recovery import RestartBudget, RestartBudgetSpent
 
 TOPIC = "docs"
 
@@ -511,3 +513,24 @@ def test_a_document_past_its_deadline_restarts_its_worker_and_is_dead_lettered_a
     assert pool.workers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-005"]
     assert pool.workers[0].read == [d["id"] for d in docs[0]]
     assert source.commits[-1] == {0: 12, 1: 12}
+
+
+def test_the_restart_budget_counts_deaths_in_a_window_not_in_a_readers_lifetime():
+    now = [0.0]
+    budget = RestartBudget(max_restarts=3, window_s=600, clock=lambda: now[0])
+    for _ in range(3):  # a killer document: three deaths, then it is dead-lettered
+        budget.died(0, "w0")
+    now[0] = 601.0  # long after: a death from another cause is recovered from
+    budget.died(0, "w0")
+    budget.died(1, "w1")  # another reader has a budget of its own
+    for _ in range(2):
+        budget.died(0, "w0")
+    with pytest.raises(RestartBudgetSpent, match="reader w0 died 4 times in 600 s"):
+        budget.died(0, "w0")
+
+
+def test_a_config_whose_restart_budget_is_below_a_documents_attempts_is_refused():
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="processor.max_restarts 2 is below processor.max_attempts 3"):
+        parse_config({"processor": {"max_restarts": 2}}, environ={})

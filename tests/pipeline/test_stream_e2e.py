@@ -18,6 +18,8 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.config import AppConfig
 from pipeline.processing.job import run_stream
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.messages import REASON_HEADER
 from tests.sample_text import SAMPLE_TEXT
 
@@ -122,7 +124,8 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     assert {r["worker"] for r in results} == {f"{config.stream.name}-worker-0", f"{config.stream.name}-worker-1"}
     assert {r["partition"] for r in results} == {0, 1}  # two workers share the topic's partitions
     assert all(r["tokens"] > 0 and r["loss"] > 0 and r["fast_weight_norm"] >= 0 for r in results)
-    assert {r["state_key"] for r in results} == {"k0", "k1", "k2"}
+    keys = TenantKeys(CheckpointStore(config.mlflow, config.stream.name).key_salt())
+    assert {r["state_key"] for r in results} == {keys.state_key(k) for k in ("k0", "k1", "k2")}  # names, not keys
     assert any(r["base_loss"] is not None for r in results)
 
     dead = read_topic(config, config.kafka.topics.dead_letter, expect=20)
