@@ -406,6 +406,9 @@ class DocumentReader:
         if self.reads_versions and blobs:
             raise ValueError(f"{self.name}: reads the learner's versions and keeps no state; got {len(blobs)}")
         self.states.restore(blobs)
+        # What was uploaded before may belong to versions since pruned: the next checkpoint
+        # writes every state again rather than name a file that may be gone.
+        self.uploader = StateUploader(self.name)
 
     def forget(self, key: str) -> bool:
         """Drop ``key``'s per_key state, in memory or spilled (its replay buffer with it);

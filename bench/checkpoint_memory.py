@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import tempfile
 import threading
 import time
@@ -24,16 +25,33 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import yaml
 
 from actors.call_types import StateBlob, StateTarget
 from actors.runtime import init_ray
 from actors.state_upload import StateUploader
-from pipeline.config import CheckpointConfig
+from pipeline.config import AppConfig, CheckpointConfig, parse_config
 from pipeline.local.local_stack import LocalStack
 from pipeline.state.checkpoint import CheckpointStore, StreamCheckpointer
-from tests.conftest import stack_config
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def own_stack(data_dir: Path) -> AppConfig:
+    """The embedded default's servers on free ports, their data under ``data_dir``."""
+    raw = yaml.safe_load(Path("configs/local.yaml").read_text())
+    mlflow_port = free_port()
+    raw["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{mlflow_port}"
+    raw["local_stack"].update({"data_dir": str(data_dir)})
+    raw["local_stack"]["mlflow"]["port"] = mlflow_port
+    raw["local_stack"]["broker"]["port"] = free_port()
+    return parse_config(raw, environ={})
 
 
 def rss() -> int:
@@ -66,18 +84,15 @@ class PeakRSS:
 @ray.remote(num_cpus=0)
 class SyntheticReader:
     """``keys`` states of ``size`` bytes, made one at a time from their seed (so that the actor,
-    like a reader with spilled states, holds one at a time), changed by ``touch``."""
+    like a reader with spilled states, holds one at a time)."""
 
     def __init__(self, name: str, keys: int, size: int):
-        self.name, self.keys, self.size, self.round = name, keys, size, 0
+        self.name, self.keys, self.size = name, keys, size
         self.uploader = StateUploader(name)
-
-    def touch(self) -> None:
-        self.round += 1  # every state changes: the next checkpoint writes all of them again
 
     def _states(self):
         for k in range(self.keys):
-            data = np.random.default_rng([self.round, k, abs(hash(self.name)) % 2**31]).bytes(self.size)
+            data = np.random.default_rng([k, abs(hash(self.name)) % 2**31]).bytes(self.size)
             yield StateBlob(f"{k:032x}", data, hashlib.sha256(data).hexdigest(), 1, 0, k)
 
     def write_states(self, target: StateTarget) -> bytes:
@@ -110,9 +125,9 @@ def main() -> None:
     size = int(args.state_mb * 1e6)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ttt-bench-ckpt-") as tmp:
-        config = stack_config(Path(tmp) / "stack")
+        config = own_stack(Path(tmp) / "stack")
         stack = LocalStack(config.local_stack)
-        stack.up()
+        stack.up(skip=("broker",))  # MLflow only: a checkpoint touches no topic
         try:
             init_ray(address=None, num_cpus=2, object_store_memory_mb=512, namespace="ttt-bench")
             cases = [("readers write", int(k), False) for k in args.keys.split(",")] + \
@@ -123,9 +138,12 @@ def main() -> None:
                 store = CheckpointStore(config.mlflow, f"bench-ckpt-{i}")
                 checkpointer = StreamCheckpointer(store, CheckpointConfig(keep_versions=None), "docs", "digest",
                                                   {"path": "synthetic", "weights_sha256": "-"}, None, {0: 0})
-                # A first checkpoint warms the imports and caches (MLflow, pandas for the pyfunc's example).
-                assert checkpoint(checkpointer, readers, names, gather)[0] is not None
-                ray.get([r.touch.remote() for r in readers])
+                # A first checkpoint, of one key a reader, warms the imports and caches (MLflow,
+                # pandas for the pyfunc's example, the store's tombstones).
+                warm = [SyntheticReader.remote(n, 1, size) for n in names]
+                assert checkpoint(checkpointer, warm, names, gather)[0] is not None
+                for r in warm:
+                    ray.kill(r)
                 with PeakRSS() as memory:
                     version, seconds = checkpoint(checkpointer, readers, names, gather)
                 assert version is not None, "the checkpoint failed"

@@ -224,6 +224,23 @@ def context_parallel_table(names: list[str]) -> tuple[list[str], dict[str, str]]
     return lines, figures
 
 
+def checkpoint_memory_table(name: str) -> tuple[list[str], dict[str, str]]:
+    """bench/checkpoint_memory.py: the driver's memory over one checkpoint, by who writes the states."""
+    d = _load(name)
+    lines = ["| who writes the states | readers x keys | states | GB written | seconds | driver memory growth | "
+             "in states |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    figures = {}
+    for row in d["rows"]:
+        growth = row["driver_rss_growth_bytes"] / 2**20
+        gb = row["states"] * row["state_bytes"] / 1e9
+        lines.append(f"| {row['how']} | {row['readers']} x {row['keys_per_reader']:,} | {row['states']:,} | {gb:.1f} | "
+                     f"{row['checkpoint_s']:.1f} | {growth:.1f} MiB | {row['driver_rss_growth_in_states']:.2f} |")
+        figures[f"checkpoint {row['how']} {row['states']} states"] = f"{row['driver_rss_growth_in_states']:.2f}"
+    head = [f"`{d['command']}` · {d['machine']} · states of {d['rows'][0]['state_bytes'] / 1e6:.1f} MB (the shipped "
+            "model's per-key state)", ""]
+    return head + lines, figures
+
+
 def plots(out: Path) -> list[str]:
     """PNGs from the same files: loss by stream position, reading speed by document length."""
     import matplotlib
@@ -277,6 +294,10 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
                              "domain_stream/pandas_learner_default_seed1.json"])),
     ("Context parallelism", "`bench/context_parallel.py`, 64k tokens, H200 GPUs, against one rank.",
      lambda: context_parallel_table(["h200x2_cp_65536_w0.00018.json", "h200x4_cp_65536_w0.00018.json"])),
+    ("Checkpoint memory", "`bench/checkpoint_memory.py`: the driver's resident memory over one checkpoint of per-key "
+     "states on the embedded MLflow, when each reader uploads its own states (what `ttt-stream run` does) and, at "
+     "fewer keys, when the driver gathers them all (before). Growth in MiB and in states.",
+     lambda: checkpoint_memory_table("checkpoint_memory.json")),
 ]
 
 

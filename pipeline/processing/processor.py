@@ -211,7 +211,7 @@ class StreamProcessor:
             if not outcome.ok:
                 self._finish_rejected(pending, outcome.reason or "rejected")
                 continue
-            self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position),
+            self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position, pending.record.topic),
                               refused=lambda reason, record=pending.record: self._dead_letter(record, reason))
             self.summary.add(outcome)
             self._last_outcome = outcome

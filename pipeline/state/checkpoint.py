@@ -131,7 +131,8 @@ class CheckpointStore:
         # A version reuses them instead of uploading the same bytes (incremental checkpoints);
         # states that readers write themselves are remembered by the readers (actors.state_upload).
         self._stored: dict[tuple[str, str], tuple[str, str]] = {}
-        self._manifests: dict[str, dict[str, Any]] = {}  # version -> manifest (versions never change)
+        self._manifests: dict[str, dict[str, Any]] = {}  # version -> manifest loaded here (versions never change)
+        self._reads: dict[str, set[str]] = {}  # version -> the runs whose files it reads (prune)
         self._forgotten: dict[str, int] | None = None  # tombstones: state key -> first version after its forget
         self._newest = 0  # the highest version number of the model, as last seen
 
@@ -329,18 +330,18 @@ class CheckpointStore:
         kept = {str(mv.version) for mv in versions[:keep]} | aliased
         todo = list(kept)
         while todo:  # and, transitively, the versions holding files that kept ones read
-            for entries in self._manifest(todo.pop())["workers"].values():
-                for entry in entries:
-                    holder = by_run.get(entry.get("run_id"))
-                    if holder is not None and holder not in kept:
-                        kept.add(holder)
-                        todo.append(holder)
+            for run_id in self._runs_read_by(todo.pop()):
+                holder = by_run.get(run_id)
+                if holder is not None and holder not in kept:
+                    kept.add(holder)
+                    todo.append(holder)
         deleted = []
         for mv in versions:
             if str(mv.version) not in kept:
                 self.client.delete_model_version(self.name, mv.version)
                 self.client.delete_run(mv.run_id)
                 self._manifests.pop(str(mv.version), None)
+                self._reads.pop(str(mv.version), None)
                 deleted.append(str(mv.version))
         gone = {mv.run_id for mv in versions if str(mv.version) in deleted}
         self._stored = {held: src for held, src in self._stored.items() if src[0] not in gone}
@@ -349,12 +350,21 @@ class CheckpointStore:
         return deleted
 
     def _manifest(self, version: str) -> dict[str, Any]:
-        if version not in self._manifests:
-            mv = self.client.get_model_version(self.name, version)
-            with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
-                path = self.client.download_artifacts(mv.run_id, checkpoint_artifact("manifest.json"), tmp)
-                self._manifests[version] = json.loads(Path(path).read_bytes())
-        return self._manifests[version]
+        """A version's manifest: the one loaded or written here, else fetched (and not kept: a
+        cluster's manifest lists every key of every reader)."""
+        if version in self._manifests:
+            return self._manifests[version]
+        mv = self.client.get_model_version(self.name, version)
+        with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
+            path = self.client.download_artifacts(mv.run_id, checkpoint_artifact("manifest.json"), tmp)
+            return json.loads(Path(path).read_bytes())
+
+    def _runs_read_by(self, version: str) -> set[str]:
+        """The runs of other versions whose state files ``version`` reads (kept: they are few)."""
+        if version not in self._reads:
+            self._reads[version] = {e["run_id"] for entries in self._manifest(version)["workers"].values()
+                                    for e in entries if "run_id" in e}
+        return self._reads[version]
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)

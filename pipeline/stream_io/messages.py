@@ -117,10 +117,15 @@ def tenant_key(record_key: bytes | None) -> str | None:
     return text
 
 
-def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: int, offset: int) -> dict[str, Any]:
-    """The results-topic record for a processed document."""
+def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: int, offset: int,
+                   topic: str = "") -> dict[str, Any]:
+    """The results-topic record for a processed document. ``source`` is its idempotency key: the
+    record it answers (``topic/partition/offset``). After a crash the records since the last
+    checkpoint are read again and their results written again, the same (states are restored
+    exactly); a consumer keeps the first result of each ``source``."""
     return {
         "id": outcome.id,
+        "source": source_id(topic, partition, offset),
         "tokens": outcome.tokens,
         "loss": outcome.loss,
         "base_loss": outcome.base_loss,
