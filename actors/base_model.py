@@ -34,7 +34,14 @@ class BaseModelIntegrityError(RuntimeError):
 def masked_uri(uri: str) -> str:
     """``uri`` with the password of a ``user:password@`` part shown as ``***``: what a log, a
     printed config or the config digest may hold of it."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", uri)
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)(.*)@([^@/]*)(/.*)?$", uri, re.S)
+    if match is None:
+        return uri
+    scheme, userinfo, host, path = match.groups()
+    # The last @ before the host ends the credentials, whatever they hold (/, @, :); without a
+    # colon the whole user part is a token.
+    user = userinfo.split(":", 1)[0] + ":***" if ":" in userinfo else "***"
+    return f"{scheme}{user}@{host}{path or ''}"
 
 
 def is_model_uri(path: str | Path) -> bool:

@@ -217,7 +217,13 @@ def forget(
         console.print(f"live is now v{version}, without the key ({dropped} states dropped)", markup=False)
         return
     result = _answer("forget", lambda: request_forget(cfg, key, timeout_s=timeout), timeout)
-    console.print(f"forgotten by {result['held']} worker(s); v{result['version']} holds no state of it", markup=False)
+    if result["version"] is None:
+        err_console.print(f"forgotten by {result['held']} worker(s) and its tombstone written, but no version could be "
+                          "written yet (is MLflow reachable?): the processor writes it, and erases the key's files, "
+                          "as soon as it can", markup=False, highlight=False)
+        raise typer.Exit(1)
+    console.print(f"forgotten by {result['held']} worker(s); v{result['version']} holds no state of it, and no "
+                  "earlier version its files", markup=False)
 
 
 def _answer(action: str, send: Callable[[], dict[str, Any] | None], timeout: float) -> dict[str, Any]:
@@ -292,9 +298,10 @@ def export(
     try:
         store = CheckpointStore(cfg.mlflow, cfg.stream.name)
         checkpoint = store.load(version)
-        state_key = TenantKeys(store.key_salt()).state_key(key) if key is not None else None
-        if state_key is not None and state_key in store.tombstones():
-            raise CheckpointError(f"the key was forgotten (state {state_key}): no version holds its state")
+        state_key = TenantKeys(store.key_salt()).state_key_of(key) if key is not None else None
+        if state_key is not None and store.forgotten_in(checkpoint.version, state_key):
+            raise CheckpointError(f"the key was forgotten (state {state_key}) after v{checkpoint.version}: "
+                                  "its state there is erased")
         export_checkpoint(checkpoint, out, worker, state_key, cfg.mlflow.tracking_uri)
     except CheckpointError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)

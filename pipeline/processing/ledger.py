@@ -85,6 +85,10 @@ class StreamLedger:
                 per_worker[w] += 1
                 yield pending
 
+    def read_again(self, pending: PendingDocument) -> bool:
+        """Whether ``pending`` is read again after a failure (sent before, or in flight at a death)."""
+        return pending.attempts > 1 or pending.position in self._suspects
+
     def sent(self, handle: Hashable, pending: PendingDocument) -> None:
         pending.sent_at = time.monotonic()
         self._in_flight[handle] = pending

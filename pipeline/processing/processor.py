@@ -24,7 +24,7 @@ from pipeline.processing.ledger import PendingDocument, StreamLedger
 from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, reason_kind, result_message
 from pipeline.observability.metrics import partition_lag
 from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
-from pipeline.processing.recovery import RecoveryPolicy, RestartBudget, StreamParts
+from pipeline.processing.recovery import CommandFailed, RecoveryPolicy, RestartBudget, StreamParts
 from pipeline.processing.run_summary import RunSummary
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.sink import KafkaSinks
@@ -197,7 +197,10 @@ class StreamProcessor:
                 outcome = self.pool.result(handle)
             except WorkerDied:
                 self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
-                if pending.worker not in self._restarting:  # a deadline restart was counted when asked
+                # Charged once per cause: not for a deadline restart (counted when asked), nor for a
+                # document read again after a death (max_attempts counts those), so that documents
+                # that kill their reader are dead-lettered, not the run stopped.
+                if pending.worker not in self._restarting and not self.ledger.read_again(pending):
                     self.restarts.died(pending.worker, self.pool.names[pending.worker])
                 self.recovery.worker_died(pending)
                 self._restarting.discard(pending.worker)
@@ -276,10 +279,16 @@ class StreamProcessor:
                 self._dead_letter(record, refusal)
                 continue
             self._last_command[command.action] = time.monotonic()
-            if command.action == "forget":
-                self.forget(command.key, request_id=command.request_id)
-            else:
-                self.rollback(command.to, cause="manual", request_id=command.request_id)
+            try:
+                if command.action == "forget":
+                    self.forget(command.key, request_id=command.request_id)
+                else:
+                    self.rollback(command.to, cause="manual", request_id=command.request_id)
+            except CommandFailed as err:  # MLflow out of reach: the sender hears, the stream goes on
+                log.error("%s %s failed: %s", command.action, command.request_id, err)
+                self.sinks.alert({"type": "control_error", "stream": self.stream, "request_id": command.request_id,
+                                  "error": f"refused: {command.action} failed, nothing changed: {err}",
+                                  "time": time.time()})
         return len(records)
 
     def _refusal(self, command: ControlCommand) -> str | None:
@@ -308,9 +317,8 @@ class StreamProcessor:
         every earlier version (``recovery.forget``); returns the new version. Documents of the key
         read after this start a new state."""
         self._settle()  # documents already on the workers finish first
-        state_key = self.keys.state_key(key)
-        held = sum(self.pool.forget(w, state_key) for w in range(len(self.pool.names)))
-        version = self.recovery.forget(state_key)
+        state_key = self.keys.state_key_of(key)
+        held, version = self.recovery.forget(state_key)
         log.info("forgot the key of state %s (held by %d workers): version %s", state_key, held, version)
         self.sinks.alert({"type": "forget", "stream": self.stream, "state_key": state_key, "held": held,
                           "version": version, "request_id": request_id, "time": time.time()})

@@ -222,7 +222,10 @@ class RayReaderPool:
         ray.get(self.actors[worker].restore.remote(blobs))
 
     def forget(self, worker: int, key: str) -> bool:
-        return ray.get(self.actors[worker].forget.remote(key))
+        try:
+            return ray.get(self.actors[worker].forget.remote(key))
+        except ray.exceptions.RayActorError as err:
+            raise WorkerDied(str(err)) from None
 
     def restart(self, worker: int) -> None:
         ray.kill(self.actors[worker], no_restart=False)

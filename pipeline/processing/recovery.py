@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_WAIT_S = 60.0
 
 
+class CommandFailed(RuntimeError):
+    """A command could not be carried out and changed nothing (its sender is told; the stream goes on)."""
+
+
 class RestartBudgetSpent(RuntimeError):
     """A reader died more often within the window than processor.max_restarts allows."""
 
@@ -125,8 +129,8 @@ class RecoveryPolicy:
     def checkpoint(self, reason: str) -> str | None:
         raise NotImplementedError
 
-    def forget(self, state_key: str) -> str | None:
-        """The workers no longer hold ``state_key``: make its erasure final; the new version."""
+    def forget(self, state_key: str) -> tuple[int, str | None]:
+        """Erase ``state_key`` for good: how many workers held it, and the version without it."""
         raise NotImplementedError
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
@@ -212,7 +216,7 @@ class BestEffortRecovery(RecoveryPolicy):
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
         raise RuntimeError("a rollback needs processor.checkpoint.enabled")
 
-    def forget(self, state_key: str) -> str | None:
+    def forget(self, state_key: str) -> tuple[int, str | None]:
         raise RuntimeError("a forget needs processor.checkpoint.enabled")
 
 
@@ -315,20 +319,33 @@ class CheckpointedRecovery(RecoveryPolicy):
         parts.events.publish(CheckpointWritten(version, reason))
         if version is not None:
             parts.source.commit(offsets)
-            if self._to_erase and reason != "forget":
+            if self._to_erase and reason != "forget":  # a forget whose own version failed
                 self._erase_pending()
         return version
 
-    def forget(self, state_key: str) -> str | None:
-        """A tombstone first (no restore, rollback or rescale from now on brings the key back, even
-        if the version below cannot be written yet), then a version without the key, then its
-        state files erased from every version. An erasure that fails (MLflow out of reach) is
-        done again after the next version written."""
-        self.checkpointer.store.forget(state_key)
+    def forget(self, state_key: str) -> tuple[int, str | None]:
+        """A tombstone in the registry first (raises, changing nothing, while MLflow is out of
+        reach): from then on no restore, rollback, rescale or export brings the key back, whoever
+        loads, whatever fails next. Then the workers drop the key, a version is written without
+        it, and only once that version exists are its state files erased from every earlier one
+        (if the version cannot be written yet, both are done with the next one)."""
+        parts = self.parts
+        try:
+            self.checkpointer.store.forget(state_key)
+        except Exception as err:  # noqa: BLE001 - the registry out of reach: nothing was changed
+            raise CommandFailed(f"no tombstone could be written ({type(err).__name__}: {err})"[:500]) from None
+        held = 0
+        for w in range(len(parts.pool.names)):
+            try:
+                held += parts.pool.forget(w, state_key)
+            except WorkerDied:
+                pass  # it comes back with a checkpoint's states, which the tombstone filters
         self._to_erase.add(state_key)
+        self.checkpointer.owed = True
         version = self.checkpoint("forget")
-        self._erase_pending()
-        return version
+        if version is not None:
+            self._erase_pending()
+        return held, version
 
     def _erase_pending(self) -> None:
         for state_key in sorted(self._to_erase):

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from actors.call_types import StateBlob, StateTarget
 from actors.state_upload import manifest_entry, state_file
 from pipeline.config import MlflowConfig
-from pipeline.state.tenant_keys import SALT_TAG
+from pipeline.state.tenant_keys import SALT_TAG, TOMBSTONE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,6 @@ class CheckpointStore:
         self._manifests: dict[str, dict[str, Any]] = {}  # version -> manifest loaded here (versions never change)
         self._reads: dict[str, set[str]] = {}  # version -> the runs whose files it reads (prune)
         self._forgotten: dict[str, int] | None = None  # tombstones: state key -> first version after its forget
-        self._newest = 0  # the highest version number of the model, as last seen
 
     # -- erasure -------------------------------------------------------------------------------
 
@@ -147,47 +146,73 @@ class CheckpointStore:
             tags = self.client.get_registered_model(self.name).tags  # another writer's, if it was first
         return bytes.fromhex(tags[SALT_TAG])
 
-    def tombstones(self) -> dict[str, int]:
+    def tombstones(self, refresh: bool = False) -> dict[str, int]:
         """The state keys ``forget`` erased, each with the first version that may hold a state of
-        it again (one begun after the forget): as the newest version's manifest lists them (each
-        version carries every earlier one's), plus those forgotten since. No load returns a state
-        of a key from a version before its tombstone."""
-        if self._forgotten is None:
-            versions = [int(mv.version) for mv in self._all_versions()]
-            self._newest = max(versions, default=0)
-            self._forgotten = ({k: int(v) for k, v in self._manifest(str(self._newest)).get("forgotten", {}).items()}
-                               if self._newest else {})
+        it again (one begun after the forget). They are tags of the registered model
+        (``ttt.forgotten.<state key>``), written before anything else of a forget happens, so
+        that they hold whatever fails after; every manifest lists them too. No load returns a
+        state of a key from a version before its tombstone."""
+        from mlflow.exceptions import MlflowException
+
+        if self._forgotten is None or refresh:
+            try:  # raises while MLflow is out of reach: tombstones are never taken as "none"
+                tags = self.client.get_registered_model(self.name).tags or {}
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                tags = {}  # no version yet: nothing to forget in
+            self._forgotten = {k[len(TOMBSTONE_TAG):]: int(v) for k, v in tags.items() if k.startswith(TOMBSTONE_TAG)}
         return self._forgotten
 
     def forget(self, state_key: str) -> None:
-        """Leave a tombstone for ``state_key``: from now on no load returns a state of it from a
-        version written so far, and every version written after holds the tombstone."""
-        tombstones = self.tombstones()
-        tombstones[state_key] = self._newest + 1
+        """Leave a tombstone for ``state_key`` in the registry: from now on no load returns a
+        state of it from a version written so far, whoever loads. Raises (MLflow out of reach),
+        having changed nothing, rather than forget in memory only."""
+        self._ensure_registered_model()
+        first = max((int(mv.version) for mv in self._all_versions()), default=0) + 1
+        self.client.set_registered_model_tag(self.name, TOMBSTONE_TAG + state_key, str(first))
+        self.tombstones()[state_key] = first
 
     def erase(self, state_key: str) -> int:
-        """Delete the state files of ``state_key`` from every version before its tombstone (the
-        runs that hold them); returns how many. The versions stay loadable: their other states
-        are untouched, and load passes over the entries of a forgotten key."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        """Delete the state files of ``state_key`` from every version before its tombstone and
+        from every other checkpoint run of the stream (failed ones, those of deleted versions);
+        returns how many places were cleared. The versions stay loadable: their other states are untouched, and
+        load passes over the entries of a forgotten key."""
+        from mlflow.entities import ViewType
 
-        if state_key not in self.tombstones():
-            self.forget(state_key)
-        before = self.tombstones()[state_key]
-        runs = {int(mv.version): mv.run_id for mv in self._all_versions() if int(mv.version) < before}
+        before = self.tombstones(refresh=True)[state_key]  # KeyError: no tombstone, nothing erased
+        versions = self._all_versions()
+        runs = {int(mv.version): mv.run_id for mv in versions if int(mv.version) < before}
         files = set()
         for version, run_id in runs.items():
             for entries in self._manifest(str(version))["workers"].values():
                 files |= {(e.get("run_id", run_id), e["file"]) for e in entries if e["key"] == state_key}
-        for run_id, file in sorted(files):
-            artifact_uri = self.client.get_run(run_id).info.artifact_uri
-            get_artifact_repository(artifact_uri, tracking_uri=self.config.tracking_uri).delete_artifacts(
-                checkpoint_artifact(file))
+        # Runs no version lists: a checkpoint whose readers wrote their states and then failed,
+        # and the runs of versions deleted since (MLflow deletes a run's artifacts only at gc).
+        listed = {mv.run_id for mv in versions}
+        name = Path(state_file("-", state_key)).name
+        for run in self.client.search_runs([self._experiment_id()], f"tags.`ttt.stream` = '{self.stream}'",
+                                           run_view_type=ViewType.ALL, max_results=10_000):
+            if run.info.run_id in listed or run.data.tags.get("ttt.reason") is None:
+                continue
+            for reader in self.client.list_artifacts(run.info.run_id, checkpoint_artifact("states")):
+                if reader.is_dir:
+                    files.add((run.info.run_id, f"states/{Path(reader.path).name}/{name}"))
+        for run_id, file in sorted(files):  # deleting a file that is not there is no error
+            self._artifacts(run_id).delete_artifacts(checkpoint_artifact(file))
         self._stored = {held: src for held, src in self._stored.items() if src not in files}
-        log.info("%s: erased %d state files of a forgotten key from %d versions", self.name, len(files), len(runs))
+        log.info("%s: erased the state files of a forgotten key in %d runs (%d versions before its tombstone)",
+                 self.name, len({run_id for run_id, _ in files}), len(runs))
         return len(files)
 
-    def _forgotten_in(self, version: str, key: str) -> bool:
+    def _artifacts(self, run_id: str) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri,
+                                       tracking_uri=self.config.tracking_uri)
+
+    def forgotten_in(self, version: str, key: str) -> bool:
+        """Whether ``key``'s state in ``version`` was erased (the version is older than its tombstone)."""
         tombstone = self.tombstones().get(key)
         return tombstone is not None and int(version) < tombstone
 
@@ -230,7 +255,7 @@ class CheckpointStore:
             staging = Path(tmp) / "staging" / "checkpoint"  # its folder name is its place in the model
             files: dict[str, list[dict[str, Any]]] = {}  # worker -> the entries of the states given as bytes
             written: dict[str, bytes] = {}  # worker -> the JSON entries of the states it wrote itself
-            forgotten = self.tombstones()
+            forgotten = self.tombstones(refresh=True)  # an offline forget since is seen here
             for worker, states in sorted(request.states.items()):
                 if isinstance(states, bytes):
                     written[worker] = states
@@ -296,7 +321,6 @@ class CheckpointStore:
             },
         ).version
         self.client.set_registered_model_alias(self.name, LIVE, version)
-        self._newest = max(self._newest, int(version))
         if written:
             # The readers remember their own files; the manifest is read back when needed
             # (prune, erase), never kept: the driver holds no more than the entries it wrote.
@@ -318,7 +342,7 @@ class CheckpointStore:
         # By key and sha256: a file holds one key's state, so that erasing a key deletes no file
         # another key reads; an erased file is never reused.
         return {(e["key"], e["sha256"]): (e.get("run_id", run_id), e["file"])
-                for entries in workers.values() for e in entries if not self._forgotten_in(version, e["key"])}
+                for entries in workers.values() for e in entries if not self.forgotten_in(version, e["key"])}
 
     def prune(self, keep: int) -> list[str]:
         """Delete the versions (and their runs) older than the newest ``keep``, except those an
@@ -423,6 +447,7 @@ class CheckpointStore:
         version = self.resolve(ref)
         if version is None:
             raise CheckpointError(f"{self.name}: no version is aliased {ref!r}")
+        self.tombstones(refresh=True)  # those left since, by whoever
         try:
             mv = self.client.get_model_version(self.name, version)
         except MlflowException as err:
@@ -453,7 +478,7 @@ class CheckpointStore:
         for worker, entries in manifest["workers"].items():
             blobs = []
             for entry in entries:
-                if self._forgotten_in(version, entry["key"]):  # erased: its file is gone, nothing brings it back
+                if self.forgotten_in(version, entry["key"]):  # erased: its file is gone, nothing brings it back
                     continue
                 try:
                     data = self._state_file(local, entry)
@@ -567,6 +592,7 @@ class StreamCheckpointer:
         self.offsets = dict(start_offsets)  # where this run resumes: the version's offsets as the source took them
         self.documents = int(start.manifest["documents"]) if start else 0
         self.pending_documents = 0
+        self.owed = False  # a version is owed whatever the documents (a forget's that failed)
         self.last_at = time.monotonic()
         self.failures = 0
         self._retry_at = 0.0
@@ -576,7 +602,11 @@ class StreamCheckpointer:
         self.pending_documents += 1
 
     def due(self, now: float) -> bool:
-        if self.pending_documents == 0 or now < self._retry_at:
+        if now < self._retry_at:
+            return False
+        if self.owed:  # a forget whose version could not be written: again, as soon as it may
+            return True
+        if self.pending_documents == 0:
             return False
         return self.pending_documents >= self.config.every_documents or now - self.last_at >= self.config.every_seconds
 
@@ -624,6 +654,7 @@ class StreamCheckpointer:
         self.offsets = request.offsets
         self.documents = request.documents
         self.pending_documents = 0
+        self.owed = False
         self.last_at = time.monotonic()
         self._retry_at = 0.0
         self._delay = self.config.retry_initial_s

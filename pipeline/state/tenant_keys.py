@@ -15,6 +15,7 @@ import hashlib
 import hmac
 
 SALT_TAG = "ttt.key_salt"
+TOMBSTONE_TAG = "ttt.forgotten."  # + a state key: the registered model's tag of its tombstone
 
 
 class TenantKeys:
@@ -27,7 +28,15 @@ class TenantKeys:
         return cls(hashlib.sha256(f"ttt-stream/{stream}".encode()).digest())
 
     def state_key(self, key: str | None) -> str | None:
-        """The name of ``key``'s state (None: a document without a key keeps None)."""
+        """The name of the state of a record's tenant (``pipeline.stream_io.messages.tenant_key``;
+        None: a document without a key keeps None)."""
         if key is None:
             return None
         return hmac.new(self.salt, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def state_key_of(self, key: str) -> str:
+        """The name of the state of ``key`` as a user gives it (``forget KEY``, ``export --key``):
+        the tenant a record with that key is, then its name."""
+        from pipeline.stream_io.messages import tenant_key
+
+        return self.state_key(tenant_key(key.encode()))

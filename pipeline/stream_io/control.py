@@ -143,7 +143,15 @@ class CommandVerifier:
 
 
 def parse_command(value: bytes | None, verifier: CommandVerifier) -> ControlCommand | str:
-    """A command, or why the record is not one."""
+    """A command, or why the record is not one; never raises (a record this parser did not
+    foresee is refused as "unreadable record")."""
+    try:
+        return _parse_command(value, verifier)
+    except Exception as err:  # noqa: BLE001 - the record's verdict, whatever it is
+        return f"unreadable record: {type(err).__name__}"
+
+
+def _parse_command(value: bytes | None, verifier: CommandVerifier) -> ControlCommand | str:
     if value is not None and len(value) > MAX_COMMAND_BYTES:
         return f"too large: {len(value)} bytes > {MAX_COMMAND_BYTES}"
     try:

@@ -80,7 +80,7 @@ def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
     tenant, and no rollback brings it back. Returns the version and how many states of ``live``
     it dropped."""
     store, live = _live(config, "forget a key in")
-    state_key = TenantKeys(store.key_salt()).state_key(key)
+    state_key = TenantKeys(store.key_salt()).state_key_of(key)
     states = {name: [b for b in blobs if b.key != state_key] for name, blobs in live.states.items()}
     dropped = sum(len(blobs) for blobs in live.states.values()) - sum(len(blobs) for blobs in states.values())
     store.forget(state_key)

@@ -44,7 +44,18 @@ def source_id(topic: str, partition: int, offset: int) -> str:
 def parse_document(
     value: bytes | None, record_key: bytes | None, topic: str, partition: int, offset: int, max_bytes: int,
 ) -> ParsedDocument | Rejected:
-    """The document in one Kafka record, or why there is none."""
+    """The document in one Kafka record, or why there is none. Never raises: a record this parser
+    did not foresee is refused as "other", so that no record can stop the stream (and stop it
+    again on every restart, its offset never committed)."""
+    try:
+        return _parse_document(value, record_key, topic, partition, offset, max_bytes)
+    except Exception as err:  # noqa: BLE001 - the record's verdict, whatever it is
+        return Rejected(f"unreadable record: {type(err).__name__}")
+
+
+def _parse_document(
+    value: bytes | None, record_key: bytes | None, topic: str, partition: int, offset: int, max_bytes: int,
+) -> ParsedDocument | Rejected:
     if not value:
         return Rejected("empty message")
     if len(value) > max_bytes:
@@ -78,10 +89,12 @@ def parse_document(
         return Rejected(f"field 'id' must be a non-empty string, got {str(doc_id)[:64]!r}")
     if isinstance(doc_id, str) and CONTROL_CHARACTER.search(doc_id):
         return Rejected("control character in field 'id'")
-    doc_key = doc.get("key", key)
-    if doc_key is not None and not isinstance(doc_key, str):
+    doc_key = doc.get("key")
+    if doc_key is None:  # absent, or null: the record's key, if any, names the tenant
+        doc_key = key
+    elif not isinstance(doc_key, str):
         return Rejected(f"field 'key' must be a string, got {type(doc_key).__name__}")
-    if "key" in doc:
+    else:
         doc_key = tenant_key(doc_key.encode())
         if record_key is not None and doc_key != key:
             return Rejected("key contradicts the record key: field 'key' and the Kafka record's key name two tenants")
@@ -153,7 +166,7 @@ REASON_KINDS = (
     "empty message", "too large", "record key too long", "invalid UTF-8", "empty text", "bad JSON",
     "JSON nested deeper", "JSON message must be an object", "missing field 'text'", "field 'text'", "field 'id'",
     "field 'key'", "field 'meta'", "id too long", "key too long", "key contradicts the record key",
-    "control character in", "duplicate field",
+    "control character in", "duplicate field", "unreadable record",
     # reading it
     "oversize", "processing error", "rejected", "worker failed", "its worker died", "context-parallel read failed",
     # writing its output

@@ -220,3 +220,17 @@ def test_a_per_key_config_whose_states_cannot_fit_its_readers_memory_is_refused(
     ok = parse_config({"model": model, "processor": {"scope": "per_key", "worker_memory_mb": 160}}, environ={})
     assert ok.processor.worker_memory_mb == 160
     assert parse_config({"model": model, "processor": {"scope": "global", "worker_memory_mb": 64}}, environ={})
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("http://u:p4ss@host:5000/x", "http://u:***@host:5000/x"),
+    ("http://u:pa/ss@h:5000/a", "http://u:***@h:5000/a"),  # a / in the password
+    ("http://u:p@ss@h", "http://u:***@h"),  # an @ in the password
+    ("https://a-token@host/x", "https://***@host/x"),  # a token alone
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("file:///data/mlruns", "file:///data/mlruns"),
+])
+def test_credentials_in_any_uri_are_masked(uri, shown):
+    from actors.base_model import masked_uri
+
+    assert masked_uri(uri) == shown

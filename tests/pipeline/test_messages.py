@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipeline.stream_io.messages import (MAX_ID_CHARS, MAX_KEY_CHARS, ParsedDocument, Rejected, parse_document,
-                                         result_message, tenant_key)
+                                         reason_kind, result_message, tenant_key)
 from pipeline.stream_io.output_budget import encode_json
 
 MAX_BYTES = 64 * 1024
@@ -135,3 +135,48 @@ def test_the_json_key_must_name_the_record_keys_tenant():
     assert parse(b'{"text": "x", "key": ""}', key=None).task.key == ""  # empty: a tenant, not "no key"
     assert parse(b'{"text": "x"}', key=None).task.key is None
     assert parse(b'{"text": "x"}', key=b"\xff").task.key == "hex:ff"
+
+
+@pytest.mark.parametrize("record_key", [None, b"t1"])
+def test_a_null_json_key_is_no_key_and_the_record_key_names_the_tenant(record_key):
+    got = parse(b'{"text": "hi", "key": null}', key=record_key)
+    assert isinstance(got, ParsedDocument) and got.task.key == (None if record_key is None else "t1")
+
+
+def test_no_record_makes_the_parser_raise(monkeypatch):
+    """A record the parser did not foresee is a verdict too: never an exception in the run loop."""
+    import pipeline.stream_io.messages as messages
+
+    def broken(*args):
+        raise AttributeError("'NoneType' object has no attribute 'encode'")
+
+    monkeypatch.setattr(messages, "_bounded", broken)
+    got = parse(b'{"text": "hi"}')
+    assert isinstance(got, Rejected) and got.reason == "unreadable record: AttributeError"
+    assert messages.reason_kind(got.reason) == "unreadable record"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_json_documents_never_raise(seed):
+    import random
+
+    rng = random.Random(seed)
+    values = [None, True, 0, -1, 1.5, "", "x", "\u00e9", [], {}, [1], {"a": None}]
+    fields = ["id", "text", "key", "meta", "extra"]
+    for _ in range(2000):
+        doc = {f: rng.choice(values) for f in rng.sample(fields, rng.randrange(len(fields) + 1))}
+        for key in (None, b"", b"\xff", b"k"):
+            got = parse(json.dumps(doc).encode(), key=key)
+            assert isinstance(got, (ParsedDocument, Rejected))
+            if isinstance(got, Rejected):
+                assert reason_kind(got.reason) != "other", got.reason
+
+
+def test_forget_and_export_name_a_key_as_the_stream_names_its_records():
+    from pipeline.state.tenant_keys import TenantKeys
+
+    keys = TenantKeys(b"a salt")
+    for raw in (b"acme\n", b"a\tb", b"hex:ff", b"plain", "\u00e9".encode(), b""):
+        parsed = parse(b'{"text": "x"}', key=raw)
+        assert keys.state_key(parsed.task.key) == keys.state_key_of(raw.decode())
+    assert len({keys.state_key_of(k) for k in ("a", "a\n", "hex:61", "")}) == 4

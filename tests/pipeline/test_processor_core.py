@@ -534,3 +534,16 @@ def test_a_config_whose_restart_budget_is_below_a_documents_attempts_is_refused(
 
     with pytest.raises(ConfigError, match="processor.max_restarts 2 is below processor.max_attempts 3"):
         parse_config({"processor": {"max_restarts": 2}}, environ={})
+
+
+def test_documents_that_kill_their_reader_are_dead_lettered_without_spending_the_restart_budget():
+    """Four killers in a row, each dead-lettered after max_attempts deaths: more than twice the
+    budget of 5 deaths in the window, and the run goes on (each cause is charged once)."""
+    docs = documents(1, 30)
+    killers = {"p0-003", "p0-004", "p0-005", "p0-006"}
+    proc, pool, source, sinks = processor(docs, store=FakeStore(), max_attempts=3, max_restarts=5)
+    pool.killers = killers
+    summary = proc.run(until_idle_s=0.05)
+    assert pool.restarts > 2 * 5 and summary.dead_letters == 4
+    assert sorted(json.loads(d)["id"] for d in sinks.dead_letters) == sorted(killers)
+    assert pool.workers[0].read == [d["id"] for d in docs[0] if d["id"] not in killers]
