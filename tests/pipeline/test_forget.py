@@ -6,6 +6,7 @@ reading bring it back nowhere, and no export of any version holds it. With no pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import threading
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actors.state_upload import state_file
+from actors.call_types import StateBlob
+from actors.state_upload import StateUploader, state_file
 from pipeline.state.checkpoint import LIVE, CheckpointStore, checkpoint_artifact
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.processing.job import run_stream
@@ -70,6 +72,13 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
         assert len(sorted(spill.rglob("*.safetensors"))) == 2  # one key in memory, two spilled
         before = store.resolve(LIVE)
         assert k1 in listed_in(store, before) and file_of(store, before, k1)
+        # A checkpoint whose readers wrote their states and then failed: no version lists its run.
+        failed = store.open_run("periodic")
+        StateUploader(f"{config.stream.name}-worker-0").write(
+            iter([StateBlob(k1, b"k1's state", hashlib.sha256(b"k1's state").hexdigest(), 1)]), failed)
+        store.client.set_terminated(failed.run_id, status="FAILED")
+        failed_file = checkpoint_artifact(state_file(f"{config.stream.name}-worker-0", k1))
+        assert [a.path for a in store.client.list_artifacts(failed.run_id, str(Path(failed_file).parent))]
         forgot = cli("forget", "k1", "-c", str(config_file))
         assert forgot.returncode == 0, forgot.stderr[-3000:]
         assert "forgotten by 1 worker(s)" in forgot.stdout
@@ -85,6 +94,7 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
         runner.join(timeout=300)
     assert not runner.is_alive()
 
+    assert not store.client.list_artifacts(failed.run_id, str(Path(failed_file).parent))  # the failed run's too
     # Every version before the forget: its state file of k1 erased, the rest of it loadable.
     earlier = [str(v) for v in range(1, int(version))]
     for v in earlier:
