@@ -11,7 +11,8 @@ it greedily for ``max_new_tokens``. The base model is loaded from the path the c
 records (``base_model`` in the model config: a directory, or a registered model fetched and
 verified as the workers do), and its weights' sha256 is checked. A checkpoint
 of several workers or keys needs the choice at load time:
-``load_model(uri, model_config={"worker": ..., "key": ...})``.
+``load_model(uri, model_config={"worker": ..., "key": ...})``, ``key`` a state's name (the
+results' ``state_key``; ``TenantKeys.state_key_of`` gives it for a tenant's key).
 """
 
 from __future__ import annotations
