@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load
 
 from actors.call_types import Scope, StateBlob
+from actors.state_upload import state_file_name
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.state import StateIntegrityError, sidecar_path
 
@@ -207,8 +208,7 @@ class StateStore:
         return len(self._live)
 
     def _path(self, key: str) -> Path:
-        # Keys are arbitrary user strings: the file name is their hash.
-        return self.spill_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        return self.spill_dir / state_file_name(key)
 
     def _remove_earlier_spills(self) -> None:
         """Spill files of an earlier incarnation of this reader (it died; its states come back

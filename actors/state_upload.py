@@ -19,9 +19,15 @@ from typing import Any, Iterable
 from actors.call_types import StateBlob, StateTarget
 
 
+def state_file_name(key: str) -> str:
+    """A state's file name, spilled (actors.state_store) or in a checkpoint: keys are names the
+    user chose, so the file is their hash."""
+    return f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
 def state_file(reader: str, key: str) -> str:
-    """A state's file in a checkpoint: keys are names the user chose, so the file is their hash."""
-    return f"states/{reader}/{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    """A state's file in a checkpoint, under its reader's folder."""
+    return f"states/{reader}/{state_file_name(key)}"
 
 
 def manifest_entry(blob: StateBlob) -> dict[str, Any]:

@@ -198,11 +198,16 @@ class CheckpointStore:
             for reader in self.client.list_artifacts(run.info.run_id, checkpoint_artifact("states")):
                 if reader.is_dir:
                     files.add((run.info.run_id, f"states/{Path(reader.path).name}/{name}"))
-        for run_id, file in sorted(files):  # deleting a file that is not there is no error
-            self._artifacts(run_id).delete_artifacts(checkpoint_artifact(file))
+        by_run: dict[str, list[str]] = {}
+        for run_id, file in sorted(files):
+            by_run.setdefault(run_id, []).append(file)
+        for run_id, run_files in by_run.items():  # deleting a file that is not there is no error
+            repo = self._artifacts(run_id)
+            for file in run_files:
+                repo.delete_artifacts(checkpoint_artifact(file))
         self._stored = {held: src for held, src in self._stored.items() if src not in files}
         log.info("%s: erased the state files of a forgotten key in %d runs (%d versions before its tombstone)",
-                 self.name, len({run_id for run_id, _ in files}), len(runs))
+                 self.name, len(by_run), len(runs))
         return len(files)
 
     def _artifacts(self, run_id: str) -> Any:

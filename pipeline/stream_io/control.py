@@ -51,11 +51,6 @@ class ControlCommand:
     key: str | None = None  # forget: the tenant's key
 
 
-def key_digest(key: str) -> str:
-    """How a forgotten key is named in tags and alerts: not the key itself."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 def control_key(config: ControlConfig, environ: Mapping[str, str] = os.environ) -> bytes | None:
     key = environ.get(config.key_env)
     return key.encode() if key else None
