@@ -12,6 +12,10 @@ from ttt_model.config import SlowConfig, TTTConfig
 Scope = Literal["global", "per_key", "per_document"]
 # The learner's published slow-weight versions still read with (actors.learner), beside its state.
 PUBLISHED_KEY = "__published_versions__"
+# The learner's promotion gate (actors.promotion_gate): last-good's state, the held-out slice, the verdict.
+GATE_KEY = "__promotion_gate__"
+# Blobs of a learner's snapshot that are not a model's state (a pyfunc has none of them to choose).
+RESERVED_KEYS = frozenset({PUBLISHED_KEY, GATE_KEY})
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,14 @@ class DocumentTask:
     text: str
     key: str | None = None
     partition: int | None = None  # of the documents topic: where its state lives (rescaling)
+    # Decided by the driver from a keyed hash of the record's position (pipeline.state.tenant_keys):
+    # also scored by the base model (None: a hash of the id, for callers outside a stream) ...
+    shadow: bool | None = None
+    # ... and, with a learner, kept from learning: read and scored, and the slice the promotion
+    # gate judges versions on (actors.promotion_gate).
+    held_out: bool = False
+    # Why the learner must not learn from it (pipeline.processing.learning_admission); None: it may.
+    kept_out: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,8 @@ class DocumentOutcome:
     worker: str = ""
     # per_key with slow.reuse_nearest_key: the key whose slow weights this new key started from
     reused_from: str | None = None
+    # Read with the learner's slow-weight version of this index (documents learned before it).
+    slow_version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -45,9 +45,13 @@ log = logging.getLogger(__name__)
 # Documents tokenized ahead (``DocumentReader.prepare``) and kept until processed.
 MAX_PREPARED = 64
 
-def sampled(document_id: str, rate: float) -> bool:
-    """Whether a document gets the base-model shadow evaluation: a stable hash of its id, so
-    replays and restarts sample the same documents."""
+def sampled(task: DocumentTask, rate: float) -> bool:
+    """Whether a document gets the base-model shadow evaluation: as the stream's driver decided
+    (a keyed hash of the record's position), else a stable hash of its id; replays and restarts
+    sample the same documents either way."""
+    if task.shadow is not None:
+        return task.shadow
+    document_id = task.id
     if rate <= 0.0:
         return False
     bucket = int.from_bytes(hashlib.sha256(document_id.encode()).digest()[:8], "big") / 2**64
@@ -279,7 +283,7 @@ class DocumentReader:
         scored = torch.arange(L - 1, device=self.device) < (n - 1)[:, None]  # predicting tokens 1..len-1
         adapted = (token_nll(logits[:, :-1], ids[:, 1:]).double() * scored).sum(1) / (n - 1)
         del logits
-        sample = [b for b, (task, _) in enumerate(items) if sampled(task.id, self.spec.base_loss_sample_rate)]
+        sample = [b for b, (task, _) in enumerate(items) if sampled(task, self.spec.base_loss_sample_rate)]
         base = torch.full((B,), float("nan"), dtype=torch.float64, device=self.device)
         if sample:
             rows = torch.tensor(sample, device=self.device)
@@ -339,6 +343,7 @@ class DocumentReader:
             with self.slow.bound(self._bind(version)):
                 outcome = self._read(task, ids, start)
             outcome.slow_delta_ratio = self._version[2]
+            outcome.slow_version = version.index
             return outcome
         return self._read(task, ids, start)
 
@@ -360,7 +365,7 @@ class DocumentReader:
         scoped, reused_from = self._state_for(task, ids)
         windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
         adapted = self.reader.read(scoped.state, windows)
-        base = self._base_nll(windows) if sampled(task.id, self.spec.base_loss_sample_rate) else None
+        base = self._base_nll(windows) if sampled(task, self.spec.base_loss_sample_rate) else None
         scoped.documents += 1
         fast = scoped.state.fast
         # One transfer from the device for both figures (each float() would wait for the device).

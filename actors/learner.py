@@ -12,6 +12,11 @@ whose version is not published yet waits for it (Ray holds its call until the ob
 ``global`` scope only: one slow state for the whole stream, however many readers. Under
 ``per_key`` a key's documents come from one partition and so one reader, which learns that key's
 slow weights itself (the synchronous path).
+
+Not every document is learned: the driver holds some out (the promotion gate's slice) and keeps
+others out (``pipeline.processing.learning_admission``); they take their place in the order and
+publish the same weights again. At a checkpoint's cut the gate (``actors.promotion_gate``) judges
+the weights, and a rejected candidate sends the learner back to ``last-good``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from actors.call_types import PUBLISHED_KEY, DocumentTask, StateBlob, ReaderSpec
+from actors.call_types import GATE_KEY, PUBLISHED_KEY, DocumentTask, StateBlob, ReaderSpec
 from actors.document_reader import DocumentReader
-from ttt_model.slow import SlowVersion
+from actors.promotion_gate import PromotionGate, Verdict
+from actors.state_store import GLOBAL_KEY
+from ttt_model.slow import SlowVersion, rehearsal_chunks
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +43,10 @@ log = logging.getLogger(__name__)
 class StreamLearner:
     """Plain-class core of ``actors.learner_actor.LearnerActor`` (tested and benchmarked without Ray)."""
 
-    def __init__(self, spec: ReaderSpec, lag: int = 1, name: str = "learner", every: int = 1):
+    def __init__(self, spec: ReaderSpec, lag: int = 1, name: str = "learner", every: int = 1, gate: Any = None):
         """``every``: learn from documents 0, every, 2 * every, ... of the order (the others only
-        take their place in it), for a learner slower than its readers."""
+        take their place in it), for a learner slower than its readers. ``gate``: the stream's
+        GateConfig (None, or not enabled: every checkpoint goes live unjudged)."""
         # The learner is the synchronous reader of every document: slow steps, no shadow
         # evaluation, no context parallelism (it reads windows of max_document_tokens).
         spec = replace(spec, slow_from_learner=False, scope="global", base_loss_sample_rate=0.0,
@@ -52,7 +60,24 @@ class StreamLearner:
         self.published: deque[SlowVersion] = deque(maxlen=lag)  # versions position - lag + 1 .. position
         self.failures = 0
         self.learn_s = 0.0
+        self.gate = PromotionGate(gate, self.worker.model, self.worker.slow, self._probe(gate)) \
+            if gate is not None and gate.enabled else None
         self._publish()
+
+    def _probe(self, gate: Any) -> torch.Tensor | None:
+        """The gate's probe: chunks of the rehearsal file past those the adapters rehearse (the
+        model's own kind of text, never trained on); None without a rehearsal file or past its end."""
+        slow = self.worker.slow_config
+        if gate is None or not gate.enabled or slow.rehearsal_path is None:
+            return None
+        tokens = slow.rehearsal_tokens or 256
+        chunks = rehearsal_chunks(slow.rehearsal_path, self.worker.tokenizer, tokens, slow.rehearsal_chunks + gate.probe_chunks)
+        probe = chunks[slow.rehearsal_chunks :]
+        if not len(probe):
+            log.warning("%s: %s has no text past the %d chunks it rehearses: the gate has no probe (no forgetting "
+                        "budget)", self.name, slow.rehearsal_path, slow.rehearsal_chunks)
+            return None
+        return probe
 
     def _slow(self):
         return self.worker.states.get(None).state.slow
@@ -76,14 +101,26 @@ class StreamLearner:
         """Read ``task`` with slow steps and publish the next version. A document the learner
         rejects or fails on teaches nothing, and still takes its place in the order."""
         start = time.perf_counter()
-        if self.position % self.every:
+        skipped = None
+        if task.held_out:
+            skipped = "held out"
+            if self.gate is not None:
+                self.gate.hold_out(self.position, self.worker.tokenizer(task.text, add_special_tokens=False)["input_ids"])
+        elif task.kept_out is not None:
+            skipped = task.kept_out
+            if self.gate is not None:
+                self.gate.kept_out_one(task.kept_out.split(":")[0])
+        elif self.position % self.every:
+            skipped = "not learned (learner.every)"
+        if skipped is not None:
             self.position += 1
             self._publish(changed=False)
-            return {"ok": True, "tokens": 0, "loss": None, "reason": "not learned (learner.every)",
-                    "version": self.position}
+            return {"ok": True, "tokens": 0, "loss": None, "reason": skipped, "version": self.position}
         self.learned += 1
+        if self.gate is not None:
+            self.gate.learned_one()
         try:
-            outcome = self.worker.process(task)
+            outcome = self.worker.process(replace(task, shadow=False))
             report = {"ok": outcome.ok, "tokens": outcome.tokens, "loss": outcome.loss, "reason": outcome.reason}
         except Exception as err:  # noqa: BLE001 - the same document fails the same way on a replay
             self.failures += 1
@@ -94,25 +131,63 @@ class StreamLearner:
         self.learn_s += time.perf_counter() - start
         return {**report, "version": self.position}
 
-    def snapshot(self) -> list[StateBlob]:
-        """The slow state (optimiser moments, rehearsal position and step included) and the
-        published versions still read with, as blobs; call after the ``learn`` calls to cover."""
+    def judge(self) -> tuple[Verdict | None, list[StateBlob]]:
+        """At a checkpoint's cut (after the ``learn`` calls it covers): the gate's verdict on the
+        weights now, and the snapshot the version holds (the candidate, last-good's state and the
+        verdict); then the verdict is taken (rejected: back to last-good). Without a gate: (None,
+        the snapshot)."""
+        if self.gate is None:
+            return None, self.snapshot()
+        slow = self._slow()
+        verdict = self.gate.judge(self.position, slow, slow.state_dict(), self._slow_of)
+        blobs = self.snapshot(verdict)
+        self._settle(verdict)
+        log.info("%s: version at %d %s: %s", self.name, self.position, verdict.verdict, verdict.reason)
+        return verdict, blobs
+
+    def _slow_of(self, data: bytes):
+        state = self.worker.new_state()
+        state.load_state_dict(load(data))
+        return state.slow
+
+    def _settle(self, verdict: Verdict) -> None:
+        self._slow()  # made, if a restore to the base model left none
+        (current,) = self.worker.snapshot()
+        back = self.gate.settle(verdict, current.data)
+        if back is None:
+            return
+        self.worker.restore([StateBlob(GLOBAL_KEY, back, hashlib.sha256(back).hexdigest(), 0)] if back else [])
+        # The versions the next documents read with are last-good's weights too.
+        adapters = self._slow().version(self.position).adapters
+        versions = [SlowVersion(v.index, adapters) for v in self.published]
+        self.published.clear()
+        self.published.extend(versions)
+
+    def snapshot(self, verdict: Verdict | None = None) -> list[StateBlob]:
+        """The slow state (optimiser moments, rehearsal position and step included), the
+        published versions still read with and the gate's state (with ``verdict``, the one taken
+        at this cut), as blobs; call after the ``learn`` calls to cover."""
         blobs = self.worker.snapshot()
         tensors = {"position": torch.tensor([self.position], dtype=torch.int64)}
         for version in self.published:
             tensors.update(version.state_dict())
         data = save(tensors)
-        return blobs + [StateBlob(PUBLISHED_KEY, data, hashlib.sha256(data).hexdigest(), self.position)]
+        blobs.append(StateBlob(PUBLISHED_KEY, data, hashlib.sha256(data).hexdigest(), self.position))
+        if self.gate is not None:
+            blobs.append(self.gate.snapshot(verdict))
+        return blobs
 
     def restore(self, blobs: list[StateBlob]) -> None:
         """Back to a snapshot's state and versions ([]: the base model, position 0)."""
         published = [b for b in blobs if b.key == PUBLISHED_KEY]
-        states = [b for b in blobs if b.key != PUBLISHED_KEY]
+        gate = [b for b in blobs if b.key == GATE_KEY]
+        states = [b for b in blobs if b.key not in (PUBLISHED_KEY, GATE_KEY)]
         if blobs and len(published) != 1:
             raise ValueError(f"{self.name}: a learner snapshot has one {PUBLISHED_KEY} blob, got {len(published)}")
         if published and hashlib.sha256(published[0].data).hexdigest() != published[0].sha256:
             raise ValueError(f"{self.name}: {PUBLISHED_KEY}: sha256 does not match")
         self.worker.restore(states)
+        verdict = self.gate.restore(gate[0] if gate else None) if self.gate is not None else None
         if not published:
             self.position = 0
             self.published.clear()
@@ -127,9 +202,12 @@ class StreamLearner:
         self.position = position
         self.published.clear()
         self.published.extend(versions[-self.lag :])
+        if verdict is not None:  # taken at that cut: taken again, as the learner that judged did
+            self._settle(verdict)
 
     def stats(self) -> dict[str, Any]:
         return {**self.worker.stats(), "worker": self.name, "position": self.position, "lag": self.lag,
                 "every": self.every, "learned": self.learned,
                 "learn_failures": self.failures, "learn_s": self.learn_s,
-                "slow_steps": self._slow().steps}
+                "slow_steps": self._slow().steps,
+                **({"gate": self.gate.verdict.to_dict()} if self.gate is not None and self.gate.verdict else {})}

@@ -17,9 +17,9 @@ class LearnerActor:
     """The Ray shell of StreamLearner: ``version``, ``learn``, ``snapshot`` and ``restore`` run in
     the order the processor sends them, on one model thread."""
 
-    def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1):
+    def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1, gate: Any = None):
         self.model_thread = ModelThread(f"{name}-model")
-        self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every)
+        self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every, gate)
 
     def version(self, index: int) -> SlowVersion:
         return self.learner.version(index)
@@ -32,6 +32,10 @@ class LearnerActor:
 
     def snapshot(self) -> list[StateBlob]:
         return self.model_thread.call(self.learner.snapshot)
+
+    def judge(self) -> tuple[dict[str, Any] | None, list[StateBlob]]:
+        verdict, blobs = self.model_thread.call(self.learner.judge)
+        return (verdict.to_dict() if verdict is not None else None), blobs
 
     def restore(self, blobs: list[StateBlob]) -> None:
         self.model_thread.call(self.learner.restore, blobs)

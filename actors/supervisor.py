@@ -63,7 +63,7 @@ class Supervisor:
         if learner is not None:
             self.learner = LearnerActor.options(
                 name=self.learner_name, max_restarts=0, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
-            ).remote(spec, learner.lag, self.learner_name, learner.every)
+            ).remote(spec, learner.lag, self.learner_name, learner.every, learner.gate)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         try:

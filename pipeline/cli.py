@@ -148,8 +148,10 @@ def feed(
 
 @app.command()
 def versions(config: Path = ConfigOption) -> None:
-    """The stream's checkpoint versions in MLflow: aliases, reason, documents, metrics."""
+    """The stream's checkpoint versions in MLflow: aliases, reason, documents, loss, and the promotion
+    gate's verdict with its figures (held-out loss against the base and last-good, forgetting)."""
     from pipeline.state.checkpoint import CheckpointStore
+    from pipeline.state.promotion import VERDICT_TAG
 
     cfg = _load(config)
     store = CheckpointStore(cfg.mlflow, cfg.stream.name)
@@ -160,6 +162,9 @@ def versions(config: Path = ConfigOption) -> None:
 
     columns = [TableColumn("version"), TableColumn("aliases"), TableColumn("reason"), TableColumn("parent", 2),
                TableColumn("documents", justify="right"), TableColumn("loss", justify="right"),
+               TableColumn("verdict"), TableColumn("vs base", justify="right"),
+               TableColumn("vs last-good", 1, justify="right"), TableColumn("forgetting", justify="right"),
+               TableColumn("learned / kept out", 2, justify="right"),
                TableColumn("offsets", 3), TableColumn("created", 1)]
     cells = []
     for row in rows:
@@ -169,7 +174,14 @@ def versions(config: Path = ConfigOption) -> None:
             reason += f" to v{tags.get('rollback_to')} ({tags.get('rollback_cause')})"
         cells.append([
             row["version"], ",".join(row["aliases"]), reason, tags.get("parent_version", "-"),
-            tags.get("documents", "-"), _fmt(row["metrics"].get("adapted_loss"), ".4f"), tags.get("offsets", "-"),
+            tags.get("documents", "-"), _fmt(row["metrics"].get("adapted_loss"), ".4f"),
+            # The promotion gate's verdict (pipeline.state.promotion): relative changes of held-out
+            # and probe loss, negative is better.
+            tags.get(VERDICT_TAG, "-"), _percent(tags.get("ttt.gain_vs_base")),
+            _percent(tags.get("ttt.gain_vs_last_good")), _percent(tags.get("ttt.forgetting")),
+            f"{_count(tags.get('ttt.documents_learned'))} / {_count(tags.get('ttt.documents_kept_out'))}"
+            if VERDICT_TAG in tags and tags[VERDICT_TAG] != "none" else "-",
+            tags.get("offsets", "-"),
             datetime.datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S"),
         ])
     table = fitting_table(console, f"{store.name} ({masked_uri(cfg.mlflow.tracking_uri)})", columns, cells)
@@ -311,6 +323,14 @@ def export(
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _percent(tag: str | None) -> str:
+    return "-" if tag is None else f"{100 * float(tag):+.2f}%"
+
+
+def _count(tag: str | None) -> str:
+    return "-" if tag is None else str(int(float(tag)))
 
 
 def _print_summary(summary: dict) -> None:

@@ -332,6 +332,62 @@ class ContextParallelConfig(_Section):
     """
 
 
+class GateConfig(_Section):
+    """The promotion gate (actors.promotion_gate): a checkpoint is a candidate version, and ``live``
+    moves to it only when it is no worse than ``last-good`` on documents no version learned from,
+    and forgot no more than a budget of the model's own kind of text. A candidate that fails stays
+    a version (its verdict, figures and reason in its tags) and the learner goes back to
+    ``last-good``."""
+
+    enabled: bool = True
+    """Judge every checkpoint of the learner before it goes live (false: ``live`` moves to each)."""
+    holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Share of the stream held out: chosen by a keyed hash of each record's position (topic,
+    partition, offset) with the stream's secret salt, so a producer cannot steer what is judged on.
+    Held-out documents are read and scored like every other, never learned."""
+    holdout_documents: int = Field(default=8, ge=1)
+    """The most recent held-out documents a candidate is judged on."""
+    holdout_tokens: int = Field(default=1024, ge=2)
+    """Tokens of each held-out document judged (its first ones): bounds the time of a verdict."""
+    max_loss_over_last_good: float = Field(default=0.005, ge=0.0)
+    """Tolerance: the candidate's held-out loss may exceed last-good's by this fraction."""
+    max_forgetting: float = Field(default=0.02, ge=0.0)
+    """Budget: the candidate's loss on the probe (the model's own kind of text) may exceed the base
+    model's by this fraction."""
+    probe_chunks: int = Field(default=8, ge=1)
+    """Chunks of the probe: taken from model.slow.rehearsal_path after the chunks it rehearses (so
+    never trained on), of rehearsal_tokens each."""
+
+
+class AdmissionConfig(_Section):
+    """What the learner's time is spent on (pipeline.processing.learning_admission): cheap checks of
+    each document before it may train the slow weights. A document kept out is still read, scored
+    and answered; its result and the metrics say why."""
+
+    enabled: bool = True
+    """Check documents before the learner learns from them."""
+    memory_documents: int = Field(default=1024, ge=1)
+    """Fingerprints of recent documents remembered for the duplicate checks (bounded memory)."""
+    near_duplicate_bits: int = Field(default=3, ge=0, le=32)
+    """A document whose 64-bit SimHash (over word 4-shingles) is within this many bits of a
+    remembered one is a near duplicate (0: exact copies only)."""
+    min_check_bytes: int = Field(default=400, ge=0)
+    """Texts shorter than this skip the degenerate-text checks (compression says little about them)."""
+    min_compression_ratio: float = Field(default=0.08, ge=0.0, le=1.0)
+    """Below it (zlib bytes / text bytes), a text is one thing repeated."""
+    max_compression_ratio: float = Field(default=0.8, gt=0.0, le=2.0)
+    """Above it, a text is close to random characters (natural text and code: about 0.3 to 0.6)."""
+    min_char_entropy: float = Field(default=2.5, ge=0.0)
+    """Below it (bits per character), a text uses too few distinct characters to be language."""
+    max_next_char_entropy: float = Field(default=4.2, gt=0.0)
+    """Above it (bits per character given the one before), a text is random characters: prose,
+    code and markup of the shipped corpora stay below 3.7, random letters reach 4.6."""
+    key_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    """One key may take at most this share of the last key_window_documents documents learned."""
+    key_window_documents: int = Field(default=32, ge=2)
+    """The window of documents learned that key_share is counted over."""
+
+
 class LearnerConfig(_Section):
     """The stream's learner (actors.learner): one actor trains the slow weights from every
     document in the order they were taken from the topic, while the workers read each document
@@ -351,6 +407,10 @@ class LearnerConfig(_Section):
     """CPUs of the learner actor."""
     num_gpus: float = Field(default=0.0, ge=0)
     """GPUs of the learner actor."""
+    gate: GateConfig = GateConfig()
+    """Which checkpoints go live."""
+    admission: AdmissionConfig = AdmissionConfig()
+    """Which documents the learner learns from."""
 
 
 class ControlConfig(_Section):
@@ -528,6 +588,11 @@ class AppConfig(_Section):
                 raise ValueError(f"processor.learner learns one slow state for the stream (scope global); with scope "
                                  f"{p.scope!r} each worker learns its keys' slow weights itself: "
                                  "set processor.learner.enabled: false")
+        if model.slow.enabled and p.scope == "global" and p.workers > 1 and not p.learner.enabled:
+            raise ValueError(f"model.slow with scope global and processor.workers {p.workers}: each reader would learn "
+                             "slow weights of its own, and a version would hold several models (models:/<stream>-ttt@live "
+                             "could not choose): set processor.learner.enabled: true (one learner for the stream), or "
+                             "processor.workers: 1")
         if p.context_parallel is not None:
             if is_model_uri(model.path):
                 raise ValueError("processor.context_parallel reads a model directory on every node: model.path may "

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_http_server
 
 from actors.call_types import DocumentOutcome
 from pipeline.stream_io.messages import reason_kind
 from pipeline.observability.monitor import Breach
-from pipeline.processing.stream_events import (CheckpointWritten, DocumentRead, DocumentRejected, Progress, RolledBack,
-                                    StatusTick, StreamEvents)
+from pipeline.processing.stream_events import (CheckpointWritten, DocumentRead, DocumentRejected, LearningDecided,
+                                               Progress, RolledBack, StatusTick, StreamEvents)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ class StreamMetrics:
         self.rollbacks = Counter("ttt_stream_rollbacks", "Rollbacks, by cause (manual or a monitor rule)",
                                  ["stream", "cause"], registry=r)
         self.alerts = Counter("ttt_stream_degradation_alerts", "Monitor breaches, by rule", ["stream", "rule"], registry=r)
+        self.learning = Counter("ttt_stream_learning_decisions",
+                                "Documents taken in, by what the learner may do with them: admitted, held out, or the "
+                                "check that kept them out", ["stream", "decision"], registry=r)
+        self.verdicts = Counter("ttt_stream_version_verdicts", "Candidate versions judged by the promotion gate, by verdict",
+                                ["stream", "verdict"], registry=r)
+        self.gate = Gauge("ttt_stream_version_figure",
+                          "The last judged version's figures: gain_vs_base, gain_vs_last_good, forgetting (relative "
+                          "loss changes, negative is better)", ["stream", "figure"], registry=r)
         # Series at zero from the start (Prometheus' advice): a failure counter that does not
         # exist yet reads as "no data", not as "none".
         for metric in (self.documents, self.tokens, self.loss, self.sampled_adapted, self.sampled_base, self.latency,
@@ -97,7 +106,8 @@ class StreamMetrics:
         """Follow a stream's events (``pipeline.processing.stream_events``)."""
         events.subscribe(DocumentRead, lambda e: self.document(e.outcome))
         events.subscribe(DocumentRejected, lambda e: self.dead_letter(e.reason))
-        events.subscribe(CheckpointWritten, lambda e: self.checkpoint(e.version, e.reason))
+        events.subscribe(CheckpointWritten, lambda e: self.checkpoint(e.version, e.reason, e.verdict))
+        events.subscribe(LearningDecided, lambda e: self.learning.labels(self.stream, e.decision).inc())
         events.subscribe(RolledBack, lambda e: self.rollback(e.cause))
         events.subscribe(Breach, lambda e: self.alert(e.rule))
         events.subscribe(Progress, lambda e: self.progress(e.committed, e.highwaters, e.in_flight, e.queued))
@@ -124,7 +134,12 @@ class StreamMetrics:
     def dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(self.stream, reason_kind(reason)).inc()
 
-    def checkpoint(self, version: str | None, reason: str) -> None:
+    def checkpoint(self, version: str | None, reason: str, verdict: dict[str, Any] | None = None) -> None:
+        if verdict is not None:
+            self.verdicts.labels(self.stream, verdict["verdict"]).inc()
+            for figure in ("gain_vs_base", "gain_vs_last_good", "forgetting"):
+                if verdict.get(figure) is not None:
+                    self.gate.labels(self.stream, figure).set(verdict[figure])
         if version is None:
             self.checkpoint_failures.labels(self.stream).inc()
             return

@@ -16,13 +16,14 @@ from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
 from actors.base_model import local_model_dir
 from pipeline.processing.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, reader_spec
-from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
+from pipeline.state.checkpoint import HEAD, LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig, ProcessorConfig
 from pipeline.stream_io.control import CommandLedger, ControlSource
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.observability.metrics import StreamMetrics
 from pipeline.observability.monitor import Breach, DegradationMonitor
 from pipeline.observability.processor_run import ProcessorRun
+from pipeline.processing.learning_admission import LearningAdmission
 from pipeline.processing.processor import StreamProcessor
 from pipeline.processing.recovery import BestEffortRecovery, CheckpointedRecovery
 from pipeline.processing.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
@@ -45,8 +46,11 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
     many workers or not: ``pipeline.state.rescale`` says which worker takes which state)."""
     names = pool.names
     start, resumed, current = None, {}, source.topic_id()
-    if config.processor.checkpoint.restore and store.resolve(LIVE) is not None:
-        start = store.load(LIVE)  # CheckpointError: refuse to start rather than lose or repeat
+    # The newest version (head), whether the promotion gate passed it or not: it holds the
+    # learner's verdict, and reading on from it goes on as the run that wrote it would have.
+    ref = HEAD if store.resolve(HEAD) is not None else LIVE  # LIVE: a stream from before head existed
+    if config.processor.checkpoint.restore and store.resolve(ref) is not None:
+        start = store.load(ref)  # CheckpointError: refuse to start rather than lose or repeat
         topic = start.manifest["offsets"]["topic"]
         if topic != config.kafka.topics.documents:
             raise CheckpointError(f"{store.name} v{start.version} read topic {topic!r}, this config reads "
@@ -95,7 +99,8 @@ def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks:
                     checkpointer: StreamCheckpointer | None = None, start_offsets: dict[int, int] | None = None,
                     monitor: DegradationMonitor | None = None, control: ControlSource | None = None,
                     metrics: StreamMetrics | None = None, run_log: ProcessorRun | None = None,
-                    learner: Learner | None = None, keys: TenantKeys | None = None) -> StreamProcessor:
+                    learner: Learner | None = None, keys: TenantKeys | None = None,
+                    admission: LearningAdmission | None = None) -> StreamProcessor:
     """The processor of a deployment, its parts picked once here: the recovery policy (with
     checkpoints or best effort), and the observers subscribed to its events (metrics, the MLflow
     run, the monitor with its rollbacks and last-good alias, the alert topic)."""
@@ -105,7 +110,7 @@ def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks:
                                 status if status is not None else (lambda: {"workers": {}}),
                                 recovery, events, control if control is not None else NoCommands(),
                                 learner if learner is not None else NoLearner(),
-                                keys if keys is not None else TenantKeys.unpersisted(stream), start_offsets)
+                                keys if keys is not None else TenantKeys.unpersisted(stream), start_offsets, admission)
     if metrics is not None:
         metrics.subscribe_to(events)
     if run_log is not None:
@@ -136,13 +141,15 @@ def watch_with_monitor(events: StreamEvents, monitor: DegradationMonitor, recove
             events.publish(breach)
 
     def mark_last_good(event: CheckpointWritten) -> None:
-        if event.version is None or event.reason == "rollback" or not monitor.passes():
+        # With a promotion gate, the gate moves last-good; the monitor keeps its reference loss.
+        if event.version is None or event.reason == "rollback" or event.promoted is False or not monitor.passes():
             return
         store = checkpointer.store
         try:
             if monitor.reference_loss is not None:
                 store.record_reference_loss(event.version, monitor.reference_loss)
-            store.set_alias(LAST_GOOD, event.version)
+            if event.promoted is None:
+                store.set_alias(LAST_GOOD, event.version)
         except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good stays
             log.warning("could not move %s to v%s: %s", LAST_GOOD, event.version, err)
 
@@ -211,6 +218,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             actor, name = ray.get(supervisor.learner.remote())
             learner = RayLearner(actor, name, p.learner.lag)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
+        admission = LearningAdmission(p.learner.admission) if learner is not None and p.learner.admission.enabled else None
         keys = TenantKeys.unpersisted(config.stream.name)
         if p.checkpoint.enabled:
             store = CheckpointStore(config.mlflow, config.stream.name)
@@ -221,6 +229,9 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             commands = CommandLedger.from_dict(checkpointer.commands_at_start)
             checkpointer.commands = commands.as_dict  # replay protection survives a restart
             control = ControlSource(config.kafka, p.control, config.stream.name, commands)
+            if learner is not None and p.learner.admission.enabled:  # what it remembers, as the version left it
+                admission = LearningAdmission(p.learner.admission, checkpointer.admission_at_start)
+                checkpointer.admission = admission.as_dict
             if p.monitor.enabled:
                 monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD),
                                              chunk_tokens=checkpointer.model_config["ttt"]["chunk_size"])
@@ -235,7 +246,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             p, source, sinks, pool, assignment, config.stream.name,
             status=lambda: ray.get(supervisor.status.remote(), timeout=10),
             checkpointer=checkpointer, start_offsets=start_offsets, monitor=monitor, control=control,
-            metrics=metrics, run_log=run_log, learner=learner, keys=keys,
+            metrics=metrics, run_log=run_log, learner=learner, keys=keys, admission=admission,
         )
         if stop_event is not None:
             processor.stop_event = stop_event

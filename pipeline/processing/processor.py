@@ -29,7 +29,9 @@ from pipeline.processing.run_summary import RunSummary
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
-from pipeline.processing.stream_events import DocumentRead, DocumentRejected, Progress, RolledBack, StatusTick, StreamEvents
+from pipeline.processing.learning_admission import LearningAdmission, decision_kind
+from pipeline.processing.stream_events import (DocumentRead, DocumentRejected, LearningDecided, Progress, RolledBack,
+                                               StatusTick, StreamEvents)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class StreamProcessor:
         learner: Learner,
         keys: TenantKeys,
         start_offsets: dict[int, int] | None = None,
+        admission: LearningAdmission | None = None,
     ):
         self.config = config
         self.source = source
@@ -75,6 +78,7 @@ class StreamProcessor:
         self.control = control
         self.learner = learner  # trains the slow weights; the workers read with its versions
         self.keys = keys  # names of per-key states
+        self.admission = admission  # which documents the learner may learn from (None: all but the held-out)
         self.summary = RunSummary()
         self.recovery = recovery
         recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, self.worker_of, self.summary,
@@ -158,7 +162,20 @@ class StreamProcessor:
             self.ledger.passed_over(record)
         else:
             # From here on a tenant is its state's name, never its key (pipeline.state.tenant_keys).
-            parsed = replace(parsed, task=replace(parsed.task, key=self.keys.state_key(parsed.task.key)))
+            key = self.keys.state_key(parsed.task.key)
+            # Samples by a keyed hash of the position: fixed on a replay, and out of a producer's reach.
+            position = (record.topic, record.partition, record.offset)
+            shadow = self.keys.draw("shadow", *position) < self.config.base_loss_sample_rate
+            held_out, kept_out = False, None
+            if self.learner.name is not None:
+                gate, admission = self.config.learner.gate, self.admission
+                held_out = gate.enabled and self.keys.draw("held out", *position) < gate.holdout_fraction
+                if admission is not None:
+                    kept_out = admission.decide(parsed.task.text, key, held_out)
+                    held_out = held_out and kept_out is None  # no copy or junk in the held-out slice
+                self.events.publish(LearningDecided(decision_kind(kept_out, held_out)))
+            parsed = replace(parsed, task=replace(parsed.task, key=key, shadow=shadow, held_out=held_out,
+                                                  kept_out=kept_out))
             # The learner takes the documents in the ledger's order, which fixes each one's version.
             version = self.learner.submit(parsed.task)
             self.ledger.accept(record, parsed, self.worker_of[record.partition], version)
@@ -214,7 +231,10 @@ class StreamProcessor:
             if not outcome.ok:
                 self._finish_rejected(pending, outcome.reason or "rejected")
                 continue
-            self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position, pending.record.topic),
+            task = pending.parsed.task
+            learning = decision_kind(task.kept_out, task.held_out) if self.learner.name is not None else None
+            self.sinks.result(result_message(outcome, pending.parsed.meta, *pending.position, pending.record.topic,
+                                             learning=task.kept_out or learning),
                               refused=lambda reason, record=pending.record: self._dead_letter(record, reason))
             self.summary.add(outcome)
             self._last_outcome = outcome
@@ -224,9 +244,12 @@ class StreamProcessor:
         return len(ready)
 
     def _settle(self) -> None:
-        """Collect until nothing is in flight: what the workers hold is finished."""
-        while self.ledger.in_flight:
+        """Finish every document taken in (in flight and queued): a cut where the learner has
+        learned exactly what the committed offsets cover."""
+        while self.ledger.busy:
+            self._dispatch()
             self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
+            self._enforce_deadline(time.monotonic())  # a document that never finishes must not hold the cut
 
     def _enforce_deadline(self, now: float) -> None:
         timeout = self.config.document_timeout_s
@@ -254,9 +277,7 @@ class StreamProcessor:
         self.events.publish(DocumentRejected(reason))
 
     def _drain(self) -> None:
-        while self.ledger.busy:
-            self._dispatch()
-            self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
+        self._settle()
 
     # -- monitoring and commands -----------------------------------------------------------------
 

@@ -103,6 +103,10 @@ class Learner(Protocol):
     def states(self) -> dict[str, list[StateBlob]]:
         """``snapshot`` under the learner's name, as a checkpoint holds it ({} without one)."""
 
+    def judged_states(self) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
+        """At a checkpoint's cut: the promotion gate's verdict on the weights (None: no gate) and
+        ``states`` as the version holds them; the learner then takes the verdict."""
+
     def restore(self, blobs: list[StateBlob]) -> None:
         """Back to ``blobs`` ([]: the base model); the order of documents restarts from there."""
 
@@ -124,6 +128,9 @@ class NoLearner:
 
     def states(self) -> dict[str, list[StateBlob]]:
         return {}
+
+    def judged_states(self) -> tuple[None, dict[str, list[StateBlob]]]:
+        return None, {}
 
     def restore(self, blobs: list[StateBlob]) -> None:
         if blobs:
@@ -169,6 +176,14 @@ class RayLearner:
 
     def states(self) -> dict[str, list[StateBlob]]:
         return {self.name: self.snapshot()}
+
+    def judged_states(self) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
+        try:
+            verdict, blobs = ray.get(self.actor.judge.remote())
+        except ray.exceptions.RayError as err:
+            raise LearnerDied(f"the learner {self.name} failed: {err}") from None
+        self.check()
+        return verdict, {self.name: blobs}
 
     def restore(self, blobs: list[StateBlob]) -> None:
         ray.get(self.actor.restore.remote(blobs))

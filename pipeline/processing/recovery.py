@@ -39,6 +39,7 @@ from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
 from pipeline.processing.stream_events import CheckpointWritten, RolledBack, StreamEvents
+from pipeline.state.promotion import PROMOTED, verdict_metrics, verdict_tags
 
 log = logging.getLogger(__name__)
 
@@ -309,19 +310,44 @@ class CheckpointedRecovery(RecoveryPolicy):
         parts.settle()
         parts.sinks.flush()
         offsets = parts.ledger.committable()
+        # The learner's one state at the same cut (every document accepted so far), judged by
+        # the promotion gate first: the version is a candidate, live only if it passed.
+        verdict, learned = parts.learner.judged_states()
 
         def write_states(run: StateTarget) -> dict[str, list]:
             # Each reader writes its own states into the version's run; the driver gets their
-            # entries only. The learner's one state after: every document accepted so far, the same cut.
-            return {**parts.pool.write_states(run), **parts.learner.states()}
+            # entries only.
+            return {**parts.pool.write_states(run), **learned}
 
-        version = self.checkpointer.write(write_states, offsets, reason, parts.summary.checkpoint_metrics())
-        parts.events.publish(CheckpointWritten(version, reason))
+        promoted = None if verdict is None else verdict["verdict"] == PROMOTED
+        version = self.checkpointer.write(write_states, offsets, reason,
+                                          {**parts.summary.checkpoint_metrics(), **verdict_metrics(verdict)},
+                                          tags=verdict_tags(verdict, parts.config.learner.lag if verdict else None),
+                                          promote=promoted is not False)
+        parts.events.publish(CheckpointWritten(version, reason, promoted, verdict))
         if version is not None:
             parts.source.commit(offsets)
+            if promoted:
+                self._set_last_good(version)
             if self._to_erase and reason != "forget":  # a forget whose own version failed
                 self._erase_pending()
+        if verdict is not None and verdict["unchanged"]:
+            log.warning("the learner learned %d documents since the last version and its weights did not change",
+                        verdict["learned"])
+            parts.sinks.alert({"type": "unchanged_update", "stream": parts.stream, "version": version,
+                               "learned": verdict["learned"], "digest": verdict["digest"], "time": time.time()})
+        if promoted is False:
+            log.warning("version %s rejected by the promotion gate (live stays): %s", version, verdict["reason"])
+            parts.sinks.alert({"type": "version_rejected", "stream": parts.stream, "version": version,
+                               "reason": verdict["reason"], "gain_vs_last_good": verdict.get("gain_vs_last_good"),
+                               "forgetting": verdict.get("forgetting"), "time": time.time()})
         return version
+
+    def _set_last_good(self, version: str) -> None:
+        try:
+            self.checkpointer.store.set_alias(LAST_GOOD, version)
+        except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good moves with the next
+            log.warning("could not move %s to v%s: %s", LAST_GOOD, version, err)
 
     def forget(self, state_key: str) -> tuple[int, str | None]:
         """A tombstone in the registry first (raises, changing nothing, while MLflow is out of

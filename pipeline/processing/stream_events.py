@@ -28,9 +28,21 @@ class DocumentRejected:
 
 
 @dataclass(frozen=True)
+class LearningDecided:
+    """Whether the learner may learn a document just taken in: ``admitted``, ``held out``, or
+    the kind of check that kept it out (pipeline.processing.learning_admission.KINDS)."""
+
+    decision: str
+
+
+@dataclass(frozen=True)
 class CheckpointWritten:
     version: str | None  # None: the registry was out of reach, the checkpoint is retried
     reason: str  # periodic, shutdown, rollback, forget
+    # The promotion gate's verdict (actors.promotion_gate): whether live moved to it (None: no
+    # gate judged it; live moved unjudged), and the verdict with its figures.
+    promoted: bool | None = None
+    verdict: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load
 from torch import nn
 
-from actors.call_types import PUBLISHED_KEY
+from actors.call_types import RESERVED_KEYS
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.config import SlowConfig, TTTConfig
 from ttt_model.factory import build_model
@@ -36,7 +36,7 @@ def choose_state(entries: dict[str, list[dict[str, Any]]], worker: str | None, k
     """The one (worker, entry) of a manifest's ``workers`` matching ``worker`` and ``key``."""
     workers = [worker] if worker else sorted(entries)
     found = [(w, e) for w in workers for e in entries.get(w, [])
-             if e["key"] != PUBLISHED_KEY and (key is None or e["key"] == key)]
+             if e["key"] not in RESERVED_KEYS and (key is None or e["key"] == key)]
     if not found:
         held = ", ".join(f"{w}: {[e['key'] for e in es]}" for w, es in sorted(entries.items()))
         raise StateChoiceError(f"{where}: no state for worker {worker!r} key {key!r}; it has {{{held}}}")

@@ -8,8 +8,9 @@ A checkpoint is a folder ``checkpoint/`` in the run's artifacts:
 
 and a version of the registered model ``<stream>-ttt`` whose tags hold the offsets, the parent
 version, the documents seen, the reason (periodic / shutdown / rollback) and the manifest's
-sha256. Alias ``live`` points at the version the stream runs from; ``last-good`` at the newest
-one the monitor passed. Loading checks the manifest against the version's tag and every state
+sha256. Alias ``head`` points at the newest version, where a restart reads on from; ``live`` at
+the one users load: with a learner, the newest the promotion gate passed (``pipeline.state.promotion``),
+else the newest; ``last-good`` at the newest the gate (or, without one, the monitor) passed. Loading checks the manifest against the version's tag and every state
 file against the manifest before anything is used; nothing is ever unpickled.
 """
 
@@ -33,7 +34,7 @@ from pipeline.state.tenant_keys import SALT_TAG, TOMBSTONE_TAG
 log = logging.getLogger(__name__)
 
 FORMAT = "ttt-stream.checkpoint/1"
-LIVE, LAST_GOOD = "live", "last-good"
+LIVE, LAST_GOOD, HEAD = "live", "last-good", "head"
 BASE = "base"  # a rollback target: fresh states, the base model as the stream started
 ARTIFACT_DIR = "checkpoint"
 
@@ -110,6 +111,9 @@ class CheckpointRequest:
     topic_id: str | None = None  # the documents topic's UUID: its offsets mean nothing in another
     # The control commands taken, while young enough to be sent again (pipeline.stream_io.control.CommandLedger).
     commands: dict[str, Any] = field(default_factory=dict)
+    # What the learner's admission checks remember (pipeline.processing.learning_admission).
+    admission: dict[str, Any] = field(default_factory=dict)
+    promote: bool = True  # live moves to it (False: a candidate the promotion gate rejected or could not judge)
 
 
 def model_name(stream: str) -> str:
@@ -294,6 +298,7 @@ class CheckpointStore:
                 "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
                 "forgotten": dict(sorted(forgotten.items())),
                 "commands": request.commands,
+                "admission": request.admission,
             }
             staging.mkdir(parents=True, exist_ok=True)  # a version that reuses every file writes none
             manifest_sha = _write_manifest(staging / "manifest.json", manifest, files, written)
@@ -325,7 +330,9 @@ class CheckpointStore:
                 **request.tags,
             },
         ).version
-        self.client.set_registered_model_alias(self.name, LIVE, version)
+        self.client.set_registered_model_alias(self.name, HEAD, version)
+        if request.promote:
+            self.client.set_registered_model_alias(self.name, LIVE, version)
         if written:
             # The readers remember their own files; the manifest is read back when needed
             # (prune, erase), never kept: the driver holds no more than the entries it wrote.
@@ -594,6 +601,8 @@ class StreamCheckpointer:
         # version recorded them; ``commands`` gives them as they are now, for each new version.
         self.commands_at_start: dict[str, Any] = dict(start.manifest.get("commands") or {}) if start else {}
         self.commands: Callable[[], dict[str, Any]] = dict
+        self.admission_at_start: dict[str, Any] = dict(start.manifest.get("admission") or {}) if start else {}
+        self.admission: Callable[[], dict[str, Any]] = dict
         self.offsets = dict(start_offsets)  # where this run resumes: the version's offsets as the source took them
         self.documents = int(start.manifest["documents"]) if start else 0
         self.pending_documents = 0
@@ -621,16 +630,16 @@ class StreamCheckpointer:
 
     def write(self, states: dict[str, list[StateBlob]] | Callable[[StateTarget], dict[str, list[Any]]],
               offsets: dict[int, int], reason: str, metrics: dict[str, float],
-              tags: dict[str, str] | None = None) -> str | None:
+              tags: dict[str, str] | None = None, promote: bool = True) -> str | None:
         """A new version, or None after a failure (retried later with backoff). ``states``: the
         states as bytes, or what writes them into the version's run and returns their entries
-        (the readers, each its own: ``ReaderPool.write_states``)."""
+        (the readers, each its own: ``ReaderPool.write_states``). ``promote``: live moves to it."""
         try:
             run = None
             if callable(states):
                 run = self.store.open_run(reason)
                 states = states(run)
-            return self._save(states, offsets, reason, metrics, tags, run)
+            return self._save(states, offsets, reason, metrics, tags, run, promote)
         except Exception as err:  # noqa: BLE001 - MLflow down or refusing: retry, lose nothing
             if run is not None:
                 try:  # a reader failed writing into it: the run is no version's
@@ -646,13 +655,13 @@ class StreamCheckpointer:
             return None
 
     def _save(self, states: dict[str, list[Any]], offsets: dict[int, int], reason: str, metrics: dict[str, float],
-              tags: dict[str, str] | None, run: StateTarget | None) -> str:
+              tags: dict[str, str] | None, run: StateTarget | None, promote: bool) -> str:
         request = CheckpointRequest(
             states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
             base_model=self.base_model, model_config=self.model_config,
             documents=self.documents + self.pending_documents, reason=reason,
             parent_version=self.version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
-            topic_id=self.topic_id, commands=self.commands(),
+            topic_id=self.topic_id, commands=self.commands(), admission=self.admission(), promote=promote,
         )
         version = self.store.save(request, run)
         self.version = version

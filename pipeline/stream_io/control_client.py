@@ -11,7 +11,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 
 from actors.call_types import StateBlob
-from pipeline.state.checkpoint import BASE, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
+from pipeline.state.checkpoint import BASE, HEAD, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
 from pipeline.config import AppConfig
 from pipeline.stream_io.control import control_key, sign_command
 from pipeline.state.tenant_keys import TenantKeys
@@ -90,10 +90,12 @@ def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
 
 
 def _live(config: AppConfig, what: str) -> tuple[CheckpointStore, Checkpoint]:
+    """The version the next run reads on from: ``head`` (``live`` for a stream from before it)."""
     store = CheckpointStore(config.mlflow, config.stream.name)
-    if store.resolve(LIVE) is None:
-        raise CheckpointError(f"{store.name}: no live version to {what}")
-    return store, store.load(LIVE)
+    ref = HEAD if store.resolve(HEAD) is not None else LIVE
+    if store.resolve(ref) is None:
+        raise CheckpointError(f"{store.name}: no version to {what}")
+    return store, store.load(ref)
 
 
 def _save_after(store: CheckpointStore, live: Checkpoint, states: dict[str, list[StateBlob]], reason: str,
@@ -107,4 +109,5 @@ def _save_after(store: CheckpointStore, live: Checkpoint, states: dict[str, list
         model_config=manifest.get("model_config") or {}, metrics={}, tags=tags,
         assignment={int(p): w for p, w in (manifest.get("assignment") or {}).items()},
         topic_id=manifest["offsets"].get("topic_id"), commands=manifest.get("commands") or {},
+        admission=manifest.get("admission") or {},
     ))

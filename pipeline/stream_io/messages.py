@@ -131,11 +131,13 @@ def tenant_key(record_key: bytes | None) -> str | None:
 
 
 def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: int, offset: int,
-                   topic: str = "") -> dict[str, Any]:
+                   topic: str = "", learning: str | None = None) -> dict[str, Any]:
     """The results-topic record for a processed document. ``source`` is its idempotency key: the
     record it answers (``topic/partition/offset``). After a crash the records since the last
     checkpoint are read again and their results written again, the same (states are restored
-    exactly); a consumer keeps the first result of each ``source``."""
+    exactly); a consumer keeps the first result of each ``source``. ``learning``: with a learner,
+    ``admitted``, ``held out``, or why the document was kept from learning; ``slow_version``: the
+    learner's version it was read with."""
     return {
         "id": outcome.id,
         "source": source_id(topic, partition, offset),
@@ -149,6 +151,8 @@ def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: in
         "fast_weight_norm": outcome.fast_weight_norm,
         "delta_ratio": outcome.delta_ratio,
         "slow_delta_ratio": outcome.slow_delta_ratio,
+        "slow_version": outcome.slow_version,
+        "learning": learning,
         "windows": outcome.windows,
         "reused_from": outcome.reused_from,
         "worker": outcome.worker,

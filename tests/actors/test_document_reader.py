@@ -62,12 +62,15 @@ def test_oversize_documents_are_rejected_or_read_in_windows(tmp_path):
     assert split.ok and split.windows == -(-split.tokens // 300)
 
 
-def test_base_loss_sampling_is_a_stable_function_of_the_id():
-    ids = [f"doc-{i}" for i in range(2000)]
-    picked = [i for i in ids if sampled(i, 0.25)]
+def test_base_loss_sampling_is_the_drivers_choice_else_a_stable_function_of_the_id():
+    tasks = [DocumentTask(f"doc-{i}", "x") for i in range(2000)]
+    picked = [t.id for t in tasks if sampled(t, 0.25)]
     assert 400 < len(picked) < 600
-    assert picked == [i for i in ids if sampled(i, 0.25)]
-    assert not any(sampled(i, 0.0) for i in ids) and all(sampled(i, 1.0) for i in ids)
+    assert picked == [t.id for t in tasks if sampled(t, 0.25)]
+    assert not any(sampled(t, 0.0) for t in tasks) and all(sampled(t, 1.0) for t in tasks)
+    # A stream's driver decides by a keyed hash of the position: the id no longer matters.
+    assert sampled(DocumentTask(picked[0], "x", shadow=False), 0.25) is False
+    assert sampled(DocumentTask("never-picked", "x", shadow=True), 0.0) is True
 
 
 def test_a_new_key_starts_from_the_slow_weights_of_the_nearest_key(tmp_path):

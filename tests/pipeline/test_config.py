@@ -234,3 +234,20 @@ def test_credentials_in_any_uri_are_masked(uri, shown):
     from actors.base_model import masked_uri
 
     assert masked_uri(uri) == shown
+
+
+def test_global_slow_weights_on_several_readers_need_the_learner():
+    with pytest.raises(ConfigError, match=r"processor\.workers 2: each reader would learn slow weights of its own"):
+        parse_config({"model": {"slow": {"enabled": True}}, "processor": {"workers": 2}}, environ={})
+    for ok in ({"workers": 2, "learner": {"enabled": True}}, {"workers": 1}, {"workers": 2, "scope": "per_key"}):
+        assert parse_config({"model": {"slow": {"enabled": True}}, "processor": ok}, environ={}).processor.workers
+    # Every shipped config passes.
+    for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
+        load_config(path, environ={})
+
+
+def test_the_gate_and_the_admission_checks_are_validated_with_their_field_named():
+    with pytest.raises(ConfigError, match=r"processor\.learner\.gate\.holdout_fraction"):
+        parse_config({"processor": {"learner": {"gate": {"holdout_fraction": 1.5}}}}, environ={})
+    with pytest.raises(ConfigError, match=r"processor\.learner\.admission\.key_share"):
+        parse_config({"processor": {"learner": {"admission": {"key_share": 0}}}}, environ={})
