@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -39,14 +41,21 @@ from ttt_model.slow import SlowVersion, rehearsal_chunks
 
 log = logging.getLogger(__name__)
 
+# The windows learned that an outlier's loss is measured against, and how many before any is one.
+OUTLIER_HISTORY, OUTLIER_MIN_HISTORY = 64, 8
+
 
 class StreamLearner:
     """Plain-class core of ``actors.learner_actor.LearnerActor`` (tested and benchmarked without Ray)."""
 
-    def __init__(self, spec: ReaderSpec, lag: int = 1, name: str = "learner", every: int = 1, gate: Any = None):
-        """``every``: learn from documents 0, every, 2 * every, ... of the order (the others only
-        take their place in it), for a learner slower than its readers. ``gate``: the stream's
-        GateConfig (None, or not enabled: every checkpoint goes live unjudged)."""
+    def __init__(self, spec: ReaderSpec, lag: int = 1, name: str = "learner", every: int = 1, gate: Any = None,
+                 outlier_margin: float | None = None):
+        """``every``: learn from one in ``every`` of the documents it may learn (neither held out
+        nor kept out), in the ledger's order (the others only take their place in it), for a
+        learner slower than its readers. ``gate``: the stream's
+        GateConfig (None, or not enabled: every checkpoint goes live unjudged). ``outlier_margin``:
+        a window whose loss is above the median of the last windows learned by more than this
+        fraction takes no slow step (None: every window steps)."""
         # The learner is the synchronous reader of every document: slow steps, no shadow
         # evaluation, no context parallelism (it reads windows of max_document_tokens).
         spec = replace(spec, slow_from_learner=False, scope="global", base_loss_sample_rate=0.0,
@@ -57,12 +66,35 @@ class StreamLearner:
         self.every = every
         self.learned = 0  # documents learned from
         self.position = 0  # documents given to ``learn`` since the stream started (its ledger order)
+        # Of those, the ones neither held out nor kept out: ``every`` counts them, so that a budget of
+        # one document in ``every`` is spent on documents worth learning.
+        self.admitted = 0
         self.published: deque[SlowVersion] = deque(maxlen=lag)  # versions position - lag + 1 .. position
         self.failures = 0
         self.learn_s = 0.0
         self.gate = PromotionGate(gate, self.worker.model, self.worker.slow, self._probe(gate)) \
             if gate is not None and gate.enabled else None
+        self.outlier_margin = outlier_margin
+        self.window_losses: deque[float] = deque(maxlen=OUTLIER_HISTORY)  # of the windows learned, for the median
+        self.outliers = 0
+        if outlier_margin is not None:
+            self.worker.slow.admit = self._admit_window
         self._publish()
+
+    def _admit_window(self, loss: float) -> bool:
+        """Whether a window of this loss takes its slow step: not when it is an outlier against
+        the windows learned before (a document unlike the stream, junk the text checks let by)."""
+        history = self.window_losses
+        if len(history) >= OUTLIER_MIN_HISTORY:
+            median = statistics.median(history)
+            if not math.isfinite(loss) or loss > median * (1 + self.outlier_margin):
+                self.outliers += 1
+                if self.gate is not None:
+                    self.gate.kept_out_one("outlier loss")
+                return False
+        if math.isfinite(loss):
+            history.append(loss)
+        return True
 
     def _probe(self, gate: Any) -> torch.Tensor | None:
         """The gate's probe: chunks of the rehearsal file past those the adapters rehearse (the
@@ -110,12 +142,14 @@ class StreamLearner:
             skipped = task.kept_out
             if self.gate is not None:
                 self.gate.kept_out_one(task.kept_out.split(":")[0])
-        elif self.position % self.every:
+        elif self.admitted % self.every:
+            self.admitted += 1
             skipped = "not learned (learner.every)"
         if skipped is not None:
             self.position += 1
             self._publish(changed=False)
             return {"ok": True, "tokens": 0, "loss": None, "reason": skipped, "version": self.position}
+        self.admitted += 1
         self.learned += 1
         if self.gate is not None:
             self.gate.learned_one()
@@ -168,7 +202,9 @@ class StreamLearner:
         published versions still read with and the gate's state (with ``verdict``, the one taken
         at this cut), as blobs; call after the ``learn`` calls to cover."""
         blobs = self.worker.snapshot()
-        tensors = {"position": torch.tensor([self.position], dtype=torch.int64)}
+        tensors = {"position": torch.tensor([self.position], dtype=torch.int64),
+                   "admitted": torch.tensor([self.admitted], dtype=torch.int64),
+                   "window_losses": torch.tensor(list(self.window_losses), dtype=torch.float64)}
         for version in self.published:
             tensors.update(version.state_dict())
         data = save(tensors)
@@ -189,17 +225,22 @@ class StreamLearner:
         self.worker.restore(states)
         verdict = self.gate.restore(gate[0] if gate else None) if self.gate is not None else None
         if not published:
-            self.position = 0
+            self.position = self.admitted = 0
+            self.window_losses.clear()
             self.published.clear()
             self._publish()
             return
         tensors = load(published[0].data)
         position = int(tensors.pop("position")[0])
+        admitted = int(tensors.pop("admitted", torch.tensor([position]))[0])  # before: every document counted
+        losses = tensors.pop("window_losses", torch.zeros(0, dtype=torch.float64)).tolist()
         versions = SlowVersion.from_state_dict(tensors)
         if not versions or versions[-1].index != position:
             raise ValueError(f"{self.name}: the snapshot's versions {[v.index for v in versions]} end before "
                              f"its position {position}")
-        self.position = position
+        self.position, self.admitted = position, admitted
+        self.window_losses.clear()
+        self.window_losses.extend(losses)
         self.published.clear()
         self.published.extend(versions[-self.lag :])
         if verdict is not None:  # taken at that cut: taken again, as the learner that judged did
@@ -208,6 +249,6 @@ class StreamLearner:
     def stats(self) -> dict[str, Any]:
         return {**self.worker.stats(), "worker": self.name, "position": self.position, "lag": self.lag,
                 "every": self.every, "learned": self.learned,
-                "learn_failures": self.failures, "learn_s": self.learn_s,
+                "learn_failures": self.failures, "learn_s": self.learn_s, "outlier_windows": self.outliers,
                 "slow_steps": self._slow().steps,
                 **({"gate": self.gate.verdict.to_dict()} if self.gate is not None and self.gate.verdict else {})}

@@ -17,9 +17,10 @@ class LearnerActor:
     """The Ray shell of StreamLearner: ``version``, ``learn``, ``snapshot`` and ``restore`` run in
     the order the processor sends them, on one model thread."""
 
-    def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1, gate: Any = None):
+    def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1, gate: Any = None,
+                 outlier_margin: float | None = None):
         self.model_thread = ModelThread(f"{name}-model")
-        self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every, gate)
+        self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every, gate, outlier_margin)
 
     def version(self, index: int) -> SlowVersion:
         return self.learner.version(index)

@@ -63,7 +63,8 @@ class Supervisor:
         if learner is not None:
             self.learner = LearnerActor.options(
                 name=self.learner_name, max_restarts=0, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
-            ).remote(spec, learner.lag, self.learner_name, learner.every, learner.gate)
+            ).remote(spec, learner.lag, self.learner_name, learner.every, learner.gate,
+                      learner.admission.outlier_loss_margin if learner.admission.enabled else None)
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         try:

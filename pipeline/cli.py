@@ -238,6 +238,22 @@ def forget(
                   "earlier version its files", markup=False)
 
 
+@app.command()
+def release(
+    key: str = typer.Argument(..., help="The tenant's key (the records' key, or their JSON 'key')."),
+    config: Path = ConfigOption,
+    timeout: float = typer.Option(30.0, help="Seconds to wait for the running processor to confirm."),
+) -> None:
+    """Let a quarantined tenant's documents be learned again (the learner's admission checks
+    quarantine a key whose documents are kept out too often; an alert names its state)."""
+    from pipeline.stream_io.control_client import request_release
+
+    cfg = _load(config)
+    result = _answer("release", lambda: request_release(cfg, key, timeout_s=timeout), timeout)
+    console.print(f"state {result['state_key']}: " + ("released: its documents are learned again" if result["released"]
+                                                      else "was not quarantined"), markup=False)
+
+
 def _answer(action: str, send: Callable[[], dict[str, Any] | None], timeout: float) -> dict[str, Any]:
     """The running processor's answer to a command sent by ``send``; exits on anything else."""
     try:

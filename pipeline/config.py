@@ -386,6 +386,14 @@ class AdmissionConfig(_Section):
     """One key may take at most this share of the last key_window_documents documents learned."""
     key_window_documents: int = Field(default=32, ge=2)
     """The window of documents learned that key_share is counted over."""
+    outlier_loss_margin: float | None = Field(default=1.0, gt=0.0)
+    """In the learner: a window whose loss is above the median of the last 64 windows learned by
+    more than this fraction (1.0: twice the median) takes no slow step (junk that the text checks
+    let by: word salad, another language). None: every window steps. Counted in the version's
+    ``kept_out`` as ``outlier loss`` (windows); a result cannot say it, as the learner decides after."""
+    quarantine_after: int = Field(default=16, ge=1)
+    """A key with this many documents kept out in a row is quarantined: none of its documents is
+    learned until `ttt-stream release KEY`; an alert says so."""
 
 
 class LearnerConfig(_Section):
@@ -400,8 +408,9 @@ class LearnerConfig(_Section):
     larger: the readers may run that many documents ahead of the learner).
     """
     every: int = Field(default=1, ge=1)
-    """Learn from every document (1), or from one in ``every`` (in the ledger's order): for a learner
-    slower than its readers, which then read at their own speed.
+    """Learn from every document (1), or from one in ``every`` of those the admission checks let
+    through (in the ledger's order): for a learner slower than its readers, which then read at their
+    own speed; documents kept out cost none of that budget.
     """
     num_cpus: float = Field(default=1.0, ge=0)
     """CPUs of the learner actor."""
@@ -430,6 +439,8 @@ class ControlConfig(_Section):
     min_forget_interval_s: float = Field(default=1.0, ge=0)
     """At most one forget asked for through the control topic per this many seconds (each writes a
     version)."""
+    min_release_interval_s: float = Field(default=1.0, ge=0)
+    """At most one release of a quarantined key per this many seconds."""
 
 
 class ProcessorConfig(_Section):

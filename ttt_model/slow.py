@@ -23,7 +23,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -175,6 +175,9 @@ class SlowLearner:
         self.config = config
         # (n, chunk) token ids of the base model's own kind of text (``rehearsal_chunks``).
         self.rehearsal = rehearsal
+        # Asked with each chunk's loss before its step (None: every chunk steps): a learner keeps
+        # a chunk whose loss is an outlier from its weights (actors.learner).
+        self.admit: Callable[[float], bool] | None = None
         self.modules = _target_linears(model, config)
         if not self.modules:
             raise ValueError(f"SlowConfig.targets: no linear module of the model matches {config.targets}")
@@ -262,6 +265,8 @@ class SlowLearner:
                     scale = 1.0 / ((n - 1) * (1 + len(extra))) if learn else 0.0
                     scored, grad = head_nll_and_grad(hidden[0, :-1], head, piece[0, 1:], scale)
                     nll.append(torch.cat([first.float(), scored.float()])[None])
+                    if learn and self.admit is not None:
+                        learn = self.admit(float(scored.double().mean()))
                     if learn:
                         hiddens, grads = [hidden[0, :-1]], [grad]
                         for ids, rehearsed in extra:

@@ -16,7 +16,8 @@ checks, in the ledger's order:
   (one tenant's flood; a stream of one tenant is that tenant's, and is not capped).
 
 A document kept out is still read, scored and answered; its result says why (``learning``) and
-the metrics count it. The memory is bounded (``memory_documents`` fingerprints) and goes into
+the metrics count it. A key whose documents are kept out ``quarantine_after`` times in a row is
+quarantined (an alert says so): none of its documents is learned until ``ttt-stream release KEY``. The memory is bounded (``memory_documents`` fingerprints) and goes into
 every checkpoint, so that a restored stream decides as the one that wrote it.
 """
 
@@ -32,7 +33,9 @@ from typing import Any
 import numpy as np
 
 # The closed set of reasons (the part of a reason before the colon): metric labels stay bounded.
-KINDS = ("duplicate", "near duplicate", "degenerate", "key share")
+KINDS = ("duplicate", "near duplicate", "degenerate", "key share", "quarantined")
+# Keys whose run of documents kept out is counted (the most recent ones): bounded memory.
+MAX_COUNTED_KEYS = 4096
 LEARNED, HELD_OUT = "admitted", "held out"
 
 WORD = re.compile(r"\w+")
@@ -86,10 +89,43 @@ class LearningAdmission:
         window = config.key_window_documents
         self._offered: deque[str | None] = deque(state.get("offered", []), maxlen=window)  # keys of recent documents
         self._learned: deque[str | None] = deque(state.get("learned", []), maxlen=window)  # keys of recent admitted ones
+        # Per key: documents kept out in a row; and the keys quarantined (until ``release``).
+        self._kept_out_in_a_row: dict[str, int] = dict(state.get("kept_out_in_a_row", {}))
+        self.quarantined: set[str] = set(state.get("quarantined", []))
+        self.newly_quarantined: str | None = None  # the key the last ``decide`` quarantined
 
     def decide(self, text: str, key: str | None, held_out: bool = False) -> str | None:
         """Why this document must not be learned (``"<kind>: <detail>"``), or None: the learner may
-        take it. A document to be held out passes the same checks of its text (the held-out slice
+        take it (see ``_check``). A key whose documents are kept out ``quarantine_after`` times in a
+        row is quarantined: none of its documents is learned until ``release``."""
+        self.newly_quarantined = None
+        if key is not None and key in self.quarantined:
+            return "quarantined: its key's documents were kept out too often; release it with `ttt-stream release`"
+        reason = self._check(text, key, held_out)
+        if key is not None:
+            if reason is None:
+                self._kept_out_in_a_row.pop(key, None)
+            else:
+                count = self._kept_out_in_a_row.pop(key, 0) + 1  # re-inserted: most recent last
+                self._kept_out_in_a_row[key] = count
+                while len(self._kept_out_in_a_row) > MAX_COUNTED_KEYS:
+                    del self._kept_out_in_a_row[next(iter(self._kept_out_in_a_row))]
+                if count >= self.config.quarantine_after and len(self.quarantined) < MAX_COUNTED_KEYS:
+                    self.quarantined.add(key)
+                    self._kept_out_in_a_row.pop(key)
+                    self.newly_quarantined = key
+        return reason
+
+    def release(self, key: str) -> bool:
+        """Let a quarantined key's documents be learned again; whether it was quarantined."""
+        self._kept_out_in_a_row.pop(key, None)
+        if key in self.quarantined:
+            self.quarantined.discard(key)
+            return True
+        return False
+
+    def _check(self, text: str, key: str | None, held_out: bool) -> str | None:
+        """Why this document must not be learned, or None. A document to be held out passes the same checks of its text (the held-out slice
         holds no copies and no junk), is remembered (its copies are kept out: nothing of the slice
         is learned) and never counted as learned."""
         cfg = self.config
@@ -146,7 +182,8 @@ class LearningAdmission:
     def as_dict(self) -> dict[str, Any]:
         """What it remembers, as JSON for a checkpoint's manifest."""
         return {"exact": list(self._exact), "simhash": [f"{h:016x}" for h in self._fingerprints],
-                "offered": list(self._offered), "learned": list(self._learned)}
+                "offered": list(self._offered), "learned": list(self._learned),
+                "kept_out_in_a_row": dict(self._kept_out_in_a_row), "quarantined": sorted(self.quarantined)}
 
 
 def decision_kind(kept_out: str | None, held_out: bool) -> str:

@@ -118,6 +118,10 @@ class StreamProcessor:
                 now = time.monotonic()
                 self._enforce_deadline(now)
                 self.recovery.tick(now)
+                if time.monotonic() - now > cfg.poll_timeout_ms / 1000:
+                    # A checkpoint's time (finishing what was taken in, judging, writing) is work,
+                    # not idleness: the topic is polled again before the stream may stop as idle.
+                    last_activity = time.monotonic()
                 if now - last_status >= cfg.status_interval_s:
                     self._alert_control_refusals()
                     self._publish_status(now - started)
@@ -173,6 +177,12 @@ class StreamProcessor:
                 if admission is not None:
                     kept_out = admission.decide(parsed.task.text, key, held_out)
                     held_out = held_out and kept_out is None  # no copy or junk in the held-out slice
+                    if admission.newly_quarantined is not None:
+                        log.warning("the key of state %s is quarantined: %d of its documents in a row were kept from "
+                                    "learning", key, self.config.learner.admission.quarantine_after)
+                        self.sinks.alert({"type": "quarantined", "stream": self.stream, "state_key": key,
+                                          "last_reason": kept_out, "release": "ttt-stream release KEY",
+                                          "time": time.time()})
                 self.events.publish(LearningDecided(decision_kind(kept_out, held_out)))
             parsed = replace(parsed, task=replace(parsed.task, key=key, shadow=shadow, held_out=held_out,
                                                   kept_out=kept_out))
@@ -303,6 +313,8 @@ class StreamProcessor:
             try:
                 if command.action == "forget":
                     self.forget(command.key, request_id=command.request_id)
+                elif command.action == "release":
+                    self.release(command.key, request_id=command.request_id)
                 else:
                     self.rollback(command.to, cause="manual", request_id=command.request_id)
             except CommandFailed as err:  # MLflow out of reach: the sender hears, the stream goes on
@@ -314,7 +326,12 @@ class StreamProcessor:
 
     def _refusal(self, command: ControlCommand) -> str | None:
         """Why a signed command is still not carried out (None: it is)."""
-        refusal = self.recovery.refusal(command.action, command.to)
+        if command.action == "release":
+            refusal = None if self.admission is not None else (
+                "refused: release needs the learner's admission checks (processor.learner.enabled, "
+                "learner.admission.enabled): this stream quarantines no key")
+        else:
+            refusal = self.recovery.refusal(command.action, command.to)
         if refusal is not None:
             return refusal
         since = time.monotonic() - self._last_command.get(command.action, -math.inf)
@@ -344,6 +361,16 @@ class StreamProcessor:
         self.sinks.alert({"type": "forget", "stream": self.stream, "state_key": state_key, "held": held,
                           "version": version, "request_id": request_id, "time": time.time()})
         return version
+
+    def release(self, key: str, request_id: str | None = None) -> bool:
+        """Let the documents of a quarantined ``key`` be learned again (from the next one taken in;
+        the next checkpoint records it); whether it was quarantined."""
+        state_key = self.keys.state_key_of(key)
+        released = self.admission.release(state_key)
+        log.info("release of the key of state %s: %s", state_key, "released" if released else "was not quarantined")
+        self.sinks.alert({"type": "release", "stream": self.stream, "state_key": state_key, "released": released,
+                          "request_id": request_id, "time": time.time()})
+        return released
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
         """Every worker back to the states of version ``target`` (``pipeline.processing.recovery``)."""

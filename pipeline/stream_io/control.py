@@ -1,6 +1,7 @@
 """The control topic: signed commands to a running processor (``{"action": "rollback", "to": V,
-"request_id": ..., "issued_at": T, "signature": HMAC}``, or ``{"action": "forget", "key": K,
-...}``: erase one tenant's per-key state).
+"request_id": ..., "issued_at": T, "signature": HMAC}``, ``{"action": "forget", "key": K,
+...}``: erase one tenant's per-key state, or ``{"action": "release", "key": K, ...}``: let a
+quarantined tenant's documents be learned again).
 
 Anyone who can write to the topic can send a record; only a holder of the control key (the
 environment variable named by ``processor.control.key_env``) can send a command. The signature is
@@ -32,7 +33,7 @@ from pipeline.stream_io.messages import MAX_KEY_CHARS
 from pipeline.stream_io.untrusted_json import UntrustedJSONError, loads_untrusted
 
 log = logging.getLogger(__name__)
-ACTIONS = ("rollback", "forget")
+ACTIONS = ("rollback", "forget", "release")
 # A command is a few fields; anything longer is not one.
 MAX_COMMAND_BYTES = 4096
 SIGNATURE = "signature"
@@ -48,7 +49,7 @@ class ControlCommand:
     action: str
     to: str | None = None  # rollback: a version, an alias, or base
     request_id: str | None = None
-    key: str | None = None  # forget: the tenant's key
+    key: str | None = None  # forget, release: the tenant's key
 
 
 def control_key(config: ControlConfig, environ: Mapping[str, str] = os.environ) -> bytes | None:
@@ -164,7 +165,7 @@ def _parse_command(value: bytes | None, verifier: CommandVerifier) -> ControlCom
             return "rollback needs 'to': a version number or an alias such as last-good"
         to = str(to)
     elif not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
-        return f"forget needs 'key': a string of at most {MAX_KEY_CHARS} characters"
+        return f"{message['action']} needs 'key': a string of at most {MAX_KEY_CHARS} characters"
     refusal = verifier.refusal(message)
     if refusal is not None:
         return refusal
@@ -172,7 +173,7 @@ def _parse_command(value: bytes | None, verifier: CommandVerifier) -> ControlCom
     request_id = str(request_id)[:128] if request_id is not None else None
     if message["action"] == "rollback":
         return ControlCommand("rollback", to, request_id)
-    return ControlCommand("forget", request_id=request_id, key=key)
+    return ControlCommand(message["action"], request_id=request_id, key=key)
 
 
 class ControlSource:

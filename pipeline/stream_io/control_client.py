@@ -33,6 +33,11 @@ def request_forget(config: AppConfig, key: str, timeout_s: float = 60.0) -> dict
     return request(config, {"action": "forget", "key": key}, ("forget",), timeout_s)
 
 
+def request_release(config: AppConfig, key: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """Have a running processor let a quarantined key's documents be learned again."""
+    return request(config, {"action": "release", "key": key}, ("release",), timeout_s)
+
+
 def request(config: AppConfig, command: dict[str, Any], answers: tuple[str, ...],
             timeout_s: float) -> dict[str, Any] | None:
     """Send ``command``, signed with the control key, and wait for the processor's answer to it

@@ -176,10 +176,10 @@ REASON_KINDS = (
     # writing its output
     "output refused",
     # control records
-    "unknown action", "rollback needs", "forget needs", "refused: no control key", "refused: unsigned command",
+    "unknown action", "rollback needs", "forget needs", "release needs", "refused: no control key", "refused: unsigned command",
     "refused: bad signature", "refused: no issued_at", "refused: expired", "refused: replayed command",
     "refused: for another stream", "refused: rate limit", "refused: unknown version", "refused: forget needs per_key",
-    "refused: checkpoints off",
+    "refused: checkpoints off", "refused: release needs the learner",
 )
 
 

@@ -9,9 +9,10 @@ import json
 import pytest
 from safetensors.torch import load
 
-from actors.call_types import PUBLISHED_KEY
+from actors.call_types import GATE_KEY, PUBLISHED_KEY
 from actors.state_store import GLOBAL_KEY
-from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.state.checkpoint import HEAD, LIVE, CheckpointStore
+from pipeline.state.promotion import VERDICT_TAG
 from pipeline.config import ContextParallelConfig, LearnerConfig
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
@@ -49,15 +50,24 @@ def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack
     assert {r["worker"] for r in got.values()} == {f"{config.stream.name}-worker-{i}" for i in range(2)}
     ratios = sorted(r["slow_delta_ratio"] for r in got.values())
     assert ratios[0] == 0.0 and ratios[-1] > 0  # the first document reads the base, later ones what was learned
+    # Every result says which version it read with and what the learner did with it.
+    assert sorted(r["slow_version"] for r in got.values()) == list(range(len(docs)))
+    decisions = [r["learning"] for r in got.values()]
+    assert set(decisions) <= {"admitted", "held out"} and decisions.count("admitted") >= len(docs) // 2
 
     store = CheckpointStore(config.mlflow, config.stream.name)
     live = store.load(LIVE)
+    assert store.resolve(HEAD) == live.version  # every version of this stream passed the gate
     learner = f"{config.stream.name}-learner"
     assert {name: [b.key for b in blobs] for name, blobs in live.states.items()} == {
         f"{config.stream.name}-worker-0": [], f"{config.stream.name}-worker-1": [],
-        learner: [GLOBAL_KEY, PUBLISHED_KEY]}
+        learner: [GLOBAL_KEY, PUBLISHED_KEY, GATE_KEY]}
     (state,) = [b for b in live.states[learner] if b.key == GLOBAL_KEY]
-    assert state.documents == len(docs)
+    assert state.documents == decisions.count("admitted")  # held-out documents are never learned
+    for row in store.versions():
+        tags = row["tags"]
+        assert tags[VERDICT_TAG] == "promoted" and len(tags["ttt.slow_digest"]) == 64, tags
+        assert float(tags["ttt.forgetting"]) < 0.02 and row["metrics"]["gate.promoted"] == 1.0
     assert any(k.startswith("slow.") and k.endswith(".B") and t.any() for k, t in load(state.data).items())
 
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)

@@ -82,7 +82,9 @@ def test_the_grafana_dashboard_asks_only_for_series_the_processor_serves():
     m.document(DocumentOutcome("a", ok=True, tokens=1, loss=1.0, base_loss=1.0, slow_delta_ratio=0.1))
     m.dead_letter("empty text")
     m.checkpoint(None, "periodic")
-    m.checkpoint("1", "periodic")
+    m.checkpoint("1", "periodic", {"verdict": "promoted", "gain_vs_base": -0.05, "gain_vs_last_good": -0.01,
+                                   "forgetting": 0.002})
+    m.learning.labels("s", "admitted").inc()
     m.rollback("manual")
     m.alert("non_finite")
     m.progress({0: 1}, {0: 2}, 0, 0)
