@@ -165,13 +165,16 @@ class StreamLearner:
         self.learn_s += time.perf_counter() - start
         return {**report, "version": self.position}
 
-    def judge(self) -> tuple[Verdict | None, list[StateBlob]]:
+    def judge(self, take: bool = True) -> tuple[Verdict | None, list[StateBlob]]:
         """At a checkpoint's cut (after the ``learn`` calls it covers): the gate's verdict on the
         weights now, and the snapshot the version holds (the candidate, last-good's state and the
         verdict); then the verdict is taken (rejected: back to last-good). Without a gate: (None,
-        the snapshot)."""
+        the snapshot). ``take`` False: a cut that is no judging point (the processor judges at
+        positions the ledger fixes): ``unjudged``, and nothing changes."""
         if self.gate is None:
             return None, self.snapshot()
+        if not take:
+            return self.gate.unjudged(self.position), self.snapshot()
         slow = self._slow()
         verdict = self.gate.judge(self.position, slow, slow.state_dict(), self._slow_of)
         blobs = self.snapshot(verdict)

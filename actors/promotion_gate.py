@@ -185,6 +185,11 @@ class PromotionGate:
                 + ([f"probe {probe:.4f} vs base {probe_base:.4f}"] if probe is not None else []))
         return verdict
 
+    def unjudged(self, position: int) -> Verdict:
+        """The verdict of a version written between judging points: not judged, not live."""
+        return Verdict(UNJUDGED, "written between the positions the gate judges at (a checkpoint by time)", position,
+                       learned=self.learned, kept_out=dict(sorted(self.kept_out.items())))
+
     def settle(self, verdict: Verdict, current: bytes) -> bytes | None:
         """Take ``verdict`` (the learner's state is ``current`` bytes): returns the state the learner
         goes back to (last-good's bytes; b"" for the base model), or None when it keeps its own."""

@@ -100,7 +100,7 @@ def run_setting(spec, rows, every: int, checks: bool, gate: bool, checkpoint_eve
     verdicts = []
     live = learner.worker.states.get(None).state.slow.state_dict()  # the base model's until a version passes
     for n, (doc_id, kind, key, text) in enumerate(rows):
-        held_out = gate and keys.draw("held out", "bench", 0, n) < holdout
+        held_out = gate and keys.draw("held out", 0, n) < holdout
         kept_out = admission.decide(text, key, held_out) if admission is not None else None
         held_out = held_out and kept_out is None
         decision = decision_kind(kept_out, held_out)

@@ -241,6 +241,47 @@ def checkpoint_memory_table(name: str) -> tuple[list[str], dict[str, str]]:
     return head + lines, figures
 
 
+def gate_demo_table(name: str) -> tuple[list[str], dict[str, str]]:
+    """The demo with the promotion gate and the admission checks on and off, runs side by side."""
+    d = _load(name)
+    lines = ["| run | gate and checks | documents | tokens/s | sampled adapted vs static loss | verdicts |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    figures = {}
+    for run in d["runs"]:
+        lines.append(f"| {run['order']} | {run['setting']} | {run['documents']} | {run['tokens_per_s']:,} | "
+                     f"{_pct(run['adapted_vs_static'])} | {', '.join(run['verdicts']) or '-'} |")
+    on = [r["tokens_per_s"] for r in d["runs"] if r["setting"] == "on"]
+    off = [r["tokens_per_s"] for r in d["runs"] if r["setting"] == "off"]
+    ratio = (sum(on) / len(on)) / (sum(off) / len(off))
+    lines += ["", f"Mean tokens/s with the gate and the checks on / off: **{ratio:.3f}**."]
+    figures["demo gate and checks on / off"] = f"{ratio:.3f}"
+    head = [f"`{d['command']}` · {d['machine']} · {d['date']}", ""]
+    return head + lines, figures
+
+
+def admission_table(name: str) -> tuple[list[str], dict[str, str]]:
+    """bench/learning_admission.py: a domain stream, clean and 30% junk, the checks and the gate on and off."""
+    d = _load(name)
+    lines = ["| stream | checks and gate | held-out: live vs base | forgetting | documents learned (clean / junk) | "
+             "learner time on junk | verdicts | kept out |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    figures = {}
+    for setting, run in d["settings"].items():
+        stream, switch = setting.split(":")
+        kept = {k: v for k, v in run["decisions"].items() if k not in ("admitted", "held out")}
+        verdicts = {v: run["verdicts"].count(v) for v in sorted(set(run["verdicts"]))}
+        lines.append(f"| {stream} | {switch} | {_pct2(run['heldout_gain'])} | {_pct2(run['forgetting'])} | "
+                     f"{run['learned']['clean']} / {run['learned']['junk']} | {_pct(run['learner_share_on_junk'])} | "
+                     f"{', '.join(f'{k} {v}' for k, v in verdicts.items()) or '-'} | "
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(kept.items())) or '-'} |")
+        figures[f"{stream} {switch} held-out"] = _pct2(run["heldout_gain"])
+        figures[f"{stream} {switch} forgetting"] = _pct2(run["forgetting"])
+    head = [f"`python bench/learning_admission.py --domain {d['domain']} --every {d['every']}` · {d['documents']} "
+            f"documents of the domain (at most {d['max_tokens']} tokens), {100 * d['junk']:.0f}% junk in the poisoned "
+            f"stream · the learner takes one in {d['every']} · {d['heldout_documents']} held-out documents of the "
+            f"domain, {d['shipped_documents']} of the shipped held-out set (forgetting) · {d.get('machine', '')}", ""]
+    return head + lines, figures
+
+
 def plots(out: Path) -> list[str]:
     """PNGs from the same files: loss by stream position, reading speed by document length."""
     import matplotlib
@@ -292,6 +333,13 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      "model on held-out documents of the domain, and on the shipped held-out set (forgetting).",
      lambda: learning_table(["domain_stream/pandas_learner_default_seed0.json",
                              "domain_stream/pandas_learner_default_seed1.json"])),
+    ("The promotion gate and the admission checks on the demo", "`bash infra/demo.sh` with "
+     "`processor.learner.gate` and `processor.learner.admission` on (the embedded default) and off, the runs "
+     "alternating on one machine.", lambda: gate_demo_table("demo_gate_checks.json")),
+    ("Learning spent where it pays", "`bench/learning_admission.py`: the stream's parts in the ledger's order "
+     "(the driver's checks and held-out slice, the learner with its gate), a domain the model never saw, clean and "
+     "with junk: spam, random characters, near-copies of one document, one tenant's word salad. `live` is the last "
+     "version the gate promoted (off: the last version).", lambda: admission_table("learning_admission.json")),
     ("Context parallelism", "`bench/context_parallel.py`, 64k tokens, H200 GPUs, against one rank.",
      lambda: context_parallel_table(["h200x2_cp_65536_w0.00018.json", "h200x4_cp_65536_w0.00018.json"])),
     ("Checkpoint memory", "`bench/checkpoint_memory.py`: the driver's resident memory over one checkpoint of per-key "

@@ -150,6 +150,8 @@ class StreamProcessor:
         # 3.0 can park a paused partition's fetched records and never fetch it again after
         # resume (seen here: the tail of a partition silently went unread).
         budget = 2 * self.config.max_in_flight_per_worker * len(self.pool.names) - self.ledger.queued
+        limit = self.recovery.accept_limit()  # the promotion gate's next judging point
+        budget = budget if limit is None else min(budget, limit)
         if budget <= 0 or self.recovery.reading_paused:
             return []
         return self.source.poll(timeout_ms=0 if self.ledger.in_flight else self.config.poll_timeout_ms,
@@ -168,7 +170,7 @@ class StreamProcessor:
             # From here on a tenant is its state's name, never its key (pipeline.state.tenant_keys).
             key = self.keys.state_key(parsed.task.key)
             # Samples by a keyed hash of the position: fixed on a replay, and out of a producer's reach.
-            position = (record.topic, record.partition, record.offset)
+            position = (record.partition, record.offset)
             shadow = self.keys.draw("shadow", *position) < self.config.base_loss_sample_rate
             held_out, kept_out = False, None
             if self.learner.name is not None:

@@ -103,9 +103,12 @@ class Learner(Protocol):
     def states(self) -> dict[str, list[StateBlob]]:
         """``snapshot`` under the learner's name, as a checkpoint holds it ({} without one)."""
 
-    def judged_states(self) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
+    position: int  # documents submitted since the stream started (restored ones included)
+
+    def judged_states(self, judge: bool = True) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
         """At a checkpoint's cut: the promotion gate's verdict on the weights (None: no gate) and
-        ``states`` as the version holds them; the learner then takes the verdict."""
+        ``states`` as the version holds them; the learner then takes the verdict. ``judge``
+        False: the cut is no judging point; the verdict is ``unjudged`` and nothing changes."""
 
     def restore(self, blobs: list[StateBlob]) -> None:
         """Back to ``blobs`` ([]: the base model); the order of documents restarts from there."""
@@ -129,7 +132,9 @@ class NoLearner:
     def states(self) -> dict[str, list[StateBlob]]:
         return {}
 
-    def judged_states(self) -> tuple[None, dict[str, list[StateBlob]]]:
+    position = 0
+
+    def judged_states(self, judge: bool = True) -> tuple[None, dict[str, list[StateBlob]]]:
         return None, {}
 
     def restore(self, blobs: list[StateBlob]) -> None:
@@ -177,9 +182,9 @@ class RayLearner:
     def states(self) -> dict[str, list[StateBlob]]:
         return {self.name: self.snapshot()}
 
-    def judged_states(self) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
+    def judged_states(self, judge: bool = True) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
         try:
-            verdict, blobs = ray.get(self.actor.judge.remote())
+            verdict, blobs = ray.get(self.actor.judge.remote(judge))
         except ray.exceptions.RayError as err:
             raise LearnerDied(f"the learner {self.name} failed: {err}") from None
         self.check()

@@ -101,6 +101,10 @@ class RecoveryPolicy:
     def attach(self, parts: StreamParts) -> None:
         self.parts = parts
 
+    def accept_limit(self) -> int | None:
+        """How many more documents may be taken in before progress is made durable (None: no limit)."""
+        return None
+
     def worker_died(self, pending: PendingDocument) -> None:
         raise NotImplementedError
 
@@ -127,7 +131,7 @@ class RecoveryPolicy:
         """Why a control command cannot be carried out (None: it can)."""
         raise NotImplementedError
 
-    def checkpoint(self, reason: str) -> str | None:
+    def checkpoint(self, reason: str, judge: bool = True) -> str | None:
         raise NotImplementedError
 
     def forget(self, state_key: str) -> tuple[int, str | None]:
@@ -205,7 +209,7 @@ class BestEffortRecovery(RecoveryPolicy):
     def finish(self) -> None:
         self.checkpoint("shutdown")
 
-    def checkpoint(self, reason: str) -> str | None:
+    def checkpoint(self, reason: str, judge: bool = True) -> str | None:
         """Commit what is read (no state is kept): after the broker has every output below it."""
         self.parts.sinks.flush()  # raises DeliveryError, and then nothing is committed
         self.parts.source.commit(self.parts.ledger.committable())
@@ -231,6 +235,33 @@ class CheckpointedRecovery(RecoveryPolicy):
         self.rolling_back = False
         self._breach_at_documents = 0
         self._to_erase: set[str] = set()  # forgotten state keys whose files are not erased yet
+        self._judged_at = 0  # the learner's position at the gate's last verdict (or where this run started)
+
+    def attach(self, parts: StreamParts) -> None:
+        super().attach(parts)
+        self._judged_at = parts.learner.position
+
+    @property
+    def _gated(self) -> bool:
+        parts = self.parts
+        return parts.learner.name is not None and parts.config.learner.gate.enabled
+
+    def _judging_due(self) -> bool:
+        """The promotion gate judges when the learner has taken a multiple of ``every_documents``
+        documents (a position the ledger fixes, so that a restored stream judges where the one
+        that never stopped did), and at shutdown."""
+        position = self.parts.learner.position
+        return self._gated and position % self.parts.config.checkpoint.every_documents == 0 \
+            and position != self._judged_at
+
+    def accept_limit(self) -> int | None:
+        """With the gate: no document past the next judging point until it is judged."""
+        if not self._gated:
+            return None
+        if self._judging_due():
+            return 0
+        every = self.parts.config.checkpoint.every_documents
+        return every - self.parts.learner.position % every
 
     # -- failures ------------------------------------------------------------------------------
 
@@ -300,10 +331,12 @@ class CheckpointedRecovery(RecoveryPolicy):
         return self.checkpointer.backlog_full
 
     def tick(self, now: float) -> None:
-        if self.checkpointer.due(now):
+        if self._judging_due():
             self.checkpoint("periodic")
+        elif self.checkpointer.due(now, by_count=not self._gated):  # with the gate, by time only: unjudged
+            self.checkpoint("periodic", judge=False)
 
-    def checkpoint(self, reason: str) -> str | None:
+    def checkpoint(self, reason: str, judge: bool = True) -> str | None:
         """A consistent cut: finish what the workers hold, snapshot their states, write the
         checkpoint, and only then commit the offsets it records."""
         parts = self.parts
@@ -312,7 +345,10 @@ class CheckpointedRecovery(RecoveryPolicy):
         offsets = parts.ledger.committable()
         # The learner's one state at the same cut (every document accepted so far), judged by
         # the promotion gate first: the version is a candidate, live only if it passed.
-        verdict, learned = parts.learner.judged_states()
+        judge = judge and parts.learner.position != self._judged_at  # a verdict is taken once per position
+        verdict, learned = parts.learner.judged_states(judge)
+        if judge:
+            self._judged_at = parts.learner.position
 
         def write_states(run: StateTarget) -> dict[str, list]:
             # Each reader writes its own states into the version's run; the driver gets their
@@ -438,6 +474,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         for w, name in enumerate(parts.pool.names):
             parts.pool.restore(w, states[name])
         parts.learner.restore(learned)
+        self._judged_at = parts.learner.position
         if target == BASE and learner:  # the version recording the rollback holds the fresh learner
             checkpoint.states.update(parts.learner.states())
         return checkpoint

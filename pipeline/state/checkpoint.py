@@ -615,14 +615,17 @@ class StreamCheckpointer:
     def document_done(self) -> None:
         self.pending_documents += 1
 
-    def due(self, now: float) -> bool:
+    def due(self, now: float, by_count: bool = True) -> bool:
+        """Whether a checkpoint is due: ``every_seconds`` since the last, or (``by_count``)
+        ``every_documents`` finished since."""
         if now < self._retry_at:
             return False
         if self.owed:  # a forget whose version could not be written: again, as soon as it may
             return True
         if self.pending_documents == 0:
             return False
-        return self.pending_documents >= self.config.every_documents or now - self.last_at >= self.config.every_seconds
+        return (by_count and self.pending_documents >= self.config.every_documents) \
+            or now - self.last_at >= self.config.every_seconds
 
     @property
     def backlog_full(self) -> bool:

@@ -41,9 +41,10 @@ class TenantKeys:
 
         return self.state_key(tenant_key(key.encode()))
 
-    def draw(self, purpose: str, topic: str, partition: int, offset: int) -> float:
-        """A number in [0, 1) for the record at this position, keyed with the stream's salt: the
-        base shadow's and the held-out slice's samples. Fixed by the position (a replay draws the
-        same), and nobody without the salt can choose ids or keys that land in or out of them."""
-        message = f"{purpose}\0{topic}\0{partition}\0{offset}".encode()
+    def draw(self, purpose: str, partition: int, offset: int) -> float:
+        """A number in [0, 1) for the record at this position of the stream's documents topic,
+        keyed with the stream's salt: the base shadow's and the held-out slice's samples. Fixed by
+        the position (a replay draws the same), and nobody without the salt can choose ids, keys or
+        contents that land in or out of them."""
+        message = f"{purpose}\0{partition}\0{offset}".encode()
         return int.from_bytes(hmac.new(self.salt, message, hashlib.sha256).digest()[:8], "big") / 2**64

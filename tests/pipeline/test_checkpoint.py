@@ -1,13 +1,14 @@
 """Checkpoints on the real MLflow server: versions, aliases, verification on load."""
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from actors.state_store import StateBlob
-from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointError, CheckpointRequest, CheckpointStore
+from pipeline.state.checkpoint import HEAD, LAST_GOOD, LIVE, CheckpointError, CheckpointRequest, CheckpointStore
 from tests.ttt_model.reference import tiny_model
 from ttt_model import FastWeightState, TTTConfig, enable_ttt
 
@@ -55,9 +56,13 @@ def test_versions_aliases_and_a_verified_round_trip(store):
     assert store.load(LAST_GOOD).offsets == {0: 10, 1: 7}
     rows = store.versions()
     assert [r["version"] for r in rows] == [v2, v1]
-    assert rows[0]["aliases"] == [LIVE] and rows[1]["aliases"] == [LAST_GOOD]
+    assert rows[0]["aliases"] == [HEAD, LIVE] and rows[1]["aliases"] == [LAST_GOOD]
     assert rows[0]["tags"]["reason"] == "periodic" and rows[0]["tags"]["parent_version"] == v1
     assert rows[0]["metrics"]["adapted_loss"] == pytest.approx(3.5)
+    # A candidate the promotion gate did not pass: the newest version (head, where a restart reads
+    # on), never live.
+    v3 = store.save(replace(request(3.0, {0: 30, 1: 22}, v2), promote=False))
+    assert (store.resolve(HEAD), store.resolve(LIVE)) == (v3, v2)
 
 
 def test_a_tampered_or_missing_artifact_fails_clearly(store, stack):

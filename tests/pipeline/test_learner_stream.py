@@ -16,7 +16,7 @@ from pipeline.state.promotion import VERDICT_TAG
 from pipeline.config import ContextParallelConfig, LearnerConfig
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
-from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
+from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -87,13 +87,14 @@ def test_context_parallel_reads_with_the_learners_versions(stack, ray_session, t
     values = [json.dumps(d).encode() for d in docs]
 
     reference = learner_config(stack, tmp_path / "ref", workers=1)
+    config = learner_config(stack, tmp_path / "cp", workers=1,
+                            context_parallel=ContextParallelConfig(min_tokens=600, world=2, num_cpus=0.25))
+    share_salt(reference, config)  # the same held-out slice: the learner learns the same documents
     ensure_topics(reference.kafka)
     produce(reference, values, partitions=[0] * len(values))
     run_stream(reference, until_idle_s=3.0)
     want = results(reference, len(docs))
 
-    config = learner_config(stack, tmp_path / "cp", workers=1,
-                            context_parallel=ContextParallelConfig(min_tokens=600, world=2, num_cpus=0.25))
     ensure_topics(config.kafka)
     produce(config, values, partitions=[0] * len(values))
     summary = run_stream(config, until_idle_s=3.0)

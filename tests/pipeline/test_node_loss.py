@@ -24,7 +24,7 @@ from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
 from pipeline.config import LearnerConfig
 from tests.pipeline.test_recovery import ResultCounter, checkpoint_settings, final_states
-from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
+from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,12 +87,13 @@ def test_a_lost_node_s_worker_restarts_on_the_other_node_and_the_states_end_bitw
     partitions = [i % 2 for i in range(len(docs))]
 
     reference = with_settings(stack, tmp_path / "ref")
+    lost = with_settings(stack, tmp_path / "lost")
+    lost = lost.model_copy(update={"ray": lost.ray.model_copy(update={"address": ray_cluster.address})})
+    share_salt(reference, lost)  # the same held-out slice: the learner learns the same documents
     ensure_topics(reference.kafka)
     produce(reference, values, partitions)
     run_stream(reference, until_idle_s=3.0)  # the test session's single-node Ray
 
-    lost = with_settings(stack, tmp_path / "lost")
-    lost = lost.model_copy(update={"ray": lost.ray.model_copy(update={"address": ray_cluster.address})})
     config_file = tmp_path / "lost.yaml"
     config_file.write_text(yaml.safe_dump(lost.model_dump(mode="json")))
     ensure_topics(lost.kafka)

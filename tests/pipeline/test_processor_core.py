@@ -17,7 +17,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from actors.document_reader import DocumentOutcome, DocumentTask
 from actors.state_store import StateBlob
 from pipeline.state.tenant_keys import TenantKeys
-from pipeline.state.checkpoint import LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
+from pipeline.state.checkpoint import HEAD, LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
 from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, ProcessorConfig
 from pipeline.stream_io.control import ControlCommand
 from pipeline.observability.monitor import DegradationMonitor
@@ -221,7 +221,9 @@ class FakeStore:
                     "documents": request.documents, "reason": request.reason, "tags": request.tags,
                     "assignment": {str(p): w for p, w in request.assignment.items()}}
         self.versions[version] = Checkpoint(version, manifest, request.states)
-        self.aliases[LIVE] = version
+        self.aliases[HEAD] = version
+        if request.promote:
+            self.aliases[LIVE] = version
         return version
 
     def resolve(self, ref):
@@ -547,3 +549,70 @@ def test_documents_that_kill_their_reader_are_dead_lettered_without_spending_the
     assert pool.restarts > 2 * 5 and summary.dead_letters == 4
     assert sorted(json.loads(d)["id"] for d in sinks.dead_letters) == sorted(killers)
     assert pool.workers[0].read == [d["id"] for d in docs[0] if d["id"] not in killers]
+
+
+class FakeLearner:
+    """A learner whose promotion gate gives the verdicts it is told, one per checkpoint."""
+
+    name = "s-learner"
+    keeps_readers_stateless = False
+
+    def __init__(self, verdicts):
+        self.verdicts, self.tasks, self.judged_at = list(verdicts), [], []
+
+    @property
+    def position(self):
+        return len(self.tasks)
+
+    def submit(self, task):
+        self.tasks.append(task)
+        return None
+
+    def check(self):
+        pass
+
+    def states(self):
+        return {self.name: []}
+
+    def judged_states(self, judge=True):
+        if not judge:
+            return {"verdict": "unjudged", "reason": "between", "digest": "", "position": self.position,
+                    "kept_out": {}, "unchanged": False, "learned": 0}, self.states()
+        self.judged_at.append(self.position)
+        verdict = self.verdicts.pop(0) if self.verdicts else "promoted"
+        figures = {"gain_vs_base": -0.05, "gain_vs_last_good": 0.2 if verdict == "rejected" else -0.01,
+                   "forgetting": 0.001}
+        return ({"verdict": verdict, "reason": f"told {verdict}", "digest": "d" * 64, "position": len(self.tasks),
+                 "kept_out": {}, "unchanged": False, "learned": 1, **figures}, self.states())
+
+    def restore(self, blobs):
+        pass
+
+
+def test_a_rejected_candidate_is_a_version_that_never_goes_live():
+    docs = documents(1, 30)
+    store, learner = FakeStore(), FakeLearner(["promoted", "rejected", "promoted"])
+    cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=5, every_seconds=3600), poll_timeout_ms=1)
+    pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
+    checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer, start_offsets={0: 0},
+                           learner=learner)
+    seen = []
+    store_save = store.save
+    store.save = lambda request, run=None: seen.append(dict(store.aliases)) or store_save(request, run)
+    proc.run(until_idle_s=0.05)
+
+    tags = {v: c.manifest["tags"] for v, c in store.versions.items()}
+    verdicts = [tags[v]["ttt.verdict"] for v in sorted(tags, key=int)]
+    assert verdicts[:3] == ["promoted", "rejected", "promoted"] and set(verdicts[3:]) <= {"promoted"}
+    # Version 2 was never live, nor last-good: live stayed at 1 until 3 passed; head was each in turn.
+    assert seen[2] == {HEAD: "2", LIVE: "1", LAST_GOOD: "1"}
+    last = str(len(tags))
+    assert store.aliases == {HEAD: last, LIVE: last, LAST_GOOD: last}
+    assert tags["2"]["ttt.gain_vs_last_good"] == "0.2" and tags["2"]["ttt.verdict_reason"] == "told rejected"
+    (rejected,) = [a for a in sinks.alerts if a["type"] == "version_rejected"]
+    assert rejected["version"] == "2" and rejected["reason"] == "told rejected"
+    # The gate judged at the positions the ledger fixes (every 5 documents taken in) and at the end.
+    assert learner.judged_at[:-1] == list(range(5, 30, 5)) and learner.judged_at[-1] == 30
+    # Every document got its keyed learning decision, and its result says it.
+    assert all(not t.kept_out for t in learner.tasks) and {r["learning"] for r in sinks.results} <= {"admitted", "held out"}

@@ -21,7 +21,7 @@ from kafka import KafkaConsumer
 from pipeline.state.checkpoint import LIVE, CheckpointStore
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
-from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
+from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +61,14 @@ def test_five_kills_end_bitwise_equal_to_an_uncrashed_run(stack, ray_session, tm
     reference = stream_config(stack, tmp_path / "ref", **SETTINGS)
     reference = reference.model_copy(update={"processor": reference.processor.model_copy(
         update={"checkpoint": checkpoint_settings(stack)})})
+    crashed = stream_config(stack, tmp_path / "crash", **SETTINGS)
+    crashed = crashed.model_copy(update={"processor": crashed.processor.model_copy(
+        update={"checkpoint": checkpoint_settings(stack)})})
+    share_salt(reference, crashed)  # the same held-out slice: the learner learns the same documents
     ensure_topics(reference.kafka)
     produce(reference, values, partitions)
     run_stream(reference, until_idle_s=3.0)
 
-    crashed = stream_config(stack, tmp_path / "crash", **SETTINGS)
-    crashed = crashed.model_copy(update={"processor": crashed.processor.model_copy(
-        update={"checkpoint": checkpoint_settings(stack)})})
     config_file = tmp_path / "crash.yaml"
     config_file.write_text(yaml.safe_dump(crashed.model_dump(mode="json")))
     ensure_topics(crashed.kafka)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from actors.call_types import PUBLISHED_KEY
+from actors.call_types import RESERVED_KEYS
 from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointStore
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
@@ -90,7 +90,7 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     slow = live.manifest["model_config"]["slow"]
     assert slow["enabled"]
     # The stream's one state: on its learner (the embedded default), else on its worker.
-    (blob,) = [b for blobs in live.states.values() for b in blobs if b.key != PUBLISHED_KEY]
+    (blob,) = [b for blobs in live.states.values() for b in blobs if b.key not in RESERVED_KEYS]
     tensors = load(blob.data)
     reference = load_ttt_model(ROOT / "models/ttt-tiny-qwen3", dtype=torch.float32).eval()
     adapted = sorted({k[len("slow."):].rsplit(".", 1)[0] for k in tensors if k.endswith(".A")})

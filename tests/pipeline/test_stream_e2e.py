@@ -63,6 +63,22 @@ def stream_config(stack: AppConfig, tmp_path, **processor) -> AppConfig:
     })
 
 
+def share_salt(*configs: AppConfig) -> None:
+    """One salt for these streams (``pipeline.state.tenant_keys``: state names, the held-out slice,
+    the base shadow): runs that are compared document by document hold out the same positions."""
+    import secrets
+
+    from mlflow import MlflowClient
+
+    from pipeline.state.checkpoint import model_name
+    from pipeline.state.tenant_keys import SALT_TAG
+
+    salt = secrets.token_hex(32)
+    for config in configs:
+        client = MlflowClient(tracking_uri=config.mlflow.tracking_uri, registry_uri=config.mlflow.tracking_uri)
+        client.create_registered_model(model_name(config.stream.name), tags={SALT_TAG: salt})
+
+
 def short_documents(n: int, length: int = 200) -> list[dict]:
     """n snippets of the sample text, ``length`` to ``length`` + 400 characters, with unique ids
     (the same text here and in CI, which has no built corpus)."""

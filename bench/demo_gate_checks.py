@@ -1,0 +1,59 @@
+"""The demo with the promotion gate and the admission checks on (the embedded default) and off.
+
+    python bench/demo_gate_checks.py --pairs 2 --out bench/results/demo_gate_checks.json
+
+Runs ``bash infra/demo.sh`` (the README's first command) alternately with
+``processor.learner.gate`` and ``processor.learner.admission`` on and off (environment overrides),
+on the same 40 documents, and records each run's tokens/s, sampled adapted-vs-static loss and the
+verdicts of its versions, parsed from what the demo prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+OFF = {"TTT_STREAM__PROCESSOR__LEARNER__GATE__ENABLED": "false",
+       "TTT_STREAM__PROCESSOR__LEARNER__ADMISSION__ENABLED": "false"}
+
+
+def run_demo(setting: str) -> dict:
+    env = {**os.environ, "COLUMNS": "240", **(OFF if setting == "off" else {})}
+    out = subprocess.run(["bash", "infra/demo.sh"], env=env, capture_output=True, text=True, check=True).stdout
+
+    def figure(label: str) -> str:
+        match = re.search(rf"│ {re.escape(label)}\s*│\s*([^│]+?)\s*│", out)
+        if match is None:
+            raise RuntimeError(f"the demo printed no {label!r}:\n{out[-3000:]}")
+        return match.group(1)
+
+    verdicts = re.findall(r"│\s*\d+\s*│[^\n]*?│\s*(promoted|rejected|unjudged|none)\s*│", out)
+    return {"setting": setting, "documents": int(figure("documents")),
+            "tokens_per_s": int(figure("tokens/s").replace(",", "")),
+            "adapted_vs_static": float(figure("adapted vs static").rstrip("%")) / 100, "verdicts": verdicts[::-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--machine", default="2 cores, 24 GiB (the development machine; CI's kind)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/demo_gate_checks.json"))
+    args = parser.parse_args()
+    runs = []
+    for pair in range(args.pairs):
+        for setting in (("on", "off") if pair % 2 == 0 else ("off", "on")):
+            run = {"order": len(runs) + 1, **run_demo(setting)}
+            print(run, flush=True)
+            runs.append(run)
+    result = {"command": "python bench/demo_gate_checks.py (bash infra/demo.sh, alternating)",
+              "machine": args.machine, "date": datetime.date.today().isoformat(), "runs": runs}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
