@@ -420,9 +420,13 @@ class CheckpointedRecovery(RecoveryPolicy):
     def finish(self) -> None:
         cfg = self.parts.config.checkpoint
         deadline = time.monotonic() + cfg.retry_max_s * 4
-        while self.checkpointer.pending_documents and time.monotonic() < deadline:
+        # With the gate, a stream that stops is judged where it stopped, even when a checkpoint by
+        # time wrote the last documents already (unjudged): what it learned may go live.
+        owed = self._gated and self.parts.learner.position != self._judged_at
+        while (self.checkpointer.pending_documents or owed) and time.monotonic() < deadline:
             if self.checkpoint("shutdown") is not None:
                 return
+            owed = False  # judged, though not written: the next try records it unjudged
             time.sleep(cfg.retry_initial_s)
         if self.checkpointer.pending_documents:
             log.error("no checkpoint after shutdown: %d documents will be read again on restart",

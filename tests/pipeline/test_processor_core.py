@@ -616,3 +616,20 @@ def test_a_rejected_candidate_is_a_version_that_never_goes_live():
     assert learner.judged_at[:-1] == list(range(5, 30, 5)) and learner.judged_at[-1] == 30
     # Every document got its keyed learning decision, and its result says it.
     assert all(not t.kept_out for t in learner.tasks) and {r["learning"] for r in sinks.results} <= {"admitted", "held out"}
+
+
+def test_a_stream_that_stops_between_judging_points_is_judged_where_it_stopped():
+    docs = documents(1, 7)
+    store, learner = FakeStore(), FakeLearner([])
+    # Checkpoints by time all along (unjudged): the last one covers every document before the stop.
+    cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=5, every_seconds=0.001), poll_timeout_ms=1)
+    pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
+    checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer, start_offsets={0: 0},
+                           learner=learner)
+    proc.run(until_idle_s=0.05)
+
+    assert learner.judged_at == [5, 7]
+    verdicts = [store.versions[v].manifest["tags"]["ttt.verdict"] for v in sorted(store.versions, key=int)]
+    assert verdicts[-1] == "promoted" and "unjudged" in verdicts
+    assert store.aliases[LIVE] == store.aliases[HEAD] == str(len(store.versions))
