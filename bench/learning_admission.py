@@ -174,6 +174,7 @@ def main() -> None:
     streams = {"clean": build_stream(stream, 0.0, args.seed, max_chars),
                "poisoned": build_stream(stream, args.junk, args.seed, max_chars)}
     result = {"domain": args.domain, "documents": len(stream), "junk": args.junk, "every": args.every,
+              "machine": f"{args.device}, {torch.get_num_threads()} threads",
               "max_tokens": args.max_tokens, "checkpoint_every": args.checkpoint_every, "holdout": args.holdout,
               "heldout_documents": len(heldout), "shipped_documents": len(shipped), "settings": {}}
     base = None

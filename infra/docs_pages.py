@@ -253,10 +253,20 @@ def gate_demo_table(name: str) -> tuple[list[str], dict[str, str]]:
     on = [r["tokens_per_s"] for r in d["runs"] if r["setting"] == "on"]
     off = [r["tokens_per_s"] for r in d["runs"] if r["setting"] == "off"]
     ratio = (sum(on) / len(on)) / (sum(off) / len(off))
-    lines += ["", f"Mean tokens/s with the gate and the checks on / off: **{ratio:.3f}**."]
-    figures["demo gate and checks on / off"] = f"{ratio:.3f}"
+    lines += ["", f"Mean tokens/s with the gate and the checks on / off: **{ratio:.2f}x** (the learner sets the "
+              "demo's pace, and it learns neither the held-out slice nor what the checks keep out)."]
+    figures["demo gate and checks on / off"] = f"{ratio:.2f}x"
     head = [f"`{d['command']}` · {d['machine']} · {d['date']}", ""]
     return head + lines, figures
+
+
+def admission_tables(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    lines, figures = [], {}
+    for name in names:
+        table, found = admission_table(name)
+        lines += [*table, ""]
+        figures.update(found)
+    return lines, figures
 
 
 def admission_table(name: str) -> tuple[list[str], dict[str, str]]:
@@ -270,15 +280,16 @@ def admission_table(name: str) -> tuple[list[str], dict[str, str]]:
         kept = {k: v for k, v in run["decisions"].items() if k not in ("admitted", "held out")}
         verdicts = {v: run["verdicts"].count(v) for v in sorted(set(run["verdicts"]))}
         lines.append(f"| {stream} | {switch} | {_pct2(run['heldout_gain'])} | {_pct2(run['forgetting'])} | "
-                     f"{run['learned']['clean']} / {run['learned']['junk']} | {_pct(run['learner_share_on_junk'])} | "
+                     f"{run['learned']['clean']} / {run['learned']['junk']} | {100 * run['learner_share_on_junk']:.0f}% | "
                      f"{', '.join(f'{k} {v}' for k, v in verdicts.items()) or '-'} | "
                      f"{', '.join(f'{k} {v}' for k, v in sorted(kept.items())) or '-'} |")
-        figures[f"{stream} {switch} held-out"] = _pct2(run["heldout_gain"])
-        figures[f"{stream} {switch} forgetting"] = _pct2(run["forgetting"])
+        figures[f"every {d['every']} {stream} {switch} held-out"] = _pct2(run["heldout_gain"])
+        figures[f"every {d['every']} {stream} {switch} forgetting"] = _pct2(run["forgetting"])
+        figures[f"every {d['every']} {stream} {switch} junk share"] = f"{100 * run['learner_share_on_junk']:.0f}%"
     head = [f"`python bench/learning_admission.py --domain {d['domain']} --every {d['every']}` · {d['documents']} "
             f"documents of the domain (at most {d['max_tokens']} tokens), {100 * d['junk']:.0f}% junk in the poisoned "
             f"stream · the learner takes one in {d['every']} · {d['heldout_documents']} held-out documents of the "
-            f"domain, {d['shipped_documents']} of the shipped held-out set (forgetting) · {d.get('machine', '')}", ""]
+            f"domain, {d['shipped_documents']} of the shipped held-out set (forgetting) · {d['machine']}", ""]
     return head + lines, figures
 
 
@@ -339,7 +350,9 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
     ("Learning spent where it pays", "`bench/learning_admission.py`: the stream's parts in the ledger's order "
      "(the driver's checks and held-out slice, the learner with its gate), a domain the model never saw, clean and "
      "with junk: spam, random characters, near-copies of one document, one tenant's word salad. `live` is the last "
-     "version the gate promoted (off: the last version).", lambda: admission_table("learning_admission.json")),
+     "version the gate promoted (off: the last version). One stream order (seed 0): differences of a point "
+     "between settings are within what the choice of documents learned moves.",
+     lambda: admission_tables(["learning_admission.json", "learning_admission_every1.json"])),
     ("Context parallelism", "`bench/context_parallel.py`, 64k tokens, H200 GPUs, against one rank.",
      lambda: context_parallel_table(["h200x2_cp_65536_w0.00018.json", "h200x4_cp_65536_w0.00018.json"])),
     ("Checkpoint memory", "`bench/checkpoint_memory.py`: the driver's resident memory over one checkpoint of per-key "
