@@ -165,18 +165,21 @@ class StreamLearner:
         self.learn_s += time.perf_counter() - start
         return {**report, "version": self.position}
 
-    def judge(self, take: bool = True) -> tuple[Verdict | None, list[StateBlob]]:
+    def judge(self, take: bool = True, settle: bool = True) -> tuple[Verdict | None, list[StateBlob]]:
         """At a checkpoint's cut (after the ``learn`` calls it covers): the gate's verdict on the
         weights now, and the snapshot the version holds (the candidate, last-good's state and the
         verdict); then the verdict is taken (rejected: back to last-good). Without a gate: (None,
         the snapshot). ``take`` False: a cut that is no judging point (the processor judges at
-        positions the ledger fixes): ``unjudged``, and nothing changes."""
+        positions the ledger fixes): ``unjudged``, and nothing changes. ``settle`` False: the
+        verdict is given but not taken (a stop: the next run goes on as if it had not stopped)."""
         if self.gate is None:
             return None, self.snapshot()
         if not take:
             return self.gate.unjudged(self.position), self.snapshot()
         slow = self._slow()
         verdict = self.gate.judge(self.position, slow, slow.state_dict(), self._slow_of)
+        if not settle:
+            return verdict, self.snapshot()
         blobs = self.snapshot(verdict)
         self._settle(verdict)
         log.info("%s: version at %d %s: %s", self.name, self.position, verdict.verdict, verdict.reason)

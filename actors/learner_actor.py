@@ -34,8 +34,8 @@ class LearnerActor:
     def snapshot(self) -> list[StateBlob]:
         return self.model_thread.call(self.learner.snapshot)
 
-    def judge(self, take: bool = True) -> tuple[dict[str, Any] | None, list[StateBlob]]:
-        verdict, blobs = self.model_thread.call(self.learner.judge, take)
+    def judge(self, take: bool = True, settle: bool = True) -> tuple[dict[str, Any] | None, list[StateBlob]]:
+        verdict, blobs = self.model_thread.call(self.learner.judge, take, settle)
         return (verdict.to_dict() if verdict is not None else None), blobs
 
     def restore(self, blobs: list[StateBlob]) -> None:

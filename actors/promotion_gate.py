@@ -170,7 +170,7 @@ class PromotionGate:
             pass  # early in a stream: judged on the probe alone, which no version learned from either
         elif not math.isfinite(heldout):
             reasons.append("held-out loss is not finite")
-        elif heldout > reference * (1 + cfg.max_loss_over_last_good):
+        elif not heldout <= reference * (1 + cfg.max_loss_over_last_good):  # a NaN reference fails too
             reasons.append(f"held-out loss {heldout:.4f} above last-good's {reference:.4f} by more than "
                            f"{100 * cfg.max_loss_over_last_good:g}%")
         if probe is not None and not (probe <= probe_base * (1 + cfg.max_forgetting)):

@@ -259,7 +259,8 @@ class CheckpointConfig(_Section):
     every_seconds: float = Field(default=120.0, gt=0)
     """... or this many seconds, whichever comes first."""
     restore: bool = True
-    """On start, restore the registered model's `live` version and read on from its offsets."""
+    """On start, restore the registered model's newest version (alias `head`; `live` for a stream
+    from before it) and read on from its offsets."""
     retry_initial_s: float = Field(default=1.0, gt=0)
     """While MLflow is unreachable: retry with exponential backoff, keep reading until this many
     documents wait for a checkpoint, then pause reading until one is written.
@@ -342,8 +343,9 @@ class GateConfig(_Section):
     enabled: bool = True
     """Judge every checkpoint of the learner before it goes live (false: ``live`` moves to each)."""
     holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    """Share of the stream held out: chosen by a keyed hash of each record's position (topic,
-    partition, offset) with the stream's secret salt, so a producer cannot steer what is judged on.
+    """Share of the stream held out: chosen by a keyed hash of each record's position (partition,
+    offset) with the stream's salt, so a producer who cannot read the registry cannot steer what is
+    judged on.
     Held-out documents are read and scored like every other, never learned."""
     holdout_documents: int = Field(default=8, ge=1)
     """The most recent held-out documents a candidate is judged on."""

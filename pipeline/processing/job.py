@@ -42,7 +42,7 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
                             base: dict[str, Any] | None = None, model_dir: Path | None = None,
                             learner: Learner | None = None) -> StreamCheckpointer:
     """The checkpointer of this run; with ``checkpoint.restore``, the workers' states (and the
-    learner's) and the source's offsets are set from the ``live`` version first (written by as
+    learner's) and the source's offsets are set from the ``head`` version first (written by as
     many workers or not: ``pipeline.state.rescale`` says which worker takes which state)."""
     names = pool.names
     start, resumed, current = None, {}, source.topic_id()

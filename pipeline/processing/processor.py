@@ -369,6 +369,8 @@ class StreamProcessor:
         the next checkpoint records it); whether it was quarantined."""
         state_key = self.keys.state_key_of(key)
         released = self.admission.release(state_key)
+        if released:
+            self.recovery.release_recorded()
         log.info("release of the key of state %s: %s", state_key, "released" if released else "was not quarantined")
         self.sinks.alert({"type": "release", "stream": self.stream, "state_key": state_key, "released": released,
                           "request_id": request_id, "time": time.time()})

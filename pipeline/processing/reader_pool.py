@@ -105,10 +105,12 @@ class Learner(Protocol):
 
     position: int  # documents submitted since the stream started (restored ones included)
 
-    def judged_states(self, judge: bool = True) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
+    def judged_states(self, judge: bool = True, settle: bool = True
+                      ) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
         """At a checkpoint's cut: the promotion gate's verdict on the weights (None: no gate) and
         ``states`` as the version holds them; the learner then takes the verdict. ``judge``
-        False: the cut is no judging point; the verdict is ``unjudged`` and nothing changes."""
+        False: the cut is no judging point; the verdict is ``unjudged`` and nothing changes.
+        ``settle`` False: judged, but the learner does not take the verdict (a stop)."""
 
     def restore(self, blobs: list[StateBlob]) -> None:
         """Back to ``blobs`` ([]: the base model); the order of documents restarts from there."""
@@ -134,7 +136,7 @@ class NoLearner:
 
     position = 0
 
-    def judged_states(self, judge: bool = True) -> tuple[None, dict[str, list[StateBlob]]]:
+    def judged_states(self, judge: bool = True, settle: bool = True) -> tuple[None, dict[str, list[StateBlob]]]:
         return None, {}
 
     def restore(self, blobs: list[StateBlob]) -> None:
@@ -182,9 +184,10 @@ class RayLearner:
     def states(self) -> dict[str, list[StateBlob]]:
         return {self.name: self.snapshot()}
 
-    def judged_states(self, judge: bool = True) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
+    def judged_states(self, judge: bool = True, settle: bool = True
+                      ) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
         try:
-            verdict, blobs = ray.get(self.actor.judge.remote(judge))
+            verdict, blobs = ray.get(self.actor.judge.remote(judge, settle))
         except ray.exceptions.RayError as err:
             raise LearnerDied(f"the learner {self.name} failed: {err}") from None
         self.check()

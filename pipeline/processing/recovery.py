@@ -39,7 +39,7 @@ from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
 from pipeline.processing.stream_events import CheckpointWritten, RolledBack, StreamEvents
-from pipeline.state.promotion import PROMOTED, verdict_metrics, verdict_tags
+from pipeline.state.promotion import PROMOTED, servable, verdict_metrics, verdict_tags
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ class RecoveryPolicy:
     def accept_limit(self) -> int | None:
         """How many more documents may be taken in before progress is made durable (None: no limit)."""
         return None
+
+    def release_recorded(self) -> None:
+        """A quarantined key was released: record it with the next checkpoint, soon."""
 
     def worker_died(self, pending: PendingDocument) -> None:
         raise NotImplementedError
@@ -336,9 +339,10 @@ class CheckpointedRecovery(RecoveryPolicy):
         elif self.checkpointer.due(now, by_count=not self._gated):  # with the gate, by time only: unjudged
             self.checkpoint("periodic", judge=False)
 
-    def checkpoint(self, reason: str, judge: bool = True) -> str | None:
+    def checkpoint(self, reason: str, judge: bool = True, settle: bool = True) -> str | None:
         """A consistent cut: finish what the workers hold, snapshot their states, write the
-        checkpoint, and only then commit the offsets it records."""
+        checkpoint, and only then commit the offsets it records. ``judge``: the promotion gate
+        judges the learner's weights here; ``settle``: and the learner takes the verdict."""
         parts = self.parts
         parts.settle()
         parts.sinks.flush()
@@ -346,8 +350,8 @@ class CheckpointedRecovery(RecoveryPolicy):
         # The learner's one state at the same cut (every document accepted so far), judged by
         # the promotion gate first: the version is a candidate, live only if it passed.
         judge = judge and parts.learner.position != self._judged_at  # a verdict is taken once per position
-        verdict, learned = parts.learner.judged_states(judge)
-        if judge:
+        verdict, learned = parts.learner.judged_states(judge, settle)
+        if judge and settle:
             self._judged_at = parts.learner.position
 
         def write_states(run: StateTarget) -> dict[str, list]:
@@ -379,6 +383,9 @@ class CheckpointedRecovery(RecoveryPolicy):
                                "forgetting": verdict.get("forgetting"), "time": time.time()})
         return version
 
+    def release_recorded(self) -> None:
+        self.checkpointer.owed = True  # written as soon as it may (unjudged), so a crash does not undo it
+
     def _set_last_good(self, version: str) -> None:
         try:
             self.checkpointer.store.set_alias(LAST_GOOD, version)
@@ -404,7 +411,7 @@ class CheckpointedRecovery(RecoveryPolicy):
                 pass  # it comes back with a checkpoint's states, which the tombstone filters
         self._to_erase.add(state_key)
         self.checkpointer.owed = True
-        version = self.checkpoint("forget")
+        version = self.checkpoint("forget", judge=False)  # a command's time is no judging point
         if version is not None:
             self._erase_pending()
         return held, version
@@ -424,7 +431,9 @@ class CheckpointedRecovery(RecoveryPolicy):
         # time wrote the last documents already (unjudged): what it learned may go live.
         owed = self._gated and self.parts.learner.position != self._judged_at
         while (self.checkpointer.pending_documents or owed) and time.monotonic() < deadline:
-            if self.checkpoint("shutdown") is not None:
+            # Judged, and live moves if it passes; the learner keeps its state as it is (a stop is no
+            # judging point: the next run goes on as the one that did not stop would have).
+            if self.checkpoint("shutdown", settle=False) is not None:
                 return
             owed = False  # judged, though not written: the next try records it unjudged
             time.sleep(cfg.retry_initial_s)
@@ -507,9 +516,13 @@ class CheckpointedRecovery(RecoveryPolicy):
         after_breach = None if cause == "manual" else parts.summary.documents - self._breach_at_documents
         parts.sinks.flush()
         offsets = parts.ledger.committable()
+        # Live moves to it only if the target's weights are servable: a rejected candidate restores
+        # as its verdict left the learner (at last-good), and an unjudged one waits for its verdict.
+        promote = checkpoint.version == BASE or servable(self.checkpointer.store.version_tags(checkpoint.version))
         version = self.checkpointer.write(
             checkpoint.states, offsets, "rollback", parts.summary.checkpoint_metrics(),
             tags={"rollback_to": checkpoint.version, "rollback_from": str(previous), "rollback_cause": cause},
+            promote=promote,
         )
         if version is not None:
             parts.source.commit(offsets)

@@ -42,3 +42,10 @@ def verdict_metrics(verdict: dict[str, Any] | None) -> dict[str, float]:
     for reason, count in verdict["kept_out"].items():
         metrics[f"gate.kept_out.{reason.replace(' ', '_')}"] = float(count)
     return metrics
+
+
+def servable(tags: dict[str, str]) -> bool:
+    """Whether a version's weights may be served (``live``): the gate passed them, or no gate judged
+    them (a stream without one, or a version from before it). A rejected or unjudged candidate
+    never is, also when a rollback or an offline command copies its states."""
+    return tags.get(VERDICT_TAG, "none") in (PROMOTED, "none")

@@ -14,6 +14,7 @@ from actors.call_types import StateBlob
 from pipeline.state.checkpoint import BASE, HEAD, LIVE, Checkpoint, CheckpointError, CheckpointRequest, CheckpointStore
 from pipeline.config import AppConfig
 from pipeline.stream_io.control import control_key, sign_command
+from pipeline.state.promotion import servable
 from pipeline.state.tenant_keys import TenantKeys
 
 
@@ -76,7 +77,8 @@ def rollback_offline(config: AppConfig, to: str) -> str:
     store, live = _live(config, "roll back from")
     target = Checkpoint.base(list(live.states)) if to == BASE else store.load(to)
     return _save_after(store, live, target.states, "rollback",
-                       {"rollback_to": target.version, "rollback_from": live.version, "rollback_cause": "manual"})
+                       {"rollback_to": target.version, "rollback_from": live.version, "rollback_cause": "manual"},
+                       promote=to == BASE or servable(store.version_tags(target.version)))
 
 
 def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
@@ -89,7 +91,8 @@ def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
     states = {name: [b for b in blobs if b.key != state_key] for name, blobs in live.states.items()}
     dropped = sum(len(blobs) for blobs in live.states.values()) - sum(len(blobs) for blobs in states.values())
     store.forget(state_key)
-    version = _save_after(store, live, states, "forget", {"forgot_state_key": state_key})
+    version = _save_after(store, live, states, "forget", {"forgot_state_key": state_key},
+                          promote=servable(store.version_tags(live.version)))
     store.erase(state_key)
     return version, dropped
 
@@ -104,8 +107,9 @@ def _live(config: AppConfig, what: str) -> tuple[CheckpointStore, Checkpoint]:
 
 
 def _save_after(store: CheckpointStore, live: Checkpoint, states: dict[str, list[StateBlob]], reason: str,
-                tags: dict[str, str]) -> str:
-    """A version after ``live``: its offsets, documents and model, with ``states``."""
+                tags: dict[str, str], promote: bool) -> str:
+    """A version after ``live`` (the version read on from, ``head``): its offsets, documents and
+    model, with ``states``; ``live`` moves to it only if ``promote`` (its weights are servable)."""
     manifest = live.manifest
     return store.save(CheckpointRequest(
         states=states, topic=manifest["offsets"]["topic"], offsets=live.offsets,
@@ -114,5 +118,5 @@ def _save_after(store: CheckpointStore, live: Checkpoint, states: dict[str, list
         model_config=manifest.get("model_config") or {}, metrics={}, tags=tags,
         assignment={int(p): w for p, w in (manifest.get("assignment") or {}).items()},
         topic_id=manifest["offsets"].get("topic_id"), commands=manifest.get("commands") or {},
-        admission=manifest.get("admission") or {},
+        admission=manifest.get("admission") or {}, promote=promote,
     ))

@@ -46,6 +46,11 @@ def test_a_forced_bad_step_never_passes_and_the_learner_returns_to_last_good(tmp
     for adapter in learner.worker.states.get(None).state.slow.adapters.values():
         adapter.B.add_(torch.randn_like(adapter.B, generator=torch.Generator().manual_seed(0)))
     learner.learn(DOCS[5])
+    # A stop: the verdict is given (its version does not go live) but not taken; the learner goes on
+    # as one that did not stop would.
+    bad_weights = weights(learner)
+    stopped, _ = learner.judge(settle=False)
+    assert stopped.verdict == REJECTED and weights(learner) == bad_weights
     bad, blobs = learner.judge()
     assert bad.verdict == REJECTED and "above last-good" in bad.reason
     assert bad.gain_vs_last_good > 0.05

@@ -235,6 +235,10 @@ class FakeStore:
     def set_alias(self, alias, version):
         self.aliases[alias] = version
 
+    def version_tags(self, ref):
+        version = self.resolve(ref)
+        return dict(self.versions[version].manifest["tags"]) if version in self.versions else {}
+
     def record_reference_loss(self, version, loss):
         self.reference[version] = loss
 
@@ -574,7 +578,7 @@ class FakeLearner:
     def states(self):
         return {self.name: []}
 
-    def judged_states(self, judge=True):
+    def judged_states(self, judge=True, settle=True):
         if not judge:
             return {"verdict": "unjudged", "reason": "between", "digest": "", "position": self.position,
                     "kept_out": {}, "unchanged": False, "learned": 0}, self.states()
@@ -614,6 +618,11 @@ def test_a_rejected_candidate_is_a_version_that_never_goes_live():
     assert rejected["version"] == "2" and rejected["reason"] == "told rejected"
     # The gate judged at the positions the ledger fixes (every 5 documents taken in) and at the end.
     assert learner.judged_at[:-1] == list(range(5, 30, 5)) and learner.judged_at[-1] == 30
+    # A rollback to the rejected candidate restores the learner as its verdict left it, and live stays.
+    live_before = store.aliases[LIVE]
+    rolled = proc.rollback("2", cause="manual")
+    assert store.aliases[HEAD] == rolled and store.aliases[LIVE] == live_before
+    assert proc.rollback("1", cause="manual") == store.aliases[LIVE]  # a promoted one goes live
     # Every document got its keyed learning decision, and its result says it.
     assert all(not t.kept_out for t in learner.tasks) and {r["learning"] for r in sinks.results} <= {"admitted", "held out"}
 
