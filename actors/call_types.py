@@ -89,6 +89,9 @@ class DocumentTask:
     held_out: bool = False
     # Why the learner must not learn from it (pipeline.processing.learning_admission); None: it may.
     kept_out: str | None = None
+    # How new it is to the stream (bits of SimHash to the nearest recent document): a learner that
+    # cannot take every document takes the newer ones first. None: unknown (every one alike).
+    worth: float | None = None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # The windows learned that an outlier's loss is measured against, and how many before any is one.
 OUTLIER_HISTORY, OUTLIER_MIN_HISTORY = 64, 8
+# Admitted documents whose worth (actors.call_types.DocumentTask.worth) sets the bar of the next.
+WORTH_HISTORY = 32
 
 
 class StreamLearner:
@@ -69,6 +71,10 @@ class StreamLearner:
         # Of those, the ones neither held out nor kept out: ``every`` counts them, so that a budget of
         # one document in ``every`` is spent on documents worth learning.
         self.admitted = 0
+        # ``every`` > 1: documents' worth of budget saved (in 1 / every), and the worths of the last
+        # documents admitted (their median is the bar a document's worth must reach).
+        self.credit = every - 1
+        self.worths: deque[float] = deque(maxlen=WORTH_HISTORY)
         self.published: deque[SlowVersion] = deque(maxlen=lag)  # versions position - lag + 1 .. position
         self.failures = 0
         self.learn_s = 0.0
@@ -80,6 +86,24 @@ class StreamLearner:
         if outlier_margin is not None:
             self.worker.slow.admit = self._admit_window
         self._publish()
+
+    def _takes(self, task: DocumentTask) -> bool:
+        """Whether the learner spends its budget (one in ``every`` admitted documents) on ``task``:
+        a credit of one document per ``every`` admitted, spent on a document at least as new as
+        the median of the last ones admitted (``task.worth``), or on any once two are saved up. In
+        the ledger's order, so a replay takes the same ones; without worths, one in ``every``."""
+        self.admitted += 1
+        if self.every == 1:
+            return True
+        self.credit = min(self.credit + 1, 2 * self.every)
+        worth = task.worth
+        enough = worth is None or not self.worths or worth >= statistics.median(self.worths)
+        if worth is not None:
+            self.worths.append(worth)
+        if self.credit >= self.every and (enough or self.credit >= 2 * self.every):
+            self.credit -= self.every
+            return True
+        return False
 
     def _admit_window(self, loss: float) -> bool:
         """Whether a window of this loss takes its slow step: not when it is an outlier against
@@ -142,14 +166,12 @@ class StreamLearner:
             skipped = task.kept_out
             if self.gate is not None:
                 self.gate.kept_out_one(task.kept_out.split(":")[0])
-        elif self.admitted % self.every:
-            self.admitted += 1
+        elif not self._takes(task):
             skipped = "not learned (learner.every)"
         if skipped is not None:
             self.position += 1
             self._publish(changed=False)
             return {"ok": True, "tokens": 0, "loss": None, "reason": skipped, "version": self.position}
-        self.admitted += 1
         self.learned += 1
         if self.gate is not None:
             self.gate.learned_one()
@@ -210,7 +232,9 @@ class StreamLearner:
         blobs = self.worker.snapshot()
         tensors = {"position": torch.tensor([self.position], dtype=torch.int64),
                    "admitted": torch.tensor([self.admitted], dtype=torch.int64),
-                   "window_losses": torch.tensor(list(self.window_losses), dtype=torch.float64)}
+                   "window_losses": torch.tensor(list(self.window_losses), dtype=torch.float64),
+                   "credit": torch.tensor([self.credit], dtype=torch.int64),
+                   "worths": torch.tensor(list(self.worths), dtype=torch.float64)}
         for version in self.published:
             tensors.update(version.state_dict())
         data = save(tensors)
@@ -232,7 +256,9 @@ class StreamLearner:
         verdict = self.gate.restore(gate[0] if gate else None) if self.gate is not None else None
         if not published:
             self.position = self.admitted = 0
+            self.credit = self.every - 1
             self.window_losses.clear()
+            self.worths.clear()
             self.published.clear()
             self._publish()
             return
@@ -240,13 +266,17 @@ class StreamLearner:
         position = int(tensors.pop("position")[0])
         admitted = int(tensors.pop("admitted", torch.tensor([position]))[0])  # before: every document counted
         losses = tensors.pop("window_losses", torch.zeros(0, dtype=torch.float64)).tolist()
+        credit = int(tensors.pop("credit", torch.tensor([self.every - 1]))[0])
+        worths = tensors.pop("worths", torch.zeros(0, dtype=torch.float64)).tolist()
         versions = SlowVersion.from_state_dict(tensors)
         if not versions or versions[-1].index != position:
             raise ValueError(f"{self.name}: the snapshot's versions {[v.index for v in versions]} end before "
                              f"its position {position}")
-        self.position, self.admitted = position, admitted
+        self.position, self.admitted, self.credit = position, admitted, credit
         self.window_losses.clear()
         self.window_losses.extend(losses)
+        self.worths.clear()
+        self.worths.extend(worths)
         self.published.clear()
         self.published.extend(versions[-self.lag :])
         if verdict is not None:  # taken at that cut: taken again, as the learner that judged did

@@ -106,7 +106,8 @@ def run_setting(spec, rows, every: int, checks: bool, gate: bool, checkpoint_eve
         decision = decision_kind(kept_out, held_out)
         decisions[decision] = decisions.get(decision, 0) + 1
         started = time.perf_counter()
-        report = learner.learn(DocumentTask(doc_id, text, key, held_out=held_out, kept_out=kept_out))
+        worth = admission.novelty if admission is not None else None  # as the processor hands it on
+        report = learner.learn(DocumentTask(doc_id, text, key, held_out=held_out, kept_out=kept_out, worth=worth))
         label = "clean" if kind == "clean" else "junk"
         if report["tokens"]:
             seconds[label] += time.perf_counter() - started

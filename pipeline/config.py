@@ -411,8 +411,8 @@ class LearnerConfig(_Section):
     """
     every: int = Field(default=1, ge=1)
     """Learn from every document (1), or from one in ``every`` of those the admission checks let
-    through (in the ledger's order): for a learner slower than its readers, which then read at their
-    own speed; documents kept out cost none of that budget.
+    through, the newer ones first (in the ledger's order): for a learner slower than its readers,
+    which then read at their own speed; documents kept out cost none of that budget.
     """
     num_cpus: float = Field(default=1.0, ge=0)
     """CPUs of the learner actor."""

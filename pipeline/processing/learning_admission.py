@@ -93,12 +93,16 @@ class LearningAdmission:
         self._kept_out_in_a_row: dict[str, int] = dict(state.get("kept_out_in_a_row", {}))
         self.quarantined: set[str] = set(state.get("quarantined", []))
         self.newly_quarantined: str | None = None  # the key the last ``decide`` quarantined
+        # The last document's SimHash distance to the nearest remembered one (64: nothing remembered):
+        # how new it is to the stream, what a learner short of time prefers.
+        self.novelty: float | None = None
 
     def decide(self, text: str, key: str | None, held_out: bool = False) -> str | None:
         """Why this document must not be learned (``"<kind>: <detail>"``), or None: the learner may
         take it (see ``_check``). A key whose documents are kept out ``quarantine_after`` times in a
         row is quarantined: none of its documents is learned until ``release``."""
         self.newly_quarantined = None
+        self.novelty = None
         if key is not None and key in self.quarantined:
             return "quarantined: its key's documents were kept out too often; release it with `ttt-stream release`"
         reason = self._check(text, key, held_out)
@@ -135,6 +139,7 @@ class LearningAdmission:
             return "duplicate: the same text as a recent document"
         fingerprint = simhash(normal)
         near = self._nearest(fingerprint)
+        self.novelty = float(near if near is not None else 64)
         self._remember(exact, fingerprint)
         self._offered.append(key)
         if near is not None and near <= cfg.near_duplicate_bits:

@@ -172,13 +172,14 @@ class StreamProcessor:
             # Samples by a keyed hash of the position: fixed on a replay, and out of a producer's reach.
             position = (record.partition, record.offset)
             shadow = self.keys.draw("shadow", *position) < self.config.base_loss_sample_rate
-            held_out, kept_out = False, None
+            held_out, kept_out, worth = False, None, None
             if self.learner.name is not None:
                 gate, admission = self.config.learner.gate, self.admission
                 held_out = gate.enabled and self.keys.draw("held out", *position) < gate.holdout_fraction
                 if admission is not None:
                     kept_out = admission.decide(parsed.task.text, key, held_out)
                     held_out = held_out and kept_out is None  # no copy or junk in the held-out slice
+                    worth = admission.novelty
                     if admission.newly_quarantined is not None:
                         log.warning("the key of state %s is quarantined: %d of its documents in a row were kept from "
                                     "learning", key, self.config.learner.admission.quarantine_after)
@@ -187,7 +188,7 @@ class StreamProcessor:
                                           "time": time.time()})
                 self.events.publish(LearningDecided(decision_kind(kept_out, held_out)))
             parsed = replace(parsed, task=replace(parsed.task, key=key, shadow=shadow, held_out=held_out,
-                                                  kept_out=kept_out))
+                                                  kept_out=kept_out, worth=worth))
             # The learner takes the documents in the ledger's order, which fixes each one's version.
             version = self.learner.submit(parsed.task)
             self.ledger.accept(record, parsed, self.worker_of[record.partition], version)

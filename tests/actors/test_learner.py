@@ -94,3 +94,35 @@ def test_a_learner_of_every_second_document_keeps_the_order(tmp_path):
     three, four = learner.version(3), learner.version(4)
     assert all(torch.equal(three.adapters[n][1], four.adapters[n][1]) for n in three.adapters)  # 3 taught nothing
     assert any(B.any() for _, B in four.adapters.values())
+
+
+def test_a_learner_short_of_time_takes_the_newer_documents_first_and_keeps_to_its_budget(tmp_path):
+    import random
+
+    from actors.call_types import DocumentOutcome
+
+    def learner():
+        learner = StreamLearner(spec(tmp_path), lag=1, every=3)
+        # The choice is what is tested here, not the slow step: reading is stubbed.
+        learner.worker.process = lambda task: DocumentOutcome(task.id, ok=True, tokens=1, loss=1.0)
+        return learner
+
+    rng = random.Random(0)
+    tasks = [DocumentTask(f"d{i}", "x", worth=float(rng.randint(0, 40))) for i in range(300)]
+    first = learner()
+    taken = [t.worth for t in tasks if first.learn(t)["tokens"]]
+    assert len(tasks) // 3 - 2 <= len(taken) <= len(tasks) // 3 + 2  # one in three, whatever the worths
+    mean = sum(t.worth for t in tasks) / len(tasks)
+    assert sum(taken) / len(taken) > mean + 4  # and the newer ones (a position-only choice: about the mean)
+    # In the ledger's order: a learner restored halfway takes the same ones after.
+    second = learner()
+    for t in tasks[:150]:
+        second.learn(t)
+    third = learner()
+    third.restore(second.snapshot())
+    assert [bool(third.learn(t)["tokens"]) for t in tasks[150:]] == [bool(first_taken) for first_taken in
+                                                                  _replay(learner(), tasks)[150:]]
+
+
+def _replay(learner, tasks):
+    return [learner.learn(t)["tokens"] for t in tasks]
