@@ -365,6 +365,10 @@ class CheckpointedRecovery(RecoveryPolicy):
                                           tags=verdict_tags(verdict, parts.config.learner.lag if verdict else None),
                                           promote=promoted is not False)
         parts.events.publish(CheckpointWritten(version, reason, promoted, verdict))
+        if version is None and self._gated:
+            # With the gate there is no checkpoint by count: the one that failed is owed, and
+            # retried with the checkpointer's backoff (unjudged: its verdict is already taken).
+            self.checkpointer.owed = True
         if version is not None:
             parts.source.commit(offsets)
             if promoted:

@@ -642,3 +642,19 @@ def test_a_stream_that_stops_between_judging_points_is_judged_where_it_stopped()
     verdicts = [store.versions[v].manifest["tags"]["ttt.verdict"] for v in sorted(store.versions, key=int)]
     assert verdicts[-1] == "promoted" and "unjudged" in verdicts
     assert store.aliases[LIVE] == store.aliases[HEAD] == str(len(store.versions))
+
+
+def test_with_the_gate_a_checkpoint_that_failed_is_retried_and_reading_goes_on():
+    docs = documents(1, 30)
+    store, learner = FakeStore(down_for=3), FakeLearner([])
+    cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=5, every_seconds=3600, retry_initial_s=0.001,
+                                                      retry_max_s=0.001, max_pending_documents=8), poll_timeout_ms=1)
+    pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
+    checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer, start_offsets={0: 0},
+                           learner=learner)
+    proc.run(until_idle_s=0.2)
+
+    assert pool.workers[0].read == [d["id"] for d in docs[0]]  # MLflow came back: nothing stalled, nothing lost
+    assert source.commits[-1] == {0: 30} and store.load(LIVE).manifest["documents"] == 30
+    assert learner.judged_at == [5, 10, 15, 20, 25, 30]  # each position judged once, written or not
