@@ -24,7 +24,7 @@ from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
 from pipeline.config import LearnerConfig
 from tests.pipeline.test_recovery import ResultCounter, checkpoint_settings, final_states
-from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
+from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,8 +75,15 @@ class WorkerNodes(threading.Thread):
 
 def with_settings(stack, tmp_path, **extra):
     config = stream_config(stack, tmp_path, **SETTINGS)
-    processor = config.processor.model_copy(update={"checkpoint": checkpoint_settings(stack)})
-    return config.model_copy(update={"processor": processor, **extra})
+    # Readers that keep the state themselves (global fast weights, no learner): what a node takes
+    # with it. Slow weights on two readers would need the learner (refused at load without it). The
+    # monitor is off: fast weights carried across documents grow past its delta-ratio bound, and
+    # its rollbacks fall where timing puts them (tests/pipeline/test_monitor_rollback.py tests it).
+    processor = config.processor.model_copy(update={
+        "checkpoint": checkpoint_settings(stack),
+        "monitor": config.processor.monitor.model_copy(update={"enabled": False})})
+    model = config.model.model_copy(update={"slow": config.model.slow.model_copy(update={"enabled": False})})
+    return config.model_copy(update={"processor": processor, "model": model, **extra})
 
 
 def test_a_lost_node_s_worker_restarts_on_the_other_node_and_the_states_end_bitwise_equal(
@@ -89,7 +96,6 @@ def test_a_lost_node_s_worker_restarts_on_the_other_node_and_the_states_end_bitw
     reference = with_settings(stack, tmp_path / "ref")
     lost = with_settings(stack, tmp_path / "lost")
     lost = lost.model_copy(update={"ray": lost.ray.model_copy(update={"address": ray_cluster.address})})
-    share_salt(reference, lost)  # the same held-out slice: the learner learns the same documents
     ensure_topics(reference.kafka)
     produce(reference, values, partitions)
     run_stream(reference, until_idle_s=3.0)  # the test session's single-node Ray

@@ -1,6 +1,6 @@
 """The stream processor as a Ray job, submitted with Ray's own command to a multi-node cluster:
 `ray job submit --working-dir . -- python -m pipeline.cli run ...`, stopped with `ray job stop`
-mid-stream, submitted again: the second job resumes from the `live` checkpoint and reads the
+mid-stream, submitted again: the second job resumes from the newest checkpoint (`head`) and reads the
 stream to the end, every id in the results. The base model comes from MLflow
 (``models:/NAME@base``): the working directory shipped to the nodes has no weights.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from actors.base_model import file_hashes, register_base_model
-from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.state.checkpoint import HEAD, CheckpointStore
 from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.ray_start_cluster import RayStartCluster
 from tests.pipeline.test_recovery import ResultCounter
@@ -101,7 +101,7 @@ def test_a_stopped_job_resumes_from_the_live_checkpoint_when_submitted_again(sta
     finally:
         counter.stop.set()
     store = CheckpointStore(config.mlflow, config.stream.name)
-    resumed_from = store.resolve(LIVE)
+    resumed_from = store.resolve(HEAD)  # the newest version, judged or not: where a restart reads on
     assert resumed_from is not None
 
     second = ray_job(job_cluster, "submit", "--submission-id", f"{config.stream.name}-2", "--working-dir", ".",
@@ -110,7 +110,7 @@ def test_a_stopped_job_resumes_from_the_live_checkpoint_when_submitted_again(sta
     assert second.returncode == 0 and "succeeded" in logs, logs[-4000:]
     restored = re.search(rf"restored {config.stream.name}-ttt v(\d+)", logs)
     assert restored and restored.group(1) == resumed_from, logs[-4000:]
-    live = store.load(LIVE)
+    live = store.load(HEAD)
     assert live.offsets == {0: 30, 1: 30}
     assert live.manifest["base_model"]["path"] == f"models:/{name}/1"  # pinned: the version read
     assert live.manifest["base_model"]["files"] == file_hashes(ROOT / "models" / "ttt-tiny-qwen3")

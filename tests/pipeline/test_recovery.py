@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kafka import KafkaConsumer
 
-from pipeline.state.checkpoint import LIVE, CheckpointStore
+from pipeline.state.checkpoint import HEAD, CheckpointStore
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
@@ -33,8 +33,8 @@ def checkpoint_settings(stack):
 
 
 def final_states(config) -> list[list[tuple[str, str, int]]]:
-    """Per worker (by index): (key, sha256, documents) of each state in the live version."""
-    states = CheckpointStore(config.mlflow, config.stream.name).load(LIVE).states
+    """Per worker (by index): (key, sha256, documents) of each state in the newest version (head)."""
+    states = CheckpointStore(config.mlflow, config.stream.name).load(HEAD).states
     return [[(b.key, b.sha256, b.documents) for b in states[name]] for name in sorted(states)]
 
 
@@ -54,7 +54,7 @@ class ResultCounter(threading.Thread):
 
 
 def test_five_kills_end_bitwise_equal_to_an_uncrashed_run(stack, ray_session, tmp_path):
-    docs = short_documents(300)
+    docs = short_documents(240)
     values = [json.dumps(d).encode() for d in docs]
     partitions = [i % 2 for i in range(len(docs))]  # the same partitions in both streams
 
