@@ -76,5 +76,8 @@ def test_a_garbage_burst_alerts_and_rolls_back_to_last_good(stack, ray_session, 
     before = batch_loss([d["id"] for d in good[-10:]])
     after = batch_loss([d["id"] for d in later[5:]])
     # The slow weights learned from the first reading of these documents, so the second may score
-    # better; a state still carrying the garbage would score worse.
-    assert after < before * 1.01, (before, after)
+    # better; a state still carrying the garbage would score worse. With the promotion gate,
+    # last-good is the newest version it promoted, which may be one judging point (10 documents)
+    # older than the burst: the second reading then lacks what those documents taught (measured:
+    # +1.7% once); the admission checks kept the garbage itself from the learner.
+    assert after < before * 1.03, (before, after)
