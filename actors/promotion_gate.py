@@ -153,15 +153,16 @@ class PromotionGate:
             return Verdict(UNJUDGED, "no held-out document yet, and no probe", position, **counts)
         heldout = reference = base = None
         if documents:
-            last_good = load_state(self.last_good) if self.last_good is not None else None
-            heldout = self._loss(candidate, [d for _, d in documents])
-            reference = self._cached("last_good", documents, last_good)
-            base = self._cached("base", documents, None)
+            heldout = self.loss(candidate, [d for _, d in documents])
+            # Last-good's state is loaded only for documents it has not scored yet.
+            reference = self._cached("last_good", documents,
+                                     lambda: load_state(self.last_good) if self.last_good is not None else None)
+            base = self._cached("base", documents, lambda: None)
         probe = probe_base = None
         if self.probe is not None:
-            probe = self._loss(candidate, list(self.probe))
+            probe = self.loss(candidate, list(self.probe))
             if ("probe", -1) not in self._cache:
-                self._cache["probe", -1] = self._loss(None, list(self.probe))
+                self._cache["probe", -1] = self.loss(None, list(self.probe))
             probe_base = self._cache["probe", -1]
         verdict = Verdict(PROMOTED, "", position, len(documents), heldout, reference, base, probe, probe_base, **counts)
         cfg = self.config
@@ -204,7 +205,7 @@ class PromotionGate:
         return None
 
     @torch.no_grad()
-    def _loss(self, state: Any, documents: list[torch.Tensor]) -> float:
+    def loss(self, state: Any, documents: list[torch.Tensor]) -> float:
         """Token-weighted mean next-token loss of ``documents``, each read as a new document of
         the stream is: ``state``'s slow weights (None: the base model's), fresh fast weights."""
         total, count = 0.0, 0
@@ -217,12 +218,15 @@ class PromotionGate:
                 count += nll.numel()
         return total / max(count, 1)
 
-    def _cached(self, which: str, documents: list[tuple[int, torch.Tensor]], state: Any) -> float:
+    def _cached(self, which: str, documents: list[tuple[int, torch.Tensor]], state_of: Callable[[], Any]) -> float:
         """The loss under a state that stays fixed between promotions, per document, kept."""
         total, count = 0.0, 0
+        state, loaded = None, False
         for position, ids in documents:
             if (which, position) not in self._cache:
-                self._cache[which, position] = self._loss(state, [ids])
+                if not loaded:
+                    state, loaded = state_of(), True
+                self._cache[which, position] = self.loss(state, [ids])
             total += self._cache[which, position] * (ids.numel() - 1)
             count += ids.numel() - 1
         held = {p for p, _ in documents}

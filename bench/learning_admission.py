@@ -131,7 +131,7 @@ def learner_loss(learner: StreamLearner, state, docs: list[torch.Tensor]) -> flo
     from actors.promotion_gate import PromotionGate
 
     scorer = PromotionGate(GateConfig(), learner.worker.model, learner.worker.slow, None)
-    return scorer._loss(state, docs)
+    return scorer.loss(state, docs)
 
 
 def main() -> None:
