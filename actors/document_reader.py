@@ -143,8 +143,10 @@ class DocumentReader:
         return AdaptedState(FastWeightState.for_model(self.model), self.slow.new_state() if learns_slow else None)
 
     def effective_config(self) -> dict[str, Any]:
-        """The TTT and slow-weight configs this worker reads with (recorded in checkpoints)."""
-        return {"ttt": ttt_config_of(self.model).model_dump(), "slow": self.slow_config.model_dump()}
+        """The TTT and slow-weight configs and the state scope this reader reads with (recorded in
+        checkpoints)."""
+        return {"ttt": ttt_config_of(self.model).model_dump(), "slow": self.slow_config.model_dump(),
+                "scope": self.spec.scope}
 
     def prepare(self, task: DocumentTask) -> None:
         """Tokenize ``task`` ahead of its ``process`` call. Called from another thread while the

@@ -79,9 +79,11 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
 
 def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> dict[str, Any]:
     """What the workers read with, recorded in every checkpoint: the model's TTT config with the
-    stream's overrides, the slow-weight config and the sha256 of its rehearsal file."""
+    stream's overrides, the slow-weight config, the sha256 of its rehearsal file and the state
+    scope (which says what a version loaded without a choice of state is)."""
     slow = config.model.slow
-    recorded = {"ttt": config.model.effective_ttt(model_dir).model_dump(), "slow": slow.model_dump()}
+    recorded = {"ttt": config.model.effective_ttt(model_dir).model_dump(), "slow": slow.model_dump(),
+                "scope": config.processor.scope}
     if slow.enabled and slow.rehearsal_path is not None and Path(slow.rehearsal_path).is_file():
         recorded["rehearsal_sha256"] = hashlib.sha256(Path(slow.rehearsal_path).read_bytes()).hexdigest()
     return recorded

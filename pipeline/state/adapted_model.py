@@ -32,8 +32,14 @@ class StateChoiceError(ValueError):
 
 
 def choose_state(entries: dict[str, list[dict[str, Any]]], worker: str | None, key: str | None,
-                 where: str) -> tuple[str, dict[str, Any]]:
-    """The one (worker, entry) of a manifest's ``workers`` matching ``worker`` and ``key``."""
+                 where: str, scope: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """The one (worker, entry) of a manifest's ``workers`` matching ``worker`` and ``key``.
+
+    With the per_key or per_document scope and no choice, (None, None): the model a new tenant
+    (a new document) starts from, so that a version of many tenants loads with no choice to make.
+    """
+    if scope in ("per_key", "per_document") and worker is None and key is None:
+        return None, None
     workers = [worker] if worker else sorted(entries)
     found = [(w, e) for w in workers for e in entries.get(w, [])
              if e["key"] not in RESERVED_KEYS and (key is None or e["key"] == key)]
@@ -77,13 +83,15 @@ class AdaptedModel:
         return disable_ttt(self.model)
 
 
-def load_adapted_model(base_path: str | Path, model_config: dict[str, Any], state_data: bytes) -> AdaptedModel:
-    """``state_data`` (a checkpoint's safetensors blob) on the model at ``base_path``, configured by
-    the manifest's ``model_config`` ({"ttt": ..., "slow": ...}; {} for the model's own config)."""
+def load_adapted_model(base_path: str | Path, model_config: dict[str, Any], state_data: bytes | None) -> AdaptedModel:
+    """``state_data`` (a checkpoint's safetensors blob; None: a new key's state) on the model at
+    ``base_path``, configured by the manifest's ``model_config`` ({"ttt": ..., "slow": ...}; {}
+    for the model's own config)."""
     model, learner = build_model(base_path, TTTConfig.model_validate(model_config.get("ttt") or {}),
                                  SlowConfig.model_validate(model_config.get("slow") or {}))
     state = AdaptedState(FastWeightState.for_model(model), learner.new_state() if learner else None)
-    state.load_state_dict(load(state_data))
+    if state_data is not None:
+        state.load_state_dict(load(state_data))
     return AdaptedModel(model, learner, state)
 
 

@@ -22,18 +22,19 @@ def export_checkpoint(checkpoint: Checkpoint, out: Path, worker: str | None = No
     if base_model_id(base_dir)["weights_sha256"] != base["weights_sha256"]:
         raise CheckpointError(f"{base['path']}: weights differ from the checkpoint's base model")
     entries = {w: [{"key": b.key, "blob": b} for b in bs] for w, bs in checkpoint.states.items()}
+    model_config = checkpoint.manifest.get("model_config") or {}
     try:
-        chosen_worker, entry = choose_state(entries, worker, key, f"v{checkpoint.version}")
+        chosen_worker, entry = choose_state(entries, worker, key, f"v{checkpoint.version}", model_config.get("scope"))
     except StateChoiceError as err:
         raise CheckpointError(f"{err} (--worker/--key)") from None
-    blob = entry["blob"]
-    model = load_adapted_model(base_dir, checkpoint.manifest.get("model_config") or {}, blob.data).merged()
+    blob = entry["blob"] if entry else None  # None: a new tenant's model (per_key, no --key)
+    model = load_adapted_model(base_dir, model_config, blob.data if blob else None).merged()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     (out / "ttt_export.json").write_text(json.dumps({
         "stream": checkpoint.manifest["stream"], "version": checkpoint.version, "worker": chosen_worker,
-        "key": blob.key, "state_sha256": blob.sha256, "documents": blob.documents, "base_model": base,
-        "model_config": checkpoint.manifest.get("model_config") or {},
+        "key": blob.key if blob else None, "state_sha256": blob.sha256 if blob else None,
+        "documents": blob.documents if blob else 0, "base_model": base, "model_config": model_config,
     }, indent=2))
     return out

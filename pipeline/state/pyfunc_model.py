@@ -9,10 +9,12 @@ stream's TTT config, its slow weights, fresh fast weights; texts do not affect o
 ``score`` returns the prequential loss per text; ``generate`` reads the text, then continues
 it greedily for ``max_new_tokens``. The base model is loaded from the path the checkpoint
 records (``base_model`` in the model config: a directory, or a registered model fetched and
-verified as the workers do), and its weights' sha256 is checked. A checkpoint
-of several workers or keys needs the choice at load time:
-``load_model(uri, model_config={"worker": ..., "key": ...})``, ``key`` a state's name (the
-results' ``state_key``; ``TenantKeys.state_key_of`` gives it for a tenant's key).
+verified as the workers do), and its weights' sha256 is checked. A version of the global scope
+holds one state (one reader, or the learner's). A version of the per_key scope loads, without a
+choice, as the model a new tenant starts from; one tenant's model is
+``load_model(uri, model_config={"key": ...})``, ``key`` a state's name (the results'
+``state_key``; ``TenantKeys.state_key_of`` gives it for a tenant's key), and ``"worker"`` narrows
+the choice where needed.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ class TTTCheckpointModel(PythonModel):
         base, _ = local_model_dir(config["base_model"], None, DEFAULT_CACHE_DIR)
         if base_model_id(base)["weights_sha256"] != manifest["base_model"]["weights_sha256"]:
             raise ValueError(f"{base}: weights differ from the checkpoint's base model")
+        model_config = manifest.get("model_config") or {}
         _, entry = choose_state(manifest["workers"], config.get("worker"), config.get("key"),
-                                f"{manifest['stream']} checkpoint (load_model(..., model_config={{'worker': ..., 'key': ...}}))")
+                                f"{manifest['stream']} checkpoint (load_model(..., model_config={{'worker': ..., 'key': ...}}))",
+                                model_config.get("scope"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        self.adapted = load_adapted_model(base, manifest.get("model_config") or {}, verified_state_bytes(root, entry))
+        self.adapted = load_adapted_model(base, model_config, verified_state_bytes(root, entry) if entry else None)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch

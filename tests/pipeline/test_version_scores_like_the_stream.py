@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load
 
 from actors.document_reader import DocumentTask, DocumentReader
-from pipeline.state.adapted_model import StateChoiceError
 from pipeline.state.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore, base_model_id
 from pipeline.state.export import export_checkpoint
 from tests.sample_text import SAMPLE_TEXT
@@ -28,12 +27,12 @@ DOCS = [TEXT[i * 1500 : i * 1500 + 1800] for i in range(3)]
 PROBE = TEXT[9000:11000]
 
 
-def checkpoint(stack, worker: DocumentReader, scope_keys: int = 1) -> CheckpointStore:
+def checkpoint(stack, *readers: DocumentReader) -> CheckpointStore:
     store = CheckpointStore(stack.mlflow, f"test-{uuid.uuid4().hex[:8]}")
     store.save(CheckpointRequest(
-        states={worker.name: worker.snapshot()}, topic="docs", offsets={0: len(DOCS)}, config_digest="c" * 64,
+        states={r.name: r.snapshot() for r in readers}, topic="docs", offsets={0: len(DOCS)}, config_digest="c" * 64,
         base_model=base_model_id(MODEL), documents=len(DOCS), reason="periodic", parent_version=None,
-        model_config=worker.effective_config(),
+        model_config=readers[0].effective_config(),
     ))
     return store
 
@@ -121,17 +120,34 @@ def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tm
     assert static_loss(plain, worker.tokenizer, PROBE) == pytest.approx(want_static, rel=1e-5)
 
 
-def test_a_version_of_several_states_needs_a_choice(stack, tmp_path):
-    worker = DocumentReader(standalone_reader_spec(MODEL, device="cpu", scope="per_key", spill_dir=str(tmp_path)), "w0")
-    worker.process(DocumentTask("a", DOCS[0], key="tenant-a"))
-    worker.process(DocumentTask("b", DOCS[1], key="tenant-b"))
-    store = checkpoint(stack, worker)
+def test_a_per_key_version_loads_as_a_new_tenant_s_model_or_one_tenant_s_by_key(stack, tmp_path):
+    """cluster.yaml's scope: with no choice, the version is the model a new tenant starts from."""
+    reader = DocumentReader(standalone_reader_spec(MODEL, device="cpu", scope="per_key", spill_dir=str(tmp_path)), "w0")
+    reader.process(DocumentTask("a", DOCS[0], key="tenant-a"))
+    reader.process(DocumentTask("b", DOCS[1], key="tenant-b"))
+    store = checkpoint(stack, reader)
+    assert store.load(LIVE).manifest["model_config"]["scope"] == "per_key"
+    tenant_b = reader.process(DocumentTask("probe", PROBE, key="tenant-b")).loss
+    new_tenant = reader.process(DocumentTask("probe", PROBE, key="tenant-new")).loss
+    assert tenant_b != pytest.approx(new_tenant, rel=1e-4)  # the choice matters
+    assert pyfunc_loss(stack, store, PROBE) == pytest.approx(new_tenant, rel=1e-5)
+    assert pyfunc_loss(stack, store, PROBE, key="tenant-b") == pytest.approx(tenant_b, rel=1e-5)
+    meta = export_checkpoint(store.load(LIVE), tmp_path / "export") / "ttt_export.json"
+    assert '"key": null' in meta.read_text()
+
+
+def test_a_version_of_two_readers_own_states_needs_a_choice(stack, tmp_path):
+    """The global scope without slow weights on two readers: each reader carries its own fast weights."""
+    readers = [DocumentReader(standalone_reader_spec(MODEL, device="cpu", spill_dir=str(tmp_path / n)), n) for n in ("w0", "w1")]
+    for reader, doc in zip(readers, DOCS):
+        reader.process(DocumentTask("d", doc))
+    store = checkpoint(stack, *readers)
     with pytest.raises(Exception, match="holds 2 states"):
         pyfunc_loss(stack, store, PROBE)
-    assert pyfunc_loss(stack, store, PROBE, key="tenant-b") > 0
+    want = readers[1].process(DocumentTask("probe", PROBE)).loss
+    assert pyfunc_loss(stack, store, PROBE, worker="w1") == pytest.approx(want, rel=1e-5)
     with pytest.raises(CheckpointError, match="holds 2 states"):
         export_checkpoint(store.load(LIVE), tmp_path / "export")
-    assert issubclass(StateChoiceError, ValueError)
 
 
 def test_mlflow_models_serve_answers_invocations_with_the_worker_s_loss(stack, tmp_path):
