@@ -3,7 +3,9 @@
 - ``FastReader``: the fast weights (In-Place TTT) alone, chunk by chunk. Also the reader of a
   learner's version: the worker binds the version's slow weights around the read.
 - ``SlowStepReader``: the fast weights on top of the scope's slow weights, which take their lean
-  step on what was just scored (``ttt_model.slow.SlowLearner.read``).
+  step on what was just scored (``ttt_model.slow.SlowLearner.read``). The learner's
+  (``split``) runs the layers below the lowest adapted one first, or takes their hidden states
+  from the reader that computed them (``ttt_model.lower_layers``), then the adapted layers.
 - ``ContextParallelReader``: windows of at least ``min_tokens`` tokens go to a context-parallel
   group (``actors.cp_group``), starting from this worker's fast weights; shorter ones to a
   FastReader.
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from ttt_model.adapted_state import AdaptedState
+from ttt_model.lower_layers import hidden_below
 from ttt_model.session import TTTSession
 from ttt_model.slow import SlowLearner, SlowVersion
 
@@ -58,21 +61,36 @@ class FastReader:
 
 
 class SlowStepReader:
-    """Fast weights on the scope's slow weights, one slow step per ``chunk_tokens`` read."""
+    """Fast weights on the scope's slow weights, one slow step per ``chunk_tokens`` read.
+    ``split``: the layers below the lowest adapted one run apart, first (or not at all, where
+    ``read`` is given their hidden states); a reader that learns itself reads in one forward."""
 
     parallel_windows = 0
 
-    def __init__(self, model: nn.Module, learner: SlowLearner, chunk_tokens: int):
+    def __init__(self, model: nn.Module, learner: SlowLearner, chunk_tokens: int, split: bool = False):
         self.model = model
         self.learner = learner
         self.chunk_tokens = chunk_tokens
+        self.split = split
+        self.handed = 0  # documents read from hidden states a reader handed on
 
-    def read(self, adapted: AdaptedState, windows: list[torch.Tensor]) -> torch.Tensor:
+    def read(self, adapted: AdaptedState, windows: list[torch.Tensor],
+             below: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``below``: per window, the hidden states (1, n, d) entering the lowest adapted layer,
+        as ``ttt_model.lower_layers.hidden_below`` computes them (``split`` only)."""
+        if self.split:
+            if below is not None and [b.shape[:2] for b in below] == [w.shape for w in windows]:
+                dtype = next(self.model.parameters()).dtype
+                below = [b.to(device=w.device, dtype=dtype) for b, w in zip(below, windows)]
+                self.handed += 1
+            else:
+                below = hidden_below(self.model, windows, self.learner.lowest_layer, adapted.fast)
         session = TTTSession(self.model, adapted.fast)
         nll = []
-        for window in windows:
+        for i, window in enumerate(windows):
             session.reset(keep_state=True)
-            nll.append(self.learner.read(session, window, adapted.slow, self.chunk_tokens)[0, 1:])
+            handed = below[i] if self.split else None
+            nll.append(self.learner.read(session, window, adapted.slow, self.chunk_tokens, handed)[0, 1:])
         return torch.cat(nll)
 
 

@@ -9,6 +9,7 @@ weights over that chunk (prequential: a chunk is never scored by weights that sa
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ttt_model.forward_call import ttt_forward
+from ttt_model.lower_layers import UpperLayersCache, layers_from
 from ttt_model.objectives import gradient_objective_loss, make_optimizer
 from ttt_model.patch import decoder_of
 from ttt_model.state import FastWeightState, ttt_layers
@@ -93,8 +95,8 @@ class TTTSession:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
         return StepOutput(logits=logits, nll=self._nll(logits, input_ids))
 
-    def feed_hidden(self, input_ids: torch.Tensor, grad: bool = False,
-                    cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def feed_hidden(self, input_ids: torch.Tensor, grad: bool = False, cache: bool = True,
+                    below: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Process the next piece (B, L) of the stream up to the head: its last hidden states
         (B, L, d), for a caller that applies the head itself (a slow step,
         ``ttt_model.head_loss``), and the nll (B,) of its first token under the previous piece's
@@ -103,13 +105,21 @@ class TTTSession:
         ``grad``: keep the autograd graph of the hidden states. The fast weights are applied and
         updated as by ``feed``, their updates out of the graph; call ``detach_`` after.
         ``cache``: False for a piece that is a whole attention context (a new one, and nothing
-        read after it), whose keys and values are then not kept.
+        read after it), whose keys and values are then not kept. ``below``: (layer, the piece's
+        hidden states (B, L, d) entering decoder layer ``layer``), computed before: the layers
+        below it do not run (``ttt_model.lower_layers``), nor do their fast weights change; every
+        piece of an attention context then comes with them, from the same layer.
         """
         if self.config.objective != "in_place":
             raise ValueError("feed_hidden needs the in_place objective: the gradient objective trains itself")
         if not cache and self.cache.get_seq_length() > 0:
             raise ValueError("feed_hidden(cache=False) starts an attention context: reset the session first")
-        with torch.set_grad_enabled(grad), ttt_forward(state=self.state, frozen_updates=True):
+        if below is not None and cache and not isinstance(self.cache, UpperLayersCache):
+            if self.cache.get_seq_length() > 0:
+                raise ValueError("feed_hidden(below=...) in an attention context begun without it")
+            self.cache = UpperLayersCache(self.model.config, below[0])
+        start = layers_from(self.model, *below) if below is not None else nullcontext()
+        with torch.set_grad_enabled(grad), ttt_forward(state=self.state, frozen_updates=True), start:
             decoder = decoder_of(self.model)
             if cache:
                 hidden = decoder(input_ids=input_ids, past_key_values=self.cache, use_cache=True).last_hidden_state

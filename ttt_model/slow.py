@@ -33,6 +33,7 @@ from ttt_model.config import SlowConfig
 from ttt_model.data import load_documents
 from ttt_model.forward_call import ttt_forward
 from ttt_model.head_loss import head_nll_and_grad
+from ttt_model.lower_layers import hidden_below_batched, layers_from
 from ttt_model.patch import decoder_layers, decoder_of, static_mode
 
 ADAM_BETAS = (0.9, 0.999)
@@ -242,9 +243,12 @@ class SlowLearner:
 
     # -- learning ------------------------------------------------------------------------------
 
-    def read(self, session, input_ids: torch.Tensor, state: SlowState, chunk_tokens: int) -> torch.Tensor:
+    def read(self, session, input_ids: torch.Tensor, state: SlowState, chunk_tokens: int,
+             below: torch.Tensor | None = None) -> torch.Tensor:
         """Read ``input_ids`` (1, L) through ``session`` chunk by chunk: score each chunk with the
         current slow + fast weights, then take one slow step on it. Returns the nll (1, L).
+        ``below``: the hidden states (1, L, d) entering the lowest adapted layer, computed before
+        (``ttt_model.lower_layers``): only the adapted layers and the head run.
 
         The forward that scores a chunk is the graph its step flows back through: the head's
         loss and its gradient come out of the same logits (``head_nll_and_grad``), the
@@ -260,7 +264,8 @@ class SlowLearner:
             with self.bound(state), self._trainable(state, learn):
                 try:
                     whole = start == 0 and piece.shape[1] == input_ids.shape[1]  # no later piece reads its cache
-                    hidden, first = session.feed_hidden(piece, grad=learn, cache=not whole)
+                    handed = None if below is None else (self.lowest_layer, below[:, start : start + chunk_tokens])
+                    hidden, first = session.feed_hidden(piece, grad=learn, cache=not whole, below=handed)
                     n = piece.shape[1]
                     scale = 1.0 / ((n - 1) * (1 + len(extra))) if learn else 0.0
                     scored, grad = head_nll_and_grad(hidden[0, :-1], head, piece[0, 1:], scale)
@@ -298,51 +303,17 @@ class SlowLearner:
         """The last hidden states (1, n, d) of a chunk read alone (the plain parallel form, fresh
         fast weights, their updates out of the graph). A rehearsed chunk is fixed text, and the
         layers below the lowest adapted one do not depend on the slow weights: its hidden state
-        there is computed once and kept, and only the adapted layers run again."""
+        there is computed once, for every rehearsed chunk at the first rehearsal, and only the
+        adapted layers run again."""
         decoder = decoder_of(self.model)
         lowest = self.lowest_layer
         if rehearsed is None or lowest == 0:
             with ttt_forward(frozen_updates=True):
                 return decoder(input_ids=ids[None]).last_hidden_state
         if not self._rehearsal_inputs:
-            self._rehearsal_inputs = self._hidden_below(self.rehearsal, lowest)
-        entry = self._rehearsal_inputs[rehearsed]
-        layers = decoder.layers
-        # The layers below stand aside: the first hands on the kept hidden state, the others
-        # pass it through; the embedding still runs (a TTT layer's target may read it).
-        decoder.layers = torch.nn.ModuleList([_KnownHidden(entry if i == 0 else None) for i in range(lowest)]
-                                             + list(layers[lowest:]))
-        try:
-            with ttt_forward(frozen_updates=True):
-                return decoder(input_ids=ids[None]).last_hidden_state
-        finally:
-            decoder.layers = layers
-
-    @torch.no_grad()
-    def _hidden_below(self, chunks: torch.Tensor, layer: int, rows: int = 16) -> dict[int, torch.Tensor]:
-        """The hidden state (1, n, d) at the input of decoder layer ``layer`` of every chunk in
-        ``chunks`` (k, n), read as a batch of ``rows`` chunks at a time: all of them at the first
-        rehearsal, so that no later step pays a whole forward for its rehearsed chunk. The
-        layers above ``layer`` do not run."""
-        decoder = decoder_of(self.model)
-        captured: list[torch.Tensor] = []
-
-        def stop(module, args):
-            captured.append(args[0].detach())
-            raise _ReachedLayer
-
-        hook = decoder.layers[layer].register_forward_pre_hook(stop)
-        try:
-            for start in range(0, chunks.shape[0], rows):
-                with ttt_forward(frozen_updates=True):
-                    try:
-                        decoder(input_ids=chunks[start : start + rows])
-                    except _ReachedLayer:
-                        pass
-        finally:
-            hook.remove()
-        hidden = torch.cat(captured)
-        return {i: hidden[i : i + 1].clone() for i in range(hidden.shape[0])}
+            self._rehearsal_inputs = dict(enumerate(hidden_below_batched(self.model, self.rehearsal, lowest)))
+        with layers_from(self.model, lowest, self._rehearsal_inputs[rehearsed]), ttt_forward(frozen_updates=True):
+            return decoder(input_ids=ids[None]).last_hidden_state
 
     @property
     def lowest_layer(self) -> int:
@@ -447,22 +418,6 @@ class SlowLearner:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         self.deltas = {}
         return self.model
-
-
-class _ReachedLayer(Exception):
-    """Ends a forward at the layer whose input was wanted (``SlowLearner._hidden_below``)."""
-
-
-class _KnownHidden(nn.Module):
-    """Stands in for a decoder layer below the slow weights' adapters, where the hidden state of
-    a rehearsed chunk is already known: returns it (or, with None, its input unchanged)."""
-
-    def __init__(self, hidden: torch.Tensor | None):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden_states if self.hidden is None else self.hidden
 
 
 def rehearsal_chunks(path: str | Path, tokenizer, chunk_tokens: int, count: int) -> torch.Tensor:

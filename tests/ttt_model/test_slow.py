@@ -227,9 +227,11 @@ def test_a_rehearsed_chunk_runs_only_the_adapted_layers_and_gives_the_full_forwa
     # Kept for all chunks at once, read as a batch (two rows at a time here): each equal to the
     # chunk read alone.
     assert set(learner._rehearsal_inputs) == {0, 1, 2}
-    batched = learner._hidden_below(rehearsed, 2, rows=2)
+    from ttt_model.lower_layers import hidden_below_batched
+
+    batched = hidden_below_batched(model, rehearsed, 2, rows=2)
     for i in range(3):
         with ttt_forward(frozen_updates=True), torch.no_grad():
             hidden = decoder_of(model)(input_ids=rehearsed[i][None], output_hidden_states=True).hidden_states[2]
         assert rel_err(batched[i], hidden) < 1e-12 and rel_err(learner._rehearsal_inputs[i], hidden) < 1e-12
-    assert len(decoder_of(model).layers) == 3 and not any(type(m).__name__ == "_KnownHidden" for m in model.modules())
+    assert len(decoder_of(model).layers) == 3 and not any(type(m).__name__ == "KnownHidden" for m in model.modules())
