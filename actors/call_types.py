@@ -53,6 +53,10 @@ class ReaderSpec:
     # every document with the SlowVersion it is given, learns nothing across documents and keeps
     # no state between them (its fast weights start from zero at every document).
     slow_from_learner: bool
+    # With slow_from_learner: the layers below the lowest adapted one are read once, by the
+    # reader, which hands their hidden states on to the learner (``ttt_model.lower_layers``);
+    # the learner's own reader (slow_from_learner False) reads them apart, or takes them handed.
+    split_at_adapters: bool
     # Tokenize the next document in another thread while one is read (``prepare``). None: on a
     # GPU only, where the CPU waits for the device meanwhile; on a CPU the model already uses the
     # cores (measured on 2 cores: 26% slower with it).

@@ -34,6 +34,7 @@ from actors.state_store import ScopedState, StateStore
 from actors.state_upload import StateUploader
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.forward_call import ttt_forward
+from ttt_model.lower_layers import capture_inputs
 from ttt_model.factory import build_model
 from ttt_model.patch import static_mode, ttt_config_of
 from ttt_model.slow import SlowState, SlowVersion
@@ -121,10 +122,13 @@ class DocumentReader:
         self.busy_s = 0.0
         self.batches = 0  # forwards of process_batch that read several documents
         self.batched_documents = 0
+        # split_at_adapters, reading versions: per document read, the hidden states entering the
+        # lowest adapted layer, one (1, n, d) per window on the CPU, until taken (``take_handed``).
+        self.handed: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
 
     def _choose_reader(self) -> WindowReader:
         if self.slow is not None and not self.reads_versions:
-            return SlowStepReader(self.model, self.slow, self.slow_chunk_tokens)
+            return SlowStepReader(self.model, self.slow, self.slow_chunk_tokens, split=self.spec.split_at_adapters)
         # Without slow weights the fast weights are the scope's state and outlive the document.
         fast = FastReader(self.model, carries_over=self.slow is None and self.spec.scope != "per_document")
         if self.long_reader is None:
@@ -331,13 +335,21 @@ class DocumentReader:
             ))
         return outcomes
 
-    def process(self, task: DocumentTask, version: SlowVersion | None = None) -> DocumentOutcome:
-        """Read one document; ``version``: the slow weights to read it with (``slow_from_learner``)."""
+    def process(self, task: DocumentTask, version: SlowVersion | None = None,
+                below: list[torch.Tensor] | None = None) -> DocumentOutcome:
+        """Read one document; ``version``: the slow weights to read it with (``slow_from_learner``);
+        ``below``: the hidden states a reader of a version handed on (``take_handed``), for the
+        learner's reader (``split_at_adapters``)."""
         start = time.perf_counter()
-        return self._process(task, self._tokens_of(task), start, version)
+        return self._process(task, self._tokens_of(task), start, version, below)
+
+    def take_handed(self, task_id: str) -> list[torch.Tensor] | None:
+        """What reading ``task_id`` computed below the lowest adapted layer, for the learner (once);
+        None where nothing was kept (not split, a context-parallel window, not read here)."""
+        return self.handed.pop(task_id, None)
 
     def _process(self, task: DocumentTask, ids: list[int], start: float | None = None,
-                 version: SlowVersion | None = None) -> DocumentOutcome:
+                 version: SlowVersion | None = None, below: list[torch.Tensor] | None = None) -> DocumentOutcome:
         start = time.perf_counter() if start is None else start
         if self.reads_versions:
             if version is None:
@@ -347,7 +359,7 @@ class DocumentReader:
             outcome.slow_delta_ratio = self._version[2]
             outcome.slow_version = version.index
             return outcome
-        return self._read(task, ids, start)
+        return self._read(task, ids, start, below)
 
     def _bind(self, version: SlowVersion) -> SlowState:
         """``version`` as a state on the device (kept while the next documents read the same)."""
@@ -356,7 +368,8 @@ class DocumentReader:
             self._version = (version, state, self.slow.delta_ratio(state))
         return self._version[1]
 
-    def _read(self, task: DocumentTask, ids: list[int], start: float) -> DocumentOutcome:
+    def _read(self, task: DocumentTask, ids: list[int], start: float,
+              below: list[torch.Tensor] | None = None) -> DocumentOutcome:
         limit = self.spec.max_document_tokens
         if len(ids) > limit and self.spec.oversize == "reject":
             return DocumentOutcome(
@@ -366,7 +379,17 @@ class DocumentReader:
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         scoped, reused_from = self._state_for(task, ids)
         windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
-        adapted = self.reader.read(scoped.state, windows)
+        if below is not None:
+            adapted = self.reader.read(scoped.state, windows, below)
+        elif self.reads_versions and self.spec.split_at_adapters:
+            with capture_inputs(self.model, self.slow.lowest_layer) as captured:
+                adapted = self.reader.read(scoped.state, windows)
+            if len(captured) == len(windows):  # else a window went to a context-parallel group
+                self.handed[task.id] = [c.cpu() for c in captured]
+                while len(self.handed) > MAX_PREPARED:  # read, then never taken
+                    self.handed.popitem(last=False)
+        else:
+            adapted = self.reader.read(scoped.state, windows)
         base = self._base_nll(windows) if sampled(task, self.spec.base_loss_sample_rate) else None
         scoped.documents += 1
         fast = scoped.state.fast

@@ -60,8 +60,10 @@ class StreamLearner:
         fraction takes no slow step (None: every window steps)."""
         # The learner is the synchronous reader of every document: slow steps, no shadow
         # evaluation, no context parallelism (it reads windows of max_document_tokens).
+        # It reads the layers below the lowest adapted one apart (or takes them from the reader
+        # that read them: ``learn``'s ``below``) and runs the adapted layers and the head.
         spec = replace(spec, slow_from_learner=False, scope="global", base_loss_sample_rate=0.0,
-                       context_parallel_min_tokens=None, tokenize_ahead=False)
+                       context_parallel_min_tokens=None, tokenize_ahead=False, split_at_adapters=True)
         self.worker = DocumentReader(spec, name=name)
         self.name = name
         self.lag = lag
@@ -153,9 +155,11 @@ class StreamLearner:
         held = [v.index for v in self.published]
         raise ValueError(f"{self.name}: version {index} is not held (held: {held}; lag {self.lag})")
 
-    def learn(self, task: DocumentTask) -> dict[str, Any]:
+    def learn(self, task: DocumentTask, below: list[torch.Tensor] | None = None) -> dict[str, Any]:
         """Read ``task`` with slow steps and publish the next version. A document the learner
-        rejects or fails on teaches nothing, and still takes its place in the order."""
+        rejects or fails on teaches nothing, and still takes its place in the order. ``below``:
+        the hidden states its reader computed below the lowest adapted layer
+        (``DocumentReader.take_handed``; None: the learner computes them, the same bits)."""
         start = time.perf_counter()
         skipped = None
         if task.held_out:
@@ -176,7 +180,7 @@ class StreamLearner:
         if self.gate is not None:
             self.gate.learned_one()
         try:
-            outcome = self.worker.process(replace(task, shadow=False))
+            outcome = self.worker.process(replace(task, shadow=False), below=below)
             report = {"ok": outcome.ok, "tokens": outcome.tokens, "loss": outcome.loss, "reason": outcome.reason}
         except Exception as err:  # noqa: BLE001 - the same document fails the same way on a replay
             self.failures += 1

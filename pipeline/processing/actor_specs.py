@@ -59,6 +59,7 @@ def reader_spec(config: AppConfig, source: BaseModelSource | None = None) -> Rea
         context_parallel_min_tokens=p.context_parallel.min_tokens if p.context_parallel else None,
         batch_tokens=p.batch_tokens,
         slow_from_learner=p.learner.enabled,
+        split_at_adapters=p.learner.enabled,
         tokenize_ahead=None,
     )
 

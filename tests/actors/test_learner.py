@@ -45,6 +45,23 @@ def test_readers_of_lag_1_score_what_the_synchronous_reader_scores(tmp_path):
     assert reader.snapshot() == []  # nothing outlives a document on a reader
 
 
+def test_a_learner_fed_by_its_reader_learns_what_it_learns_alone_bit_for_bit(tmp_path):
+    """The reader hands on the hidden states below the adapters; the learner runs the layers above."""
+    windows = {"max_document_tokens": 4096}  # the long one is read in three
+    alone = StreamLearner(spec(tmp_path, **windows), lag=2)
+    fed = StreamLearner(spec(tmp_path, **windows), lag=2)
+    reader = DocumentReader(spec(tmp_path, slow_from_learner=True, split_at_adapters=True, **windows), name="reader")
+    texts = DOCS + [DocumentTask("long", SAMPLE_TEXT[:30000])]
+    for n, task in enumerate(texts):
+        read = reader.process(task, fed.version(max(0, n - 1)))
+        below = reader.take_handed(task.id)
+        assert below is not None and sum(b.shape[1] for b in below) == read.tokens and len(below) == read.windows
+        assert reader.take_handed(task.id) is None  # taken once
+        assert fed.learn(task, below)["loss"] == alone.learn(task)["loss"]
+    assert fed.worker.reader.handed == len(texts) and alone.worker.reader.handed == 0 and read.windows == 3
+    assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]
+
+
 def test_versions_are_held_for_the_lag_and_follow_the_order(tmp_path):
     learner = StreamLearner(spec(tmp_path), lag=2)
     learner.learn(DOCS[0])
@@ -104,7 +121,7 @@ def test_a_learner_short_of_time_takes_the_newer_documents_first_and_keeps_to_it
     def learner():
         learner = StreamLearner(spec(tmp_path), lag=1, every=3)
         # The choice is what is tested here, not the slow step: reading is stubbed.
-        learner.worker.process = lambda task: DocumentOutcome(task.id, ok=True, tokens=1, loss=1.0)
+        learner.worker.process = lambda task, below=None: DocumentOutcome(task.id, ok=True, tokens=1, loss=1.0)
         return learner
 
     rng = random.Random(0)
