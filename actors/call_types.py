@@ -96,6 +96,19 @@ class DocumentTask:
     # How new it is to the stream (bits of SimHash to the nearest recent document): a learner that
     # cannot take every document takes the newer ones first. None: unknown (every one alike).
     worth: float | None = None
+    # Its offset in the partition (a stream's documents): with ``partition``, where its reader's
+    # hand-off to the learner is found (``HandedStates``).
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class HandedStates:
+    """What a reader of the learner's versions computed below the lowest adapted layer for one
+    document (``ttt_model.lower_layers``), handed on to the learner, which uses them only for
+    the tokens they were computed from."""
+
+    tokens_sha256: str  # of the document's token ids (int64)
+    windows: list[Any]  # torch tensors (1, n, d) on the CPU, one per window
 
 
 @dataclass(frozen=True)

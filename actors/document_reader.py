@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from actors.base_model import BaseModelSource, fetch_base_model
-from actors.call_types import DocumentOutcome, DocumentTask, ReaderSpec, StateBlob, StateTarget
+from actors.call_types import DocumentOutcome, DocumentTask, HandedStates, ReaderSpec, StateBlob, StateTarget
 from actors.window_readers import (ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader,
                             WindowReader)
 from actors.state_store import ScopedState, StateStore
@@ -123,8 +123,8 @@ class DocumentReader:
         self.batches = 0  # forwards of process_batch that read several documents
         self.batched_documents = 0
         # split_at_adapters, reading versions: per document read, the hidden states entering the
-        # lowest adapted layer, one (1, n, d) per window on the CPU, until taken (``take_handed``).
-        self.handed: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        # lowest adapted layer, until taken (``take_handed``).
+        self.handed: OrderedDict[str, HandedStates] = OrderedDict()
 
     def _choose_reader(self) -> WindowReader:
         if self.slow is not None and not self.reads_versions:
@@ -336,20 +336,20 @@ class DocumentReader:
         return outcomes
 
     def process(self, task: DocumentTask, version: SlowVersion | None = None,
-                below: list[torch.Tensor] | None = None) -> DocumentOutcome:
+                below: HandedStates | None = None) -> DocumentOutcome:
         """Read one document; ``version``: the slow weights to read it with (``slow_from_learner``);
         ``below``: the hidden states a reader of a version handed on (``take_handed``), for the
         learner's reader (``split_at_adapters``)."""
         start = time.perf_counter()
         return self._process(task, self._tokens_of(task), start, version, below)
 
-    def take_handed(self, task_id: str) -> list[torch.Tensor] | None:
+    def take_handed(self, task_id: str) -> HandedStates | None:
         """What reading ``task_id`` computed below the lowest adapted layer, for the learner (once);
         None where nothing was kept (not split, a context-parallel window, not read here)."""
         return self.handed.pop(task_id, None)
 
     def _process(self, task: DocumentTask, ids: list[int], start: float | None = None,
-                 version: SlowVersion | None = None, below: list[torch.Tensor] | None = None) -> DocumentOutcome:
+                 version: SlowVersion | None = None, below: HandedStates | None = None) -> DocumentOutcome:
         start = time.perf_counter() if start is None else start
         if self.reads_versions:
             if version is None:
@@ -369,23 +369,25 @@ class DocumentReader:
         return self._version[1]
 
     def _read(self, task: DocumentTask, ids: list[int], start: float,
-              below: list[torch.Tensor] | None = None) -> DocumentOutcome:
+              below: HandedStates | None = None) -> DocumentOutcome:
         limit = self.spec.max_document_tokens
         if len(ids) > limit and self.spec.oversize == "reject":
             return DocumentOutcome(
                 task.id, ok=False, tokens=len(ids), worker=self.name,
                 reason=f"oversize: {len(ids)} tokens > max_document_tokens {limit}",
             )
+        digest = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest() \
+            if self.spec.split_at_adapters else None
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         scoped, reused_from = self._state_for(task, ids)
         windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
-        if below is not None:
-            adapted = self.reader.read(scoped.state, windows, below)
+        if below is not None and below.tokens_sha256 == digest:  # else not this text's: computed here
+            adapted = self.reader.read(scoped.state, windows, below.windows)
         elif self.reads_versions and self.spec.split_at_adapters:
             with capture_inputs(self.model, self.slow.lowest_layer) as captured:
                 adapted = self.reader.read(scoped.state, windows)
             if len(captured) == len(windows):  # else a window went to a context-parallel group
-                self.handed[task.id] = [c.cpu() for c in captured]
+                self.handed[task.id] = HandedStates(digest, [c.cpu() for c in captured])
                 while len(self.handed) > MAX_PREPARED:  # read, then never taken
                     self.handed.popitem(last=False)
         else:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from actors.call_types import GATE_KEY, PUBLISHED_KEY, DocumentTask, StateBlob, ReaderSpec
+from actors.call_types import GATE_KEY, PUBLISHED_KEY, DocumentTask, HandedStates, StateBlob, ReaderSpec
 from actors.document_reader import DocumentReader
 from actors.promotion_gate import PromotionGate, Verdict
 from actors.state_store import GLOBAL_KEY
@@ -155,7 +155,7 @@ class StreamLearner:
         held = [v.index for v in self.published]
         raise ValueError(f"{self.name}: version {index} is not held (held: {held}; lag {self.lag})")
 
-    def learn(self, task: DocumentTask, below: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    def learn(self, task: DocumentTask, below: HandedStates | None = None) -> dict[str, Any]:
         """Read ``task`` with slow steps and publish the next version. A document the learner
         rejects or fails on teaches nothing, and still takes its place in the order. ``below``:
         the hidden states its reader computed below the lowest adapted layer
@@ -288,7 +288,7 @@ class StreamLearner:
 
     def stats(self) -> dict[str, Any]:
         return {**self.worker.stats(), "worker": self.name, "position": self.position, "lag": self.lag,
-                "every": self.every, "learned": self.learned,
+                "every": self.every, "learned": self.learned, "handed": self.worker.reader.handed,
                 "learn_failures": self.failures, "learn_s": self.learn_s, "outlier_windows": self.outliers,
                 "slow_steps": self._slow().steps,
                 **({"gate": self.gate.verdict.to_dict()} if self.gate is not None and self.gate.verdict else {})}

@@ -2,48 +2,102 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import ray
 
-from actors.call_types import DocumentTask, StateBlob, ReaderSpec
+from actors.call_types import DocumentTask, HandedStates, StateBlob, ReaderSpec
 from actors.learner import StreamLearner
 from actors.model_thread import ModelThread
 from ttt_model.slow import SlowVersion
 
+log = logging.getLogger(__name__)
 
-@ray.remote(concurrency_groups={"control": 1})
+# How long ``learn`` waits for what the document's reader hands on before it computes that
+# itself (the same bits: only the time differs). Offers kept for documents not learned yet.
+HANDOFF_WAIT_S, MAX_OFFERS = 120.0, 1024
+
+
+@ray.remote(concurrency_groups={"control": 1, "versions": 1, "offers": 1})
 class LearnerActor:
-    """The Ray shell of StreamLearner: ``version``, ``learn``, ``snapshot`` and ``restore`` run in
-    the order the processor sends them, on one model thread."""
+    """The Ray shell of StreamLearner: ``learn``, ``judge``, ``snapshot`` and ``restore`` run in
+    the order the processor sends them, on one model thread, and are counted. ``version`` runs
+    apart and answers once as many of them have run as it names (``RayLearner``); ``offer``
+    (what a reader computed for a document) runs apart and wakes the ``learn`` waiting for it."""
 
     def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1, gate: Any = None,
                  outlier_margin: float | None = None):
         self.model_thread = ModelThread(f"{name}-model")
         self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every, gate, outlier_margin)
+        self._changed = threading.Condition()
+        self._done = 0  # in-order calls run
+        self._offers: OrderedDict[tuple[int, int], HandedStates | None] = OrderedDict()
+        self.handoffs_missed = 0
 
-    def version(self, index: int) -> SlowVersion:
+    def _in_order(self, fn, *args):
+        try:
+            return self.model_thread.call(fn, *args)
+        finally:
+            with self._changed:
+                self._done += 1
+                self._changed.notify_all()
+
+    @ray.method(concurrency_group="versions")
+    def version(self, index: int, after: int = 0) -> SlowVersion:
+        with self._changed:
+            self._changed.wait_for(lambda: self._done >= after)
         return self.learner.version(index)
 
+    def calls_done(self) -> int:
+        return self._done
+
+    @ray.method(concurrency_group="offers")
+    def offer(self, position: tuple[int, int], handed: list) -> None:
+        """What the reader of the document at ``position`` computed for the learner (``[ref]``,
+        ``[None]``: nothing, or it failed)."""
+        try:
+            states = ray.get(handed[0]) if handed[0] is not None else None
+        except ray.exceptions.RayError as err:  # lost with its reader: the learner computes it
+            log.info("%s: the hand-off of %s is lost (%s)", self.learner.name, position, err)
+            states = None
+        with self._changed:
+            self._offers[tuple(position)] = states
+            while len(self._offers) > MAX_OFFERS:  # offered after the learner stopped waiting
+                self._offers.popitem(last=False)
+            self._changed.notify_all()
+
     def learn(self, task: DocumentTask) -> dict[str, Any]:
-        return self.model_thread.call(self.learner.learn, task)
+        below = None
+        if task.offset is not None:
+            position = (task.partition, task.offset)
+            with self._changed:
+                if self._changed.wait_for(lambda: position in self._offers, timeout=HANDOFF_WAIT_S):
+                    below = self._offers.pop(position)
+                else:
+                    self.handoffs_missed += 1
+        return self._in_order(self.learner.learn, task, below)
 
     def position(self) -> int:
         return self.learner.position
 
     def snapshot(self) -> list[StateBlob]:
-        return self.model_thread.call(self.learner.snapshot)
+        return self._in_order(self.learner.snapshot)
 
     def judge(self, take: bool = True, settle: bool = True) -> tuple[dict[str, Any] | None, list[StateBlob]]:
-        verdict, blobs = self.model_thread.call(self.learner.judge, take, settle)
+        verdict, blobs = self._in_order(self.learner.judge, take, settle)
         return (verdict.to_dict() if verdict is not None else None), blobs
 
     def restore(self, blobs: list[StateBlob]) -> None:
-        self.model_thread.call(self.learner.restore, blobs)
+        with self._changed:
+            self._offers.clear()
+        self._in_order(self.learner.restore, blobs)
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
-        return self.learner.stats()
+        return {**self.learner.stats(), "handoffs_missed": self.handoffs_missed}
 
     @ray.method(concurrency_group="control")
     def ready(self) -> str:

@@ -53,9 +53,13 @@ class ReaderActor:
         """One return value per task (``num_returns`` = len(tasks)): its outcome, or what reading
         it raised, so that one bad document does not fail the others. ``version``: the learner's
         slow weights to read with (passed as the learner's ObjectRef: Ray holds the call until
-        the learner has published it)."""
+        the learner has published it). A reader that hands on to the learner
+        (``spec.split_at_adapters``) returns as many again after them: each task's
+        ``HandedStates`` (or None), an object of its own that the learner fetches."""
         outcomes = self.model_thread.call(self.worker.process_batch, tasks, errors_as_values=True, version=version)
-        return outcomes[0] if len(tasks) == 1 else outcomes
+        if self.worker.reads_versions and self.worker.spec.split_at_adapters:
+            outcomes = outcomes + [self.worker.take_handed(task.id) for task in tasks]
+        return outcomes[0] if len(outcomes) == 1 else outcomes
 
     def snapshot(self) -> list[StateBlob]:
         # Default group: runs after every document submitted before it, a consistent cut.

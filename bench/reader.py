@@ -56,6 +56,9 @@ READER = "reader of a learner's version, tokenizing ahead"
 # The learner itself (actors.learner.StreamLearner.learn): reads a document with slow steps and
 # publishes the next version; as the actor runs it, tokenizing inline.
 LEARNER = "learner"
+# The learner fed by the reader (as in a stream): it takes the hidden states the reader of the
+# same document computed below the lowest adapted layer and runs the adapted layers and the head.
+FED = "learner, fed by the reader"
 
 
 def write_model(preset: str, dtype: torch.dtype, chunk: int, layers: list[int] | None, out: Path) -> None:
@@ -207,25 +210,26 @@ def main() -> None:
                 slow_workers[label] = DocumentReader(
                     standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope=args.scope, slow=slow,
                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=True), name=f"bench-{label}")
-        reader, version, learner = None, None, None
+        reader, version, learner, fed = None, None, None, None
         if slow_workers:
             # The learner's readers: the default's adapters, read with a fixed version (the first
             # slow worker's state, once the warm-up documents have trained it).
             default = next(iter(slow_workers.values()))
             reader = DocumentReader(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype, scope="global",
-                                               slow=default.slow_config, slow_from_learner=True,
+                                               slow=default.slow_config, slow_from_learner=True, split_at_adapters=True,
                                                max_document_tokens=2 * max(args.lengths), tokenize_ahead=True),
                                     name="bench-reader")
-            learner = StreamLearner(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype,
-                                               slow=default.slow_config,
-                                               max_document_tokens=2 * max(args.lengths)), name="bench-learner")
+            learner, fed = (StreamLearner(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device,
+                                                                 dtype=args.dtype, slow=default.slow_config,
+                                                                 max_document_tokens=2 * max(args.lengths)), name=name)
+                            for name in ("bench-learner", "bench-learner-fed"))
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
         for length in args.lengths:
             texts = [text_of_length(tokenizer, length + (37 * i) % args.jitter if args.jitter else length, gen)
                      for i in range(args.warmup + args.documents)]
             times = {"worker": [], "worker, tokenizing ahead": [], "static": [], "prefill": [], "tokenize": [],
-                     **{label: [] for label in slow_workers}, **({READER: [], LEARNER: []} if reader else {})}
+                     **{label: [] for label in slow_workers}, **({READER: [], LEARNER: [], FED: []} if reader else {})}
             tokens = []
             ahead = [DocumentTask(f"ahead-{length}-{i}", text) for i, text in enumerate(texts)]
             worker.prepare(ahead[0])
@@ -257,6 +261,9 @@ def main() -> None:
                     sample[label] = timed(lambda: pipelined(w), device)
                 if learner is not None:
                     sample[LEARNER] = timed(lambda: learner.learn(task), device)
+                    handed = reader.take_handed(ahead[i].id)
+                    assert handed is not None
+                    sample[FED] = timed(lambda: fed.learn(ahead[i], handed), device)
                 sample |= {
                     "static": timed(lambda: static_score(model, ids), device),
                     "prefill": timed(lambda: prefill(model, ids), device),
@@ -271,7 +278,7 @@ def main() -> None:
             # Slow steps alternate with and without rehearsal: they are compared by pairs of
             # documents (one rehearsed step each), each pair's time against the static scorer's
             # on the same two documents, and the median pair taken.
-            learning = [*slow_workers, *([LEARNER] if learner else [])]
+            learning = [*slow_workers, *([LEARNER, FED] if learner else [])]
             pairs = {k: paired(times[k], times["static"]) for k in learning}
             row = {"tokens": n, **{f"{k} ms": 1000 * v for k, v in median.items()},
                    **{f"{k} tok/s": n / v for k, v in median.items()},
@@ -284,7 +291,11 @@ def main() -> None:
                    **{f"{label} pairs / static": pairs[label][0] for label in learning},
                    # With its own device, the learner keeps up with one reader of a version when
                    # it learns from one document in this many (processor.learner.every).
-                   **({"learner every": math.ceil(pairs[LEARNER][1] / median[READER])} if learner else {}),
+                   **({"learner every": math.ceil(pairs[LEARNER][1] / median[READER]),
+                       "learner fed every": math.ceil(pairs[FED][1] / median[READER] - 1e-9),
+                       # Tokens/s of the learner fed by the reader over the reader's: >= 1 keeps up.
+                       "learner fed / reader": median[READER] / pairs[FED][1],
+                       "learner / reader": median[READER] / pairs[LEARNER][1]} if learner else {}),
                    "per document ms": {k: [round(1000 * t, 3) for t in v] for k, v in times.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)

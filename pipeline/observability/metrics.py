@@ -76,6 +76,9 @@ class StreamMetrics:
         self.gate = Gauge("ttt_stream_version_figure",
                           "The last judged version's figures: gain_vs_base, gain_vs_last_good, forgetting (relative "
                           "loss changes, negative is better)", ["stream", "figure"], registry=r)
+        self.pace = Gauge("ttt_stream_learner_pace", "Documents a second the learner takes in, and the readers could "
+                          "read (it is behind when below that); and the learner.every that would keep up",
+                          ["stream", "figure"], registry=r)
         # Series at zero from the start (Prometheus' advice): a failure counter that does not
         # exist yet reads as "no data", not as "none".
         for metric in (self.documents, self.tokens, self.loss, self.sampled_adapted, self.sampled_base, self.latency,
@@ -113,8 +116,14 @@ class StreamMetrics:
         events.subscribe(Progress, lambda e: self.progress(e.committed, e.highwaters, e.in_flight, e.queued))
         # Published before the status message goes out: it then says where to scrape.
         events.subscribe(StatusTick, lambda e: e.message.update({"metrics_url": self.url} if self.url else {}))
+        events.subscribe(StatusTick, lambda e: self.learner_pace(e.message.get("learner_pace")))
 
     # -- what the processor reports --------------------------------------------------------------
+
+    def learner_pace(self, pace: dict[str, Any] | None) -> None:
+        for figure in ("learner_documents_per_s", "readers_documents_per_s", "every_to_keep_up"):
+            if pace is not None:
+                self.pace.labels(self.stream, figure).set(pace[figure])
 
     def document(self, outcome: DocumentOutcome) -> None:
         s = self.stream

@@ -212,7 +212,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
         log.info("workers ready: %s", ", ".join(names))
         workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
-        pool = RayReaderPool(workers, names)
+        pool = RayReaderPool(workers, names, hands_off=p.learner.enabled)
         learner = None
         if p.learner.enabled:
             actor, name = ray.get(supervisor.learner.remote())

@@ -30,6 +30,7 @@ from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
 from pipeline.processing.learning_admission import LearningAdmission, decision_kind
+from pipeline.processing.learner_pace import LearnerPace, learner_pace
 from pipeline.processing.stream_events import (DocumentRead, DocumentRejected, LearningDecided, Progress, RolledBack,
                                                StatusTick, StreamEvents)
 
@@ -71,6 +72,7 @@ class StreamProcessor:
         self.sinks = sinks
         self.stream = stream
         self.status = status
+        self._learner_behind = False
         self.pool = pool  # worker i owns the partitions assigned to i
         self.worker_of = dict(assignment)
         self.ledger = StreamLedger(len(pool.names), start_offsets)
@@ -221,6 +223,7 @@ class StreamProcessor:
         ready = self.pool.wait(handles, timeout_s)
         for handle in ready:
             pending = self.ledger.take(handle)
+            handed = self.pool.hand_off(handle)  # taken on every path: a failed read's is dropped
             if pending is None:
                 continue  # already dealt with in its worker's recovery
             try:
@@ -251,6 +254,7 @@ class StreamProcessor:
                               refused=lambda reason, record=pending.record: self._dead_letter(record, reason))
             self.summary.add(outcome)
             self._last_outcome = outcome
+            self.learner.hand_off(task, handed)
             self.ledger.finished(pending)
             self.recovery.document_done()
             self.events.publish(DocumentRead(outcome))
@@ -281,6 +285,7 @@ class StreamProcessor:
 
     def _finish_rejected(self, pending: PendingDocument, reason: str) -> None:
         self._dead_letter(pending.record, reason)
+        self.learner.hand_off(pending.parsed.task, None)  # the learner reads it alone
         self.ledger.finished(pending)
 
     def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
@@ -420,10 +425,24 @@ class StreamProcessor:
             for part in ("context_parallel", "learner"):
                 if part in report:
                     message[part] = report[part]
+            pace = learner_pace(report["workers"], report["learner"]) if "learner" in report else None
+            if pace is not None:
+                message["learner_pace"] = pace.as_dict()
+                self._say_if_behind(pace)
         except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
             message["workers_error"] = repr(err)
         self.events.publish(StatusTick(message, self._run_figures(), self.recovery.documents_before + self.summary.documents))
         self.sinks.metrics(message)
+
+    def _say_if_behind(self, pace: LearnerPace) -> None:
+        """A warning and an alert when the learner falls behind its readers (once, until it
+        keeps up again): the readers then wait for its versions."""
+        if pace.behind and not self._learner_behind:
+            log.warning("the learner takes in %.2f documents/s and the readers could read %.2f: they wait for its "
+                        "versions; processor.learner.every: %d would keep up (now %d)", pace.learner_documents_per_s,
+                        pace.readers_documents_per_s, pace.every_to_keep_up, pace.every)
+            self.sinks.alert({"type": "learner_behind", "stream": self.stream, **pace.as_dict(), "time": time.time()})
+        self._learner_behind = pace.behind
 
     def _run_figures(self) -> dict[str, float | None]:
         lags = partition_lag(self.ledger.committable(), self.source.highwaters())

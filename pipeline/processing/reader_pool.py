@@ -80,6 +80,10 @@ class ReaderPool(Protocol):
         """Stop ``worker`` where it is (a document past its deadline) and start it again: what it
         held in flight fails with WorkerDied."""
 
+    def hand_off(self, handle: Hashable) -> Hashable | None:
+        """What reading the document of ``handle`` computed for the learner (an object handle to
+        pass to ``Learner.hand_off``), taken once; None where nothing was kept."""
+
 
 class Learner(Protocol):
     """The stream's learner (actors.learner) as the processor sees it; ``NoLearner`` where the
@@ -93,6 +97,10 @@ class Learner(Protocol):
     def submit(self, task: DocumentTask) -> Hashable | None:
         """The next document of the stream, to learn from; returns the version that document is
         read with (pass it to ``ReaderPool.submit``)."""
+
+    def hand_off(self, task: DocumentTask, handed: Hashable | None) -> None:
+        """``task`` is read (or rejected): what its reader computed for the learner
+        (``ReaderPool.hand_off``), None where nothing (the learner then computes it itself)."""
 
     def check(self) -> None:
         """Raise LearnerDied if the learner is gone."""
@@ -125,6 +133,9 @@ class NoLearner:
     def submit(self, task: DocumentTask) -> None:
         return None
 
+    def hand_off(self, task: DocumentTask, handed: Hashable | None) -> None:
+        pass
+
     def check(self) -> None:
         pass
 
@@ -146,8 +157,11 @@ class NoLearner:
 
 class RayLearner:
     """``Learner`` over a LearnerActor handle: ``version`` then ``learn`` per document, in the
-    order of the ledger, so that document n's version is published by the time ``learn`` of
-    document n - lag has run, and never waits on later documents."""
+    order of the ledger. The learner's calls in that order (``learn``, ``judge``, ``snapshot``,
+    ``restore``) are counted; document n's ``version`` call names how many of them must have run
+    before it answers: all those sent before it but the ``learn`` of the last lag - 1
+    documents, so that a reader of document n runs beside the learner of documents n - lag + 1
+    .. n - 1 (which may wait for what their readers hand on), never after a later call."""
 
     # Learn calls whose result is checked only once this many are outstanding (or at a checkpoint).
     CHECK_EVERY = 64
@@ -156,15 +170,28 @@ class RayLearner:
     def __init__(self, actor, name: str, lag: int):
         self.actor, self.name, self.lag = actor, name, lag
         self.position = ray.get(actor.position.remote())
+        self._calls = ray.get(actor.calls_done.remote())  # in-order calls sent to it (all done now)
+        self._trailing_learns = 0  # of those, the learn calls since the last other one
         self._learning: list = []
 
+    def _in_order(self, learn: bool) -> None:
+        self._calls += 1
+        self._trailing_learns = self._trailing_learns + 1 if learn else 0
+
     def submit(self, task: DocumentTask):
-        version = self.actor.version.remote(max(0, self.position + 1 - self.lag))
+        after = self._calls - min(self._trailing_learns, self.lag - 1)
+        version = self.actor.version.remote(max(0, self.position + 1 - self.lag), after)
         self._learning.append(self.actor.learn.remote(task))
+        self._in_order(learn=True)
         self.position += 1
         if len(self._learning) >= self.CHECK_EVERY:
             self.check()
         return version
+
+    def hand_off(self, task: DocumentTask, handed) -> None:
+        if task.offset is not None:
+            # In a list: the learner fetches it itself, after the call (a lost one is computed).
+            self.actor.offer.remote((task.partition, task.offset), [handed])
 
     def check(self) -> None:
         done, self._learning = ray.wait(self._learning, num_returns=len(self._learning), timeout=0)
@@ -174,6 +201,7 @@ class RayLearner:
             raise LearnerDied(f"the learner {self.name} failed: {err}") from None
 
     def snapshot(self) -> list[StateBlob]:
+        self._in_order(learn=False)
         try:
             blobs = ray.get(self.actor.snapshot.remote())
         except ray.exceptions.RayError as err:
@@ -186,6 +214,7 @@ class RayLearner:
 
     def judged_states(self, judge: bool = True, settle: bool = True
                       ) -> tuple[dict[str, Any] | None, dict[str, list[StateBlob]]]:
+        self._in_order(learn=False)
         try:
             verdict, blobs = ray.get(self.actor.judge.remote(judge, settle))
         except ray.exceptions.RayError as err:
@@ -194,6 +223,7 @@ class RayLearner:
         return verdict, {self.name: blobs}
 
     def restore(self, blobs: list[StateBlob]) -> None:
+        self._in_order(learn=False)
         ray.get(self.actor.restore.remote(blobs))
         self.position = ray.get(self.actor.position.remote())
         self._learning = []
@@ -202,16 +232,27 @@ class RayLearner:
 class RayReaderPool:
     """``ReaderPool`` over ReaderActor handles (restarted by Ray after a crash)."""
 
-    def __init__(self, actors: list, names: list[str]):
+    def __init__(self, actors: list, names: list[str], hands_off: bool = False):
+        """``hands_off``: the readers return what they computed for the learner after the
+        outcomes (``ReaderActor.process_batch``)."""
         self.actors = actors
         self.names = names
+        self.hands_off = hands_off
+        self._handed: dict = {}  # outcome handle -> its hand-off's handle
 
     def submit(self, worker: int, tasks: list[DocumentTask], version=None) -> list:
         for task in tasks:
             self.actors[worker].prepare.remote(task)  # tokenized while the documents before it are read
         # A version is the learner's ObjectRef: Ray starts the call once it is published.
-        refs = self.actors[worker].process_batch.options(num_returns=len(tasks)).remote(tasks, version)
-        return [refs] if len(tasks) == 1 else list(refs)
+        returns = len(tasks) * (2 if self.hands_off else 1)
+        refs = self.actors[worker].process_batch.options(num_returns=returns).remote(tasks, version)
+        refs = [refs] if returns == 1 else list(refs)
+        if self.hands_off:
+            self._handed.update(zip(refs[: len(tasks)], refs[len(tasks) :]))
+        return refs[: len(tasks)]
+
+    def hand_off(self, handle):
+        return self._handed.pop(handle, None)
 
     def wait(self, handles: list, timeout_s: float, every: bool = False) -> list:
         if not handles:

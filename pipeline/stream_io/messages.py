@@ -75,7 +75,7 @@ def _parse_document(
         if text.lstrip().startswith(("{", "[")):
             return Rejected(str(err))
         # Not JSON: plain text, a document of its own.
-        return _bounded(ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key, partition)))
+        return _bounded(ParsedDocument(DocumentTask(source_id(topic, partition, offset), text, key, partition, offset=offset)))
     if not isinstance(doc, dict):
         return Rejected(f"JSON message must be an object, got {type(doc).__name__}")
     if "text" not in doc:
@@ -102,7 +102,7 @@ def _parse_document(
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
         return Rejected(f"field 'meta' must be an object, got {type(meta).__name__}")
-    return _bounded(ParsedDocument(DocumentTask(str(doc_id), doc["text"], doc_key, partition), meta))
+    return _bounded(ParsedDocument(DocumentTask(str(doc_id), doc["text"], doc_key, partition, offset=offset), meta))
 
 
 def _bounded(parsed: ParsedDocument) -> ParsedDocument | Rejected:

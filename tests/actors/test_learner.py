@@ -2,6 +2,7 @@
 what the synchronous reader scores, versions follow the ledger's order, and a restored learner
 goes on bit for bit."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,13 @@ def test_a_learner_fed_by_its_reader_learns_what_it_learns_alone_bit_for_bit(tmp
     for n, task in enumerate(texts):
         read = reader.process(task, fed.version(max(0, n - 1)))
         below = reader.take_handed(task.id)
-        assert below is not None and sum(b.shape[1] for b in below) == read.tokens and len(below) == read.windows
+        assert below is not None and sum(b.shape[1] for b in below.windows) == read.tokens and len(below.windows) == read.windows
         assert reader.take_handed(task.id) is None  # taken once
-        assert fed.learn(task, below)["loss"] == alone.learn(task)["loss"]
-    assert fed.worker.reader.handed == len(texts) and alone.worker.reader.handed == 0 and read.windows == 3
+        # Another text's hand-off (its tokens differ) is not used: the learner computes its own.
+        wrong = below if n % 2 == 0 else replace(below, tokens_sha256=previous.tokens_sha256)
+        previous = below
+        assert fed.learn(task, wrong)["loss"] == alone.learn(task)["loss"]
+    assert fed.worker.reader.handed == (len(texts) + 1) // 2 and alone.worker.reader.handed == 0 and read.windows == 3
     assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]
 
 

@@ -114,6 +114,9 @@ class FakePool:
         hung = {h for hs in self.hung.values() for h in hs}
         return [h for h in handles if h not in hung]
 
+    def hand_off(self, handle):
+        return ("handed", handle)
+
     def restart(self, w):
         self.hung.pop(w, None)  # what it held fails with WorkerDied
         self.dead[w] = True
@@ -562,7 +565,7 @@ class FakeLearner:
     keeps_readers_stateless = False
 
     def __init__(self, verdicts):
-        self.verdicts, self.tasks, self.judged_at = list(verdicts), [], []
+        self.verdicts, self.tasks, self.judged_at, self.handed = list(verdicts), [], [], []
 
     @property
     def position(self):
@@ -571,6 +574,9 @@ class FakeLearner:
     def submit(self, task):
         self.tasks.append(task)
         return None
+
+    def hand_off(self, task, handed):
+        self.handed.append((task.partition, task.offset, handed is not None))
 
     def check(self):
         pass
@@ -625,6 +631,8 @@ def test_a_rejected_candidate_is_a_version_that_never_goes_live():
     assert proc.rollback("1", cause="manual") == store.aliases[LIVE]  # a promoted one goes live
     # Every document got its keyed learning decision, and its result says it.
     assert all(not t.kept_out for t in learner.tasks) and {r["learning"] for r in sinks.results} <= {"admitted", "held out"}
+    # Each document read was handed on to the learner once, with its position.
+    assert sorted(learner.handed) == sorted((t.partition, t.offset, True) for t in learner.tasks)
 
 
 def test_a_stream_that_stops_between_judging_points_is_judged_where_it_stopped():
