@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from actors.call_types import GATE_KEY, PUBLISHED_KEY, DocumentTask, HandedStates, StateBlob, ReaderSpec
+from actors.call_types import GATE_KEY, PUBLISHED_KEY, DocumentOutcome, DocumentTask, HandedStates, StateBlob, ReaderSpec
 from actors.document_reader import DocumentReader
 from actors.promotion_gate import PromotionGate, Verdict
 from actors.state_store import GLOBAL_KEY
@@ -155,23 +155,28 @@ class StreamLearner:
         held = [v.index for v in self.published]
         raise ValueError(f"{self.name}: version {index} is not held (held: {held}; lag {self.lag})")
 
+    def _skipped(self, task: DocumentTask) -> str | None:
+        """Why ``task`` is not learned (held out, kept out, not taken: ``learner.every``), or None;
+        counted where it goes (the gate's slice and figures, the budget)."""
+        if task.held_out:
+            if self.gate is not None:
+                self.gate.hold_out(self.position, self.worker.tokenizer(task.text, add_special_tokens=False)["input_ids"])
+            return "held out"
+        if task.kept_out is not None:
+            if self.gate is not None:
+                self.gate.kept_out_one(task.kept_out.split(":")[0])
+            return task.kept_out
+        if not self._takes(task):
+            return "not learned (learner.every)"
+        return None
+
     def learn(self, task: DocumentTask, below: HandedStates | None = None) -> dict[str, Any]:
         """Read ``task`` with slow steps and publish the next version. A document the learner
         rejects or fails on teaches nothing, and still takes its place in the order. ``below``:
         the hidden states its reader computed below the lowest adapted layer
         (``DocumentReader.take_handed``; None: the learner computes them, the same bits)."""
         start = time.perf_counter()
-        skipped = None
-        if task.held_out:
-            skipped = "held out"
-            if self.gate is not None:
-                self.gate.hold_out(self.position, self.worker.tokenizer(task.text, add_special_tokens=False)["input_ids"])
-        elif task.kept_out is not None:
-            skipped = task.kept_out
-            if self.gate is not None:
-                self.gate.kept_out_one(task.kept_out.split(":")[0])
-        elif not self._takes(task):
-            skipped = "not learned (learner.every)"
+        skipped = self._skipped(task)
         if skipped is not None:
             self.position += 1
             self._publish(changed=False)
@@ -190,6 +195,34 @@ class StreamLearner:
         self._publish()
         self.learn_s += time.perf_counter() - start
         return {**report, "version": self.position}
+
+    def read(self, task: DocumentTask) -> DocumentOutcome:
+        """The synchronous learner (``processor.learner.synchronous``): read ``task`` as a reader
+        would, scoring each chunk with the weights before its slow step, and learn from it in
+        the same forward; a document not to be learned is read without steps. Its outcome is the
+        document's result (with the base shadow where the driver drew one); it raises what
+        reading it raised, having taken its place in the order all the same."""
+        start = time.perf_counter()
+        skipped = self._skipped(task)
+        version, admit = self.position, self.worker.slow.admit
+        if skipped is None:
+            self.learned += 1
+            if self.gate is not None:
+                self.gate.learned_one()
+        else:
+            self.worker.slow.admit = lambda loss: False  # scored, no step
+        try:
+            outcome = self.worker.process(task)
+        except Exception:
+            self.failures += 1
+            raise
+        finally:
+            self.worker.slow.admit = admit
+            self.position += 1
+            self._publish(changed=skipped is None)
+            self.learn_s += time.perf_counter() - start
+        outcome.slow_version = version
+        return outcome
 
     def judge(self, take: bool = True, settle: bool = True) -> tuple[Verdict | None, list[StateBlob]]:
         """At a checkpoint's cut (after the ``learn`` calls it covers): the gate's verdict on the

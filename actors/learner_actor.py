@@ -80,6 +80,18 @@ class LearnerActor:
                     self.handoffs_missed += 1
         return self._in_order(self.learner.learn, task, below)
 
+    def process_batch(self, tasks: list[DocumentTask], version: Any = None):
+        """The synchronous learner's reading (``processor.learner.synchronous``): as
+        ``ReaderActor.process_batch``, one return value per task, its outcome or what reading it
+        raised."""
+        outcomes = []
+        for task in tasks:
+            try:
+                outcomes.append(self._in_order(self.learner.read, task))
+            except Exception as err:  # noqa: BLE001 - one bad document does not fail the others
+                outcomes.append(err)
+        return outcomes[0] if len(outcomes) == 1 else outcomes
+
     def position(self) -> int:
         return self.learner.position
 

@@ -38,7 +38,9 @@ class Supervisor:
         memory = {"memory": memory_mb * 2**20} if memory_mb else {}
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **memory}
         self.strategy = strategy
-        self.placement = placement_group([bundle] * workers, strategy=strategy)
+        # A synchronous learner reads every document itself: no readers.
+        workers = 0 if learner is not None and learner.synchronous else workers
+        self.placement = placement_group([bundle] * workers, strategy=strategy) if workers else None
         self.started = time.time()
         self.names = [f"{stream}-worker-{i}" for i in range(workers)]
         self.context_parallel = (
@@ -65,10 +67,13 @@ class Supervisor:
                 name=self.learner_name, max_restarts=0, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
             ).remote(spec, learner.lag, self.learner_name, learner.every, learner.gate,
                       learner.admission.outlier_loss_margin if learner.admission.enabled else None)
+            if learner.synchronous:
+                self.workers, self.names = [self.learner], [self.learner_name]
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         try:
-            ray.get(self.placement.ready(), timeout=timeout_s)
+            if self.placement is not None:
+                ray.get(self.placement.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             bundles = self.placement.bundle_specs
             raise RuntimeError(f"the cluster has no room for {len(bundles)} workers of {bundles[0]} placed "
@@ -112,7 +117,8 @@ class Supervisor:
             ray.kill(self.learner)
         if self.context_parallel is not None:
             ray.get(self.context_parallel.shutdown.remote(), timeout=60)
-        remove_placement_group(self.placement)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
 
 
 @ray.remote(num_cpus=0)

@@ -22,8 +22,11 @@ OFF = {"TTT_STREAM__PROCESSOR__LEARNER__GATE__ENABLED": "false",
        "TTT_STREAM__PROCESSOR__LEARNER__ADMISSION__ENABLED": "false"}
 
 
-def run_demo(setting: str) -> dict:
-    env = {**os.environ, "COLUMNS": "240", **(OFF if setting == "off" else {})}
+def run_demo(setting: str, overrides: dict[str, str] | None = None) -> dict:
+    """One run of the README's demo with ``overrides`` (environment; default: the gate and checks
+    off for the setting "off"), and its figures."""
+    overrides = overrides if overrides is not None else OFF if setting == "off" else {}
+    env = {**os.environ, "COLUMNS": "240", **overrides}
     out = subprocess.run(["bash", "infra/demo.sh"], env=env, capture_output=True, text=True, check=True).stdout
 
     def figure(label: str) -> str:

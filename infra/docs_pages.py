@@ -178,7 +178,7 @@ def demo_table(names: list[str]) -> tuple[list[str], dict[str, str]]:
     figures = {}
     for name in names:
         d = _load(name)
-        label = "embedded default" if "every2" not in name else "learner.every 2"
+        label = "reader + learner, lag 1" if "every2" not in name else "reader + learner, lag 1, learner.every 2"
         lines.append(f"| {label} (`{name}`) | {d['documents']} | {d['tokens_per_s']:,} tok/s | "
                      f"{_pct(d['adapted_vs_static'])} | {d.get('versions', '')} |")
         figures[f"demo {label} tok/s"] = f"{d['tokens_per_s']:,} tok/s"
@@ -256,6 +256,23 @@ def gate_demo_table(name: str) -> tuple[list[str], dict[str, str]]:
     lines += ["", f"Mean tokens/s with the gate and the checks on / off: **{ratio:.2f}x** (the learner sets the "
               "demo's pace, and it learns neither the held-out slice nor what the checks keep out)."]
     figures["demo gate and checks on / off"] = f"{ratio:.2f}x"
+    head = [f"`{d['command']}` · {d['machine']} · {d['date']}", ""]
+    return head + lines, figures
+
+
+def topology_table(name: str) -> tuple[list[str], dict[str, str]]:
+    """bench/demo_topology.py: the demo read by the synchronous learner and by a reader beside the learner."""
+    d = _load(name)
+    lines = ["| run | setting | documents | tokens/s | sampled adapted vs static loss | verdicts |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for run in d["runs"]:
+        lines.append(f"| {run['order']} | {run['setting']} | {run['documents']} | {run['tokens_per_s']:,} | "
+                     f"{_pct(run['adapted_vs_static'])} | {', '.join(run['verdicts']) or '-'} |")
+    (sync, sync_mean), (split, split_mean) = d["mean_tokens_per_s"].items()
+    ratio = d["synchronous_over_reader_and_learner"]
+    lines += ["", f"Mean: {sync} **{sync_mean:,.0f} tok/s**, {split} {split_mean:,.0f} tok/s: **{ratio:.2f}x**."]
+    figures = {"demo synchronous tok/s": f"{sync_mean:,.0f} tok/s", "demo reader + learner tok/s": f"{split_mean:,.0f} tok/s",
+               "demo synchronous / reader + learner": f"{ratio:.2f}x"}
     head = [f"`{d['command']}` · {d['machine']} · {d['date']}", ""]
     return head + lines, figures
 
@@ -338,7 +355,13 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      lambda: worker_table("worker/h200_slow_final.json")),
     ("The same at 2k tokens, 20 documents", "Short documents vary most from run to run: the same bench with 20 timed "
      "documents of 2,048 tokens.", lambda: worker_table("worker/h200_slow_2k_20docs.json")),
-    ("The demo on 2 CPU cores", "`bash infra/demo.sh`: 40 held-out documents through the whole pipeline.",
+    ("The demo on one device: the synchronous learner, or a reader beside the learner", "`bash infra/demo.sh` "
+     "(40 held-out documents through the whole pipeline, every one learned) with `processor.learner.synchronous` on "
+     "(the embedded default: the learner reads and learns each document in one forward, on both cores) and off (a "
+     "reader and the learner on a core each, the learner fed the hidden states below the adapters, `lag` 2), the "
+     "runs alternating on one machine.", lambda: topology_table("demo_topology.json")),
+    ("The demo on 2 CPU cores, before", "`bash infra/demo.sh` when a reader and the learner (which read each "
+     "document again, whole) were the embedded default, `lag` 1.",
      lambda: demo_table(["demo_cpu_learner.json", "demo_cpu_learner_every2.json"])),
     ("What the stream learns", "`bench/domain_stream.py --domain pandas`: the stream's model (`live`) against the base "
      "model on held-out documents of the domain, and on the shipped held-out set (forgetting).",

@@ -405,9 +405,17 @@ class LearnerConfig(_Section):
 
     enabled: bool = False
     """Train the slow weights in one learner actor (needs model.slow.enabled and scope global)."""
-    lag: int = Field(default=1, ge=1)
+    synchronous: bool = False
+    """The learner reads every document itself and learns from it in the same forward (the
+    synchronous slow step), with its gate and checks; no readers (processor.workers: 1, the
+    learner). The fastest setting on one device (the embedded default's two cores, one GPU):
+    readers and a learner sharing it compute the layers below the adapters once, but the rest
+    twice. With it, ``lag`` does not apply: document n is read with the weights learned from
+    documents 0 .. n - 1, and its later chunks with the steps on its earlier ones."""
+    lag: int = Field(default=2, ge=1)
     """Document n reads with the slow weights learned from documents 0 .. n - lag (1: all before it;
-    larger: the readers may run that many documents ahead of the learner).
+    2: the reader of document n runs beside the learner of document n - 1, which learns from
+    the hidden states its reader handed on; larger: the readers may run further ahead).
     """
     every: int = Field(default=1, ge=1)
     """Learn from every document (1), or from one in ``every`` of those the admission checks let
@@ -601,6 +609,10 @@ class AppConfig(_Section):
                 raise ValueError(f"processor.learner learns one slow state for the stream (scope global); with scope "
                                  f"{p.scope!r} each worker learns its keys' slow weights itself: "
                                  "set processor.learner.enabled: false")
+            if p.learner.synchronous and (p.workers != 1 or p.context_parallel is not None):
+                raise ValueError("processor.learner.synchronous: the learner reads every document itself, so "
+                                 "processor.workers must be 1 and processor.context_parallel unset (or set "
+                                 "synchronous: false for readers beside the learner)")
         if model.slow.enabled and p.scope == "global" and p.workers > 1 and not p.learner.enabled:
             raise ValueError(f"model.slow with scope global and processor.workers {p.workers}: each reader would learn "
                              "slow weights of its own, and a version would hold several models (models:/<stream>-ttt@live "

@@ -282,7 +282,8 @@ class SlowLearner:
                         state.tokens += n
                 finally:
                     session.detach_()
-            if self.config.replay_chunks and piece.shape[1] == chunk_tokens:
+            # Only what was learned is replayed: not a chunk kept from the weights (admit).
+            if learn and self.config.replay_chunks and piece.shape[1] == chunk_tokens:
                 self._remember(state, piece[0])
         return torch.cat(nll, dim=1)
 

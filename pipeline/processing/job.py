@@ -32,7 +32,7 @@ from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource, OffsetOutOfRange
 from pipeline.stream_io.topics import ensure_topics
-from pipeline.processing.reader_pool import Learner, NoLearner, RayLearner, RayReaderPool, ReaderPool
+from pipeline.processing.reader_pool import Learner, NoLearner, RayLearner, RayReaderPool, ReaderPool, SynchronousLearnerPool
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,13 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
         log.info("workers ready: %s", ", ".join(names))
         workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
-        pool = RayReaderPool(workers, names, hands_off=p.learner.enabled)
-        learner = None
+        learner, synchronous = None, p.learner.enabled and p.learner.synchronous
+        pool = RayReaderPool(workers, names, hands_off=p.learner.enabled and not synchronous)
         if p.learner.enabled:
             actor, name = ray.get(supervisor.learner.remote())
-            learner = RayLearner(actor, name, p.learner.lag)
+            learner = RayLearner(actor, name, p.learner.lag, synchronous)
+            if synchronous:
+                pool = SynchronousLearnerPool(actor, name)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         admission = LearningAdmission(p.learner.admission) if learner is not None and p.learner.admission.enabled else None
         keys = TenantKeys.unpersisted(config.stream.name)

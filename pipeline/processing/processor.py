@@ -425,7 +425,9 @@ class StreamProcessor:
             for part in ("context_parallel", "learner"):
                 if part in report:
                     message[part] = report[part]
-            pace = learner_pace(report["workers"], report["learner"]) if "learner" in report else None
+            # A synchronous learner is its own reader: it cannot fall behind itself.
+            reads = "learner" in report and not getattr(self.learner, "synchronous", False)
+            pace = learner_pace(report["workers"], report["learner"]) if reads else None
             if pace is not None:
                 message["learner_pace"] = pace.as_dict()
                 self._say_if_behind(pace)

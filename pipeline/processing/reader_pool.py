@@ -24,7 +24,7 @@ from actors.cp_group import ContextParallelFailure
 from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, StateTarget
 
 __all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayReaderPool",
-           "WorkerDied", "ReaderPool"]
+           "SynchronousLearnerPool", "WorkerDied", "ReaderPool"]
 
 
 class WorkerDied(RuntimeError):
@@ -167,8 +167,10 @@ class RayLearner:
     CHECK_EVERY = 64
     keeps_readers_stateless = True
 
-    def __init__(self, actor, name: str, lag: int):
-        self.actor, self.name, self.lag = actor, name, lag
+    def __init__(self, actor, name: str, lag: int, synchronous: bool = False):
+        """``synchronous``: the learner reads the documents itself (``SynchronousLearnerPool``):
+        ``submit`` only counts them."""
+        self.actor, self.name, self.lag, self.synchronous = actor, name, lag, synchronous
         self.position = ray.get(actor.position.remote())
         self._calls = ray.get(actor.calls_done.remote())  # in-order calls sent to it (all done now)
         self._trailing_learns = 0  # of those, the learn calls since the last other one
@@ -179,6 +181,10 @@ class RayLearner:
         self._trailing_learns = self._trailing_learns + 1 if learn else 0
 
     def submit(self, task: DocumentTask):
+        if self.synchronous:
+            self.position += 1
+            self._in_order(learn=True)
+            return None
         after = self._calls - min(self._trailing_learns, self.lag - 1)
         version = self.actor.version.remote(max(0, self.position + 1 - self.lag), after)
         self._learning.append(self.actor.learn.remote(task))
@@ -189,11 +195,17 @@ class RayLearner:
         return version
 
     def hand_off(self, task: DocumentTask, handed) -> None:
-        if task.offset is not None:
+        if task.offset is not None and not self.synchronous:
             # In a list: the learner fetches it itself, after the call (a lost one is computed).
             self.actor.offer.remote((task.partition, task.offset), [handed])
 
     def check(self) -> None:
+        if self.synchronous:  # its reads fail with it: is it gone?
+            try:
+                ray.get(self.actor.ready.remote(), timeout=30)
+            except ray.exceptions.RayError as err:
+                raise LearnerDied(f"the learner {self.name} failed: {err}") from None
+            return
         done, self._learning = ray.wait(self._learning, num_returns=len(self._learning), timeout=0)
         try:
             ray.get(done)
@@ -227,6 +239,44 @@ class RayLearner:
         ray.get(self.actor.restore.remote(blobs))
         self.position = ray.get(self.actor.position.remote())
         self._learning = []
+
+
+class SynchronousLearnerPool:
+    """``ReaderPool`` whose one reader is the learner itself (``processor.learner.synchronous``):
+    it reads and learns each document in one forward. Its state is the learner's, checkpointed
+    and restored as the learner (``Learner``); as a reader it holds none."""
+
+    def __init__(self, actor, name: str):
+        self._pool = RayReaderPool([actor], [name])
+        self.actor, self.names = actor, [name]
+
+    def submit(self, worker: int, tasks: list[DocumentTask], version=None) -> list:
+        refs = self.actor.process_batch.options(num_returns=len(tasks)).remote(tasks)
+        return [refs] if len(tasks) == 1 else list(refs)
+
+    def wait(self, handles: list, timeout_s: float, every: bool = False) -> list:
+        return self._pool.wait(handles, timeout_s, every)
+
+    def result(self, handle) -> DocumentOutcome:
+        return self._pool.result(handle)
+
+    def write_states(self, target: StateTarget) -> dict[str, list[Any]]:
+        return {}
+
+    def restore(self, worker: int, blobs: list[StateBlob]) -> None:
+        pass  # restored as the learner
+
+    def forget(self, worker: int, key: str) -> bool:
+        return False
+
+    def restart(self, worker: int) -> None:
+        ray.kill(self.actor)  # its learning since the checkpoint goes with it: LearnerDied
+
+    def wait_ready(self, worker: int, timeout_s: float) -> bool:
+        return self._pool.wait_ready(worker, timeout_s)
+
+    def hand_off(self, handle) -> None:
+        return None
 
 
 class RayReaderPool:

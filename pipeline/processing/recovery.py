@@ -39,7 +39,7 @@ from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
 from pipeline.processing.stream_events import CheckpointWritten, RolledBack, StreamEvents
-from pipeline.state.promotion import PROMOTED, servable, verdict_metrics, verdict_tags
+from pipeline.state.promotion import PROMOTED, REJECTED, servable, verdict_metrics, verdict_tags
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ class CheckpointedRecovery(RecoveryPolicy):
                         verdict["learned"])
             parts.sinks.alert({"type": "unchanged_update", "stream": parts.stream, "version": version,
                                "learned": verdict["learned"], "digest": verdict["digest"], "time": time.time()})
-        if promoted is False:
+        if verdict is not None and verdict["verdict"] == REJECTED:  # not an unjudged one (a checkpoint by time)
             log.warning("version %s rejected by the promotion gate (live stays): %s", version, verdict["reason"])
             parts.sinks.alert({"type": "version_rejected", "stream": parts.stream, "version": version,
                                "reason": verdict["reason"], "gain_vs_last_good": verdict.get("gain_vs_last_good"),

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 VERDICT_TAG = "ttt.verdict"  # promoted | rejected | unjudged | none (no gate: live moved unjudged)
-PROMOTED = "promoted"
+PROMOTED, REJECTED = "promoted", "rejected"
 # Figures of a verdict (actors.promotion_gate.Verdict.figures) that a version records.
 FIGURES = ("gain_vs_base", "gain_vs_last_good", "forgetting", "heldout_documents", "heldout_loss",
            "documents_learned", "documents_kept_out")

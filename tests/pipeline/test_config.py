@@ -158,6 +158,7 @@ def test_the_actors_get_every_path_resolved_in_one_place(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     raw = local.model_dump()
     raw["processor"]["context_parallel"] = {"world": 2, "min_tokens": 4096}
+    raw["processor"]["learner"]["synchronous"] = False  # readers beside the learner: the groups read for them
     seen = as_actors_see_it(AppConfig.model_validate(raw))
     spec, cp = reader_spec(seen), context_parallel_spec(seen)
     assert spec.slow.rehearsal_path == cp.slow.rehearsal_path == str(ROOT / local.model.slow.rehearsal_path)
@@ -241,6 +242,10 @@ def test_global_slow_weights_on_several_readers_need_the_learner():
         parse_config({"model": {"slow": {"enabled": True}}, "processor": {"workers": 2}}, environ={})
     for ok in ({"workers": 2, "learner": {"enabled": True}}, {"workers": 1}, {"workers": 2, "scope": "per_key"}):
         assert parse_config({"model": {"slow": {"enabled": True}}, "processor": ok}, environ={}).processor.workers
+    # The synchronous learner is the stream's one reader.
+    with pytest.raises(ConfigError, match=r"processor\.learner\.synchronous: .* processor\.workers must be 1"):
+        parse_config({"model": {"slow": {"enabled": True}},
+                      "processor": {"workers": 2, "learner": {"enabled": True, "synchronous": True}}}, environ={})
     # Every shipped config passes.
     for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
         load_config(path, environ={})

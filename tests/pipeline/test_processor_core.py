@@ -650,6 +650,7 @@ def test_a_stream_that_stops_between_judging_points_is_judged_where_it_stopped()
     verdicts = [store.versions[v].manifest["tags"]["ttt.verdict"] for v in sorted(store.versions, key=int)]
     assert verdicts[-1] == "promoted" and "unjudged" in verdicts
     assert store.aliases[LIVE] == store.aliases[HEAD] == str(len(store.versions))
+    assert not [a for a in sinks.alerts if a["type"] == "version_rejected"]  # unjudged is no rejection
 
 
 def test_with_the_gate_a_checkpoint_that_failed_is_retried_and_reading_goes_on():

@@ -55,6 +55,9 @@ def stream_config(stack: AppConfig, tmp_path, **processor) -> AppConfig:
     if settings.get("scope", stack.processor.scope) != "global":
         # The learner trains one slow state for the stream; other scopes learn on their workers.
         settings.setdefault("learner", stack.processor.learner.model_copy(update={"enabled": False}))
+    # Readers beside the learner (the embedded default's synchronous learner has no readers):
+    # what these tests check is the readers' pipeline; test_learner_stream runs the default's.
+    settings.setdefault("learner", stack.processor.learner.model_copy(update={"synchronous": False, "num_cpus": 0.5}))
     return stack.model_copy(update={
         "kafka": kafka,
         "model": stack.model.model_copy(update={"slow": slow}),
