@@ -273,7 +273,8 @@ class StreamLearner:
                    "credit": torch.tensor([self.credit], dtype=torch.int64),
                    "worths": torch.tensor(list(self.worths), dtype=torch.float64)}
         for version in self.published:
-            tensors.update(version.state_dict())
+            # Versions of documents not learned share their predecessor's tensors; a file holds copies.
+            tensors.update({k: t.clone() for k, t in version.state_dict().items()})
         data = save(tensors)
         blobs.append(StateBlob(PUBLISHED_KEY, data, hashlib.sha256(data).hexdigest(), self.position))
         if self.gate is not None:

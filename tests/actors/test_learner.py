@@ -77,6 +77,19 @@ def test_versions_are_held_for_the_lag_and_follow_the_order(tmp_path):
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(one.adapters.values(), two.adapters.values()))
 
 
+def test_versions_that_share_weights_are_saved_and_restored(tmp_path):
+    """A document not learned publishes the same weights under the next index (lag 2: both held)."""
+    learner = StreamLearner(spec(tmp_path), lag=2)
+    learner.learn(DOCS[0])
+    learner.learn(replace(DOCS[1], held_out=True))
+    one, two = learner.version(1), learner.version(2)
+    assert all(a is b for n in one.adapters for a, b in zip(one.adapters[n], two.adapters[n]))
+    restored = StreamLearner(spec(tmp_path), lag=2)
+    restored.restore(learner.snapshot())
+    assert [v.index for v in restored.published] == [1, 2]
+    assert all(torch.equal(a, b) for n in two.adapters for a, b in zip(two.adapters[n], restored.version(2).adapters[n]))
+
+
 def test_a_restored_learner_goes_on_bit_for_bit(tmp_path):
     straight = StreamLearner(spec(tmp_path), lag=2)
     for task in DOCS[:2]:

@@ -20,6 +20,7 @@ from pipeline.stream_io.topics import ensure_topics
 from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
+FIXED_SALT = "5" * 64
 
 
 def learner_config(stack, tmp_path, **processor):
@@ -41,6 +42,7 @@ def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack
     assert stack.model.slow.enabled
     docs = short_documents(12, length=600)
     config = learner_config(stack, tmp_path, workers=2, worker_num_cpus=0.5)
+    share_salt(config, salt=FIXED_SALT)  # the same held-out slice, so the same verdicts, every run
     ensure_topics(config.kafka)
     produce(config, [json.dumps(d).encode() for d in docs], partitions=[i % 2 for i in range(len(docs))])
     summary = run_stream(config, until_idle_s=3.0)
@@ -100,6 +102,7 @@ def test_the_synchronous_learner_reads_and_learns_every_document_and_judges_its_
                                                   admission=AdmissionConfig(enabled=False)),
                             checkpoint=stack.processor.checkpoint.model_copy(update={"every_documents": 5,
                                                                                       "every_seconds": 3600.0}))
+    share_salt(config, salt=FIXED_SALT)
     ensure_topics(config.kafka)
     produce(config, [json.dumps(d).encode() for d in docs], partitions=[0] * len(docs))
     summary = run_stream(config, until_idle_s=3.0)

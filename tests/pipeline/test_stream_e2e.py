@@ -66,9 +66,10 @@ def stream_config(stack: AppConfig, tmp_path, **processor) -> AppConfig:
     })
 
 
-def share_salt(*configs: AppConfig) -> None:
+def share_salt(*configs: AppConfig, salt: str | None = None) -> None:
     """One salt for these streams (``pipeline.state.tenant_keys``: state names, the held-out slice,
-    the base shadow): runs that are compared document by document hold out the same positions."""
+    the base shadow): runs that are compared document by document hold out the same positions.
+    ``salt``: a fixed one (a test whose verdicts depend on the slice); None: a random one."""
     import secrets
 
     from mlflow import MlflowClient
@@ -76,7 +77,7 @@ def share_salt(*configs: AppConfig) -> None:
     from pipeline.state.checkpoint import model_name
     from pipeline.state.tenant_keys import SALT_TAG
 
-    salt = secrets.token_hex(32)
+    salt = salt or secrets.token_hex(32)
     for config in configs:
         client = MlflowClient(tracking_uri=config.mlflow.tracking_uri, registry_uri=config.mlflow.tracking_uri)
         client.create_registered_model(model_name(config.stream.name), tags={SALT_TAG: salt})
