@@ -101,6 +101,13 @@ class DocumentTask:
     offset: int | None = None
 
 
+def is_handed_on(task: DocumentTask, lag: int) -> bool:
+    """Whether what a reader computed for ``task`` goes to the learner, which waits for it: not
+    for a document it will not learn (held out, kept out), nor at lag 1, where the learner of
+    document n would then wait for its reader, and that reader for the learner of n - 1."""
+    return lag >= 2 and task.offset is not None and not task.held_out and task.kept_out is None
+
+
 @dataclass(frozen=True)
 class HandedStates:
     """What a reader of the learner's versions computed below the lowest adapted layer for one
@@ -109,6 +116,10 @@ class HandedStates:
 
     tokens_sha256: str  # of the document's token ids (int64)
     windows: list[Any]  # torch tensors (1, n, d) on the CPU, one per window
+    # Where they were computed ("cuda", "cpu") and in what dtype: a learner elsewhere computes its
+    # own, as other kernels could give other bits.
+    device_type: str = "cpu"
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)

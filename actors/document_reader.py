@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # Documents tokenized ahead (``DocumentReader.prepare``) and kept until processed.
 MAX_PREPARED = 64
+# The most a reader hands on to the learner for one document (hidden states below the adapters):
+# a longer document's go through no object store, the learner computes them itself.
+MAX_HANDED_BYTES = 64 * 2**20
 
 def sampled(task: DocumentTask, rate: float) -> bool:
     """Whether a document gets the base-model shadow evaluation: as the stream's driver decided
@@ -380,14 +383,19 @@ class DocumentReader:
             if self.spec.split_at_adapters else None
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         scoped, reused_from = self._state_for(task, ids)
+        if self.slow is not None:
+            scoped.state.fast.reset()  # fresh at every document, even after one that raised
         windows = [ids[:, i : i + limit] for i in range(0, ids.shape[1], limit)]
-        if below is not None and below.tokens_sha256 == digest:  # else not this text's: computed here
-            adapted = self.reader.read(scoped.state, windows, below.windows)
-        elif self.reads_versions and self.spec.split_at_adapters:
+        weight = next(self.model.parameters())
+        dtype = str(weight.dtype).removeprefix("torch.")
+        handed_bytes = ids.shape[1] * self.model.config.hidden_size * weight.element_size()
+        if below is not None and (below.tokens_sha256, below.device_type, below.dtype) == (digest, self.device.type, dtype):
+            adapted = self.reader.read(scoped.state, windows, below.windows)  # else computed here, the same bits
+        elif self.reads_versions and self.spec.split_at_adapters and handed_bytes <= MAX_HANDED_BYTES:
             with capture_inputs(self.model, self.slow.lowest_layer) as captured:
                 adapted = self.reader.read(scoped.state, windows)
             if len(captured) == len(windows):  # else a window went to a context-parallel group
-                self.handed[task.id] = HandedStates(digest, [c.cpu() for c in captured])
+                self.handed[task.id] = HandedStates(digest, [c.cpu() for c in captured], self.device.type, dtype)
                 while len(self.handed) > MAX_PREPARED:  # read, then never taken
                     self.handed.popitem(last=False)
         else:

@@ -80,6 +80,7 @@ class StreamLearner:
         self.published: deque[SlowVersion] = deque(maxlen=lag)  # versions position - lag + 1 .. position
         self.failures = 0
         self.learn_s = 0.0
+        self.taken_here = 0  # documents taken in since this learner was built or restored (its pace)
         self.gate = PromotionGate(gate, self.worker.model, self.worker.slow, self._probe(gate)) \
             if gate is not None and gate.enabled else None
         self.outlier_margin = outlier_margin
@@ -149,10 +150,15 @@ class StreamLearner:
     def version(self, index: int) -> SlowVersion:
         """Version ``index`` (the slow weights after ``index`` documents), which the readers of
         documents index + lag - 1 read with; it must be among the last ``lag`` published."""
-        for version in self.published:
+        published = tuple(self.published)  # a copy: the model thread publishes meanwhile
+        for version in published:
             if version.index == index:
                 return version
-        held = [v.index for v in self.published]
+        if published and index < published[0].index and len(published) < self.lag:
+            # Restored from a checkpoint written with a smaller lag: the versions before it are
+            # gone; the oldest held stands in (the same on every replay of that checkpoint).
+            return published[0]
+        held = [v.index for v in published]
         raise ValueError(f"{self.name}: version {index} is not held (held: {held}; lag {self.lag})")
 
     def _skipped(self, task: DocumentTask) -> str | None:
@@ -176,6 +182,7 @@ class StreamLearner:
         the hidden states its reader computed below the lowest adapted layer
         (``DocumentReader.take_handed``; None: the learner computes them, the same bits)."""
         start = time.perf_counter()
+        self.taken_here += 1
         skipped = self._skipped(task)
         if skipped is not None:
             self.position += 1
@@ -203,6 +210,7 @@ class StreamLearner:
         document's result (with the base shadow where the driver drew one); it raises what
         reading it raised, having taken its place in the order all the same."""
         start = time.perf_counter()
+        self.taken_here += 1
         skipped = self._skipped(task)
         version, admit = self.position, self.worker.slow.admit
         if skipped is None:
@@ -291,6 +299,7 @@ class StreamLearner:
         if published and hashlib.sha256(published[0].data).hexdigest() != published[0].sha256:
             raise ValueError(f"{self.name}: {PUBLISHED_KEY}: sha256 does not match")
         self.worker.restore(states)
+        self.learn_s, self.taken_here = 0.0, 0  # the pace is this run's, from here
         verdict = self.gate.restore(gate[0] if gate else None) if self.gate is not None else None
         if not published:
             self.position = self.admitted = 0
@@ -323,6 +332,6 @@ class StreamLearner:
     def stats(self) -> dict[str, Any]:
         return {**self.worker.stats(), "worker": self.name, "position": self.position, "lag": self.lag,
                 "every": self.every, "learned": self.learned, "handed": self.worker.reader.handed,
-                "learn_failures": self.failures, "learn_s": self.learn_s, "outlier_windows": self.outliers,
+                "learn_failures": self.failures, "learn_s": self.learn_s, "taken_here": self.taken_here, "outlier_windows": self.outliers,
                 "slow_steps": self._slow().steps,
                 **({"gate": self.gate.verdict.to_dict()} if self.gate is not None and self.gate.verdict else {})}

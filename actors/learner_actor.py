@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from actors.call_types import DocumentTask, HandedStates, StateBlob, ReaderSpec
+from actors.call_types import DocumentTask, HandedStates, ReaderSpec, StateBlob, is_handed_on
 from actors.learner import StreamLearner
 from actors.model_thread import ModelThread
 from ttt_model.slow import SlowVersion
@@ -17,8 +17,9 @@ from ttt_model.slow import SlowVersion
 log = logging.getLogger(__name__)
 
 # How long ``learn`` waits for what the document's reader hands on before it computes that
-# itself (the same bits: only the time differs). Offers kept for documents not learned yet.
-HANDOFF_WAIT_S, MAX_OFFERS = 120.0, 1024
+# itself (the same bits: only the time differs); offers kept for documents not learned yet, and
+# positions given up on (an offer for one of them, arriving late, is dropped).
+HANDOFF_WAIT_S, MAX_OFFERS, MAX_GIVEN_UP = 120.0, 256, 4096
 
 
 @ray.remote(concurrency_groups={"control": 1, "versions": 1, "offers": 1})
@@ -35,6 +36,8 @@ class LearnerActor:
         self._changed = threading.Condition()
         self._done = 0  # in-order calls run
         self._offers: OrderedDict[tuple[int, int], HandedStates | None] = OrderedDict()
+        self._given_up: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.lag = lag
         self.handoffs_missed = 0
 
     def _in_order(self, fn, *args):
@@ -64,20 +67,25 @@ class LearnerActor:
             log.info("%s: the hand-off of %s is lost (%s)", self.learner.name, position, err)
             states = None
         with self._changed:
+            if tuple(position) in self._given_up:  # learned already, from what the learner computed
+                return
             self._offers[tuple(position)] = states
-            while len(self._offers) > MAX_OFFERS:  # offered after the learner stopped waiting
+            while len(self._offers) > MAX_OFFERS:  # never waited for (a rollback between)
                 self._offers.popitem(last=False)
             self._changed.notify_all()
 
     def learn(self, task: DocumentTask) -> dict[str, Any]:
         below = None
-        if task.offset is not None:
+        if is_handed_on(task, self.lag):
             position = (task.partition, task.offset)
             with self._changed:
                 if self._changed.wait_for(lambda: position in self._offers, timeout=HANDOFF_WAIT_S):
                     below = self._offers.pop(position)
                 else:
                     self.handoffs_missed += 1
+                    self._given_up[position] = None
+                    while len(self._given_up) > MAX_GIVEN_UP:
+                        self._given_up.popitem(last=False)
         return self._in_order(self.learner.learn, task, below)
 
     def process_batch(self, tasks: list[DocumentTask], version: Any = None):

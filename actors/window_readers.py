@@ -78,18 +78,20 @@ class SlowStepReader:
              below: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``below``: per window, the hidden states (1, n, d) entering the lowest adapted layer,
         as ``ttt_model.lower_layers.hidden_below`` computes them (``split`` only)."""
-        if self.split:
-            if below is not None and [b.shape[:2] for b in below] == [w.shape for w in windows]:
-                dtype = next(self.model.parameters()).dtype
-                below = [b.to(device=w.device, dtype=dtype) for b, w in zip(below, windows)]
-                self.handed += 1
-            else:
-                below = hidden_below(self.model, windows, self.learner.lowest_layer, adapted.fast)
+        if self.split and below is not None and [b.shape[:2] for b in below] == [w.shape for w in windows]:
+            self.handed += 1
+        else:
+            below = None
         session = TTTSession(self.model, adapted.fast)
         nll = []
         for i, window in enumerate(windows):
+            handed = None
+            if self.split:
+                # Window by window, as the reader computed them: the layers below carry their own
+                # fast weights from window to window, and only one window's states are held.
+                handed = below[i].to(window.device) if below is not None else \
+                    hidden_below(self.model, [window], self.learner.lowest_layer, adapted.fast)[0]
             session.reset(keep_state=True)
-            handed = below[i] if self.split else None
             nll.append(self.learner.read(session, window, adapted.slow, self.chunk_tokens, handed)[0, 1:])
         return torch.cat(nll)
 

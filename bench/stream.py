@@ -2,15 +2,18 @@
 
     python bench/stream.py -c configs/local.yaml --documents 24 --max-tokens 2048
 
-1. direct: one DocumentReader in this process reads the documents one after another;
+1. direct: what reads the stream, in this process, reads the documents one after another: with
+   the embedded default's synchronous learner (``processor.learner.synchronous``), a
+   ``StreamLearner`` reading and learning each; without a learner, one ``DocumentReader``;
 2. pipeline: the same documents fed to a fresh documents topic and read by ``ttt-stream run``'s
-   machinery (Kafka source, one Ray worker actor with the same model and threads, results to
-   Kafka), timed from the first record read to the last result.
+   machinery (Kafka source, the same actor with the same model and threads, results to Kafka),
+   timed from the first record read to the last result.
 
-Both use the config's model and processor settings with one worker, per-document state and no
-base-model shadow evaluation, so that both do the same model work. The overhead is the
-pipeline's extra time over the direct model time. Starts the local broker if it is not running
-(and stops it after).
+Both use the config's model and processor settings with one reader, no base-model shadow, no
+held-out slice and no learning checks (the direct reader has none), so that both do the same
+model work. The overhead is the pipeline's extra time over the direct model time. Starts the
+local broker if it is not running (and stops it after). A config with readers beside a learner
+has no one direct reader to compare with: it is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from actors.document_reader import DocumentTask, DocumentReader
+from actors.learner import StreamLearner
 from pipeline.config import load_config
 from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
 from pipeline.processing.job import run_stream
@@ -72,10 +76,17 @@ def main() -> None:
     topics = config.kafka.topics.model_copy(update={
         name: f"bench.{run_id}.{name}" for name in ("documents", "results", "metrics", "alerts", "dead_letter", "control")
     } | {"partitions": 1})
+    learner = config.processor.learner
+    if learner.enabled and not learner.synchronous:
+        raise SystemExit("bench/stream.py compares one reader with the pipeline: with readers beside the learner there "
+                         "is none (set processor.learner.synchronous: true, or learner.enabled: false)")
+    learner = learner.model_copy(update={"num_cpus": args.threads,
+                                         "gate": learner.gate.model_copy(update={"enabled": False}),
+                                         "admission": learner.admission.model_copy(update={"enabled": False})})
     config = config.model_copy(update={
         "kafka": config.kafka.model_copy(update={"topics": topics, "group_id": f"bench-{run_id}"}),
         "processor": config.processor.model_copy(update={
-            "workers": 1, "worker_num_cpus": args.threads, "scope": "per_document", "base_loss_sample_rate": 0.0,
+            "workers": 1, "worker_num_cpus": args.threads, "base_loss_sample_rate": 0.0, "learner": learner,
             "max_document_tokens": args.max_tokens * 2, "status_interval_s": 3600.0,
             # The pipeline's own overhead: no MLflow checkpoints (the bench starts no MLflow
             # server), so no monitor and no rollback either.
@@ -89,13 +100,18 @@ def main() -> None:
     spec = reader_spec(as_actors_see_it(config))
 
     torch.set_num_threads(args.threads)
-    direct = DocumentReader(spec, "direct")
-    docs = documents(args.corpus, args.documents, args.max_tokens, direct.tokenizer)
-    direct.process(DocumentTask("warm-up", docs[0]["text"]))
+    if learner.enabled:  # the synchronous learner: reads and learns each document
+        direct = StreamLearner(spec, name="direct")
+        read, tokenizer = direct.read, direct.worker.tokenizer
+    else:
+        direct = DocumentReader(spec, "direct")
+        read, tokenizer = direct.process, direct.tokenizer
+    docs = documents(args.corpus, args.documents, args.max_tokens, tokenizer)
+    read(DocumentTask("warm-up", docs[0]["text"]))
     start = time.perf_counter()
-    direct_tokens = sum(direct.process(DocumentTask(d["id"], d["text"])).tokens for d in docs)
+    direct_tokens = sum(read(DocumentTask(d["id"], d["text"])).tokens for d in docs)
     direct_s = time.perf_counter() - start
-    del direct
+    del direct, read
 
     stack = LocalStack(config.local_stack)
     started_broker = not next(s for s in stack.status() if s.name == "broker").running

@@ -62,15 +62,23 @@ class UpperLayersCache(DynamicCache):
     def __init__(self, config, first: int):
         super().__init__(config=config)
         self.first = first
+        # Each layer's attention kind (full, sliding, ...): a layer below stands for the first
+        # layer from ``first`` up of its own kind (the mask of a sliding layer is a sliding one).
+        kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        self._kept = {i: next((j for j in range(first, len(kinds)) if kinds[j] == kinds[i]), first)
+                      for i in range(first)}
+
+    def _kept_layer(self, layer_idx: int) -> int:
+        return self._kept.get(layer_idx, layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return super().get_seq_length(max(layer_idx, self.first))
+        return super().get_seq_length(self._kept_layer(layer_idx))
 
     def get_mask_sizes(self, query_length, layer_idx: int) -> tuple[int, int]:
-        return super().get_mask_sizes(query_length, max(layer_idx, self.first))
+        return super().get_mask_sizes(query_length, self._kept_layer(layer_idx))
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        return super().get_query_offset(max(layer_idx, self.first))
+        return super().get_query_offset(self._kept_layer(layer_idx))
 
 
 @contextmanager

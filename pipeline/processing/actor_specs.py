@@ -12,7 +12,7 @@ from typing import Any
 
 from actors.base_model import BaseModelSource, is_model_uri
 from actors.call_types import ContextParallelSpec, ReaderSpec
-from pipeline.config import AppConfig, ModelConfig
+from pipeline.config import AppConfig, ModelConfig, ProcessorConfig
 
 
 def as_actors_see_it(config: AppConfig, job_working_dir: bool = False) -> AppConfig:
@@ -59,7 +59,7 @@ def reader_spec(config: AppConfig, source: BaseModelSource | None = None) -> Rea
         context_parallel_min_tokens=p.context_parallel.min_tokens if p.context_parallel else None,
         batch_tokens=p.batch_tokens,
         slow_from_learner=p.learner.enabled,
-        split_at_adapters=p.learner.enabled,
+        split_at_adapters=hands_off(p),
         tokenize_ahead=None,
     )
 
@@ -76,6 +76,12 @@ def context_parallel_spec(config: AppConfig) -> ContextParallelSpec | None:
         # With the learner, the group reads with its versions, through the same adapters.
         slow=config.model.slow,
     )
+
+
+def hands_off(p: ProcessorConfig) -> bool:
+    """Whether the readers hand the learner the hidden states below the adapters: readers beside
+    a learner that runs a document behind them (lag 2 or more; at lag 1 it would wait for them)."""
+    return p.learner.enabled and not p.learner.synchronous and p.learner.lag >= 2
 
 
 def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> dict[str, Any]:

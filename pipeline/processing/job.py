@@ -15,7 +15,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import SupervisorActor
 from actors.base_model import local_model_dir
-from pipeline.processing.actor_specs import as_actors_see_it, context_parallel_spec, effective_model_config, reader_spec
+from pipeline.processing.actor_specs import (as_actors_see_it, context_parallel_spec, effective_model_config, hands_off,
+                                             reader_spec)
 from pipeline.state.checkpoint import HEAD, LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
 from pipeline.config import AppConfig, ProcessorConfig
 from pipeline.stream_io.control import CommandLedger, ControlSource
@@ -213,7 +214,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         log.info("workers ready: %s", ", ".join(names))
         workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
         learner, synchronous = None, p.learner.enabled and p.learner.synchronous
-        pool = RayReaderPool(workers, names, hands_off=p.learner.enabled and not synchronous)
+        pool = RayReaderPool(workers, names, hands_off=hands_off(p))
         if p.learner.enabled:
             actor, name = ray.get(supervisor.learner.remote())
             learner = RayLearner(actor, name, p.learner.lag, synchronous)

@@ -40,7 +40,8 @@ def learner_pace(workers: list[dict[str, Any]], learner: dict[str, Any]) -> Lear
     """The pace of both sides from the reader and learner stats of a status report, or None
     before enough was measured (or without a learner's stats)."""
     readers = [w for w in workers if w.get("alive", True) and w.get("documents", 0) >= MIN_DOCUMENTS and w.get("busy_s")]
-    position, learn_s = learner.get("position", 0), learner.get("learn_s", 0.0)
+    # Since this run's learner was built or restored: its time is this run's.
+    position, learn_s = learner.get("taken_here", learner.get("position", 0)), learner.get("learn_s", 0.0)
     if not readers or position < MIN_DOCUMENTS or learn_s <= 0:
         return None
     reading = sum(w["documents"] / w["busy_s"] for w in readers)

@@ -270,7 +270,9 @@ class StreamProcessor:
 
     def _enforce_deadline(self, now: float) -> None:
         timeout = self.config.document_timeout_s
-        if timeout is None:
+        # The synchronous learner holds the stream's state: stopping it would lose what it
+        # learned since the checkpoint, and the next run would meet the same document again.
+        if timeout is None or getattr(self.learner, "synchronous", False):
             return
         for w, (pending, since) in self.ledger.reading_since().items():
             if now - since > timeout and w not in self._restarting:

@@ -21,7 +21,7 @@ from typing import Any, Hashable, Protocol
 import ray
 
 from actors.cp_group import ContextParallelFailure
-from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, StateTarget
+from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, StateTarget, is_handed_on
 
 __all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayReaderPool",
            "SynchronousLearnerPool", "WorkerDied", "ReaderPool"]
@@ -195,7 +195,7 @@ class RayLearner:
         return version
 
     def hand_off(self, task: DocumentTask, handed) -> None:
-        if task.offset is not None and not self.synchronous:
+        if not self.synchronous and is_handed_on(task, self.lag):
             # In a list: the learner fetches it itself, after the call (a lost one is computed).
             self.actor.offer.remote((task.partition, task.offset), [handed])
 

@@ -165,6 +165,7 @@ class RecoveryPolicy:
                 parts.pool.result(handle)
             except (WorkerDied, ContextParallelFailure, DocumentFailed):  # any failure of a dead worker's call is a retry
                 failed.append(parts.ledger.take(handle))
+                parts.pool.hand_off(handle)  # what it handed on, if anything, is not wanted
             # else: it finished before the crash and is collected normally
         failed.sort(key=lambda p: p.position, reverse=True)
         back = parts.pool.wait_ready(w, parts.config.restart_timeout_s)
@@ -489,7 +490,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         workers, learned = split_learner(checkpoint, learner)
         states = workers.states if target == BASE else self._states_of(workers)
         for w, name in enumerate(parts.pool.names):
-            parts.pool.restore(w, states[name])
+            parts.pool.restore(w, states.get(name, []))  # none: the synchronous learner, restored below
         parts.learner.restore(learned)
         self._judged_at = parts.learner.position
         if target == BASE and learner:  # the version recording the rollback holds the fresh learner

@@ -58,11 +58,13 @@ def test_a_learner_fed_by_its_reader_learns_what_it_learns_alone_bit_for_bit(tmp
         below = reader.take_handed(task.id)
         assert below is not None and sum(b.shape[1] for b in below.windows) == read.tokens and len(below.windows) == read.windows
         assert reader.take_handed(task.id) is None  # taken once
-        # Another text's hand-off (its tokens differ) is not used: the learner computes its own.
-        wrong = below if n % 2 == 0 else replace(below, tokens_sha256=previous.tokens_sha256)
+        # Another text's hand-off (its tokens differ), or one computed in another dtype, is not used:
+        # the learner computes its own.
+        wrong = [below, replace(below, tokens_sha256=previous.tokens_sha256) if n else below,
+                 replace(below, dtype="bfloat16")][n % 3]
         previous = below
         assert fed.learn(task, wrong)["loss"] == alone.learn(task)["loss"]
-    assert fed.worker.reader.handed == (len(texts) + 1) // 2 and alone.worker.reader.handed == 0 and read.windows == 3
+    assert fed.worker.reader.handed == 2 and alone.worker.reader.handed == 0 and read.windows == 3
     assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]
 
 
@@ -88,6 +90,19 @@ def test_versions_that_share_weights_are_saved_and_restored(tmp_path):
     restored.restore(learner.snapshot())
     assert [v.index for v in restored.published] == [1, 2]
     assert all(torch.equal(a, b) for n in two.adapters for a, b in zip(two.adapters[n], restored.version(2).adapters[n]))
+
+
+def test_a_learner_restored_with_a_larger_lag_serves_the_oldest_version_it_holds(tmp_path):
+    """A checkpoint of lag 1 holds one version; read on at lag 2, document n asks for n - 1."""
+    one = StreamLearner(spec(tmp_path), lag=1)
+    for task in DOCS[:2]:
+        one.learn(task)
+    two = StreamLearner(spec(tmp_path), lag=2)
+    two.restore(one.snapshot())
+    assert two.version(1) is two.version(2) and two.version(2).index == 2
+    two.learn(DOCS[2])
+    with pytest.raises(ValueError, match="version 1 is not held"):  # lag 2 held again: no stand-in
+        two.version(1)
 
 
 def test_a_restored_learner_goes_on_bit_for_bit(tmp_path):
