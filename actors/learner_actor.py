@@ -35,6 +35,11 @@ class LearnerActor:
         self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every, gate, outlier_margin)
         self._changed = threading.Condition()
         self._done = 0  # in-order calls run
+        # Documents whose version was handed out (one ``version`` call each, in the ledger's
+        # order): ``learn`` of document n waits for n's, so that the learner never runs so far
+        # ahead (over documents it does not wait for a reader of) that a version still to be
+        # read has left the ``lag`` it holds.
+        self._served = self.learner.position
         self._offers: OrderedDict[tuple[int, int], HandedStates | None] = OrderedDict()
         self._given_up: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.lag = lag
@@ -52,7 +57,12 @@ class LearnerActor:
     def version(self, index: int, after: int = 0) -> SlowVersion:
         with self._changed:
             self._changed.wait_for(lambda: self._done >= after)
-        return self.learner.version(index)
+        try:
+            return self.learner.version(index)
+        finally:
+            with self._changed:
+                self._served += 1
+                self._changed.notify_all()
 
     def calls_done(self) -> int:
         return self._done
@@ -76,6 +86,8 @@ class LearnerActor:
 
     def learn(self, task: DocumentTask) -> dict[str, Any]:
         below = None
+        with self._changed:
+            self._changed.wait_for(lambda: self._served > self.learner.position)
         if is_handed_on(task, self.lag):
             position = (task.partition, task.offset)
             with self._changed:
@@ -114,6 +126,8 @@ class LearnerActor:
         with self._changed:
             self._offers.clear()
         self._in_order(self.learner.restore, blobs)
+        with self._changed:
+            self._served = self.learner.position  # the next document's version is the next served
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:

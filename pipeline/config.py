@@ -417,6 +417,12 @@ class LearnerConfig(_Section):
     2: the reader of document n runs beside the learner of document n - 1, which learns from
     the hidden states its reader handed on; larger: the readers may run further ahead).
     """
+    @property
+    def version_lag(self) -> int:
+        """Document n reads the version learned from documents before n + 1 - this (the
+        synchronous learner reads document n with all before it learned: 1)."""
+        return 1 if self.synchronous else self.lag
+
     every: int = Field(default=1, ge=1)
     """Learn from every document (1), or from one in ``every`` of those the admission checks let
     through, the newer ones first (in the ledger's order): for a learner slower than its readers,

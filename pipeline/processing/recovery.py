@@ -363,7 +363,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         promoted = None if verdict is None else verdict["verdict"] == PROMOTED
         version = self.checkpointer.write(write_states, offsets, reason,
                                           {**parts.summary.checkpoint_metrics(), **verdict_metrics(verdict)},
-                                          tags=verdict_tags(verdict, parts.config.learner.lag if verdict else None),
+                                          tags=verdict_tags(verdict, parts.config.learner.version_lag if verdict else None),
                                           promote=promoted is not False)
         parts.events.publish(CheckpointWritten(version, reason, promoted, verdict))
         if version is None and self._gated:

@@ -125,6 +125,7 @@ def test_the_synchronous_learner_reads_and_learns_every_document_and_judges_its_
     store = CheckpointStore(config.mlflow, config.stream.name)
     tags = [row["tags"] for row in store.versions()]
     assert {t[VERDICT_TAG] for t in tags} == {"promoted"} and len(tags) >= 2  # judged at 5 and at 10
+    assert {t["ttt.version_lag"] for t in tags} == {"1"}  # document n read with all before it learned
     assert {name: [b.key for b in blobs] for name, blobs in store.load(LIVE).states.items()} == {
         learner: [GLOBAL_KEY, PUBLISHED_KEY, GATE_KEY]}
 
