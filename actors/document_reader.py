@@ -379,8 +379,8 @@ class DocumentReader:
                 task.id, ok=False, tokens=len(ids), worker=self.name,
                 reason=f"oversize: {len(ids)} tokens > max_document_tokens {limit}",
             )
-        digest = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest() \
-            if self.spec.split_at_adapters else None
+        # Of the tokens, only where a hand-off is checked or made (not on every reader's path).
+        digest = (lambda: hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest())
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         scoped, reused_from = self._state_for(task, ids)
         if self.slow is not None:
@@ -389,13 +389,14 @@ class DocumentReader:
         weight = next(self.model.parameters())
         dtype = str(weight.dtype).removeprefix("torch.")
         handed_bytes = ids.shape[1] * self.model.config.hidden_size * weight.element_size()
-        if below is not None and (below.tokens_sha256, below.device_type, below.dtype) == (digest, self.device.type, dtype):
+        if below is not None and (below.device_type, below.dtype) == (self.device.type, dtype) \
+                and below.tokens_sha256 == digest():
             adapted = self.reader.read(scoped.state, windows, below.windows)  # else computed here, the same bits
         elif self.reads_versions and self.spec.split_at_adapters and handed_bytes <= MAX_HANDED_BYTES:
             with capture_inputs(self.model, self.slow.lowest_layer) as captured:
                 adapted = self.reader.read(scoped.state, windows)
             if len(captured) == len(windows):  # else a window went to a context-parallel group
-                self.handed[task.id] = HandedStates(digest, [c.cpu() for c in captured], self.device.type, dtype)
+                self.handed[task.id] = HandedStates(digest(), [c.cpu() for c in captured], self.device.type, dtype)
                 while len(self.handed) > MAX_PREPARED:  # read, then never taken
                     self.handed.popitem(last=False)
         else:

@@ -41,18 +41,25 @@ def run_demo(setting: str, overrides: dict[str, str] | None = None) -> dict:
             "adapted_vs_static": float(figure("adapted vs static").rstrip("%")) / 100, "verdicts": verdicts[::-1]}
 
 
+def alternate(settings: dict[str, dict[str, str]], pairs: int) -> list[dict]:
+    """``pairs`` rounds of the demo under each setting (name -> environment overrides), the order
+    reversed every other round so that neither always runs first."""
+    names, runs = list(settings), []
+    for pair in range(pairs):
+        for setting in (names if pair % 2 == 0 else names[::-1]):
+            run = {"order": len(runs) + 1, **run_demo(setting, settings[setting])}
+            print(run, flush=True)
+            runs.append(run)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--machine", default="2 cores, 24 GiB (the development machine; CI's kind)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_gate_checks.json"))
     args = parser.parse_args()
-    runs = []
-    for pair in range(args.pairs):
-        for setting in (("on", "off") if pair % 2 == 0 else ("off", "on")):
-            run = {"order": len(runs) + 1, **run_demo(setting)}
-            print(run, flush=True)
-            runs.append(run)
+    runs = alternate({"on": {}, "off": OFF}, args.pairs)
     result = {"command": "python bench/demo_gate_checks.py (bash infra/demo.sh, alternating)",
               "machine": args.machine, "date": datetime.date.today().isoformat(), "runs": runs}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

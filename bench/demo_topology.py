@@ -17,7 +17,7 @@ import datetime
 import json
 from pathlib import Path
 
-from bench.demo_gate_checks import run_demo
+from bench.demo_gate_checks import alternate
 
 SETTINGS = {
     "synchronous learner, 2 cores": {},
@@ -33,12 +33,7 @@ def main() -> None:
     parser.add_argument("--machine", default="2 cores, 24 GiB (the development machine; CI's kind)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_topology.json"))
     args = parser.parse_args()
-    names, runs = list(SETTINGS), []
-    for pair in range(args.pairs):
-        for setting in (names if pair % 2 == 0 else names[::-1]):
-            run = {"order": len(runs) + 1, **run_demo(setting, SETTINGS[setting])}
-            print(run, flush=True)
-            runs.append(run)
+    names, runs = list(SETTINGS), alternate(SETTINGS, args.pairs)
     mean = {s: sum(r["tokens_per_s"] for r in runs if r["setting"] == s) / args.pairs for s in names}
     result = {"command": "python bench/demo_topology.py (bash infra/demo.sh, alternating)", "machine": args.machine,
               "date": datetime.date.today().isoformat(), "mean_tokens_per_s": mean,
