@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import AppConfig, parse_config
@@ -17,6 +20,29 @@ from pipeline.local.local_stack import LocalStack
 # The control topic's signing key (processor.control): the processors these tests start and the
 # `ttt-stream rollback` they call share it through the environment.
 os.environ.setdefault("TTT_STREAM_CONTROL_KEY", secrets.token_hex(32))
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ROOT / "models" / "ttt-tiny-qwen3"  # the embedded default's model
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """``ttt-stream ARGS`` as a user runs it: from the root, no TTT_STREAM__ overrides, a wide terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], input=stdin, capture_output=True, text=True, cwd=ROOT,
+        timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")} | {"COLUMNS": "250"},
+    )
+
+
+def static_loss(model, tokenizer, texts: str | list[str]) -> float:
+    """The model's mean next-token loss over the texts' tokens (float64 cross-entropy), read whole."""
+    total = tokens = 0.0
+    with torch.no_grad():
+        for text in [texts] if isinstance(texts, str) else texts:
+            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:], reduction="sum").item()
+            tokens += ids.shape[1] - 1
+    return total / tokens
 
 
 def free_port() -> int:

@@ -13,8 +13,8 @@ import ray
 import yaml
 
 from pipeline.config import load_config
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 
 

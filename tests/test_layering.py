@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ["ttt_model", "actors", "pipeline"]
 
 

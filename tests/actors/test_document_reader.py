@@ -10,8 +10,9 @@ from ttt_model import TTTSession
 from ttt_model.patch import static_mode
 from tests.sample_text import SAMPLE_TEXT
 from pipeline.processing.actor_specs import standalone_reader_spec
+from tests.conftest import TINY_MODEL
 
-MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
+MODEL = str(TINY_MODEL)
 TEXT = SAMPLE_TEXT[:6000]
 
 

@@ -3,7 +3,6 @@ what the synchronous reader scores, versions follow the ledger's order, and a re
 goes on bit for bit."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ from actors.learner import StreamLearner
 from actors.call_types import PUBLISHED_KEY
 from tests.sample_text import SAMPLE_TEXT
 from pipeline.processing.actor_specs import standalone_reader_spec
+from tests.conftest import TINY_MODEL
 
-MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
+MODEL = str(TINY_MODEL)
 DOCS = [DocumentTask(f"d{i}", SAMPLE_TEXT[i * 1500 : (i + 1) * 1500]) for i in range(5)]
 # One slow step per document (the documents are shorter than a step), every layer adapted.
 SLOW = {"enabled": True, "lr": 3e-3, "chunk_tokens": 1024, "layers": [-2, -1]}

@@ -13,9 +13,9 @@ import pytest
 from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def rss_mb() -> float:

@@ -3,7 +3,6 @@ rejected and the learner goes back to last-good, bit for bit; a restored learner
 verdict; the gate scores a held-out document as a reader of the same version does."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,10 @@ from actors.learner import StreamLearner
 from actors.promotion_gate import PROMOTED, REJECTED, slow_digest
 from pipeline.config import GateConfig
 from pipeline.processing.actor_specs import standalone_reader_spec
+from tests.conftest import TINY_MODEL
 from tests.sample_text import SAMPLE_TEXT
 
-MODEL = Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3"
+MODEL = TINY_MODEL
 SLOW = {"enabled": True, "lr": 3e-3, "chunk_tokens": 1024, "layers": [-2, -1],
         "rehearsal_path": str(MODEL / "rehearsal.jsonl"), "rehearsal_tokens": 256}
 DOCS = [DocumentTask(f"d{i}", SAMPLE_TEXT[i * 1500 : (i + 1) * 1500]) for i in range(6)]

@@ -6,7 +6,6 @@ runs a whole stream from a registered model on nodes whose working directory has
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -14,10 +13,11 @@ from actors.document_reader import DocumentTask, DocumentReader
 from actors.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
                                resolve_base_model)
 from pipeline.processing.actor_specs import standalone_reader_spec
+from tests.conftest import TINY_MODEL
 from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack]
-MODEL = Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3"
+MODEL = TINY_MODEL
 TEXT = SAMPLE_TEXT[:3000]
 
 

@@ -5,13 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_eval_logs_bucket_metrics_and_artifacts_to_mlflow(stack, tmp_path):

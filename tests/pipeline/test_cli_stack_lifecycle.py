@@ -4,16 +4,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.local.local_stack import broker_answers, mlflow_answers, port_is_open, process_group_alive
+from tests.conftest import ROOT
 from tests.conftest import stack_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, timeout=240):

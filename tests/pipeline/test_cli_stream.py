@@ -1,26 +1,15 @@
 """`ttt-stream feed`, `run --until-idle` and `status` as a user runs them, on the real stack."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import ROOT, cli
 from tests.pipeline.test_stream_e2e import read_topic, stream_config
 from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], input=stdin, capture_output=True, text=True, cwd=ROOT,
-        timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")} | {"COLUMNS": "200"},
-    )
 
 
 def test_feed_run_status_from_the_command_line(stack, tmp_path):

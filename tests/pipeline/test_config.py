@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import AppConfig, ConfigError, load_config, parse_config
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_configs_validate():

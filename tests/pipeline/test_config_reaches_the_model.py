@@ -2,7 +2,6 @@
 stream builds from it (the reader actors, the pyfunc flavour and ``export``) with no second copy
 to update: a changed default is seen in all of them."""
 
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,9 @@ from pipeline.state.adapted_model import load_adapted_model
 from pipeline.config import AppConfig, ModelConfig, parse_config
 from tests.sample_text import SAMPLE_TEXT
 from ttt_model.config import SlowConfig
+from tests.conftest import TINY_MODEL
 
-MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
+MODEL = str(TINY_MODEL)
 
 
 @pytest.fixture

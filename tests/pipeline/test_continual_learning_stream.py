@@ -22,26 +22,15 @@ from pipeline.state.checkpoint import LIVE, CheckpointStore
 from pipeline.state.export import export_checkpoint
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
+from tests.conftest import ROOT, static_loss
 from tests.pipeline.test_stream_e2e import produce, read_topic, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def domain_documents(chars: int = 2500) -> list[dict]:
     files = sorted(p for p in Path(kafka.__file__).parent.rglob("*.py") if p.stat().st_size > 2 * chars)
     return [{"id": str(p.relative_to(Path(kafka.__file__).parent)), "text": p.read_text()[:chars]} for p in files]
-
-
-def static_loss(model, tokenizer, texts: list[str]) -> float:
-    total = tokens = 0.0
-    with torch.no_grad():
-        for text in texts:
-            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
-            logits = model(input_ids=ids).logits[0, :-1]
-            total += torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:], reduction="sum").item()
-            tokens += ids.shape[1] - 1
-    return total / tokens
 
 
 def test_the_live_version_beats_the_base_on_held_out_documents_of_the_stream_domain(stack, ray_session, tmp_path):

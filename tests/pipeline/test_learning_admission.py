@@ -6,14 +6,13 @@ import hashlib
 import json
 import random
 import string
-from pathlib import Path
 
 import pytest
 
 from pipeline.config import AdmissionConfig
 from pipeline.processing.learning_admission import LearningAdmission, decision_kind, simhash
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).parents[2]
 DOCS = [json.loads(line)["text"] for line in (ROOT / "models/ttt-tiny-qwen3/rehearsal.jsonl").open()]
 
 

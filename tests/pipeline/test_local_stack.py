@@ -70,20 +70,3 @@ def test_mlflow_run_logged_and_read_back(stack):
     assert back.data.params == {"chunk_size": "512"}
     assert back.data.metrics["loss"] == 2.5
     assert back.info.status == "FINISHED"
-
-
-def test_ray_actor_round_trip(ray_session):
-    ray = ray_session
-
-    @ray.remote(num_cpus=0)
-    class Counter:
-        def __init__(self):
-            self.total = 0
-
-        def add(self, n):
-            self.total += n
-            return self.total
-
-    counter = Counter.remote()
-    assert ray.get([counter.add.remote(i) for i in range(1, 5)]) == [1, 3, 6, 10]
-    ray.kill(counter)

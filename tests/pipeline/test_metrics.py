@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -16,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.document_reader import DocumentOutcome
 from pipeline.config import ControlConfig
 from pipeline.observability.metrics import StreamMetrics
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def samples(metrics: StreamMetrics) -> dict[tuple[str, tuple], float]:

@@ -14,8 +14,8 @@ from pipeline.state.checkpoint import HEAD, LIVE, CheckpointStore
 from pipeline.processing.job import run_stream
 from pipeline.local.local_stack import LocalStack, mlflow_answers
 from pipeline.stream_io.topics import ensure_topics
-from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 from tests.pipeline.test_recovery import ResultCounter
+from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

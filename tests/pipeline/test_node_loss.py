@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -23,11 +22,11 @@ from kafka import KafkaConsumer
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
 from pipeline.config import LearnerConfig
+from tests.conftest import ROOT
 from tests.pipeline.test_recovery import ResultCounter, checkpoint_settings, final_states
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 # Workers with a state of their own on the nodes that are lost (no learner: it would hold the state).
 SETTINGS = dict(workers=2, worker_num_cpus=1, scope="global", deterministic=True, base_loss_sample_rate=0.0,
                 placement_strategy="SPREAD", learner=LearnerConfig(enabled=False))

@@ -6,14 +6,13 @@ import os
 import re
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def quickstart_lines() -> list[str]:

@@ -16,19 +16,18 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from actors.base_model import file_hashes, register_base_model
 from pipeline.state.checkpoint import HEAD, CheckpointStore
 from pipeline.stream_io.topics import ensure_topics
+from tests.conftest import ROOT
 from tests.pipeline.ray_start_cluster import RayStartCluster
 from tests.pipeline.test_recovery import ResultCounter
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -21,10 +20,10 @@ from kafka import KafkaConsumer
 from pipeline.state.checkpoint import HEAD, CheckpointStore
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
+from tests.conftest import ROOT
 from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = dict(workers=2, worker_num_cpus=0.5, scope="global", deterministic=True, base_loss_sample_rate=0.0)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
@@ -21,10 +20,11 @@ from pipeline.config import parse_config
 from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
 from pipeline.processing.job import build_processor, restore_from_checkpoint
 from pipeline.state.rescale import states_for_workers
+from tests.conftest import TINY_MODEL
 from tests.pipeline.test_processor_core import TOPIC, FakePool, FakeSinks, FakeSource, FakeStore, FakeWorker
 from tests.sample_text import SAMPLE_TEXT
 
-MODEL = str(Path(__file__).parents[2] / "models" / "ttt-tiny-qwen3")
+MODEL = str(TINY_MODEL)
 TEXT = SAMPLE_TEXT
 
 

@@ -5,13 +5,9 @@ and an offline rollback."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,18 +17,11 @@ from actors.call_types import RESERVED_KEYS
 from pipeline.state.checkpoint import LAST_GOOD, LIVE, CheckpointStore
 from pipeline.processing.job import run_stream
 from pipeline.stream_io.topics import ensure_topics
+from tests.conftest import ROOT, cli
 from tests.pipeline.test_stream_e2e import produce, short_documents, stream_config
 from tests.sample_text import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")} | {"COLUMNS": "250"},
-    )
 
 
 def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):

@@ -18,10 +18,10 @@ from pipeline.state.checkpoint import LIVE, CheckpointError, CheckpointRequest, 
 from pipeline.state.export import export_checkpoint
 from tests.sample_text import SAMPLE_TEXT
 from pipeline.processing.actor_specs import standalone_reader_spec
+from tests.conftest import ROOT, TINY_MODEL, static_loss
 
 pytestmark = [pytest.mark.stack]
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = str(ROOT / "models" / "ttt-tiny-qwen3")
+MODEL = str(TINY_MODEL)
 TEXT = SAMPLE_TEXT
 DOCS = [TEXT[i * 1500 : i * 1500 + 1800] for i in range(3)]
 PROBE = TEXT[9000:11000]
@@ -45,13 +45,6 @@ def pyfunc_loss(stack, store: CheckpointStore, text: str, **model_config) -> flo
     mlflow.set_registry_uri(stack.mlflow.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{store.name}@{LIVE}", model_config=model_config or None)
     return float(model.predict(pd.DataFrame({"text": [text]}))["loss"][0])
-
-
-def static_loss(model, tokenizer, text: str) -> float:
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1]
-    return torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:]).item()
 
 
 @pytest.mark.parametrize("overrides", [

@@ -11,14 +11,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ttt_model.chunk_conv import chunk_conv, chunk_conv_plain
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [  # B, chunks, C, d, k, tokens past the last whole chunk (a strided input)
     (2, 3, 16, 40, 5, 3), (1, 2, 8, 300, 3, 0), (3, 1, 7, 5, 1, 2), (1, 4, 5, 64, 7, 0), (2, 2, 33, 257, 5, 1),
 ]
@@ -73,6 +71,7 @@ KERNEL_CHECK = """
 import json, sys, torch
 from tests.ttt_model.test_chunk_conv import SHAPES, random_inputs, reference
 from ttt_model.chunk_conv import chunk_conv
+from tests.conftest import ROOT
 errors = []
 for i, shape in enumerate(SHAPES):
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

@@ -2,7 +2,6 @@
 
 import inspect
 import json
-from pathlib import Path
 
 import torch
 
@@ -10,8 +9,8 @@ from tests.ttt_model.reference import randomise_ttt_parameters, tiny_model
 from ttt_model import TTTConfig, enable_ttt, load_ttt_model
 from ttt_model.evaluate import evaluate, format_table, plot, static_mode
 from ttt_model.train import load_tokenizer
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "ttt-tiny-qwen3"
 
 

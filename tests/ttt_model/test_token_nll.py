@@ -10,14 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ttt_model.token_nll import token_nll, token_nll_plain
 
-ROOT = Path(__file__).resolve().parents[2]
 CASES = [  # batch, positions, vocabulary, kernel block (several blocks, the last one partial)
     (2, 37, 50, 16), (1, 5, 300, 64), (3, 4, 7, 8), (2, 6, 1000, 128),
 ]
@@ -60,6 +58,7 @@ KERNEL_CHECK = """
 import json, torch
 from tests.ttt_model.test_token_nll import CASES, random_case, reference
 from ttt_model.token_nll import _token_nll_triton
+from tests.conftest import ROOT
 errors = []
 for i, case in enumerate(CASES):
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from ttt_model import TTTConfig, enable_ttt, has_ttt, load_ttt_model
 from ttt_model.data import PackedTokenStream
 from ttt_model.train import TrainConfig, adamw_optimizer, fit, lr_at, prepare, load_prepared, load_tokenizer
+from tests.conftest import ROOT
 from tests.sample_text import SAMPLE_TEXT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_scratch_model(seed=0):
