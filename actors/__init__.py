@@ -1,1 +1,1 @@
-"""Ray actors that host TTT models (workers, context-parallel groups, supervisor)."""
+"""Ray actors that host TTT models (readers, context-parallel groups, supervisor)."""

@@ -4,7 +4,7 @@
 config) as a run's artifact and registers it as a version of NAME, with the sha256 of every file
 in the version's tags (and the run's: ``runs:/`` URIs work too). ``model.path`` may then be
 ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/model``: the driver pins it to
-one version, and every worker downloads that version once per node into ``model.cache_dir``
+one version, and every reader downloads that version once per node into ``model.cache_dir``
 and checks every file against the registered hashes before anything is loaded (and again at
 every later load from the cache). A missing, extra or changed file is refused with its name.
 """

@@ -22,7 +22,7 @@ RESERVED_KEYS = frozenset({PUBLISHED_KEY, GATE_KEY})
 class ReaderSpec:
     """What a reader actor hosts and how it adapts. Built from a stream's config by
     ``pipeline.processing.actor_specs.reader_spec`` (the one place it is built; no defaults of its own): the
-    config's validator has checked how these settings go together, and the worker trusts it."""
+    config's validator has checked how these settings go together, and the reader trusts it."""
 
     model_path: str  # as the actor sees it: absolute, or relative to the job's working directory
     # A model registered in MLflow (actors.base_model.BaseModelSource as a dict): fetched into
@@ -49,7 +49,7 @@ class ReaderSpec:
     # process_batch, per_document / per_key scope: documents read in one forward, up to this many
     # padded tokens (rows x the longest document).
     batch_tokens: int
-    # The slow weights are trained by the stream's learner (actors.learner): this worker reads
+    # The slow weights are trained by the stream's learner (actors.learner): this reader reads
     # every document with the SlowVersion it is given, learns nothing across documents and keeps
     # no state between them (its fast weights start from zero at every document).
     slow_from_learner: bool
@@ -152,7 +152,7 @@ class DocumentOutcome:
     delta_ratio: float = 0.0  # max over layers of ||dW|| / ||W_down||: how far the fast weights moved
     slow_delta_ratio: float = 0.0  # max over adapted matrices of ||B A|| / ||W_0|| after the document
     windows: int = 0
-    worker: str = ""
+    reader: str = ""
     # per_key with slow.reuse_nearest_key: the key whose slow weights this new key started from
     reused_from: str | None = None
     # Read with the learner's slow-weight version of this index (documents learned before it).
@@ -165,7 +165,7 @@ class DocumentOutcome:
 @dataclass(frozen=True)
 class StateBlob:
     """One state serialised for a checkpoint: safetensors bytes, their sha256, its document count
-    and the partition its last document came from (where its key lives when workers change)."""
+    and the partition its last document came from (where its key lives when readers change)."""
 
     key: str
     data: bytes

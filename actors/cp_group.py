@@ -10,7 +10,7 @@ member runs ``ttt_model.parallel.context_parallel_forward``, starting from the c
 fast-weight state. A member that dies fails the document (``ray.exceptions.RayActorError``).
 
 The stream processor uses one ``ContextParallelService`` per stream: an actor that owns a group,
-serves the workers' long documents one at a time (a process group runs one collective sequence
+serves the readers' long documents one at a time (a process group runs one collective sequence
 at a time) and, after a member failure, raises ``ContextParallelFailure`` and builds a fresh
 group for the next read; the processor then retries the document from the last checkpoint.
 """
@@ -193,7 +193,7 @@ class ContextParallelFailure(RuntimeError):
 
 @ray.remote(num_cpus=0, max_concurrency=1)
 class ContextParallelService:
-    """One group for a stream, shared by its workers: reads run one at a time, and a group that
+    """One group for a stream, shared by its readers: reads run one at a time, and a group that
     lost a member is replaced before the next read."""
 
     def __init__(self, spec: ContextParallelSpec):

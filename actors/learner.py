@@ -36,6 +36,7 @@ from safetensors.torch import load, save
 from actors.call_types import GATE_KEY, PUBLISHED_KEY, DocumentOutcome, DocumentTask, HandedStates, StateBlob, ReaderSpec
 from actors.document_reader import DocumentReader
 from actors.promotion_gate import PromotionGate, Verdict
+from actors.reading_modes import SelfLearning
 from actors.state_store import GLOBAL_KEY
 from ttt_model.slow import SlowVersion, rehearsal_chunks
 
@@ -58,13 +59,12 @@ class StreamLearner:
         GateConfig (None, or not enabled: every checkpoint goes live unjudged). ``outlier_margin``:
         a window whose loss is above the median of the last windows learned by more than this
         fraction takes no slow step (None: every window steps)."""
-        # The learner is the synchronous reader of every document: slow steps, no shadow
-        # evaluation, no context parallelism (it reads windows of max_document_tokens).
-        # It reads the layers below the lowest adapted one apart (or takes them from the reader
-        # that read them: ``learn``'s ``below``) and runs the adapted layers and the head.
-        spec = replace(spec, slow_from_learner=False, scope="global", base_loss_sample_rate=0.0,
-                       context_parallel_min_tokens=None, tokenize_ahead=False, split_at_adapters=True)
-        self.worker = DocumentReader(spec, name=name)
+        # The learner reads every document in its own mode (whatever the readers' is): the global
+        # slow state, no shadow evaluation but the driver's, no context parallelism (windows of
+        # max_document_tokens), the layers below the lowest adapted one apart, or taken from the
+        # reader that read them (``learn``'s ``below``).
+        self.reader = DocumentReader(spec, name=name, mode=lambda host: SelfLearning(host, "global", 0.0, split=True))
+        self.mode = self.reader.mode
         self.name = name
         self.lag = lag
         self.every = every
@@ -81,13 +81,13 @@ class StreamLearner:
         self.failures = 0
         self.learn_s = 0.0
         self.taken_here = 0  # documents taken in since this learner was built or restored (its pace)
-        self.gate = PromotionGate(gate, self.worker.model, self.worker.slow, self._probe(gate)) \
+        self.gate = PromotionGate(gate, self.reader.model, self.reader.slow, self._probe(gate)) \
             if gate is not None and gate.enabled else None
         self.outlier_margin = outlier_margin
         self.window_losses: deque[float] = deque(maxlen=OUTLIER_HISTORY)  # of the windows learned, for the median
         self.outliers = 0
         if outlier_margin is not None:
-            self.worker.slow.admit = self._admit_window
+            self.reader.slow.admit = self._admit_window
         self._publish()
 
     def _takes(self, task: DocumentTask) -> bool:
@@ -126,11 +126,11 @@ class StreamLearner:
     def _probe(self, gate: Any) -> torch.Tensor | None:
         """The gate's probe: chunks of the rehearsal file past those the adapters rehearse (the
         model's own kind of text, never trained on); None without a rehearsal file or past its end."""
-        slow = self.worker.slow_config
+        slow = self.reader.slow_config
         if gate is None or not gate.enabled or slow.rehearsal_path is None:
             return None
         tokens = slow.rehearsal_tokens or 256
-        chunks = rehearsal_chunks(slow.rehearsal_path, self.worker.tokenizer, tokens, slow.rehearsal_chunks + gate.probe_chunks)
+        chunks = rehearsal_chunks(slow.rehearsal_path, self.reader.tokenizer, tokens, slow.rehearsal_chunks + gate.probe_chunks)
         probe = chunks[slow.rehearsal_chunks :]
         if not len(probe):
             log.warning("%s: %s has no text past the %d chunks it rehearses: the gate has no probe (no forgetting "
@@ -139,7 +139,7 @@ class StreamLearner:
         return probe
 
     def _slow(self):
-        return self.worker.states.get(None).state.slow
+        return self.mode.states.get(None).state.slow
 
     def _publish(self, changed: bool = True) -> None:
         if changed or not self.published:
@@ -166,7 +166,7 @@ class StreamLearner:
         counted where it goes (the gate's slice and figures, the budget)."""
         if task.held_out:
             if self.gate is not None:
-                self.gate.hold_out(self.position, self.worker.tokenizer(task.text, add_special_tokens=False)["input_ids"])
+                self.gate.hold_out(self.position, self.reader.tokenizer(task.text, add_special_tokens=False)["input_ids"])
             return "held out"
         if task.kept_out is not None:
             if self.gate is not None:
@@ -192,7 +192,7 @@ class StreamLearner:
         if self.gate is not None:
             self.gate.learned_one()
         try:
-            outcome = self.worker.process(replace(task, shadow=False), below=below)
+            outcome = self.reader.process(replace(task, shadow=False), below=below)
             report = {"ok": outcome.ok, "tokens": outcome.tokens, "loss": outcome.loss, "reason": outcome.reason}
         except Exception as err:  # noqa: BLE001 - the same document fails the same way on a replay
             self.failures += 1
@@ -212,20 +212,20 @@ class StreamLearner:
         start = time.perf_counter()
         self.taken_here += 1
         skipped = self._skipped(task)
-        version, admit = self.position, self.worker.slow.admit
+        version, admit = self.position, self.reader.slow.admit
         if skipped is None:
             self.learned += 1
             if self.gate is not None:
                 self.gate.learned_one()
         else:
-            self.worker.slow.admit = lambda loss: False  # scored, no step
+            self.reader.slow.admit = lambda loss: False  # scored, no step
         try:
-            outcome = self.worker.process(task)
+            outcome = self.reader.process(task)
         except Exception:
             self.failures += 1
             raise
         finally:
-            self.worker.slow.admit = admit
+            self.reader.slow.admit = admit
             self.position += 1
             self._publish(changed=skipped is None)
             self.learn_s += time.perf_counter() - start
@@ -253,17 +253,17 @@ class StreamLearner:
         return verdict, blobs
 
     def _slow_of(self, data: bytes):
-        state = self.worker.new_state()
+        state = self.mode.new_state()
         state.load_state_dict(load(data))
         return state.slow
 
     def _settle(self, verdict: Verdict) -> None:
         self._slow()  # made, if a restore to the base model left none
-        (current,) = self.worker.snapshot()
+        (current,) = self.reader.snapshot()
         back = self.gate.settle(verdict, current.data)
         if back is None:
             return
-        self.worker.restore([StateBlob(GLOBAL_KEY, back, hashlib.sha256(back).hexdigest(), 0)] if back else [])
+        self.reader.restore([StateBlob(GLOBAL_KEY, back, hashlib.sha256(back).hexdigest(), 0)] if back else [])
         # The versions the next documents read with are last-good's weights too.
         adapters = self._slow().version(self.position).adapters
         versions = [SlowVersion(v.index, adapters) for v in self.published]
@@ -274,7 +274,7 @@ class StreamLearner:
         """The slow state (optimiser moments, rehearsal position and step included), the
         published versions still read with and the gate's state (with ``verdict``, the one taken
         at this cut), as blobs; call after the ``learn`` calls to cover."""
-        blobs = self.worker.snapshot()
+        blobs = self.reader.snapshot()
         tensors = {"position": torch.tensor([self.position], dtype=torch.int64),
                    "admitted": torch.tensor([self.admitted], dtype=torch.int64),
                    "window_losses": torch.tensor(list(self.window_losses), dtype=torch.float64),
@@ -298,7 +298,7 @@ class StreamLearner:
             raise ValueError(f"{self.name}: a learner snapshot has one {PUBLISHED_KEY} blob, got {len(published)}")
         if published and hashlib.sha256(published[0].data).hexdigest() != published[0].sha256:
             raise ValueError(f"{self.name}: {PUBLISHED_KEY}: sha256 does not match")
-        self.worker.restore(states)
+        self.reader.restore(states)
         self.learn_s, self.taken_here = 0.0, 0  # the pace is this run's, from here
         verdict = self.gate.restore(gate[0] if gate else None) if self.gate is not None else None
         if not published:
@@ -330,8 +330,8 @@ class StreamLearner:
             self._settle(verdict)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.worker.stats(), "worker": self.name, "position": self.position, "lag": self.lag,
-                "every": self.every, "learned": self.learned, "handed": self.worker.reader.handed,
+        return {**self.reader.stats(), "reader": self.name, "position": self.position, "lag": self.lag,
+                "every": self.every, "learned": self.learned,
                 "learn_failures": self.failures, "learn_s": self.learn_s, "taken_here": self.taken_here, "outlier_windows": self.outliers,
                 "slow_steps": self._slow().steps,
                 **({"gate": self.gate.verdict.to_dict()} if self.gate is not None and self.gate.verdict else {})}

@@ -6,7 +6,7 @@ OpenMP parallel region gets its own OpenMP team, and once libgomp manages more t
 are cores it stops spinning between regions (throttled wait), so every one of the thousands of
 small regions per document waits on a futex wake-up. Measured on 2 cores, the same 2k-token
 documents with slow weights: 5.8 s on the thread that built the model, 8.2 s once a second thread
-had run any of them (bench/stream.py: the actor +34% over the same worker in-process). One thread
+had run any of them (bench/stream.py: the actor +34% over the same reader in-process). One thread
 for building, reading, snapshots and restores keeps one team and also keeps the CUDA current
 device and stream, which are per thread, the same for every call.
 """

@@ -35,7 +35,7 @@ class ReaderActor:
                     raise ContextParallelFailure(str(cause or err)) from None
 
         self.model_thread = ModelThread(f"{name}-model")
-        self.worker = self.model_thread.call(DocumentReader, spec, name, reader)
+        self.reader = self.model_thread.call(DocumentReader, spec, name, reader)
         with warnings.catch_warnings():  # it reads a deprecated property inside Ray itself
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -43,10 +43,10 @@ class ReaderActor:
     @ray.method(concurrency_group="prepare")
     def prepare(self, task: DocumentTask) -> None:
         # Its own thread: the next document is tokenized while this one is read.
-        self.worker.prepare(task)
+        self.reader.prepare(task)
 
     def process(self, task: DocumentTask, version: SlowVersion | None = None) -> DocumentOutcome:
-        return self.model_thread.call(self.worker.process, task, version)
+        return self.model_thread.call(self.reader.process, task, version)
 
     def process_batch(self, tasks: list[DocumentTask],
                       version: SlowVersion | None = None) -> DocumentOutcome | list[DocumentOutcome | Exception]:
@@ -56,31 +56,31 @@ class ReaderActor:
         the learner has published it). A reader that hands on to the learner
         (``spec.split_at_adapters``) returns as many again after them: each task's
         ``HandedStates`` (or None), an object of its own that the learner fetches."""
-        outcomes = self.model_thread.call(self.worker.process_batch, tasks, errors_as_values=True, version=version)
-        if self.worker.reads_versions and self.worker.spec.split_at_adapters:
-            outcomes = outcomes + [self.worker.take_handed(task.id) for task in tasks]
+        outcomes = self.model_thread.call(self.reader.process_batch, tasks, errors_as_values=True, version=version)
+        if self.reader.spec.split_at_adapters:
+            outcomes = outcomes + [self.reader.take_handed(task.id) for task in tasks]
         return outcomes[0] if len(outcomes) == 1 else outcomes
 
     def snapshot(self) -> list[StateBlob]:
         # Default group: runs after every document submitted before it, a consistent cut.
-        return self.model_thread.call(self.worker.snapshot)
+        return self.model_thread.call(self.reader.snapshot)
 
     def write_states(self, target: StateTarget) -> bytes:
         # In order with the documents, as snapshot: the states after every one submitted before.
-        return self.model_thread.call(self.worker.write_states, target)
+        return self.model_thread.call(self.reader.write_states, target)
 
     def restore(self, blobs: list[StateBlob]) -> None:
-        self.model_thread.call(self.worker.restore, blobs)
+        self.model_thread.call(self.reader.restore, blobs)
 
     def forget(self, key: str) -> bool:
-        return self.model_thread.call(self.worker.forget, key)
+        return self.model_thread.call(self.reader.forget, key)
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
         context = ray.get_runtime_context()
-        return {**self.worker.stats(), "restarted": self.restarted, "node_id": context.get_node_id(),
+        return {**self.reader.stats(), "restarted": self.restarted, "node_id": context.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address()}
 
     @ray.method(concurrency_group="control")
     def ready(self) -> str:
-        return self.worker.name
+        return self.reader.name

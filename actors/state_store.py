@@ -34,7 +34,7 @@ def return_freed_states_to_the_os() -> bool:
 
     glibc raises the threshold to the size of each large block freed, up to 32 MiB, so after
     the first per-key state is freed the next ones (2.4 MB for the shipped model) come from the
-    heap, whose freed space it does not give back: measured here, a worker's memory grew by about
+    heap, whose freed space it does not give back: measured here, a reader's memory grew by about
     3 GB over 10,000 keys with 64 in memory. Fixed at 128 KiB, every state is its own mapping,
     returned when freed (flat, tests/actors/test_per_key_bounds.py)."""
     try:
@@ -56,7 +56,7 @@ class ScopedState:
 
 
 class StateStore:
-    """The states of one worker. ``get(key)`` returns the state a document must use.
+    """The states of one reader. ``get(key)`` returns the state a document must use.
 
     - ``global``: one state for every document (``key`` ignored).
     - ``per_key``: one state per key, at most ``capacity`` in memory; the least recently used is

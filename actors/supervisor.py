@@ -1,10 +1,10 @@
-"""The supervisor: starts the worker actors, owns the partition -> worker assignment, watches
+"""The supervisor: starts the reader actors, owns the partition -> reader assignment, watches
 their health and reports status.
 
-Workers are restarted by Ray (``max_restarts``); a document in flight on a worker that died
-fails with ``RayActorError`` and the caller sends it again once the worker is back. With a
+Readers are restarted by Ray (``max_restarts``); a document in flight on a reader that died
+fails with ``RayActorError`` and the caller sends it again once the reader is back. With a
 context-parallel spec, the supervisor also starts the stream's ContextParallelService, to which
-every worker hands its long windows.
+every reader hands its long windows.
 """
 
 from __future__ import annotations
@@ -25,30 +25,30 @@ from actors.reader_actor import ReaderActor
 
 
 class Supervisor:
-    """Plain-class core of SupervisorActor: worker handles, assignment, status."""
+    """Plain-class core of SupervisorActor: reader handles, assignment, status."""
 
-    def __init__(self, stream: str, spec: ReaderSpec, workers: int, num_cpus: float, num_gpus: float,
+    def __init__(self, stream: str, spec: ReaderSpec, readers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
                  learner: Any = None, memory_mb: int | None = None):
         """``learner``: the stream's LearnerConfig (lag, every, num_cpus, num_gpus), when it has one;
         ``memory_mb``: the memory Ray reserves for each reader (None: none reserved)."""
         self.stream = stream
-        # One bundle per worker: Ray places them by ``strategy`` over the nodes, and a bundle of a
-        # lost node is placed again on a node with room, where Ray restarts its worker.
+        # One bundle per reader: Ray places them by ``strategy`` over the nodes, and a bundle of a
+        # lost node is placed again on a node with room, where Ray restarts its reader.
         memory = {"memory": memory_mb * 2**20} if memory_mb else {}
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **memory}
         self.strategy = strategy
         # A synchronous learner reads every document itself: no readers.
-        workers = 0 if learner is not None and learner.synchronous else workers
-        self.placement = placement_group([bundle] * workers, strategy=strategy) if workers else None
+        readers = 0 if learner is not None and learner.synchronous else readers
+        self.placement = placement_group([bundle] * readers, strategy=strategy) if readers else None
         self.started = time.time()
-        self.names = [f"{stream}-worker-{i}" for i in range(workers)]
+        self.names = [f"{stream}-reader-{i}" for i in range(readers)]
         self.context_parallel = (
             ContextParallelService.options(name=f"{stream}-context-parallel", max_restarts=-1)
             .remote(context_parallel)
             if context_parallel is not None else None
         )
-        self.workers = [
+        self.readers = [
             ReaderActor.options(
                 # No lifetime limit: the processor counts deaths per document and per window
                 # (processor.max_attempts, max_restarts in restart_window_s).
@@ -68,7 +68,7 @@ class Supervisor:
             ).remote(spec, learner.lag, self.learner_name, learner.every, learner.gate,
                       learner.admission.outlier_loss_margin if learner.admission.enabled else None)
             if learner.synchronous:
-                self.workers, self.names = [self.learner], [self.learner_name]
+                self.readers, self.names = [self.learner], [self.learner_name]
 
     def wait_ready(self, timeout_s: float) -> list[str]:
         try:
@@ -76,35 +76,35 @@ class Supervisor:
                 ray.get(self.placement.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             bundles = self.placement.bundle_specs
-            raise RuntimeError(f"the cluster has no room for {len(bundles)} workers of {bundles[0]} placed "
+            raise RuntimeError(f"the cluster has no room for {len(bundles)} readers of {bundles[0]} placed "
                                f"{self.strategy} (processor.placement_strategy) within {timeout_s:.0f} s; "
                                f"it has {ray.available_resources()} free") from None
         learner = [self.learner.ready.remote()] if self.learner is not None else []
-        return ray.get([w.ready.remote() for w in self.workers] + learner, timeout=timeout_s)
+        return ray.get([w.ready.remote() for w in self.readers] + learner, timeout=timeout_s)
 
     def assign(self, partitions: list[int]) -> tuple[list[Any], list[str], dict[int, int]]:
-        """(worker handles, their names, partition -> worker index)."""
-        self.assignment = assign_partitions(partitions, len(self.workers))
-        return self.workers, self.names, self.assignment
+        """(reader handles, their names, partition -> reader index)."""
+        self.assignment = assign_partitions(partitions, len(self.readers))
+        return self.readers, self.names, self.assignment
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        refs = [w.stats.remote() for w in self.workers]
-        workers = []
+        refs = [w.stats.remote() for w in self.readers]
+        readers = []
         for i, ref in enumerate(refs):
             try:
                 stats = ray.get(ref, timeout=timeout_s)
                 stats["alive"] = True
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                stats = {"worker": f"{self.stream}-worker-{i}", "alive": False, "error": type(err).__name__}
+                stats = {"reader": f"{self.stream}-reader-{i}", "alive": False, "error": type(err).__name__}
             stats["partitions"] = sorted(p for p, w in self.assignment.items() if w == i)
-            workers.append(stats)
+            readers.append(stats)
         report = {"stream": self.stream, "uptime_s": time.time() - self.started, "placement": self.strategy,
-                  "workers": workers}
+                  "readers": readers}
         if self.learner is not None:
             try:
                 report["learner"] = {**ray.get(self.learner.stats.remote(), timeout=timeout_s), "alive": True}
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                report["learner"] = {"worker": self.learner_name, "alive": False, "error": type(err).__name__}
+                report["learner"] = {"reader": self.learner_name, "alive": False, "error": type(err).__name__}
         if self.context_parallel is not None:
             try:
                 report["context_parallel"] = ray.get(self.context_parallel.stats.remote(), timeout=timeout_s)
@@ -123,10 +123,10 @@ class Supervisor:
 
 @ray.remote(num_cpus=0)
 class SupervisorActor:
-    def __init__(self, stream: str, spec: ReaderSpec, workers: int, num_cpus: float, num_gpus: float,
+    def __init__(self, stream: str, spec: ReaderSpec, readers: int, num_cpus: float, num_gpus: float,
                  max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
                  learner: Any = None, memory_mb: int | None = None):
-        self.supervisor = Supervisor(stream, spec, workers, num_cpus, num_gpus, max_restarts, context_parallel,
+        self.supervisor = Supervisor(stream, spec, readers, num_cpus, num_gpus, max_restarts, context_parallel,
                                      strategy, learner, memory_mb)
 
     def wait_ready(self, timeout_s: float) -> list[str]:

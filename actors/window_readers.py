@@ -1,13 +1,13 @@
-"""How a worker reads the windows of one document, chosen once when the worker is built.
+"""How a reader reads the windows of one document, chosen once when the reader is built.
 
 - ``FastReader``: the fast weights (In-Place TTT) alone, chunk by chunk. Also the reader of a
-  learner's version: the worker binds the version's slow weights around the read.
+  learner's version: the reader binds the version's slow weights around the read.
 - ``SlowStepReader``: the fast weights on top of the scope's slow weights, which take their lean
   step on what was just scored (``ttt_model.slow.SlowLearner.read``). The learner's
   (``split``) runs the layers below the lowest adapted one first, or takes their hidden states
   from the reader that computed them (``ttt_model.lower_layers``), then the adapted layers.
 - ``ContextParallelReader``: windows of at least ``min_tokens`` tokens go to a context-parallel
-  group (``actors.cp_group``), starting from this worker's fast weights; shorter ones to a
+  group (``actors.cp_group``), starting from this reader's fast weights; shorter ones to a
   FastReader.
 
 Each returns the loss of tokens 1.. of every window, and leaves the scope's state as the next

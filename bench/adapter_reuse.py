@@ -2,7 +2,7 @@
 
     python bench/adapter_reuse.py --out bench/results/adapter_reuse.json
 
-One per_key worker with the embedded default's slow weights reads two domain streams as two
+One per_key reader with the embedded default's slow weights reads two domain streams as two
 keys ("pandas", "sphinx": the first ``--warm`` documents of each, interleaved). Then each new key
 reads its first ``--new`` documents twice from that same snapshot: with ``reuse_nearest_key``
 (its slow weights start as a copy of the nearest key's, by the cosine of the base model's mean
@@ -26,7 +26,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from domain_stream import parse_overrides, prepare  # noqa: E402
 
-from actors.document_reader import DocumentTask, DocumentReader  # noqa: E402
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader  # noqa: E402
 from pipeline.processing.actor_specs import standalone_reader_spec  # noqa: E402
 from ttt_model.patch import ttt_config_of  # noqa: E402
 
@@ -64,14 +65,14 @@ def main() -> None:
            "sphinx-new": docs(args.data / "sphinx" / "heldout.jsonl", args.new),
            "shipped-new": docs(args.shipped_heldout, args.new)}
 
-    def worker(reuse: bool, name: str) -> DocumentReader:
+    def reader(reuse: bool, name: str) -> DocumentReader:
         spec = standalone_reader_spec(model_path=model_path, device=args.device, scope="per_key", ttt=dict(model.get("ttt") or {}),
                           slow={**slow, "reuse_nearest_key": reuse, "reuse_min_similarity": -1.0},
                           max_document_tokens=args.max_tokens, spill_dir=f"/tmp/ttt-stream-bench-reuse/{name}")
         return DocumentReader(spec, name=name)
 
     started = time.perf_counter()
-    reusing, fresh = worker(True, "reuse"), worker(False, "base")
+    reusing, fresh = reader(True, "reuse"), reader(False, "base")
     for i in range(args.warm):
         for key, rows in warm.items():
             if i < len(rows):
@@ -81,7 +82,7 @@ def main() -> None:
 
     result = {"slow": slow, "warm_documents": {k: len(v) for k, v in warm.items()}, "new_documents": args.new,
               "max_tokens": args.max_tokens, "keys": {}}
-    signatures = reusing.states.signatures()
+    signatures = reusing.mode.states.signatures()
     for key, rows in new.items():
         ids = torch.tensor(tokenizer(rows[0].text, add_special_tokens=False)["input_ids"], device=reusing.device)[None]
         own = reusing.slow.signature(ids[:, : ttt_config_of(reusing.model).chunk_size])

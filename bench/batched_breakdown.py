@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from actors.document_reader import DocumentTask, DocumentReader
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
 from bench.reader import static_score, text_of_length, write_model
 from ttt_model import FastWeightState, ttt_forward
@@ -46,10 +47,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
-        worker = DocumentReader(standalone_reader_spec(model_path=tmp, device=args.device, dtype=args.dtype, scope="per_document",
+        reader = DocumentReader(standalone_reader_spec(model_path=tmp, device=args.device, dtype=args.dtype, scope="per_document",
                                            max_document_tokens=2 * L, batch_tokens=B * (L + args.chunk),
                                            tokenize_ahead=True), name="bench")
-        model, tok = worker.model, worker.tokenizer
+        model, tok = reader.model, reader.tokenizer
         gen = torch.Generator().manual_seed(1)
         texts = [text_of_length(tok, L, gen) for _ in range(B)]
         ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"][:L] for t in texts], device=device)
@@ -73,21 +74,21 @@ def main() -> None:
             r = next(batch_numbers)
             pending.append([DocumentTask(f"r{r}-{i}", t) for i, t in enumerate(texts)])
             for t in pending[-1]:
-                worker.prepare(t)
+                reader.prepare(t)
 
-        def worker_batch() -> None:
-            worker.process_batch(pending.pop())
+        def reader_batch() -> None:
+            reader.process_batch(pending.pop())
 
         stages = {"static prefill": lambda: forward(False, False), "static logits": lambda: forward(False, True),
                   "static scorer (logits + fp32 CE)": lambda: static_score(model, ids).sum().item(),
                   "ttt prefill": lambda: forward(True, False), "ttt logits": lambda: forward(True, True),
                   "ttt logits + token_nll": lambda: forward(True, True, token_nll),
                   "ttt logits + token_nll, plain form": lambda: forward(True, True, token_nll_plain),
-                  "worker process_batch": worker_batch}
+                  "reader process_batch": reader_batch}
         times = {k: [] for k in stages}
         for r in range(args.reps + 2):
             for k, fn in stages.items():
-                if k == "worker process_batch":
+                if k == "reader process_batch":
                     tokenize_next()
                 sync()
                 start = time.perf_counter()
@@ -109,7 +110,7 @@ def main() -> None:
 
             tokenize_next()
             with cProfile.Profile() as prof:
-                worker_batch()
+                reader_batch()
                 sync()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     for k, ms in rows.items():

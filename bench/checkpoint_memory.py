@@ -147,7 +147,7 @@ def main() -> None:
                 with PeakRSS() as memory:
                     version, seconds = checkpoint(checkpointer, readers, names, gather)
                 assert version is not None, "the checkpoint failed"
-                loaded = len(store._manifest(version)["workers"][names[0]])
+                loaded = len(store._manifest(version)["readers"][names[0]])
                 assert loaded == keys, (loaded, keys)
                 row = {"how": how, "readers": args.readers, "keys_per_reader": keys, "states": args.readers * keys,
                        "state_bytes": size, "checkpoint_s": round(seconds, 2),

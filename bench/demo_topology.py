@@ -23,7 +23,7 @@ SETTINGS = {
     "synchronous learner, 2 cores": {},
     "reader + learner, a core each": {"TTT_STREAM__PROCESSOR__LEARNER__SYNCHRONOUS": "false",
                                       "TTT_STREAM__PROCESSOR__LEARNER__NUM_CPUS": "1",
-                                      "TTT_STREAM__PROCESSOR__WORKER_NUM_CPUS": "1"},
+                                      "TTT_STREAM__PROCESSOR__READER_NUM_CPUS": "1"},
 }
 
 

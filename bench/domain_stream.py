@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from actors.document_reader import DocumentTask, DocumentReader, ReaderSpec
+from actors.call_types import DocumentTask, ReaderSpec
+from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.data import Document, load_documents
@@ -52,30 +53,30 @@ def prepare(path: Path, tokenizer, max_tokens: int, limit: int | None, seed: int
 
 
 def read_stream(spec: ReaderSpec, docs: list[Document]) -> tuple[DocumentReader, list[dict]]:
-    worker = DocumentReader(spec, name="bench")
+    reader = DocumentReader(spec, name="bench")
     rows = []
     for doc in docs:
-        out = worker.process(DocumentTask(doc.id, doc.text))
+        out = reader.process(DocumentTask(doc.id, doc.text))
         rows.append({"id": doc.id, "tokens": out.tokens, "loss": out.loss, "base_loss": out.base_loss,
                      "latency_s": out.latency_ms / 1000, "slow_delta_ratio": out.slow_delta_ratio})
-    return worker, rows
+    return reader, rows
 
 
 @torch.no_grad()
-def evaluate(worker: DocumentReader, state: AdaptedState | None, docs: list[Document], fast: bool) -> float:
+def evaluate(reader: DocumentReader, state: AdaptedState | None, docs: list[Document], fast: bool) -> float:
     """Token-weighted loss of ``docs`` under ``state``'s slow weights (None: base), with fresh fast
     weights per document or TTT off; nothing is learned."""
     total = tokens = 0.0
-    slow = worker.slow.bound(state.slow) if worker.slow is not None and state is not None else nullcontext()
-    off = worker.slow.disabled() if worker.slow is not None and state is None else nullcontext()
+    slow = reader.slow.bound(state.slow) if reader.slow is not None and state is not None else nullcontext()
+    off = reader.slow.disabled() if reader.slow is not None and state is None else nullcontext()
     with slow, off:
         for doc in docs:
-            ids = torch.tensor(worker.tokenizer(doc.text, add_special_tokens=False)["input_ids"], device=worker.device)[None]
+            ids = torch.tensor(reader.tokenizer(doc.text, add_special_tokens=False)["input_ids"], device=reader.device)[None]
             if fast:
-                nll = TTTSession(worker.model).feed(ids).nll[0, 1:]
+                nll = TTTSession(reader.model).feed(ids).nll[0, 1:]
             else:
-                with static_mode(worker.model):
-                    logits = worker.model(input_ids=ids).logits[0, :-1].float()
+                with static_mode(reader.model):
+                    logits = reader.model(input_ids=ids).logits[0, :-1].float()
                 nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             total += float(nll.double().sum())
             tokens += nll.numel()
@@ -169,11 +170,11 @@ def main() -> None:
     result = {"domain": args.domain, "documents": len(stream), "heldout_documents": len(heldout),
               "shipped_documents": len(shipped), "max_tokens": args.max_tokens, "seed": args.seed, "slow": slow,
               "ttt": ttt, "stream_by_tenth": {}, "stream_loss": {}, "last_quarter": {}, "tokens_per_s": {}}
-    workers = {}
+    readers = {}
     for name in chosen:
         started = time.perf_counter()
-        worker, rows = read_stream(settings[name], stream)
-        workers[name] = worker
+        reader, rows = read_stream(settings[name], stream)
+        readers[name] = reader
         busy = sum(r["latency_s"] for r in rows)
         tokens = sum(r["tokens"] for r in rows)
         result["tokens_per_s"][name] = tokens / busy
@@ -189,18 +190,18 @@ def main() -> None:
         if name == "slow+fast":
             result["final_slow_delta_ratio"] = rows[-1]["slow_delta_ratio"]
 
-    if "slow+fast" in workers:
-        worker = workers["slow+fast"]
-        (live,) = [s.state for s in worker.states._live.values()]
+    if "slow+fast" in readers:
+        reader = readers["slow+fast"]
+        (live,) = [s.state for s in reader.mode.states._live.values()]
         evals = {}
         for label, docs in (("domain_heldout", heldout), ("shipped_heldout", shipped)):
             if not docs:
                 continue
             evals[label] = {
-                "base_static": evaluate(worker, None, docs, fast=False),
-                "base_fast": evaluate(worker, None, docs, fast=True),
-                "live_static": evaluate(worker, live, docs, fast=False),
-                "live_fast": evaluate(worker, live, docs, fast=True),
+                "base_static": evaluate(reader, None, docs, fast=False),
+                "base_fast": evaluate(reader, None, docs, fast=True),
+                "live_static": evaluate(reader, live, docs, fast=False),
+                "live_fast": evaluate(reader, live, docs, fast=True),
             }
             e = evals[label]
             print(f"{label:16} base {e['base_static']:.4f} (fast {e['base_fast']:.4f})  live {e['live_static']:.4f} "

@@ -98,7 +98,7 @@ def run_setting(spec, rows, every: int, checks: bool, gate: bool, checkpoint_eve
     seconds = {"clean": 0.0, "junk": 0.0}
     learned = {"clean": 0, "junk": 0}
     verdicts = []
-    live = learner.worker.states.get(None).state.slow.state_dict()  # the base model's until a version passes
+    live = learner.reader.mode.states.get(None).state.slow.state_dict()  # the base model's until a version passes
     for n, (doc_id, kind, key, text) in enumerate(rows):
         held_out = gate and keys.draw("held out", 0, n) < holdout
         kept_out = admission.decide(text, key, held_out) if admission is not None else None
@@ -117,10 +117,10 @@ def run_setting(spec, rows, every: int, checks: bool, gate: bool, checkpoint_eve
                 verdict, _ = learner.judge()
                 verdicts.append(verdict.verdict)
                 if verdict.promoted:
-                    live = learner.worker.states.get(None).state.slow.state_dict()
+                    live = learner.reader.mode.states.get(None).state.slow.state_dict()
             else:
-                live = learner.worker.states.get(None).state.slow.state_dict()
-    state = learner.worker.new_state().slow
+                live = learner.reader.mode.states.get(None).state.slow.state_dict()
+    state = learner.mode.new_state().slow
     state.load_state_dict(live)
     losses = {name: learner_loss(learner, state, docs) for name, docs in eval_sets.items()}
     return {"losses": losses, "decisions": decisions, "verdicts": verdicts, "learner_s": seconds, "learned": learned,
@@ -130,7 +130,7 @@ def run_setting(spec, rows, every: int, checks: bool, gate: bool, checkpoint_eve
 def learner_loss(learner: StreamLearner, state, docs: list[torch.Tensor]) -> float:
     from actors.promotion_gate import PromotionGate
 
-    scorer = PromotionGate(GateConfig(), learner.worker.model, learner.worker.slow, None)
+    scorer = PromotionGate(GateConfig(), learner.reader.model, learner.reader.slow, None)
     return scorer.loss(state, docs)
 
 

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-from actors.document_reader import DocumentTask, DocumentReader
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
 from actors.learner import StreamLearner
 from bench.ttt_forward import PRESETS
@@ -252,7 +253,7 @@ def main() -> None:
                 }
                 if reader is not None:  # right after the fast worker: the same conditions
                     if version is None:
-                        version = next(iter(slow_workers.values())).states.get(None).state.slow.version(1)
+                        version = next(iter(slow_workers.values())).mode.states.get(None).state.slow.version(1)
                     reader.prepare(ahead[i])
                     sample[READER] = timed(lambda: pipelined(reader, version), device)
                 for label, w in slow_workers.items():

@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from actors.document_reader import DocumentTask, DocumentReader
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
 from ttt_model.data import load_documents
 
@@ -38,10 +39,10 @@ def main() -> None:
     for name, scope, ttt in SETTINGS:
         spec = standalone_reader_spec(args.model, scope=scope, ttt=ttt, base_loss_sample_rate=1.0,
                           max_document_tokens=args.max_tokens, spill_dir="/tmp/ttt-stream-bench-spill")
-        worker = DocumentReader(spec, name="bench")
+        reader = DocumentReader(spec, name="bench")
         adapted = base = tokens = 0.0
         for doc in docs:
-            out = worker.process(DocumentTask(doc.id, doc.text))
+            out = reader.process(DocumentTask(doc.id, doc.text))
             adapted += out.loss * out.tokens
             base += out.base_loss * out.tokens
             tokens += out.tokens

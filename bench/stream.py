@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from actors.document_reader import DocumentTask, DocumentReader
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader
 from actors.learner import StreamLearner
 from pipeline.config import load_config
 from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
@@ -48,7 +49,7 @@ def documents(path: Path, n: int, max_tokens: int, tokenizer) -> list[dict]:
 
 
 def result_timestamps(config) -> dict[str, tuple[int, float]]:
-    """Document id -> (timestamp (ms) of its result record, the worker's own time on it (ms))."""
+    """Document id -> (timestamp (ms) of its result record, the reader's own time on it (ms))."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(
@@ -86,7 +87,7 @@ def main() -> None:
     config = config.model_copy(update={
         "kafka": config.kafka.model_copy(update={"topics": topics, "group_id": f"bench-{run_id}"}),
         "processor": config.processor.model_copy(update={
-            "workers": 1, "worker_num_cpus": args.threads, "base_loss_sample_rate": 0.0, "learner": learner,
+            "readers": 1, "reader_num_cpus": args.threads, "base_loss_sample_rate": 0.0, "learner": learner,
             "max_document_tokens": args.max_tokens * 2, "status_interval_s": 3600.0,
             # The pipeline's own overhead: no MLflow checkpoints (the bench starts no MLflow
             # server), so no monitor and no rollback either.
@@ -102,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if learner.enabled:  # the synchronous learner: reads and learns each document
         direct = StreamLearner(spec, name="direct")
-        read, tokenizer = direct.read, direct.worker.tokenizer
+        read, tokenizer = direct.read, direct.reader.tokenizer
     else:
         direct = DocumentReader(spec, "direct")
         read, tokenizer = direct.process, direct.tokenizer
@@ -141,7 +142,7 @@ def main() -> None:
     # time the same documents after the same warm-up.
     pipeline_docs = len(stamps) - 1
     pipeline_s = (max(t for t, _ in stamps.values()) - stamps["warm-up"][0]) / 1000.0
-    # The worker actor's own time on the same documents: what of the difference is the model
+    # The reader actor's own time on the same documents: what of the difference is the model
     # running slower inside the actor, and what is the pipeline around it.
     actor_s = sum(ms for doc, (_, ms) in stamps.items() if doc != "warm-up") / 1000.0
     pipeline_tokens = direct_tokens

@@ -98,7 +98,7 @@ def down(config: Path = ConfigOption) -> None:
 
 @app.command()
 def status(config: Path = ConfigOption) -> None:
-    """The local servers, then the stream: workers, partitions, committed offsets, lag, throughput."""
+    """The local servers, then the stream: readers, partitions, committed offsets, lag, throughput."""
     cfg = _load(config)
     _print_status(LocalStack(cfg.local_stack), cfg)
     if broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0, client=cfg.kafka.client_settings()):
@@ -115,7 +115,7 @@ def run(
     ),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting Ray here."),
 ) -> None:
-    """Run the stream processor: documents topic -> workers (Ray) -> results; until stopped."""
+    """Run the stream processor: documents topic -> readers (Ray) -> results; until stopped."""
     from pipeline.processing.job import run_stream
 
     cfg = _load(config)
@@ -207,7 +207,7 @@ def rollback(
         return
     result = _answer("rollback", lambda: request_rollback(cfg, to, timeout_s=timeout), timeout)
     console.print(
-        f"rolled back to v{result['to']} (from v{result['from']}), recorded as v{result['version']}: workers "
+        f"rolled back to v{result['to']} (from v{result['from']}), recorded as v{result['version']}: readers "
         f"serving it {result['serving_after_request_s']:.2f} s after the request, recorded after "
         f"{result['recorded_after_request_s']:.2f} s", markup=False,
     )
@@ -230,11 +230,11 @@ def forget(
         return
     result = _answer("forget", lambda: request_forget(cfg, key, timeout_s=timeout), timeout)
     if result["version"] is None:
-        err_console.print(f"forgotten by {result['held']} worker(s) and its tombstone written, but no version could be "
+        err_console.print(f"forgotten by {result['held']} reader(s) and its tombstone written, but no version could be "
                           "written yet (is MLflow reachable?): the processor writes it, and erases the key's files, "
                           "as soon as it can", markup=False, highlight=False)
         raise typer.Exit(1)
-    console.print(f"forgotten by {result['held']} worker(s); v{result['version']} holds no state of it, and no "
+    console.print(f"forgotten by {result['held']} reader(s); v{result['version']} holds no state of it, and no "
                   "earlier version its files", markup=False)
 
 
@@ -312,7 +312,7 @@ def convert_reference(
 def export(
     version: str = typer.Option(..., "--version", help="A version number or alias (live, last-good)."),
     out: Path = typer.Option(..., "--out", help="Folder for the Hugging Face model."),
-    worker: Optional[str] = typer.Option(None, help="Whose state, when the version holds several."),
+    reader: Optional[str] = typer.Option(None, help="Whose state, when the version holds several."),
     key: Optional[str] = typer.Option(None, help="Which tenant's state (per_key scope): the records' key."),
     config: Path = ConfigOption,
 ) -> None:
@@ -330,7 +330,7 @@ def export(
         if state_key is not None and store.forgotten_in(checkpoint.version, state_key):
             raise CheckpointError(f"the key was forgotten (state {state_key}) after v{checkpoint.version}: "
                                   "its state there is erased")
-        export_checkpoint(checkpoint, out, worker, state_key, cfg.mlflow.tracking_uri)
+        export_checkpoint(checkpoint, out, reader, state_key, cfg.mlflow.tracking_uri)
     except CheckpointError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
         raise typer.Exit(1) from None
@@ -387,18 +387,18 @@ def _print_stream_status(status: dict) -> None:
         )
         from pipeline.observability.terminal_table import TableColumn, fitting_table
 
-        columns = [TableColumn("worker"), TableColumn("alive"), TableColumn("restarted", 2), TableColumn("node", 4),
+        columns = [TableColumn("reader"), TableColumn("alive"), TableColumn("restarted", 2), TableColumn("node", 4),
                    TableColumn("partitions"), TableColumn("documents", justify="right"),
                    TableColumn("tokens", 1, "right"), TableColumn("parallel windows", 3, "right"),
                    TableColumn("device", 5)]
         cells = [[
-            w["worker"], "yes" if w.get("alive") else "no", "yes" if w.get("restarted") else "no",
+            w["reader"], "yes" if w.get("alive") else "no", "yes" if w.get("restarted") else "no",
             f"{w['node_ip']} ({w['node_id'][:8]})" if w.get("node_id") else "-",
             ",".join(map(str, w.get("partitions", []))), str(w.get("documents", "-")),
             str(w.get("tokens", "-")), str(w.get("parallel_windows", "-")), w.get("device", "-"),
-        ] for w in report.get("workers", [])]
-        workers = fitting_table(console, "workers", columns, cells)
-        console.print(workers)
+        ] for w in report.get("readers", [])]
+        readers = fitting_table(console, "readers", columns, cells)
+        console.print(readers)
         cp = report.get("context_parallel")
         if cp is not None:
             console.print(

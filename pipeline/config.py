@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -171,7 +172,7 @@ class MlflowServerConfig(_Section):
     port: int = Field(default=5000, ge=1, le=65535)
     """Port of the local MLflow server."""
     workers: int = Field(default=1, ge=1)
-    """Worker processes of the local MLflow server."""
+    """Worker processes of the local MLflow server (its own: ``mlflow server --workers``)."""
     startup_timeout_s: float = Field(default=120.0, gt=0)
     """How long `ttt-stream up` waits for MLflow."""
 
@@ -193,7 +194,7 @@ class StreamConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The model every worker hosts: a local Hugging Face directory (no hub downloads), or one
+    """The model every reader hosts: a local Hugging Face directory (no hub downloads), or one
     registered in MLflow (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``:
     actors.base_model), fetched once per node into ``cache_dir`` and verified."""
 
@@ -317,7 +318,7 @@ PlacementStrategy = Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"]
 
 
 class ContextParallelConfig(_Section):
-    """Long documents read by a group of actors (ttt_model.parallel), the rest by single workers."""
+    """Long documents read by a group of actors (ttt_model.parallel), the rest by single readers."""
 
     min_tokens: int = Field(default=16384, ge=2)
     """Windows of at least this many tokens go to the group."""
@@ -400,14 +401,14 @@ class AdmissionConfig(_Section):
 
 class LearnerConfig(_Section):
     """The stream's learner (actors.learner): one actor trains the slow weights from every
-    document in the order they were taken from the topic, while the workers read each document
+    document in the order they were taken from the topic, while the readers read each document
     at a static model's speed with a published version of them."""
 
     enabled: bool = False
     """Train the slow weights in one learner actor (needs model.slow.enabled and scope global)."""
     synchronous: bool = False
     """The learner reads every document itself and learns from it in the same forward (the
-    synchronous slow step), with its gate and checks; no readers (processor.workers: 1, the
+    synchronous slow step), with its gate and checks; no readers (processor.readers: 1, the
     learner). The fastest setting on one device (the embedded default's two cores, one GPU):
     readers and a learner sharing it compute the layers below the adapters once, but the rest
     twice. With it, ``lag`` does not apply: document n is read with the weights learned from
@@ -459,41 +460,63 @@ class ControlConfig(_Section):
     """At most one release of a quarantined key per this many seconds."""
 
 
+# processor keys renamed when "worker" became "reader" (accepted, with a warning, for one release).
+RENAMED_PROCESSOR_KEYS = {"workers": "readers", "worker_num_cpus": "reader_num_cpus",
+                          "worker_num_gpus": "reader_num_gpus", "worker_memory_mb": "reader_memory_mb",
+                          "max_in_flight_per_worker": "max_in_flight_per_reader"}
+
+
 class ProcessorConfig(_Section):
     """How ``ttt-stream run`` reads the documents topic and adapts."""
 
-    workers: int = Field(default=1, ge=1)
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not RENAMED_PROCESSOR_KEYS.keys() & raw.keys():
+            return raw
+        raw = dict(raw)
+        for old, new in RENAMED_PROCESSOR_KEYS.items():
+            if old not in raw:
+                continue
+            if new in raw:
+                raise ValueError(f"processor.{old} and processor.{new} both given: {old} is {new}'s old name; keep {new}")
+            warnings.warn(f"processor.{old} is deprecated: it is processor.{new} now (the old key is read until the "
+                          "next release)", FutureWarning, stacklevel=2)
+            raw[new] = raw.pop(old)
+        return raw
+
+    readers: int = Field(default=1, ge=1)
     """Reader actors; each owns a share of the documents topic's partitions."""
-    worker_num_cpus: float = Field(default=1.0, gt=0)
+    reader_num_cpus: float = Field(default=1.0, gt=0)
     """CPUs of each reader actor."""
-    worker_num_gpus: float = Field(default=0.0, ge=0)
+    reader_num_gpus: float = Field(default=0.0, ge=0)
     """GPUs of each reader actor (fractions share one)."""
     placement_strategy: PlacementStrategy = "SPREAD"
-    """How Ray places the workers (one placement-group bundle of worker_num_cpus / worker_num_gpus
+    """How Ray places the readers (one placement-group bundle of reader_num_cpus / reader_num_gpus
     each): SPREAD over the nodes where it can, STRICT_SPREAD one per node or not at all, PACK /
     STRICT_PACK on as few nodes as possible / on one.
     """
     scope: Literal["global", "per_key", "per_document"] = "global"
     """global: one state learns from every document (with processor.learner: one for the stream,
-    however many workers; without: one per worker); per_key: one state per message key;
+    however many readers; without: one per reader); per_key: one state per message key;
     per_document: reset each time.
     """
     max_keys_in_memory: int = Field(default=64, ge=1)
     """per_key: states held in memory; the rest spill to spill_dir."""
     max_keys: int = Field(default=1024, ge=1)
-    """per_key: keys a worker holds in all, in memory and spilled to spill_dir; past it the least
+    """per_key: keys a reader holds in all, in memory and spilled to spill_dir; past it the least
     recently read key is forgotten. The spill directory holds up to max_keys x one state's size (a
-    worker logs both at start: 2.4 MB a key for the shipped model, 63 MB for Qwen3-0.6B with 5 TTT
-    layers); at a checkpoint each worker uploads its own states, one at a time, and the driver
+    reader logs both at start: 2.4 MB a key for the shipped model, 63 MB for Qwen3-0.6B with 5 TTT
+    layers); at a checkpoint each reader uploads its own states, one at a time, and the driver
     holds their entries only (about 200 bytes a state).
     """
-    worker_memory_mb: int | None = Field(default=None, ge=64)
+    reader_memory_mb: int | None = Field(default=None, ge=64)
     """Memory Ray reserves for each reader actor (its `memory` resource; None: none reserved). With
     it, a per_key config whose max_keys_in_memory states and model weights cannot fit is refused at
     load (where the model's config.json is on this machine to size a state).
     """
     key_retention_documents: int | None = Field(default=None, ge=1)
-    """per_key: a key unread for this many of its worker's documents is forgotten (None: kept until
+    """per_key: a key unread for this many of its reader's documents is forgotten (None: kept until
     max_keys pushes it out).
     """
     spill_dir: Path = Path("data/spill")
@@ -508,13 +531,13 @@ class ProcessorConfig(_Section):
     """
     base_loss_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     """Fraction of documents also scored by the static model (the monitor's reference)."""
-    max_in_flight_per_worker: int = Field(default=2, ge=1)
+    max_in_flight_per_reader: int = Field(default=2, ge=1)
     """Documents handed to a reader before its earlier ones are done."""
     batch_documents: int | None = Field(default=None, ge=1)
-    """Documents sent to a worker in one call; with the per_document and per_key scopes (no slow
-    weights) the worker reads them in one forward (up to batch_tokens padded tokens: rows x the
+    """Documents sent to a reader in one call; with the per_document and per_key scopes (no slow
+    weights) the reader reads them in one forward (up to batch_tokens padded tokens: rows x the
     longest; its logits are that many vocabulary-wide rows; per_key: distinct keys). None: with
-    those scopes on GPU workers 8 (at most max_in_flight_per_worker: raise it to 16 for batches of
+    those scopes on GPU readers 8 (at most max_in_flight_per_reader: raise it to 16 for batches of
     8), else 1 (a CPU gains nothing from batching, and global reads one document at a time).
     """
     batch_tokens: int = Field(default=16384, ge=2)
@@ -529,8 +552,8 @@ class ProcessorConfig(_Section):
     max_attempts: int = Field(default=3, ge=1)
     """Tries of a document that fails (its reader died, a context-parallel read failed) before it is dead-lettered."""
     document_timeout_s: float | None = Field(default=600.0, gt=0)
-    """A worker still reading one document after this many seconds (counted from when its earlier
-    documents were done) is restarted: the document counts as one that killed its worker
+    """A reader still reading one document after this many seconds (counted from when its earlier
+    documents were done) is restarted: the document counts as one that killed its reader
     (max_attempts). None: no deadline.
     """
     restart_timeout_s: float = Field(default=300.0, gt=0)
@@ -550,7 +573,7 @@ class ProcessorConfig(_Section):
     metrics: MetricsConfig = MetricsConfig()
     """The Prometheus endpoint."""
     context_parallel: ContextParallelConfig | None = None
-    """None: every document on a single worker."""
+    """None: every document on a single reader."""
     learner: LearnerConfig = LearnerConfig()
     """The learner actor that trains the slow weights for the whole stream."""
     control: ControlConfig = ControlConfig()
@@ -561,8 +584,8 @@ class ProcessorConfig(_Section):
         """``batch_documents``, resolved."""
         if self.batch_documents is not None:
             return self.batch_documents
-        if self.scope in ("per_document", "per_key") and self.worker_num_gpus > 0:
-            return min(8, self.max_in_flight_per_worker)
+        if self.scope in ("per_document", "per_key") and self.reader_num_gpus > 0:
+            return min(8, self.max_in_flight_per_reader)
         return 1
 
 
@@ -587,7 +610,7 @@ class AppConfig(_Section):
     @model_validator(mode="after")
     def _settings_agree(self) -> "AppConfig":
         """The rules that tie settings of several sections together, checked here once: the
-        workers and the processor trust them and do not repeat them."""
+        readers and the processor trust them and do not repeat them."""
         p, model = self.processor, self.model
         if p.max_keys < p.max_keys_in_memory:
             raise ValueError(f"processor.max_keys {p.max_keys} is below processor.max_keys_in_memory "
@@ -596,34 +619,34 @@ class AppConfig(_Section):
             raise ValueError(f"processor.max_restarts {p.max_restarts} is below processor.max_attempts "
                              f"{p.max_attempts}: a document that kills its reader would stop the run before it "
                              "is dead-lettered")
-        if p.batch_documents is not None and p.batch_documents > p.max_in_flight_per_worker:
+        if p.batch_documents is not None and p.batch_documents > p.max_in_flight_per_reader:
             raise ValueError(f"processor.batch_documents ({p.batch_documents}) is above "
-                             f"processor.max_in_flight_per_worker ({p.max_in_flight_per_worker}): no batch that large "
+                             f"processor.max_in_flight_per_reader ({p.max_in_flight_per_reader}): no batch that large "
                              "would form")
-        if p.worker_memory_mb is not None and p.scope == "per_key":
+        if p.reader_memory_mb is not None and p.scope == "per_key":
             state, weights = model.per_key_state_bytes(), model.weight_bytes()
-            if state is not None and p.max_keys_in_memory * state + (weights or 0) > p.worker_memory_mb * 2**20:
+            if state is not None and p.max_keys_in_memory * state + (weights or 0) > p.reader_memory_mb * 2**20:
                 raise ValueError(
                     f"processor.max_keys_in_memory {p.max_keys_in_memory} states of {state / 2**20:.1f} MiB (at least) "
                     f"and the model's {(weights or 0) / 2**20:.0f} MiB of weights do not fit "
-                    f"processor.worker_memory_mb {p.worker_memory_mb}: lower max_keys_in_memory (the rest spill to "
-                    "spill_dir) or raise worker_memory_mb")
+                    f"processor.reader_memory_mb {p.reader_memory_mb}: lower max_keys_in_memory (the rest spill to "
+                    "spill_dir) or raise reader_memory_mb")
         if p.learner.enabled:
             if not model.slow.enabled:
                 raise ValueError("processor.learner trains the slow weights: it needs model.slow.enabled: true")
             if p.scope != "global":
                 raise ValueError(f"processor.learner learns one slow state for the stream (scope global); with scope "
-                                 f"{p.scope!r} each worker learns its keys' slow weights itself: "
+                                 f"{p.scope!r} each reader learns its keys' slow weights itself: "
                                  "set processor.learner.enabled: false")
-            if p.learner.synchronous and (p.workers != 1 or p.context_parallel is not None):
+            if p.learner.synchronous and (p.readers != 1 or p.context_parallel is not None):
                 raise ValueError("processor.learner.synchronous: the learner reads every document itself, so "
-                                 "processor.workers must be 1 and processor.context_parallel unset (or set "
+                                 "processor.readers must be 1 and processor.context_parallel unset (or set "
                                  "synchronous: false for readers beside the learner)")
-        if model.slow.enabled and p.scope == "global" and p.workers > 1 and not p.learner.enabled:
-            raise ValueError(f"model.slow with scope global and processor.workers {p.workers}: each reader would learn "
+        if model.slow.enabled and p.scope == "global" and p.readers > 1 and not p.learner.enabled:
+            raise ValueError(f"model.slow with scope global and processor.readers {p.readers}: each reader would learn "
                              "slow weights of its own, and a version would hold several models (models:/<stream>-ttt@live "
                              "could not choose): set processor.learner.enabled: true (one learner for the stream), or "
-                             "processor.workers: 1")
+                             "processor.readers: 1")
         if p.context_parallel is not None:
             if is_model_uri(model.path):
                 raise ValueError("processor.context_parallel reads a model directory on every node: model.path may "

@@ -1,5 +1,5 @@
 """infra/k8s agrees with configs/cluster.yaml: the RayJob runs that config on the RayCluster, the
-worker pods give each stream worker what the processor asks of Ray, the model is mounted where
+worker pods give each stream reader what the processor asks of Ray, the model is mounted where
 the config looks for it, every pod runs the one image, built from the pinned set. (No
 Kubernetes cluster is reachable from here: the manifests are parsed, not applied.)"""
 
@@ -43,22 +43,22 @@ def test_the_ray_job_runs_the_cluster_config_on_the_ray_cluster():
     assert config.processor.metrics.port in [port["containerPort"] for port in head["ports"]]
 
 
-def test_worker_pods_give_each_worker_what_the_processor_asks_of_ray():
+def test_reader_pods_give_each_reader_what_the_processor_asks_of_ray():
     config = load_config(ROOT / "configs" / "cluster.yaml", environ={}).processor
     spec = manifest("raycluster.yaml")["spec"]
     assert spec["rayVersion"] == ray.__version__
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # drivers only
-    (workers,) = spec["workerGroupSpecs"]
-    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == config.workers
-    params = workers["rayStartParams"]
-    assert float(params["num-cpus"]) == config.worker_num_cpus and float(params["num-gpus"]) == config.worker_num_gpus
-    (container,) = containers(workers["template"])
+    (readers,) = spec["workerGroupSpecs"]
+    assert readers["replicas"] == readers["minReplicas"] == readers["maxReplicas"] == config.readers
+    params = readers["rayStartParams"]
+    assert float(params["num-cpus"]) == config.reader_num_cpus and float(params["num-gpus"]) == config.reader_num_gpus
+    (container,) = containers(readers["template"])
     for bound in ("limits", "requests"):
         resources = container["resources"][bound]
-        assert float(resources["cpu"]) == config.worker_num_cpus
-        assert float(resources.get("nvidia.com/gpu", 0)) == config.worker_num_gpus
+        assert float(resources["cpu"]) == config.reader_num_cpus
+        assert float(resources.get("nvidia.com/gpu", 0)) == config.reader_num_gpus
         # Ray's reservation for the reader fits the pod, with room for Ray's own processes.
-        assert resources["memory"].endswith("Gi") and config.worker_memory_mb <= int(resources["memory"][:-2]) * 1024 - 2048
+        assert resources["memory"].endswith("Gi") and config.reader_memory_mb <= int(resources["memory"][:-2]) * 1024 - 2048
 
 
 def test_every_pod_runs_the_one_image_with_the_model_and_scratch_where_the_config_looks():
@@ -70,9 +70,9 @@ def test_every_pod_runs_the_one_image_with_the_model_and_scratch_where_the_confi
     for pod in pods:
         mounts = [m["mountPath"] for c in containers(pod) for m in c.get("volumeMounts", [])]
         assert any(Path(config.model.path).is_relative_to(m) for m in mounts), mounts
-    worker_mounts = [m["mountPath"] for c in containers(spec["workerGroupSpecs"][0]["template"])
+    reader_mounts = [m["mountPath"] for c in containers(spec["workerGroupSpecs"][0]["template"])
                      for m in c.get("volumeMounts", [])]
-    assert any(config.processor.spill_dir.is_relative_to(m) for m in worker_mounts)
+    assert any(config.processor.spill_dir.is_relative_to(m) for m in reader_mounts)
 
 
 def test_the_image_installs_the_pinned_set_and_this_project():
@@ -96,7 +96,7 @@ def test_the_cluster_is_locked_down():
         for container in containers(pod):
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    # The head (the driver) gets the stream's secrets; a worker only MLflow's credentials (it
+    # The head (the driver) gets the stream's secrets; a reader only MLflow's credentials (it
     # fetches models:/ and uploads its states), never the control key or Kafka's password.
     (head,) = containers(spec["headGroupSpec"]["template"])
     assert {"secretRef": {"name": "ttt-stream-secrets"}} in head["envFrom"]

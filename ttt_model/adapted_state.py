@@ -46,7 +46,7 @@ class AdaptedState:
         slow = {k: v for k, v in tensors.items() if k.startswith(SLOW_PREFIX)}
         fast = {k: v for k, v in tensors.items() if not k.startswith(SLOW_PREFIX)}
         if bool(slow) != (self.slow is not None):
-            raise ValueError("the state's slow weights do not match this worker's "
+            raise ValueError("the state's slow weights do not match this reader's "
                              f"({'has' if slow else 'has no'} slow weights, model.slow is "
                              f"{'on' if self.slow is not None else 'off'})")
         backup = self.fast.clone()

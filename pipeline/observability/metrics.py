@@ -3,7 +3,7 @@
 The driver (``ttt-stream run``) sees every result, dead letter, checkpoint and rollback, so it
 serves them, on ``processor.metrics.port``, in Prometheus' text format, as prometheus_client's
 own HTTP server (the convention of Python services: scrape ``http://HOST:PORT/metrics``).
-Ray's own metrics (actors, object store, GPU use of the workers' nodes) stay on Ray's endpoint;
+Ray's own metrics (actors, object store, GPU use of the readers' nodes) stay on Ray's endpoint;
 these are the stream's. Every series carries the ``stream`` label, so one Prometheus scrapes
 several streams. ``infra/grafana/ttt-stream.json`` is a dashboard over them.
 
@@ -50,13 +50,13 @@ class StreamMetrics:
                                  "Largest ||delta|| / ||W_down|| of the last document's fast weights", labels, registry=r)
         self.slow_delta_ratio = Gauge("ttt_stream_slow_delta_ratio",
                                       "Largest slow-weight delta ratio after the last document", labels, registry=r)
-        self.latency = Summary("ttt_stream_document_seconds", "Time a worker spent on a document", labels, registry=r)
+        self.latency = Summary("ttt_stream_document_seconds", "Time a reader spent on a document", labels, registry=r)
         self.lag = Gauge("ttt_stream_partition_lag", "Records not yet committed: high watermark - committed offset",
                          ["stream", "partition"], registry=r)
         self.committed = Gauge("ttt_stream_committed_offset", "Next offset to read, committed", ["stream", "partition"],
                                registry=r)
-        self.in_flight = Gauge("ttt_stream_in_flight", "Documents on the workers", labels, registry=r)
-        self.queued = Gauge("ttt_stream_queued", "Documents read and waiting for a worker", labels, registry=r)
+        self.in_flight = Gauge("ttt_stream_in_flight", "Documents on the readers", labels, registry=r)
+        self.queued = Gauge("ttt_stream_queued", "Documents read and waiting for a reader", labels, registry=r)
         self.checkpoints = Counter("ttt_stream_checkpoints", "Checkpoints written, by reason", ["stream", "reason"],
                                    registry=r)
         self.checkpoint_failures = Counter("ttt_stream_checkpoint_failures", "Checkpoints that could not be written",

@@ -85,7 +85,7 @@ def hands_off(p: ProcessorConfig) -> bool:
 
 
 def effective_model_config(config: AppConfig, model_dir: Path | None = None) -> dict[str, Any]:
-    """What the workers read with, recorded in every checkpoint: the model's TTT config with the
+    """What the readers read with, recorded in every checkpoint: the model's TTT config with the
     stream's overrides, the slow-weight config, the sha256 of its rehearsal file and the state
     scope (which says what a version loaded without a choice of state is)."""
     slow = config.model.slow

@@ -28,7 +28,7 @@ from pipeline.processing.learning_admission import LearningAdmission
 from pipeline.processing.processor import StreamProcessor
 from pipeline.processing.recovery import BestEffortRecovery, CheckpointedRecovery
 from pipeline.processing.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
-from pipeline.state.rescale import split_learner, states_for_workers
+from pipeline.state.rescale import split_learner, states_for_readers
 from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource, OffsetOutOfRange
@@ -42,9 +42,9 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
                             pool: ReaderPool, positions: dict[int, int], assignment: dict[int, int],
                             base: dict[str, Any] | None = None, model_dir: Path | None = None,
                             learner: Learner | None = None) -> StreamCheckpointer:
-    """The checkpointer of this run; with ``checkpoint.restore``, the workers' states (and the
+    """The checkpointer of this run; with ``checkpoint.restore``, the readers' states (and the
     learner's) and the source's offsets are set from the ``head`` version first (written by as
-    many workers or not: ``pipeline.state.rescale`` says which worker takes which state)."""
+    many readers or not: ``pipeline.state.rescale`` says which reader takes which state)."""
     names = pool.names
     start, resumed, current = None, {}, source.topic_id()
     # The newest version (head), whether the promotion gate passed it or not: it holds the
@@ -63,8 +63,8 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
                 f"{store.name} v{start.version} read topic {topic!r} with id {recorded}; the topic now has id "
                 f"{current}: it was deleted and created again, and the version's offsets belong to the old one; "
                 "set kafka.offset_reset to earliest (read the new topic from its start) or latest")
-        workers, learned = split_learner(start, learner.name if learner is not None else None)
-        states = states_for_workers(workers, names, assignment, config.processor.scope)
+        readers, learned = split_learner(start, learner.name if learner is not None else None)
+        states = states_for_readers(readers, names, assignment, config.processor.scope)
         for w, name in enumerate(names):
             pool.restore(w, states[name])
         if learner is not None:
@@ -108,7 +108,7 @@ def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks:
     events = StreamEvents()
     recovery = CheckpointedRecovery(checkpointer) if checkpointer is not None else BestEffortRecovery()
     processor = StreamProcessor(config, source, sinks, pool, assignment, stream,
-                                status if status is not None else (lambda: {"workers": {}}),
+                                status if status is not None else (lambda: {"readers": {}}),
                                 recovery, events, control if control is not None else NoCommands(),
                                 learner if learner is not None else NoLearner(),
                                 keys if keys is not None else TenantKeys.unpersisted(stream), start_offsets, admission)
@@ -168,7 +168,7 @@ def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun
     params = {
         "stream": config.stream.name, "documents_topic": config.kafka.topics.documents,
         "group_id": config.kafka.group_id, "model": base.get("path", config.model.path),
-        "workers": p.workers, "scope": p.scope, "max_document_tokens": p.max_document_tokens,
+        "readers": p.readers, "scope": p.scope, "max_document_tokens": p.max_document_tokens,
         "base_loss_sample_rate": p.base_loss_sample_rate, "batch_documents": p.documents_per_call,
         "slow_weights": config.model.slow.enabled, "context_parallel": p.context_parallel is not None,
     }
@@ -182,7 +182,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
                stop_event: threading.Event | None = None) -> RunSummary:
     """Run the stream processor until stopped (SIGINT/SIGTERM, ``stop_event``) or idle."""
     # A registered model: pinned to one version, fetched and verified here first (the driver
-    # reads its config and hashes its weights for the checkpoints), then on every worker's node.
+    # reads its config and hashes its weights for the checkpoints), then on every reader's node.
     model_dir, model_source = local_model_dir(config.model.path, config.mlflow.tracking_uri, config.model.cache_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model.path: {config.model.path} is not a directory")
@@ -197,24 +197,24 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
     p = config.processor
     seen = as_actors_see_it(config, job_working_dir=ships_working_dir())
-    # The supervisor (owner of the workers: they die with it) lives on the driver's node, whose
+    # The supervisor (owner of the readers: they die with it) lives on the driver's node, whose
     # fate it shares anyway, never on a worker node that may be lost. Not soft: Ray's soft
-    # affinity passes over a node without CPUs, such as a head kept free of workers.
+    # affinity passes over a node without CPUs, such as a head kept free of readers.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
-        config.stream.name, reader_spec(seen, model_source), p.workers, p.worker_num_cpus, p.worker_num_gpus, p.max_restarts,
+        config.stream.name, reader_spec(seen, model_source), p.readers, p.reader_num_cpus, p.reader_num_gpus, p.max_restarts,
         context_parallel_spec(seen), p.placement_strategy,
-        p.learner if p.learner.enabled else None, p.worker_memory_mb,
+        p.learner if p.learner.enabled else None, p.reader_memory_mb,
     )
     source = KafkaDocumentSource(config.kafka)
     sinks = KafkaSinks(config.kafka)
     control, metrics, run_log, failed = None, None, None, True
     try:
         names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
-        log.info("workers ready: %s", ", ".join(names))
-        workers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
+        log.info("readers ready: %s", ", ".join(names))
+        readers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
         learner, synchronous = None, p.learner.enabled and p.learner.synchronous
-        pool = RayReaderPool(workers, names, hands_off=hands_off(p))
+        pool = RayReaderPool(readers, names, hands_off=hands_off(p))
         if p.learner.enabled:
             actor, name = ray.get(supervisor.learner.remote())
             learner = RayLearner(actor, name, p.learner.lag, synchronous)

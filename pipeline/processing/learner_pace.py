@@ -36,10 +36,10 @@ class LearnerPace:
                 "behind": self.behind, "every": self.every, "every_to_keep_up": self.every_to_keep_up}
 
 
-def learner_pace(workers: list[dict[str, Any]], learner: dict[str, Any]) -> LearnerPace | None:
+def learner_pace(readers: list[dict[str, Any]], learner: dict[str, Any]) -> LearnerPace | None:
     """The pace of both sides from the reader and learner stats of a status report, or None
     before enough was measured (or without a learner's stats)."""
-    readers = [w for w in workers if w.get("alive", True) and w.get("documents", 0) >= MIN_DOCUMENTS and w.get("busy_s")]
+    readers = [w for w in readers if w.get("alive", True) and w.get("documents", 0) >= MIN_DOCUMENTS and w.get("busy_s")]
     # Since this run's learner was built or restored: its time is this run's.
     position, learn_s = learner.get("taken_here", learner.get("position", 0)), learner.get("learn_s", 0.0)
     if not readers or position < MIN_DOCUMENTS or learn_s <= 0:

@@ -1,7 +1,7 @@
 """StreamLedger: every record the processor took from the topic and has not finished.
 
 The one owner of what the processor knows about its input: which documents wait in which
-worker's queue, which are in flight under which pool handle, how often each was tried, and so
+reader's queue, which are in flight under which pool handle, how often each was tried, and so
 which offsets may be committed (below the oldest unfinished record of each partition). The run
 loop and the recovery policy change it only through these methods.
 """
@@ -23,10 +23,10 @@ from pipeline.stream_io.offsets import OffsetTracker
 class PendingDocument:
     record: ConsumerRecord
     parsed: ParsedDocument
-    worker: int
-    attempts: int = 0  # times sent to a worker
+    reader: int
+    attempts: int = 0  # times sent to a reader
     version: Any = None  # the learner's slow weights it reads with (fixed by its place in the ledger)
-    sent_at: float = 0.0  # time.monotonic() when it was last sent to its worker
+    sent_at: float = 0.0  # time.monotonic() when it was last sent to its reader
 
     @property
     def position(self) -> tuple[int, int]:
@@ -34,25 +34,25 @@ class PendingDocument:
 
 
 class StreamLedger:
-    def __init__(self, workers: int, start_offsets: dict[int, int] | None = None):
-        self._queues: list[deque[PendingDocument]] = [deque() for _ in range(workers)]
+    def __init__(self, readers: int, start_offsets: dict[int, int] | None = None):
+        self._queues: list[deque[PendingDocument]] = [deque() for _ in range(readers)]
         self._in_flight: dict[Hashable, PendingDocument] = {}
         self._offsets = OffsetTracker(start_offsets or {})
         self._parallel_failures: dict[tuple[int, int], int] = {}
         self._given_up: set[tuple[int, int]] = set()  # dead-lettered after a failed recovery
-        # Worker deaths with the document in flight, kept across rewinds; and the documents in
+        # Reader deaths with the document in flight, kept across rewinds; and the documents in
         # flight at a death, read again one at a time until each was read once (so that a
-        # document that kills its worker is the only one in flight when it does it again).
+        # document that kills its reader is the only one in flight when it does it again).
         self._deaths: dict[tuple[int, int], int] = {}
         self._suspects: set[tuple[int, int]] = set()
-        self._done_at: dict[int, float] = {}  # worker -> when a document of it last came back
+        self._done_at: dict[int, float] = {}  # reader -> when a document of it last came back
 
     # -- taking records in ---------------------------------------------------------------------
 
-    def accept(self, record: ConsumerRecord, parsed: ParsedDocument, worker: int, version: Any = None) -> None:
-        """A document for ``worker``'s queue (to read with the learner's ``version``)."""
+    def accept(self, record: ConsumerRecord, parsed: ParsedDocument, reader: int, version: Any = None) -> None:
+        """A document for ``reader``'s queue (to read with the learner's ``version``)."""
         self._offsets.started(record.partition, record.offset)
-        self._queues[worker].append(PendingDocument(record, parsed, worker, version=version))
+        self._queues[reader].append(PendingDocument(record, parsed, reader, version=version))
 
     def given_up(self, record: ConsumerRecord) -> bool:
         """Whether this record went to the dead-letter topic before the partition was rewound:
@@ -66,23 +66,23 @@ class StreamLedger:
 
     # -- sending and collecting ------------------------------------------------------------------
 
-    def to_send(self, max_in_flight_per_worker: int) -> Iterator[PendingDocument]:
-        """Queued documents, worker by worker in queue order, while their worker has room; each
+    def to_send(self, max_in_flight_per_reader: int) -> Iterator[PendingDocument]:
+        """Queued documents, reader by reader in queue order, while their reader has room; each
         one yielded counts as an attempt and must be passed to ``sent``."""
-        per_worker = [0] * len(self._queues)
+        per_reader = [0] * len(self._queues)
         alone = [False] * len(self._queues)
         for pending in self._in_flight.values():
-            per_worker[pending.worker] += 1
-            alone[pending.worker] |= pending.position in self._suspects
+            per_reader[pending.reader] += 1
+            alone[pending.reader] |= pending.position in self._suspects
         for w, queue in enumerate(self._queues):
-            while queue and per_worker[w] < max_in_flight_per_worker and not alone[w]:
+            while queue and per_reader[w] < max_in_flight_per_reader and not alone[w]:
                 if queue[0].position in self._suspects:
-                    if per_worker[w]:
+                    if per_reader[w]:
                         break
                     alone[w] = True
                 pending = queue.popleft()
                 pending.attempts += 1
-                per_worker[w] += 1
+                per_reader[w] += 1
                 yield pending
 
     def read_again(self, pending: PendingDocument) -> bool:
@@ -94,23 +94,23 @@ class StreamLedger:
         self._in_flight[handle] = pending
 
     def reading_since(self) -> dict[int, tuple[PendingDocument, float]]:
-        """Per worker with documents in flight: the one it reads now (its oldest, as it reads
+        """Per reader with documents in flight: the one it reads now (its oldest, as it reads
         them in order) and since when (sent, or its predecessor done, whichever was later)."""
         out: dict[int, tuple[PendingDocument, float]] = {}
         for pending in self._in_flight.values():
-            if pending.worker not in out:
-                out[pending.worker] = (pending, max(pending.sent_at, self._done_at.get(pending.worker, 0.0)))
+            if pending.reader not in out:
+                out[pending.reader] = (pending, max(pending.sent_at, self._done_at.get(pending.reader, 0.0)))
         return out
 
-    def handles(self, worker: int | None = None) -> list[Hashable]:
-        """The handles in flight (on ``worker``, when given)."""
-        return [h for h, p in self._in_flight.items() if worker is None or p.worker == worker]
+    def handles(self, reader: int | None = None) -> list[Hashable]:
+        """The handles in flight (on ``reader``, when given)."""
+        return [h for h, p in self._in_flight.items() if reader is None or p.reader == reader]
 
     def take(self, handle: Hashable) -> PendingDocument | None:
         """The document of a done handle, no longer in flight (None: already dealt with)."""
         pending = self._in_flight.pop(handle, None)
         if pending is not None:
-            self._done_at[pending.worker] = time.monotonic()
+            self._done_at[pending.reader] = time.monotonic()
         return pending
 
     def finished(self, pending: PendingDocument) -> None:
@@ -118,21 +118,21 @@ class StreamLedger:
         self._offsets.finished(*pending.position)
         self._suspects.discard(pending.position)
 
-    def in_flight_on(self, worker: int) -> list[PendingDocument]:
-        return [p for p in self._in_flight.values() if p.worker == worker]
+    def in_flight_on(self, reader: int) -> list[PendingDocument]:
+        return [p for p in self._in_flight.values() if p.reader == reader]
 
     # -- recovery --------------------------------------------------------------------------------
 
     def retry_first(self, pending: PendingDocument) -> None:
-        """Back to the head of its worker's queue."""
-        self._queues[pending.worker].appendleft(pending)
+        """Back to the head of its reader's queue."""
+        self._queues[pending.reader].appendleft(pending)
 
-    def rewind(self, worker: int, positions: dict[int, int]) -> None:
-        """``worker``'s partitions will be read again from ``positions``: forget its queue and
+    def rewind(self, reader: int, positions: dict[int, int]) -> None:
+        """``reader``'s partitions will be read again from ``positions``: forget its queue and
         everything open past them (its in-flight handles must have been taken already)."""
-        if self.handles(worker):
-            raise RuntimeError(f"worker {worker} still has documents in flight")
-        self._queues[worker].clear()
+        if self.handles(reader):
+            raise RuntimeError(f"reader {reader} still has documents in flight")
+        self._queues[reader].clear()
         for partition, offset in positions.items():
             self._offsets.rewind(partition, offset)
 
@@ -140,8 +140,8 @@ class StreamLedger:
         """The document (finished: it went to the dead-letter topic) is passed over if read again."""
         self._given_up.add(pending.position)
 
-    def worker_died(self, documents: list[PendingDocument]) -> dict[tuple[int, int], int]:
-        """Count a death for each document in flight on a worker that died; they are read again
+    def reader_died(self, documents: list[PendingDocument]) -> dict[tuple[int, int], int]:
+        """Count a death for each document in flight on a reader that died; they are read again
         one at a time. Returns each one's deaths so far (kept across rewinds)."""
         for pending in documents:
             self._deaths[pending.position] = self._deaths.get(pending.position, 0) + 1

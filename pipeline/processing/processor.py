@@ -1,7 +1,7 @@
-"""StreamProcessor: documents topic -> worker actors -> results, metrics and dead-letter topics.
+"""StreamProcessor: documents topic -> reader actors -> results, metrics and dead-letter topics.
 
 One processor (the driver of ``ttt-stream run``) reads every partition and hands each record to
-the worker that owns its partition; a worker reads its documents one at a time, in offset
+the reader that owns its partition; a reader reads its documents one at a time, in offset
 order. Malformed records and rejected documents go to the dead-letter topic with the reason;
 nothing stops the stream. Offsets are committed only below the oldest unfinished record and
 only after the broker acknowledged every output for what lies below.
@@ -23,7 +23,7 @@ from pipeline.stream_io.control import ControlCommand
 from pipeline.processing.ledger import PendingDocument, StreamLedger
 from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, reason_kind, result_message
 from pipeline.observability.metrics import partition_lag
-from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
+from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, ReaderDied
 from pipeline.processing.recovery import CommandFailed, RecoveryPolicy, RestartBudget, StreamParts
 from pipeline.processing.run_summary import RunSummary
 from pipeline.state.tenant_keys import TenantKeys
@@ -73,23 +73,23 @@ class StreamProcessor:
         self.stream = stream
         self.status = status
         self._learner_behind = False
-        self.pool = pool  # worker i owns the partitions assigned to i
-        self.worker_of = dict(assignment)
+        self.pool = pool  # reader i owns the partitions assigned to i
+        self.reader_of = dict(assignment)
         self.ledger = StreamLedger(len(pool.names), start_offsets)
         self.events = events
         self.control = control
-        self.learner = learner  # trains the slow weights; the workers read with its versions
+        self.learner = learner  # trains the slow weights; the readers read with its versions
         self.keys = keys  # names of per-key states
         self.admission = admission  # which documents the learner may learn from (None: all but the held-out)
         self.summary = RunSummary()
         self.recovery = recovery
-        recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, self.worker_of, self.summary,
+        recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, self.reader_of, self.summary,
                                     learner, events, self._finish_rejected, self._settle))
         self._last_outcome = None
         self.rollbacks: list[dict[str, Any]] = []
         events.subscribe(RolledBack, lambda e: self.rollbacks.append(e.record))
         self.unread_partitions: list[int] = []  # partitions added to the topic while running
-        self._restarting: set[int] = set()  # workers restarted for a deadline, until their recovery
+        self._restarting: set[int] = set()  # readers restarted for a deadline, until their recovery
         self.restarts = RestartBudget(config.max_restarts, config.restart_window_s)
         self._last_command: dict[str, float] = {}  # action -> monotonic time the control topic last had it done
         self._control_refused: dict[str, int] = {}  # refused control records by reason kind, since the last alert
@@ -151,7 +151,7 @@ class StreamProcessor:
         # Backpressure by a budget of queued documents, not by pausing partitions: kafka-python
         # 3.0 can park a paused partition's fetched records and never fetch it again after
         # resume (seen here: the tail of a partition silently went unread).
-        budget = 2 * self.config.max_in_flight_per_worker * len(self.pool.names) - self.ledger.queued
+        budget = 2 * self.config.max_in_flight_per_reader * len(self.pool.names) - self.ledger.queued
         limit = self.recovery.accept_limit()  # the promotion gate's next judging point
         budget = budget if limit is None else min(budget, limit)
         if budget <= 0 or self.recovery.reading_paused:
@@ -193,16 +193,16 @@ class StreamProcessor:
                                                   kept_out=kept_out, worth=worth))
             # The learner takes the documents in the ledger's order, which fixes each one's version.
             version = self.learner.submit(parsed.task)
-            self.ledger.accept(record, parsed, self.worker_of[record.partition], version)
+            self.ledger.accept(record, parsed, self.reader_of[record.partition], version)
 
     # -- working -------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        per_worker: dict[int, list[PendingDocument]] = {}
-        for pending in self.ledger.to_send(self.config.max_in_flight_per_worker):
-            per_worker.setdefault(pending.worker, []).append(pending)
+        per_reader: dict[int, list[PendingDocument]] = {}
+        for pending in self.ledger.to_send(self.config.max_in_flight_per_reader):
+            per_reader.setdefault(pending.reader, []).append(pending)
         size = self.config.documents_per_call
-        for w, documents in per_worker.items():
+        for w, documents in per_reader.items():
             batches: list[list[PendingDocument]] = []
             for pending in documents:  # one call reads with one version
                 if batches and len(batches[-1]) < size and batches[-1][0].version is pending.version:
@@ -218,25 +218,25 @@ class StreamProcessor:
         handles = self.ledger.handles()
         if not handles:
             return 0
-        # Return on the first finished document (a worker must not wait for the driver), then
+        # Return on the first finished document (a reader must not wait for the driver), then
         # take whatever else is ready too.
         ready = self.pool.wait(handles, timeout_s)
         for handle in ready:
             pending = self.ledger.take(handle)
             handed = self.pool.hand_off(handle)  # taken on every path: a failed read's is dropped
             if pending is None:
-                continue  # already dealt with in its worker's recovery
+                continue  # already dealt with in its reader's recovery
             try:
                 outcome = self.pool.result(handle)
-            except WorkerDied:
+            except ReaderDied:
                 self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
                 # Charged once per cause: not for a deadline restart (counted when asked), nor for a
                 # document read again after a death (max_attempts counts those), so that documents
                 # that kill their reader are dead-lettered, not the run stopped.
-                if pending.worker not in self._restarting and not self.ledger.read_again(pending):
-                    self.restarts.died(pending.worker, self.pool.names[pending.worker])
-                self.recovery.worker_died(pending)
-                self._restarting.discard(pending.worker)
+                if pending.reader not in self._restarting and not self.ledger.read_again(pending):
+                    self.restarts.died(pending.reader, self.pool.names[pending.reader])
+                self.recovery.reader_died(pending)
+                self._restarting.discard(pending.reader)
                 continue
             except ContextParallelFailure as err:
                 self.recovery.context_parallel_failed(pending, str(err))
@@ -276,12 +276,12 @@ class StreamProcessor:
             return
         for w, (pending, since) in self.ledger.reading_since().items():
             if now - since > timeout and w not in self._restarting:
-                log.warning("worker %s has read %s/%d for %.0f s (processor.document_timeout_s %g): restarting it",
+                log.warning("reader %s has read %s/%d for %.0f s (processor.document_timeout_s %g): restarting it",
                             self.pool.names[w], *pending.position, now - since, timeout)
-                self.sinks.alert({"type": "document_timeout", "stream": self.stream, "worker": self.pool.names[w],
+                self.sinks.alert({"type": "document_timeout", "stream": self.stream, "reader": self.pool.names[w],
                                   "document": pending.parsed.task.id, "seconds": round(now - since, 1),
                                   "time": time.time()})
-                self._restarting.add(w)  # its calls now fail with WorkerDied: recovery takes it from there
+                self._restarting.add(w)  # its calls now fail with ReaderDied: recovery takes it from there
                 self.restarts.died(w, self.pool.names[w])
                 self.pool.restart(w)
 
@@ -360,14 +360,14 @@ class StreamProcessor:
             self._control_refused = {}
 
     def forget(self, key: str, request_id: str | None = None) -> str | None:
-        """Erase ``key``'s per-key state on every worker (in memory, spilled, its replay buffer
+        """Erase ``key``'s per-key state on every reader (in memory, spilled, its replay buffer
         with it), leave its tombstone, write a version without it and erase its state files from
         every earlier version (``recovery.forget``); returns the new version. Documents of the key
         read after this start a new state."""
-        self._settle()  # documents already on the workers finish first
+        self._settle()  # documents already on the readers finish first
         state_key = self.keys.state_key_of(key)
         held, version = self.recovery.forget(state_key)
-        log.info("forgot the key of state %s (held by %d workers): version %s", state_key, held, version)
+        log.info("forgot the key of state %s (held by %d readers): version %s", state_key, held, version)
         self.sinks.alert({"type": "forget", "stream": self.stream, "state_key": state_key, "held": held,
                           "version": version, "request_id": request_id, "time": time.time()})
         return version
@@ -385,7 +385,7 @@ class StreamProcessor:
         return released
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
-        """Every worker back to the states of version ``target`` (``pipeline.processing.recovery``)."""
+        """Every reader back to the states of version ``target`` (``pipeline.processing.recovery``)."""
         return self.recovery.rollback(target, cause, request_id)
 
     # -- reporting -----------------------------------------------------------------------------
@@ -399,9 +399,9 @@ class StreamProcessor:
             return
         self.unread_partitions = added
         log.error("the documents topic now has partitions %s that this run does not read (it reads %s): "
-                  "stopping; start again to read them all", added, sorted(self.worker_of))
+                  "stopping; start again to read them all", added, sorted(self.reader_of))
         self.sinks.alert({"type": "partitions_changed", "stream": self.stream, "unread_partitions": added,
-                          "read_partitions": sorted(self.worker_of), "time": time.time()})
+                          "read_partitions": sorted(self.reader_of), "time": time.time()})
         self.stop()
 
     def _report_progress(self) -> None:
@@ -423,18 +423,18 @@ class StreamProcessor:
         message["wall_s"] = round(elapsed_s, 3)  # the run so far, not the summary's final figure
         try:
             report = self.status()
-            message["workers"] = report["workers"]
+            message["readers"] = report["readers"]
             for part in ("context_parallel", "learner"):
                 if part in report:
                     message[part] = report[part]
             # A synchronous learner is its own reader: it cannot fall behind itself.
             reads = "learner" in report and not getattr(self.learner, "synchronous", False)
-            pace = learner_pace(report["workers"], report["learner"]) if reads else None
+            pace = learner_pace(report["readers"], report["learner"]) if reads else None
             if pace is not None:
                 message["learner_pace"] = pace.as_dict()
                 self._say_if_behind(pace)
         except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
-            message["workers_error"] = repr(err)
+            message["readers_error"] = repr(err)
         self.events.publish(StatusTick(message, self._run_figures(), self.recovery.documents_before + self.summary.documents))
         self.sinks.metrics(message)
 

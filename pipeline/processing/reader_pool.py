@@ -1,16 +1,16 @@
-"""The workers as the stream processor sees them: a pool it submits documents to.
+"""The readers as the stream processor sees them: a pool it submits documents to.
 
 The processor's run loop (``pipeline.processing.processor``) knows nothing of Ray: it submits a document
-to worker ``w``, waits for handles, reads outcomes (or the failure of a worker), snapshots and
-restores states, and waits for a restarted worker. ``RayReaderPool`` is that interface over
+to reader ``w``, waits for handles, reads outcomes (or the failure of a reader), snapshots and
+restores states, and waits for a restarted reader. ``RayReaderPool`` is that interface over
 ``actors.reader_actor.ReaderActor`` handles; unit tests use an in-process pool of their own.
 
 Failures, as the processor must tell them apart:
 
-- ``WorkerDied``: the worker process is gone, with every document it held (Ray restarts it);
-- ``ContextParallelFailure``: the worker is alive but a context-parallel read of this document
-  failed (a member died); the worker may have learned part of the document;
-- ``DocumentFailed``: the worker raised on this document; the document is at fault.
+- ``ReaderDied``: the reader process is gone, with every document it held (Ray restarts it);
+- ``ContextParallelFailure``: the reader is alive but a context-parallel read of this document
+  failed (a member died); the reader may have learned part of the document;
+- ``DocumentFailed``: the reader raised on this document; the document is at fault.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from actors.cp_group import ContextParallelFailure
 from actors.call_types import DocumentOutcome, DocumentTask, StateBlob, StateTarget, is_handed_on
 
 __all__ = ["ContextParallelFailure", "DocumentFailed", "Learner", "LearnerDied", "RayLearner", "RayReaderPool",
-           "SynchronousLearnerPool", "WorkerDied", "ReaderPool"]
+           "SynchronousLearnerPool", "ReaderDied", "ReaderPool"]
 
 
-class WorkerDied(RuntimeError):
-    """The worker holding a document died; every document submitted to it failed with it."""
+class ReaderDied(RuntimeError):
+    """The reader holding a document died; every document submitted to it failed with it."""
 
 
 class DocumentFailed(RuntimeError):
-    """The worker raised while reading one document (``cause``: what it raised)."""
+    """The reader raised while reading one document (``cause``: what it raised)."""
 
     def __init__(self, cause: BaseException):
         super().__init__(repr(cause))
@@ -45,12 +45,12 @@ class LearnerDied(RuntimeError):
 
 
 class ReaderPool(Protocol):
-    """Worker ``w`` reads the documents submitted to it one at a time, in submission order."""
+    """Reader ``w`` reads the documents submitted to it one at a time, in submission order."""
 
     names: list[str]
 
-    def submit(self, worker: int, tasks: list[DocumentTask], version: Hashable | None = None) -> list[Hashable]:
-        """Send ``tasks`` to ``worker`` in one call (read in order; a per_document worker reads
+    def submit(self, reader: int, tasks: list[DocumentTask], version: Hashable | None = None) -> list[Hashable]:
+        """Send ``tasks`` to ``reader`` in one call (read in order; a per_document reader reads
         them in one forward); returns one handle per task, for ``wait`` and ``result``.
         ``version``: the learner's slow weights to read them with (``Learner.submit``)."""
 
@@ -59,26 +59,26 @@ class ReaderPool(Protocol):
         whatever else is done by then; [] after ``timeout_s``."""
 
     def result(self, handle: Hashable) -> DocumentOutcome:
-        """The outcome of a done handle, else WorkerDied, ContextParallelFailure or DocumentFailed."""
+        """The outcome of a done handle, else ReaderDied, ContextParallelFailure or DocumentFailed."""
 
     def write_states(self, target: StateTarget) -> dict[str, list[Any]]:
-        """Every worker writes its states into ``target`` (after every document submitted before
-        this call); their manifest entries by worker."""
+        """Every reader writes its states into ``target`` (after every document submitted before
+        this call); their manifest entries by reader."""
 
-    def restore(self, worker: int, blobs: list[StateBlob]) -> None:
-        """Replace ``worker``'s states with ``blobs`` (after what was submitted before)."""
+    def restore(self, reader: int, blobs: list[StateBlob]) -> None:
+        """Replace ``reader``'s states with ``blobs`` (after what was submitted before)."""
 
-    def wait_ready(self, worker: int, timeout_s: float) -> bool:
-        """Block until ``worker`` answers (a restarted one: its model loaded); False if it does
+    def wait_ready(self, reader: int, timeout_s: float) -> bool:
+        """Block until ``reader`` answers (a restarted one: its model loaded); False if it does
         not within ``timeout_s``."""
 
-    def forget(self, worker: int, key: str) -> bool:
-        """Drop ``key``'s per-key state on ``worker`` (after what was submitted before); whether
+    def forget(self, reader: int, key: str) -> bool:
+        """Drop ``key``'s per-key state on ``reader`` (after what was submitted before); whether
         it held one."""
 
-    def restart(self, worker: int) -> None:
-        """Stop ``worker`` where it is (a document past its deadline) and start it again: what it
-        held in flight fails with WorkerDied."""
+    def restart(self, reader: int) -> None:
+        """Stop ``reader`` where it is (a document past its deadline) and start it again: what it
+        held in flight fails with ReaderDied."""
 
     def hand_off(self, handle: Hashable) -> Hashable | None:
         """What reading the document of ``handle`` computed for the learner (an object handle to
@@ -250,7 +250,7 @@ class SynchronousLearnerPool:
         self._pool = RayReaderPool([actor], [name])
         self.actor, self.names = actor, [name]
 
-    def submit(self, worker: int, tasks: list[DocumentTask], version=None) -> list:
+    def submit(self, reader: int, tasks: list[DocumentTask], version=None) -> list:
         refs = self.actor.process_batch.options(num_returns=len(tasks)).remote(tasks)
         return [refs] if len(tasks) == 1 else list(refs)
 
@@ -263,17 +263,17 @@ class SynchronousLearnerPool:
     def write_states(self, target: StateTarget) -> dict[str, list[Any]]:
         return {}
 
-    def restore(self, worker: int, blobs: list[StateBlob]) -> None:
+    def restore(self, reader: int, blobs: list[StateBlob]) -> None:
         pass  # restored as the learner
 
-    def forget(self, worker: int, key: str) -> bool:
+    def forget(self, reader: int, key: str) -> bool:
         return False
 
-    def restart(self, worker: int) -> None:
+    def restart(self, reader: int) -> None:
         ray.kill(self.actor)  # its learning since the checkpoint goes with it: LearnerDied
 
-    def wait_ready(self, worker: int, timeout_s: float) -> bool:
-        return self._pool.wait_ready(worker, timeout_s)
+    def wait_ready(self, reader: int, timeout_s: float) -> bool:
+        return self._pool.wait_ready(reader, timeout_s)
 
     def hand_off(self, handle) -> None:
         return None
@@ -290,12 +290,12 @@ class RayReaderPool:
         self.hands_off = hands_off
         self._handed: dict = {}  # outcome handle -> its hand-off's handle
 
-    def submit(self, worker: int, tasks: list[DocumentTask], version=None) -> list:
+    def submit(self, reader: int, tasks: list[DocumentTask], version=None) -> list:
         for task in tasks:
-            self.actors[worker].prepare.remote(task)  # tokenized while the documents before it are read
+            self.actors[reader].prepare.remote(task)  # tokenized while the documents before it are read
         # A version is the learner's ObjectRef: Ray starts the call once it is published.
         returns = len(tasks) * (2 if self.hands_off else 1)
-        refs = self.actors[worker].process_batch.options(num_returns=returns).remote(tasks, version)
+        refs = self.actors[reader].process_batch.options(num_returns=returns).remote(tasks, version)
         refs = [refs] if returns == 1 else list(refs)
         if self.hands_off:
             self._handed.update(zip(refs[: len(tasks)], refs[len(tasks) :]))
@@ -316,13 +316,13 @@ class RayReaderPool:
         try:
             outcome = ray.get(handle, timeout=0)
         except ray.exceptions.RayActorError as err:
-            raise WorkerDied(str(err)) from None
+            raise ReaderDied(str(err)) from None
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, ContextParallelFailure):
                 raise err.cause from None
             raise DocumentFailed(err.cause) from None
-        except ray.exceptions.RayError as err:  # the result is lost with its worker (object or owner gone)
-            raise WorkerDied(str(err)) from None
+        except ray.exceptions.RayError as err:  # the result is lost with its reader (object or owner gone)
+            raise ReaderDied(str(err)) from None
         if isinstance(outcome, ContextParallelFailure):
             raise outcome
         if isinstance(outcome, BaseException):  # what reading this one document of a batch raised
@@ -332,23 +332,23 @@ class RayReaderPool:
     def write_states(self, target: StateTarget) -> dict[str, list[Any]]:
         return dict(zip(self.names, ray.get([a.write_states.remote(target) for a in self.actors])))
 
-    def restore(self, worker: int, blobs: list[StateBlob]) -> None:
-        ray.get(self.actors[worker].restore.remote(blobs))
+    def restore(self, reader: int, blobs: list[StateBlob]) -> None:
+        ray.get(self.actors[reader].restore.remote(blobs))
 
-    def forget(self, worker: int, key: str) -> bool:
+    def forget(self, reader: int, key: str) -> bool:
         try:
-            return ray.get(self.actors[worker].forget.remote(key))
+            return ray.get(self.actors[reader].forget.remote(key))
         except ray.exceptions.RayActorError as err:
-            raise WorkerDied(str(err)) from None
+            raise ReaderDied(str(err)) from None
 
-    def restart(self, worker: int) -> None:
-        ray.kill(self.actors[worker], no_restart=False)
+    def restart(self, reader: int) -> None:
+        ray.kill(self.actors[reader], no_restart=False)
 
-    def wait_ready(self, worker: int, timeout_s: float) -> bool:
+    def wait_ready(self, reader: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                ray.get(self.actors[worker].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                ray.get(self.actors[reader].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
                 return True
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 # Restarting (or out of restarts, which only the deadline tells apart here).

@@ -3,19 +3,19 @@ policies, picked once (``pipeline.processing.job.build_processor``): ``Checkpoin
 offsets to MLflow, exactly-once states, rollbacks) and ``BestEffortRecovery`` (offsets committed
 on a timer, nothing restored).
 
-- A worker died (``worker_died``). With checkpoints: the restarted worker takes the states of
+- A reader died (``reader_died``). With checkpoints: the restarted reader takes the states of
   the last checkpoint and its partitions are read again from that checkpoint's offsets (states
   exactly once; the results since then are sent again: results at least once). The documents
-  in flight at the death are read again one at a time; one that kills its worker alone
+  in flight at the death are read again one at a time; one that kills its reader alone
   ``max_attempts`` times (deaths counted across rewinds) goes to the dead-letter topic. Without: the
-  documents it held go back to the head of its queue for the restarted worker (best effort: its
+  documents it held go back to the head of its queue for the restarted reader (best effort: its
   state starts over).
-- A context-parallel read failed (``context_parallel_failed``): the worker is alive but may
+- A context-parallel read failed (``context_parallel_failed``): the reader is alive but may
   have learned part of the document and read on past it; with checkpoints it goes back to the
   last checkpoint as above, without it the document is sent again. A document that fails
-  ``max_attempts`` times goes to the dead-letter topic (with checkpoints, the worker still goes
+  ``max_attempts`` times goes to the dead-letter topic (with checkpoints, the reader still goes
   back, so that nothing of it stays learned, and the document is passed over when read again).
-- A rollback (``rollback``, with checkpoints): every worker takes the states of a checkpointed
+- A rollback (``rollback``, with checkpoints): every reader takes the states of a checkpointed
   version, recorded as a new version that becomes ``live``.
 - The model registry is unreachable: ``StreamCheckpointer`` retries with backoff and holds the
   offsets back; reading pauses once ``max_pending_documents`` wait (pipeline.state.checkpoint).
@@ -33,8 +33,8 @@ from pipeline.state.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpo
 from pipeline.config import ProcessorConfig
 from pipeline.processing.ledger import PendingDocument, StreamLedger
 from pipeline.observability.monitor import Breach
-from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, WorkerDied
-from pipeline.state.rescale import split_learner, states_for_workers
+from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, ReaderDied
+from pipeline.state.rescale import split_learner, states_for_readers
 from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
@@ -43,7 +43,7 @@ from pipeline.state.promotion import PROMOTED, REJECTED, servable, verdict_metri
 
 log = logging.getLogger(__name__)
 
-# How long the documents still in flight on a failed worker get to come back.
+# How long the documents still in flight on a failed reader get to come back.
 IN_FLIGHT_WAIT_S = 60.0
 
 
@@ -64,10 +64,10 @@ class RestartBudget:
         self.max_restarts, self.window_s, self.clock = max_restarts, window_s, clock
         self._deaths: dict[int, list[float]] = {}
 
-    def died(self, worker: int, name: str) -> None:
+    def died(self, reader: int, name: str) -> None:
         now = self.clock()
-        deaths = [t for t in self._deaths.get(worker, []) if now - t < self.window_s] + [now]
-        self._deaths[worker] = deaths
+        deaths = [t for t in self._deaths.get(reader, []) if now - t < self.window_s] + [now]
+        self._deaths[reader] = deaths
         if len(deaths) > self.max_restarts:
             raise RestartBudgetSpent(f"reader {name} died {len(deaths)} times in {self.window_s:g} s "
                                      f"(processor.max_restarts {self.max_restarts} in restart_window_s): stopping")
@@ -83,7 +83,7 @@ class StreamParts:
     pool: ReaderPool
     source: KafkaDocumentSource
     sinks: KafkaSinks
-    worker_of: dict[int, int]  # partition -> worker
+    reader_of: dict[int, int]  # partition -> reader
     summary: RunSummary
     learner: Learner
     events: StreamEvents
@@ -108,7 +108,7 @@ class RecoveryPolicy:
     def release_recorded(self) -> None:
         """A quarantined key was released: record it with the next checkpoint, soon."""
 
-    def worker_died(self, pending: PendingDocument) -> None:
+    def reader_died(self, pending: PendingDocument) -> None:
         raise NotImplementedError
 
     def context_parallel_failed(self, pending: PendingDocument, reason: str) -> None:
@@ -138,7 +138,7 @@ class RecoveryPolicy:
         raise NotImplementedError
 
     def forget(self, state_key: str) -> tuple[int, str | None]:
-        """Erase ``state_key`` for good: how many workers held it, and the version without it."""
+        """Erase ``state_key`` for good: how many readers held it, and the version without it."""
         raise NotImplementedError
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
@@ -152,18 +152,18 @@ class RecoveryPolicy:
         return {"checkpoint_version": None, "checkpoint_failures": None}
 
     def _retry_on_restart(self, first: PendingDocument) -> None:
-        """Every document in flight on the dead worker failed with it: wait for all of them, then
+        """Every document in flight on the dead reader failed with it: wait for all of them, then
         put them back at the head of its queue in offset order, for the restarted actor."""
-        parts, w = self.parts, first.worker
+        parts, w = self.parts, first.reader
         handles = parts.ledger.handles(w)
         done = set(parts.pool.wait(handles, timeout_s=IN_FLIGHT_WAIT_S, every=True))
         failed = [first]
         for handle in handles:
             try:
                 if handle not in done:
-                    raise WorkerDied(f"no answer within {IN_FLIGHT_WAIT_S:.0f} s")
+                    raise ReaderDied(f"no answer within {IN_FLIGHT_WAIT_S:.0f} s")
                 parts.pool.result(handle)
-            except (WorkerDied, ContextParallelFailure, DocumentFailed):  # any failure of a dead worker's call is a retry
+            except (ReaderDied, ContextParallelFailure, DocumentFailed):  # any failure of a dead reader's call is a retry
                 failed.append(parts.ledger.take(handle))
                 parts.pool.hand_off(handle)  # what it handed on, if anything, is not wanted
             # else: it finished before the crash and is collected normally
@@ -171,15 +171,15 @@ class RecoveryPolicy:
         back = parts.pool.wait_ready(w, parts.config.restart_timeout_s)
         for pending in failed:
             if not back or pending.attempts >= parts.config.max_attempts:
-                parts.reject(pending, f"worker failed: {pending.attempts} attempts died with the worker")
+                parts.reject(pending, f"reader failed: {pending.attempts} attempts died with the reader")
             else:
                 parts.summary.retries += 1
                 parts.ledger.retry_first(pending)
-        log.warning("worker %d died; %d documents go back to its queue", w, len(failed))
+        log.warning("reader %d died; %d documents go back to its queue", w, len(failed))
 
     def _send_again(self, pending: PendingDocument, reason: str) -> None:
-        """A failed context-parallel read of a worker that keeps nothing it must undo: the
-        document is sent again after what is already on the worker, up to max_attempts."""
+        """A failed context-parallel read of a reader that keeps nothing it must undo: the
+        document is sent again after what is already on the reader, up to max_attempts."""
         parts = self.parts
         failures = parts.ledger.parallel_failure(pending)
         parts.summary.parallel_failures += 1
@@ -193,13 +193,13 @@ class RecoveryPolicy:
 
 class BestEffortRecovery(RecoveryPolicy):
     """Without checkpoints: offsets committed every ``commit_interval_s`` once the broker has the
-    outputs; a dead worker's documents are sent again to its restarted actor, whose state starts
+    outputs; a dead reader's documents are sent again to its restarted actor, whose state starts
     over; no rollback, no forget."""
 
     def __init__(self) -> None:
         self._last_commit = time.monotonic()
 
-    def worker_died(self, pending: PendingDocument) -> None:
+    def reader_died(self, pending: PendingDocument) -> None:
         self._retry_on_restart(pending)
 
     def context_parallel_failed(self, pending: PendingDocument, reason: str) -> None:
@@ -231,7 +231,7 @@ class BestEffortRecovery(RecoveryPolicy):
 
 class CheckpointedRecovery(RecoveryPolicy):
     """With checkpoints: states and offsets written to MLflow as a version, offsets committed
-    only after; a failed worker goes back to the last one; rollbacks to any version."""
+    only after; a failed reader goes back to the last one; rollbacks to any version."""
 
     def __init__(self, checkpointer: StreamCheckpointer):
         self.checkpointer = checkpointer
@@ -269,22 +269,22 @@ class CheckpointedRecovery(RecoveryPolicy):
 
     # -- failures ------------------------------------------------------------------------------
 
-    def worker_died(self, pending: PendingDocument) -> None:
+    def reader_died(self, pending: PendingDocument) -> None:
         parts = self.parts
         if parts.learner.keeps_readers_stateless:
-            # The workers keep nothing between documents: a failed read is sent again with the
+            # The readers keep nothing between documents: a failed read is sent again with the
             # same version, and the result is what it would have been (no rewind needed).
             self._retry_on_restart(pending)
             return
-        suspects = [pending, *parts.ledger.in_flight_on(pending.worker)]
-        deaths = parts.ledger.worker_died(suspects)
+        suspects = [pending, *parts.ledger.in_flight_on(pending.reader)]
+        deaths = parts.ledger.reader_died(suspects)
         if len(suspects) == 1 and deaths[pending.position] >= parts.config.max_attempts:
-            # Alone in flight, again: this document kills its worker. It goes to the
+            # Alone in flight, again: this document kills its reader. It goes to the
             # dead-letter topic once and is passed over when the partition is read again.
-            parts.reject(pending, f"its worker died {deaths[pending.position]} times reading it "
+            parts.reject(pending, f"its reader died {deaths[pending.position]} times reading it "
                                   "(a crash, or processor.document_timeout_s)")
             parts.ledger.give_up(pending)
-        self._back_to_checkpoint(pending.worker, restarted=True)
+        self._back_to_checkpoint(pending.reader, restarted=True)
 
     def context_parallel_failed(self, pending: PendingDocument, reason: str) -> None:
         parts = self.parts
@@ -298,12 +298,12 @@ class CheckpointedRecovery(RecoveryPolicy):
             parts.reject(pending, f"context-parallel read failed {failures} times: {reason}")
             # What the failed read learned goes too; the partition is read again without it.
             parts.ledger.give_up(pending)
-        self._back_to_checkpoint(pending.worker, restarted=False)
+        self._back_to_checkpoint(pending.reader, restarted=False)
 
     def _states_of(self, checkpoint: Checkpoint) -> dict[str, list[StateBlob]]:
-        # The version may come from a run with other workers (rescaled since).
+        # The version may come from a run with other readers (rescaled since).
         parts = self.parts
-        return states_for_workers(checkpoint, parts.pool.names, parts.worker_of, parts.config.scope)
+        return states_for_readers(checkpoint, parts.pool.names, parts.reader_of, parts.config.scope)
 
     def _back_to_checkpoint(self, w: int, restarted: bool) -> None:
         parts = self.parts
@@ -312,16 +312,16 @@ class CheckpointedRecovery(RecoveryPolicy):
         for handle in handles:
             parts.ledger.take(handle)  # read again below, whatever became of them
         if restarted and not parts.pool.wait_ready(w, parts.config.restart_timeout_s):
-            raise RuntimeError(f"worker {parts.pool.names[w]} did not come back within "
+            raise RuntimeError(f"reader {parts.pool.names[w]} did not come back within "
                                f"{parts.config.restart_timeout_s} s")
         version = self.checkpointer.version
         blobs = self._states_of(self.checkpointer.store.load(version))[parts.pool.names[w]] if version else []
         parts.pool.restore(w, blobs)
-        positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in parts.worker_of.items() if i == w}
+        positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in parts.reader_of.items() if i == w}
         positions = parts.source.seek(positions)
         parts.ledger.rewind(w, positions)
         parts.summary.retries += 1
-        log.warning("worker %s %s: restored from checkpoint %s, partitions %s read again from %s",
+        log.warning("reader %s %s: restored from checkpoint %s, partitions %s read again from %s",
                     parts.pool.names[w], "died" if restarted else "failed a document",
                     version or "(none: fresh state)", sorted(positions), positions)
 
@@ -341,7 +341,7 @@ class CheckpointedRecovery(RecoveryPolicy):
             self.checkpoint("periodic", judge=False)
 
     def checkpoint(self, reason: str, judge: bool = True, settle: bool = True) -> str | None:
-        """A consistent cut: finish what the workers hold, snapshot their states, write the
+        """A consistent cut: finish what the readers hold, snapshot their states, write the
         checkpoint, and only then commit the offsets it records. ``judge``: the promotion gate
         judges the learner's weights here; ``settle``: and the learner takes the verdict."""
         parts = self.parts
@@ -400,7 +400,7 @@ class CheckpointedRecovery(RecoveryPolicy):
     def forget(self, state_key: str) -> tuple[int, str | None]:
         """A tombstone in the registry first (raises, changing nothing, while MLflow is out of
         reach): from then on no restore, rollback, rescale or export brings the key back, whoever
-        loads, whatever fails next. Then the workers drop the key, a version is written without
+        loads, whatever fails next. Then the readers drop the key, a version is written without
         it, and only once that version exists are its state files erased from every earlier one
         (if the version cannot be written yet, both are done with the next one)."""
         parts = self.parts
@@ -412,7 +412,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         for w in range(len(parts.pool.names)):
             try:
                 held += parts.pool.forget(w, state_key)
-            except WorkerDied:
+            except ReaderDied:
                 pass  # it comes back with a checkpoint's states, which the tombstone filters
         self._to_erase.add(state_key)
         self.checkpointer.owed = True
@@ -473,7 +473,7 @@ class CheckpointedRecovery(RecoveryPolicy):
             self.rollback(LAST_GOOD, cause=breach.rule)
 
     def restore_all(self, target: str) -> Checkpoint:
-        """Every worker takes the states of checkpoint ``target`` (a version, an alias, or
+        """Every reader takes the states of checkpoint ``target`` (a version, an alias, or
         ``base``: fresh states, the base model as the stream started; ``last-good`` before any
         version passed the monitor is ``base`` too); raises what loading it raises
         (CheckpointError, MLflow down), changing nothing."""
@@ -487,8 +487,8 @@ class CheckpointedRecovery(RecoveryPolicy):
             checkpoint = Checkpoint.base(parts.pool.names + ([learner] if learner else []))
         else:
             checkpoint = store.load(target)
-        workers, learned = split_learner(checkpoint, learner)
-        states = workers.states if target == BASE else self._states_of(workers)
+        readers, learned = split_learner(checkpoint, learner)
+        states = readers.states if target == BASE else self._states_of(readers)
         for w, name in enumerate(parts.pool.names):
             parts.pool.restore(w, states.get(name, []))  # none: the synchronous learner, restored below
         parts.learner.restore(learned)
@@ -498,7 +498,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         return checkpoint
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
-        """Every worker back to the states of version ``target`` (number or alias), recorded as a
+        """Every reader back to the states of version ``target`` (number or alias), recorded as a
         new version (reason ``rollback``) that becomes ``live``. The stream reads on from where it
         is: the documents since ``target`` stay read, their learning is dropped. A monitor rule
         that fires while the documents in flight finish asks for no second rollback."""
@@ -506,7 +506,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         started = time.monotonic()
         self.rolling_back = True
         try:
-            parts.settle()  # documents already on the workers finish first
+            parts.settle()  # documents already on the readers finish first
         finally:
             self.rolling_back = False
         previous = self.checkpointer.version
@@ -539,7 +539,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         }
         parts.events.publish(CheckpointWritten(version, "rollback"))
         parts.events.publish(RolledBack(cause, record))
-        log.warning("rolled back to v%s (%s): workers serving it after %.2f s; recorded as v%s",
+        log.warning("rolled back to v%s (%s): readers serving it after %.2f s; recorded as v%s",
                     checkpoint.version, cause, serving_s, version)
         return version
 

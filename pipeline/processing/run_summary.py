@@ -23,7 +23,7 @@ class RunSummary:
     # idle wait at the end (--until-idle) does not dilute them.
     first_record_at: float | None = None
     last_finished_at: float | None = None
-    worker_busy_s: float = 0.0
+    reader_busy_s: float = 0.0
     loss_sum: float = 0.0
     loss_tokens: int = 0
     sampled_documents: int = 0
@@ -44,7 +44,7 @@ class RunSummary:
         self.last_finished_at = time.monotonic()
         self.documents += 1
         self.tokens += outcome.tokens
-        self.worker_busy_s += outcome.latency_ms / 1000.0
+        self.reader_busy_s += outcome.latency_ms / 1000.0
         if outcome.loss is not None:
             self.loss_sum += outcome.loss * outcome.tokens
             self.loss_tokens += outcome.tokens
@@ -78,7 +78,7 @@ class RunSummary:
             "active_s": round(self.active_s, 3),
             "documents_per_s": ratio(self.documents, self.active_s),
             "tokens_per_s": ratio(self.tokens, self.active_s),
-            "worker_busy_s": round(self.worker_busy_s, 3),
+            "reader_busy_s": round(self.reader_busy_s, 3),
             "adapted_loss": ratio(self.loss_sum, self.loss_tokens),
             "sampled_documents": self.sampled_documents,
             "sampled_adapted_loss": ratio(self.sampled_adapted_sum, self.sampled_tokens),

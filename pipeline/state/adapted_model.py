@@ -28,26 +28,26 @@ from ttt_model.state import FastWeightState
 
 
 class StateChoiceError(ValueError):
-    """No state, or several, match the requested worker and key."""
+    """No state, or several, match the requested reader and key."""
 
 
-def choose_state(entries: dict[str, list[dict[str, Any]]], worker: str | None, key: str | None,
+def choose_state(entries: dict[str, list[dict[str, Any]]], reader: str | None, key: str | None,
                  where: str, scope: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
-    """The one (worker, entry) of a manifest's ``workers`` matching ``worker`` and ``key``.
+    """The one (reader, entry) of a manifest's ``readers`` matching ``reader`` and ``key``.
 
     With the per_key or per_document scope and no choice, (None, None): the model a new tenant
     (a new document) starts from, so that a version of many tenants loads with no choice to make.
     """
-    if scope in ("per_key", "per_document") and worker is None and key is None:
+    if scope in ("per_key", "per_document") and reader is None and key is None:
         return None, None
-    workers = [worker] if worker else sorted(entries)
-    found = [(w, e) for w in workers for e in entries.get(w, [])
+    readers = [reader] if reader else sorted(entries)
+    found = [(w, e) for w in readers for e in entries.get(w, [])
              if e["key"] not in RESERVED_KEYS and (key is None or e["key"] == key)]
     if not found:
         held = ", ".join(f"{w}: {[e['key'] for e in es]}" for w, es in sorted(entries.items()))
-        raise StateChoiceError(f"{where}: no state for worker {worker!r} key {key!r}; it has {{{held}}}")
+        raise StateChoiceError(f"{where}: no state for reader {reader!r} key {key!r}; it has {{{held}}}")
     if len(found) > 1:
-        raise StateChoiceError(f"{where} holds {len(found)} states: choose one by worker and key "
+        raise StateChoiceError(f"{where} holds {len(found)} states: choose one by reader and key "
                                f"({', '.join(w + '/' + str(e['key']) for w, e in found)})")
     return found[0]
 

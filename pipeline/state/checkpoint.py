@@ -4,7 +4,7 @@ A checkpoint is a folder ``checkpoint/`` in the run's artifacts:
 
     manifest.json                      offsets, config digest, base model, the effective model
                                        config (TTT + slow weights), metrics, file hashes
-    states/<worker>/<sha256(key)[:32]>.safetensors
+    states/<reader>/<sha256(key)[:32]>.safetensors
 
 and a version of the registered model ``<stream>-ttt`` whose tags hold the offsets, the parent
 version, the documents seen, the reason (periodic / shutdown / rollback) and the manifest's
@@ -44,16 +44,25 @@ ARTIFACT_DIR = "checkpoint"
 REFERENCE_LOSS = "window_adapted_loss"
 
 
-WORKERS_PLACEHOLDER = "<the workers' entries>"
+READERS_PLACEHOLDER = "<the readers' entries>"
+
+
+def parse_manifest(data: bytes | str) -> dict[str, Any]:
+    """A checkpoint's manifest.json; one written before the rename (its states under the legacy
+    key ``workers``) reads as one written now (under ``readers``)."""
+    manifest = json.loads(data)
+    if "readers" not in manifest and "workers" in manifest:
+        manifest["readers"] = manifest.pop("workers")
+    return manifest
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any], files: dict[str, list[dict[str, Any]]],
                     written: dict[str, bytes]) -> str:
-    """Write ``manifest`` with its workers' entries in place of the placeholder: those of the
+    """Write ``manifest`` with its readers' entries in place of the placeholder: those of the
     states given as bytes, and those the readers wrote, streamed as they came (never parsed nor
     copied here, so that a checkpoint of many keys adds no more than their entries to the
     driver); returns its sha256."""
-    head, tail = json.dumps(manifest, indent=2, sort_keys=True).encode().split(json.dumps(WORKERS_PLACEHOLDER).encode())
+    head, tail = json.dumps(manifest, indent=2, sort_keys=True).encode().split(json.dumps(READERS_PLACEHOLDER).encode())
     digest = hashlib.sha256()
     with open(path, "wb") as f:
         def put(data: bytes) -> None:
@@ -61,10 +70,10 @@ def _write_manifest(path: Path, manifest: dict[str, Any], files: dict[str, list[
             digest.update(data)
 
         put(head + b"{")
-        for i, worker in enumerate(sorted({*files, *written})):
-            put((b"," if i else b"") + json.dumps(worker).encode() + b":")
-            put(written[worker] if worker in written
-                else json.dumps(files[worker], sort_keys=True, separators=(",", ":")).encode())
+        for i, reader in enumerate(sorted({*files, *written})):
+            put((b"," if i else b"") + json.dumps(reader).encode() + b":")
+            put(written[reader] if reader in written
+                else json.dumps(files[reader], sort_keys=True, separators=(",", ":")).encode())
         put(b"}" + tail)
     return digest.hexdigest()
 
@@ -79,16 +88,16 @@ class Checkpoint:
 
     version: str
     manifest: dict[str, Any]
-    states: dict[str, list[StateBlob]]  # worker name -> its states
+    states: dict[str, list[StateBlob]]  # reader name -> its states
 
     @property
     def offsets(self) -> dict[int, int]:
         return {int(p): o for p, o in self.manifest["offsets"]["partitions"].items()}
 
     @classmethod
-    def base(cls, workers: list[str]) -> "Checkpoint":
-        """The rollback target ``base``: no state for any worker (fresh, the base model)."""
-        return cls(BASE, {}, {name: [] for name in workers})
+    def base(cls, readers: list[str]) -> "Checkpoint":
+        """The rollback target ``base``: no state for any reader (fresh, the base model)."""
+        return cls(BASE, {}, {name: [] for name in readers})
 
 
 @dataclass
@@ -107,7 +116,7 @@ class CheckpointRequest:
     model_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    assignment: dict[int, str] = field(default_factory=dict)  # partition -> worker name
+    assignment: dict[int, str] = field(default_factory=dict)  # partition -> reader name
     topic_id: str | None = None  # the documents topic's UUID: its offsets mean nothing in another
     # The control commands taken, while young enough to be sent again (pipeline.stream_io.control.CommandLedger).
     commands: dict[str, Any] = field(default_factory=dict)
@@ -189,7 +198,7 @@ class CheckpointStore:
         runs = {int(mv.version): mv.run_id for mv in versions if int(mv.version) < before}
         files = set()
         for version, run_id in runs.items():
-            for entries in self._manifest(str(version))["workers"].values():
+            for entries in self._manifest(str(version))["readers"].values():
                 files |= {(e.get("run_id", run_id), e["file"]) for e in entries if e["key"] == state_key}
         # Runs no version lists: a checkpoint whose readers wrote their states and then failed,
         # and the runs of versions deleted since (MLflow deletes a run's artifacts only at gc).
@@ -262,12 +271,12 @@ class CheckpointStore:
         run_id = run.run_id
         with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
             staging = Path(tmp) / "staging" / "checkpoint"  # its folder name is its place in the model
-            files: dict[str, list[dict[str, Any]]] = {}  # worker -> the entries of the states given as bytes
-            written: dict[str, bytes] = {}  # worker -> the JSON entries of the states it wrote itself
+            files: dict[str, list[dict[str, Any]]] = {}  # reader -> the entries of the states given as bytes
+            written: dict[str, bytes] = {}  # reader -> the JSON entries of the states it wrote itself
             forgotten = self.tombstones(refresh=True)  # an offline forget since is seen here
-            for worker, states in sorted(request.states.items()):
+            for reader, states in sorted(request.states.items()):
                 if isinstance(states, bytes):
-                    written[worker] = states
+                    written[reader] = states
                     continue
                 entries = []
                 for state in states:
@@ -275,11 +284,11 @@ class CheckpointStore:
                     if (state.key, state.sha256) in self._stored:  # unchanged since a version already written
                         entry["run_id"], entry["file"] = self._stored[state.key, state.sha256]
                     else:
-                        entry["file"] = state_file(worker, state.key)
+                        entry["file"] = state_file(reader, state.key)
                         (staging / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
                         (staging / entry["file"]).write_bytes(state.data)
                     entries.append(entry)
-                files[worker] = entries
+                files[reader] = entries
             manifest = {
                 "format": FORMAT,
                 "stream": self.stream,
@@ -293,8 +302,8 @@ class CheckpointStore:
                 "model_config": request.model_config,
                 "documents": request.documents,
                 "metrics": request.metrics,
-                "workers": WORKERS_PLACEHOLDER,  # spliced in below, as the readers wrote it
-                # partition -> worker name: which worker's state read which partition (rescaling)
+                "readers": READERS_PLACEHOLDER,  # spliced in below, as the readers wrote it
+                # partition -> reader name: which reader's state read which partition (rescaling)
                 "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
                 "forgotten": dict(sorted(forgotten.items())),
                 "commands": request.commands,
@@ -338,7 +347,7 @@ class CheckpointStore:
             # (prune, erase), never kept: the driver holds no more than the entries it wrote.
             self._stored = self._entries_stored(str(version), run_id, {**files})
         else:
-            self._remember(str(version), run_id, {**manifest, "workers": files})
+            self._remember(str(version), run_id, {**manifest, "readers": files})
         log.info("checkpoint %s v%s (%s): %d documents, offsets %s, %d states through the driver, %d readers wrote "
                  "their own (%d bytes of entries)", self.name, version, request.reason, request.documents,
                  request.offsets, sum(map(len, files.values())), len(written), sum(map(len, written.values())))
@@ -347,14 +356,14 @@ class CheckpointStore:
     def _remember(self, version: str, run_id: str, manifest: dict[str, Any]) -> None:
         """The state files of ``version`` (written by ``run_id``), for the next version to reuse."""
         self._manifests[version] = manifest
-        self._stored = self._entries_stored(version, run_id, manifest["workers"])
+        self._stored = self._entries_stored(version, run_id, manifest["readers"])
 
     def _entries_stored(self, version: str, run_id: str,
-                        workers: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], tuple[str, str]]:
+                        readers: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], tuple[str, str]]:
         # By key and sha256: a file holds one key's state, so that erasing a key deletes no file
         # another key reads; an erased file is never reused.
         return {(e["key"], e["sha256"]): (e.get("run_id", run_id), e["file"])
-                for entries in workers.values() for e in entries if not self.forgotten_in(version, e["key"])}
+                for entries in readers.values() for e in entries if not self.forgotten_in(version, e["key"])}
 
     def prune(self, keep: int) -> list[str]:
         """Delete the versions (and their runs) older than the newest ``keep``, except those an
@@ -393,12 +402,12 @@ class CheckpointStore:
         mv = self.client.get_model_version(self.name, version)
         with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
             path = self.client.download_artifacts(mv.run_id, checkpoint_artifact("manifest.json"), tmp)
-            return json.loads(Path(path).read_bytes())
+            return parse_manifest(Path(path).read_bytes())
 
     def _runs_read_by(self, version: str) -> set[str]:
         """The runs of other versions whose state files ``version`` reads (kept: they are few)."""
         if version not in self._reads:
-            self._reads[version] = {e["run_id"] for entries in self._manifest(version)["workers"].values()
+            self._reads[version] = {e["run_id"] for entries in self._manifest(version)["readers"].values()
                                     for e in entries if "run_id" in e}
         return self._reads[version]
 
@@ -483,11 +492,11 @@ class CheckpointStore:
         got = hashlib.sha256(manifest_bytes).hexdigest()
         if got != tags.get("manifest_sha256"):
             raise CheckpointError(f"{where}: manifest sha256 {got} != the version's tag {tags.get('manifest_sha256')}")
-        manifest = json.loads(manifest_bytes)
+        manifest = parse_manifest(manifest_bytes)
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"{where}: not a {FORMAT} checkpoint")
         states = {}
-        for worker, entries in manifest["workers"].items():
+        for reader, entries in manifest["readers"].items():
             blobs = []
             for entry in entries:
                 if self.forgotten_in(version, entry["key"]):  # erased: its file is gone, nothing brings it back
@@ -502,7 +511,7 @@ class CheckpointStore:
                     raise CheckpointError(f"{where}: {entry['file']} sha256 {digest} != manifest {entry['sha256']}")
                 blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"]), entry.get("partition"),
                                        int(entry.get("last_read", 0))))
-            states[worker] = blobs
+            states[reader] = blobs
         return Checkpoint(version, manifest, states)
 
     def _state_file(self, local: Path, entry: dict[str, Any]) -> bytes:
@@ -555,9 +564,9 @@ def save_pyfunc(path: Path, checkpoint_dir: Path, base_model: str) -> None:
     )
     mlflow.pyfunc.save_model(
         path=str(path), python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        # worker / key: which state to score with, chosen at load time where there are several.
+        # reader / key: which state to score with, chosen at load time where there are several.
         artifacts={"checkpoint": str(checkpoint_dir)},
-        model_config={"base_model": base_model, "worker": None, "key": None},
+        model_config={"base_model": base_model, "reader": None, "key": None},
         pip_requirements=[], signature=signature,
         # What `mlflow models serve` and the UI show as a request; saved as given (the signature
         # is explicit, so MLflow need not load the model to infer one).
@@ -590,7 +599,7 @@ class StreamCheckpointer:
                  topic_id: str | None = None):
         self.store = store
         self.topic_id = topic_id
-        self.assignment = assignment or {}  # partition -> worker name, recorded for rescaling
+        self.assignment = assignment or {}  # partition -> reader name, recorded for rescaling
         self.config = config  # CheckpointConfig
         self.topic = topic
         self.config_digest = config_digest

@@ -10,7 +10,7 @@ from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
 from pipeline.state.checkpoint import Checkpoint, CheckpointError, base_model_id
 
 
-def export_checkpoint(checkpoint: Checkpoint, out: Path, worker: str | None = None, key: str | None = None,
+def export_checkpoint(checkpoint: Checkpoint, out: Path, reader: str | None = None, key: str | None = None,
                       tracking_uri: str | None = None) -> Path:
     """Write ``out``: config, safetensors weights and tokenizer of the base model with one state
     (slow weights and fast-weight delta) merged into its weights; it loads with
@@ -24,16 +24,16 @@ def export_checkpoint(checkpoint: Checkpoint, out: Path, worker: str | None = No
     entries = {w: [{"key": b.key, "blob": b} for b in bs] for w, bs in checkpoint.states.items()}
     model_config = checkpoint.manifest.get("model_config") or {}
     try:
-        chosen_worker, entry = choose_state(entries, worker, key, f"v{checkpoint.version}", model_config.get("scope"))
+        chosen_reader, entry = choose_state(entries, reader, key, f"v{checkpoint.version}", model_config.get("scope"))
     except StateChoiceError as err:
-        raise CheckpointError(f"{err} (--worker/--key)") from None
+        raise CheckpointError(f"{err} (--reader/--key)") from None
     blob = entry["blob"] if entry else None  # None: a new tenant's model (per_key, no --key)
     model = load_adapted_model(base_dir, model_config, blob.data if blob else None).merged()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     (out / "ttt_export.json").write_text(json.dumps({
-        "stream": checkpoint.manifest["stream"], "version": checkpoint.version, "worker": chosen_worker,
+        "stream": checkpoint.manifest["stream"], "version": checkpoint.version, "reader": chosen_reader,
         "key": blob.key if blob else None, "state_sha256": blob.sha256 if blob else None,
         "documents": blob.documents if blob else 0, "base_model": base, "model_config": model_config,
     }, indent=2))

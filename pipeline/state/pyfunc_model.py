@@ -9,11 +9,11 @@ stream's TTT config, its slow weights, fresh fast weights; texts do not affect o
 ``score`` returns the prequential loss per text; ``generate`` reads the text, then continues
 it greedily for ``max_new_tokens``. The base model is loaded from the path the checkpoint
 records (``base_model`` in the model config: a directory, or a registered model fetched and
-verified as the workers do), and its weights' sha256 is checked. A version of the global scope
+verified as the readers do), and its weights' sha256 is checked. A version of the global scope
 holds one state (one reader, or the learner's). A version of the per_key scope loads, without a
 choice, as the model a new tenant starts from; one tenant's model is
 ``load_model(uri, model_config={"key": ...})``, ``key`` a state's name (the results'
-``state_key``; ``TenantKeys.state_key_of`` gives it for a tenant's key), and ``"worker"`` narrows
+``state_key``; ``TenantKeys.state_key_of`` gives it for a tenant's key), and ``"reader"`` narrows
 the choice where needed.
 """
 
@@ -29,24 +29,23 @@ from mlflow.pyfunc import PythonModel
 
 class TTTCheckpointModel(PythonModel):
     def load_context(self, context) -> None:
-        import json
-
         from transformers import AutoTokenizer
 
         from pipeline.state.adapted_model import choose_state, load_adapted_model, verified_state_bytes
         from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
-        from pipeline.state.checkpoint import base_model_id
+        from pipeline.state.checkpoint import base_model_id, parse_manifest
 
         config = context.model_config
         root = Path(context.artifacts["checkpoint"])
-        manifest = json.loads((root / "manifest.json").read_text())
+        manifest = parse_manifest((root / "manifest.json").read_bytes())
         # A directory, or a registered model (from the MLflow this model is loaded from).
         base, _ = local_model_dir(config["base_model"], None, DEFAULT_CACHE_DIR)
         if base_model_id(base)["weights_sha256"] != manifest["base_model"]["weights_sha256"]:
             raise ValueError(f"{base}: weights differ from the checkpoint's base model")
         model_config = manifest.get("model_config") or {}
-        _, entry = choose_state(manifest["workers"], config.get("worker"), config.get("key"),
-                                f"{manifest['stream']} checkpoint (load_model(..., model_config={{'worker': ..., 'key': ...}}))",
+        reader = config.get("reader", config.get("worker"))  # "worker": the key's name before the rename
+        _, entry = choose_state(manifest["readers"], reader, config.get("key"),
+                                f"{manifest['stream']} checkpoint (load_model(..., model_config={{'reader': ..., 'key': ...}}))",
                                 model_config.get("scope"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.adapted = load_adapted_model(base, model_config, verified_state_bytes(root, entry) if entry else None)

@@ -155,7 +155,7 @@ def result_message(outcome: DocumentOutcome, meta: dict[str, Any], partition: in
         "learning": learning,
         "windows": outcome.windows,
         "reused_from": outcome.reused_from,
-        "worker": outcome.worker,
+        "reader": outcome.reader,
         "partition": partition,
         "offset": offset,
         "meta": meta,
@@ -172,7 +172,7 @@ REASON_KINDS = (
     "field 'key'", "field 'meta'", "id too long", "key too long", "key contradicts the record key",
     "control character in", "duplicate field", "unreadable record",
     # reading it
-    "oversize", "processing error", "rejected", "worker failed", "its worker died", "context-parallel read failed",
+    "oversize", "processing error", "rejected", "reader failed", "its reader died", "context-parallel read failed",
     # writing its output
     "output refused",
     # control records

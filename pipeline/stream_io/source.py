@@ -1,7 +1,7 @@
 """KafkaDocumentSource: the documents topic, read with explicit offsets and commits.
 
 Partitions are assigned explicitly (``assign``, as Flink's Kafka source does) rather than by
-group rebalancing: the supervisor decides which worker reads which partition, so that a state
+group rebalancing: the supervisor decides which reader reads which partition, so that a state
 always sees the same partitions in the same order, and a restart resumes each partition from
 the offset committed under the stream's consumer group. Auto-commit is always off.
 """

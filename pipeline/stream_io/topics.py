@@ -26,7 +26,7 @@ def ensure_topics(config: KafkaConfig) -> list[str]:
         missing = [name for name in stream_topics(config) if name not in existing]
         created = []
         for name in missing:
-            # The documents topic is partitioned so that workers can share it; the rest are
+            # The documents topic is partitioned so that readers can share it; the rest are
             # outputs and control, read in order by one consumer.
             partitions = config.topics.partitions if name == config.topics.documents else 1
             try:

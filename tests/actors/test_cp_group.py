@@ -41,15 +41,16 @@ def test_actor_group_equals_single_process(ray_session, model_dir, world, total)
     assert all(c > 0 for c in reading.communication_seconds)
 
 
-def test_worker_routes_long_windows_to_the_service_and_keeps_the_state(ray_session, tmp_path):
-    """A worker with a global state reads short documents itself and long ones through the
-    service, which starts from the worker's state and hands back the state after the document:
-    losses and the final state equal a worker that read everything itself (shipped model)."""
+def test_reader_routes_long_windows_to_the_service_and_keeps_the_state(ray_session, tmp_path):
+    """A reader with a global state reads short documents itself and long ones through the
+    service, which starts from the reader's state and hands back the state after the document:
+    losses and the final state equal a reader that read everything itself (shipped model)."""
     import ray
     from safetensors.torch import load
 
     from actors.cp_group import ContextParallelService, ContextParallelSpec
-    from actors.document_reader import DocumentTask, DocumentReader
+    from actors.call_types import DocumentTask
+    from actors.document_reader import DocumentReader
     from tests.actors.test_document_reader import MODEL, TEXT
 
     service = ContextParallelService.remote(ContextParallelSpec(MODEL, world=2, num_cpus=0.5, num_gpus=0.0, ttt=TTTConfig(), num_threads=None, strategy="PACK", slow=SlowConfig()))
@@ -62,7 +63,7 @@ def test_worker_routes_long_windows_to_the_service_and_keeps_the_state(ray_sessi
         for i, text in enumerate(texts):
             a, b = routed.process(DocumentTask(f"d{i}", text)), alone.process(DocumentTask(f"d{i}", text))
             assert a.tokens == b.tokens and a.loss == pytest.approx(b.loss, rel=1e-5), i
-        assert routed.reader.parallel_windows == 2
+        assert routed.mode.window_reader.parallel_windows == 2
         [got], [want] = routed.snapshot(), alone.snapshot()
         got, want = load(got.data), load(want.data)
         for name, tensor in want.items():

@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from actors.document_reader import DocumentTask, DocumentReader, ReaderSpec
+from actors.call_types import DocumentTask, ReaderSpec
+from actors.document_reader import DocumentReader
 from actors.learner import StreamLearner
 from actors.call_types import PUBLISHED_KEY
 from tests.sample_text import SAMPLE_TEXT
@@ -64,7 +65,7 @@ def test_a_learner_fed_by_its_reader_learns_what_it_learns_alone_bit_for_bit(tmp
                  replace(below, dtype="bfloat16")][n % 3]
         previous = below
         assert fed.learn(task, wrong)["loss"] == alone.learn(task)["loss"]
-    assert fed.worker.reader.handed == 2 and alone.worker.reader.handed == 0 and read.windows == 3
+    assert fed.mode.window_reader.handed == 2 and alone.mode.window_reader.handed == 0 and read.windows == 3
     assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]
 
 
@@ -153,7 +154,7 @@ def test_a_learner_short_of_time_takes_the_newer_documents_first_and_keeps_to_it
     def learner():
         learner = StreamLearner(spec(tmp_path), lag=1, every=3)
         # The choice is what is tested here, not the slow step: reading is stubbed.
-        learner.worker.process = lambda task, below=None: DocumentOutcome(task.id, ok=True, tokens=1, loss=1.0)
+        learner.reader.process = lambda task, below=None: DocumentOutcome(task.id, ok=True, tokens=1, loss=1.0)
         return learner
 
     rng = random.Random(0)
@@ -175,3 +176,25 @@ def test_a_learner_short_of_time_takes_the_newer_documents_first_and_keeps_to_it
 
 def _replay(learner, tasks):
     return [learner.learn(t)["tokens"] for t in tasks]
+
+
+def test_a_document_whose_hand_off_is_over_the_cap_is_learned_from_what_the_learner_computes(tmp_path, monkeypatch):
+    """Past ``MAX_HANDED_BYTES`` the reader keeps nothing for the learner (no 10x state through
+    the object store); the learner computes the layers below itself and learns the same bits."""
+    import actors.reading_modes as reading_modes
+
+    small, large = DOCS[0], DocumentTask("large", SAMPLE_TEXT[:20000])
+    reader = DocumentReader(spec(tmp_path, slow_from_learner=True, split_at_adapters=True,
+                                 max_document_tokens=8192), name="reader")
+    hidden_bytes = reader.model.config.hidden_size * next(reader.model.parameters()).element_size()
+    small_tokens = reader.process(small, StreamLearner(spec(tmp_path), lag=2).version(0)).tokens
+    assert reader.take_handed(small.id) is not None
+    monkeypatch.setattr(reading_modes, "MAX_HANDED_BYTES", 2 * small_tokens * hidden_bytes)
+    fed, alone = StreamLearner(spec(tmp_path), lag=2), StreamLearner(spec(tmp_path), lag=2)
+    for task in (small, large):
+        read = reader.process(task, fed.version(0))
+        below = reader.take_handed(task.id)
+        assert (below is None) == (read.tokens * hidden_bytes > reading_modes.MAX_HANDED_BYTES)
+        assert fed.learn(task, below)["loss"] == alone.learn(task)["loss"]
+    assert fed.mode.window_reader.handed == 1  # the small one only
+    assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]

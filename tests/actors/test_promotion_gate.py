@@ -28,7 +28,7 @@ def spec(tmp_path, **overrides):
 
 
 def weights(learner: StreamLearner) -> str:
-    return slow_digest(learner.worker.states.get(None).state.slow.state_dict())
+    return slow_digest(learner.reader.mode.states.get(None).state.slow.state_dict())
 
 
 def test_a_forced_bad_step_never_passes_and_the_learner_returns_to_last_good(tmp_path):
@@ -43,7 +43,7 @@ def test_a_forced_bad_step_never_passes_and_the_learner_returns_to_last_good(tmp
     good = weights(learner)
     good_version = learner.version(learner.position)
     # A bad step: the adapters thrown far off, as a diverged update would.
-    for adapter in learner.worker.states.get(None).state.slow.adapters.values():
+    for adapter in learner.reader.mode.states.get(None).state.slow.adapters.values():
         adapter.B.add_(torch.randn_like(adapter.B, generator=torch.Generator().manual_seed(0)))
     learner.learn(DOCS[5])
     # A stop: the verdict is given (its version does not go live) but not taken; the learner goes on
@@ -80,7 +80,7 @@ def test_the_gate_scores_a_held_out_document_as_a_reader_of_the_version_reads_it
 def _base_version(learner: StreamLearner):
     from ttt_model.slow import SlowVersion
 
-    fresh = learner.worker.new_state().slow
+    fresh = learner.mode.new_state().slow
     return SlowVersion(0, {n: (a.A.cpu(), a.B.cpu()) for n, a in fresh.adapters.items()})
 
 

@@ -154,7 +154,7 @@ def test_keys_unread_for_the_retention_are_forgotten_and_a_restore_forgets_the_s
     for i, key in enumerate(order):
         marked(straight, key, float(i))
     assert straight.expired > 0 and "k1" not in straight and "hot" not in straight
-    # Half way, a snapshot into a new store (a worker restored from a checkpoint): the keys it
+    # Half way, a snapshot into a new store (a reader restored from a checkpoint): the keys it
     # forgets afterwards, and the states it ends with, are the same.
     first = new_store(tmp_path / "first")
     for i, key in enumerate(order[:30]):

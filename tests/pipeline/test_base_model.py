@@ -1,6 +1,6 @@
 """A base model registered in MLflow (model.path: models:/NAME@ALIAS): every file's sha256 in the
 version's tags, fetched once per node into a cache, verified before it is loaded, a changed file
-refused by name, and a worker reading from it exactly as from the directory. (The Ray job test
+refused by name, and a reader reading from it exactly as from the directory. (The Ray job test
 runs a whole stream from a registered model on nodes whose working directory has no weights.)"""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from actors.document_reader import DocumentTask, DocumentReader
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader
 from actors.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
                                resolve_base_model)
 from pipeline.processing.actor_specs import standalone_reader_spec
@@ -45,7 +46,7 @@ def test_a_registered_base_model_is_fetched_once_verified_and_read_like_its_dire
     assert from_mlflow().process(task).loss == local.process(task).loss
     (copy,) = [p for p in cache.iterdir() if p.is_dir()]
     weights = (copy / "model.safetensors").stat().st_mtime_ns
-    from_mlflow()  # a second worker of the node: the cached copy, checked again, not downloaded again
+    from_mlflow()  # a second reader of the node: the cached copy, checked again, not downloaded again
     assert [p for p in cache.iterdir() if p.is_dir()] == [copy] and (copy / "model.safetensors").stat().st_mtime_ns == weights
 
     with open(copy / "tokenizer_config.json", "a") as f:

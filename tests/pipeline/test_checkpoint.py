@@ -113,7 +113,7 @@ def test_a_checkpoint_uploads_only_the_states_that_changed_and_loads_whole(store
     from pipeline.state.adapted_model import verified_state_bytes
 
     mlflow.set_tracking_uri(stack.mlflow.tracking_uri)
-    entry = next(e for e in loaded.manifest["workers"]["w-0"])
+    entry = next(e for e in loaded.manifest["readers"]["w-0"])
     assert "run_id" in entry and verified_state_bytes(Path("/nonexistent"), entry) == changed.states["w-0"][0].data
     with pytest.raises(ValueError, match="sha256"):
         verified_state_bytes(Path("/nonexistent"), {**entry, "sha256": "0" * 64})

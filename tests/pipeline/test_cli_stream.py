@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def test_feed_run_status_from_the_command_line(stack, tmp_path):
-    config = stream_config(stack, tmp_path, workers=1, worker_num_cpus=1, base_loss_sample_rate=1.0)
+    config = stream_config(stack, tmp_path, readers=1, reader_num_cpus=1, base_loss_sample_rate=1.0)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     folder = tmp_path / "docs"
@@ -37,4 +37,4 @@ def test_feed_run_status_from_the_command_line(stack, tmp_path):
     shown = cli("status", "-c", str(config_file))
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "3 documents, 1 dead letters" in shown.stdout
-    assert f"{config.stream.name}-worker-0" in shown.stdout
+    assert f"{config.stream.name}-reader-0" in shown.stdout

@@ -101,7 +101,7 @@ def test_context_parallel_refuses_unreachable_thresholds():
 def test_the_learner_needs_slow_weights_and_the_global_scope():
     with pytest.raises(ConfigError, match=r"processor\.learner trains the slow weights: it needs model\.slow"):
         parse_config({"processor": {"learner": {"enabled": True}}}, environ={})
-    with pytest.raises(ConfigError, match=r"with scope 'per_key' each worker learns its keys' slow weights"):
+    with pytest.raises(ConfigError, match=r"with scope 'per_key' each reader learns its keys' slow weights"):
         parse_config({"model": {"slow": {"enabled": True}}, "processor": {"scope": "per_key", "learner": {"enabled": True}}},
                      environ={})
     with pytest.raises(ConfigError, match=r"processor\.learner\.lag: "):
@@ -216,11 +216,11 @@ def test_outputs_must_fit_the_producers_request_size():
 def test_a_per_key_config_whose_states_cannot_fit_its_readers_memory_is_refused():
     model = {"path": str(ROOT / "models/ttt-tiny-qwen3")}
     # 64 states of 2.25 MiB and 13 MiB of weights: 157 MiB.
-    with pytest.raises(ConfigError, match=r"max_keys_in_memory 64 states of 2.2 MiB .* do not fit processor.worker_memory_mb 150"):
-        parse_config({"model": model, "processor": {"scope": "per_key", "worker_memory_mb": 150}}, environ={})
-    ok = parse_config({"model": model, "processor": {"scope": "per_key", "worker_memory_mb": 160}}, environ={})
-    assert ok.processor.worker_memory_mb == 160
-    assert parse_config({"model": model, "processor": {"scope": "global", "worker_memory_mb": 64}}, environ={})
+    with pytest.raises(ConfigError, match=r"max_keys_in_memory 64 states of 2.2 MiB .* do not fit processor.reader_memory_mb 150"):
+        parse_config({"model": model, "processor": {"scope": "per_key", "reader_memory_mb": 150}}, environ={})
+    ok = parse_config({"model": model, "processor": {"scope": "per_key", "reader_memory_mb": 160}}, environ={})
+    assert ok.processor.reader_memory_mb == 160
+    assert parse_config({"model": model, "processor": {"scope": "global", "reader_memory_mb": 64}}, environ={})
 
 
 @pytest.mark.parametrize("uri, shown", [
@@ -238,14 +238,14 @@ def test_credentials_in_any_uri_are_masked(uri, shown):
 
 
 def test_global_slow_weights_on_several_readers_need_the_learner():
-    with pytest.raises(ConfigError, match=r"processor\.workers 2: each reader would learn slow weights of its own"):
-        parse_config({"model": {"slow": {"enabled": True}}, "processor": {"workers": 2}}, environ={})
-    for ok in ({"workers": 2, "learner": {"enabled": True}}, {"workers": 1}, {"workers": 2, "scope": "per_key"}):
-        assert parse_config({"model": {"slow": {"enabled": True}}, "processor": ok}, environ={}).processor.workers
+    with pytest.raises(ConfigError, match=r"processor\.readers 2: each reader would learn slow weights of its own"):
+        parse_config({"model": {"slow": {"enabled": True}}, "processor": {"readers": 2}}, environ={})
+    for ok in ({"readers": 2, "learner": {"enabled": True}}, {"readers": 1}, {"readers": 2, "scope": "per_key"}):
+        assert parse_config({"model": {"slow": {"enabled": True}}, "processor": ok}, environ={}).processor.readers
     # The synchronous learner is the stream's one reader.
-    with pytest.raises(ConfigError, match=r"processor\.learner\.synchronous: .* processor\.workers must be 1"):
+    with pytest.raises(ConfigError, match=r"processor\.learner\.synchronous: .* processor\.readers must be 1"):
         parse_config({"model": {"slow": {"enabled": True}},
-                      "processor": {"workers": 2, "learner": {"enabled": True, "synchronous": True}}}, environ={})
+                      "processor": {"readers": 2, "learner": {"enabled": True, "synchronous": True}}}, environ={})
     # Every shipped config passes.
     for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
         load_config(path, environ={})
@@ -256,3 +256,20 @@ def test_the_gate_and_the_admission_checks_are_validated_with_their_field_named(
         parse_config({"processor": {"learner": {"gate": {"holdout_fraction": 1.5}}}}, environ={})
     with pytest.raises(ConfigError, match=r"processor\.learner\.admission\.key_share"):
         parse_config({"processor": {"learner": {"admission": {"key_share": 0}}}}, environ={})
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("workers", "readers", 3), ("worker_num_cpus", "reader_num_cpus", 0.5), ("worker_num_gpus", "reader_num_gpus", 0.25),
+    ("worker_memory_mb", "reader_memory_mb", 4096), ("max_in_flight_per_worker", "max_in_flight_per_reader", 3),
+])
+def test_a_config_with_a_key_from_before_the_rename_loads_with_a_warning_naming_the_new_one(tmp_path, old, new, value):
+    path = tmp_path / "old.yaml"
+    path.write_text(f"processor:\n  {old}: {value}\n")
+    with pytest.warns(FutureWarning, match=rf"processor\.{old} is deprecated: it is processor\.{new} now"):
+        cfg = load_config(path, environ={})
+    assert getattr(cfg.processor, new) == value
+    with pytest.warns(FutureWarning, match=rf"processor\.{old}"):
+        from_env = parse_config({}, environ={f"TTT_STREAM__PROCESSOR__{old.upper()}": str(value)})
+    assert getattr(from_env.processor, new) == value
+    with pytest.raises(ConfigError, match=rf"processor\.{old} and processor\.{new} both given"):
+        parse_config({"processor": {old: value, new: value}})

@@ -36,17 +36,17 @@ def ranks(learner) -> set[int]:
     return {adapter.A.shape[0] for adapter in learner.new_state().adapters.values()}
 
 
-def test_a_changed_slow_default_reaches_the_worker_the_pyfunc_and_export(slow_rank_default_3, tmp_path):
+def test_a_changed_slow_default_reaches_the_reader_the_pyfunc_and_export(slow_rank_default_3, tmp_path):
     config = parse_config({"model": {"path": MODEL, "device": "cpu", "slow": {"enabled": True}},
                            "processor": {"spill_dir": str(tmp_path)}}, environ={})
     assert config.model.slow.rank == 3
-    worker = DocumentReader(reader_spec(as_actors_see_it(config)), name="w0")
-    assert ranks(worker.slow) == {3}
-    worker.process(DocumentTask("d0", SAMPLE_TEXT[:1500]))
-    (blob,) = worker.snapshot()
+    reader = DocumentReader(reader_spec(as_actors_see_it(config)), name="w0")
+    assert ranks(reader.slow) == {3}
+    reader.process(DocumentTask("d0", SAMPLE_TEXT[:1500]))
+    (blob,) = reader.snapshot()
     # What a checkpoint records, and what the pyfunc flavour and export load it with.
     model_config = effective_model_config(config)
     assert model_config["slow"]["rank"] == 3
     adapted = load_adapted_model(MODEL, model_config, blob.data)
     assert ranks(adapted.learner) == {3}
-    assert adapted.state.slow.steps == worker.states.get(None).state.slow.steps == 1
+    assert adapted.state.slow.steps == reader.mode.states.get(None).state.slow.steps == 1

@@ -1,5 +1,5 @@
 """Long documents through a context-parallel group inside the stream processor, on the real
-stack: windows above the threshold go to the group, the rest to the worker; a group member
+stack: windows above the threshold go to the group, the rest to the reader; a group member
 killed mid-stream fails its document, which is read again from the last checkpoint, and every
 document ends with the loss a processor without context parallelism gives it."""
 
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def cp_config(stack, tmp_path, context_parallel):
-    config = stream_config(stack, tmp_path, workers=1, scope="global", context_parallel=context_parallel,
+    config = stream_config(stack, tmp_path, readers=1, scope="global", context_parallel=context_parallel,
                            learner=LearnerConfig(enabled=False),
                            checkpoint=stack.processor.checkpoint.model_copy(
                                update={"every_documents": 4, "every_seconds": 3600.0}),
@@ -86,4 +86,4 @@ def test_long_documents_go_to_the_group_and_a_member_failure_is_retried(stack, r
     final = [s for s in status if s.get("final")][-1]
     assert final["context_parallel"]["failures"] >= 1
     assert final["context_parallel"]["reads"] >= len(long_ids)
-    assert final["workers"][0]["parallel_windows"] >= len(long_ids)
+    assert final["readers"][0]["parallel_windows"] >= len(long_ids)

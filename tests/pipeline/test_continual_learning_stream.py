@@ -2,7 +2,7 @@
 
 A small domain the shipped model never saw (the source files of the installed kafka-python
 package: Python code, where the model was trained on prose manuals) is streamed through the
-broker to a Ray worker; the live version in MLflow, exported with its slow weights merged, must
+broker to a Ray reader; the live version in MLflow, exported with its slow weights merged, must
 beat the base model on held-out files of that domain, and the checkpoints must hold slow weights.
 """
 
@@ -38,7 +38,7 @@ def test_the_live_version_beats_the_base_on_held_out_documents_of_the_stream_dom
     docs = domain_documents()
     assert len(docs) >= 22, len(docs)
     stream, heldout = docs[:18], docs[-4:]
-    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0)
+    config = stream_config(stack, tmp_path, readers=1, base_loss_sample_rate=0.0)
     config = config.model_copy(update={"processor": config.processor.model_copy(update={
         "checkpoint": config.processor.checkpoint.model_copy(update={"every_documents": 6, "every_seconds": 3600.0}),
     })})
@@ -58,7 +58,7 @@ def test_the_live_version_beats_the_base_on_held_out_documents_of_the_stream_dom
     assert live.manifest["model_config"]["slow"]["enabled"] and live.manifest["documents"] == len(stream)
     rehearsal = ROOT / live.manifest["model_config"]["slow"]["rehearsal_path"]
     assert live.manifest["model_config"]["rehearsal_sha256"] == hashlib.sha256(rehearsal.read_bytes()).hexdigest()
-    (blob,) = [b for blobs in live.states.values() for b in blobs if b.key not in RESERVED_KEYS]
+    (blob,) = [b for blobs in live.mode.states.values() for b in blobs if b.key not in RESERVED_KEYS]
     assert any(k.startswith("slow.") and k.endswith(".B") and t.any() for k, t in load(blob.data).items())
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

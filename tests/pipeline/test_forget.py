@@ -34,21 +34,21 @@ def keys_in(store: CheckpointStore, ref: str) -> set[str]:
 
 def listed_in(store: CheckpointStore, version: str) -> set[str]:
     """The state keys a version's manifest lists (load passes over the forgotten ones)."""
-    return {e["key"] for entries in store._manifest(version)["workers"].values() for e in entries}
+    return {e["key"] for entries in store._manifest(version)["readers"].values() for e in entries}
 
 
 def file_of(store: CheckpointStore, version: str, state_key: str) -> bytes:
     """The state file of ``state_key`` in ``version``, fetched as MLflow serves it (raises if gone)."""
     manifest = store._manifest(version)
     run_id = store.client.get_model_version(store.name, version).run_id
-    (entry,) = [e for entries in manifest["workers"].values() for e in entries if e["key"] == state_key]
+    (entry,) = [e for entries in manifest["readers"].values() for e in entries if e["key"] == state_key]
     with tempfile.TemporaryDirectory() as tmp:
         path = store.client.download_artifacts(entry.get("run_id", run_id), checkpoint_artifact(entry["file"]), tmp)
         return Path(path).read_bytes()
 
 
 def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session, tmp_path):
-    config = stream_config(stack, tmp_path, workers=1, scope="per_key", base_loss_sample_rate=0.0,
+    config = stream_config(stack, tmp_path, readers=1, scope="per_key", base_loss_sample_rate=0.0,
                            max_keys_in_memory=1)
     config = config.model_copy(update={"processor": config.processor.model_copy(update={
         "checkpoint": config.processor.checkpoint.model_copy(update={"every_documents": 3, "every_seconds": 3600.0}),
@@ -74,14 +74,14 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
         assert k1 in listed_in(store, before) and file_of(store, before, k1)
         # A checkpoint whose readers wrote their states and then failed: no version lists its run.
         failed = store.open_run("periodic")
-        StateUploader(f"{config.stream.name}-worker-0").write(
+        StateUploader(f"{config.stream.name}-reader-0").write(
             iter([StateBlob(k1, b"k1's state", hashlib.sha256(b"k1's state").hexdigest(), 1)]), failed)
         store.client.set_terminated(failed.run_id, status="FAILED")
-        failed_file = checkpoint_artifact(state_file(f"{config.stream.name}-worker-0", k1))
+        failed_file = checkpoint_artifact(state_file(f"{config.stream.name}-reader-0", k1))
         assert [a.path for a in store.client.list_artifacts(failed.run_id, str(Path(failed_file).parent))]
         forgot = cli("forget", "k1", "-c", str(config_file))
         assert forgot.returncode == 0, forgot.stderr[-3000:]
-        assert "forgotten by 1 worker(s)" in forgot.stdout
+        assert "forgotten by 1 reader(s)" in forgot.stdout
         version = forgot.stdout.split(" v")[1].split()[0]
         assert keys_in(store, version) == {k0, k2} and store.resolve(LIVE) == version
         manifest = store.load(version).manifest
@@ -121,7 +121,7 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
     # command says why, before and after the forget.
     for v in (before, since[-1]):
         exported = cli("export", "--version", v, "--key", "k1", "--out", str(tmp_path / f"k1-v{v}"), "-c", str(config_file))
-        said = "was forgotten" if v in earlier else "no state for worker"
+        said = "was forgotten" if v in earlier else "no state for reader"
         assert exported.returncode == 1 and said in exported.stderr, exported.stdout + exported.stderr
     assert cli("export", "--version", LIVE, "--key", "k0", "--out", str(tmp_path / "k0"),
                "-c", str(config_file)).returncode == 0

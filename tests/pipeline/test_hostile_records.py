@@ -62,7 +62,7 @@ CONTROL = [
 
 
 def test_hostile_records_are_dead_lettered_and_the_stream_reads_on(stack, ray_session, tmp_path):
-    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0, max_document_bytes=MAX_BYTES)
+    config = stream_config(stack, tmp_path, readers=1, base_loss_sample_rate=0.0, max_document_bytes=MAX_BYTES)
     config = config.model_copy(update={
         "kafka": config.kafka.model_copy(update={"max_output_bytes": BUDGET}),
         "processor": config.processor.model_copy(update={

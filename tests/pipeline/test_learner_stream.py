@@ -1,6 +1,6 @@
-"""The learner on the real stack: two workers read with the versions one learner trains, every
+"""The learner on the real stack: two readers read with the versions one learner trains, every
 MLflow version holds one model that ``models:/<stream>-ttt@live`` loads with no choice to make,
-and context parallelism reads with the slow weights, scoring what single workers score."""
+and context parallelism reads with the slow weights, scoring what single readers score."""
 
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ def results(config, n):
     return {r["id"]: r for r in rows}
 
 
-def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack, ray_session, tmp_path):
+def test_two_readers_read_one_learners_versions_and_a_version_is_one_model(stack, ray_session, tmp_path):
     import mlflow
     import pandas as pd
 
     assert stack.model.slow.enabled
     docs = short_documents(12, length=600)
-    config = learner_config(stack, tmp_path, workers=2, worker_num_cpus=0.5)
+    config = learner_config(stack, tmp_path, readers=2, reader_num_cpus=0.5)
     share_salt(config, salt=FIXED_SALT)  # the same held-out slice, so the same verdicts, every run
     ensure_topics(config.kafka)
     produce(config, [json.dumps(d).encode() for d in docs], partitions=[i % 2 for i in range(len(docs))])
@@ -50,7 +50,7 @@ def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack
 
     got = results(config, len(docs))
     assert set(got) == {d["id"] for d in docs}
-    assert {r["worker"] for r in got.values()} == {f"{config.stream.name}-worker-{i}" for i in range(2)}
+    assert {r["reader"] for r in got.values()} == {f"{config.stream.name}-reader-{i}" for i in range(2)}
     ratios = sorted(r["slow_delta_ratio"] for r in got.values())
     assert ratios[0] == 0.0 and ratios[-1] > 0  # the first document reads the base, later ones what was learned
     # Every result says which version it read with and what the learner did with it.
@@ -64,7 +64,7 @@ def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack
     assert store.resolve(HEAD) == live.version  # every version of this stream passed the gate
     learner = f"{config.stream.name}-learner"
     assert {name: [b.key for b in blobs] for name, blobs in live.states.items()} == {
-        f"{config.stream.name}-worker-0": [], f"{config.stream.name}-worker-1": [],
+        f"{config.stream.name}-reader-0": [], f"{config.stream.name}-reader-1": [],
         learner: [GLOBAL_KEY, PUBLISHED_KEY, GATE_KEY]}
     (state,) = [b for b in live.states[learner] if b.key == GLOBAL_KEY]
     assert state.documents == decisions.count("admitted")  # held-out documents are never learned
@@ -80,7 +80,7 @@ def test_two_workers_read_one_learners_versions_and_a_version_is_one_model(stack
 
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
     mlflow.set_registry_uri(config.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{store.name}@{LIVE}")  # no worker or key to choose
+    model = mlflow.pyfunc.load_model(f"models:/{store.name}@{LIVE}")  # no reader or key to choose
     text = docs[0]["text"]
     scored = model.predict(pd.DataFrame({"text": [text]}))["loss"][0]
     # The live version scores a text the way the stream's next document would read it: with the
@@ -96,7 +96,7 @@ def test_the_synchronous_learner_reads_and_learns_every_document_and_judges_its_
     from pipeline.processing.actor_specs import reader_spec, as_actors_see_it
 
     docs = short_documents(10, length=600)
-    config = learner_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.3,
+    config = learner_config(stack, tmp_path, readers=1, base_loss_sample_rate=0.3,
                             # No outlier rule: the reference reader below has none.
                             learner=LearnerConfig(enabled=True, synchronous=True, num_cpus=1,
                                                   admission=AdmissionConfig(enabled=False)),
@@ -109,7 +109,7 @@ def test_the_synchronous_learner_reads_and_learns_every_document_and_judges_its_
     assert summary.documents == len(docs) and summary.dead_letters == 0
     got = results(config, len(docs))
     learner = f"{config.stream.name}-learner"
-    assert {r["worker"] for r in got.values()} == {learner}
+    assert {r["reader"] for r in got.values()} == {learner}
     assert [got[d["id"]]["slow_version"] for d in docs] == list(range(len(docs)))  # document n: n learned before
     decisions = [got[d["id"]]["learning"] for d in docs]
     assert "admitted" in decisions and any(r["base_loss"] is not None for r in got.values())  # the shadow too
@@ -136,8 +136,8 @@ def test_context_parallel_reads_with_the_learners_versions(stack, ray_session, t
         d["id"] = f"doc-{i:02d}"
     values = [json.dumps(d).encode() for d in docs]
 
-    reference = learner_config(stack, tmp_path / "ref", workers=1)
-    config = learner_config(stack, tmp_path / "cp", workers=1,
+    reference = learner_config(stack, tmp_path / "ref", readers=1)
+    config = learner_config(stack, tmp_path / "cp", readers=1,
                             context_parallel=ContextParallelConfig(min_tokens=600, world=2, num_cpus=0.25))
     share_salt(reference, config)  # the same held-out slice: the learner learns the same documents
     ensure_topics(reference.kafka)
@@ -157,5 +157,5 @@ def test_context_parallel_reads_with_the_learners_versions(stack, ray_session, t
         assert row["loss"] == pytest.approx(want[doc_id]["loss"], rel=1e-4), doc_id
     status = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.metrics, expect=1)]
     final = [s for s in status if s.get("final")][-1]
-    assert final["workers"][0]["parallel_windows"] >= len(long_ids)
+    assert final["readers"][0]["parallel_windows"] >= len(long_ids)
     assert final["learner"]["position"] == len(docs)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.document_reader import DocumentOutcome
+from actors.call_types import DocumentOutcome
 from pipeline.config import ControlConfig
 from pipeline.observability.metrics import StreamMetrics
 from tests.conftest import ROOT

@@ -30,7 +30,7 @@ def committed(config) -> int | None:
 
 
 def test_mlflow_outage_pauses_and_resumes_without_loss(stack, ray_session, tmp_path):
-    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0)
+    config = stream_config(stack, tmp_path, readers=1, base_loss_sample_rate=0.0)
     checkpoint = config.processor.checkpoint.model_copy(update={
         "every_documents": 5, "every_seconds": 3600.0, "max_pending_documents": 8,
         "retry_initial_s": 0.5, "retry_max_s": 2.0,
@@ -57,7 +57,7 @@ def test_mlflow_outage_pauses_and_resumes_without_loss(stack, ray_session, tmp_p
         during = counter.count
         assert committed(config) == before  # nothing committed without a checkpoint
         assert during < len(docs), "reading did not pause"
-        assert during <= before + 8 + 2 * config.processor.max_in_flight_per_worker + 1
+        assert during <= before + 8 + 2 * config.processor.max_in_flight_per_reader + 1
         time.sleep(3.0)
         assert counter.count == during  # paused
         local.up(skip=("broker",))

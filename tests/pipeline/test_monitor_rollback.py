@@ -34,14 +34,14 @@ def garbage(n: int, seed: int) -> list[dict]:
 
 
 def test_a_garbage_burst_alerts_and_rolls_back_to_last_good(stack, ray_session, tmp_path):
-    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=1.0)
+    config = stream_config(stack, tmp_path, readers=1, base_loss_sample_rate=1.0)
     processor = config.processor.model_copy(update={
         "checkpoint": config.processor.checkpoint.model_copy(update={"every_documents": 10, "every_seconds": 3600.0}),
     })
     config = config.model_copy(update={"processor": processor})
     good = short_documents(40, length=1500)
     # The later batch re-reads good[30:40] after re-reading the five documents that preceded
-    # them, and garbage read after the rollback landed (it was already on the worker) is
+    # them, and garbage read after the rollback landed (it was already on the reader) is
     # followed by good documents again before the batch is compared.
     later = [{"id": f"again-{d['id']}", "text": d["text"]} for d in good[-15:]]
     stream = good + garbage(6, seed=1) + later

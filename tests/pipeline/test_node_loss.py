@@ -1,4 +1,4 @@
-"""A node of a multi-node Ray cluster is lost mid-stream: its worker is restarted on the
+"""A node of a multi-node Ray cluster is lost mid-stream: its reader is restarted on the
 surviving node, restored from the latest checkpoint, its partition read again, and the final
 states are bitwise equal to those of a run that lost no node.
 
@@ -27,8 +27,8 @@ from tests.pipeline.test_recovery import ResultCounter, checkpoint_settings, fin
 from tests.pipeline.test_stream_e2e import produce, read_topic, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-# Workers with a state of their own on the nodes that are lost (no learner: it would hold the state).
-SETTINGS = dict(workers=2, worker_num_cpus=1, scope="global", deterministic=True, base_loss_sample_rate=0.0,
+# Readers with a state of their own on the nodes that are lost (no learner: it would hold the state).
+SETTINGS = dict(readers=2, reader_num_cpus=1, scope="global", deterministic=True, base_loss_sample_rate=0.0,
                 placement_strategy="SPREAD", learner=LearnerConfig(enabled=False))
 STORE_MB = 80 * 1024 * 1024
 
@@ -50,8 +50,8 @@ def cluster():
         cluster.shutdown()
 
 
-class WorkerNodes(threading.Thread):
-    """The node of every worker, from the status reports on the metrics topic, as they come."""
+class ReaderNodes(threading.Thread):
+    """The node of every reader, from the status reports on the metrics topic, as they come."""
 
     def __init__(self, config):
         super().__init__(daemon=True)
@@ -63,8 +63,8 @@ class WorkerNodes(threading.Thread):
         while not self.stop.is_set():
             for record in consumer:
                 report = json.loads(record.value)
-                if report.get("type") == "status" and "workers" in report:
-                    self.reports.append({w["worker"]: (w.get("node_id"), w.get("restarted")) for w in report["workers"]
+                if report.get("type") == "status" and "readers" in report:
+                    self.reports.append({w["reader"]: (w.get("node_id"), w.get("restarted")) for w in report["readers"]
                                          if w.get("alive")})
         consumer.close()
 
@@ -85,7 +85,7 @@ def with_settings(stack, tmp_path, **extra):
     return config.model_copy(update={"processor": processor, "model": model, **extra})
 
 
-def test_a_lost_node_s_worker_restarts_on_the_other_node_and_the_states_end_bitwise_equal(
+def test_a_lost_node_s_reader_restarts_on_the_other_node_and_the_states_end_bitwise_equal(
         stack, ray_session, cluster, tmp_path):
     ray_cluster, nodes = cluster
     docs = short_documents(200)
@@ -103,10 +103,10 @@ def test_a_lost_node_s_worker_restarts_on_the_other_node_and_the_states_end_bitw
     config_file.write_text(yaml.safe_dump(lost.model_dump(mode="json")))
     ensure_topics(lost.kafka)
     produce(lost, values, partitions)
-    counter, nodes_of = ResultCounter(lost), WorkerNodes(lost)
+    counter, nodes_of = ResultCounter(lost), ReaderNodes(lost)
     counter.start()
     nodes_of.start()
-    first = f"{lost.stream.name}-worker-0"  # partition 0's reader: busy from the start
+    first = f"{lost.stream.name}-reader-0"  # partition 0's reader: busy from the start
     env = {k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")}
     log = open(tmp_path / "run.log", "w+")
     run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-c", str(config_file), "--until-idle", "5"],
@@ -130,8 +130,8 @@ def test_a_lost_node_s_worker_restarts_on_the_other_node_and_the_states_end_bitw
         nodes_of.stop.set()
     log.seek(0)
     output = log.read()
-    assert f"worker {first} died: restored from checkpoint" in output, output[-4000:]
-    # Ray placed the lost node's bundle on the survivor and restarted the worker there.
+    assert f"reader {first} died: restored from checkpoint" in output, output[-4000:]
+    # Ray placed the lost node's bundle on the survivor and restarted the reader there.
     assert nodes_of.latest()[first] == (survivor.node_id, True)
 
     assert final_states(lost) == final_states(reference)

@@ -1,5 +1,5 @@
-"""The processor's run loop without Ray, Kafka or MLflow: a worker dies, MLflow goes away, the
-monitor rolls back. In-process fakes stand in for the worker pool, the topic, the sinks and the
+"""The processor's run loop without Ray, Kafka or MLflow: a reader dies, MLflow goes away, the
+monitor rolls back. In-process fakes stand in for the reader pool, the topic, the sinks and the
 model registry; the StreamProcessor, StreamCheckpointer, OffsetTracker and DegradationMonitor
 are the real ones. (The full stack runs the same sequences in test_recovery.py,
 test_mlflow_outage.py and test_monitor_rollback.py.)"""
@@ -14,7 +14,7 @@ import time
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
-from actors.document_reader import DocumentOutcome, DocumentTask
+from actors.call_types import DocumentOutcome, DocumentTask
 from actors.state_store import StateBlob
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.state.checkpoint import HEAD, LAST_GOOD, LIVE, Checkpoint, StreamCheckpointer
@@ -22,7 +22,7 @@ from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, Proc
 from pipeline.stream_io.control import ControlCommand
 from pipeline.observability.monitor import DegradationMonitor
 from pipeline.processing.job import build_processor
-from pipeline.processing.reader_pool import ContextParallelFailure, WorkerDied
+from pipeline.processing.reader_pool import ContextParallelFailure, ReaderDied
 from pipeline.processing.recovery import RestartBudget, RestartBudgetSpent
 
 TOPIC = "docs"
@@ -40,7 +40,7 @@ class FakeWorker:
     def process(self, task: DocumentTask) -> DocumentOutcome:
         self.read.append(task.id)
         loss = 9.0 if task.text == "poison" else 1.0 + 0.01 * len(self.read)
-        return DocumentOutcome(task.id, ok=True, tokens=10, loss=loss, worker=self.name,
+        return DocumentOutcome(task.id, ok=True, tokens=10, loss=loss, reader=self.name,
                                delta_ratio=5.0 if task.text == "poison" else 0.1)
 
     def snapshot(self) -> list[StateBlob]:
@@ -52,14 +52,14 @@ class FakeWorker:
 
 
 class FakePool:
-    """Runs each document when it is submitted; ``kill(w, after=n)`` makes worker ``w`` die on
+    """Runs each document when it is submitted; ``kill(w, after=n)`` makes reader ``w`` die on
     its n-th next document: that call and every later one fails until the pool is waited on for
     readiness, which brings it back with an empty state (a restarted actor)."""
 
-    def __init__(self, n: int, make_worker=FakeWorker):
-        self.names = [f"s-worker-{i}" for i in range(n)]
-        self.make_worker = make_worker  # name -> a worker (FakeWorker, or a real DocumentReader)
-        self.workers = [make_worker(name) for name in self.names]
+    def __init__(self, n: int, make_reader=FakeWorker):
+        self.names = [f"s-reader-{i}" for i in range(n)]
+        self.make_reader = make_reader  # name -> a reader (FakeWorker, or a real DocumentReader)
+        self.readers = [make_reader(name) for name in self.names]
         self.dead = [False] * n
         self.die_in = [None] * n
         self.outcomes = {}
@@ -67,10 +67,10 @@ class FakePool:
         self.restarts = 0
         self.parallel_failures: dict[str, int] = {}  # document id -> context-parallel reads that fail
         self.batches: list[int] = []  # documents per submit call
-        self.killers: set[str] = set()  # document ids that kill their worker whenever read
-        self.hangers: set[str] = set()  # document ids their worker never finishes (until restarted)
-        self.hung: dict[int, list] = {}  # worker -> handles that never finish
-        self.in_flight_at_kill: list[int] = []  # calls of the batch that killed the worker
+        self.killers: set[str] = set()  # document ids that kill their reader whenever read
+        self.hangers: set[str] = set()  # document ids their reader never finishes (until restarted)
+        self.hung: dict[int, list] = {}  # reader -> handles that never finish
+        self.in_flight_at_kill: list[int] = []  # calls of the batch that killed the reader
 
     def fail_parallel(self, doc_id: str, times: int) -> None:
         self.parallel_failures[doc_id] = times
@@ -94,20 +94,20 @@ class FakePool:
             self.dead[w] = True
         if task.id in self.hangers and not self.dead[w]:
             self.hung.setdefault(w, []).append(handle)
-            self.outcomes[handle] = WorkerDied("restarted past its deadline")
+            self.outcomes[handle] = ReaderDied("restarted past its deadline")
             return handle
         if self.hung.get(w) and not self.dead[w]:  # queued behind the hung document
             self.hung[w].append(handle)
-            self.outcomes[handle] = WorkerDied("restarted past its deadline")
+            self.outcomes[handle] = ReaderDied("restarted past its deadline")
             return handle
         if self.dead[w]:
-            self.outcomes[handle] = WorkerDied("killed")
+            self.outcomes[handle] = ReaderDied("killed")
         elif self.parallel_failures.get(task.id, 0) > 0:
             self.parallel_failures[task.id] -= 1
-            self.workers[w].read.append(task.id + " (part)")  # a member died after some chunks
+            self.readers[w].read.append(task.id + " (part)")  # a member died after some chunks
             self.outcomes[handle] = ContextParallelFailure("member 1 died")
         else:
-            self.outcomes[handle] = self.workers[w].process(task)
+            self.outcomes[handle] = self.readers[w].process(task)
         return handle
 
     def wait(self, handles, timeout_s, every=False):
@@ -118,7 +118,7 @@ class FakePool:
         return ("handed", handle)
 
     def restart(self, w):
-        self.hung.pop(w, None)  # what it held fails with WorkerDied
+        self.hung.pop(w, None)  # what it held fails with ReaderDied
         self.dead[w] = True
         self.restarts_asked = getattr(self, "restarts_asked", 0) + 1
 
@@ -129,10 +129,10 @@ class FakePool:
         return outcome
 
     def write_states(self, target):
-        return {name: w.snapshot() for name, w in zip(self.names, self.workers)}  # FakeStore takes blobs
+        return {name: w.snapshot() for name, w in zip(self.names, self.readers)}  # FakeStore takes blobs
 
     def restore(self, w, blobs):
-        self.workers[w].restore(blobs)
+        self.readers[w].restore(blobs)
 
     def forget(self, w, key):
         self.forgotten = [*getattr(self, "forgotten", []), key]
@@ -140,7 +140,7 @@ class FakePool:
 
     def wait_ready(self, w, timeout_s):
         if self.dead[w]:
-            self.dead[w], self.workers[w] = False, self.make_worker(self.names[w])
+            self.dead[w], self.readers[w] = False, self.make_reader(self.names[w])
             self.restarts += 1
         return True
 
@@ -293,7 +293,7 @@ def processor(docs, store=None, every=5, monitor=None, control_source=None, **co
     return proc, pool, source, sinks
 
 
-def test_a_dead_worker_is_restored_from_the_checkpoint_and_its_partition_read_again_exactly_once():
+def test_a_dead_reader_is_restored_from_the_checkpoint_and_its_partition_read_again_exactly_once():
     docs = documents(2, 23)
     straight, pool_a, _, _ = processor(docs, store=FakeStore())
     straight.run(until_idle_s=0.05)
@@ -303,9 +303,9 @@ def test_a_dead_worker_is_restored_from_the_checkpoint_and_its_partition_read_ag
     summary = crashed.run(until_idle_s=0.05)
 
     assert pool.restarts == 1 and summary.retries >= 1
-    # States exactly once: what each worker has read is what it read without the crash.
-    assert [w.read for w in pool.workers] == [w.read for w in pool_a.workers]
-    assert pool.workers[0].read == [d["id"] for d in docs[0]]
+    # States exactly once: what each reader has read is what it read without the crash.
+    assert [w.read for w in pool.readers] == [w.read for w in pool_a.readers]
+    assert pool.readers[0].read == [d["id"] for d in docs[0]]
     # Results at least once: every id; the re-read ones twice.
     ids = [r["id"] for r in sinks.results]
     assert set(ids) == {d["id"] for p in docs.values() for d in p} and len(ids) > 46
@@ -323,9 +323,9 @@ def test_while_mlflow_is_down_nothing_is_committed_and_reading_pauses_at_the_bac
 
     assert len(seen) == 30 and all(commits == 0 for commits, _, _ in seen)
     # Reading paused once 10 documents waited; what was already queued (a poll's budget of
-    # 2 x max_in_flight_per_worker) still finished.
+    # 2 x max_in_flight_per_reader) still finished.
     assert 10 <= max(pending for _, pending, _ in seen) <= 14 and max(read for _, _, read in seen) <= 14
-    assert pool.workers[0].read == [d["id"] for d in docs[0]]  # nothing lost, nothing twice
+    assert pool.readers[0].read == [d["id"] for d in docs[0]]  # nothing lost, nothing twice
     assert source.commits[-1] == {0: 40} and store.load(LIVE).manifest["documents"] == 40
 
 
@@ -342,12 +342,12 @@ def test_a_poisoned_burst_is_rolled_back_to_last_good_with_its_loss_as_a_number(
     assert rollbacks and rollbacks[0]["cause"] == "loss_jump" and rollbacks[0]["documents_after_breach"] <= 5
     good = rollbacks[0]["to"]
     assert isinstance(store.reference[good], float) and store.reference[good] < 2.0  # the window before the burst
-    # The workers went back to last-good's state: the burst's documents were read but forgotten.
-    assert not poison & set(pool.workers[0].read)
+    # The readers went back to last-good's state: the burst's documents were read but forgotten.
+    assert not poison & set(pool.readers[0].read)
     rolled = store.load(rollbacks[0]["version"])
     assert rolled.manifest["reason"] == "rollback" and rolled.states == store.load(good).states
     # last-good only ever moved to versions whose window passed: none holds a poisoned document.
-    assert not poison & set(json.loads(store.load(LAST_GOOD).states["s-worker-0"][0].data))
+    assert not poison & set(json.loads(store.load(LAST_GOOD).states["s-reader-0"][0].data))
 
 
 def test_a_breach_before_any_version_passed_the_monitor_rolls_back_to_the_base_model():
@@ -363,9 +363,9 @@ def test_a_breach_before_any_version_passed_the_monitor_rolls_back_to_the_base_m
     (rollback,) = [a for a in sinks.alerts if a["type"] == "rollback"][:1]
     assert rollback["to"] == "base" and rollback["cause"] == "delta_ratio"
     rolled = store.load(rollback["version"])
-    assert rolled.manifest["tags"]["rollback_to"] == "base" and rolled.states == {"s-worker-0": []}
-    # fresh state at the rollback: what the worker holds now was read after it, no poison in it
-    assert pool.workers[0].read and not poison & set(pool.workers[0].read)
+    assert rolled.manifest["tags"]["rollback_to"] == "base" and rolled.states == {"s-reader-0": []}
+    # fresh state at the rollback: what the reader holds now was read after it, no poison in it
+    assert pool.readers[0].read and not poison & set(pool.readers[0].read)
 
 
 def test_a_failed_context_parallel_read_goes_back_to_the_checkpoint_and_a_hopeless_one_to_dead_letters():
@@ -379,42 +379,42 @@ def test_a_failed_context_parallel_read_goes_back_to_the_checkpoint_and_a_hopele
     summary = proc.run(until_idle_s=0.05)
 
     # One failure, then the read worked: the part learned is dropped with the checkpoint.
-    assert pool.workers[0].read == pool_a.workers[0].read
+    assert pool.readers[0].read == pool_a.readers[0].read
     # Three failures: the document goes to the dead-letter topic once, nothing of it stays
     # learned, and everything else is read.
     assert summary.parallel_failures == 1 + 3 and summary.dead_letters == 1
     assert json.loads(sinks.dead_letters[0])["id"] == "p1-007"
-    assert pool.workers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-007"]
+    assert pool.readers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-007"]
     assert source.commits[-1] == {0: 20, 1: 20}
 
 
-def test_documents_go_to_the_workers_in_batches_and_a_death_mid_batch_loses_nothing():
+def test_documents_go_to_the_readers_in_batches_and_a_death_mid_batch_loses_nothing():
     docs = documents(2, 23)
     straight, pool_a, _, _ = processor(docs, store=FakeStore())
     straight.run(until_idle_s=0.05)
 
-    batched, pool, source, sinks = processor(docs, store=FakeStore(), batch_documents=4, max_in_flight_per_worker=4)
+    batched, pool, source, sinks = processor(docs, store=FakeStore(), batch_documents=4, max_in_flight_per_reader=4)
     pool.kill(1, after=14)  # inside a batch
     summary = batched.run(until_idle_s=0.05)
 
     assert max(pool.batches) == 4 and pool.restarts == 1 and summary.retries >= 1
-    assert [w.read for w in pool.workers] == [w.read for w in pool_a.workers]  # states exactly once
+    assert [w.read for w in pool.readers] == [w.read for w in pool_a.readers]  # states exactly once
     assert {r["id"] for r in sinks.results} == {d["id"] for p in docs.values() for d in p}
     assert source.commits[-1] == {0: 23, 1: 23}
 
 
-def test_batch_documents_defaults_to_eight_on_a_gpu_worker_of_a_batching_scope_and_never_above_the_in_flight_bound():
-    gpu = dict(worker_num_gpus=1, scope="per_document")
+def test_batch_documents_defaults_to_eight_on_a_gpu_reader_of_a_batching_scope_and_never_above_the_in_flight_bound():
+    gpu = dict(reader_num_gpus=1, scope="per_document")
     assert ProcessorConfig().documents_per_call == 1
-    assert ProcessorConfig(**gpu, max_in_flight_per_worker=16).documents_per_call == 8
-    assert ProcessorConfig(**gpu).documents_per_call == 2  # max_in_flight_per_worker 2
-    assert ProcessorConfig(worker_num_gpus=1, scope="per_key", max_in_flight_per_worker=16).documents_per_call == 8
-    assert ProcessorConfig(worker_num_gpus=1, scope="global", max_in_flight_per_worker=16).documents_per_call == 1
+    assert ProcessorConfig(**gpu, max_in_flight_per_reader=16).documents_per_call == 8
+    assert ProcessorConfig(**gpu).documents_per_call == 2  # max_in_flight_per_reader 2
+    assert ProcessorConfig(reader_num_gpus=1, scope="per_key", max_in_flight_per_reader=16).documents_per_call == 8
+    assert ProcessorConfig(reader_num_gpus=1, scope="global", max_in_flight_per_reader=16).documents_per_call == 1
     import pytest
 
     from pipeline.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match=r"processor\.batch_documents \(4\) is above processor\.max_in_flight_per_worker"):
+    with pytest.raises(ConfigError, match=r"processor\.batch_documents \(4\) is above processor\.max_in_flight_per_reader"):
         parse_config({"processor": {"batch_documents": 4}}, environ={})
 
 
@@ -453,13 +453,13 @@ def test_the_fast_delta_ratio_is_bounded_per_square_root_of_the_chunks_a_documen
     assert unscaled.observe(long_and_good).rule == "delta_ratio"  # no chunk size known: the ratio itself
 
 
-def test_a_document_that_kills_its_worker_every_time_is_dead_lettered_once_and_passed_over():
+def test_a_document_that_kills_its_reader_every_time_is_dead_lettered_once_and_passed_over():
     docs = documents(2, 23)
     straight, pool_a, _, _ = processor(docs, store=FakeStore())
     straight.run(until_idle_s=0.05)
 
     proc, pool, source, sinks = processor(docs, store=FakeStore(), max_attempts=3, batch_documents=4,
-                                          max_in_flight_per_worker=4)
+                                          max_in_flight_per_reader=4)
     pool.killers = {"p0-013"}
     summary = proc.run(until_idle_s=0.05)
 
@@ -468,9 +468,9 @@ def test_a_document_that_kills_its_worker_every_time_is_dead_lettered_once_and_p
     assert pool.in_flight_at_kill[0] == 4 and pool.in_flight_at_kill[1:] == [1, 1]
     assert pool.restarts == 3 and summary.dead_letters == 1
     assert json.loads(sinks.dead_letters[0])["id"] == "p0-013"
-    # States exactly once, without the killer; the other worker never noticed.
-    assert pool.workers[0].read == [d["id"] for d in docs[0] if d["id"] != "p0-013"]
-    assert pool.workers[1].read == pool_a.workers[1].read
+    # States exactly once, without the killer; the other reader never noticed.
+    assert pool.readers[0].read == [d["id"] for d in docs[0] if d["id"] != "p0-013"]
+    assert pool.readers[1].read == pool_a.readers[1].read
     assert {r["id"] for r in sinks.results} == {d["id"] for p in docs.values() for d in p} - {"p0-013"}
     assert source.commits[-1] == {0: 23, 1: 23}
 
@@ -500,7 +500,7 @@ def test_control_refusals_are_dead_lettered_counted_and_every_command_kind_is_ra
         {"refused: unsigned command": 51}]
     assert [a["request_id"] for a in sinks.alerts if a["type"] == "rollback"] == ["first"]
     (forget,) = [a for a in sinks.alerts if a["type"] == "forget"]
-    # Workers, the tombstone and the erasure all name the state, never the key itself.
+    # Readers, the tombstone and the erasure all name the state, never the key itself.
     state_key = TenantKeys.unpersisted("s").state_key("k1")
     assert forget["request_id"] == "forget-1" and forget["state_key"] == state_key and "k1" not in json.dumps(forget)
     store = proc.recovery.checkpointer.store
@@ -508,7 +508,7 @@ def test_control_refusals_are_dead_lettered_counted_and_every_command_kind_is_ra
     assert summary.dead_letters == 54 and len(sinks.dead_letters) == 54
 
 
-def test_a_document_past_its_deadline_restarts_its_worker_and_is_dead_lettered_after_max_attempts():
+def test_a_document_past_its_deadline_restarts_its_reader_and_is_dead_lettered_after_max_attempts():
     docs = documents(2, 12)
     proc, pool, source, sinks = processor(docs, store=FakeStore(), max_attempts=2, document_timeout_s=0.2)
     pool.hangers = {"p1-005"}
@@ -519,8 +519,8 @@ def test_a_document_past_its_deadline_restarts_its_worker_and_is_dead_lettered_a
     assert [a["document"] for a in timeouts] == ["p1-005", "p1-005"] and pool.restarts == 2
     assert time.monotonic() - started >= 0.4  # two deadlines passed
     assert summary.dead_letters == 1 and json.loads(sinks.dead_letters[0])["id"] == "p1-005"
-    assert pool.workers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-005"]
-    assert pool.workers[0].read == [d["id"] for d in docs[0]]
+    assert pool.readers[1].read == [d["id"] for d in docs[1] if d["id"] != "p1-005"]
+    assert pool.readers[0].read == [d["id"] for d in docs[0]]
     assert source.commits[-1] == {0: 12, 1: 12}
 
 
@@ -555,7 +555,7 @@ def test_documents_that_kill_their_reader_are_dead_lettered_without_spending_the
     summary = proc.run(until_idle_s=0.05)
     assert pool.restarts > 2 * 5 and summary.dead_letters == 4
     assert sorted(json.loads(d)["id"] for d in sinks.dead_letters) == sorted(killers)
-    assert pool.workers[0].read == [d["id"] for d in docs[0] if d["id"] not in killers]
+    assert pool.readers[0].read == [d["id"] for d in docs[0] if d["id"] not in killers]
 
 
 class FakeLearner:
@@ -664,6 +664,6 @@ def test_with_the_gate_a_checkpoint_that_failed_is_retried_and_reading_goes_on()
                            learner=learner)
     proc.run(until_idle_s=0.2)
 
-    assert pool.workers[0].read == [d["id"] for d in docs[0]]  # MLflow came back: nothing stalled, nothing lost
+    assert pool.readers[0].read == [d["id"] for d in docs[0]]  # MLflow came back: nothing stalled, nothing lost
     assert source.commits[-1] == {0: 30} and store.load(LIVE).manifest["documents"] == 30
     assert learner.judged_at == [5, 10, 15, 20, 25, 30]  # each position judged once, written or not

@@ -24,7 +24,7 @@ from tests.conftest import ROOT
 from tests.pipeline.test_stream_e2e import produce, read_topic, share_salt, short_documents, stream_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-SETTINGS = dict(workers=2, worker_num_cpus=0.5, scope="global", deterministic=True, base_loss_sample_rate=0.0)
+SETTINGS = dict(readers=2, reader_num_cpus=0.5, scope="global", deterministic=True, base_loss_sample_rate=0.0)
 
 
 def checkpoint_settings(stack):
@@ -32,7 +32,7 @@ def checkpoint_settings(stack):
 
 
 def final_states(config) -> list[list[tuple[str, str, int]]]:
-    """Per worker (by index): (key, sha256, documents) of each state in the newest version (head)."""
+    """Per reader (by index): (key, sha256, documents) of each state in the newest version (head)."""
     states = CheckpointStore(config.mlflow, config.stream.name).load(HEAD).states
     return [[(b.key, b.sha256, b.documents) for b in states[name]] for name in sorted(states)]
 

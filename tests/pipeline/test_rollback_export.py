@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
-    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0)
+    config = stream_config(stack, tmp_path, readers=1, base_loss_sample_rate=0.0)
     config = config.model_copy(update={"processor": config.processor.model_copy(update={
         "checkpoint": config.processor.checkpoint.model_copy(update={"every_documents": 5, "every_seconds": 3600.0}),
     })})
@@ -48,7 +48,7 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
         assert rolled.returncode == 0, rolled.stderr[-3000:]
         serving_s = float(re.search(r"serving it ([0-9.]+) s after the request", rolled.stdout).group(1))
         assert serving_s < 5.0, rolled.stdout
-        print(f"rollback on command: workers serving v1 {serving_s:.2f} s after the request")
+        print(f"rollback on command: readers serving v1 {serving_s:.2f} s after the request")
     finally:
         stop.set()
         runner.join(timeout=120)
@@ -78,7 +78,7 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     live = store.load(LIVE)
     slow = live.manifest["model_config"]["slow"]
     assert slow["enabled"]
-    # The stream's one state: on its learner (the embedded default), else on its worker.
+    # The stream's one state: on its learner (the embedded default), else on its reader.
     (blob,) = [b for blobs in live.states.values() for b in blobs if b.key not in RESERVED_KEYS]
     tensors = load(blob.data)
     reference = load_ttt_model(ROOT / "models/ttt-tiny-qwen3", dtype=torch.float32).eval()

@@ -56,7 +56,7 @@ def test_a_restarted_in_memory_broker_under_a_kept_checkpoint_is_refused_then_re
     port = free_port()
     local = LocalStack(LocalStackConfig(data_dir=tmp_path / "broker",
                                         broker=stack.local_stack.broker.model_copy(update={"port": port})))
-    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0)
+    config = stream_config(stack, tmp_path, readers=1, base_loss_sample_rate=0.0)
     config = config.model_copy(update={"kafka": config.kafka.model_copy(
         update={"bootstrap_servers": f"127.0.0.1:{port}"})})
     docs = [json.dumps(d).encode() for d in short_documents(8, length=100)]
@@ -93,7 +93,7 @@ def test_a_topic_created_again_with_more_records_than_the_checkpoint_s_offset_is
     from pipeline.processing.job import run_stream
     from tests.pipeline.test_stream_e2e import short_documents
 
-    config = stream_config(stack, tmp_path, workers=1, base_loss_sample_rate=0.0)
+    config = stream_config(stack, tmp_path, readers=1, base_loss_sample_rate=0.0)
     docs = [json.dumps(d).encode() for d in short_documents(8, length=100)]
     ensure_topics(config.kafka)
     produce(config, docs[:3], partitions=[0] * 3)

@@ -1,8 +1,8 @@
 """End to end on the real stack: broker, Ray actors, the shipped model.
 
-Documents go through the broker to two workers sharing the documents topic's partitions;
+Documents go through the broker to two readers sharing the documents topic's partitions;
 every id comes back exactly once, malformed messages land in the dead-letter topic with their
-reason and original bytes, and a worker killed mid-stream is restarted without losing or
+reason and original bytes, and a reader killed mid-stream is restarted without losing or
 repeating a document.
 """
 
@@ -47,13 +47,13 @@ def stream_config(stack: AppConfig, tmp_path, **processor) -> AppConfig:
         for name in ("documents", "results", "metrics", "alerts", "dead_letter", "control")
     })
     kafka = stack.kafka.model_copy(update={"topics": topics, "group_id": f"test-{run}"})
-    settings = {"workers": 2, "worker_num_cpus": 0.5, "spill_dir": tmp_path / "spill", "commit_interval_s": 1.0,
+    settings = {"readers": 2, "reader_num_cpus": 0.5, "spill_dir": tmp_path / "spill", "commit_interval_s": 1.0,
                 "status_interval_s": 2.0, "poll_timeout_ms": 100, **processor}
     # Rehearsal every fourth slow step instead of every step: the stack tests check the pipeline,
     # not how much the model forgets, and CI has 2 cores.
     slow = stack.model.slow.model_copy(update={"rehearsal_every": 4})
     if settings.get("scope", stack.processor.scope) != "global":
-        # The learner trains one slow state for the stream; other scopes learn on their workers.
+        # The learner trains one slow state for the stream; other scopes learn on their readers.
         settings.setdefault("learner", stack.processor.learner.model_copy(update={"enabled": False}))
     # Readers beside the learner (the embedded default's synchronous learner has no readers):
     # what these tests check is the readers' pipeline; test_learner_stream runs the default's.
@@ -141,8 +141,8 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     results = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.results, expect=200)]
     ids = [r["id"] for r in results]
     assert sorted(ids) == sorted(d["id"] for d in docs)  # all present, none twice
-    assert {r["worker"] for r in results} == {f"{config.stream.name}-worker-0", f"{config.stream.name}-worker-1"}
-    assert {r["partition"] for r in results} == {0, 1}  # two workers share the topic's partitions
+    assert {r["reader"] for r in results} == {f"{config.stream.name}-reader-0", f"{config.stream.name}-reader-1"}
+    assert {r["partition"] for r in results} == {0, 1}  # two readers share the topic's partitions
     assert all(r["tokens"] > 0 and r["loss"] > 0 and r["fast_weight_norm"] >= 0 for r in results)
     keys = TenantKeys(CheckpointStore(config.mlflow, config.stream.name).key_salt())
     assert {r["state_key"] for r in results} == {keys.state_key(k) for k in ("k0", "k1", "k2")}  # names, not keys
@@ -158,7 +158,7 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     status = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.metrics, expect=1)]
     final = [s for s in status if s.get("final")]
     assert final and final[-1]["documents"] == 200 and final[-1]["dead_letters"] == 20
-    assert len(final[-1]["workers"]) == 2 and all(w["alive"] for w in final[-1]["workers"])
+    assert len(final[-1]["readers"]) == 2 and all(w["alive"] for w in final[-1]["readers"])
 
     # What `ttt-stream status` shows: the last report, and every record committed.
     from pipeline.observability.stream_status import read_stream_status
@@ -168,7 +168,7 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     assert sum(row["committed"] for row in shown["partitions"]) == len(values)
 
 
-def test_a_killed_worker_is_restarted_from_the_checkpoint_and_no_document_is_lost(stack, ray_session, tmp_path):
+def test_a_killed_reader_is_restarted_from_the_checkpoint_and_no_document_is_lost(stack, ray_session, tmp_path):
     import ray
 
     config = stream_config(stack, tmp_path, scope="per_document")
@@ -184,7 +184,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_no_document_is_los
     deadline = time.monotonic() + 120
     while victim is None and time.monotonic() < deadline:
         try:
-            victim = ray.get_actor(f"{config.stream.name}-worker-0")
+            victim = ray.get_actor(f"{config.stream.name}-reader-0")
         except ValueError:
             time.sleep(0.2)
     ray.get(victim.ready.remote(), timeout=120)
@@ -195,10 +195,10 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_no_document_is_los
     summary = outcome["summary"]
     assert summary.dead_letters == 0 and summary.retries >= 1
     results = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.results, expect=40)]
-    # The dead worker's documents since the last checkpoint are read again: every id is there,
+    # The dead reader's documents since the last checkpoint are read again: every id is there,
     # some twice (results are at least once; states exactly once, see test_recovery).
     assert {r["id"] for r in results} == {d["id"] for d in docs}
     status = [json.loads(r.value) for r in read_topic(config, config.kafka.topics.metrics, expect=1)]
-    restarted = [w for s in status if s.get("final") for w in s["workers"] if w.get("restarted")]
-    assert [w["worker"] for w in restarted] == [f"{config.stream.name}-worker-0"]
-    assert all(len(w["node_id"]) > 8 and w["node_ip"] for s in status for w in s["workers"] if w.get("alive"))
+    restarted = [w for s in status if s.get("final") for w in s["readers"] if w.get("restarted")]
+    assert [w["reader"] for w in restarted] == [f"{config.stream.name}-reader-0"]
+    assert all(len(w["node_id"]) > 8 and w["node_ip"] for s in status for w in s["readers"] if w.get("alive"))

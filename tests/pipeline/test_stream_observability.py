@@ -37,7 +37,7 @@ def value(samples: dict, name: str, **labels) -> float | None:
 def test_prometheus_and_mlflow_follow_the_stream_while_it_runs(
         stack, ray_session, tmp_path):
     port = free_port()
-    config = stream_config(stack, tmp_path, workers=1, worker_num_cpus=1.0, base_loss_sample_rate=0.5,
+    config = stream_config(stack, tmp_path, readers=1, reader_num_cpus=1.0, base_loss_sample_rate=0.5,
                            status_interval_s=1.0)
     processor = config.processor.model_copy(update={
         "metrics": config.processor.metrics.model_copy(update={"port": port}),
@@ -59,7 +59,7 @@ def test_prometheus_and_mlflow_follow_the_stream_while_it_runs(
             try:
                 seen.append(scrape(url))
             except OSError:
-                pass  # not serving yet (workers starting) or no longer (the run ended)
+                pass  # not serving yet (readers starting) or no longer (the run ended)
             time.sleep(0.3)
     finally:
         runner.join(timeout=300)
@@ -99,7 +99,7 @@ def test_prometheus_and_mlflow_follow_the_stream_while_it_runs(
                               f"tags.`ttt.stream` = '{stream}' and tags.`ttt.kind` = 'processor'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run_id = runs[0].info.run_id
-    assert runs[0].data.params["scope"] == config.processor.scope and runs[0].data.params["workers"] == "1"
+    assert runs[0].data.params["scope"] == config.processor.scope and runs[0].data.params["readers"] == "1"
     documents = client.get_metric_history(run_id, "documents_this_run")
     steps = [m.step for m in sorted(documents, key=lambda m: m.timestamp)]
     assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] == N  # one point per status report

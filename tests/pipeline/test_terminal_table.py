@@ -32,11 +32,11 @@ def test_in_80_columns_the_needed_columns_are_uncut_and_the_optional_ones_give_w
     assert '{"0": 5012, "1": 4990, "2": 5003, "3": 5001}' in wide and "created" in wide and "parent" in wide
 
 
-def test_the_workers_table_fits_80_columns():
+def test_the_readers_table_fits_80_columns():
     report = {"stream": "s", "time": time.time(), "final": False, "documents": 12, "dead_letters": 0,
               "tokens_per_s": 100.0, "in_flight": 1, "queued": 0,
-              "workers": [{"worker": "prod-stream-worker-0", "alive": True, "restarted": False, "partitions": [0, 1, 2],
+              "readers": [{"reader": "prod-stream-reader-0", "alive": True, "restarted": False, "partitions": [0, 1, 2],
                            "documents": 1200, "tokens": 4_800_000, "parallel_windows": 5, "device": "cuda:0",
                            "node_id": "f3a9c2d1e0b4", "node_ip": "10.0.0.7"}]}
     out = status_output(report, width=80)
-    assert "prod-stream-worker-0" in out and "0,1,2" in out and "1200" in out and "…" not in out, out
+    assert "prod-stream-reader-0" in out and "0,1,2" in out and "1200" in out and "…" not in out, out

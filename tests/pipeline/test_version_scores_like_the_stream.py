@@ -2,7 +2,7 @@
 
 A DocumentReader with non-default TTT overrides (decay, cap, gradient objective) or slow weights
 reads a few documents; its states go through the checkpoint path; then the pyfunc model loaded
-from the registry scores a text as the worker reads it, and ``export`` gives a plain model whose
+from the registry scores a text as the reader reads it, and ``export`` gives a plain model whose
 loss is the merged state's.
 """
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from actors.document_reader import DocumentTask, DocumentReader
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader
 from pipeline.state.checkpoint import LIVE, CheckpointError, CheckpointRequest, CheckpointStore, base_model_id
 from pipeline.state.export import export_checkpoint
 from tests.sample_text import SAMPLE_TEXT
@@ -52,14 +53,14 @@ def pyfunc_loss(stack, store: CheckpointStore, text: str, **model_config) -> flo
     {"max_delta_ratio": 0.05, "max_update_norm": 0.5},
     {"objective": "gradient", "gradient_lr": 0.3, "max_delta_ratio": 0.05},
 ], ids=["decay", "cap-clip", "gradient"])
-def test_pyfunc_scores_like_the_worker_and_export_equals_the_merged_state(stack, tmp_path, overrides):
-    worker = DocumentReader(standalone_reader_spec(MODEL, device="cpu", ttt=overrides, spill_dir=str(tmp_path)), "w0")
+def test_pyfunc_scores_like_the_reader_and_export_equals_the_merged_state(stack, tmp_path, overrides):
+    reader = DocumentReader(standalone_reader_spec(MODEL, device="cpu", ttt=overrides, spill_dir=str(tmp_path)), "w0")
     for i, doc in enumerate(DOCS):
-        worker.process(DocumentTask(f"d{i}", doc))
-    store = checkpoint(stack, worker)
-    assert store.load(LIVE).manifest["model_config"]["ttt"] == worker.effective_config()["ttt"]
-    # The worker reads the probe from the same state: the version must score it the same way.
-    want = worker.process(DocumentTask("probe", PROBE)).loss
+        reader.process(DocumentTask(f"d{i}", doc))
+    store = checkpoint(stack, reader)
+    assert store.load(LIVE).manifest["model_config"]["ttt"] == reader.effective_config()["ttt"]
+    # The reader reads the probe from the same state: the version must score it the same way.
+    want = reader.process(DocumentTask("probe", PROBE)).loss
     assert pyfunc_loss(stack, store, PROBE) == pytest.approx(want, rel=1e-5)
 
     exported = export_checkpoint(store.load(LIVE), tmp_path / "export")
@@ -68,8 +69,8 @@ def test_pyfunc_scores_like_the_worker_and_export_equals_the_merged_state(stack,
     plain = AutoModelForCausalLM.from_pretrained(exported).eval()
     merged = DocumentReader(standalone_reader_spec(MODEL, device="cpu", ttt=overrides, spill_dir=str(tmp_path)), "w1")
     (blob,) = store.load(LIVE).states["w0"]
-    merged.states.restore([blob])
-    merged.states.get(None).state.fast.merge_into(merged.model)
+    merged.mode.states.restore([blob])
+    merged.mode.states.get(None).state.fast.merge_into(merged.model)
     from ttt_model.patch import static_mode
 
     with static_mode(merged.model):
@@ -79,10 +80,10 @@ def test_pyfunc_scores_like_the_worker_and_export_equals_the_merged_state(stack,
 
 def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tmp_path):
     spec = standalone_reader_spec(MODEL, device="cpu", slow={"enabled": True, "lr": 3e-3}, spill_dir=str(tmp_path))
-    worker = DocumentReader(spec, "w0")
+    reader = DocumentReader(spec, "w0")
     for i, doc in enumerate(DOCS):
-        worker.process(DocumentTask(f"d{i}", doc))
-    store = checkpoint(stack, worker)
+        reader.process(DocumentTask(f"d{i}", doc))
+    store = checkpoint(stack, reader)
     (blob,) = store.load(LIVE).states["w0"]
     tensors = load(blob.data)
     assert any(k.startswith("slow.") for k in tensors) and not any(
@@ -97,7 +98,7 @@ def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tm
         for name in {k[len("slow."):].rsplit(".", 1)[0] for k in tensors if k.endswith(".A")}:
             weight = reference.get_submodule(name).weight
             weight += scale * tensors[f"slow.{name}.B"] @ tensors[f"slow.{name}.A"]
-    ids = torch.tensor(worker.tokenizer(PROBE, add_special_tokens=False)["input_ids"])[None]
+    ids = torch.tensor(reader.tokenizer(PROBE, add_special_tokens=False)["input_ids"])[None]
     with torch.no_grad():
         want = TTTSession(reference).feed(ids).nll[0, 1:].double().mean().item()
     assert pyfunc_loss(stack, store, PROBE) == pytest.approx(want, rel=1e-5)
@@ -108,9 +109,9 @@ def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tm
     from ttt_model.patch import static_mode
 
     with static_mode(reference):
-        want_static = static_loss(reference, worker.tokenizer, PROBE)
+        want_static = static_loss(reference, reader.tokenizer, PROBE)
     plain = AutoModelForCausalLM.from_pretrained(exported).eval()
-    assert static_loss(plain, worker.tokenizer, PROBE) == pytest.approx(want_static, rel=1e-5)
+    assert static_loss(plain, reader.tokenizer, PROBE) == pytest.approx(want_static, rel=1e-5)
 
 
 def test_a_per_key_version_loads_as_a_new_tenant_s_model_or_one_tenant_s_by_key(stack, tmp_path):
@@ -138,12 +139,12 @@ def test_a_version_of_two_readers_own_states_needs_a_choice(stack, tmp_path):
     with pytest.raises(Exception, match="holds 2 states"):
         pyfunc_loss(stack, store, PROBE)
     want = readers[1].process(DocumentTask("probe", PROBE)).loss
-    assert pyfunc_loss(stack, store, PROBE, worker="w1") == pytest.approx(want, rel=1e-5)
+    assert pyfunc_loss(stack, store, PROBE, reader="w1") == pytest.approx(want, rel=1e-5)
     with pytest.raises(CheckpointError, match="holds 2 states"):
         export_checkpoint(store.load(LIVE), tmp_path / "export")
 
 
-def test_mlflow_models_serve_answers_invocations_with_the_worker_s_loss(stack, tmp_path):
+def test_mlflow_models_serve_answers_invocations_with_the_reader_s_loss(stack, tmp_path):
     """``mlflow models serve -m models:/<stream>-ttt@live --env-manager local``, over HTTP."""
     import json
     import os
@@ -156,11 +157,11 @@ def test_mlflow_models_serve_answers_invocations_with_the_worker_s_loss(stack, t
 
     from tests.conftest import free_port
 
-    worker = DocumentReader(standalone_reader_spec(MODEL, device="cpu", spill_dir=str(tmp_path)), "w0")
+    reader = DocumentReader(standalone_reader_spec(MODEL, device="cpu", spill_dir=str(tmp_path)), "w0")
     for i, doc in enumerate(DOCS):
-        worker.process(DocumentTask(f"d{i}", doc))
-    store = checkpoint(stack, worker)
-    want = worker.process(DocumentTask("probe", PROBE)).loss  # from the state the version holds
+        reader.process(DocumentTask(f"d{i}", doc))
+    store = checkpoint(stack, reader)
+    want = reader.process(DocumentTask("probe", PROBE)).loss  # from the state the version holds
 
     port = free_port()
     # MLflow starts its scoring server as `uvicorn ...` from PATH: the venv's, as when activated.

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from ttt_model.chunk_conv import chunk_conv, chunk_conv_plain
 
 SHAPES = [  # B, chunks, C, d, k, tokens past the last whole chunk (a strided input)
@@ -71,7 +72,6 @@ KERNEL_CHECK = """
 import json, sys, torch
 from tests.ttt_model.test_chunk_conv import SHAPES, random_inputs, reference
 from ttt_model.chunk_conv import chunk_conv
-from tests.conftest import ROOT
 errors = []
 for i, shape in enumerate(SHAPES):
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from ttt_model.token_nll import token_nll, token_nll_plain
 
 CASES = [  # batch, positions, vocabulary, kernel block (several blocks, the last one partial)
@@ -32,7 +33,7 @@ def reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def random_case(case, seed: int, dtype=torch.float64):
     """Logits of one more position than scored, scored as ``logits[:, :-1]``: the strided view
-    the worker passes. Scaled so that the softmax is far from uniform."""
+    the reader passes. Scaled so that the softmax is far from uniform."""
     B, P, V, _ = case
     g = torch.Generator().manual_seed(seed)
     logits = (4 * torch.randn(B, P + 1, V, generator=g, dtype=torch.float64)).to(dtype)
@@ -58,7 +59,6 @@ KERNEL_CHECK = """
 import json, torch
 from tests.ttt_model.test_token_nll import CASES, random_case, reference
 from ttt_model.token_nll import _token_nll_triton
-from tests.conftest import ROOT
 errors = []
 for i, case in enumerate(CASES):
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
