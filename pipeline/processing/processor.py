@@ -10,45 +10,38 @@ only after the broker acknowledged every output for what lies below.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
-from pipeline.stream_io.control import ControlCommand
+from pipeline.processing.learning_admission import LearningAdmission, decision_kind
 from pipeline.processing.ledger import PendingDocument, StreamLedger
-from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, reason_kind, result_message
-from pipeline.observability.metrics import partition_lag
-from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, ReaderDied
-from pipeline.processing.recovery import CommandFailed, RecoveryPolicy, RestartBudget, StreamParts
+from pipeline.processing.reader_deadlines import ReaderDeadlines
+from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderDied, ReaderPool
+from pipeline.processing.recovery import RecoveryPolicy, StreamParts
 from pipeline.processing.run_summary import RunSummary
+from pipeline.processing.status_report import StatusReport
+from pipeline.processing.stream_commands import CommandSource, StreamCommands
+from pipeline.processing.stream_events import DocumentRead, DocumentRejected, LearningDecided, StreamEvents
 from pipeline.state.tenant_keys import TenantKeys
+from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, result_message
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
-from pipeline.processing.learning_admission import LearningAdmission, decision_kind
-from pipeline.processing.learner_pace import LearnerPace, learner_pace
-from pipeline.processing.stream_events import (DocumentRead, DocumentRejected, LearningDecided, Progress, RolledBack,
-                                               StatusTick, StreamEvents)
 
 log = logging.getLogger(__name__)
 
 
-class CommandSource(Protocol):
-    """Where signed control commands come from (``pipeline.stream_io.control.ControlSource``):
-    each record with its verified command, or why it was refused."""
-
-    def poll(self) -> list[tuple[ConsumerRecord, ControlCommand | str]]: ...
-
-
 class StreamProcessor:
-    """The run loop. Everything it works with is given, nothing is optional: how progress is made
-    durable and failures recovered is the ``recovery`` policy; who watches (metrics, the MLflow
-    run, the monitor, the alert topic) subscribes to ``events`` (``pipeline.processing.job.build_processor``
-    wires one up)."""
+    """The run loop: poll -> accept -> dispatch -> collect -> drain. Everything it works with is
+    given, nothing is optional: how progress is made durable and failures recovered is the
+    ``recovery`` policy; who watches (metrics, the MLflow run, the monitor, the alert topic)
+    subscribes to ``events`` (``pipeline.processing.job.build_processor`` wires one up). Beside
+    the loop, between two of its turns: the control records (``StreamCommands``), the readers'
+    deadlines (``ReaderDeadlines``) and the status report (``StatusReport``)."""
 
     def __init__(
         self,
@@ -71,13 +64,10 @@ class StreamProcessor:
         self.source = source
         self.sinks = sinks
         self.stream = stream
-        self.status = status
-        self._learner_behind = False
         self.pool = pool  # reader i owns the partitions assigned to i
         self.reader_of = dict(assignment)
         self.ledger = StreamLedger(len(pool.names), start_offsets)
         self.events = events
-        self.control = control
         self.learner = learner  # trains the slow weights; the readers read with its versions
         self.keys = keys  # names of per-key states
         self.admission = admission  # which documents the learner may learn from (None: all but the held-out)
@@ -85,14 +75,11 @@ class StreamProcessor:
         self.recovery = recovery
         recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, self.reader_of, self.summary,
                                     learner, events, self._finish_rejected, self._settle))
-        self._last_outcome = None
-        self.rollbacks: list[dict[str, Any]] = []
-        events.subscribe(RolledBack, lambda e: self.rollbacks.append(e.record))
+        self.commands = StreamCommands(config, stream, control, recovery, sinks, keys, admission, self._settle,
+                                       self._dead_letter)
+        self.deadlines = ReaderDeadlines(config, stream, self.ledger, pool, learner, sinks)
+        self.report = StatusReport(stream, self.ledger, source, self.summary, recovery, learner, status, events, sinks)
         self.unread_partitions: list[int] = []  # partitions added to the topic while running
-        self._restarting: set[int] = set()  # readers restarted for a deadline, until their recovery
-        self.restarts = RestartBudget(config.max_restarts, config.restart_window_s)
-        self._last_command: dict[str, float] = {}  # action -> monotonic time the control topic last had it done
-        self._control_refused: dict[str, int] = {}  # refused control records by reason kind, since the last alert
         self.stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -112,25 +99,25 @@ class StreamProcessor:
                         self.summary.first_record_at = last_activity
                 for record in records:
                     self._accept(record)
-                if self._handle_commands():
+                if self.commands.handle():
                     last_activity = time.monotonic()  # a flood of control records is not idleness
                 self._dispatch()
                 if self._collect(timeout_s=0.0 if records else cfg.poll_timeout_ms / 1000):
                     last_activity = time.monotonic()
                 now = time.monotonic()
-                self._enforce_deadline(now)
+                self.deadlines.enforce(now)
                 self.recovery.tick(now)
                 if time.monotonic() - now > cfg.poll_timeout_ms / 1000:
                     # A checkpoint's time (finishing what was taken in, judging, writing) is work,
                     # not idleness: the topic is polled again before the stream may stop as idle.
                     last_activity = time.monotonic()
                 if now - last_status >= cfg.status_interval_s:
-                    self._alert_control_refusals()
-                    self._publish_status(now - started)
+                    self.commands.alert_refusals()
+                    self.report.publish(now - started)
                     self._check_partitions()
                     last_status = now
                 if now - last_progress >= 1.0:
-                    self._report_progress()
+                    self.report.progress()
                     last_progress = now
                 if until_idle_s is not None and not self.ledger.busy and now - last_activity >= until_idle_s:
                     log.info("idle for %.1f s: stopping", now - last_activity)
@@ -139,9 +126,9 @@ class StreamProcessor:
             self.recovery.finish()
         finally:
             self.summary.wall_s = time.monotonic() - started
-        self._report_progress()
-        self._alert_control_refusals()
-        self._publish_status(self.summary.wall_s, final=True)
+        self.report.progress()
+        self.commands.alert_refusals()
+        self.report.publish(self.summary.wall_s, final=True)
         self.sinks.flush()
         return self.summary
 
@@ -230,13 +217,9 @@ class StreamProcessor:
                 outcome = self.pool.result(handle)
             except ReaderDied:
                 self.learner.check()  # a reader waiting on a dead learner's version: LearnerDied
-                # Charged once per cause: not for a deadline restart (counted when asked), nor for a
-                # document read again after a death (max_attempts counts those), so that documents
-                # that kill their reader are dead-lettered, not the run stopped.
-                if pending.reader not in self._restarting and not self.ledger.read_again(pending):
-                    self.restarts.died(pending.reader, self.pool.names[pending.reader])
+                self.deadlines.died(pending)  # charged once per cause
                 self.recovery.reader_died(pending)
-                self._restarting.discard(pending.reader)
+                self.deadlines.recovered(pending.reader)
                 continue
             except ContextParallelFailure as err:
                 self.recovery.context_parallel_failed(pending, str(err))
@@ -253,7 +236,6 @@ class StreamProcessor:
                                              learning=task.kept_out or learning),
                               refused=lambda reason, record=pending.record: self._dead_letter(record, reason))
             self.summary.add(outcome)
-            self._last_outcome = outcome
             self.learner.hand_off(task, handed)
             self.ledger.finished(pending)
             self.recovery.document_done()
@@ -266,24 +248,7 @@ class StreamProcessor:
         while self.ledger.busy:
             self._dispatch()
             self._collect(timeout_s=self.config.poll_timeout_ms / 1000)
-            self._enforce_deadline(time.monotonic())  # a document that never finishes must not hold the cut
-
-    def _enforce_deadline(self, now: float) -> None:
-        timeout = self.config.document_timeout_s
-        # The synchronous learner holds the stream's state: stopping it would lose what it
-        # learned since the checkpoint, and the next run would meet the same document again.
-        if timeout is None or getattr(self.learner, "synchronous", False):
-            return
-        for w, (pending, since) in self.ledger.reading_since().items():
-            if now - since > timeout and w not in self._restarting:
-                log.warning("reader %s has read %s/%d for %.0f s (processor.document_timeout_s %g): restarting it",
-                            self.pool.names[w], *pending.position, now - since, timeout)
-                self.sinks.alert({"type": "document_timeout", "stream": self.stream, "reader": self.pool.names[w],
-                                  "document": pending.parsed.task.id, "seconds": round(now - since, 1),
-                                  "time": time.time()})
-                self._restarting.add(w)  # its calls now fail with ReaderDied: recovery takes it from there
-                self.restarts.died(w, self.pool.names[w])
-                self.pool.restart(w)
+            self.deadlines.enforce(time.monotonic())  # a document that never finishes must not hold the cut
 
     def _finish_rejected(self, pending: PendingDocument, reason: str) -> None:
         self._dead_letter(pending.record, reason)
@@ -298,95 +263,6 @@ class StreamProcessor:
 
     def _drain(self) -> None:
         self._settle()
-
-    # -- monitoring and commands -----------------------------------------------------------------
-
-    def _handle_commands(self) -> int:
-        """Carry out (or refuse) the control records of this turn; how many there were."""
-        records = self.control.poll()
-        for record, command in records:
-            refusal = command if isinstance(command, str) else self._refusal(command)
-            if refusal is not None:
-                # Never executed: kept in the dead-letter topic. A signed command's sender waits
-                # for its answer (its request_id); any other refused record is only counted, and
-                # the counts go out once a status interval (_alert_control_refusals).
-                log.debug("control record %s/%d/%d refused: %s", record.topic, record.partition, record.offset, refusal)
-                if isinstance(command, ControlCommand):
-                    self.sinks.alert({"type": "control_error", "stream": self.stream, "error": refusal,
-                                      "request_id": command.request_id, "time": time.time()})
-                else:
-                    kind = reason_kind(refusal)
-                    self._control_refused[kind] = self._control_refused.get(kind, 0) + 1
-                self._dead_letter(record, refusal)
-                continue
-            self._last_command[command.action] = time.monotonic()
-            try:
-                if command.action == "forget":
-                    self.forget(command.key, request_id=command.request_id)
-                elif command.action == "release":
-                    self.release(command.key, request_id=command.request_id)
-                else:
-                    self.rollback(command.to, cause="manual", request_id=command.request_id)
-            except CommandFailed as err:  # MLflow out of reach: the sender hears, the stream goes on
-                log.error("%s %s failed: %s", command.action, command.request_id, err)
-                self.sinks.alert({"type": "control_error", "stream": self.stream, "request_id": command.request_id,
-                                  "error": f"refused: {command.action} failed, nothing changed: {err}",
-                                  "time": time.time()})
-        return len(records)
-
-    def _refusal(self, command: ControlCommand) -> str | None:
-        """Why a signed command is still not carried out (None: it is)."""
-        if command.action == "release":
-            refusal = None if self.admission is not None else (
-                "refused: release needs the learner's admission checks (processor.learner.enabled, "
-                "learner.admission.enabled): this stream quarantines no key")
-        else:
-            refusal = self.recovery.refusal(command.action, command.to)
-        if refusal is not None:
-            return refusal
-        since = time.monotonic() - self._last_command.get(command.action, -math.inf)
-        setting = f"min_{command.action}_interval_s"
-        interval = getattr(self.config.control, setting)
-        if since < interval:
-            return (f"refused: rate limit: a {command.action} was done {since:.0f} s ago "
-                    f"(processor.control.{setting} {interval:g})")
-        return None
-
-    def _alert_control_refusals(self) -> None:
-        if self._control_refused:
-            log.warning("control records refused since the last report: %s", self._control_refused)
-            self.sinks.alert({"type": "control_refused", "stream": self.stream, "counts": self._control_refused,
-                              "time": time.time()})
-            self._control_refused = {}
-
-    def forget(self, key: str, request_id: str | None = None) -> str | None:
-        """Erase ``key``'s per-key state on every reader (in memory, spilled, its replay buffer
-        with it), leave its tombstone, write a version without it and erase its state files from
-        every earlier version (``recovery.forget``); returns the new version. Documents of the key
-        read after this start a new state."""
-        self._settle()  # documents already on the readers finish first
-        state_key = self.keys.state_key_of(key)
-        held, version = self.recovery.forget(state_key)
-        log.info("forgot the key of state %s (held by %d readers): version %s", state_key, held, version)
-        self.sinks.alert({"type": "forget", "stream": self.stream, "state_key": state_key, "held": held,
-                          "version": version, "request_id": request_id, "time": time.time()})
-        return version
-
-    def release(self, key: str, request_id: str | None = None) -> bool:
-        """Let the documents of a quarantined ``key`` be learned again (from the next one taken in;
-        the next checkpoint records it); whether it was quarantined."""
-        state_key = self.keys.state_key_of(key)
-        released = self.admission.release(state_key)
-        if released:
-            self.recovery.release_recorded()
-        log.info("release of the key of state %s: %s", state_key, "released" if released else "was not quarantined")
-        self.sinks.alert({"type": "release", "stream": self.stream, "state_key": state_key, "released": released,
-                          "request_id": request_id, "time": time.time()})
-        return released
-
-    def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
-        """Every reader back to the states of version ``target`` (``pipeline.processing.recovery``)."""
-        return self.recovery.rollback(target, cause, request_id)
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -403,58 +279,3 @@ class StreamProcessor:
         self.sinks.alert({"type": "partitions_changed", "stream": self.stream, "unread_partitions": added,
                           "read_partitions": sorted(self.reader_of), "time": time.time()})
         self.stop()
-
-    def _report_progress(self) -> None:
-        self.events.publish(Progress(self.ledger.committable(), self.source.highwaters(), self.ledger.in_flight,
-                                     self.ledger.queued))
-
-    def _publish_status(self, elapsed_s: float, final: bool = False) -> None:
-        message = {
-            "type": "status",
-            "stream": self.stream,
-            "time": time.time(),
-            "final": final,
-            "in_flight": self.ledger.in_flight,
-            "queued": self.ledger.queued,
-            "committed": {str(p): o for p, o in self.ledger.committable().items()},
-            "checkpoint": self.recovery.status(),
-            **self.summary.as_dict(),
-        }
-        message["wall_s"] = round(elapsed_s, 3)  # the run so far, not the summary's final figure
-        try:
-            report = self.status()
-            message["readers"] = report["readers"]
-            for part in ("context_parallel", "learner"):
-                if part in report:
-                    message[part] = report[part]
-            # A synchronous learner is its own reader: it cannot fall behind itself.
-            reads = "learner" in report and not getattr(self.learner, "synchronous", False)
-            pace = learner_pace(report["readers"], report["learner"]) if reads else None
-            if pace is not None:
-                message["learner_pace"] = pace.as_dict()
-                self._say_if_behind(pace)
-        except Exception as err:  # noqa: BLE001 - status is best effort; the stream goes on
-            message["readers_error"] = repr(err)
-        self.events.publish(StatusTick(message, self._run_figures(), self.recovery.documents_before + self.summary.documents))
-        self.sinks.metrics(message)
-
-    def _say_if_behind(self, pace: LearnerPace) -> None:
-        """A warning and an alert when the learner falls behind its readers (once, until it
-        keeps up again): the readers then wait for its versions."""
-        if pace.behind and not self._learner_behind:
-            log.warning("the learner takes in %.2f documents/s and the readers could read %.2f: they wait for its "
-                        "versions; processor.learner.every: %d would keep up (now %d)", pace.learner_documents_per_s,
-                        pace.readers_documents_per_s, pace.every_to_keep_up, pace.every)
-            self.sinks.alert({"type": "learner_behind", "stream": self.stream, **pace.as_dict(), "time": time.time()})
-        self._learner_behind = pace.behind
-
-    def _run_figures(self) -> dict[str, float | None]:
-        lags = partition_lag(self.ledger.committable(), self.source.highwaters())
-        last = self._last_outcome
-        return {
-            "lag": float(sum(lags.values())) if lags else None,
-            "delta_ratio": last.delta_ratio if last is not None and last.delta_ratio >= 0 else None,
-            "slow_delta_ratio": last.slow_delta_ratio if last is not None and last.slow_delta_ratio > 0 else None,
-            "rollbacks": float(len(self.rollbacks)),
-            **self.recovery.figures(),
-        }

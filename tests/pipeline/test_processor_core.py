@@ -626,9 +626,9 @@ def test_a_rejected_candidate_is_a_version_that_never_goes_live():
     assert learner.judged_at[:-1] == list(range(5, 30, 5)) and learner.judged_at[-1] == 30
     # A rollback to the rejected candidate restores the learner as its verdict left it, and live stays.
     live_before = store.aliases[LIVE]
-    rolled = proc.rollback("2", cause="manual")
+    rolled = proc.commands.rollback("2", cause="manual")
     assert store.aliases[HEAD] == rolled and store.aliases[LIVE] == live_before
-    assert proc.rollback("1", cause="manual") == store.aliases[LIVE]  # a promoted one goes live
+    assert proc.commands.rollback("1", cause="manual") == store.aliases[LIVE]  # a promoted one goes live
     # Every document got its keyed learning decision, and its result says it.
     assert all(not t.kept_out for t in learner.tasks) and {r["learning"] for r in sinks.results} <= {"admitted", "held out"}
     # Each document read was handed on to the learner once, with its position.
