@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -35,17 +33,13 @@ from safetensors.torch import load, save
 
 from actors.call_types import GATE_KEY, PUBLISHED_KEY, DocumentOutcome, DocumentTask, HandedStates, StateBlob, ReaderSpec
 from actors.document_reader import DocumentReader
+from actors.learning_budget import LearningBudget, OutlierWindows
 from actors.promotion_gate import PromotionGate, Verdict
 from actors.reading_modes import SelfLearning
 from actors.state_store import GLOBAL_KEY
 from ttt_model.slow import SlowVersion, rehearsal_chunks
 
 log = logging.getLogger(__name__)
-
-# The windows learned that an outlier's loss is measured against, and how many before any is one.
-OUTLIER_HISTORY, OUTLIER_MIN_HISTORY = 64, 8
-# Admitted documents whose worth (actors.call_types.DocumentTask.worth) sets the bar of the next.
-WORTH_HISTORY = 32
 
 
 class StreamLearner:
@@ -70,58 +64,19 @@ class StreamLearner:
         self.every = every
         self.learned = 0  # documents learned from
         self.position = 0  # documents given to ``learn`` since the stream started (its ledger order)
-        # Of those, the ones neither held out nor kept out: ``every`` counts them, so that a budget of
-        # one document in ``every`` is spent on documents worth learning.
-        self.admitted = 0
-        # ``every`` > 1: documents' worth of budget saved (in 1 / every), and the worths of the last
-        # documents admitted (their median is the bar a document's worth must reach).
-        self.credit = every - 1
-        self.worths: deque[float] = deque(maxlen=WORTH_HISTORY)
+        # Of those neither held out nor kept out, the ones learned: one in ``every``, the newer first.
+        self.budget = LearningBudget(every)
         self.published: deque[SlowVersion] = deque(maxlen=lag)  # versions position - lag + 1 .. position
         self.failures = 0
         self.learn_s = 0.0
         self.taken_here = 0  # documents taken in since this learner was built or restored (its pace)
         self.gate = PromotionGate(gate, self.reader.model, self.reader.slow, self._probe(gate)) \
             if gate is not None and gate.enabled else None
-        self.outlier_margin = outlier_margin
-        self.window_losses: deque[float] = deque(maxlen=OUTLIER_HISTORY)  # of the windows learned, for the median
-        self.outliers = 0
+        self.outlier_windows = OutlierWindows(
+            outlier_margin, lambda: self.gate.kept_out_one("outlier loss") if self.gate is not None else None)
         if outlier_margin is not None:
-            self.reader.slow.admit = self._admit_window
+            self.reader.slow.admit = self.outlier_windows.admit
         self._publish()
-
-    def _takes(self, task: DocumentTask) -> bool:
-        """Whether the learner spends its budget (one in ``every`` admitted documents) on ``task``:
-        a credit of one document per ``every`` admitted, spent on a document at least as new as
-        the median of the last ones admitted (``task.worth``), or on any once two are saved up. In
-        the ledger's order, so a replay takes the same ones; without worths, one in ``every``."""
-        self.admitted += 1
-        if self.every == 1:
-            return True
-        self.credit = min(self.credit + 1, 2 * self.every)
-        worth = task.worth
-        enough = worth is None or not self.worths or worth >= statistics.median(self.worths)
-        if worth is not None:
-            self.worths.append(worth)
-        if self.credit >= self.every and (enough or self.credit >= 2 * self.every):
-            self.credit -= self.every
-            return True
-        return False
-
-    def _admit_window(self, loss: float) -> bool:
-        """Whether a window of this loss takes its slow step: not when it is an outlier against
-        the windows learned before (a document unlike the stream, junk the text checks let by)."""
-        history = self.window_losses
-        if len(history) >= OUTLIER_MIN_HISTORY:
-            median = statistics.median(history)
-            if not math.isfinite(loss) or loss > median * (1 + self.outlier_margin):
-                self.outliers += 1
-                if self.gate is not None:
-                    self.gate.kept_out_one("outlier loss")
-                return False
-        if math.isfinite(loss):
-            history.append(loss)
-        return True
 
     def _probe(self, gate: Any) -> torch.Tensor | None:
         """The gate's probe: chunks of the rehearsal file past those the adapters rehearse (the
@@ -172,7 +127,7 @@ class StreamLearner:
             if self.gate is not None:
                 self.gate.kept_out_one(task.kept_out.split(":")[0])
             return task.kept_out
-        if not self._takes(task):
+        if not self.budget.takes(task):
             return "not learned (learner.every)"
         return None
 
@@ -276,10 +231,7 @@ class StreamLearner:
         at this cut), as blobs; call after the ``learn`` calls to cover."""
         blobs = self.reader.snapshot()
         tensors = {"position": torch.tensor([self.position], dtype=torch.int64),
-                   "admitted": torch.tensor([self.admitted], dtype=torch.int64),
-                   "window_losses": torch.tensor(list(self.window_losses), dtype=torch.float64),
-                   "credit": torch.tensor([self.credit], dtype=torch.int64),
-                   "worths": torch.tensor(list(self.worths), dtype=torch.float64)}
+                   **self.budget.tensors(), **self.outlier_windows.tensors()}
         for version in self.published:
             # Versions of documents not learned share their predecessor's tensors; a file holds copies.
             tensors.update({k: t.clone() for k, t in version.state_dict().items()})
@@ -302,28 +254,21 @@ class StreamLearner:
         self.learn_s, self.taken_here = 0.0, 0  # the pace is this run's, from here
         verdict = self.gate.restore(gate[0] if gate else None) if self.gate is not None else None
         if not published:
-            self.position = self.admitted = 0
-            self.credit = self.every - 1
-            self.window_losses.clear()
-            self.worths.clear()
+            self.position = 0
+            self.budget.reset()
+            self.outlier_windows.losses.clear()
             self.published.clear()
             self._publish()
             return
         tensors = load(published[0].data)
         position = int(tensors.pop("position")[0])
-        admitted = int(tensors.pop("admitted", torch.tensor([position]))[0])  # before: every document counted
-        losses = tensors.pop("window_losses", torch.zeros(0, dtype=torch.float64)).tolist()
-        credit = int(tensors.pop("credit", torch.tensor([self.every - 1]))[0])
-        worths = tensors.pop("worths", torch.zeros(0, dtype=torch.float64)).tolist()
+        self.budget.load(tensors, position)
+        self.outlier_windows.load(tensors)
         versions = SlowVersion.from_state_dict(tensors)
         if not versions or versions[-1].index != position:
             raise ValueError(f"{self.name}: the snapshot's versions {[v.index for v in versions]} end before "
                              f"its position {position}")
-        self.position, self.admitted, self.credit = position, admitted, credit
-        self.window_losses.clear()
-        self.window_losses.extend(losses)
-        self.worths.clear()
-        self.worths.extend(worths)
+        self.position = position
         self.published.clear()
         self.published.extend(versions[-self.lag :])
         if verdict is not None:  # taken at that cut: taken again, as the learner that judged did
@@ -332,6 +277,6 @@ class StreamLearner:
     def stats(self) -> dict[str, Any]:
         return {**self.reader.stats(), "reader": self.name, "position": self.position, "lag": self.lag,
                 "every": self.every, "learned": self.learned,
-                "learn_failures": self.failures, "learn_s": self.learn_s, "taken_here": self.taken_here, "outlier_windows": self.outliers,
+                "learn_failures": self.failures, "learn_s": self.learn_s, "taken_here": self.taken_here, "outlier_windows": self.outlier_windows.outliers,
                 "slow_steps": self._slow().steps,
                 **({"gate": self.gate.verdict.to_dict()} if self.gate is not None and self.gate.verdict else {})}

@@ -124,7 +124,7 @@ def run_setting(spec, rows, every: int, checks: bool, gate: bool, checkpoint_eve
     state.load_state_dict(live)
     losses = {name: learner_loss(learner, state, docs) for name, docs in eval_sets.items()}
     return {"losses": losses, "decisions": decisions, "verdicts": verdicts, "learner_s": seconds, "learned": learned,
-            "outlier_windows": learner.outliers}
+            "outlier_windows": learner.outlier_windows.outliers}
 
 
 def learner_loss(learner: StreamLearner, state, docs: list[torch.Tensor]) -> float:

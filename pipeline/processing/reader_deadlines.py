@@ -11,14 +11,36 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from pipeline.config import ProcessorConfig
 from pipeline.processing.ledger import PendingDocument, StreamLedger
 from pipeline.processing.reader_pool import Learner, ReaderPool
-from pipeline.processing.recovery import RestartBudget
 from pipeline.stream_io.sink import KafkaSinks
 
 log = logging.getLogger(__name__)
+
+
+class RestartBudgetSpent(RuntimeError):
+    """A reader died more often within the window than processor.max_restarts allows."""
+
+
+class RestartBudget:
+    """How often each reader may die within a sliding window (``processor.max_restarts`` in
+    ``restart_window_s``), whatever killed it: a reader that keeps dying stops the run with an
+    error instead of recovering forever, and a burst long past does not count against today."""
+
+    def __init__(self, max_restarts: int, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_restarts, self.window_s, self.clock = max_restarts, window_s, clock
+        self._deaths: dict[int, list[float]] = {}
+
+    def died(self, reader: int, name: str) -> None:
+        now = self.clock()
+        deaths = [t for t in self._deaths.get(reader, []) if now - t < self.window_s] + [now]
+        self._deaths[reader] = deaths
+        if len(deaths) > self.max_restarts:
+            raise RestartBudgetSpent(f"reader {name} died {len(deaths)} times in {self.window_s:g} s "
+                                     f"(processor.max_restarts {self.max_restarts} in restart_window_s): stopping")
 
 
 class ReaderDeadlines:

@@ -23,7 +23,7 @@ from pipeline.stream_io.control import ControlCommand
 from pipeline.observability.monitor import DegradationMonitor
 from pipeline.processing.job import build_processor
 from pipeline.processing.reader_pool import ContextParallelFailure, ReaderDied
-from pipeline.processing.recovery import RestartBudget, RestartBudgetSpent
+from pipeline.processing.reader_deadlines import RestartBudget, RestartBudgetSpent
 
 TOPIC = "docs"
 
