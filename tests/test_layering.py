@@ -32,3 +32,22 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from pipeline.config import AppConfig\n")
     assert "pipeline" in imported_packages(module)
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_observers_follow_the_stream_through_its_events_not_the_run_loop():
+    """pipeline.observability subscribes to pipeline.stream_events, which sits below both it and
+    pipeline.processing: it imports nothing of the run loop that wires it."""
+    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.startswith("pipeline.processing"))
+                 for path in sorted((ROOT / "pipeline" / "observability").rglob("*.py"))}
+    assert {p: m for p, m in offenders.items() if m} == {}
+    assert "pipeline.stream_events" in imported_modules(ROOT / "pipeline" / "observability" / "metrics.py")

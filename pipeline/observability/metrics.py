@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_
 from actors.call_types import DocumentOutcome
 from pipeline.stream_io.messages import reason_kind
 from pipeline.observability.monitor import Breach
-from pipeline.processing.stream_events import (CheckpointWritten, DocumentRead, DocumentRejected, LearningDecided,
+from pipeline.stream_events import (CheckpointWritten, DocumentRead, DocumentRejected, LearningDecided,
                                                Progress, RolledBack, StatusTick, StreamEvents)
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class StreamMetrics:
             self._server = None
 
     def subscribe_to(self, events: StreamEvents) -> None:
-        """Follow a stream's events (``pipeline.processing.stream_events``)."""
+        """Follow a stream's events (``pipeline.stream_events``)."""
         events.subscribe(DocumentRead, lambda e: self.document(e.outcome))
         events.subscribe(DocumentRejected, lambda e: self.dead_letter(e.reason))
         events.subscribe(CheckpointWritten, lambda e: self.checkpoint(e.version, e.reason, e.verdict))

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any
 
-from pipeline.processing.stream_events import StatusTick, StreamEvents
+from pipeline.stream_events import StatusTick, StreamEvents
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ProcessorRun:
                     pass
 
     def subscribe_to(self, events: StreamEvents) -> None:
-        """Log every status tick's figures (``pipeline.processing.stream_events.StatusTick``)."""
+        """Log every status tick's figures (``pipeline.stream_events.StatusTick``)."""
         events.subscribe(StatusTick, lambda e: self.log(report_figures(e.message, e.figures), step=e.step))
 
     def close(self, status: str = "FINISHED", timeout_s: float = 30.0) -> None:

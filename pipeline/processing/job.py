@@ -27,7 +27,7 @@ from pipeline.observability.processor_run import ProcessorRun
 from pipeline.processing.learning_admission import LearningAdmission
 from pipeline.processing.processor import StreamProcessor
 from pipeline.processing.recovery import BestEffortRecovery, CheckpointedRecovery
-from pipeline.processing.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
+from pipeline.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
 from pipeline.state.rescale import split_learner, states_for_readers
 from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks

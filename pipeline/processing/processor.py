@@ -26,7 +26,7 @@ from pipeline.processing.recovery import RecoveryPolicy, StreamParts
 from pipeline.processing.run_summary import RunSummary
 from pipeline.processing.status_report import StatusReport
 from pipeline.processing.stream_commands import CommandSource, StreamCommands
-from pipeline.processing.stream_events import DocumentRead, DocumentRejected, LearningDecided, StreamEvents
+from pipeline.stream_events import DocumentRead, DocumentRejected, LearningDecided, StreamEvents
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, result_message
 from pipeline.stream_io.sink import KafkaSinks

@@ -38,7 +38,7 @@ from pipeline.state.rescale import split_learner, states_for_readers
 from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
-from pipeline.processing.stream_events import CheckpointWritten, RolledBack, StreamEvents
+from pipeline.stream_events import CheckpointWritten, RolledBack, StreamEvents
 from pipeline.state.promotion import PROMOTED, REJECTED, servable, verdict_metrics, verdict_tags
 
 log = logging.getLogger(__name__)

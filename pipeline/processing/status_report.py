@@ -18,7 +18,7 @@ from pipeline.processing.ledger import StreamLedger
 from pipeline.processing.reader_pool import Learner
 from pipeline.processing.recovery import RecoveryPolicy
 from pipeline.processing.run_summary import RunSummary
-from pipeline.processing.stream_events import DocumentRead, Progress, RolledBack, StatusTick, StreamEvents
+from pipeline.stream_events import DocumentRead, Progress, RolledBack, StatusTick, StreamEvents
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
 
