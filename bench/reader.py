@@ -307,6 +307,10 @@ def main() -> None:
                 if slow_workers:  # one document with the default's slow steps; one read with a version
                     profiles[f"{length}, slow+fast"] = profile_worker(lambda: default.process(task), device)
                     profiles[f"{length}, {READER}"] = profile_worker(lambda: reader.process(task, version), device)
+                if learner is not None:  # the learner of the same document, fed what its reader computed
+                    handed = reader.take_handed(task.id)
+                    assert handed is not None
+                    profiles[f"{length}, {FED}"] = profile_worker(lambda: fed.learn(task, handed), device)
 
         batched = []
         if args.batch:
