@@ -431,7 +431,9 @@ class ReadingVersions(SlowWeightsMode):
         self._version: tuple[SlowVersion, SlowState, float] | None = None
         super().__init__(host, host.spec.scope, host.spec.base_loss_sample_rate)
         self.hands_on = host.spec.split_at_adapters
-        self.handed: OrderedDict[str, HandedStates] = OrderedDict()
+        # Per document read, what it hands on and (on a GPU) when its copy to the host is done.
+        self.handed: OrderedDict[str, tuple[HandedStates, torch.cuda.Event | None]] = OrderedDict()
+        self._copy_stream: torch.cuda.Stream | None = None
 
     def _window_reader(self) -> WindowReader:
         fast = FastReader(self.model, carries_over=False)
@@ -466,17 +468,43 @@ class ReadingVersions(SlowWeightsMode):
         with capture_inputs(self.model, self.slow.lowest_layer) as captured:
             adapted = self.window_reader.read(scoped.state, windows)
         if len(captured) == len(windows):  # else a window went to a context-parallel group
-            self.handed[task.id] = HandedStates(_tokens_sha256(ids), [c.cpu() for c in captured], self.device.type,
-                                                _dtype_name(weight))
+            states = HandedStates(_tokens_sha256(ids), self._to_host(captured), self.device.type, _dtype_name(weight))
+            self.handed[task.id] = (states, self._copied())
             while len(self.handed) > MAX_HANDED_DOCUMENTS:  # read, then never taken
                 self.handed.popitem(last=False)
         return adapted
+
+    def _to_host(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The captured states on the CPU. On a GPU, copied on a stream of their own into pinned
+        memory, while the next document is read: a copy that waited for the device here would
+        cost the reader what the hand-off saves the learner (``take_handed`` waits for it)."""
+        if self.device.type != "cuda":
+            return [c.cpu() for c in captured]
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        host = []
+        with torch.cuda.stream(self._copy_stream):
+            for c in captured:
+                host.append(torch.empty(c.shape, dtype=c.dtype, pin_memory=True).copy_(c, non_blocking=True))
+                c.record_stream(self._copy_stream)  # not reused by the reader before the copy is done
+        return host
+
+    def _copied(self) -> torch.cuda.Event | None:
+        if self._copy_stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record(self._copy_stream)
+        return done
 
     def take_handed(self, task_id: str) -> HandedStates | None:
         """What reading ``task_id`` computed below the lowest adapted layer, for the learner
         (once); None where nothing was kept (not handing on, a context-parallel window, too
         large, not read here)."""
-        return self.handed.pop(task_id, None)
+        states, copied = self.handed.pop(task_id, (None, None))
+        if copied is not None:
+            copied.synchronize()
+        return states
 
     def iter_snapshot(self) -> Iterator[StateBlob]:
         return iter(())  # nothing outlives a document

@@ -213,13 +213,14 @@ class StateStore:
     def _remove_earlier_spills(self) -> None:
         """Spill files of an earlier incarnation of this reader (it died; its states come back
         from a checkpoint): nothing indexes them, so they would outlive a forget."""
-        if not self.spill_dir.is_dir():
-            return
-        stale = [p for p in self.spill_dir.iterdir() if p.is_file() and ".safetensors" in p.name]
+        # The same reader under its name before the rename ("<stream>-worker-<i>"): its folder too.
+        legacy = self.spill_dir.with_name(self.spill_dir.name.replace("-reader-", "-worker-"))
+        folders = [f for f in {self.spill_dir, legacy} if f.is_dir()]
+        stale = [p for f in folders for p in f.iterdir() if p.is_file() and ".safetensors" in p.name]
         for path in stale:
             path.unlink(missing_ok=True)
         if stale:
-            log.info("removed %d spill files of an earlier incarnation from %s", len(stale), self.spill_dir)
+            log.info("removed %d spill files of an earlier incarnation from %s", len(stale), sorted(map(str, folders)))
 
     def _delete_spill_file(self, key: str) -> None:
         path = self._path(key)

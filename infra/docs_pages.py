@@ -182,7 +182,10 @@ def worker_table(name: str) -> tuple[list[str], dict[str, str]]:
     columns = [("reader of a learner's version", "reader of a learner's version, tokenizing ahead / static"),
                ("synchronous slow step", "slow+fast pairs / static"),
                ("learner", "learner pairs / static"),
+               ("learner fed by the reader", "learner, fed by the reader pairs / static"),
+               ("learner fed / reader", "learner fed / reader"),
                ("fast weights only", "worker tokenizing ahead / static")]
+    columns = [(label, key) for label, key in columns if key in data["rows"][0]]  # older files lack the fed learner
     lines = ["| tokens | static tok/s | " + " | ".join(c for c, _ in columns) + " |",
              "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     figures = {}
@@ -191,7 +194,7 @@ def worker_table(name: str) -> tuple[list[str], dict[str, str]]:
         cells = [_x(row[key]) for _, key in columns]
         lines.append(f"| {tokens:,} | {row['static tok/s']:,.0f} | " + " | ".join(cells) + " |")
         for (label, _), cell in zip(columns, cells):
-            figures[f"{label} at {tokens}"] = cell
+            figures[f"{name}: {label} at {tokens}"] = cell
     args = data["args"]
     command = (f"PYTHONPATH=. python bench/reader.py --preset {args['preset']} --device {args['device']} --dtype "
                f"{args['dtype']} --lengths {' '.join(map(str, args['lengths']))} --chunk {args['chunk']} --layers "
@@ -358,7 +361,7 @@ def plots(out: Path) -> list[str]:
     fig.savefig(out / "loss_by_position.png", dpi=100)
     plt.close(fig)
     made.append("loss_by_position.png")
-    d = _load("reader/h200_slow_final.json")
+    d = _load("reader/h200_slow_fed.json")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     tokens = [int(r["tokens"]) for r in d["rows"]]
     for label, key in (("static scorer", "static tok/s"),
@@ -379,8 +382,13 @@ def plots(out: Path) -> list[str]:
 
 SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] = [
     ("Reading and learning on one GPU", "Qwen3-0.6B shape, bf16, chunk 1,024, TTT layers 0/6/12/18/24, the embedded "
-     "default's slow settings; x the static scorer on the same documents (slow steps: median pair of documents).",
-     lambda: worker_table("reader/h200_slow_final.json")),
+     "default's slow settings; x the static scorer on the same documents (slow steps: median pair of documents). "
+     "The learner fed by the reader runs only the adapted layers and the head, from the hidden states the reader "
+     "handed on; \"learner fed / reader\": its tokens/s over a reader of its versions (at least 1: one learner "
+     "device keeps up with one reader device, every document learned).",
+     lambda: worker_table("reader/h200_slow_fed.json")),
+    ("The same, before the hand-off", "The same bench before the learner was fed by its readers (it read each "
+     "document again, whole).", lambda: worker_table("reader/h200_slow_final.json")),
     ("The same at 2k tokens, 20 documents", "Short documents vary most from run to run: the same bench with 20 timed "
      "documents of 2,048 tokens.", lambda: worker_table("reader/h200_slow_2k_20docs.json")),
     ("The demo on one device: the synchronous learner, or a reader beside the learner", "`bash infra/demo.sh` "

@@ -686,6 +686,12 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict
         path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
         if not all(path):
             raise ConfigError(f"{name}: empty path segment in environment override")
+        if len(path) == 2 and path[0] == "processor" and path[1] in RENAMED_PROCESSOR_KEYS:
+            # An old key from the environment overrides the file's new one, as it did the old one.
+            new = RENAMED_PROCESSOR_KEYS[path[1]]
+            warnings.warn(f"{name} is deprecated: it is {ENV_PREFIX}PROCESSOR__{new.upper()} now (the old name is "
+                          "read until the next release)", FutureWarning, stacklevel=2)
+            path[1] = new
         node = merged
         for part in path[:-1]:
             child = node.setdefault(part, {})

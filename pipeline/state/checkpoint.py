@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import tempfile
 import time
@@ -47,12 +48,22 @@ REFERENCE_LOSS = "window_adapted_loss"
 READERS_PLACEHOLDER = "<the readers' entries>"
 
 
+# A reader's name before the rename ("<stream>-worker-<i>"), and now.
+_LEGACY_READER_NAME = re.compile(r"^(?P<stream>.+)-worker-(?P<index>\d+)$")
+
+
 def parse_manifest(data: bytes | str) -> dict[str, Any]:
-    """A checkpoint's manifest.json; one written before the rename (its states under the legacy
-    key ``workers``) reads as one written now (under ``readers``)."""
+    """A checkpoint's manifest.json. One written before the rename reads as one written now: its
+    states under ``readers`` (they were under ``workers``) and its readers by their names now
+    (``<stream>-reader-<i>``, they were ``-worker-<i>``), in the states and the assignment alike,
+    so that a restore or a rollback to it gives each reader the states that reader had."""
     manifest = json.loads(data)
     if "readers" not in manifest and "workers" in manifest:
         manifest["readers"] = manifest.pop("workers")
+    renamed = lambda name: _LEGACY_READER_NAME.sub(r"\g<stream>-reader-\g<index>", name)  # noqa: E731
+    manifest["readers"] = {renamed(name): entries for name, entries in manifest["readers"].items()}
+    if isinstance(manifest.get("assignment"), dict):
+        manifest["assignment"] = {p: renamed(name) for p, name in manifest["assignment"].items()}
     return manifest
 
 

@@ -43,8 +43,7 @@ class TTTCheckpointModel(PythonModel):
         if base_model_id(base)["weights_sha256"] != manifest["base_model"]["weights_sha256"]:
             raise ValueError(f"{base}: weights differ from the checkpoint's base model")
         model_config = manifest.get("model_config") or {}
-        reader = config.get("reader", config.get("worker"))  # "worker": the key's name before the rename
-        _, entry = choose_state(manifest["readers"], reader, config.get("key"),
+        _, entry = choose_state(manifest["readers"], config.get("reader"), config.get("key"),
                                 f"{manifest['stream']} checkpoint (load_model(..., model_config={{'reader': ..., 'key': ...}}))",
                                 model_config.get("scope"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))

@@ -165,3 +165,20 @@ def test_keys_unread_for_the_retention_are_forgotten_and_a_restore_forgets_the_s
         marked(restored, key, float(i))
     assert [(b.key, b.sha256, b.last_read) for b in restored.snapshot()] == \
         [(b.key, b.sha256, b.last_read) for b in straight.snapshot()]
+
+
+def test_a_reader_removes_the_spill_files_it_left_under_its_name_from_before_the_rename(model, tmp_path):
+    """``<stream>-worker-<i>`` became ``<stream>-reader-<i>``: the spill files of the same reader
+    under its old name are removed too (nothing indexes them: they would outlive a forget)."""
+    old = StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=1,
+                     spill_dir=tmp_path / "s-worker-0")
+    marked(old, "a", 1.0)
+    marked(old, "b", 2.0)
+    assert len(list((tmp_path / "s-worker-0").glob("*.safetensors"))) == 1
+    other = tmp_path / "s-worker-1"
+    other.mkdir()
+    (other / "x.safetensors").write_bytes(b"another reader's")
+    StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=1,
+               spill_dir=tmp_path / "s-reader-0")
+    assert list((tmp_path / "s-worker-0").glob("*.safetensors")) == []
+    assert (other / "x.safetensors").exists()  # not this reader's

@@ -268,8 +268,15 @@ def test_a_config_with_a_key_from_before_the_rename_loads_with_a_warning_naming_
     with pytest.warns(FutureWarning, match=rf"processor\.{old} is deprecated: it is processor\.{new} now"):
         cfg = load_config(path, environ={})
     assert getattr(cfg.processor, new) == value
-    with pytest.warns(FutureWarning, match=rf"processor\.{old}"):
+    with pytest.warns(FutureWarning, match=rf"TTT_STREAM__PROCESSOR__{old.upper()} is deprecated: it is "
+                                           rf"TTT_STREAM__PROCESSOR__{new.upper()} now"):
         from_env = parse_config({}, environ={f"TTT_STREAM__PROCESSOR__{old.upper()}": str(value)})
     assert getattr(from_env.processor, new) == value
     with pytest.raises(ConfigError, match=rf"processor\.{old} and processor\.{new} both given"):
         parse_config({"processor": {old: value, new: value}})
+
+
+def test_an_old_key_from_the_environment_overrides_the_shipped_config_s_new_one():
+    with pytest.warns(FutureWarning, match="TTT_STREAM__PROCESSOR__WORKERS is deprecated"):
+        cfg = load_config(ROOT / "configs" / "cluster.yaml", environ={"TTT_STREAM__PROCESSOR__WORKERS": "3"})
+    assert cfg.processor.readers == 3

@@ -16,7 +16,7 @@ from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
 from actors.state_store import StateBlob
 from pipeline.state.tenant_keys import TenantKeys
-from pipeline.state.checkpoint import LIVE, Checkpoint, CheckpointError
+from pipeline.state.checkpoint import LIVE, Checkpoint, CheckpointError, parse_manifest
 from pipeline.config import parse_config
 from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
 from pipeline.processing.job import build_processor, restore_from_checkpoint
@@ -146,3 +146,19 @@ def test_a_per_key_state_without_its_partition_or_from_a_partition_not_read_is_r
     gone = checkpoint({"w-0": [blob("a", 2)]}, {0: "w-0", 1: "w-0", 2: "w-0"})
     with pytest.raises(CheckpointError, match="partition 2, which this run does not read"):
         states_for_readers(gone, ["w-0", "w-1"], {0: 0, 1: 1}, "per_key")
+
+
+@pytest.mark.parametrize("scope", ["global", "per_key"])
+def test_a_checkpoint_written_before_the_rename_gives_each_reader_its_own_states(scope):
+    """Readers were "<stream>-worker-<i>", under "workers": a version written then (a rollback
+    target, a restart's) reads as one of "<stream>-reader-<i>", so that each reader takes back its
+    own states rather than none (the rescale rule would drop names it does not know)."""
+    legacy = {"format": "ttt-stream-checkpoint", "offsets": {"partitions": {"0": 4, "1": 6}},
+              "workers": {"s-worker-0": [{"key": "a"}], "s-worker-1": [{"key": "b"}]},
+              "assignment": {"0": "s-worker-0", "1": "s-worker-1"}}
+    manifest = parse_manifest(json.dumps(legacy))
+    assert sorted(manifest["readers"]) == ["s-reader-0", "s-reader-1"] and "workers" not in manifest
+    assert manifest["assignment"] == {"0": "s-reader-0", "1": "s-reader-1"}
+    states = {name: [blob(entries[0]["key"], int(name[-1]))] for name, entries in manifest["readers"].items()}
+    got = states_for_readers(Checkpoint("3", manifest, states), ["s-reader-0", "s-reader-1"], {0: 0, 1: 1}, scope)
+    assert got == states
