@@ -58,7 +58,7 @@ def test_the_live_version_beats_the_base_on_held_out_documents_of_the_stream_dom
     assert live.manifest["model_config"]["slow"]["enabled"] and live.manifest["documents"] == len(stream)
     rehearsal = ROOT / live.manifest["model_config"]["slow"]["rehearsal_path"]
     assert live.manifest["model_config"]["rehearsal_sha256"] == hashlib.sha256(rehearsal.read_bytes()).hexdigest()
-    (blob,) = [b for blobs in live.mode.states.values() for b in blobs if b.key not in RESERVED_KEYS]
+    (blob,) = [b for blobs in live.states.values() for b in blobs if b.key not in RESERVED_KEYS]
     assert any(k.startswith("slow.") and k.endswith(".B") and t.any() for k, t in load(blob.data).items())
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
