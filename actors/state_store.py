@@ -213,7 +213,7 @@ class StateStore:
     def _remove_earlier_spills(self) -> None:
         """Spill files of an earlier incarnation of this reader (it died; its states come back
         from a checkpoint): nothing indexes them, so they would outlive a forget."""
-        # The same reader under its name before the rename ("<stream>-worker-<i>"): its folder too.
+        # The same reader under its name before the rename (docs/upgrading.md): its folder too.
         legacy = self.spill_dir.with_name(self.spill_dir.name.replace("-reader-", "-worker-"))
         folders = [f for f in {self.spill_dir, legacy} if f.is_dir()]
         stale = [p for f in folders for p in f.iterdir() if p.is_file() and ".safetensors" in p.name]

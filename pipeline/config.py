@@ -460,7 +460,7 @@ class ControlConfig(_Section):
     """At most one release of a quarantined key per this many seconds."""
 
 
-# processor keys renamed when "worker" became "reader" (accepted, with a warning, for one release).
+# processor keys renamed with the readers (docs/upgrading.md; accepted, with a warning, for one release).
 RENAMED_PROCESSOR_KEYS = {"workers": "readers", "worker_num_cpus": "reader_num_cpus",
                           "worker_num_gpus": "reader_num_gpus", "worker_memory_mb": "reader_memory_mb",
                           "max_in_flight_per_worker": "max_in_flight_per_reader"}

@@ -48,15 +48,15 @@ REFERENCE_LOSS = "window_adapted_loss"
 READERS_PLACEHOLDER = "<the readers' entries>"
 
 
-# A reader's name before the rename ("<stream>-worker-<i>"), and now.
+# A reader's name before the rename (docs/upgrading.md).
 _LEGACY_READER_NAME = re.compile(r"^(?P<stream>.+)-worker-(?P<index>\d+)$")
 
 
 def parse_manifest(data: bytes | str) -> dict[str, Any]:
-    """A checkpoint's manifest.json. One written before the rename reads as one written now: its
-    states under ``readers`` (they were under ``workers``) and its readers by their names now
-    (``<stream>-reader-<i>``, they were ``-worker-<i>``), in the states and the assignment alike,
-    so that a restore or a rollback to it gives each reader the states that reader had."""
+    """A checkpoint's manifest.json. One written before the rename (docs/upgrading.md) reads as
+    one written now: its states under ``readers``, its readers by their names now
+    (``<stream>-reader-<i>``), in the states and the assignment alike, so that a restore or a
+    rollback to it gives each reader the states that reader had."""
     manifest = json.loads(data)
     if "readers" not in manifest and "workers" in manifest:
         manifest["readers"] = manifest.pop("workers")
