@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -25,6 +25,7 @@ from pipeline.observability.metrics import StreamMetrics
 from pipeline.observability.monitor import Breach, DegradationMonitor
 from pipeline.observability.processor_run import ProcessorRun
 from pipeline.processing.learning_admission import LearningAdmission
+from pipeline.processing.document_intake import DocumentIntake
 from pipeline.processing.processor import StreamProcessor
 from pipeline.processing.recovery import BestEffortRecovery, CheckpointedRecovery
 from pipeline.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
@@ -96,8 +97,7 @@ class NoCommands:
 
 
 def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks: KafkaSinks, pool: ReaderPool,
-                    assignment: dict[int, int], stream: str, status: Callable[[], dict[str, Any]] | None = None,
-                    checkpointer: StreamCheckpointer | None = None, start_offsets: dict[int, int] | None = None,
+                    assignment: dict[int, int], stream: str, checkpointer: StreamCheckpointer | None = None,
                     monitor: DegradationMonitor | None = None, control: ControlSource | None = None,
                     metrics: StreamMetrics | None = None, run_log: ProcessorRun | None = None,
                     learner: Learner | None = None, keys: TenantKeys | None = None,
@@ -107,11 +107,11 @@ def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks:
     run, the monitor with its rollbacks and last-good alias, the alert topic)."""
     events = StreamEvents()
     recovery = CheckpointedRecovery(checkpointer) if checkpointer is not None else BestEffortRecovery()
-    processor = StreamProcessor(config, source, sinks, pool, assignment, stream,
-                                status if status is not None else (lambda: {"readers": {}}),
-                                recovery, events, control if control is not None else NoCommands(),
-                                learner if learner is not None else NoLearner(),
-                                keys if keys is not None else TenantKeys.unpersisted(stream), start_offsets, admission)
+    learner = learner if learner is not None else NoLearner()
+    intake = DocumentIntake(config, stream, assignment, keys if keys is not None else TenantKeys.unpersisted(stream),
+                            admission, learner.name is not None, sinks, events)
+    processor = StreamProcessor(config, source, sinks, pool, intake, learner, recovery, events,
+                                control if control is not None else NoCommands())
     if metrics is not None:
         metrics.subscribe_to(events)
     if run_log is not None:
@@ -214,12 +214,13 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         log.info("readers ready: %s", ", ".join(names))
         readers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
         learner, synchronous = None, p.learner.enabled and p.learner.synchronous
-        pool = RayReaderPool(readers, names, hands_off=hands_off(p))
+        status = lambda: ray.get(supervisor.status.remote(), timeout=10)  # noqa: E731 - the readers' own reports
+        pool = RayReaderPool(readers, names, hands_off=hands_off(p), status=status)
         if p.learner.enabled:
             actor, name = ray.get(supervisor.learner.remote())
             learner = RayLearner(actor, name, p.learner.lag, synchronous)
             if synchronous:
-                pool = SynchronousLearnerPool(actor, name)
+                pool = SynchronousLearnerPool(actor, name, status=status)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         admission = LearningAdmission(p.learner.admission) if learner is not None and p.learner.admission.enabled else None
         keys = TenantKeys.unpersisted(config.stream.name)
@@ -227,7 +228,6 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             store = CheckpointStore(config.mlflow, config.stream.name)
             checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir,
                                                    learner)
-            start_offsets = source.positions()  # the checkpoint's, where kafka.offset_reset left them
             keys = TenantKeys(store.key_salt())
             commands = CommandLedger.from_dict(checkpointer.commands_at_start)
             checkpointer.commands = commands.as_dict  # replay protection survives a restart
@@ -246,10 +246,8 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             if checkpointer is not None:
                 checkpointer.store.parent_run = run_log
         processor = build_processor(
-            p, source, sinks, pool, assignment, config.stream.name,
-            status=lambda: ray.get(supervisor.status.remote(), timeout=10),
-            checkpointer=checkpointer, start_offsets=start_offsets, monitor=monitor, control=control,
-            metrics=metrics, run_log=run_log, learner=learner, keys=keys, admission=admission,
+            p, source, sinks, pool, assignment, config.stream.name, checkpointer=checkpointer, monitor=monitor,
+            control=control, metrics=metrics, run_log=run_log, learner=learner, keys=keys, admission=admission,
         )
         if stop_event is not None:
             processor.stop_event = stop_event

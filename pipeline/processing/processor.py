@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
-from typing import Any, Callable
 
 from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
-from pipeline.processing.learning_admission import LearningAdmission, decision_kind
+from pipeline.processing.document_intake import DocumentIntake
+from pipeline.processing.learning_admission import decision_kind
 from pipeline.processing.ledger import PendingDocument, StreamLedger
 from pipeline.processing.reader_deadlines import ReaderDeadlines
 from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderDied, ReaderPool
@@ -26,9 +25,8 @@ from pipeline.processing.recovery import RecoveryPolicy, StreamParts
 from pipeline.processing.run_summary import RunSummary
 from pipeline.processing.status_report import StatusReport
 from pipeline.processing.stream_commands import CommandSource, StreamCommands
-from pipeline.stream_events import DocumentRead, DocumentRejected, LearningDecided, StreamEvents
-from pipeline.state.tenant_keys import TenantKeys
-from pipeline.stream_io.messages import Rejected, dead_letter_headers, parse_document, result_message
+from pipeline.stream_events import DocumentRead, DocumentRejected, StreamEvents
+from pipeline.stream_io.messages import Rejected, dead_letter_headers, result_message
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
 
@@ -43,42 +41,27 @@ class StreamProcessor:
     the loop, between two of its turns: the control records (``StreamCommands``), the readers'
     deadlines (``ReaderDeadlines``) and the status report (``StatusReport``)."""
 
-    def __init__(
-        self,
-        config: ProcessorConfig,
-        source: KafkaDocumentSource,
-        sinks: KafkaSinks,
-        pool: ReaderPool,
-        assignment: dict[int, int],
-        stream: str,
-        status: Callable[[], dict[str, Any]],
-        recovery: RecoveryPolicy,
-        events: StreamEvents,
-        control: CommandSource,
-        learner: Learner,
-        keys: TenantKeys,
-        start_offsets: dict[int, int] | None = None,
-        admission: LearningAdmission | None = None,
-    ):
+    def __init__(self, config: ProcessorConfig, source: KafkaDocumentSource, sinks: KafkaSinks, pool: ReaderPool,
+                 intake: DocumentIntake, learner: Learner, recovery: RecoveryPolicy, events: StreamEvents,
+                 control: CommandSource):
         self.config = config
         self.source = source
         self.sinks = sinks
-        self.stream = stream
-        self.pool = pool  # reader i owns the partitions assigned to i
-        self.reader_of = dict(assignment)
-        self.ledger = StreamLedger(len(pool.names), start_offsets)
+        self.pool = pool  # reader i owns the partitions the intake assigns to i
+        self.intake = intake
+        self.stream = stream = intake.stream
+        self.ledger = StreamLedger(len(pool.names), source.positions())  # read on from where the source stands
         self.events = events
         self.learner = learner  # trains the slow weights; the readers read with its versions
-        self.keys = keys  # names of per-key states
-        self.admission = admission  # which documents the learner may learn from (None: all but the held-out)
         self.summary = RunSummary()
         self.recovery = recovery
-        recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, self.reader_of, self.summary,
+        recovery.attach(StreamParts(config, stream, self.ledger, pool, source, sinks, intake.reader_of, self.summary,
                                     learner, events, self._finish_rejected, self._settle))
-        self.commands = StreamCommands(config, stream, control, recovery, sinks, keys, admission, self._settle,
-                                       self._dead_letter)
+        self.commands = StreamCommands(config, stream, control, recovery, sinks, intake.keys, intake.admission,
+                                       self._settle, self._dead_letter)
         self.deadlines = ReaderDeadlines(config, stream, self.ledger, pool, learner, sinks)
-        self.report = StatusReport(stream, self.ledger, source, self.summary, recovery, learner, status, events, sinks)
+        self.report = StatusReport(stream, self.ledger, source, self.summary, recovery, learner, pool.status, events,
+                                   sinks)
         self.unread_partitions: list[int] = []  # partitions added to the topic while running
         self.stop_event = threading.Event()
 
@@ -150,37 +133,14 @@ class StreamProcessor:
         if self.ledger.given_up(record):
             self.ledger.passed_over(record)
             return
-        parsed = parse_document(record.value, record.key, record.topic, record.partition, record.offset,
-                                self.config.max_document_bytes)
+        parsed = self.intake.take(record)
         if isinstance(parsed, Rejected):
             self._dead_letter(record, parsed.reason)
             self.ledger.passed_over(record)
-        else:
-            # From here on a tenant is its state's name, never its key (pipeline.state.tenant_keys).
-            key = self.keys.state_key(parsed.task.key)
-            # Samples by a keyed hash of the position: fixed on a replay, and out of a producer's reach.
-            position = (record.partition, record.offset)
-            shadow = self.keys.draw("shadow", *position) < self.config.base_loss_sample_rate
-            held_out, kept_out, worth = False, None, None
-            if self.learner.name is not None:
-                gate, admission = self.config.learner.gate, self.admission
-                held_out = gate.enabled and self.keys.draw("held out", *position) < gate.holdout_fraction
-                if admission is not None:
-                    kept_out = admission.decide(parsed.task.text, key, held_out)
-                    held_out = held_out and kept_out is None  # no copy or junk in the held-out slice
-                    worth = admission.novelty
-                    if admission.newly_quarantined is not None:
-                        log.warning("the key of state %s is quarantined: %d of its documents in a row were kept from "
-                                    "learning", key, self.config.learner.admission.quarantine_after)
-                        self.sinks.alert({"type": "quarantined", "stream": self.stream, "state_key": key,
-                                          "last_reason": kept_out, "release": "ttt-stream release KEY",
-                                          "time": time.time()})
-                self.events.publish(LearningDecided(decision_kind(kept_out, held_out)))
-            parsed = replace(parsed, task=replace(parsed.task, key=key, shadow=shadow, held_out=held_out,
-                                                  kept_out=kept_out, worth=worth))
-            # The learner takes the documents in the ledger's order, which fixes each one's version.
-            version = self.learner.submit(parsed.task)
-            self.ledger.accept(record, parsed, self.reader_of[record.partition], version)
+            return
+        # The learner takes the documents in the ledger's order, which fixes each one's version.
+        version = self.learner.submit(parsed.task)
+        self.ledger.accept(record, parsed, self.intake.reader_of[record.partition], version)
 
     # -- working -------------------------------------------------------------------------------
 
@@ -275,7 +235,7 @@ class StreamProcessor:
             return
         self.unread_partitions = added
         log.error("the documents topic now has partitions %s that this run does not read (it reads %s): "
-                  "stopping; start again to read them all", added, sorted(self.reader_of))
+                  "stopping; start again to read them all", added, sorted(self.intake.reader_of))
         self.sinks.alert({"type": "partitions_changed", "stream": self.stream, "unread_partitions": added,
-                          "read_partitions": sorted(self.reader_of), "time": time.time()})
+                          "read_partitions": sorted(self.intake.reader_of), "time": time.time()})
         self.stop()

@@ -16,7 +16,7 @@ Failures, as the processor must tell them apart:
 from __future__ import annotations
 
 import time
-from typing import Any, Hashable, Protocol
+from typing import Any, Callable, Hashable, Protocol
 
 import ray
 
@@ -79,6 +79,10 @@ class ReaderPool(Protocol):
     def restart(self, reader: int) -> None:
         """Stop ``reader`` where it is (a document past its deadline) and start it again: what it
         held in flight fails with ReaderDied."""
+
+    def status(self) -> dict[str, Any]:
+        """The readers' own reports (and the learner's, the context-parallel group's) for the
+        status message: ``{"readers": [...], ...}``."""
 
     def hand_off(self, handle: Hashable) -> Hashable | None:
         """What reading the document of ``handle`` computed for the learner (an object handle to
@@ -246,9 +250,12 @@ class SynchronousLearnerPool:
     it reads and learns each document in one forward. Its state is the learner's, checkpointed
     and restored as the learner (``Learner``); as a reader it holds none."""
 
-    def __init__(self, actor, name: str):
-        self._pool = RayReaderPool([actor], [name])
+    def __init__(self, actor, name: str, status: Callable[[], dict[str, Any]] | None = None):
+        self._pool = RayReaderPool([actor], [name], status=status)
         self.actor, self.names = actor, [name]
+
+    def status(self) -> dict[str, Any]:
+        return self._pool.status()
 
     def submit(self, reader: int, tasks: list[DocumentTask], version=None) -> list:
         refs = self.actor.process_batch.options(num_returns=len(tasks)).remote(tasks)
@@ -282,13 +289,19 @@ class SynchronousLearnerPool:
 class RayReaderPool:
     """``ReaderPool`` over ReaderActor handles (restarted by Ray after a crash)."""
 
-    def __init__(self, actors: list, names: list[str], hands_off: bool = False):
+    def __init__(self, actors: list, names: list[str], hands_off: bool = False,
+                 status: Callable[[], dict[str, Any]] | None = None):
         """``hands_off``: the readers return what they computed for the learner after the
-        outcomes (``ReaderActor.process_batch``)."""
+        outcomes (``ReaderActor.process_batch``). ``status``: their own reports (the
+        supervisor's, ``actors.supervisor.SupervisorActor.status``)."""
         self.actors = actors
         self.names = names
         self.hands_off = hands_off
+        self._status = status
         self._handed: dict = {}  # outcome handle -> its hand-off's handle
+
+    def status(self) -> dict[str, Any]:
+        return self._status() if self._status is not None else {"readers": []}
 
     def submit(self, reader: int, tasks: list[DocumentTask], version=None) -> list:
         for task in tasks:

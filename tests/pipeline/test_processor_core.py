@@ -138,6 +138,9 @@ class FakePool:
         self.forgotten = [*getattr(self, "forgotten", []), key]
         return False
 
+    def status(self):
+        return {"readers": [{"reader": name, "alive": not dead} for name, dead in zip(self.names, self.dead)]}
+
     def wait_ready(self, w, timeout_s):
         if self.dead[w]:
             self.dead[w], self.readers[w] = False, self.make_reader(self.names[w])
@@ -175,6 +178,9 @@ class FakeSource:
 
     def unassigned_partitions(self):
         return list(self.added)
+
+    def positions(self):
+        return dict(self.position)
 
     def topic_id(self):
         return "a-topic-id"  # the same topic throughout (a recreated one is tested on the real broker)
@@ -288,8 +294,7 @@ def processor(docs, store=None, every=5, monitor=None, control_source=None, **co
     checkpointer = None
     if store is not None:
         checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {p: 0 for p in docs})
-    proc = build_processor(cfg, source, sinks, pool, {p: p for p in docs}, "s", checkpointer=checkpointer,
-                           start_offsets={p: 0 for p in docs}, monitor=monitor, control=control_source)
+    proc = build_processor(cfg, source, sinks, pool, {p: p for p in docs}, "s", checkpointer=checkpointer, monitor=monitor, control=control_source)
     return proc, pool, source, sinks
 
 
@@ -605,7 +610,7 @@ def test_a_rejected_candidate_is_a_version_that_never_goes_live():
     cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=5, every_seconds=3600), poll_timeout_ms=1)
     pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
     checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
-    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer, start_offsets={0: 0},
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer,
                            learner=learner)
     seen = []
     store_save = store.save
@@ -642,7 +647,7 @@ def test_a_stream_that_stops_between_judging_points_is_judged_where_it_stopped()
     cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=5, every_seconds=0.001), poll_timeout_ms=1)
     pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
     checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
-    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer, start_offsets={0: 0},
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer,
                            learner=learner)
     proc.run(until_idle_s=0.05)
 
@@ -660,7 +665,7 @@ def test_with_the_gate_a_checkpoint_that_failed_is_retried_and_reading_goes_on()
                                                       retry_max_s=0.001, max_pending_documents=8), poll_timeout_ms=1)
     pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
     checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
-    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer, start_offsets={0: 0},
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer,
                            learner=learner)
     proc.run(until_idle_s=0.2)
 

@@ -55,7 +55,7 @@ def run_from_live(config, store, docs, make_reader):
     assignment = assign_partitions(sorted(docs), config.processor.readers)
     checkpointer = restore_from_checkpoint(config, store, source, pool, {p: 0 for p in docs}, assignment)
     proc = build_processor(config.processor, source, FakeSinks(), pool, assignment, "s",
-                           checkpointer=checkpointer, start_offsets=dict(checkpointer.offsets))
+                           checkpointer=checkpointer)
     proc.run(until_idle_s=0.05)
     return pool, proc.sinks
 
