@@ -17,7 +17,7 @@ trap 'exit 130' INT TERM
 # demo run keeps an earlier run's checkpoint (and its offsets) from applying to this topic.
 export TTT_STREAM__STREAM__NAME="demo-$(date +%Y%m%d-%H%M%S)"
 export TTT_STREAM__KAFKA__GROUP_ID="$TTT_STREAM__STREAM__NAME"
-# The held-out corpus goes through the broker to two reader actors that read and adapt; the
+# The held-out corpus goes through the broker to the learner, which reads and learns every document; the
 # processor stops once the topic is drained and prints documents, tokens/s and the loss of the
 # adapted model against the static model on the sampled documents.
 "${CLI[@]}" feed data/corpus/heldout.jsonl -c "$CONFIG" --limit "${DEMO_LIMIT:-40}"
