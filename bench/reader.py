@@ -160,6 +160,8 @@ def paired(times: list[float], static: list[float]) -> tuple[float, float]:
     """Over consecutive pairs of documents: the median of static time / ``times`` for the pair,
     and the median time per document of a pair."""
     pairs = [(static[i] + static[i + 1], times[i] + times[i + 1]) for i in range(0, len(times) - 1, 2)]
+    if not pairs:  # one timed document: it alone (a slow step with or without rehearsal)
+        pairs = [(2 * static[0], 2 * times[0])]
     return statistics.median(s / t for s, t in pairs), statistics.median(t / 2 for _, t in pairs)
 
 
