@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from actors.call_types import DocumentOutcome, DocumentTask, HandedStates, StateBlob
+from actors.reader_names import name_before_the_rename
 from actors.state_store import ScopedState, StateStore
 from actors.state_upload import StateUploader
 from actors.window_readers import ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader, WindowReader
@@ -85,8 +86,15 @@ class ReadingMode:
         self.max_tokens = spec.max_document_tokens
         self.oversize = spec.oversize
         self.shadow_rate = shadow_rate
-        self.states = StateStore(scope, self.new_state, spec.max_keys_in_memory, Path(spec.spill_dir) / host.name,
-                                 spec.max_keys, spec.key_retention_documents)
+        weight = next(self.model.parameters())
+        # What a hand-off is computed in (only from the same kind of device and dtype is one taken),
+        # and its size per token.
+        self.dtype_name = str(weight.dtype).removeprefix("torch.")
+        self.hidden_bytes = self.model.config.hidden_size * weight.element_size()
+        spill = Path(spec.spill_dir)
+        self.states = StateStore(scope, self.new_state, spec.max_keys_in_memory, spill / host.name,
+                                 spec.max_keys, spec.key_retention_documents,
+                                 earlier_spill_dirs=(spill / name_before_the_rename(host.name),))
         self.uploader = StateUploader(host.name)
         self.window_reader = self._window_reader()
         self.documents = 0
@@ -365,6 +373,10 @@ class SlowWeightsMode(ReadingMode):
     def _read_windows(self, task: DocumentTask, scoped: ScopedState, windows: list[torch.Tensor],
                       ids: list[int], below: HandedStates | None) -> torch.Tensor:
         scoped.state.fast.reset()
+        return self._read_fresh(task, scoped, windows, ids, below)
+
+    def _read_fresh(self, task: DocumentTask, scoped: ScopedState, windows: list[torch.Tensor],
+                    ids: list[int], below: HandedStates | None) -> torch.Tensor:
         return self.window_reader.read(scoped.state, windows)
 
     def _after_document(self, scoped: ScopedState) -> float:
@@ -391,11 +403,9 @@ class SelfLearning(SlowWeightsMode):
         chunk_tokens = self.host.slow_config.chunk_tokens or self.max_tokens  # else one step per window
         return SlowStepReader(self.model, self.slow, chunk_tokens, split=self.split)
 
-    def _read_windows(self, task: DocumentTask, scoped: ScopedState, windows: list[torch.Tensor],
-                      ids: list[int], below: HandedStates | None) -> torch.Tensor:
-        scoped.state.fast.reset()
-        weight = next(self.model.parameters())
-        if below is not None and (below.device_type, below.dtype) == (self.device.type, _dtype_name(weight)) \
+    def _read_fresh(self, task: DocumentTask, scoped: ScopedState, windows: list[torch.Tensor],
+                    ids: list[int], below: HandedStates | None) -> torch.Tensor:
+        if below is not None and (below.device_type, below.dtype) == (self.device.type, self.dtype_name) \
                 and below.tokens_sha256 == _tokens_sha256(ids):
             return self.window_reader.read(scoped.state, windows, below.windows)
         return self.window_reader.read(scoped.state, windows)  # else computed here: the same bits
@@ -459,16 +469,14 @@ class ReadingVersions(SlowWeightsMode):
             self._version = (version, state, self.slow.delta_ratio(state))
         return self._version[1]
 
-    def _read_windows(self, task: DocumentTask, scoped: ScopedState, windows: list[torch.Tensor],
-                      ids: list[int], below: HandedStates | None) -> torch.Tensor:
-        scoped.state.fast.reset()
-        weight = next(self.model.parameters())
-        if not self.hands_on or len(ids) * self.model.config.hidden_size * weight.element_size() > MAX_HANDED_BYTES:
+    def _read_fresh(self, task: DocumentTask, scoped: ScopedState, windows: list[torch.Tensor],
+                    ids: list[int], below: HandedStates | None) -> torch.Tensor:
+        if not self.hands_on or len(ids) * self.hidden_bytes > MAX_HANDED_BYTES:
             return self.window_reader.read(scoped.state, windows)
         with capture_inputs(self.model, self.slow.lowest_layer) as captured:
             adapted = self.window_reader.read(scoped.state, windows)
         if len(captured) == len(windows):  # else a window went to a context-parallel group
-            states = HandedStates(_tokens_sha256(ids), self._to_host(captured), self.device.type, _dtype_name(weight))
+            states = HandedStates(_tokens_sha256(ids), self._to_host(captured), self.device.type, self.dtype_name)
             self.handed[task.id] = (states, self._copied())
             while len(self.handed) > MAX_HANDED_DOCUMENTS:  # read, then never taken
                 self.handed.popitem(last=False)
@@ -532,10 +540,6 @@ def choose_mode(host: DocumentReader, long_reader: LongDocumentReader | None = N
 def _tokens_sha256(ids: list[int]) -> str:
     """What a hand-off is checked by: the document's tokens (only where one is made or taken)."""
     return hashlib.sha256(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
-
-
-def _dtype_name(weight: torch.Tensor) -> str:
-    return str(weight.dtype).removeprefix("torch.")
 
 
 def _mean(nll: torch.Tensor) -> float | None:

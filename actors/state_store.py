@@ -69,7 +69,10 @@ class StateStore:
     """
 
     def __init__(self, scope: Scope, new_state: Callable[[], AdaptedState], capacity: int, spill_dir: Path,
-                 max_keys: int | None = None, retention_documents: int | None = None):
+                 max_keys: int | None = None, retention_documents: int | None = None,
+                 earlier_spill_dirs: tuple[Path, ...] = ()):
+        """``earlier_spill_dirs``: folders this reader spilled to under another name (emptied
+        too, with its own, at start)."""
         if scope not in ("global", "per_key", "per_document"):
             raise ValueError(f"unknown state scope {scope!r}")
         if max_keys is not None and max_keys < capacity:
@@ -82,6 +85,7 @@ class StateStore:
         self.max_keys = max_keys
         self.retention_documents = retention_documents
         self.spill_dir = Path(spill_dir)
+        self.earlier_spill_dirs = tuple(Path(d) for d in earlier_spill_dirs)
         self._live: OrderedDict[str, ScopedState] = OrderedDict()
         # key -> (sha256, documents, partition, last_read), least recently read first
         self._spilled: OrderedDict[str, tuple[str, int, int | None, int]] = OrderedDict()
@@ -211,11 +215,9 @@ class StateStore:
         return self.spill_dir / state_file_name(key)
 
     def _remove_earlier_spills(self) -> None:
-        """Spill files of an earlier incarnation of this reader (it died; its states come back
-        from a checkpoint): nothing indexes them, so they would outlive a forget."""
-        # The same reader under its name before the rename (docs/upgrading.md): its folder too.
-        legacy = self.spill_dir.with_name(self.spill_dir.name.replace("-reader-", "-worker-"))
-        folders = [f for f in {self.spill_dir, legacy} if f.is_dir()]
+        """Spill files of an earlier incarnation of this reader (it died, or had another name; its
+        states come back from a checkpoint): nothing indexes them, so they would outlive a forget."""
+        folders = [f for f in {self.spill_dir, *self.earlier_spill_dirs} if f.is_dir()]
         stale = [p for f in folders for p in f.iterdir() if p.is_file() and ".safetensors" in p.name]
         for path in stale:
             path.unlink(missing_ok=True)

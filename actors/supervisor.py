@@ -22,6 +22,7 @@ from actors.cp_group import ContextParallelService
 from actors.call_types import ReaderSpec
 from actors.learner_actor import LearnerActor
 from actors.reader_actor import ReaderActor
+from actors.reader_names import reader_name
 
 
 class Supervisor:
@@ -42,7 +43,7 @@ class Supervisor:
         readers = 0 if learner is not None and learner.synchronous else readers
         self.placement = placement_group([bundle] * readers, strategy=strategy) if readers else None
         self.started = time.time()
-        self.names = [f"{stream}-reader-{i}" for i in range(readers)]
+        self.names = [reader_name(stream, i) for i in range(readers)]
         self.context_parallel = (
             ContextParallelService.options(name=f"{stream}-context-parallel", max_restarts=-1)
             .remote(context_parallel)
@@ -95,7 +96,7 @@ class Supervisor:
                 stats = ray.get(ref, timeout=timeout_s)
                 stats["alive"] = True
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                stats = {"reader": f"{self.stream}-reader-{i}", "alive": False, "error": type(err).__name__}
+                stats = {"reader": reader_name(self.stream, i), "alive": False, "error": type(err).__name__}
             stats["partitions"] = sorted(p for p, w in self.assignment.items() if w == i)
             readers.append(stats)
         report = {"stream": self.stream, "uptime_s": time.time() - self.started, "placement": self.strategy,

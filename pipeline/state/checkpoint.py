@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import secrets
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 from actors.call_types import StateBlob, StateTarget
 from actors.state_upload import manifest_entry, state_file
+from actors.reader_names import current_name
 from pipeline.config import MlflowConfig
 from pipeline.state.tenant_keys import SALT_TAG, TOMBSTONE_TAG
 
@@ -48,10 +48,6 @@ REFERENCE_LOSS = "window_adapted_loss"
 READERS_PLACEHOLDER = "<the readers' entries>"
 
 
-# A reader's name before the rename (docs/upgrading.md).
-_LEGACY_READER_NAME = re.compile(r"^(?P<stream>.+)-worker-(?P<index>\d+)$")
-
-
 def parse_manifest(data: bytes | str) -> dict[str, Any]:
     """A checkpoint's manifest.json. One written before the rename (docs/upgrading.md) reads as
     one written now: its states under ``readers``, its readers by their names now
@@ -60,10 +56,9 @@ def parse_manifest(data: bytes | str) -> dict[str, Any]:
     manifest = json.loads(data)
     if "readers" not in manifest and "workers" in manifest:
         manifest["readers"] = manifest.pop("workers")
-    renamed = lambda name: _LEGACY_READER_NAME.sub(r"\g<stream>-reader-\g<index>", name)  # noqa: E731
-    manifest["readers"] = {renamed(name): entries for name, entries in manifest["readers"].items()}
+    manifest["readers"] = {current_name(name): entries for name, entries in manifest["readers"].items()}
     if isinstance(manifest.get("assignment"), dict):
-        manifest["assignment"] = {p: renamed(name) for p, name in manifest["assignment"].items()}
+        manifest["assignment"] = {p: current_name(name) for p, name in manifest["assignment"].items()}
     return manifest
 
 

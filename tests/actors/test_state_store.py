@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from actors.reader_names import current_name, name_before_the_rename
 from actors.state_store import StateStore
 from tests.ttt_model.reference import tiny_model
 from ttt_model import FastWeightState, StateIntegrityError, TTTConfig, enable_ttt
@@ -178,7 +179,8 @@ def test_a_reader_removes_the_spill_files_it_left_under_its_name_from_before_the
     other = tmp_path / "s-worker-1"
     other.mkdir()
     (other / "x.safetensors").write_bytes(b"another reader's")
+    assert name_before_the_rename("s-reader-0") == "s-worker-0" and current_name("s-worker-0") == "s-reader-0"
     StateStore("per_key", lambda: AdaptedState(FastWeightState.for_model(model)), capacity=1,
-               spill_dir=tmp_path / "s-reader-0")
+               spill_dir=tmp_path / "s-reader-0", earlier_spill_dirs=(tmp_path / name_before_the_rename("s-reader-0"),))
     assert list((tmp_path / "s-worker-0").glob("*.safetensors")) == []
     assert (other / "x.safetensors").exists()  # not this reader's
