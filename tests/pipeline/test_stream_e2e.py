@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from pipeline.config import AppConfig
 from pipeline.processing.job import run_stream
@@ -108,19 +108,29 @@ def produce(config: AppConfig, values: list[bytes], partitions: list[int] | None
 
 
 def read_topic(config: AppConfig, topic: str, expect: int, timeout_s: float = 30.0) -> list:
-    consumer = KafkaConsumer(
-        topic, bootstrap_servers=config.kafka.bootstrap_servers, auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None, consumer_timeout_ms=2000,
-    )
+    """Every record of ``topic`` once it holds at least ``expect`` (or at the timeout): read to the
+    end offsets the broker gives then, so that a record that should not be there is read too, with
+    no idle wait to decide that nothing more is coming."""
+    consumer = KafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False, group_id=None)
     records, deadline = [], time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        records.extend(consumer)
-        if len(records) >= expect:
-            time.sleep(1.0)  # and anything that should not be there
-            records.extend(consumer)
-            break
-    consumer.close()
-    return records
+    try:
+        partitions: list[TopicPartition] = []
+        while True:
+            found = consumer.partitions_for_topic(topic) or set()
+            if len(found) > len(partitions):  # the topic may not exist yet
+                partitions = [TopicPartition(topic, p) for p in sorted(found)]
+                consumer.assign(partitions)
+                consumer.seek_to_beginning()
+                records = []
+            end = consumer.end_offsets(partitions) if partitions else {}
+            while any(consumer.position(tp) < end[tp] for tp in partitions) and time.monotonic() < deadline:
+                for batch in consumer.poll(timeout_ms=200).values():
+                    records.extend(batch)
+            if len(records) >= expect or time.monotonic() >= deadline:
+                return records
+            time.sleep(0.2)
+    finally:
+        consumer.close()
 
 
 def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stack, ray_session, tmp_path):
