@@ -1,9 +1,10 @@
 """The fast weights' delta ratio (max over TTT layers of ||dW|| / ||W_down||) on documents read
 the way the configured stream reads them: what `processor.monitor.max_fast_delta_ratio` is
-measured against. One reader (the config's model, TTT overrides, slow weights, scope), the
-documents of a JSONL file in order; prints the distribution and the largest documents.
+measured against. What reads the stream (``bench.stream.direct_reading``: the embedded default's
+synchronous learner, or one reader) reads the documents of a JSONL file in order; prints the
+distribution and the largest documents.
 
-    python bench/delta_ratios.py -c configs/local.yaml data/corpus/heldout.jsonl --json out.json
+    python -m bench.delta_ratios -c configs/local.yaml data/corpus/heldout.jsonl --json out.json
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from actors.call_types import DocumentTask
-from actors.document_reader import DocumentReader
+from bench.stream import direct_reading
 from pipeline.config import load_config
 from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
 
@@ -28,14 +29,14 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config)
-    reader = DocumentReader(reader_spec(as_actors_see_it(config)), name="delta-ratios")
+    read, _ = direct_reading(config, reader_spec(as_actors_see_it(config)), "delta-ratios")
     rows = []
     with args.documents.open() as f:
         for i, line in enumerate(f):
             if args.limit is not None and i >= args.limit:
                 break
             doc = json.loads(line)
-            out = reader.process(DocumentTask(doc.get("id", str(i)), doc["text"], key=doc.get("key")))
+            out = read(DocumentTask(doc.get("id", str(i)), doc["text"], key=doc.get("key")))
             rows.append({"id": out.id, "tokens": out.tokens, "delta_ratio": out.delta_ratio, "loss": out.loss})
             print(f"{i:4d} {out.id[:40]:40s} {out.tokens:7d} tokens  delta ratio {out.delta_ratio:.3f}", flush=True)
     ratios = sorted(r["delta_ratio"] for r in rows)

@@ -41,6 +41,14 @@ def run_demo(setting: str, overrides: dict[str, str] | None = None) -> dict:
             "adapted_vs_static": float(figure("adapted vs static").rstrip("%")) / 100, "verdicts": verdicts[::-1]}
 
 
+def chosen(settings: dict[str, dict[str, str]], wanted: list[str]) -> dict[str, dict[str, str]]:
+    """The settings named in ``wanted``, in their own order."""
+    unknown = sorted(set(wanted) - set(settings))
+    if unknown:
+        raise SystemExit(f"--settings: no setting {unknown}; there are {list(settings)}")
+    return {name: env for name, env in settings.items() if name in wanted}
+
+
 def alternate(settings: dict[str, dict[str, str]], pairs: int) -> list[dict]:
     """``pairs`` rounds of the demo under each setting (name -> environment overrides), the order
     reversed every other round so that neither always runs first."""
@@ -56,10 +64,11 @@ def alternate(settings: dict[str, dict[str, str]], pairs: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--settings", nargs="+", default=["on", "off"], help="which of on, off (a smoke run: one)")
     parser.add_argument("--machine", default="2 cores, 24 GiB (the development machine; CI's kind)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_gate_checks.json"))
     args = parser.parse_args()
-    runs = alternate({"on": {}, "off": OFF}, args.pairs)
+    runs = alternate(chosen({"on": {}, "off": OFF}, args.settings), args.pairs)
     result = {"command": "python bench/demo_gate_checks.py (bash infra/demo.sh, alternating)",
               "machine": args.machine, "date": datetime.date.today().isoformat(), "runs": runs}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

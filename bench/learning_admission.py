@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=60)
     parser.add_argument("--heldout-documents", type=int, default=24)
     parser.add_argument("--shipped-documents", type=int, default=16)
+    parser.add_argument("--shipped-heldout", type=Path, default=Path("data/corpus/heldout.jsonl"))
     parser.add_argument("--junk", type=float, default=0.3)
     parser.add_argument("--every", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=10)
@@ -165,7 +166,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     stream = prepare(root / "stream.jsonl", tokenizer, args.max_tokens, args.documents, args.seed)
     heldout = prepare(root / "heldout.jsonl", tokenizer, args.max_tokens, args.heldout_documents, -1)
-    shipped = prepare(Path("data/corpus/heldout.jsonl"), tokenizer, args.max_tokens, args.shipped_documents, -1)
+    shipped = prepare(args.shipped_heldout, tokenizer, args.max_tokens, args.shipped_documents, -1)
     ids = lambda docs: [torch.tensor(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs]  # noqa: E731
     eval_sets = {"domain_heldout": ids(heldout), "shipped_heldout": ids(shipped)}
     spec = standalone_reader_spec(model_path=model_path, device=args.device, max_document_tokens=args.max_tokens,

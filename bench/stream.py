@@ -24,13 +24,14 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from actors.call_types import DocumentTask
+from actors.call_types import DocumentOutcome, DocumentTask, ReaderSpec
 from actors.document_reader import DocumentReader
 from actors.learner import StreamLearner
-from pipeline.config import load_config
+from pipeline.config import AppConfig, load_config
 from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
 from pipeline.processing.job import run_stream
 from pipeline.local.local_stack import LocalStack
@@ -46,6 +47,21 @@ def documents(path: Path, n: int, max_tokens: int, tokenizer) -> list[dict]:
         if len(out) == n:
             return out
     raise SystemExit(f"{path}: fewer than {n} documents of {max_tokens} tokens")
+
+
+def direct_reading(config: AppConfig, spec: ReaderSpec, name: str) -> tuple[Callable[[DocumentTask], DocumentOutcome], Any]:
+    """What reads the configured stream, in this process: (its read, its tokenizer). With the
+    synchronous learner, a ``StreamLearner`` that reads and learns each document; with no
+    learner, one ``DocumentReader``. Readers beside a learner read its versions: refused."""
+    learner = config.processor.learner
+    if learner.enabled and not learner.synchronous:
+        raise SystemExit("with readers beside a learner there is no one direct reader (set "
+                         "processor.learner.synchronous: true, or learner.enabled: false)")
+    if learner.enabled:
+        direct = StreamLearner(spec, name=name)
+        return direct.read, direct.reader.tokenizer
+    reader = DocumentReader(spec, name)
+    return reader.process, reader.tokenizer
 
 
 def result_timestamps(config) -> dict[str, tuple[int, float]]:
@@ -78,9 +94,6 @@ def main() -> None:
         name: f"bench.{run_id}.{name}" for name in ("documents", "results", "metrics", "alerts", "dead_letter", "control")
     } | {"partitions": 1})
     learner = config.processor.learner
-    if learner.enabled and not learner.synchronous:
-        raise SystemExit("bench/stream.py compares one reader with the pipeline: with readers beside the learner there "
-                         "is none (set processor.learner.synchronous: true, or learner.enabled: false)")
     learner = learner.model_copy(update={"num_cpus": args.threads,
                                          "gate": learner.gate.model_copy(update={"enabled": False}),
                                          "admission": learner.admission.model_copy(update={"enabled": False})})
@@ -101,18 +114,13 @@ def main() -> None:
     spec = reader_spec(as_actors_see_it(config))
 
     torch.set_num_threads(args.threads)
-    if learner.enabled:  # the synchronous learner: reads and learns each document
-        direct = StreamLearner(spec, name="direct")
-        read, tokenizer = direct.read, direct.reader.tokenizer
-    else:
-        direct = DocumentReader(spec, "direct")
-        read, tokenizer = direct.process, direct.tokenizer
+    read, tokenizer = direct_reading(config, spec, "direct")
     docs = documents(args.corpus, args.documents, args.max_tokens, tokenizer)
     read(DocumentTask("warm-up", docs[0]["text"]))
     start = time.perf_counter()
     direct_tokens = sum(read(DocumentTask(d["id"], d["text"])).tokens for d in docs)
     direct_s = time.perf_counter() - start
-    del direct, read
+    del read
 
     stack = LocalStack(config.local_stack)
     started_broker = not next(s for s in stack.status() if s.name == "broker").running
