@@ -19,9 +19,8 @@ from dataclasses import replace
 from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
-from pipeline.processing.learning_admission import LearningAdmission, decision_kind
+from pipeline.processing.learning_admission import LearningAdmission
 from pipeline.state.tenant_keys import TenantKeys
-from pipeline.stream_events import LearningDecided, StreamEvents
 from pipeline.stream_io.messages import ParsedDocument, Rejected, parse_document
 from pipeline.stream_io.sink import KafkaSinks
 
@@ -33,7 +32,7 @@ class DocumentIntake:
     takes the stream's documents (the held-out draw and the admission checks apply)."""
 
     def __init__(self, config: ProcessorConfig, stream: str, assignment: dict[int, int], keys: TenantKeys,
-                 admission: LearningAdmission | None, learns: bool, sinks: KafkaSinks, events: StreamEvents):
+                 admission: LearningAdmission | None, learns: bool, sinks: KafkaSinks):
         self.config = config
         self.stream = stream
         self.reader_of = dict(assignment)
@@ -41,7 +40,6 @@ class DocumentIntake:
         self.admission = admission  # which documents the learner may learn from (None: all but the held-out)
         self.learns = learns
         self.sinks = sinks
-        self.events = events
 
     def take(self, record: ConsumerRecord) -> ParsedDocument | Rejected:
         parsed = parse_document(record.value, record.key, record.topic, record.partition, record.offset,
@@ -65,6 +63,5 @@ class DocumentIntake:
                     self.sinks.alert({"type": "quarantined", "stream": self.stream, "state_key": key,
                                       "last_reason": kept_out, "release": "ttt-stream release KEY",
                                       "time": time.time()})
-            self.events.publish(LearningDecided(decision_kind(kept_out, held_out)))
         return replace(parsed, task=replace(parsed.task, key=key, shadow=shadow, held_out=held_out,
                                             kept_out=kept_out, worth=worth))

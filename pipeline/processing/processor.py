@@ -25,7 +25,7 @@ from pipeline.processing.recovery import RecoveryPolicy, StreamParts
 from pipeline.processing.run_summary import RunSummary
 from pipeline.processing.status_report import StatusReport
 from pipeline.processing.stream_commands import CommandSource, StreamCommands
-from pipeline.stream_events import DocumentRead, DocumentRejected, StreamEvents
+from pipeline.stream_events import DocumentRead, DocumentRejected, LearningDecided, StreamEvents
 from pipeline.stream_io.messages import Rejected, dead_letter_headers, result_message
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
@@ -37,13 +37,13 @@ class StreamProcessor:
     """The run loop: poll -> accept -> dispatch -> collect -> drain. Everything it works with is
     given, nothing is optional: how progress is made durable and failures recovered is the
     ``recovery`` policy; who watches (metrics, the MLflow run, the monitor, the alert topic)
-    subscribes to ``events`` (``pipeline.processing.job.build_processor`` wires one up). Beside
+    subscribes to the ``events`` it publishes (``pipeline.processing.job.build_processor`` wires
+    them up). Beside
     the loop, between two of its turns: the control records (``StreamCommands``), the readers'
     deadlines (``ReaderDeadlines``) and the status report (``StatusReport``)."""
 
     def __init__(self, config: ProcessorConfig, source: KafkaDocumentSource, sinks: KafkaSinks, pool: ReaderPool,
-                 intake: DocumentIntake, learner: Learner, recovery: RecoveryPolicy, events: StreamEvents,
-                 control: CommandSource):
+                 intake: DocumentIntake, learner: Learner, recovery: RecoveryPolicy, control: CommandSource):
         self.config = config
         self.source = source
         self.sinks = sinks
@@ -51,7 +51,7 @@ class StreamProcessor:
         self.intake = intake
         self.stream = stream = intake.stream
         self.ledger = StreamLedger(len(pool.names), source.positions())  # read on from where the source stands
-        self.events = events
+        self.events = events = StreamEvents()  # what happens to the stream, for whoever watches it
         self.learner = learner  # trains the slow weights; the readers read with its versions
         self.summary = RunSummary()
         self.recovery = recovery
@@ -139,6 +139,8 @@ class StreamProcessor:
             self.ledger.passed_over(record)
             return
         # The learner takes the documents in the ledger's order, which fixes each one's version.
+        if self.intake.learns:
+            self.events.publish(LearningDecided(decision_kind(parsed.task.kept_out, parsed.task.held_out)))
         version = self.learner.submit(parsed.task)
         self.ledger.accept(record, parsed, self.intake.reader_of[record.partition], version)
 
