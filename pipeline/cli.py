@@ -155,7 +155,7 @@ def versions(config: Path = ConfigOption) -> None:
 
     cfg = _load(config)
     store = CheckpointStore(cfg.mlflow, cfg.stream.name)
-    rows = store.versions()
+    rows = store.registry.versions()
     import datetime
 
     from pipeline.observability.terminal_table import TableColumn, fitting_table
@@ -326,8 +326,8 @@ def export(
     try:
         store = CheckpointStore(cfg.mlflow, cfg.stream.name)
         checkpoint = store.load(version)
-        state_key = TenantKeys(store.key_salt()).state_key_of(key) if key is not None else None
-        if state_key is not None and store.forgotten_in(checkpoint.version, state_key):
+        state_key = TenantKeys(store.registry.key_salt()).state_key_of(key) if key is not None else None
+        if state_key is not None and store.registry.forgotten_in(checkpoint.version, state_key):
             raise CheckpointError(f"the key was forgotten (state {state_key}) after v{checkpoint.version}: "
                                   "its state there is erased")
         export_checkpoint(checkpoint, out, reader, state_key, cfg.mlflow.tracking_uri)

@@ -17,7 +17,8 @@ from actors.supervisor import SupervisorActor
 from actors.base_model import local_model_dir
 from pipeline.processing.actor_specs import (as_actors_see_it, context_parallel_spec, effective_model_config, hands_off,
                                              reader_spec)
-from pipeline.state.checkpoint import HEAD, LAST_GOOD, LIVE, CheckpointError, CheckpointStore, StreamCheckpointer, base_model_id
+from pipeline.state.checkpoint import (HEAD, LAST_GOOD, LIVE, REFERENCE_LOSS, CheckpointError, CheckpointStore,
+                                       StreamCheckpointer, base_model_id)
 from pipeline.config import AppConfig, ProcessorConfig
 from pipeline.stream_io.control import CommandLedger, ControlSource
 from pipeline.state.tenant_keys import TenantKeys
@@ -50,8 +51,8 @@ def restore_from_checkpoint(config: AppConfig, store: CheckpointStore, source: K
     start, resumed, current = None, {}, source.topic_id()
     # The newest version (head), whether the promotion gate passed it or not: it holds the
     # learner's verdict, and reading on from it goes on as the run that wrote it would have.
-    ref = HEAD if store.resolve(HEAD) is not None else LIVE  # LIVE: a stream from before head existed
-    if config.processor.checkpoint.restore and store.resolve(ref) is not None:
+    ref = HEAD if store.registry.resolve(HEAD) is not None else LIVE  # LIVE: a stream from before head existed
+    if config.processor.checkpoint.restore and store.registry.resolve(ref) is not None:
         start = store.load(ref)  # CheckpointError: refuse to start rather than lose or repeat
         topic = start.manifest["offsets"]["topic"]
         if topic != config.kafka.topics.documents:
@@ -105,13 +106,13 @@ def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks:
     """The processor of a deployment, its parts picked once here: the recovery policy (with
     checkpoints or best effort), and the observers subscribed to its events (metrics, the MLflow
     run, the monitor with its rollbacks and last-good alias, the alert topic)."""
-    events = StreamEvents()
     recovery = CheckpointedRecovery(checkpointer) if checkpointer is not None else BestEffortRecovery()
     learner = learner if learner is not None else NoLearner()
     intake = DocumentIntake(config, stream, assignment, keys if keys is not None else TenantKeys.unpersisted(stream),
-                            admission, learner.name is not None, sinks, events)
-    processor = StreamProcessor(config, source, sinks, pool, intake, learner, recovery, events,
+                            admission, learner.name is not None, sinks)
+    processor = StreamProcessor(config, source, sinks, pool, intake, learner, recovery,
                                 control if control is not None else NoCommands())
+    events = processor.events
     if metrics is not None:
         metrics.subscribe_to(events)
     if run_log is not None:
@@ -148,9 +149,9 @@ def watch_with_monitor(events: StreamEvents, monitor: DegradationMonitor, recove
         store = checkpointer.store
         try:
             if monitor.reference_loss is not None:
-                store.record_reference_loss(event.version, monitor.reference_loss)
+                store.registry.record_metric(event.version, REFERENCE_LOSS, monitor.reference_loss)
             if event.promoted is None:
-                store.set_alias(LAST_GOOD, event.version)
+                store.registry.set_alias(LAST_GOOD, event.version)
         except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good stays
             log.warning("could not move %s to v%s: %s", LAST_GOOD, event.version, err)
 
@@ -228,7 +229,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             store = CheckpointStore(config.mlflow, config.stream.name)
             checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir,
                                                    learner)
-            keys = TenantKeys(store.key_salt())
+            keys = TenantKeys(store.registry.key_salt())
             commands = CommandLedger.from_dict(checkpointer.commands_at_start)
             checkpointer.commands = commands.as_dict  # replay protection survives a restart
             control = ControlSource(config.kafka, p.control, config.stream.name, commands)
@@ -236,7 +237,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
                 admission = LearningAdmission(p.learner.admission, checkpointer.admission_at_start)
                 checkpointer.admission = admission.as_dict
             if p.monitor.enabled:
-                monitor = DegradationMonitor(p.monitor, checkpointer.store.reference_loss(LAST_GOOD),
+                monitor = DegradationMonitor(p.monitor, checkpointer.store.registry.metric(LAST_GOOD, REFERENCE_LOSS),
                                              chunk_tokens=checkpointer.model_config["ttt"]["chunk_size"])
         if p.metrics.enabled:
             metrics = StreamMetrics(config.stream.name)

@@ -371,7 +371,7 @@ class CheckpointedRecovery(RecoveryPolicy):
 
     def _set_last_good(self, version: str) -> None:
         try:
-            self.checkpointer.store.set_alias(LAST_GOOD, version)
+            self.checkpointer.store.registry.set_alias(LAST_GOOD, version)
         except Exception as err:  # noqa: BLE001 - MLflow went away just now: last-good moves with the next
             log.warning("could not move %s to v%s: %s", LAST_GOOD, version, err)
 
@@ -383,7 +383,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         (if the version cannot be written yet, both are done with the next one)."""
         parts = self.parts
         try:
-            self.checkpointer.store.forget(state_key)
+            self.checkpointer.store.registry.forget(state_key)
         except Exception as err:  # noqa: BLE001 - the registry out of reach: nothing was changed
             raise CommandFailed(f"no tombstone could be written ({type(err).__name__}: {err})"[:500]) from None
         held = 0
@@ -433,7 +433,7 @@ class CheckpointedRecovery(RecoveryPolicy):
                 f"refused: forget needs per_key scope: it erases a per_key state; this stream's scope is {scope!r}")
         if target not in (BASE, LAST_GOOD):
             try:
-                known = self.checkpointer.store.resolve(target) is not None
+                known = self.checkpointer.store.registry.resolve(target) is not None
             except Exception:  # noqa: BLE001 - MLflow out of reach: the rollback itself reports it
                 known = True
             if not known:
@@ -457,7 +457,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         (CheckpointError, MLflow down), changing nothing."""
         parts = self.parts
         store = self.checkpointer.store
-        if target == LAST_GOOD and store.resolve(LAST_GOOD) is None:
+        if target == LAST_GOOD and store.registry.resolve(LAST_GOOD) is None:
             log.warning("no version is %s yet: rolling back to the base model (fresh states)", LAST_GOOD)
             target = BASE
         learner = parts.learner.name
@@ -501,7 +501,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         offsets = parts.ledger.committable()
         # Live moves to it only if the target's weights are servable: a rejected candidate restores
         # as its verdict left the learner (at last-good), and an unjudged one waits for its verdict.
-        promote = checkpoint.version == BASE or servable(self.checkpointer.store.version_tags(checkpoint.version))
+        promote = checkpoint.version == BASE or servable(self.checkpointer.store.registry.version_tags(checkpoint.version))
         version = self.checkpointer.write(
             checkpoint.states, offsets, "rollback", parts.summary.checkpoint_metrics(),
             tags={"rollback_to": checkpoint.version, "rollback_from": str(previous), "rollback_cause": cause},

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from actors.call_types import StateBlob, StateTarget
 from actors.state_upload import manifest_entry, state_file
 from actors.reader_names import current_name
 from pipeline.config import MlflowConfig
-from pipeline.state.tenant_keys import SALT_TAG, TOMBSTONE_TAG
+from pipeline.state.registered_model import RegisteredModel
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +130,75 @@ class CheckpointRequest:
     promote: bool = True  # live moves to it (False: a candidate the promotion gate rejected or could not judge)
 
 
-def model_name(stream: str) -> str:
-    return f"{stream}-ttt"
+def new_manifest(request: CheckpointRequest, stream: str, forgotten: dict[str, int]) -> dict[str, Any]:
+    """The manifest of a checkpoint, but for the readers' entries (spliced in as they wrote them)."""
+    return {
+        "format": FORMAT,
+        "stream": stream,
+        "created": time.time(),
+        "reason": request.reason,
+        "parent_version": request.parent_version,
+        "offsets": {"topic": request.topic, "topic_id": request.topic_id,
+                    "partitions": {str(p): o for p, o in sorted(request.offsets.items())}},
+        "config_digest": request.config_digest,
+        "base_model": request.base_model,
+        "model_config": request.model_config,
+        "documents": request.documents,
+        "metrics": request.metrics,
+        "readers": READERS_PLACEHOLDER,  # spliced in below, as the readers wrote it
+        # partition -> reader name: which reader's state read which partition (rescaling)
+        "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
+        "forgotten": dict(sorted(forgotten.items())),
+        "commands": request.commands,
+        "admission": request.admission,
+    }
+
+
+def verified(where: str, version: str, manifest_sha256: str | None, local: Path, forgotten: Callable[[str], bool],
+             read: Callable[[dict[str, Any]], bytes]) -> Checkpoint:
+    """The checkpoint in ``local`` once its manifest matches the version's tag and every state
+    file its manifest entry (``read``: an entry's bytes); the states of ``forgotten`` keys are
+    passed over (their files are gone). Raises CheckpointError."""
+    try:
+        manifest_bytes = (local / "manifest.json").read_bytes()
+    except OSError:
+        raise CheckpointError(f"{where}: manifest.json is missing") from None
+    got = hashlib.sha256(manifest_bytes).hexdigest()
+    if got != manifest_sha256:
+        raise CheckpointError(f"{where}: manifest sha256 {got} != the version's tag {manifest_sha256}")
+    manifest = parse_manifest(manifest_bytes)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a {FORMAT} checkpoint")
+    states = {}
+    for reader, entries in manifest["readers"].items():
+        blobs = []
+        for entry in entries:
+            if forgotten(entry["key"]):  # erased: its file is gone, nothing brings it back
+                continue
+            try:
+                data = read(entry)
+            except Exception:  # noqa: BLE001 - not in this version, nor in the one it names
+                raise CheckpointError(f"{where}: state file {entry['file']} "
+                                      f"{'of run ' + entry['run_id'] + ' ' if 'run_id' in entry else ''}is missing") from None
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"]:
+                raise CheckpointError(f"{where}: {entry['file']} sha256 {digest} != manifest {entry['sha256']}")
+            blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"]), entry.get("partition"),
+                                   int(entry.get("last_read", 0))))
+        states[reader] = blobs
+    return Checkpoint(version, manifest, states)
 
 
 class CheckpointStore:
-    def __init__(self, config: MlflowConfig, stream: str):
-        from mlflow import MlflowClient
+    """Writes and reads the checkpoints of one stream, one version of its registered model each
+    (``registry``: the versions, aliases and tombstones themselves)."""
 
+    def __init__(self, config: MlflowConfig, stream: str):
         self.config = config
         self.stream = stream
-        self.name = model_name(stream)
-        self.client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+        self.registry = RegisteredModel(config, stream)
+        self.name = self.registry.name
+        self.client = self.registry.client
         # The processor's own MLflow run (pipeline/observability/processor_run.py): checkpoint runs nest under
         # it. Read at each save: a run created late (MLflow down at start) is still found.
         self.parent_run: Any = None
@@ -152,55 +208,16 @@ class CheckpointStore:
         self._stored: dict[tuple[str, str], tuple[str, str]] = {}
         self._manifests: dict[str, dict[str, Any]] = {}  # version -> manifest loaded here (versions never change)
         self._reads: dict[str, set[str]] = {}  # version -> the runs whose files it reads (prune)
-        self._forgotten: dict[str, int] | None = None  # tombstones: state key -> first version after its forget
 
     # -- erasure -------------------------------------------------------------------------------
-
-    def key_salt(self) -> bytes:
-        """The stream's salt of state names (``pipeline.state.tenant_keys``), made on first use."""
-        self._ensure_registered_model()
-        tags = self.client.get_registered_model(self.name).tags or {}
-        if SALT_TAG not in tags:
-            self.client.set_registered_model_tag(self.name, SALT_TAG, secrets.token_hex(32))
-            tags = self.client.get_registered_model(self.name).tags  # another writer's, if it was first
-        return bytes.fromhex(tags[SALT_TAG])
-
-    def tombstones(self, refresh: bool = False) -> dict[str, int]:
-        """The state keys ``forget`` erased, each with the first version that may hold a state of
-        it again (one begun after the forget). They are tags of the registered model
-        (``ttt.forgotten.<state key>``), written before anything else of a forget happens, so
-        that they hold whatever fails after; every manifest lists them too. No load returns a
-        state of a key from a version before its tombstone."""
-        from mlflow.exceptions import MlflowException
-
-        if self._forgotten is None or refresh:
-            try:  # raises while MLflow is out of reach: tombstones are never taken as "none"
-                tags = self.client.get_registered_model(self.name).tags or {}
-            except MlflowException as err:
-                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                tags = {}  # no version yet: nothing to forget in
-            self._forgotten = {k[len(TOMBSTONE_TAG):]: int(v) for k, v in tags.items() if k.startswith(TOMBSTONE_TAG)}
-        return self._forgotten
-
-    def forget(self, state_key: str) -> None:
-        """Leave a tombstone for ``state_key`` in the registry: from now on no load returns a
-        state of it from a version written so far, whoever loads. Raises (MLflow out of reach),
-        having changed nothing, rather than forget in memory only."""
-        self._ensure_registered_model()
-        first = max((int(mv.version) for mv in self._all_versions()), default=0) + 1
-        self.client.set_registered_model_tag(self.name, TOMBSTONE_TAG + state_key, str(first))
-        self.tombstones()[state_key] = first
 
     def erase(self, state_key: str) -> int:
         """Delete the state files of ``state_key`` from every version before its tombstone and
         from every other checkpoint run of the stream (failed ones, those of deleted versions);
         returns how many places were cleared. The versions stay loadable: their other states are untouched, and
         load passes over the entries of a forgotten key."""
-        from mlflow.entities import ViewType
-
-        before = self.tombstones(refresh=True)[state_key]  # KeyError: no tombstone, nothing erased
-        versions = self._all_versions()
+        before = self.registry.tombstones(refresh=True)[state_key]  # KeyError: no tombstone, nothing erased
+        versions = self.registry.all_versions()
         runs = {int(mv.version): mv.run_id for mv in versions if int(mv.version) < before}
         files = set()
         for version, run_id in runs.items():
@@ -210,39 +227,19 @@ class CheckpointStore:
         # and the runs of versions deleted since (MLflow deletes a run's artifacts only at gc).
         listed = {mv.run_id for mv in versions}
         name = Path(state_file("-", state_key)).name
-        for run in self.client.search_runs([self._experiment_id()], f"tags.`ttt.stream` = '{self.stream}'",
-                                           run_view_type=ViewType.ALL, max_results=10_000):
-            if run.info.run_id in listed or run.data.tags.get("ttt.reason") is None:
-                continue
-            for reader in self.client.list_artifacts(run.info.run_id, checkpoint_artifact("states")):
+        for run_id in set(self.registry.checkpoint_runs()) - listed:
+            for reader in self.client.list_artifacts(run_id, checkpoint_artifact("states")):
                 if reader.is_dir:
-                    files.add((run.info.run_id, f"states/{Path(reader.path).name}/{name}"))
+                    files.add((run_id, f"states/{Path(reader.path).name}/{name}"))
         by_run: dict[str, list[str]] = {}
         for run_id, file in sorted(files):
-            by_run.setdefault(run_id, []).append(file)
-        for run_id, run_files in by_run.items():  # deleting a file that is not there is no error
-            repo = self._artifacts(run_id)
-            for file in run_files:
-                repo.delete_artifacts(checkpoint_artifact(file))
+            by_run.setdefault(run_id, []).append(checkpoint_artifact(file))
+        for run_id, paths in by_run.items():
+            self.registry.delete_artifacts(run_id, paths)
         self._stored = {held: src for held, src in self._stored.items() if src not in files}
         log.info("%s: erased the state files of a forgotten key in %d runs (%d versions before its tombstone)",
                  self.name, len(by_run), len(runs))
         return len(files)
-
-    def _artifacts(self, run_id: str) -> Any:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri,
-                                       tracking_uri=self.config.tracking_uri)
-
-    def forgotten_in(self, version: str, key: str) -> bool:
-        """Whether ``key``'s state in ``version`` was erased (the version is older than its tombstone)."""
-        tombstone = self.tombstones().get(key)
-        return tombstone is not None and int(version) < tombstone
-
-    def _all_versions(self) -> list[Any]:
-        # Raises while MLflow is out of reach: tombstones are never taken as "none".
-        return list(self.client.search_model_versions(f"name='{self.name}'"))
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -251,7 +248,7 @@ class CheckpointStore:
         then completes it)."""
         parent_run_id = getattr(self.parent_run, "run_id", None)
         run = self.client.create_run(
-            self._experiment_id(), run_name=f"{self.stream}-{reason}",
+            self.registry.experiment_id(), run_name=f"{self.stream}-{reason}",
             tags={"ttt.stream": self.stream, "ttt.reason": reason,
                   **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})},
         )
@@ -279,7 +276,7 @@ class CheckpointStore:
             staging = Path(tmp) / "staging" / "checkpoint"  # its folder name is its place in the model
             files: dict[str, list[dict[str, Any]]] = {}  # reader -> the entries of the states given as bytes
             written: dict[str, bytes] = {}  # reader -> the JSON entries of the states it wrote itself
-            forgotten = self.tombstones(refresh=True)  # an offline forget since is seen here
+            forgotten = self.registry.tombstones(refresh=True)  # an offline forget since is seen here
             for reader, states in sorted(request.states.items()):
                 if isinstance(states, bytes):
                     written[reader] = states
@@ -295,26 +292,7 @@ class CheckpointStore:
                         (staging / entry["file"]).write_bytes(state.data)
                     entries.append(entry)
                 files[reader] = entries
-            manifest = {
-                "format": FORMAT,
-                "stream": self.stream,
-                "created": time.time(),
-                "reason": request.reason,
-                "parent_version": request.parent_version,
-                "offsets": {"topic": request.topic, "topic_id": request.topic_id,
-                            "partitions": {str(p): o for p, o in sorted(request.offsets.items())}},
-                "config_digest": request.config_digest,
-                "base_model": request.base_model,
-                "model_config": request.model_config,
-                "documents": request.documents,
-                "metrics": request.metrics,
-                "readers": READERS_PLACEHOLDER,  # spliced in below, as the readers wrote it
-                # partition -> reader name: which reader's state read which partition (rescaling)
-                "assignment": {str(p): w for p, w in sorted(request.assignment.items())},
-                "forgotten": dict(sorted(forgotten.items())),
-                "commands": request.commands,
-                "admission": request.admission,
-            }
+            manifest = new_manifest(request, self.stream, forgotten)
             staging.mkdir(parents=True, exist_ok=True)  # a version that reuses every file writes none
             manifest_sha = _write_manifest(staging / "manifest.json", manifest, files, written)
             # The version's folder is an MLflow pyfunc model (from code, nothing pickled) whose
@@ -331,7 +309,7 @@ class CheckpointStore:
             )
             self.client.log_artifacts(run_id, str(root), ARTIFACT_DIR)
             self.client.set_terminated(run_id)
-        self._ensure_registered_model()
+        self.registry.ensure()
         parent_run_id = getattr(self.parent_run, "run_id", None)
         version = self.client.create_model_version(
             self.name, source=f"{run.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
@@ -369,7 +347,7 @@ class CheckpointStore:
         # By key and sha256: a file holds one key's state, so that erasing a key deletes no file
         # another key reads; an erased file is never reused.
         return {(e["key"], e["sha256"]): (e.get("run_id", run_id), e["file"])
-                for entries in readers.values() for e in entries if not self.forgotten_in(version, e["key"])}
+                for entries in readers.values() for e in entries if not self.registry.forgotten_in(version, e["key"])}
 
     def prune(self, keep: int) -> list[str]:
         """Delete the versions (and their runs) older than the newest ``keep``, except those an
@@ -417,64 +395,16 @@ class CheckpointStore:
                                     for e in entries if "run_id" in e}
         return self._reads[version]
 
-    def set_alias(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, alias, version)
-
-    def record_reference_loss(self, version: str, loss: float) -> None:
-        """The monitor's window loss when ``version`` passed it: a metric of the version's run."""
-        run_id = self.client.get_model_version(self.name, version).run_id
-        self.client.log_metric(run_id, REFERENCE_LOSS, float(loss))
-
-    def reference_loss(self, ref: str) -> float | None:
-        """The window loss recorded with ``ref`` (a version or alias), if any."""
-        version = self.resolve(ref)
-        if version is None:
-            return None
-        run_id = self.client.get_model_version(self.name, version).run_id
-        return self.client.get_run(run_id).data.metrics.get(REFERENCE_LOSS)
-
-    def version_tags(self, ref: str) -> dict[str, str]:
-        version = self.resolve(ref)
-        return {} if version is None else dict(self.client.get_model_version(self.name, version).tags)
-
-    def _experiment_id(self) -> str:
-        experiment = self.client.get_experiment_by_name(self.config.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        return self.client.create_experiment(self.config.experiment)
-
-    def _ensure_registered_model(self) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_registered_model(self.name)
-        except MlflowException:
-            try:
-                self.client.create_registered_model(self.name, tags={"ttt.stream": self.stream})
-            except MlflowException:
-                pass  # created meanwhile by another writer
-
     # -- reading -------------------------------------------------------------------------------
-
-    def resolve(self, ref: str) -> str | None:
-        """A version number, or an alias (``live``, ``last-good``), to a version; None if unset."""
-        from mlflow.exceptions import MlflowException
-
-        if ref.isdigit():
-            return ref
-        try:
-            return str(self.client.get_model_version_by_alias(self.name, ref).version)
-        except MlflowException:
-            return None
 
     def load(self, ref: str) -> Checkpoint:
         """Download and verify a version (number or alias). Raises CheckpointError."""
         from mlflow.exceptions import MlflowException
 
-        version = self.resolve(ref)
+        version = self.registry.resolve(ref)
         if version is None:
             raise CheckpointError(f"{self.name}: no version is aliased {ref!r}")
-        self.tombstones(refresh=True)  # those left since, by whoever
+        self.registry.tombstones(refresh=True)  # those left since, by whoever
         try:
             mv = self.client.get_model_version(self.name, version)
         except MlflowException as err:
@@ -484,41 +414,12 @@ class CheckpointStore:
                 local = Path(self.client.download_artifacts(mv.run_id, ARTIFACT_DIR, tmp))
             except Exception as err:  # noqa: BLE001 - any failure to fetch is a missing artifact
                 raise CheckpointError(f"{self.name} v{version}: cannot download its artifacts: {err}") from None
-            checkpoint = self._verify(version, mv.tags, local)
+            local = local / PYFUNC_CHECKPOINT
+            checkpoint = verified(f"{self.name} v{version}", version, mv.tags.get("manifest_sha256"), local,
+                                  lambda key: self.registry.forgotten_in(version, key),
+                                  lambda entry: self._state_file(local, entry))
         self._remember(version, mv.run_id, checkpoint.manifest)
         return checkpoint
-
-    def _verify(self, version: str, tags: dict[str, str], local: Path) -> Checkpoint:
-        where = f"{self.name} v{version}"
-        local = local / PYFUNC_CHECKPOINT
-        try:
-            manifest_bytes = (local / "manifest.json").read_bytes()
-        except OSError:
-            raise CheckpointError(f"{where}: manifest.json is missing") from None
-        got = hashlib.sha256(manifest_bytes).hexdigest()
-        if got != tags.get("manifest_sha256"):
-            raise CheckpointError(f"{where}: manifest sha256 {got} != the version's tag {tags.get('manifest_sha256')}")
-        manifest = parse_manifest(manifest_bytes)
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{where}: not a {FORMAT} checkpoint")
-        states = {}
-        for reader, entries in manifest["readers"].items():
-            blobs = []
-            for entry in entries:
-                if self.forgotten_in(version, entry["key"]):  # erased: its file is gone, nothing brings it back
-                    continue
-                try:
-                    data = self._state_file(local, entry)
-                except Exception:  # noqa: BLE001 - not in this version, nor in the one it names
-                    raise CheckpointError(f"{where}: state file {entry['file']} "
-                                          f"{'of run ' + entry['run_id'] + ' ' if 'run_id' in entry else ''}is missing") from None
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != entry["sha256"]:
-                    raise CheckpointError(f"{where}: {entry['file']} sha256 {digest} != manifest {entry['sha256']}")
-                blobs.append(StateBlob(entry["key"], data, digest, int(entry["documents"]), entry.get("partition"),
-                                       int(entry.get("last_read", 0))))
-            states[reader] = blobs
-        return Checkpoint(version, manifest, states)
 
     def _state_file(self, local: Path, entry: dict[str, Any]) -> bytes:
         """An entry's bytes: in this version's artifacts, or in the run of an earlier version
@@ -528,26 +429,6 @@ class CheckpointStore:
         with tempfile.TemporaryDirectory(prefix="ttt-ckpt-") as tmp:
             path = self.client.download_artifacts(entry["run_id"], checkpoint_artifact(entry["file"]), tmp)
             return Path(path).read_bytes()
-
-    def versions(self) -> list[dict[str, Any]]:
-        """Every version, newest first, with its tags, aliases and its run's metrics."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            model = self.client.get_registered_model(self.name)
-        except MlflowException:
-            return []
-        aliases: dict[str, list[str]] = {}
-        for alias, version in (model.aliases or {}).items():
-            aliases.setdefault(str(version), []).append(alias)
-        rows = []
-        for mv in self.client.search_model_versions(f"name='{self.name}'"):
-            metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-            rows.append({
-                "version": str(mv.version), "created": mv.creation_timestamp / 1000.0,
-                "aliases": sorted(aliases.get(str(mv.version), [])), "tags": dict(mv.tags), "metrics": metrics,
-            })
-        return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
 
 
 PYFUNC_CHECKPOINT = "artifacts/checkpoint"  # where save_model puts the "checkpoint" artifact

@@ -78,7 +78,7 @@ def rollback_offline(config: AppConfig, to: str) -> str:
     target = Checkpoint.base(list(live.states)) if to == BASE else store.load(to)
     return _save_after(store, live, target.states, "rollback",
                        {"rollback_to": target.version, "rollback_from": live.version, "rollback_cause": "manual"},
-                       promote=to == BASE or servable(store.version_tags(target.version)))
+                       promote=to == BASE or servable(store.registry.version_tags(target.version)))
 
 
 def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
@@ -87,12 +87,12 @@ def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
     tenant, and no rollback brings it back. Returns the version and how many states of ``live``
     it dropped."""
     store, live = _live(config, "forget a key in")
-    state_key = TenantKeys(store.key_salt()).state_key_of(key)
+    state_key = TenantKeys(store.registry.key_salt()).state_key_of(key)
     states = {name: [b for b in blobs if b.key != state_key] for name, blobs in live.states.items()}
     dropped = sum(len(blobs) for blobs in live.states.values()) - sum(len(blobs) for blobs in states.values())
-    store.forget(state_key)
+    store.registry.forget(state_key)
     version = _save_after(store, live, states, "forget", {"forgot_state_key": state_key},
-                          promote=servable(store.version_tags(live.version)))
+                          promote=servable(store.registry.version_tags(live.version)))
     store.erase(state_key)
     return version, dropped
 
@@ -100,8 +100,8 @@ def forget_offline(config: AppConfig, key: str) -> tuple[str, int]:
 def _live(config: AppConfig, what: str) -> tuple[CheckpointStore, Checkpoint]:
     """The version the next run reads on from: ``head`` (``live`` for a stream from before it)."""
     store = CheckpointStore(config.mlflow, config.stream.name)
-    ref = HEAD if store.resolve(HEAD) is not None else LIVE
-    if store.resolve(ref) is None:
+    ref = HEAD if store.registry.resolve(HEAD) is not None else LIVE
+    if store.registry.resolve(ref) is None:
         raise CheckpointError(f"{store.name}: no version to {what}")
     return store, store.load(ref)
 

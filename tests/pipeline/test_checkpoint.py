@@ -42,9 +42,9 @@ def store(stack):
 
 def test_versions_aliases_and_a_verified_round_trip(store):
     v1 = store.save(request(1.0, {0: 10, 1: 7}, None))
-    store.set_alias(LAST_GOOD, v1)
+    store.registry.set_alias(LAST_GOOD, v1)
     v2 = store.save(request(2.0, {0: 20, 1: 15}, v1))
-    assert (store.resolve(LIVE), store.resolve(LAST_GOOD)) == (v2, v1)
+    assert (store.registry.resolve(LIVE), store.registry.resolve(LAST_GOOD)) == (v2, v1)
     loaded = store.load(LIVE)
     assert loaded.version == v2 and loaded.offsets == {0: 20, 1: 15}
     assert loaded.manifest["parent_version"] == v1 and loaded.manifest["reason"] == "periodic"
@@ -54,7 +54,7 @@ def test_versions_aliases_and_a_verified_round_trip(store):
     assert loaded.manifest["assignment"] == {"0": "w-0", "1": "w-1"}  # for rescaling (pipeline.state.rescale)
     assert loaded.states["w-1"][0].data == original["w-1"][0].data
     assert store.load(LAST_GOOD).offsets == {0: 10, 1: 7}
-    rows = store.versions()
+    rows = store.registry.versions()
     assert [r["version"] for r in rows] == [v2, v1]
     assert rows[0]["aliases"] == [HEAD, LIVE] and rows[1]["aliases"] == [LAST_GOOD]
     assert rows[0]["tags"]["reason"] == "periodic" and rows[0]["tags"]["parent_version"] == v1
@@ -62,7 +62,7 @@ def test_versions_aliases_and_a_verified_round_trip(store):
     # A candidate the promotion gate did not pass: the newest version (head, where a restart reads
     # on), never live.
     v3 = store.save(replace(request(3.0, {0: 30, 1: 22}, v2), promote=False))
-    assert (store.resolve(HEAD), store.resolve(LIVE)) == (v3, v2)
+    assert (store.registry.resolve(HEAD), store.registry.resolve(LIVE)) == (v3, v2)
 
 
 def test_a_tampered_or_missing_artifact_fails_clearly(store, stack):
@@ -126,11 +126,11 @@ def test_retention_keeps_the_newest_the_aliased_and_the_referenced_versions(stor
         req = request(1.0, {0: i}, versions[-1])
         req.states["w-1"][1] = blob("b", float(i), 3, 3)  # only b changes
         versions.append(store.save(req))
-    store.set_alias(LAST_GOOD, versions[2])
+    store.registry.set_alias(LAST_GOOD, versions[2])
     deleted = store.prune(keep=2)
     # v1 holds the unchanged files every later version reads; v3 is last-good; v5, v6 the newest.
     assert sorted(deleted, key=int) == [versions[1], versions[3]]
-    remaining = {r["version"] for r in store.versions()}
+    remaining = {r["version"] for r in store.registry.versions()}
     assert remaining == {versions[0], versions[2], versions[4], versions[5]}
     for version in remaining:  # each still loads whole
         assert len(store.load(version).states["w-1"]) == 2

@@ -56,7 +56,7 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     store = CheckpointStore(config.mlflow, config.stream.name)
-    keys = TenantKeys(store.key_salt())
+    keys = TenantKeys(store.registry.key_salt())
     k0, k1, k2 = (keys.state_key(k) for k in ("k0", "k1", "k2"))
     ensure_topics(config.kafka)
     docs = short_documents(9, length=300)  # keys k0, k1, k2
@@ -70,7 +70,7 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
             assert time.monotonic() < deadline, "the stream did not read its documents"
         spill = Path(config.processor.spill_dir)
         assert len(sorted(spill.rglob("*.safetensors"))) == 2  # one key in memory, two spilled
-        before = store.resolve(LIVE)
+        before = store.registry.resolve(LIVE)
         assert k1 in listed_in(store, before) and file_of(store, before, k1)
         # A checkpoint whose readers wrote their states and then failed: no version lists its run.
         failed = store.open_run("periodic")
@@ -83,7 +83,7 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
         assert forgot.returncode == 0, forgot.stderr[-3000:]
         assert "forgotten by 1 reader(s)" in forgot.stdout
         version = forgot.stdout.split(" v")[1].split()[0]
-        assert keys_in(store, version) == {k0, k2} and store.resolve(LIVE) == version
+        assert keys_in(store, version) == {k0, k2} and store.registry.resolve(LIVE) == version
         manifest = store.load(version).manifest
         assert manifest["reason"] == "forget" and manifest["forgotten"] == {k1: int(version)}
         assert len(sorted(spill.rglob("*.safetensors"))) == 1  # k1 was spilled: its file went
@@ -112,7 +112,7 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
     produce(config, [json.dumps({**d, "id": d["id"] + "-more"}).encode() for d in more], partitions=[0] * len(more))
     again = run_stream(config, until_idle_s=3.0)
     assert again.documents == len(more)
-    since = [str(v) for v in range(int(version), int(store.resolve(LIVE)) + 1)]
+    since = [str(v) for v in range(int(version), int(store.registry.resolve(LIVE)) + 1)]
     assert all(k1 not in listed_in(store, v) and k1 not in keys_in(store, v) for v in since)
     spill_name = Path(state_file("-", k1)).name  # a spill file is named as a checkpoint's state file
     spilled = [p.name for p in Path(config.processor.spill_dir).rglob("*.safetensors")]

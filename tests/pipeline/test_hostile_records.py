@@ -123,7 +123,7 @@ def test_hostile_records_are_dead_lettered_and_the_stream_reads_on(stack, ray_se
     # A second run starts past every record: it reads nothing again.
     again = run_stream(config, until_idle_s=3.0)
     assert again.documents == 0 and again.dead_letters == 0
-    versions = CheckpointStore(config.mlflow, config.stream.name).versions()
+    versions = CheckpointStore(config.mlflow, config.stream.name).registry.versions()
     assert versions and all("rollback_to" not in v["tags"] for v in versions)
 
 

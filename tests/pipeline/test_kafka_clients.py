@@ -162,7 +162,7 @@ def test_each_client_s_documents_are_answered_and_read_back_by_it(stream, client
     answers = {json.loads(v)["id"]: (k, json.loads(v)) for k, v, _ in results}
     assert set(answers) == {f"{c}-{i}" for c in CLIENTS for i in range(PER_CLIENT)}  # all, each once
     assert len(results) == len(answers)
-    names = TenantKeys(CheckpointStore(config.mlflow, config.stream.name).key_salt())
+    names = TenantKeys(CheckpointStore(config.mlflow, config.stream.name).registry.key_salt())
     for i, (key, _, _) in enumerate(produced[client]):
         result_key, result = answers[f"{client}-{i}"]
         assert result_key == f"{client}-{i}".encode()  # results are keyed by document id

@@ -61,14 +61,14 @@ def test_two_readers_read_one_learners_versions_and_a_version_is_one_model(stack
 
     store = CheckpointStore(config.mlflow, config.stream.name)
     live = store.load(LIVE)
-    assert store.resolve(HEAD) == live.version  # every version of this stream passed the gate
+    assert store.registry.resolve(HEAD) == live.version  # every version of this stream passed the gate
     learner = f"{config.stream.name}-learner"
     assert {name: [b.key for b in blobs] for name, blobs in live.states.items()} == {
         f"{config.stream.name}-reader-0": [], f"{config.stream.name}-reader-1": [],
         learner: [GLOBAL_KEY, PUBLISHED_KEY, GATE_KEY]}
     (state,) = [b for b in live.states[learner] if b.key == GLOBAL_KEY]
     assert state.documents == decisions.count("admitted")  # held-out documents are never learned
-    for row in store.versions():
+    for row in store.registry.versions():
         tags = row["tags"]
         assert tags[VERDICT_TAG] == "promoted" and len(tags["ttt.slow_digest"]) == 64, tags
         assert float(tags["ttt.forgetting"]) < 0.02 and row["metrics"]["gate.promoted"] == 1.0
@@ -123,7 +123,7 @@ def test_the_synchronous_learner_reads_and_learns_every_document_and_judges_its_
         assert got[doc["id"]]["loss"] == pytest.approx(want, rel=1e-4), (doc["id"], decision)
 
     store = CheckpointStore(config.mlflow, config.stream.name)
-    tags = [row["tags"] for row in store.versions()]
+    tags = [row["tags"] for row in store.registry.versions()]
     assert {t[VERDICT_TAG] for t in tags} == {"promoted"} and len(tags) >= 2  # judged at 5 and at 10
     assert {t["ttt.version_lag"] for t in tags} == {"1"}  # document n read with all before it learned
     assert {name: [b.key for b in blobs] for name, blobs in store.load(LIVE).states.items()} == {

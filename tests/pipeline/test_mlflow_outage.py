@@ -48,7 +48,7 @@ def test_mlflow_outage_pauses_and_resumes_without_loss(stack, ray_session, tmp_p
     runner.start()
     try:
         deadline = time.monotonic() + 180
-        while store.resolve(LIVE) is None and time.monotonic() < deadline:
+        while store.registry.resolve(LIVE) is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert local.down(skip=("broker",)) == ["mlflow"]
         assert not mlflow_answers(config.mlflow.tracking_uri)

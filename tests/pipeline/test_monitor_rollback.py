@@ -59,13 +59,13 @@ def test_a_garbage_burst_alerts_and_rolls_back_to_last_good(stack, ray_session, 
     assert all(r["documents_after_breach"] <= 5 for r in rollbacks), rollbacks
     store = CheckpointStore(config.mlflow, config.stream.name)
     first = rollbacks[0]
-    tags = {row["version"]: row["tags"] for row in store.versions()}
+    tags = {row["version"]: row["tags"] for row in store.registry.versions()}
     assert tags[first["version"]]["reason"] == "rollback" and tags[first["version"]]["rollback_to"] == first["to"]
     # The rollback version holds exactly the last-good states it went back to.
     restored = store.load(first["version"]).states
     assert {w: [b.sha256 for b in bs] for w, bs in restored.items()} == \
         {w: [b.sha256 for b in bs] for w, bs in store.load(first["to"]).states.items()}
-    assert store.resolve(LIVE) is not None and store.resolve(LAST_GOOD) is not None
+    assert store.registry.resolve(LIVE) is not None and store.registry.resolve(LAST_GOOD) is not None
 
     results = {json.loads(r.value)["id"]: json.loads(r.value) for r in read_topic(config, config.kafka.topics.results, expect=len(stream))}
 

@@ -214,6 +214,7 @@ class FakeStore:
         self.versions: dict[str, Checkpoint] = {}
         self.aliases: dict[str, str] = {}
         self.reference: dict[str, float] = {}
+        self.registry = self  # the registered model's side (aliases, tombstones) too
         self.down_for = down_for  # writes that fail before MLflow is back
         self.on_failure = lambda: None
 
@@ -248,8 +249,8 @@ class FakeStore:
         version = self.resolve(ref)
         return dict(self.versions[version].manifest["tags"]) if version in self.versions else {}
 
-    def record_reference_loss(self, version, loss):
-        self.reference[version] = loss
+    def record_metric(self, version, key, value):
+        self.reference[version] = value
 
     def prune(self, keep):
         return []  # retention is tested on the real MLflow (tests/pipeline/test_checkpoint.py)

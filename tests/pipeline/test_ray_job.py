@@ -100,7 +100,7 @@ def test_a_stopped_job_resumes_from_the_live_checkpoint_when_submitted_again(sta
     finally:
         counter.stop.set()
     store = CheckpointStore(config.mlflow, config.stream.name)
-    resumed_from = store.resolve(HEAD)  # the newest version, judged or not: where a restart reads on
+    resumed_from = store.registry.resolve(HEAD)  # the newest version, judged or not: where a restart reads on
     assert resumed_from is not None
 
     second = ray_job(job_cluster, "submit", "--submission-id", f"{config.stream.name}-2", "--working-dir", ".",

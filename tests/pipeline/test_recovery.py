@@ -109,5 +109,5 @@ def test_three_kills_end_bitwise_equal_to_an_uncrashed_run(stack, ray_session, t
                                                                    crashed.kafka.topics.documents) for s in want}
     assert sorted((r["id"], r["loss"], r["tokens"]) for r in first.values()) == \
         sorted((r["id"], r["loss"], r["tokens"]) for r in want.values())
-    versions = CheckpointStore(crashed.mlflow, crashed.stream.name).versions()
+    versions = CheckpointStore(crashed.mlflow, crashed.stream.name).registry.versions()
     assert versions[0]["tags"]["reason"] == "shutdown" and int(versions[0]["tags"]["documents"]) >= len(docs)

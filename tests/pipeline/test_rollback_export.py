@@ -40,9 +40,9 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     runner.start()
     try:
         deadline = time.monotonic() + 180
-        while len(store.versions()) < 2 and time.monotonic() < deadline:
+        while len(store.registry.versions()) < 2 and time.monotonic() < deadline:
             time.sleep(1.0)
-        assert len(store.versions()) >= 2
+        assert len(store.registry.versions()) >= 2
         time.sleep(1.0)
         rolled = cli("rollback", "--to", "1", "-c", str(config_file))
         assert rolled.returncode == 0, rolled.stderr[-3000:]
@@ -52,10 +52,10 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     finally:
         stop.set()
         runner.join(timeout=120)
-    live = store.versions()[0]
+    live = store.registry.versions()[0]
     assert live["aliases"] == [LIVE] or LIVE in live["aliases"]
     assert live["tags"]["reason"] in ("rollback", "shutdown")
-    rollback_rows = [r for r in store.versions() if r["tags"]["reason"] == "rollback"]
+    rollback_rows = [r for r in store.registry.versions() if r["tags"]["reason"] == "rollback"]
     assert rollback_rows and rollback_rows[0]["tags"]["rollback_to"] == "1"
     assert {b.sha256 for bs in store.load(rollback_rows[0]["version"]).states.values() for b in bs} == \
         {b.sha256 for bs in store.load("1").states.values() for b in bs}
@@ -115,4 +115,4 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     # offline rollback: live becomes a copy of last-good
     offline = cli("rollback", "--to", LAST_GOOD, "--offline", "-c", str(config_file))
     assert offline.returncode == 0, offline.stderr[-3000:]
-    assert store.versions()[0]["tags"]["rollback_to"] == store.resolve(LAST_GOOD)
+    assert store.registry.versions()[0]["tags"]["rollback_to"] == store.registry.resolve(LAST_GOOD)

@@ -74,7 +74,7 @@ def share_salt(*configs: AppConfig, salt: str | None = None) -> None:
 
     from mlflow import MlflowClient
 
-    from pipeline.state.checkpoint import model_name
+    from pipeline.state.registered_model import model_name
     from pipeline.state.tenant_keys import SALT_TAG
 
     salt = salt or secrets.token_hex(32)
@@ -154,7 +154,7 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     assert {r["reader"] for r in results} == {f"{config.stream.name}-reader-0", f"{config.stream.name}-reader-1"}
     assert {r["partition"] for r in results} == {0, 1}  # two readers share the topic's partitions
     assert all(r["tokens"] > 0 and r["loss"] > 0 and r["fast_weight_norm"] >= 0 for r in results)
-    keys = TenantKeys(CheckpointStore(config.mlflow, config.stream.name).key_salt())
+    keys = TenantKeys(CheckpointStore(config.mlflow, config.stream.name).registry.key_salt())
     assert {r["state_key"] for r in results} == {keys.state_key(k) for k in ("k0", "k1", "k2")}  # names, not keys
     assert any(r["base_loss"] is not None for r in results)
 

@@ -91,7 +91,7 @@ def test_prometheus_and_mlflow_follow_the_stream_while_it_runs(
     # The MLflow run of this processor run: the curves, at step = documents read.
     from mlflow import MlflowClient
 
-    from pipeline.state.checkpoint import model_name
+    from pipeline.state.registered_model import model_name
 
     client = MlflowClient(config.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name(config.mlflow.experiment)
