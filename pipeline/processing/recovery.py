@@ -15,8 +15,8 @@ on a timer, nothing restored).
   last checkpoint as above, without it the document is sent again. A document that fails
   ``max_attempts`` times goes to the dead-letter topic (with checkpoints, the reader still goes
   back, so that nothing of it stays learned, and the document is passed over when read again).
-- A rollback (``rollback``, with checkpoints): every reader takes the states of a checkpointed
-  version, recorded as a new version that becomes ``live``.
+- A rollback (``rollback``, with checkpoints; ``pipeline.processing.rollback``): every reader
+  takes the states of a checkpointed version, recorded as a new version that becomes ``live``.
 - The model registry is unreachable: ``StreamCheckpointer`` retries with backoff and holds the
   offsets back; reading pauses once ``max_pending_documents`` wait (pipeline.state.checkpoint).
 """
@@ -28,18 +28,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from actors.call_types import StateBlob, StateTarget
-from pipeline.state.checkpoint import BASE, LAST_GOOD, Checkpoint, StreamCheckpointer
+from actors.call_types import StateTarget
+from pipeline.state.checkpoint import BASE, LAST_GOOD, StreamCheckpointer
 from pipeline.config import ProcessorConfig
 from pipeline.processing.ledger import PendingDocument, StreamLedger
 from pipeline.observability.monitor import Breach
 from pipeline.processing.reader_pool import ContextParallelFailure, DocumentFailed, Learner, ReaderPool, ReaderDied
-from pipeline.state.rescale import split_learner, states_for_readers
+from pipeline.processing.rollback import Rollbacks, states_of
 from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource
-from pipeline.stream_events import CheckpointWritten, RolledBack, StreamEvents
-from pipeline.state.promotion import PROMOTED, REJECTED, servable, verdict_metrics, verdict_tags
+from pipeline.stream_events import CheckpointWritten, StreamEvents
+from pipeline.state.promotion import PROMOTED, REJECTED, verdict_metrics, verdict_tags
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +214,17 @@ class CheckpointedRecovery(RecoveryPolicy):
     def __init__(self, checkpointer: StreamCheckpointer):
         self.checkpointer = checkpointer
         self.documents_before = checkpointer.documents
-        self.rolling_back = False
-        self._breach_at_documents = 0
+        self.rollbacks = Rollbacks(self)
         self._to_erase: set[str] = set()  # forgotten state keys whose files are not erased yet
         self._judged_at = 0  # the learner's position at the gate's last verdict (or where this run started)
 
     def attach(self, parts: StreamParts) -> None:
         super().attach(parts)
         self._judged_at = parts.learner.position
+
+    @property
+    def rolling_back(self) -> bool:
+        return self.rollbacks.rolling_back
 
     @property
     def _gated(self) -> bool:
@@ -278,10 +281,9 @@ class CheckpointedRecovery(RecoveryPolicy):
             parts.ledger.give_up(pending)
         self._back_to_checkpoint(pending.reader, restarted=False)
 
-    def _states_of(self, checkpoint: Checkpoint) -> dict[str, list[StateBlob]]:
-        # The version may come from a run with other readers (rescaled since).
-        parts = self.parts
-        return states_for_readers(checkpoint, parts.pool.names, parts.reader_of, parts.config.scope)
+    def judged_here(self) -> None:
+        """The learner's state now is one the gate has judged (restored from a version)."""
+        self._judged_at = self.parts.learner.position
 
     def _back_to_checkpoint(self, w: int, restarted: bool) -> None:
         parts = self.parts
@@ -293,7 +295,7 @@ class CheckpointedRecovery(RecoveryPolicy):
             raise RuntimeError(f"reader {parts.pool.names[w]} did not come back within "
                                f"{parts.config.restart_timeout_s} s")
         version = self.checkpointer.version
-        blobs = self._states_of(self.checkpointer.store.load(version))[parts.pool.names[w]] if version else []
+        blobs = states_of(self.checkpointer.store.load(version), parts)[parts.pool.names[w]] if version else []
         parts.pool.restore(w, blobs)
         positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in parts.reader_of.items() if i == w}
         positions = parts.source.seek(positions)
@@ -441,85 +443,10 @@ class CheckpointedRecovery(RecoveryPolicy):
         return None
 
     def on_breach(self, breach: Breach) -> None:
-        """A monitor rule fired: alert, and roll back to last-good (``monitor.auto_rollback``)."""
-        parts = self.parts
-        self._breach_at_documents = parts.summary.documents
-        log.warning("degradation: rule %s on document %s: %s", breach.rule, breach.document, breach.values)
-        parts.sinks.alert({"type": "alert", "stream": parts.stream, "rule": breach.rule, "values": breach.values,
-                           "document": breach.document, "version": self.checkpointer.version, "time": time.time()})
-        if parts.config.monitor.auto_rollback:
-            self.rollback(LAST_GOOD, cause=breach.rule)
-
-    def restore_all(self, target: str) -> Checkpoint:
-        """Every reader takes the states of checkpoint ``target`` (a version, an alias, or
-        ``base``: fresh states, the base model as the stream started; ``last-good`` before any
-        version passed the monitor is ``base`` too); raises what loading it raises
-        (CheckpointError, MLflow down), changing nothing."""
-        parts = self.parts
-        store = self.checkpointer.store
-        if target == LAST_GOOD and store.registry.resolve(LAST_GOOD) is None:
-            log.warning("no version is %s yet: rolling back to the base model (fresh states)", LAST_GOOD)
-            target = BASE
-        learner = parts.learner.name
-        if target == BASE:
-            checkpoint = Checkpoint.base(parts.pool.names + ([learner] if learner else []))
-        else:
-            checkpoint = store.load(target)
-        readers, learned = split_learner(checkpoint, learner)
-        states = readers.states if target == BASE else self._states_of(readers)
-        for w, name in enumerate(parts.pool.names):
-            parts.pool.restore(w, states.get(name, []))  # none: the synchronous learner, restored below
-        parts.learner.restore(learned)
-        self._judged_at = parts.learner.position
-        if target == BASE and learner:  # the version recording the rollback holds the fresh learner
-            checkpoint.states.update(parts.learner.states())
-        return checkpoint
+        self.rollbacks.on_breach(breach)
 
     def rollback(self, target: str, cause: str, request_id: str | None = None) -> str | None:
-        """Every reader back to the states of version ``target`` (number or alias), recorded as a
-        new version (reason ``rollback``) that becomes ``live``. The stream reads on from where it
-        is: the documents since ``target`` stay read, their learning is dropped. A monitor rule
-        that fires while the documents in flight finish asks for no second rollback."""
-        parts = self.parts
-        started = time.monotonic()
-        self.rolling_back = True
-        try:
-            parts.settle()  # documents already on the readers finish first
-        finally:
-            self.rolling_back = False
-        previous = self.checkpointer.version
-        try:
-            checkpoint = self.restore_all(target)
-        except Exception as err:  # noqa: BLE001 - CheckpointError or MLflow down: keep serving
-            log.error("rollback to %s failed: %s", target, err)
-            parts.sinks.alert({"type": "rollback_failed", "stream": parts.stream, "to": target, "error": str(err),
-                               "request_id": request_id, "time": time.time()})
-            return None
-        serving_s, served_at = time.monotonic() - started, time.time()
-        after_breach = None if cause == "manual" else parts.summary.documents - self._breach_at_documents
-        parts.sinks.flush()
-        offsets = parts.ledger.committable()
-        # Live moves to it only if the target's weights are servable: a rejected candidate restores
-        # as its verdict left the learner (at last-good), and an unjudged one waits for its verdict.
-        promote = checkpoint.version == BASE or servable(self.checkpointer.store.registry.version_tags(checkpoint.version))
-        version = self.checkpointer.write(
-            checkpoint.states, offsets, "rollback", parts.summary.checkpoint_metrics(),
-            tags={"rollback_to": checkpoint.version, "rollback_from": str(previous), "rollback_cause": cause},
-            promote=promote,
-        )
-        if version is not None:
-            parts.source.commit(offsets)
-        record = {
-            "type": "rollback", "stream": parts.stream, "cause": cause, "from": previous, "to": checkpoint.version,
-            "version": version, "request_id": request_id, "serving_after_s": round(serving_s, 3),
-            "documents_after_breach": after_breach, "served_at": served_at,
-            "recorded_after_s": round(time.monotonic() - started, 3), "time": time.time(),
-        }
-        parts.events.publish(CheckpointWritten(version, "rollback"))
-        parts.events.publish(RolledBack(cause, record))
-        log.warning("rolled back to v%s (%s): readers serving it after %.2f s; recorded as v%s",
-                    checkpoint.version, cause, serving_s, version)
-        return version
+        return self.rollbacks.rollback(target, cause, request_id)
 
     def status(self) -> dict[str, Any]:
         c = self.checkpointer
