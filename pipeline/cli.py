@@ -14,7 +14,8 @@ from rich.table import Table
 
 from pipeline.config import AppConfig, ConfigError, load_config
 from actors.base_model import masked_uri
-from pipeline.local.local_stack import LocalStack, StackError, broker_answers, mlflow_answers
+from pipeline.local.local_stack import LocalStack, StackError, mlflow_answers
+from pipeline.stream_io.topics import broker_answers
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
 EXIT_CONFIG = 2
@@ -102,7 +103,7 @@ def status(config: Path = ConfigOption) -> None:
     cfg = _load(config)
     _print_status(LocalStack(cfg.local_stack), cfg)
     if broker_answers(cfg.kafka.bootstrap_servers, timeout_s=2.0, client=cfg.kafka.client_settings()):
-        from pipeline.observability.stream_status import read_stream_status
+        from pipeline.stream_io.stream_status import read_stream_status
 
         _print_stream_status(read_stream_status(cfg.kafka))
 

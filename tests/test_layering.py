@@ -51,3 +51,11 @@ def test_the_observers_follow_the_stream_through_its_events_not_the_run_loop():
                  for path in sorted((ROOT / "pipeline" / "observability").rglob("*.py"))}
     assert {p: m for p, m in offenders.items() if m} == {}
     assert "pipeline.stream_events" in imported_modules(ROOT / "pipeline" / "observability" / "metrics.py")
+
+
+def test_kafka_is_imported_only_by_the_stream_io():
+    """One home per technology: kafka-python's clients and record type are used by
+    ``pipeline.stream_io`` alone; the run loop handles its records through it."""
+    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "kafka")
+                 for path in sorted((ROOT / "pipeline").rglob("*.py")) if "stream_io" not in path.parts}
+    assert {p: m for p, m in offenders.items() if m} == {}

@@ -7,7 +7,6 @@ not a server here: the stream processor starts it in-process (see ``actors.runti
 
 from __future__ import annotations
 
-from typing import Any
 
 import json
 import logging
@@ -24,6 +23,7 @@ from typing import Callable
 import requests
 
 from pipeline.config import BrokerServerConfig, LocalStackConfig, MlflowServerConfig
+from pipeline.stream_io.topics import broker_answers
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +49,6 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
-
-
-def broker_answers(bootstrap_servers: str, timeout_s: float = 5.0, client: dict[str, Any] | None = None) -> bool:
-    """True if a Kafka-protocol broker answers a metadata request (``client``: kafka-python
-    settings such as SASL_SSL's, as ``KafkaConfig.client_settings`` gives them)."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
-
-    try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers,
-            **{**(client or {}), "request_timeout_ms": int(timeout_s * 1000)},
-        )
-    except (KafkaError, OSError, ValueError):
-        return False
-    try:
-        admin.list_topics()
-        return True
-    except (KafkaError, OSError):
-        return False
-    finally:
-        admin.close()
 
 
 def mlflow_answers(url: str, timeout_s: float = 2.0) -> bool:

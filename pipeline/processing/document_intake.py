@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import replace
 
-from kafka.consumer.fetcher import ConsumerRecord
+from pipeline.stream_io.source import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
 from pipeline.processing.learning_admission import LearningAdmission

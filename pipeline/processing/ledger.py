@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterator
 
-from kafka.consumer.fetcher import ConsumerRecord
+from pipeline.stream_io.source import ConsumerRecord
 
 from pipeline.stream_io.messages import ParsedDocument
 from pipeline.stream_io.offsets import OffsetTracker

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 
-from kafka.consumer.fetcher import ConsumerRecord
+from pipeline.stream_io.source import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
 from pipeline.processing.document_intake import DocumentIntake

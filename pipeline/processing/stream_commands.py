@@ -15,7 +15,7 @@ import math
 import time
 from typing import Callable, Protocol
 
-from kafka.consumer.fetcher import ConsumerRecord
+from pipeline.stream_io.source import ConsumerRecord
 
 from pipeline.config import ProcessorConfig
 from pipeline.processing.learning_admission import LearningAdmission

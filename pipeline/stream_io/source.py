@@ -12,7 +12,7 @@ import logging
 import time
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
+from kafka.consumer.fetcher import ConsumerRecord  # the record the run loop handles: Kafka's types stay in stream_io
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import KafkaConfig

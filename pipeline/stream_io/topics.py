@@ -1,11 +1,12 @@
-"""Creating the stream's Kafka topics when they are missing."""
+"""The broker as an admin sees it: whether it answers, and the stream's topics created when missing."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline.config import KafkaConfig
 
@@ -51,5 +52,24 @@ def ensure_topics(config: KafkaConfig) -> list[str]:
                 log.warning("topic %s has %d partitions, kafka.topics.partitions says %d: all %d are read",
                             documents, count, config.topics.partitions, count)
         return created
+    finally:
+        admin.close()
+
+
+def broker_answers(bootstrap_servers: str, timeout_s: float = 5.0, client: dict[str, Any] | None = None) -> bool:
+    """True if a Kafka-protocol broker answers a metadata request (``client``: kafka-python
+    settings such as SASL_SSL's, as ``KafkaConfig.client_settings`` gives them)."""
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers,
+            **{**(client or {}), "request_timeout_ms": int(timeout_s * 1000)},
+        )
+    except (KafkaError, OSError, ValueError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError):
+        return False
     finally:
         admin.close()

@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.local.local_stack import broker_answers, mlflow_answers, port_is_open, process_group_alive
+from pipeline.local.local_stack import mlflow_answers, port_is_open, process_group_alive
+from pipeline.stream_io.topics import broker_answers
 from tests.conftest import ROOT
 from tests.conftest import stack_config
 

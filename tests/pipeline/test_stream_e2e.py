@@ -171,7 +171,7 @@ def test_documents_in_results_out_exactly_once_and_malformed_to_dead_letter(stac
     assert len(final[-1]["readers"]) == 2 and all(w["alive"] for w in final[-1]["readers"])
 
     # What `ttt-stream status` shows: the last report, and every record committed.
-    from pipeline.observability.stream_status import read_stream_status
+    from pipeline.stream_io.stream_status import read_stream_status
 
     shown = read_stream_status(config.kafka)
     assert shown["last_report"]["final"] and shown["last_report"]["documents"] == 200
