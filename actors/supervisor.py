@@ -9,12 +9,13 @@ every reader hands its long windows.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.assignment import assign_partitions
 from actors.call_types import ContextParallelSpec
@@ -23,6 +24,8 @@ from actors.call_types import ReaderSpec
 from actors.learner_actor import LearnerActor
 from actors.reader_actor import ReaderActor
 from actors.reader_names import reader_name
+
+log = logging.getLogger(__name__)
 
 
 class Supervisor:
@@ -145,3 +148,39 @@ class SupervisorActor:
 
     def shutdown(self) -> None:
         self.supervisor.shutdown()
+
+
+class StreamActors:
+    """The driver's hold on a stream's actors: the supervisor and, through it, the readers and the
+    learner. The supervisor (owner of the readers: they die with it) lives on the driver's node,
+    whose fate it shares anyway, never on a worker node that may be lost. Not soft: Ray's soft
+    affinity passes over a node without CPUs, such as a head kept free of readers."""
+
+    def __init__(self, stream: str, spec: ReaderSpec, readers: int, num_cpus: float, num_gpus: float,
+                 max_restarts: int, context_parallel: ContextParallelSpec | None = None, strategy: str = "SPREAD",
+                 learner: Any = None, memory_mb: int | None = None):
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
+            stream, spec, readers, num_cpus, num_gpus, max_restarts, context_parallel, strategy, learner, memory_mb)
+
+    def wait_ready(self, timeout_s: float) -> list[str]:
+        return ray.get(self.supervisor.wait_ready.remote(timeout_s))
+
+    def assign(self, partitions: list[int]) -> tuple[list[Any], list[str], dict[int, int]]:
+        """(the readers' handles, their names, partition -> reader index)."""
+        return ray.get(self.supervisor.assign.remote(partitions))
+
+    def learner(self) -> tuple[Any, str]:
+        """(the learner's handle, its name)."""
+        return ray.get(self.supervisor.learner.remote())
+
+    def status(self) -> dict[str, Any]:
+        """The readers' own reports."""
+        return ray.get(self.supervisor.status.remote(), timeout=10)
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.supervisor.shutdown.remote(), timeout=60)
+        except ray.exceptions.RayError as err:
+            log.warning("supervisor shutdown: %s", err)
+        ray.kill(self.supervisor)

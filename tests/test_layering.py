@@ -59,3 +59,12 @@ def test_kafka_is_imported_only_by_the_stream_io():
     offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "kafka")
                  for path in sorted((ROOT / "pipeline").rglob("*.py")) if "stream_io" not in path.parts}
     assert {p: m for p, m in offenders.items() if m} == {}
+
+
+def test_ray_is_imported_only_by_the_actors():
+    """One home per technology: Ray's actors, handles and scheduling live in ``actors``; the
+    pipeline starts and drives them through it (``actors.supervisor.StreamActors``,
+    ``actors.ray_pool``)."""
+    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "ray")
+                 for floor in ("ttt_model", "pipeline") for path in sorted((ROOT / floor).rglob("*.py"))}
+    assert {p: m for p, m in offenders.items() if m} == {}

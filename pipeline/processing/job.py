@@ -9,11 +9,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.runtime import init_ray, ships_working_dir
-from actors.supervisor import SupervisorActor
+from actors.supervisor import StreamActors
 from actors.base_model import local_model_dir
 from pipeline.processing.actor_specs import (as_actors_see_it, context_parallel_spec, effective_model_config, hands_off,
                                              reader_spec)
@@ -35,7 +33,8 @@ from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
 from pipeline.stream_io.source import KafkaDocumentSource, OffsetOutOfRange
 from pipeline.stream_io.topics import ensure_topics
-from pipeline.processing.reader_pool import Learner, NoLearner, RayLearner, RayReaderPool, ReaderPool, SynchronousLearnerPool
+from actors.ray_pool import RayLearner, RayReaderPool, SynchronousLearnerPool
+from pipeline.processing.reader_pool import Learner, NoLearner, ReaderPool
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +197,7 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
     p = config.processor
     seen = as_actors_see_it(config, job_working_dir=ships_working_dir())
-    # The supervisor (owner of the readers: they die with it) lives on the driver's node, whose
-    # fate it shares anyway, never on a worker node that may be lost. Not soft: Ray's soft
-    # affinity passes over a node without CPUs, such as a head kept free of readers.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    supervisor = SupervisorActor.options(scheduling_strategy=here).remote(
+    actors = StreamActors(
         config.stream.name, reader_spec(seen, model_source), p.readers, p.reader_num_cpus, p.reader_num_gpus, p.max_restarts,
         context_parallel_spec(seen), p.placement_strategy,
         p.learner if p.learner.enabled else None, p.reader_memory_mb,
@@ -211,17 +206,16 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     sinks = KafkaSinks(config.kafka)
     control, metrics, run_log, failed = None, None, None, True
     try:
-        names = ray.get(supervisor.wait_ready.remote(ready_timeout_s))
+        names = actors.wait_ready(ready_timeout_s)
         log.info("readers ready: %s", ", ".join(names))
-        readers, names, assignment = ray.get(supervisor.assign.remote(source.partitions))
+        readers, names, assignment = actors.assign(source.partitions)
         learner, synchronous = None, p.learner.enabled and p.learner.synchronous
-        status = lambda: ray.get(supervisor.status.remote(), timeout=10)  # noqa: E731 - the readers' own reports
-        pool = RayReaderPool(readers, names, hands_off=hands_off(p), status=status)
+        pool = RayReaderPool(readers, names, hands_off=hands_off(p), status=actors.status)
         if p.learner.enabled:
-            actor, name = ray.get(supervisor.learner.remote())
+            actor, name = actors.learner()
             learner = RayLearner(actor, name, p.learner.lag, synchronous)
             if synchronous:
-                pool = SynchronousLearnerPool(actor, name, status=status)
+                pool = SynchronousLearnerPool(actor, name, status=actors.status)
         checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
         admission = LearningAdmission(p.learner.admission) if learner is not None and p.learner.admission.enabled else None
         keys = TenantKeys.unpersisted(config.stream.name)
@@ -277,8 +271,4 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
             metrics.close()
         if run_log is not None:
             run_log.close(status="FAILED" if failed else "FINISHED")
-        try:
-            ray.get(supervisor.shutdown.remote(), timeout=60)
-        except ray.exceptions.RayError as err:
-            log.warning("supervisor shutdown: %s", err)
-        ray.kill(supervisor)
+        actors.shutdown()
