@@ -142,7 +142,7 @@ class SynchronousLearnerPool:
     def status(self) -> dict[str, Any]:
         return self._pool.status()
 
-    def submit(self, reader: int, tasks: list[DocumentTask], version=None) -> list:
+    def submit(self, reader: int, tasks: list[DocumentTask], slow_version=None) -> list:
         refs = self.actor.process_batch.options(num_returns=len(tasks)).remote(tasks)
         return [refs] if len(tasks) == 1 else list(refs)
 
@@ -188,12 +188,12 @@ class RayReaderPool:
     def status(self) -> dict[str, Any]:
         return self._status() if self._status is not None else {"readers": []}
 
-    def submit(self, reader: int, tasks: list[DocumentTask], version=None) -> list:
+    def submit(self, reader: int, tasks: list[DocumentTask], slow_version=None) -> list:
         for task in tasks:
             self.actors[reader].prepare.remote(task)  # tokenized while the documents before it are read
-        # A version is the learner's ObjectRef: Ray starts the call once it is published.
+        # A slow version is the learner's ObjectRef: Ray starts the call once it is published.
         returns = len(tasks) * (2 if self.hands_off else 1)
-        refs = self.actors[reader].process_batch.options(num_returns=returns).remote(tasks, version)
+        refs = self.actors[reader].process_batch.options(num_returns=returns).remote(tasks, slow_version)
         refs = [refs] if returns == 1 else list(refs)
         if self.hands_off:
             self._handed.update(zip(refs[: len(tasks)], refs[len(tasks) :]))

@@ -25,7 +25,7 @@ class PendingDocument:
     parsed: ParsedDocument
     reader: int
     attempts: int = 0  # times sent to a reader
-    version: Any = None  # the learner's slow weights it reads with (fixed by its place in the ledger)
+    slow_version: Any = None  # the learner's slow weights it reads with (fixed by its place in the ledger)
     sent_at: float = 0.0  # time.monotonic() when it was last sent to its reader
 
     @property
@@ -49,10 +49,10 @@ class StreamLedger:
 
     # -- taking records in ---------------------------------------------------------------------
 
-    def accept(self, record: ConsumerRecord, parsed: ParsedDocument, reader: int, version: Any = None) -> None:
-        """A document for ``reader``'s queue (to read with the learner's ``version``)."""
+    def accept(self, record: ConsumerRecord, parsed: ParsedDocument, reader: int, slow_version: Any = None) -> None:
+        """A document for ``reader``'s queue (to read with the learner's ``slow_version``)."""
         self._offsets.started(record.partition, record.offset)
-        self._queues[reader].append(PendingDocument(record, parsed, reader, version=version))
+        self._queues[reader].append(PendingDocument(record, parsed, reader, slow_version=slow_version))
 
     def given_up(self, record: ConsumerRecord) -> bool:
         """Whether this record went to the dead-letter topic before the partition was rewound:

@@ -138,11 +138,11 @@ class StreamProcessor:
             self._dead_letter(record, parsed.reason)
             self.ledger.passed_over(record)
             return
-        # The learner takes the documents in the ledger's order, which fixes each one's version.
+        # The learner takes the documents in the ledger's order, which fixes each one's slow version.
         if self.intake.learns:
             self.events.publish(LearningDecided(decision_kind(parsed.task.kept_out, parsed.task.held_out)))
-        version = self.learner.submit(parsed.task)
-        self.ledger.accept(record, parsed, self.intake.reader_of[record.partition], version)
+        slow_version = self.learner.submit(parsed.task)
+        self.ledger.accept(record, parsed, self.intake.reader_of[record.partition], slow_version)
 
     # -- working -------------------------------------------------------------------------------
 
@@ -153,13 +153,13 @@ class StreamProcessor:
         size = self.config.documents_per_call
         for w, documents in per_reader.items():
             batches: list[list[PendingDocument]] = []
-            for pending in documents:  # one call reads with one version
-                if batches and len(batches[-1]) < size and batches[-1][0].version is pending.version:
+            for pending in documents:  # one call reads with one slow version
+                if batches and len(batches[-1]) < size and batches[-1][0].slow_version is pending.slow_version:
                     batches[-1].append(pending)
                 else:
                     batches.append([pending])
             for batch in batches:
-                handles = self.pool.submit(w, [p.parsed.task for p in batch], batch[0].version)
+                handles = self.pool.submit(w, [p.parsed.task for p in batch], batch[0].slow_version)
                 for handle, pending in zip(handles, batch):
                     self.ledger.sent(handle, pending)
 

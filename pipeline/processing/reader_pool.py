@@ -23,10 +23,10 @@ class ReaderPool(Protocol):
 
     names: list[str]
 
-    def submit(self, reader: int, tasks: list[DocumentTask], version: Hashable | None = None) -> list[Hashable]:
+    def submit(self, reader: int, tasks: list[DocumentTask], slow_version: Hashable | None = None) -> list[Hashable]:
         """Send ``tasks`` to ``reader`` in one call (read in order; a per_document reader reads
         them in one forward); returns one handle per task, for ``wait`` and ``result``.
-        ``version``: the learner's slow weights to read them with (``Learner.submit``)."""
+        ``slow_version``: the learner's slow weights to read them with (``Learner.submit``)."""
 
     def wait(self, handles: list[Hashable], timeout_s: float, every: bool = False) -> list[Hashable]:
         """The handles that are done: as soon as one is (all of them with ``every``), plus

@@ -294,7 +294,7 @@ class CheckpointedRecovery(RecoveryPolicy):
         if restarted and not parts.pool.wait_ready(w, parts.config.restart_timeout_s):
             raise RuntimeError(f"reader {parts.pool.names[w]} did not come back within "
                                f"{parts.config.restart_timeout_s} s")
-        version = self.checkpointer.version
+        version = self.checkpointer.model_version
         blobs = states_of(self.checkpointer.store.load(version), parts)[parts.pool.names[w]] if version else []
         parts.pool.restore(w, blobs)
         positions = {p: self.checkpointer.offsets.get(p, 0) for p, i in parts.reader_of.items() if i == w}
@@ -450,9 +450,9 @@ class CheckpointedRecovery(RecoveryPolicy):
 
     def status(self) -> dict[str, Any]:
         c = self.checkpointer
-        return {"version": c.version, "pending_documents": c.pending_documents, "failures": c.failures,
+        return {"version": c.model_version, "pending_documents": c.pending_documents, "failures": c.failures,
                 "reading_paused": c.backlog_full}
 
     def figures(self) -> dict[str, float | None]:
         c = self.checkpointer
-        return {"checkpoint_version": float(c.version) if c.version else None, "checkpoint_failures": float(c.failures)}
+        return {"checkpoint_version": float(c.model_version) if c.model_version else None, "checkpoint_failures": float(c.failures)}

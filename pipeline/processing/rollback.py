@@ -38,7 +38,7 @@ class Rollbacks:
         self._breach_at_documents = parts.summary.documents
         log.warning("degradation: rule %s on document %s: %s", breach.rule, breach.document, breach.values)
         parts.sinks.alert({"type": "alert", "stream": parts.stream, "rule": breach.rule, "values": breach.values,
-                           "document": breach.document, "version": self.recovery.checkpointer.version, "time": time.time()})
+                           "document": breach.document, "version": self.recovery.checkpointer.model_version, "time": time.time()})
         if parts.config.monitor.auto_rollback:
             self.rollback(LAST_GOOD, cause=breach.rule)
 
@@ -79,7 +79,7 @@ class Rollbacks:
             parts.settle()  # documents already on the readers finish first
         finally:
             self.rolling_back = False
-        previous = checkpointer.version
+        previous = checkpointer.model_version
         try:
             checkpoint = self.restore_all(target)
         except Exception as err:  # noqa: BLE001 - CheckpointError or MLflow down: keep serving

@@ -492,7 +492,7 @@ class StreamCheckpointer:
         self.config_digest = config_digest
         self.base_model = base_model
         self.model_config = model_config or {}
-        self.version = start.version if start else None
+        self.model_version = start.version if start else None  # MLflow's; the learner's are slow versions
         # The control commands taken (pipeline.stream_io.control.CommandLedger), as the start
         # version recorded them; ``commands`` gives them as they are now, for each new version.
         self.commands_at_start: dict[str, Any] = dict(start.manifest.get("commands") or {}) if start else {}
@@ -559,11 +559,11 @@ class StreamCheckpointer:
             states=states, topic=self.topic, offsets={**self.offsets, **offsets}, config_digest=self.config_digest,
             base_model=self.base_model, model_config=self.model_config,
             documents=self.documents + self.pending_documents, reason=reason,
-            parent_version=self.version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
+            parent_version=self.model_version, metrics=metrics, tags=tags or {}, assignment=self.assignment,
             topic_id=self.topic_id, commands=self.commands(), admission=self.admission(), promote=promote,
         )
         version = self.store.save(request, run)
-        self.version = version
+        self.model_version = version
         self.offsets = request.offsets
         self.documents = request.documents
         self.pending_documents = 0

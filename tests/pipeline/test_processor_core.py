@@ -78,7 +78,7 @@ class FakePool:
     def kill(self, w: int, after: int) -> None:
         self.die_in[w] = after
 
-    def submit(self, w, tasks, version=None):
+    def submit(self, w, tasks, slow_version=None):
         self.batches.append(len(tasks))
         if any(t.id in self.killers for t in tasks):
             self.in_flight_at_kill.append(len(tasks))
