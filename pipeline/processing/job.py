@@ -6,13 +6,14 @@ import logging
 import os
 import signal
 import threading
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Iterator
 
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import StreamActors
-from actors.base_model import local_model_dir
+from actors.base_model import BaseModelSource, local_model_dir
 from pipeline.processing.actor_specs import (as_actors_see_it, context_parallel_spec, effective_model_config, hands_off,
                                              reader_spec)
 from pipeline.state.checkpoint import (HEAD, LAST_GOOD, LIVE, REFERENCE_LOSS, CheckpointError, CheckpointStore,
@@ -180,95 +181,150 @@ def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun
 
 def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0,
                stop_event: threading.Event | None = None) -> RunSummary:
-    """Run the stream processor until stopped (SIGINT/SIGTERM, ``stop_event``) or idle."""
-    # A registered model: pinned to one version, fetched and verified here first (the driver
-    # reads its config and hashes its weights for the checkpoints), then on every reader's node.
+    """Run the stream until stopped (SIGINT/SIGTERM, ``stop_event``) or idle: the documents topic ->
+    the readers (and the learner) -> the output topics, with the checkpoints, the monitor and the
+    observers around them. Whatever was started is stopped on the way out, in reverse order."""
+    model_dir, model_source, base = base_model(config)
+    connect(config)
+    with ExitStack() as running:
+        actors = running.enter_context(closing_with(start_actors(config, model_source), "shutdown"))
+        source = running.enter_context(closing_with(KafkaDocumentSource(config.kafka)))
+        sinks = running.enter_context(closing_with(KafkaSinks(config.kafka)))
+        pool, learner, assignment = readers_and_learner(config, actors, source, ready_timeout_s)
+        durable = durable_parts(config, source, pool, assignment, base, model_dir, learner, running)
+        metrics, run_log = observers(config, base, durable.checkpointer, running)
+        processor = build_processor(
+            config.processor, source, sinks, pool, assignment, config.stream.name, checkpointer=durable.checkpointer,
+            monitor=durable.monitor, control=durable.control, metrics=metrics, run_log=run_log, learner=learner,
+            keys=durable.keys, admission=durable.admission,
+        )
+        return run_until_stopped(processor, config, assignment, until_idle_s, stop_event)
+
+
+def base_model(config: AppConfig) -> tuple[Path, BaseModelSource | None, dict[str, Any]]:
+    """(the model's folder here, its registered source if any, its identity for the checkpoints). A
+    registered model is pinned to one version, fetched and verified here first (the driver reads
+    its config and hashes its weights), then on every reader's node."""
     model_dir, model_source = local_model_dir(config.model.path, config.mlflow.tracking_uri, config.model.cache_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model.path: {config.model.path} is not a directory")
     base = base_model_id(model_dir)
     if model_source is not None:  # the checkpoint names the registered version, usable anywhere
         base = {**base, "path": model_source.uri, "files": model_source.files}
+    return model_dir, model_source, base
+
+
+def connect(config: AppConfig) -> None:
+    """The stream's topics, Ray, and MLflow's client settings."""
     # The checkpointer retries with its own backoff while MLflow is down; the client's own
     # retries (minutes by default) would stall the stream instead.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     ensure_topics(config.kafka)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
+
+
+@contextmanager
+def closing_with(thing: Any, method: str = "close") -> Iterator[Any]:
+    try:
+        yield thing
+    finally:
+        getattr(thing, method)()
+
+
+def start_actors(config: AppConfig, model_source: BaseModelSource | None) -> StreamActors:
     p = config.processor
     seen = as_actors_see_it(config, job_working_dir=ships_working_dir())
-    actors = StreamActors(
-        config.stream.name, reader_spec(seen, model_source), p.readers, p.reader_num_cpus, p.reader_num_gpus, p.max_restarts,
-        context_parallel_spec(seen), p.placement_strategy,
-        p.learner if p.learner.enabled else None, p.reader_memory_mb,
-    )
-    source = KafkaDocumentSource(config.kafka)
-    sinks = KafkaSinks(config.kafka)
-    control, metrics, run_log, failed = None, None, None, True
+    return StreamActors(config.stream.name, reader_spec(seen, model_source), p.readers, p.reader_num_cpus,
+                        p.reader_num_gpus, p.max_restarts, context_parallel_spec(seen), p.placement_strategy,
+                        p.learner if p.learner.enabled else None, p.reader_memory_mb)
+
+
+def readers_and_learner(config: AppConfig, actors: StreamActors, source: KafkaDocumentSource,
+                        ready_timeout_s: float) -> tuple[ReaderPool, Learner | None, dict[int, int]]:
+    """The pool the processor reads through, the learner (None without one), partition -> reader."""
+    p = config.processor
+    names = actors.wait_ready(ready_timeout_s)
+    log.info("readers ready: %s", ", ".join(names))
+    readers, names, assignment = actors.assign(source.partitions)
+    pool: ReaderPool = RayReaderPool(readers, names, hands_off=hands_off(p), status=actors.status)
+    learner = None
+    if p.learner.enabled:
+        actor, name = actors.learner()
+        learner = RayLearner(actor, name, p.learner.lag, p.learner.synchronous)
+        if p.learner.synchronous:
+            pool = SynchronousLearnerPool(actor, name, status=actors.status)
+    return pool, learner, assignment
+
+
+@dataclass
+class DurableParts:
+    """What makes the stream's progress durable and governable: its checkpoints, the names of its
+    states, its control topic, the learner's admission memory and the monitor."""
+
+    checkpointer: StreamCheckpointer | None
+    keys: TenantKeys
+    control: ControlSource | None = None
+    admission: LearningAdmission | None = None
+    monitor: DegradationMonitor | None = None
+
+
+def durable_parts(config: AppConfig, source: KafkaDocumentSource, pool: ReaderPool, assignment: dict[int, int],
+                  base: dict[str, Any], model_dir: Path, learner: Learner | None, running: ExitStack) -> DurableParts:
+    p = config.processor
+    admits = learner is not None and p.learner.admission.enabled
+    if not p.checkpoint.enabled:
+        return DurableParts(None, TenantKeys.unpersisted(config.stream.name),
+                            admission=LearningAdmission(p.learner.admission) if admits else None)
+    store = CheckpointStore(config.mlflow, config.stream.name)
+    checkpointer = restore_from_checkpoint(config, store, source, pool, source.positions(), assignment, base, model_dir,
+                                           learner)
+    commands = CommandLedger.from_dict(checkpointer.commands_at_start)
+    checkpointer.commands = commands.as_dict  # replay protection survives a restart
+    parts = DurableParts(checkpointer, TenantKeys(store.registry.key_salt()))
+    parts.control = running.enter_context(closing_with(ControlSource(config.kafka, p.control, config.stream.name,
+                                                                     commands)))
+    if admits:  # what it remembers, as the version left it
+        parts.admission = LearningAdmission(p.learner.admission, checkpointer.admission_at_start)
+        checkpointer.admission = parts.admission.as_dict
+    if p.monitor.enabled:
+        parts.monitor = DegradationMonitor(p.monitor, store.registry.metric(LAST_GOOD, REFERENCE_LOSS),
+                                           chunk_tokens=checkpointer.model_config["ttt"]["chunk_size"])
+    return parts
+
+
+def observers(config: AppConfig, base: dict[str, Any], checkpointer: StreamCheckpointer | None,
+              running: ExitStack) -> tuple[StreamMetrics | None, ProcessorRun | None]:
+    """The Prometheus endpoint and the MLflow run of this ``ttt-stream run`` (each if enabled); the
+    run ends FAILED if the stream stops on an error."""
+    p, metrics, run_log = config.processor, None, None
+    if p.metrics.enabled:
+        metrics = running.enter_context(closing_with(StreamMetrics(config.stream.name)))
+        metrics.serve(p.metrics.host, p.metrics.port)
+    if config.mlflow.processor_runs:
+        run_log = start_processor_run(config, base)
+        running.push(lambda failed, *_: run_log.close(status="FAILED" if failed else "FINISHED"))
+        if checkpointer is not None:
+            checkpointer.store.parent_run = run_log
+    return metrics, run_log
+
+
+def run_until_stopped(processor: StreamProcessor, config: AppConfig, assignment: dict[int, int],
+                      until_idle_s: float | None, stop_event: threading.Event | None) -> RunSummary:
+    if stop_event is not None:
+        processor.stop_event = stop_event
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # A signal stops reading; what is in flight finishes and is committed.
+        previous = {sig: signal.signal(sig, lambda *_: processor.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        names = actors.wait_ready(ready_timeout_s)
-        log.info("readers ready: %s", ", ".join(names))
-        readers, names, assignment = actors.assign(source.partitions)
-        learner, synchronous = None, p.learner.enabled and p.learner.synchronous
-        pool = RayReaderPool(readers, names, hands_off=hands_off(p), status=actors.status)
-        if p.learner.enabled:
-            actor, name = actors.learner()
-            learner = RayLearner(actor, name, p.learner.lag, synchronous)
-            if synchronous:
-                pool = SynchronousLearnerPool(actor, name, status=actors.status)
-        checkpointer, monitor, control, start_offsets = None, None, None, source.positions()
-        admission = LearningAdmission(p.learner.admission) if learner is not None and p.learner.admission.enabled else None
-        keys = TenantKeys.unpersisted(config.stream.name)
-        if p.checkpoint.enabled:
-            store = CheckpointStore(config.mlflow, config.stream.name)
-            checkpointer = restore_from_checkpoint(config, store, source, pool, start_offsets, assignment, base, model_dir,
-                                                   learner)
-            keys = TenantKeys(store.registry.key_salt())
-            commands = CommandLedger.from_dict(checkpointer.commands_at_start)
-            checkpointer.commands = commands.as_dict  # replay protection survives a restart
-            control = ControlSource(config.kafka, p.control, config.stream.name, commands)
-            if learner is not None and p.learner.admission.enabled:  # what it remembers, as the version left it
-                admission = LearningAdmission(p.learner.admission, checkpointer.admission_at_start)
-                checkpointer.admission = admission.as_dict
-            if p.monitor.enabled:
-                monitor = DegradationMonitor(p.monitor, checkpointer.store.registry.metric(LAST_GOOD, REFERENCE_LOSS),
-                                             chunk_tokens=checkpointer.model_config["ttt"]["chunk_size"])
-        if p.metrics.enabled:
-            metrics = StreamMetrics(config.stream.name)
-            metrics.serve(p.metrics.host, p.metrics.port)
-        if config.mlflow.processor_runs:
-            run_log = start_processor_run(config, base)
-            if checkpointer is not None:
-                checkpointer.store.parent_run = run_log
-        processor = build_processor(
-            p, source, sinks, pool, assignment, config.stream.name, checkpointer=checkpointer, monitor=monitor,
-            control=control, metrics=metrics, run_log=run_log, learner=learner, keys=keys, admission=admission,
-        )
-        if stop_event is not None:
-            processor.stop_event = stop_event
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            # A signal stops reading; what is in flight finishes and is committed.
-            previous = {sig: signal.signal(sig, lambda *_: processor.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            summary = processor.run(until_idle_s=until_idle_s)
-            if processor.unread_partitions:
-                raise PartitionsChanged(
-                    f"the documents topic {config.kafka.topics.documents} gained partitions "
-                    f"{processor.unread_partitions} while this run read {sorted(assignment)}; what was read is "
-                    "checkpointed and committed: start again to read every partition")
-            failed = False
-            return summary
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        summary = processor.run(until_idle_s=until_idle_s)
     finally:
-        source.close()
-        sinks.close()
-        if control is not None:
-            control.close()
-        if metrics is not None:
-            metrics.close()
-        if run_log is not None:
-            run_log.close(status="FAILED" if failed else "FINISHED")
-        actors.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if processor.unread_partitions:
+        raise PartitionsChanged(
+            f"the documents topic {config.kafka.topics.documents} gained partitions "
+            f"{processor.unread_partitions} while this run read {sorted(assignment)}; what was read is "
+            "checkpointed and committed: start again to read every partition")
+    return summary
