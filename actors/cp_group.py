@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.call_types import ContextParallelSpec
 from ttt_model.config import SlowConfig, TTTConfig
-from ttt_model.parallel import ContextParallelGroup, split_lengths
-from ttt_model.token_nll import token_nll
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -47,6 +47,8 @@ class ContextParallelReading:
 class ContextParallelMember:
     def __init__(self, model_path: str, rank: int, world: int, device: str = "cpu", ttt: TTTConfig | None = None,
                  num_threads: int | None = None, slow: SlowConfig | None = None):
+        import torch  # here, not above: the supervisor, which only starts the actors, never loads torch
+
         from ttt_model.factory import build_model
 
         if num_threads:
@@ -88,8 +90,11 @@ class ContextParallelMember:
                  start_state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         import time
 
-        from ttt_model.parallel import CommunicationTimer, context_parallel_forward
+        import torch
+
+        from ttt_model.parallel import CommunicationTimer, ContextParallelGroup, context_parallel_forward
         from ttt_model.state import FastWeightState
+        from ttt_model.token_nll import token_nll
 
         timer = CommunicationTimer()
         cp = ContextParallelGroup(self.rank, lengths, timer=timer)
@@ -154,6 +159,10 @@ class ContextParallelActors:
         """Read one document; ``state`` (a FastWeightState.state_dict with no unfinished chunk)
         is where the fast weights start, fresh when None; ``version`` the slow weights to read
         with (a SlowVersion; the group built with ``slow``)."""
+        import torch
+
+        from ttt_model.parallel import split_lengths
+
         lengths = split_lengths(input_ids.shape[1], self.world)
         bounds = [sum(lengths[:r]) for r in range(self.world + 1)]
         state_ref = ray.put(state) if state is not None else None

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from actors.call_types import DocumentTask, HandedStates, ReaderSpec, StateBlob, is_handed_on
-from actors.learner import StreamLearner
 from actors.model_thread import ModelThread
-from ttt_model.slow import SlowVersion
+
+if TYPE_CHECKING:
+    from ttt_model.slow import SlowVersion
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class LearnerActor:
 
     def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1, gate: Any = None,
                  outlier_margin: float | None = None):
+        from actors.learner import StreamLearner  # in the learner's process only, as ReaderActor's reader
+
         self.model_thread = ModelThread(f"{name}-model")
         self.learner = self.model_thread.call(StreamLearner, spec, lag, name, every, gate, outlier_margin)
         self._changed = threading.Condition()

@@ -10,21 +10,26 @@ call that touches the model runs on one ModelThread, whichever group's thread re
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from actors.cp_group import ContextParallelFailure
 from actors.call_types import DocumentOutcome, DocumentTask, ReaderSpec, StateBlob, StateTarget
-from actors.document_reader import DocumentReader
 from actors.model_thread import ModelThread
-from ttt_model.slow import SlowVersion
+
+if TYPE_CHECKING:
+    from ttt_model.slow import SlowVersion
 
 
 @ray.remote(concurrency_groups={"control": 1, "prepare": 1})
 class ReaderActor:
     def __init__(self, spec: ReaderSpec, name: str, context_parallel: Any = None):
         """``context_parallel``: a ContextParallelService handle that reads the long windows."""
+        # Imported here, in the reader's own process: the supervisor, which only starts readers,
+        # then never loads torch and transformers (seconds of every start of a stream).
+        from actors.document_reader import DocumentReader
+
         reader = None
         if context_parallel is not None:
             def reader(ids, state, version):

@@ -2,6 +2,8 @@
 stream, the CLI). No module imports from a floor above its own, at the top or inside a function."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,12 @@ def test_ray_is_imported_only_by_the_actors():
     offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "ray")
                  for floor in ("ttt_model", "pipeline") for path in sorted((ROOT / floor).rglob("*.py"))}
     assert {p: m for p, m in offenders.items() if m} == {}
+
+
+def test_the_supervisor_starts_readers_without_loading_torch():
+    """The supervisor only starts the actors: their modules leave torch and transformers to the
+    actors' own processes, or every start of a stream would load them once more, in sequence."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, actors.supervisor; print(sorted({'torch', 'transformers'} & set(sys.modules)))"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
