@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
-
 from pipeline.config import KafkaConfig
 
 log = logging.getLogger(__name__)
@@ -21,6 +18,9 @@ def stream_topics(config: KafkaConfig) -> list[str]:
 
 def ensure_topics(config: KafkaConfig) -> list[str]:
     """Create the stream's topics that do not exist yet; return the names it created."""
+    from kafka.admin import KafkaAdminClient, NewTopic  # here: the CLI imports this module for every command
+    from kafka.errors import TopicAlreadyExistsError
+
     admin = KafkaAdminClient(bootstrap_servers=config.bootstrap_servers, **config.client_settings())
     try:
         existing = set(admin.list_topics())
@@ -59,6 +59,9 @@ def ensure_topics(config: KafkaConfig) -> list[str]:
 def broker_answers(bootstrap_servers: str, timeout_s: float = 5.0, client: dict[str, Any] | None = None) -> bool:
     """True if a Kafka-protocol broker answers a metadata request (``client``: kafka-python
     settings such as SASL_SSL's, as ``KafkaConfig.client_settings`` gives them)."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
     try:
         admin = KafkaAdminClient(
             bootstrap_servers=bootstrap_servers,
