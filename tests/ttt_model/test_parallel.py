@@ -26,44 +26,81 @@ def build(family: str, target: str, safeguards: dict | None = None):
     return model.eval()
 
 
-def run_rank(rank: int, world: int, port: int, lengths, family: str, target: str, ids, out,
-             safeguards: dict | None = None) -> None:
+PLAIN = [  # (family, target, total, lengths: None for a near-equal split over two ranks)
+    (family, target, total, lengths)
+    for family, target in [("qwen3", "hidden_states"), ("llama", "input_embeddings")]
+    for total, lengths in [
+        (48, (24, 24)),            # multiple of the chunk, segments on chunk borders
+        (45, None),                # not a multiple; near-equal split cuts chunks
+        (50, (13, 20, 17)),        # three ranks, every border inside a chunk
+        (40, (3, 30, 7)),          # a segment shorter than the conv halo's reach... and one spanning chunks
+    ]
+]
+GUARDED = [  # (safeguards, total, lengths)
+    ({"decay": 0.3}, 45, (23, 22)),
+    ({"decay": 0.3}, 50, (13, 20, 17)),
+    ({"max_update_norm": 0.05}, 45, (23, 22)),
+    ({"max_update_norm": 0.05}, 50, (13, 20, 17)),
+    ({"max_delta_ratio": 0.01}, 48, (24, 24)),
+    ({"max_delta_ratio": 0.01}, 50, (13, 20, 17)),
+    ({"decay": 0.3, "max_update_norm": 0.05, "max_delta_ratio": 0.01}, 40, (3, 30, 7)),
+]
+
+
+def case(family: str, target: str, total: int, lengths: tuple[int, ...] | None, safeguards: dict | None = None) -> dict:
+    lengths = tuple(lengths or split_lengths(total, 2))
+    return {"key": repr((family, target, total, lengths, safeguards)), "family": family, "target": target,
+            "lengths": lengths, "safeguards": safeguards,
+            "ids": torch.randint(0, 101, (2, total), generator=torch.Generator().manual_seed(total))}
+
+
+CASES = [case(*c) for c in PLAIN] + [case("qwen3", "hidden_states", total, lengths, g) for g, total, lengths in GUARDED]
+
+
+def run_rank(rank: int, world: int, port: int, cases: list[dict], out) -> None:
+    """Every case of this world size, one after another in one process group."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = build(family, target, safeguards)
-        cp = ContextParallelGroup(rank, tuple(lengths))
-        state = FastWeightState.for_model(model, batch_size=ids.shape[0])
-        logits = context_parallel_forward(model, ids[:, cp.start : cp.end], cp, state)
-        out[rank] = {"logits": logits, "state": state.state_dict()}
+        for c in cases:
+            model = build(c["family"], c["target"], c["safeguards"])
+            cp = ContextParallelGroup(rank, c["lengths"])
+            state = FastWeightState.for_model(model, batch_size=c["ids"].shape[0])
+            logits = context_parallel_forward(model, c["ids"][:, cp.start : cp.end], cp, state)
+            out[c["key"], rank] = {"logits": logits, "state": state.state_dict()}
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("family, target", [("qwen3", "hidden_states"), ("llama", "input_embeddings")])
-@pytest.mark.parametrize("total, lengths", [
-    (48, (24, 24)),            # multiple of the chunk, segments on chunk borders
-    (45, None),                # not a multiple; near-equal split cuts chunks
-    (50, (13, 20, 17)),        # three ranks, every border inside a chunk
-    (40, (3, 30, 7)),          # a segment shorter than the conv halo's reach... and one spanning chunks
-])
-def test_context_parallel_equals_single_process(family, target, total, lengths):
-    world = 2 if lengths is None else len(lengths)
-    lengths = lengths or split_lengths(total, world)
-    ids = torch.randint(0, 101, (2, total), generator=torch.Generator().manual_seed(total))
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(run_rank, args=(world, free_port(), lengths, family, target, ids, out), nprocs=world, join=True)
+@pytest.fixture(scope="module")
+def parallel_outputs() -> dict:
+    """What each rank computed for every case: one spawn of two ranks and one of three, each
+    reading all its cases (a spawn per case paid the ranks' start, seconds, each time)."""
+    out = mp.Manager().dict()
+    for world in sorted({len(c["lengths"]) for c in CASES}):
+        cases = [c for c in CASES if len(c["lengths"]) == world]
+        mp.spawn(run_rank, args=(world, free_port(), cases, out), nprocs=world, join=True)
+    return dict(out)
 
-    model = build(family, target)
-    state = FastWeightState.for_model(model, batch_size=2)
-    want = TTTSession(model, state).feed(ids).logits
-    got = torch.cat([out[r]["logits"] for r in range(world)], dim=1)
+
+def assert_equal_to_one_process(outputs: dict, c: dict, want: torch.Tensor, state: FastWeightState) -> None:
+    world = len(c["lengths"])
+    got = torch.cat([outputs[c["key"], r]["logits"] for r in range(world)], dim=1)
     assert rel_err(got, want) < 1e-5
     for r in range(world):
         for name, tensor in state.state_dict().items():
-            assert rel_err(out[r]["state"][name], tensor) < 1e-5 or torch.equal(out[r]["state"][name], tensor), name
+            theirs = outputs[c["key"], r]["state"][name]
+            assert rel_err(theirs, tensor) < 1e-5 or torch.equal(theirs, tensor), name
+
+
+@pytest.mark.parametrize("family, target, total, lengths", PLAIN)
+def test_context_parallel_equals_single_process(family, target, total, lengths, parallel_outputs):
+    c = case(family, target, total, lengths)
+    model = build(family, target)
+    state = FastWeightState.for_model(model, batch_size=2)
+    want = TTTSession(model, state).feed(c["ids"]).logits
+    assert_equal_to_one_process(parallel_outputs, c, want, state)
 
 
 def single_process(family: str, target: str, ids: torch.Tensor, safeguards: dict | None):
@@ -72,29 +109,11 @@ def single_process(family: str, target: str, ids: torch.Tensor, safeguards: dict
     return TTTSession(model, state).feed(ids).logits, state
 
 
-@pytest.mark.parametrize("safeguards, total, lengths", [
-    ({"decay": 0.3}, 45, (23, 22)),
-    ({"decay": 0.3}, 50, (13, 20, 17)),
-    ({"max_update_norm": 0.05}, 45, (23, 22)),
-    ({"max_update_norm": 0.05}, 50, (13, 20, 17)),
-    ({"max_delta_ratio": 0.01}, 48, (24, 24)),
-    ({"max_delta_ratio": 0.01}, 50, (13, 20, 17)),
-    ({"decay": 0.3, "max_update_norm": 0.05, "max_delta_ratio": 0.01}, 40, (3, 30, 7)),
-])
-def test_context_parallel_with_safeguards_equals_single_process(safeguards, total, lengths):
-    world = len(lengths)
-    ids = torch.randint(0, 101, (2, total), generator=torch.Generator().manual_seed(total))
-    want, state = single_process("qwen3", "hidden_states", ids, safeguards)
+@pytest.mark.parametrize("safeguards, total, lengths", GUARDED)
+def test_context_parallel_with_safeguards_equals_single_process(safeguards, total, lengths, parallel_outputs):
+    c = case("qwen3", "hidden_states", total, lengths, safeguards)
+    want, state = single_process("qwen3", "hidden_states", c["ids"], safeguards)
     # The safeguard binds on this input: without it the logits are different.
-    unguarded, _ = single_process("qwen3", "hidden_states", ids, None)
+    unguarded, _ = single_process("qwen3", "hidden_states", c["ids"], None)
     assert rel_err(unguarded, want) > 1e-3
-
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(run_rank, args=(world, free_port(), lengths, "qwen3", "hidden_states", ids, out, safeguards),
-             nprocs=world, join=True)
-    got = torch.cat([out[r]["logits"] for r in range(world)], dim=1)
-    assert rel_err(got, want) < 1e-5
-    for r in range(world):
-        for name, tensor in state.state_dict().items():
-            assert rel_err(out[r]["state"][name], tensor) < 1e-5 or torch.equal(out[r]["state"][name], tensor), name
+    assert_equal_to_one_process(parallel_outputs, c, want, state)
