@@ -292,7 +292,7 @@ def gate_demo_table(name: str) -> tuple[list[str], dict[str, str]]:
 
 
 def topology_table(name: str) -> tuple[list[str], dict[str, str]]:
-    """bench/demo_topology.py: the demo read by the synchronous learner and by a reader beside the learner."""
+    """bench/demo_settings.py topology: the demo read by the synchronous learner and by a reader beside the learner."""
     d = _load(name)
     lines = ["| run | setting | documents | tokens/s | sampled adapted vs static loss | verdicts |",
              "| --- | --- | --- | --- | --- | --- |"]

@@ -16,7 +16,9 @@ echo "[install] creating $VENV and installing pinned dependencies (first run: a 
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 # torch is pinned to the CPU build (2.13.0+cpu): pip takes it from the local wheel directory
 # (/opt/wheels) that this machine's pip configuration names, never a multi-GB CUDA build.
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.lock"
+# --no-compile: Python compiles what is imported, on first import; compiling every file of torch,
+# ray and mlflow up front took half of the install.
+"$VENV/bin/python" -m pip install --quiet --no-compile --disable-pip-version-check -r "$ROOT/requirements.lock"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
 "$VENV/bin/python" -m pip check
 echo "$stamp" > "$VENV/.installed"
