@@ -6,6 +6,10 @@ cd "$ROOT"
 bash infra/install.sh
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# The install compiles nothing up front (infra/install.sh): Python writes each module's bytecode
+# on its first import, which a shell with PYTHONDONTWRITEBYTECODE would forbid, and every process
+# (each reader, each CLI call) would compile torch again.
+unset PYTHONDONTWRITEBYTECODE
 # Commands on the control topic are signed with this key (processor.control.key_env): one per
 # checkout, made on first use and kept in data/ (readable by its owner only).
 if [[ -z "${TTT_STREAM_CONTROL_KEY:-}" ]]; then
