@@ -62,7 +62,8 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
     docs = short_documents(9, length=300)  # keys k0, k1, k2
     produce(config, [json.dumps(d).encode() for d in docs], partitions=[0] * len(docs))
 
-    runner = threading.Thread(target=run_stream, args=(config,), kwargs={"until_idle_s": 12.0})
+    done = threading.Event()  # set once the online part is checked: the run ends then
+    runner = threading.Thread(target=run_stream, args=(config,), kwargs={"until_idle_s": 60.0, "stop_event": done})
     runner.start()
     try:
         deadline = time.monotonic() + 240
@@ -91,6 +92,7 @@ def test_forget_is_final_through_rollback_restart_and_export(stack, ray_session,
         (alert,) = [a for a in alerts if a["type"] == "forget"]
         assert alert["state_key"] == k1 and "k1" not in json.dumps(alert)
     finally:
+        done.set()
         runner.join(timeout=300)
     assert not runner.is_alive()
 

@@ -91,11 +91,14 @@ def read_kafka_python(servers: str, topic: str, expect: int) -> list[tuple[bytes
 
 
 def read_confluent(servers: str, topic: str, expect: int) -> list[tuple[bytes | None, bytes, dict]]:
-    from confluent_kafka import Consumer
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+    # Every partition assigned from the start, as the other clients read (no group: a subscribe's
+    # join and leave cost librdkafka 45 s on the embedded broker, the test's time, not the reading).
     consumer = Consumer({"bootstrap.servers": servers, "group.id": f"read-{time.monotonic_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
+                         "enable.auto.commit": False})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     out, deadline = [], time.monotonic() + 30
     try:
         while len(out) < expect and time.monotonic() < deadline:
