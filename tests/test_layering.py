@@ -55,27 +55,15 @@ def test_the_observers_follow_the_stream_through_its_events_not_the_run_loop():
     assert "pipeline.stream_events" in imported_modules(ROOT / "pipeline" / "observability" / "metrics.py")
 
 
-def test_kafka_is_imported_only_by_the_stream_io():
-    """One home per technology: kafka-python's clients and record type are used by
-    ``pipeline.stream_io`` alone; the run loop handles its records through it."""
-    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "kafka")
-                 for path in sorted((ROOT / "pipeline").rglob("*.py")) if "stream_io" not in path.parts}
+
+
+
+@pytest.mark.parametrize("technology, home, floors", [
+    ("kafka", "stream_io", ("pipeline",)),   # clients and record type; the run loop's records come through it
+    ("ray", "actors", ("ttt_model", "pipeline")),   # actors, handles, scheduling (StreamActors, ray_pool)
+])
+def test_each_technology_is_imported_in_its_home_alone(technology, home, floors):
+    paths = [path for floor in floors for path in sorted((ROOT / floor).rglob("*.py")) if home not in path.parts]
+    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == technology)
+                 for path in paths}
     assert {p: m for p, m in offenders.items() if m} == {}
-
-
-def test_ray_is_imported_only_by_the_actors():
-    """One home per technology: Ray's actors, handles and scheduling live in ``actors``; the
-    pipeline starts and drives them through it (``actors.supervisor.StreamActors``,
-    ``actors.ray_pool``)."""
-    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "ray")
-                 for floor in ("ttt_model", "pipeline") for path in sorted((ROOT / floor).rglob("*.py"))}
-    assert {p: m for p, m in offenders.items() if m} == {}
-
-
-def test_the_supervisor_starts_readers_without_loading_torch():
-    """The supervisor only starts the actors: their modules leave torch and transformers to the
-    actors' own processes, or every start of a stream would load them once more, in sequence."""
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, actors.supervisor; print(sorted({'torch', 'transformers'} & set(sys.modules)))"],
-        cwd=ROOT, capture_output=True, text=True, check=True)
-    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

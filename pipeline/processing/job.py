@@ -6,10 +6,10 @@ import logging
 import os
 import signal
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import StreamActors
@@ -187,9 +187,10 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
     model_dir, model_source, base = base_model(config)
     connect(config)
     with ExitStack() as running:
-        actors = running.enter_context(closing_with(start_actors(config, model_source), "shutdown"))
-        source = running.enter_context(closing_with(KafkaDocumentSource(config.kafka)))
-        sinks = running.enter_context(closing_with(KafkaSinks(config.kafka)))
+        actors = start_actors(config, model_source)
+        running.callback(actors.shutdown)
+        source = running.enter_context(closing(KafkaDocumentSource(config.kafka)))
+        sinks = running.enter_context(closing(KafkaSinks(config.kafka)))
         pool, learner, assignment = readers_and_learner(config, actors, source, ready_timeout_s)
         durable = durable_parts(config, source, pool, assignment, base, model_dir, learner, running)
         metrics, run_log = observers(config, base, durable.checkpointer, running)
@@ -222,14 +223,6 @@ def connect(config: AppConfig) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     ensure_topics(config.kafka)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb, config.ray.namespace)
-
-
-@contextmanager
-def closing_with(thing: Any, method: str = "close") -> Iterator[Any]:
-    try:
-        yield thing
-    finally:
-        getattr(thing, method)()
 
 
 def start_actors(config: AppConfig, model_source: BaseModelSource | None) -> StreamActors:
@@ -282,8 +275,7 @@ def durable_parts(config: AppConfig, source: KafkaDocumentSource, pool: ReaderPo
     commands = CommandLedger.from_dict(checkpointer.commands_at_start)
     checkpointer.commands = commands.as_dict  # replay protection survives a restart
     parts = DurableParts(checkpointer, TenantKeys(store.registry.key_salt()))
-    parts.control = running.enter_context(closing_with(ControlSource(config.kafka, p.control, config.stream.name,
-                                                                     commands)))
+    parts.control = running.enter_context(closing(ControlSource(config.kafka, p.control, config.stream.name, commands)))
     if admits:  # what it remembers, as the version left it
         parts.admission = LearningAdmission(p.learner.admission, checkpointer.admission_at_start)
         checkpointer.admission = parts.admission.as_dict
@@ -299,7 +291,7 @@ def observers(config: AppConfig, base: dict[str, Any], checkpointer: StreamCheck
     run ends FAILED if the stream stops on an error."""
     p, metrics, run_log = config.processor, None, None
     if p.metrics.enabled:
-        metrics = running.enter_context(closing_with(StreamMetrics(config.stream.name)))
+        metrics = running.enter_context(closing(StreamMetrics(config.stream.name)))
         metrics.serve(p.metrics.host, p.metrics.port)
     if config.mlflow.processor_runs:
         run_log = start_processor_run(config, base)
