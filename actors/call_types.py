@@ -54,7 +54,7 @@ class ReaderSpec:
     # no state between them (its fast weights start from zero at every document).
     slow_from_learner: bool
     # With slow_from_learner: the layers below the lowest adapted one are read once, by the
-    # reader, which hands their hidden states on to the learner (``ttt_model.lower_layers``);
+    # reader, which hands their hidden states on to the learner (``ttt_model.model.lower_layers``);
     # the learner's own reader (slow_from_learner False) reads them apart, or takes them handed.
     split_at_adapters: bool
     # Tokenize the next document in another thread while one is read (``prepare``). None: on a
@@ -111,7 +111,7 @@ def is_handed_on(task: DocumentTask, lag: int) -> bool:
 @dataclass(frozen=True)
 class HandedStates:
     """What a reader of the learner's versions computed below the lowest adapted layer for one
-    document (``ttt_model.lower_layers``), handed on to the learner, which uses them only for
+    document (``ttt_model.model.lower_layers``), handed on to the learner, which uses them only for
     the tokens they were computed from."""
 
     tokens_sha256: str  # of the document's token ids (int64)

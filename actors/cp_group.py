@@ -93,8 +93,8 @@ class ContextParallelMember:
         import torch
 
         from ttt_model.parallel import CommunicationTimer, ContextParallelGroup, context_parallel_forward
-        from ttt_model.state import FastWeightState
-        from ttt_model.token_nll import token_nll
+        from ttt_model.model.state import FastWeightState
+        from ttt_model.model.token_nll import token_nll
 
         timer = CommunicationTimer()
         cp = ContextParallelGroup(self.rank, lengths, timer=timer)

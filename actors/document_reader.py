@@ -25,7 +25,7 @@ from actors.call_types import DocumentOutcome, DocumentTask, HandedStates, Reade
 from actors.reading_modes import ReadingMode, choose_mode
 from actors.window_readers import LongDocumentReader
 from ttt_model.factory import build_model
-from ttt_model.patch import ttt_config_of
+from ttt_model.model.patch import ttt_config_of
 from ttt_model.slow import SlowVersion
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,8 @@ import torch
 from safetensors.torch import load, save
 
 from actors.call_types import GATE_KEY, StateBlob
-from ttt_model.state import FastWeightState
-from ttt_model.session import TTTSession
+from ttt_model.model.state import FastWeightState
+from ttt_model.model.session import TTTSession
 
 PROMOTED, REJECTED, UNJUDGED = "promoted", "rejected", "unjudged"
 

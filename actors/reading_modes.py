@@ -37,12 +37,12 @@ from actors.state_upload import StateUploader
 from actors.window_readers import ContextParallelReader, FastReader, LongDocumentReader, SlowStepReader, WindowReader
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.factory import load_rehearsal
-from ttt_model.forward_call import ttt_forward
-from ttt_model.lower_layers import capture_inputs
-from ttt_model.patch import static_mode, ttt_config_of
+from ttt_model.model.forward_call import ttt_forward
+from ttt_model.model.lower_layers import capture_inputs
+from ttt_model.model.patch import static_mode, ttt_config_of
 from ttt_model.slow import SlowState, SlowVersion
-from ttt_model.state import FastWeightState, ttt_layers
-from ttt_model.token_nll import token_nll
+from ttt_model.model.state import FastWeightState, ttt_layers
+from ttt_model.model.token_nll import token_nll
 
 if TYPE_CHECKING:
     from actors.document_reader import DocumentReader

@@ -18,7 +18,7 @@ from safetensors.torch import load
 from actors.call_types import Scope, StateBlob
 from actors.state_upload import state_file_name
 from ttt_model.adapted_state import AdaptedState
-from ttt_model.state import StateIntegrityError, sidecar_path
+from ttt_model.model.state import StateIntegrityError, sidecar_path
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 - ``SlowStepReader``: the fast weights on top of the scope's slow weights, which take their lean
   step on what was just scored (``ttt_model.slow.SlowLearner.read``). The learner's
   (``split``) runs the layers below the lowest adapted one first, or takes their hidden states
-  from the reader that computed them (``ttt_model.lower_layers``), then the adapted layers.
+  from the reader that computed them (``ttt_model.model.lower_layers``), then the adapted layers.
 - ``ContextParallelReader``: windows of at least ``min_tokens`` tokens go to a context-parallel
   group (``actors.cp_group``), starting from this reader's fast weights; shorter ones to a
   FastReader.
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ttt_model.adapted_state import AdaptedState
-from ttt_model.lower_layers import hidden_below
-from ttt_model.session import TTTSession
+from ttt_model.model.lower_layers import hidden_below
+from ttt_model.model.session import TTTSession
 from ttt_model.slow import SlowLearner, SlowVersion
 
 # (input ids (1, N), fast-weight state dict, slow version or None)
@@ -77,7 +77,7 @@ class SlowStepReader:
     def read(self, adapted: AdaptedState, windows: list[torch.Tensor],
              below: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``below``: per window, the hidden states (1, n, d) entering the lowest adapted layer,
-        as ``ttt_model.lower_layers.hidden_below`` computes them (``split`` only)."""
+        as ``ttt_model.model.lower_layers.hidden_below`` computes them (``split`` only)."""
         if self.split and below is not None and [b.shape[:2] for b in below] == [w.shape for w in windows]:
             self.handed += 1
         else:

@@ -29,7 +29,7 @@ from domain_stream import parse_overrides, prepare  # noqa: E402
 from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader  # noqa: E402
 from pipeline.processing.actor_specs import standalone_reader_spec  # noqa: E402
-from ttt_model.patch import ttt_config_of  # noqa: E402
+from ttt_model.model.patch import ttt_config_of  # noqa: E402
 
 
 def main() -> None:

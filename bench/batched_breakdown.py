@@ -21,8 +21,8 @@ from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
 from bench.reader import static_score, text_of_length, write_model
 from ttt_model import FastWeightState, ttt_forward
-from ttt_model.patch import static_mode
-from ttt_model.token_nll import token_nll, token_nll_plain
+from ttt_model.model.patch import static_mode
+from ttt_model.model.token_nll import token_nll, token_nll_plain
 
 
 def main() -> None:

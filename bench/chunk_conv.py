@@ -21,7 +21,7 @@ import torch
 
 from bench.reader import timed as wall_timed
 
-from ttt_model.chunk_conv import chunk_conv, chunk_conv_plain
+from ttt_model.model.chunk_conv import chunk_conv, chunk_conv_plain
 
 
 def check(device: torch.device, dtype: torch.dtype, seed: int, d: int = 1000) -> float:

@@ -31,7 +31,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, chunk: int):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from ttt_model import TTTConfig, enable_ttt
-    from ttt_model.state import ttt_layers
+    from ttt_model.model.state import ttt_layers
 
     torch.manual_seed(0)
     config = Qwen3Config(**PRESETS[preset])
@@ -74,7 +74,7 @@ def single(args) -> dict:
 
 def rank_main(rank: int, world: int, port: int, args, out) -> None:
     from ttt_model.parallel import CommunicationTimer, ContextParallelGroup, context_parallel_forward, split_lengths
-    from ttt_model.state import FastWeightState
+    from ttt_model.model.state import FastWeightState
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cpu" if args.device == "cpu" else f"cuda:{rank}")

@@ -16,17 +16,17 @@ PY=${PYTHON:-python3}
 VARIANTS=${VARIANTS:-0.5:1 0.05:1 0.005:1}; STEPS=${STEPS:-300}; PRETRAIN=${PRETRAIN:-$RUNS/pretrain/final}
 mkdir -p "$RUNS" "$RESULTS"
 if [[ ! -f "$PRETRAIN/config.json" ]]; then
-  $PY -m ttt_model.train fit --data "$DATA" --from-scratch --no-ttt --seed 0 --max-steps "${PRETRAIN_STEPS:-1000}" \
+  $PY -m ttt_model.training.train fit --data "$DATA" --from-scratch --no-ttt --seed 0 --max-steps "${PRETRAIN_STEPS:-1000}" \
       --warmup-steps 100 --lr 2e-3 --chunk-size 512 --out "$RUNS/pretrain" > "$RUNS/pretrain.log" 2>&1
   PRETRAIN=$RUNS/pretrain/final
 fi
 COMMON=(--data "$DATA" --from "$PRETRAIN" --chunk-size 512 --seq-len "${SEQ_LEN:-16384}" --batch-size "${BATCH:-4}"
         --max-steps "$STEPS" --warmup-steps "${WARMUP:-30}" --lr "${LR:-1e-3}" --log-every 25 --checkpoint-every 100000)
 train() {  # name, extra args
-  $PY -m ttt_model.train fit "${COMMON[@]}" --out "$RUNS/$1" "${@:2}" > "$RUNS/$1.log" 2>&1
+  $PY -m ttt_model.training.train fit "${COMMON[@]}" --out "$RUNS/$1" "${@:2}" > "$RUNS/$1.log" 2>&1
 }
 evaluate() {  # name, modes
-  $PY -m ttt_model.evaluate --data "$DATA" --max-tokens 16384 --model "$RUNS/$1/final" --out "$RESULTS/$1" \
+  $PY -m ttt_model.training.evaluate --data "$DATA" --max-tokens 16384 --model "$RUNS/$1/final" --out "$RESULTS/$1" \
       --modes "${@:2}" --gradient-chunk 512 --max-delta-ratio 0.05 ${EVAL_ARGS:-} > "$RESULTS/$1.txt" 2> "$RUNS/eval_$1.log"
 }
 field() { local f; IFS=: read -ra f <<< "$1"; local v=${f[$2]:--}; echo "$v"; }  # variant, index

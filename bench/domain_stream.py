@@ -35,8 +35,8 @@ from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.data import Document, load_documents
-from ttt_model.patch import static_mode
-from ttt_model.session import TTTSession
+from ttt_model.model.patch import static_mode
+from ttt_model.model.session import TTTSession
 
 
 def prepare(path: Path, tokenizer, max_tokens: int, limit: int | None, seed: int) -> list[Document]:

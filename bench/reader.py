@@ -47,8 +47,8 @@ from pipeline.processing.actor_specs import standalone_reader_spec
 from actors.learner import StreamLearner
 from bench.ttt_forward import PRESETS
 from ttt_model import FastWeightState, TTTConfig, enable_ttt, ttt_forward
-from ttt_model.patch import static_mode
-from ttt_model.state import ttt_layers
+from ttt_model.model.patch import static_mode
+from ttt_model.model.state import ttt_layers
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "ttt-tiny-qwen3"
 # A reader of the learner's versions (actors.learner): reads with fixed slow weights, learns

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-import ttt_model.layer as ttt_layer_module
+import ttt_model.model.layer as ttt_layer_module
 from ttt_model import TTTConfig, enable_ttt
-from ttt_model.chunk_conv import chunk_conv_plain, fused_kernel_available
-from ttt_model.patch import static_mode
-from ttt_model.state import ttt_layers
+from ttt_model.model.chunk_conv import chunk_conv_plain, fused_kernel_available
+from ttt_model.model.patch import static_mode
+from ttt_model.model.state import ttt_layers
 
 PRESETS = {
     # Qwen3-0.6B's shape, random weights.

@@ -14,7 +14,7 @@ from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
 from ttt_model.config import TTTConfig
-from ttt_model.layer import InPlaceTTTMLP
+from ttt_model.model.layer import InPlaceTTTMLP
 
 
 def time_per_call(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:

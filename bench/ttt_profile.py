@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from bench.ttt_forward import PRESETS, mode, run_once
 from ttt_model import TTTConfig, enable_ttt
-from ttt_model.state import ttt_layers
+from ttt_model.model.state import ttt_layers
 
 
 def main() -> None:

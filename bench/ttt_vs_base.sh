@@ -16,13 +16,13 @@ COMMON=(--data "$DATA" "${ORIGIN[@]}" --chunk-size 512 --seq-len "${SEQ_LEN:-819
         --warmup-steps "${WARMUP:-100}" --lr "$LR" --log-every 25 --checkpoint-every 200 --eta "${ETA:-3.0}")
 mkdir -p "$RUNS" "$RESULTS"
 for seed in ${SEEDS:-0 1}; do
-  $PY -m ttt_model.train fit "${COMMON[@]}" --out "$RUNS/ttt$seed" --ttt --ttt-layers 1 3 5 --seed $seed > "$RUNS/ttt$seed.log" 2>&1 &
-  $PY -m ttt_model.train fit "${COMMON[@]}" --out "$RUNS/base$seed" --no-ttt --seed $seed > "$RUNS/base$seed.log" 2>&1 &
+  $PY -m ttt_model.training.train fit "${COMMON[@]}" --out "$RUNS/ttt$seed" --ttt --ttt-layers 1 3 5 --seed $seed > "$RUNS/ttt$seed.log" 2>&1 &
+  $PY -m ttt_model.training.train fit "${COMMON[@]}" --out "$RUNS/base$seed" --no-ttt --seed $seed > "$RUNS/base$seed.log" 2>&1 &
 done
 wait
 EVAL=(--data "$DATA" --max-tokens 16384 --gradient-layers 1 3 5 --gradient-chunk 512 --max-delta-ratio 0.05)
 evaluate() {  # run, out name, extra args
-  $PY -m ttt_model.evaluate "${EVAL[@]}" --model "$RUNS/$1/final" --out "$RESULTS/$2" "${@:3}" \
+  $PY -m ttt_model.training.evaluate "${EVAL[@]}" --model "$RUNS/$1/final" --out "$RESULTS/$2" "${@:3}" \
       > "$RESULTS/$2.txt" 2>"$RUNS/eval_$2.log"
 }
 # Two waves: all evaluations at once do not fit in 80 GB.

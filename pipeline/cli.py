@@ -299,7 +299,7 @@ def convert_reference(
 ) -> None:
     """Convert a reference In-Place TTT checkpoint (ByteDance-Seed/In-Place-TTT) to this format:
     its ttt_* config as our TTT config, ttt_proj stored transposed, base weights unchanged."""
-    from ttt_model.reference_checkpoint import convert_reference_checkpoint
+    from ttt_model.training.reference_checkpoint import convert_reference_checkpoint
 
     try:
         written = convert_reference_checkpoint(source, out)
@@ -451,8 +451,8 @@ def train(
     config: Path = ConfigOption,
     mlflow: bool = typer.Option(True, help="Log params and metrics to the configured MLflow server."),
 ) -> None:
-    """Prepare data or train a model; arguments go to `python -m ttt_model.train` (see --help)."""
-    from ttt_model import train as trainer
+    """Prepare data or train a model; arguments go to `python -m ttt_model.training.train` (see --help)."""
+    from ttt_model.training import train as trainer
 
     args = list(ctx.args)
     tracked = mlflow and not (args and args[0] == "prepare")
@@ -478,9 +478,9 @@ def evaluate(
     config: Path = ConfigOption,
     mlflow: bool = typer.Option(True, help="Log the table and plot to the configured MLflow server."),
 ) -> None:
-    """Held-out loss by position (static / in-place / gradient); args go to `python -m ttt_model.evaluate`."""
+    """Held-out loss by position (static / in-place / gradient); args go to `python -m ttt_model.training.evaluate`."""
     from pipeline.observability.tracking import log_eval_result
-    from ttt_model import evaluate as evaluator
+    from ttt_model.training import evaluate as evaluator
 
     args = list(ctx.args)
     out = Path(args[args.index("--out") + 1]) if "--out" in args[:-1] else None

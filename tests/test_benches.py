@@ -115,7 +115,7 @@ def test_every_bench_has_a_smoke_run():
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory) -> Path:
     """Documents cut from the tests' sample text: a shipped-style corpus, two domains as
-    ``pipeline.local.corpus.build_domain`` lays them out, and ``ttt_model.evaluate``'s output for
+    ``pipeline.local.corpus.build_domain`` lays them out, and ``ttt_model.training.evaluate``'s output for
     ``bench/summarize_compare.py`` (one run of the tiny model, as its base and its TTT side)."""
     root = tmp_path_factory.mktemp("bench-smoke")
     pieces = [SAMPLE_TEXT[i:i + 2500] for i in range(0, 30000, 2500)]
@@ -130,7 +130,7 @@ def smoke_data(tmp_path_factory) -> Path:
         write(root / domain / "heldout.jsonl", texts[3:], f"{domain}-heldout")
     write(root / "long.jsonl", [SAMPLE_TEXT], "long")  # past 2k tokens, where the summary pools
     evaluated = subprocess.run(
-        [sys.executable, "-m", "ttt_model.evaluate", "--model", str(TINY_MODEL), "--documents", str(root / "long.jsonl"),
+        [sys.executable, "-m", "ttt_model.training.evaluate", "--model", str(TINY_MODEL), "--documents", str(root / "long.jsonl"),
          "--max-tokens", "2560", "--modes", "static", "in_place", "--out", str(root / "compare" / "ttt0")],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

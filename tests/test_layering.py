@@ -30,6 +30,24 @@ def test_no_module_imports_from_a_floor_above(floor):
     assert {p: a for p, a in offenders.items() if a} == {}
 
 
+# Within the method, one package per idea: the model (In-Place TTT) knows nothing of the slow
+# weights, of context parallelism or of the training tools; each of those builds on the model
+# alone, besides the shared config and documents (ttt_model.config, ttt_model.data).
+IDEAS = {"model": set(), "slow": {"model"}, "parallel": {"model"}, "training": {"model"}}
+
+
+@pytest.mark.parametrize("idea", sorted(IDEAS))
+def test_each_idea_of_the_method_builds_on_the_model_alone(idea):
+    allowed = {"config", "data", idea} | IDEAS[idea]
+    offenders = {}
+    for path in sorted((ROOT / "ttt_model" / idea).rglob("*.py")):
+        inside = {m.split(".")[1] for m in imported_modules(path) if m.startswith("ttt_model.")}
+        if inside - allowed:
+            offenders[str(path.relative_to(ROOT))] = sorted(inside - allowed)
+    assert offenders == {}
+    assert (ROOT / "ttt_model" / idea / "__init__.py").exists()
+
+
 def test_the_check_sees_an_import_inside_a_function(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from pipeline.config import AppConfig\n")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save
 
 from ttt_model.slow import SlowState
-from ttt_model.state import FORMAT, FastWeightState, StateIntegrityError, read_verified, write_verified
+from ttt_model.model.state import FORMAT, FastWeightState, StateIntegrityError, read_verified, write_verified
 
 SLOW_PREFIX = "slow."
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ttt_model.config import SlowConfig, TTTConfig
-from ttt_model.patch import configure_ttt, has_ttt, load_ttt_model, ttt_config_of
+from ttt_model.model.patch import configure_ttt, has_ttt, load_ttt_model, ttt_config_of
 from ttt_model.slow import SlowLearner, rehearsal_chunks
 
 

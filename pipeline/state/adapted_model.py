@@ -21,10 +21,10 @@ from actors.call_types import RESERVED_KEYS
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.config import SlowConfig, TTTConfig
 from ttt_model.factory import build_model
-from ttt_model.patch import disable_ttt
-from ttt_model.session import TTTSession
+from ttt_model.model.patch import disable_ttt
+from ttt_model.model.session import TTTSession
 from ttt_model.slow import SlowLearner
-from ttt_model.state import FastWeightState
+from ttt_model.model.state import FastWeightState
 
 
 class StateChoiceError(ValueError):

@@ -9,7 +9,7 @@ from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
 from actors.reading_modes import sampled
 from ttt_model import TTTSession
-from ttt_model.patch import static_mode
+from ttt_model.model.patch import static_mode
 from tests.sample_text import SAMPLE_TEXT
 from pipeline.processing.actor_specs import standalone_reader_spec
 from tests.conftest import TINY_MODEL
@@ -77,7 +77,7 @@ def test_base_loss_sampling_is_the_drivers_choice_else_a_stable_function_of_the_
 
 
 def test_a_new_key_starts_from_the_slow_weights_of_the_nearest_key(tmp_path):
-    code = (Path(__file__).parents[2] / "ttt_model" / "slow.py").read_text()[:4000]
+    code = (Path(__file__).parents[2] / "ttt_model" / "slow" / "learner.py").read_text()[:4000]
     slow = {"enabled": True, "lr": 3e-3, "reuse_nearest_key": True}
     w = reader(tmp_path / "a", scope="per_key", max_keys_in_memory=1, slow=slow)
     first = [w.process(DocumentTask(i, text, key=key)) for i, text, key in

@@ -71,7 +71,7 @@ def test_rollback_versions_export_and_pyfunc(stack, ray_session, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from ttt_model import TTTSession, load_ttt_model
-    from ttt_model.state import ttt_layers
+    from ttt_model.model.state import ttt_layers
 
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert not hasattr(plain.config, "ttt")

@@ -71,7 +71,7 @@ def test_pyfunc_scores_like_the_reader_and_export_equals_the_merged_state(stack,
     (blob,) = store.load(LIVE).states["w0"]
     merged.mode.states.restore([blob])
     merged.mode.states.get(None).state.fast.merge_into(merged.model)
-    from ttt_model.patch import static_mode
+    from ttt_model.model.patch import static_mode
 
     with static_mode(merged.model):
         want_static = static_loss(merged.model, merged.tokenizer, PROBE)
@@ -106,7 +106,7 @@ def test_slow_weights_version_scores_with_slow_plus_fresh_fast_weights(stack, tm
     exported = export_checkpoint(store.load(LIVE), tmp_path / "export")
     from transformers import AutoModelForCausalLM
 
-    from ttt_model.patch import static_mode
+    from ttt_model.model.patch import static_mode
 
     with static_mode(reference):
         want_static = static_loss(reference, reader.tokenizer, PROBE)

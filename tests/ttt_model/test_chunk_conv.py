@@ -1,4 +1,4 @@
-"""The chunk-restarted depthwise conv (``ttt_model.chunk_conv``): the plain form and the Triton
+"""The chunk-restarted depthwise conv (``ttt_model.model.chunk_conv``): the plain form and the Triton
 kernel against a float64, token-by-token reference on random inputs.
 
 The kernel runs on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, read when the
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from ttt_model.chunk_conv import chunk_conv, chunk_conv_plain
+from ttt_model.model.chunk_conv import chunk_conv, chunk_conv_plain
 
 SHAPES = [  # B, chunks, C, d, k, tokens past the last whole chunk (a strided input)
     (2, 3, 16, 40, 5, 3), (1, 2, 8, 300, 3, 0), (3, 1, 7, 5, 1, 2), (1, 4, 5, 64, 7, 0), (2, 2, 33, 257, 5, 1),
@@ -71,7 +71,7 @@ def test_cpu_tensors_take_the_plain_form_without_triton_or_with_autograd():
 KERNEL_CHECK = """
 import json, sys, torch
 from tests.ttt_model.test_chunk_conv import SHAPES, random_inputs, reference
-from ttt_model.chunk_conv import chunk_conv
+from ttt_model.model.chunk_conv import chunk_conv
 errors = []
 for i, shape in enumerate(SHAPES):
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

@@ -7,8 +7,8 @@ import torch
 
 from tests.ttt_model.reference import randomise_ttt_parameters, tiny_model
 from ttt_model import TTTConfig, enable_ttt, load_ttt_model
-from ttt_model.evaluate import evaluate, format_table, plot, static_mode
-from ttt_model.train import load_tokenizer
+from ttt_model.training.evaluate import evaluate, format_table, plot, static_mode
+from ttt_model.training.train import load_tokenizer
 from tests.conftest import ROOT
 
 SHIPPED = ROOT / "models" / "ttt-tiny-qwen3"

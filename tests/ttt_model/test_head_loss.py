@@ -4,8 +4,8 @@ by position, in one block and in many, with per-position weights (zero: scored, 
 import pytest
 import torch
 
-import ttt_model.head_loss as head_loss
-from ttt_model.head_loss import head_nll_and_grad
+import ttt_model.slow.head_loss as head_loss
+from ttt_model.slow.head_loss import head_nll_and_grad
 
 
 def reference(hidden, weight, targets, scale):

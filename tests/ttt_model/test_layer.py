@@ -14,7 +14,7 @@ from tests.ttt_model.reference import (
     tiny_model,
 )
 from ttt_model import TTTConfig, enable_ttt
-from ttt_model.state import ttt_layers
+from ttt_model.model.state import ttt_layers
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -116,7 +116,7 @@ def test_default_layers_are_every_sixth():
 
 
 def test_remembered_ttt_layers_follow_every_swap_of_the_mlps():
-    from ttt_model.patch import disable_ttt, has_ttt, static_mode
+    from ttt_model.model.patch import disable_ttt, has_ttt, static_mode
 
     model = tiny_model("qwen3", layers=7)
     assert not has_ttt(model)

@@ -13,10 +13,10 @@ from tests.ttt_model.reference import randomise_ttt_parameters, rel_err, tiny_mo
 from ttt_model import TTTConfig, TTTSession, enable_ttt
 from ttt_model.adapted_state import AdaptedState
 from ttt_model.config import SlowConfig
-from ttt_model.lower_layers import capture_inputs, hidden_below
-from ttt_model.patch import decoder_of
+from ttt_model.model.lower_layers import capture_inputs, hidden_below
+from ttt_model.model.patch import decoder_of
 from ttt_model.slow import SlowLearner
-from ttt_model.state import FastWeightState
+from ttt_model.model.state import FastWeightState
 
 CHUNK = 8
 

@@ -8,7 +8,7 @@ import torch
 
 from tests.ttt_model.reference import randomise_ttt_parameters, tiny_model
 from ttt_model import FastWeightState, StateIntegrityError, TTTConfig, TTTSession, enable_ttt, load_ttt_model
-from ttt_model.state import sidecar_path
+from ttt_model.model.state import sidecar_path
 
 
 def adapted_session(seed=0):

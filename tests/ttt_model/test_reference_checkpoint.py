@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.ttt_model.reference import reference_ttt_mlp, rel_err, tiny_model
 from ttt_model import load_ttt_model
-from ttt_model.reference_checkpoint import convert_reference_checkpoint
+from ttt_model.training.reference_checkpoint import convert_reference_checkpoint
 
 LAYERS, CHUNK, ETA = [0, 2], 8, 0.3
 
@@ -81,7 +81,7 @@ def test_a_reference_checkpoint_converts_to_the_logits_of_the_reference_equation
         (tmp_path / "unconverted" / f.name).write_bytes(f.read_bytes())
     tensors = load_file(str(tmp_path / "reference" / "model.safetensors"))
     save_file(tensors, str(tmp_path / "unconverted" / "model.safetensors"), metadata={"format": "pt"})
-    from ttt_model.patch import static_mode
+    from ttt_model.model.patch import static_mode
 
     with torch.no_grad(), static_mode(model):
         plain = model(ids).logits  # TTT off: what the fast weights change is want - plain

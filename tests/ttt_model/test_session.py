@@ -7,7 +7,7 @@ import torch
 
 from tests.ttt_model.reference import randomise_ttt_parameters, reference_ttt_mlp, rel_err, tiny_model
 from ttt_model import FastWeightState, TTTConfig, TTTSession, enable_ttt, ttt_forward
-from ttt_model.state import ttt_layers
+from ttt_model.model.state import ttt_layers
 
 
 def random_pieces(total: int, rng: random.Random) -> list[int]:
@@ -181,7 +181,7 @@ def test_sessions_on_one_model_run_concurrently_in_threads():
     sessions fed at the same time from two threads read as if each were alone."""
     import threading
 
-    from ttt_model.forward_call import current_call
+    from ttt_model.model.forward_call import current_call
 
     model = tiny_model("qwen3", seed=5)
     enable_ttt(model, TTTConfig(layers=[0, 2], chunk_size=4, eta=0.9))

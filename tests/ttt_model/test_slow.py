@@ -10,10 +10,10 @@ from torch.func import functional_call
 from tests.ttt_model.reference import randomise_ttt_parameters, reference_logits, rel_err, tiny_model
 from ttt_model import TTTConfig, TTTSession, enable_ttt, ttt_forward
 from ttt_model.adapted_state import AdaptedState
-from ttt_model.objectives import next_token_loss
+from ttt_model.model.objectives import next_token_loss
 from ttt_model.config import SlowConfig
 from ttt_model.slow import SlowLearner
-from ttt_model.state import FastWeightState
+from ttt_model.model.state import FastWeightState
 
 CHUNK = 8
 
@@ -213,7 +213,7 @@ def test_a_rehearsed_chunk_runs_only_the_adapted_layers_and_gives_the_full_forwa
     assert learner.lowest_layer == 2
     state = learner.new_state()
     random_adapters(learner, state, seed=3)
-    from ttt_model.patch import decoder_of
+    from ttt_model.model.patch import decoder_of
 
     with learner.bound(state), learner._trainable(state, True):
         with ttt_forward(frozen_updates=True):
@@ -227,7 +227,7 @@ def test_a_rehearsed_chunk_runs_only_the_adapted_layers_and_gives_the_full_forwa
     # Kept for all chunks at once, read as a batch (two rows at a time here): each equal to the
     # chunk read alone.
     assert set(learner._rehearsal_inputs) == {0, 1, 2}
-    from ttt_model.lower_layers import hidden_below_batched
+    from ttt_model.model.lower_layers import hidden_below_batched
 
     batched = hidden_below_batched(model, rehearsed, 2, rows=2)
     for i in range(3):

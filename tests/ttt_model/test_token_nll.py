@@ -1,4 +1,4 @@
-"""-log p(target) per position (``ttt_model.token_nll``): the plain form and the Triton kernel
+"""-log p(target) per position (``ttt_model.model.token_nll``): the plain form and the Triton kernel
 against a float64, position-by-position log-softmax on random logits.
 
 The kernel runs on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, read when the
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from ttt_model.token_nll import token_nll, token_nll_plain
+from ttt_model.model.token_nll import token_nll, token_nll_plain
 
 CASES = [  # batch, positions, vocabulary, kernel block (several blocks, the last one partial)
     (2, 37, 50, 16), (1, 5, 300, 64), (3, 4, 7, 8), (2, 6, 1000, 128),
@@ -58,7 +58,7 @@ def test_cpu_tensors_take_the_plain_form():
 KERNEL_CHECK = """
 import json, torch
 from tests.ttt_model.test_token_nll import CASES, random_case, reference
-from ttt_model.token_nll import _token_nll_triton
+from ttt_model.model.token_nll import _token_nll_triton
 errors = []
 for i, case in enumerate(CASES):
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from ttt_model import TTTConfig, enable_ttt, has_ttt, load_ttt_model
 from ttt_model.data import PackedTokenStream
-from ttt_model.train import TrainConfig, adamw_optimizer, fit, lr_at, prepare, load_prepared, load_tokenizer
+from ttt_model.training.train import TrainConfig, adamw_optimizer, fit, lr_at, prepare, load_prepared, load_tokenizer
 from tests.conftest import ROOT
 from tests.sample_text import SAMPLE_TEXT
 
@@ -124,8 +124,8 @@ def test_aligned_stream_starts_every_document_on_a_chunk_border():
 
 
 def test_document_restarts_serve_each_document_as_if_alone():
-    from ttt_model.forward_call import current_call, ttt_forward
-    from ttt_model.train import document_restarts
+    from ttt_model.model.forward_call import current_call, ttt_forward
+    from ttt_model.training.train import document_restarts
     from ttt_model.data import TokenWindows
     from tests.ttt_model.reference import randomise_ttt_parameters
 
@@ -170,7 +170,7 @@ def test_training_on_aligned_windows_lowers_loss(tmp_path):
 
 
 def test_large_ttt_gradients_do_not_shrink_the_other_weights_steps():
-    from ttt_model.train import clip_gradients
+    from ttt_model.training.train import clip_gradients
 
     model = tiny_scratch_model()
     gen = torch.Generator().manual_seed(0)
@@ -189,8 +189,8 @@ def test_large_ttt_gradients_do_not_shrink_the_other_weights_steps():
 def test_continual_training_from_the_command_line_takes_the_ttt_recipe(tmp_path):
     """`fit --from` switches TTT on with the given target, eta and safeguards; they are trained
     with and saved in the model's config, and the TTT lr scale in the trainer state."""
-    from ttt_model.patch import ttt_config_of
-    from ttt_model.train import main
+    from ttt_model.model.patch import ttt_config_of
+    from ttt_model.training.train import main
 
     write_readme_corpus(tmp_path / "corpus")
     prepare(tmp_path / "corpus", tmp_path / "prepared", vocab_size=400)
@@ -209,8 +209,8 @@ def test_continual_training_from_the_command_line_takes_the_ttt_recipe(tmp_path)
 
 
 def test_the_train_and_eval_flags_default_to_the_ttt_config():
-    from ttt_model.evaluate import build_parser as eval_parser
-    from ttt_model.train import build_parser as train_parser
+    from ttt_model.training.evaluate import build_parser as eval_parser
+    from ttt_model.training.train import build_parser as train_parser
 
     ttt = TTTConfig()
     fit_args = train_parser().parse_args(["fit", "--from-scratch", "--out", "x"])

@@ -1,8 +1,8 @@
 """Pretraining from scratch and continual training of causal LMs with In-Place TTT switched on.
 
-    python -m ttt_model.train prepare --corpus data/corpus --out data/prepared
-    python -m ttt_model.train fit --data data/prepared --out runs/ttt-s0 --from-scratch --ttt --seed 0
-    python -m ttt_model.train fit --data data/prepared --out runs/cont --from runs/base/final --ttt \
+    python -m ttt_model.training.train prepare --corpus data/corpus --out data/prepared
+    python -m ttt_model.training.train fit --data data/prepared --out runs/ttt-s0 --from-scratch --ttt --seed 0
+    python -m ttt_model.training.train fit --data data/prepared --out runs/cont --from runs/base/final --ttt \
         --ttt-target input_embeddings --eta 3 --ttt-max-delta-ratio 0.2
 
 ``prepare`` trains a byte-level BPE tokenizer on the training documents and stores every document
@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from ttt_model.config import TTTConfig
 from ttt_model.data import PackedTokenStream, TokenWindows, load_documents
-from ttt_model.forward_call import ttt_forward
-from ttt_model.patch import enable_ttt, has_ttt, is_ttt_parameter, load_ttt_model, ttt_config_of
+from ttt_model.model.forward_call import ttt_forward
+from ttt_model.model.patch import enable_ttt, has_ttt, is_ttt_parameter, load_ttt_model, ttt_config_of
 
 log = logging.getLogger(__name__)
 

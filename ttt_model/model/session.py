@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ttt_model.forward_call import ttt_forward
-from ttt_model.lower_layers import UpperLayersCache, layers_from
-from ttt_model.objectives import gradient_objective_loss, make_optimizer
-from ttt_model.patch import decoder_of
-from ttt_model.state import FastWeightState, ttt_layers
-from ttt_model.token_nll import token_nll
-from ttt_model.update_rule import apply_update
+from ttt_model.model.forward_call import ttt_forward
+from ttt_model.model.lower_layers import UpperLayersCache, layers_from
+from ttt_model.model.objectives import gradient_objective_loss, make_optimizer
+from ttt_model.model.patch import decoder_of
+from ttt_model.model.state import FastWeightState, ttt_layers
+from ttt_model.model.token_nll import token_nll
+from ttt_model.model.update_rule import apply_update
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TTTSession:
                     below: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Process the next piece (B, L) of the stream up to the head: its last hidden states
         (B, L, d), for a caller that applies the head itself (a slow step,
-        ``ttt_model.head_loss``), and the nll (B,) of its first token under the previous piece's
+        ``ttt_model.slow.head_loss``), and the nll (B,) of its first token under the previous piece's
         logits (NaN at the stream's start).
 
         ``grad``: keep the autograd graph of the hidden states. The fast weights are applied and
@@ -107,7 +107,7 @@ class TTTSession:
         ``cache``: False for a piece that is a whole attention context (a new one, and nothing
         read after it), whose keys and values are then not kept. ``below``: (layer, the piece's
         hidden states (B, L, d) entering decoder layer ``layer``), computed before: the layers
-        below it do not run (``ttt_model.lower_layers``), nor do their fast weights change; every
+        below it do not run (``ttt_model.model.lower_layers``), nor do their fast weights change; every
         piece of an attention context then comes with them, from the same layer.
         """
         if self.config.objective != "in_place":

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt_model.config import TTTConfig
-from ttt_model.state import accumulator_dtype
+from ttt_model.model.state import accumulator_dtype
 
 
 def apply_update(

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttt_model.chunk_conv import chunk_conv
+from ttt_model.model.chunk_conv import chunk_conv
 from ttt_model.config import TTTConfig
-from ttt_model.forward_call import current_call
-from ttt_model.state import LayerFastWeights
-from ttt_model.update_rule import FastWeightWalk
+from ttt_model.model.forward_call import current_call
+from ttt_model.model.state import LayerFastWeights
+from ttt_model.model.update_rule import FastWeightWalk
 
 
 class InPlaceTTTMLP(nn.Module):

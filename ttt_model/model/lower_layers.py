@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ttt_model.forward_call import ttt_forward
-from ttt_model.patch import decoder_of
-from ttt_model.state import FastWeightState
+from ttt_model.model.forward_call import ttt_forward
+from ttt_model.model.patch import decoder_of
+from ttt_model.model.state import FastWeightState
 
 
 class ReachedLayer(Exception):
@@ -99,7 +99,7 @@ def hidden_below(model: nn.Module, windows: list[torch.Tensor], layer: int, stat
     reader of a learner's version reads them (``TTTSession.read_window``: each window whole,
     ``state``'s fast weights carried on, updated by the layers below only); the layers above do
     not run."""
-    from ttt_model.session import TTTSession
+    from ttt_model.model.session import TTTSession
 
     session = TTTSession(model, state)
     out = []

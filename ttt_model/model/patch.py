@@ -19,9 +19,9 @@ from safetensors import safe_open
 from torch import nn
 
 from ttt_model.config import TTTConfig
-from ttt_model.forward_call import enter_decoder, leave_decoder, set_input_embeds
-from ttt_model.layer import InPlaceTTTMLP
-from ttt_model.state import ttt_layers
+from ttt_model.model.forward_call import enter_decoder, leave_decoder, set_input_embeds
+from ttt_model.model.layer import InPlaceTTTMLP
+from ttt_model.model.state import ttt_layers
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def enable_ttt(model: nn.Module, config: TTTConfig | None = None) -> nn.Module:
     if config.target == "input_embeddings":
         base = getattr(model, family.layers_path.split(".")[0])
 
-        # The decoder's forward is a call of its own (ttt_model.forward_call) that sees its input
+        # The decoder's forward is a call of its own (ttt_model.model.forward_call) that sees its input
         # embeddings: given by the caller, or computed by the embedding layer.
         model.ttt_hooks = [
             base.register_forward_pre_hook(

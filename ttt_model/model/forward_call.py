@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 if TYPE_CHECKING:
-    from ttt_model.state import FastWeightState, LayerFastWeights
+    from ttt_model.model.state import FastWeightState, LayerFastWeights
 
 # (mlp, h, t, fast) -> the layer's output: how a TTT layer applies and updates its fast weights.
 LayerRule = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "LayerFastWeights | None"], torch.Tensor]

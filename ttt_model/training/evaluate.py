@@ -1,6 +1,6 @@
 """Held-out loss by token position: the static model, In-Place TTT, and the gradient objective.
 
-    python -m ttt_model.evaluate --model runs/ttt-s0/final --data data/prepared --out runs/ttt-s0/eval
+    python -m ttt_model.training.evaluate --model runs/ttt-s0/final --data data/prepared --out runs/ttt-s0/eval
 
 Every held-out document (truncated at ``--max-tokens``) is read once per mode; the per-token
 negative log-likelihood is averaged within position buckets (0-512, 512-2k, 2k-8k, 8k+) over
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import torch
 
 from ttt_model.config import TTTConfig
-from ttt_model.patch import disable_ttt, enable_ttt, has_ttt, load_ttt_model, static_mode
-from ttt_model.session import TTTSession
-from ttt_model.state import ttt_layers
+from ttt_model.model.patch import disable_ttt, enable_ttt, has_ttt, load_ttt_model, static_mode
+from ttt_model.model.session import TTTSession
+from ttt_model.model.state import ttt_layers
 from ttt_model.data import load_documents
-from ttt_model.train import load_prepared, load_tokenizer
+from ttt_model.training.train import load_prepared, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ttt_model.chunk_conv import fused_kernel_available
+from ttt_model.model.chunk_conv import fused_kernel_available
 
 try:
     import triton
