@@ -5,7 +5,8 @@ without loading a model's stack."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from ttt_model.config import SlowConfig, TTTConfig
 
@@ -18,6 +19,21 @@ GATE_KEY = "__promotion_gate__"
 RESERVED_KEYS = frozenset({PUBLISHED_KEY, GATE_KEY})
 
 
+class ModelSource(Protocol):
+    """A base model registered in MLflow, pinned by the driver
+    (``pipeline.state.base_model.BaseModelSource``): a reader fetches it onto its node."""
+
+    def fetch(self, cache_dir: str) -> Path:
+        """The model's directory on this node, downloaded once and verified file by file."""
+
+
+class ArtifactFolder(Protocol):
+    """A run's artifacts, writable from a reader's process (``pipeline.state.run_artifacts``)."""
+
+    def log_artifact(self, local_path: str, artifact_path: str) -> None:
+        """Upload the file ``local_path`` into the folder ``artifact_path`` of the run."""
+
+
 @dataclass(frozen=True)
 class ReaderSpec:
     """What a reader actor hosts and how it adapts. Built from a stream's config by
@@ -25,9 +41,9 @@ class ReaderSpec:
     config's validator has checked how these settings go together, and the reader trusts it."""
 
     model_path: str  # as the actor sees it: absolute, or relative to the job's working directory
-    # A model registered in MLflow (actors.base_model.BaseModelSource as a dict): fetched into
-    # model_cache_dir on this node and verified, instead of reading model_path.
-    model_source: dict[str, Any] | None
+    # A model registered in MLflow: fetched into model_cache_dir on this node and verified,
+    # instead of reading model_path.
+    model_source: ModelSource | None
     model_cache_dir: str
     device: str  # auto | cpu | cuda
     dtype: str  # auto | float32 | bfloat16 | float16
@@ -129,8 +145,7 @@ class StateTarget:
     version, never holds them."""
 
     run_id: str
-    artifact_uri: str  # the run's artifact root
-    tracking_uri: str
+    artifacts: ArtifactFolder  # the run's artifact root
     folder: str  # where a state file ``states/<reader>/<name>`` lies under the artifact root
 
 

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from actors.base_model import BaseModelSource, fetch_base_model
 from actors.call_types import DocumentOutcome, DocumentTask, HandedStates, ReaderSpec, StateBlob, StateTarget
 from actors.reading_modes import ReadingMode, choose_mode
 from actors.window_readers import LongDocumentReader
@@ -67,7 +66,7 @@ class DocumentReader:
             torch.set_num_threads(1)
         self.device = resolve_device(spec.device)
         if spec.model_source is not None:
-            path = fetch_base_model(BaseModelSource(**spec.model_source), Path(spec.model_cache_dir))
+            path = spec.model_source.fetch(spec.model_cache_dir)
         else:
             path = Path(spec.model_path)
         if not path.is_dir():

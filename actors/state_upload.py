@@ -47,9 +47,6 @@ class StateUploader:
     def write(self, blobs: Iterable[StateBlob], target: StateTarget) -> bytes:
         """Upload each of ``blobs`` (an iterator: one in memory at a time) not uploaded before;
         the manifest entries of all of them, in their order, as a JSON list."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        repo = get_artifact_repository(target.artifact_uri, tracking_uri=target.tracking_uri)
         entries, held = [], {}
         with tempfile.TemporaryDirectory(prefix="ttt-states-") as tmp:
             for blob in blobs:
@@ -63,7 +60,7 @@ class StateUploader:
                     run_id, entry["file"] = target.run_id, state_file(self.reader, blob.key)
                     staged = Path(tmp) / Path(entry["file"]).name
                     staged.write_bytes(blob.data)
-                    repo.log_artifact(str(staged), f"{target.folder}/{Path(entry['file']).parent}")
+                    target.artifacts.log_artifact(str(staged), f"{target.folder}/{Path(entry['file']).parent}")
                     staged.unlink()
                 held[blob.key] = (blob.sha256, run_id, entry["file"])
                 entries.append(json.dumps(entry, separators=(",", ":"), sort_keys=True))

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import AppConfig, ConfigError, load_config
-from actors.base_model import masked_uri
+from pipeline.state.base_model import masked_uri
 from pipeline.local.local_stack import LocalStack, StackError, mlflow_answers
 from pipeline.stream_io.topics import broker_answers
 
@@ -280,7 +280,7 @@ def register_model(
 ) -> None:
     """Register a base model in MLflow (every file's sha256 in the version's tags), for model.path:
     models:/NAME@ALIAS on clusters without a shared file system."""
-    from actors.base_model import register_base_model
+    from pipeline.state.base_model import register_base_model
 
     cfg = _load(config)
     try:
@@ -452,22 +452,17 @@ def train(
     mlflow: bool = typer.Option(True, help="Log params and metrics to the configured MLflow server."),
 ) -> None:
     """Prepare data or train a model; arguments go to `python -m ttt_model.training.train` (see --help)."""
+    from pipeline.observability.tracking import log_metrics, log_params
     from ttt_model.training import train as trainer
 
     args = list(ctx.args)
     tracked = mlflow and not (args and args[0] == "prepare")
 
     def run(argv: list[str]):
-        if not tracked:
-            return trainer.main(argv)
-        import mlflow as client
-
-        return trainer.main(argv, on_metrics=lambda step, m: client.log_metrics(m, step=step))
+        return trainer.main(argv, on_metrics=log_metrics if tracked else None)
 
     def log_final(final) -> None:
-        import mlflow as client
-
-        client.log_param("final_model", str(final))
+        log_params({"final_model": final})
 
     _run_tracked(config, tracked, "train", args, run, log_final)
 

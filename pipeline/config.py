@@ -19,7 +19,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator,
                       model_validator)
 
-from actors.base_model import DEFAULT_CACHE_DIR, is_model_uri, masked_uri
+from pipeline.state.base_model import DEFAULT_CACHE_DIR, is_model_uri, masked_uri
 from ttt_model.config import SlowConfig, TTTConfig
 
 ENV_PREFIX = "TTT_STREAM__"
@@ -196,7 +196,7 @@ class StreamConfig(_Section):
 class ModelConfig(_Section):
     """The model every reader hosts: a local Hugging Face directory (no hub downloads), or one
     registered in MLflow (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``:
-    actors.base_model), fetched once per node into ``cache_dir`` and verified."""
+    pipeline.state.base_model), fetched once per node into ``cache_dir`` and verified."""
 
     path: str = "models/ttt-tiny-qwen3"
     """A local model directory, or models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model."""

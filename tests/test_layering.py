@@ -76,12 +76,27 @@ def test_the_observers_follow_the_stream_through_its_events_not_the_run_loop():
 
 
 
-@pytest.mark.parametrize("technology, home, floors", [
-    ("kafka", "stream_io", ("pipeline",)),   # clients and record type; the run loop's records come through it
-    ("ray", "actors", ("ttt_model", "pipeline")),   # actors, handles, scheduling (StreamActors, ray_pool)
+@pytest.mark.parametrize("technology, homes, floors", [
+    ("kafka", ("stream_io",), ("pipeline",)),   # clients and record type; the run loop's records come through it
+    ("ray", ("actors",), ("ttt_model", "pipeline")),   # actors, handles, scheduling (StreamActors, ray_pool)
+    # the registry, runs and artifacts; a reader writes its states and fetches its base model
+    # through objects the driver hands it (StateTarget.artifacts, ReaderSpec.model_source)
+    ("mlflow", ("state", "observability"), ("ttt_model", "actors", "pipeline")),
 ])
-def test_each_technology_is_imported_in_its_home_alone(technology, home, floors):
-    paths = [path for floor in floors for path in sorted((ROOT / floor).rglob("*.py")) if home not in path.parts]
+def test_each_technology_is_imported_in_its_homes_alone(technology, homes, floors):
+    paths = [path for floor in floors for path in sorted((ROOT / floor).rglob("*.py"))
+             if not set(homes) & set(path.relative_to(ROOT).parts)]
     offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == technology)
                  for path in paths}
     assert {p: m for p, m in offenders.items() if m} == {}
+
+
+def test_a_version_saved_before_the_base_model_moved_still_finds_it_where_its_code_looks():
+    """A version's pyfunc runs the code it was saved with; before, that code imported the base
+    model's fetch from actors.base_model, after pipeline.state (which it imports first)."""
+    code = ("import pipeline.state.adapted_model\n"
+            "from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir\n"
+            "import pipeline.state.base_model as home\n"
+            "assert local_model_dir is home.local_model_dir and DEFAULT_CACHE_DIR == home.DEFAULT_CACHE_DIR\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any
 
+from pipeline.config import AppConfig
 from pipeline.stream_events import StatusTick, StreamEvents
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,24 @@ class ProcessorRun:
                     delay = min(2 * delay, 30.0)
             if stopping and self._queue.empty():
                 return
+
+
+def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun:
+    """The MLflow run of this ``ttt-stream run``, its params the settings that shape the curves."""
+    from mlflow import MlflowClient
+
+    p = config.processor
+    params = {
+        "stream": config.stream.name, "documents_topic": config.kafka.topics.documents,
+        "group_id": config.kafka.group_id, "model": base.get("path", config.model.path),
+        "readers": p.readers, "scope": p.scope, "max_document_tokens": p.max_document_tokens,
+        "base_loss_sample_rate": p.base_loss_sample_rate, "batch_documents": p.documents_per_call,
+        "slow_weights": config.model.slow.enabled, "context_parallel": p.context_parallel is not None,
+    }
+    run = ProcessorRun(MlflowClient(tracking_uri=config.mlflow.tracking_uri), config.mlflow.experiment,
+                       config.stream.name, params)
+    run.start()
+    return run
 
 
 def report_figures(status: dict[str, Any], extra: dict[str, float | None]) -> dict[str, float | None]:

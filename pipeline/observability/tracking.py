@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from actors.base_model import masked_uri
+from pipeline.state.base_model import masked_uri
 from pipeline.config import MlflowConfig
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,24 @@ def mlflow_run(config: MlflowConfig, run_name: str, params: dict) -> Iterator[ob
     mlflow.set_tracking_uri(config.tracking_uri)
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        log_params(params)
         log.info("MLflow run %s (%s/#/experiments/%s/runs/%s)", run.info.run_id, masked_uri(config.tracking_uri),
                  run.info.experiment_id, run.info.run_id)
         yield run
+
+
+def log_metrics(step: int, metrics: dict[str, float]) -> None:
+    """``metrics`` at ``step`` on the active run."""
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step)
+
+
+def log_params(params: dict[str, object]) -> None:
+    """``params`` (as text, 500 characters at most) on the active run."""
+    import mlflow
+
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
 
 def log_eval_result(result: dict, out_dir: Path) -> None:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from actors.base_model import BaseModelSource, is_model_uri
+from pipeline.state.base_model import BaseModelSource, is_model_uri
 from actors.call_types import ContextParallelSpec, ReaderSpec
 from pipeline.config import AppConfig, ModelConfig, ProcessorConfig
 
@@ -41,7 +41,7 @@ def reader_spec(config: AppConfig, source: BaseModelSource | None = None) -> Rea
     m, p = config.model, config.processor
     return ReaderSpec(
         model_path=source.uri if source else m.path,
-        model_source=source.to_dict() if source else None,
+        model_source=source,
         model_cache_dir=str(m.cache_dir),
         device=m.device,
         dtype=m.dtype,

@@ -13,7 +13,7 @@ from typing import Any
 
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import StreamActors
-from actors.base_model import BaseModelSource, local_model_dir
+from pipeline.state.base_model import BaseModelSource, local_model_dir
 from pipeline.processing.actor_specs import (as_actors_see_it, context_parallel_spec, effective_model_config, hands_off,
                                              reader_spec)
 from pipeline.state.checkpoint import (HEAD, LAST_GOOD, LIVE, REFERENCE_LOSS, CheckpointError, CheckpointStore,
@@ -23,7 +23,7 @@ from pipeline.stream_io.control import CommandLedger, ControlSource
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.observability.metrics import StreamMetrics
 from pipeline.observability.monitor import Breach, DegradationMonitor
-from pipeline.observability.processor_run import ProcessorRun
+from pipeline.observability.processor_run import ProcessorRun, start_processor_run
 from pipeline.processing.learning_admission import LearningAdmission
 from pipeline.processing.document_intake import DocumentIntake
 from pipeline.processing.processor import StreamProcessor
@@ -159,24 +159,6 @@ def watch_with_monitor(events: StreamEvents, monitor: DegradationMonitor, recove
     events.subscribe(Breach, recovery.on_breach)
     events.subscribe(CheckpointWritten, mark_last_good)
     events.subscribe(RolledBack, lambda event: monitor.reset())
-
-
-def start_processor_run(config: AppConfig, base: dict[str, Any]) -> ProcessorRun:
-    """The MLflow run of this ``ttt-stream run``, its params the settings that shape the curves."""
-    from mlflow import MlflowClient
-
-    p = config.processor
-    params = {
-        "stream": config.stream.name, "documents_topic": config.kafka.topics.documents,
-        "group_id": config.kafka.group_id, "model": base.get("path", config.model.path),
-        "readers": p.readers, "scope": p.scope, "max_document_tokens": p.max_document_tokens,
-        "base_loss_sample_rate": p.base_loss_sample_rate, "batch_documents": p.documents_per_call,
-        "slow_weights": config.model.slow.enabled, "context_parallel": p.context_parallel is not None,
-    }
-    run = ProcessorRun(MlflowClient(tracking_uri=config.mlflow.tracking_uri), config.mlflow.experiment,
-                       config.stream.name, params)
-    run.start()
-    return run
 
 
 def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeout_s: float = 300.0,

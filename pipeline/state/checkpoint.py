@@ -30,6 +30,7 @@ from actors.state_upload import manifest_entry, state_file
 from actors.reader_names import current_name
 from pipeline.config import MlflowConfig
 from pipeline.state.registered_model import RegisteredModel
+from pipeline.state.run_artifacts import RunArtifacts
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class CheckpointStore:
             tags={"ttt.stream": self.stream, "ttt.reason": reason,
                   **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})},
         )
-        return StateTarget(run.info.run_id, run.info.artifact_uri, self.config.tracking_uri,
+        return StateTarget(run.info.run_id, RunArtifacts(run.info.artifact_uri, self.config.tracking_uri),
                            f"{ARTIFACT_DIR}/{PYFUNC_CHECKPOINT}")
 
     def save(self, request: CheckpointRequest, run: StateTarget | None = None) -> str:
@@ -312,7 +313,7 @@ class CheckpointStore:
         self.registry.ensure()
         parent_run_id = getattr(self.parent_run, "run_id", None)
         version = self.client.create_model_version(
-            self.name, source=f"{run.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
+            self.name, source=f"{run.artifacts.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
             tags={
                 "offsets": json.dumps(manifest["offsets"]["partitions"], sort_keys=True),
                 "parent_version": str(request.parent_version),

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.state.adapted_model import StateChoiceError, choose_state, load_adapted_model
-from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
+from pipeline.state.base_model import DEFAULT_CACHE_DIR, local_model_dir
 from pipeline.state.checkpoint import Checkpoint, CheckpointError, base_model_id
 
 

@@ -32,7 +32,7 @@ class TTTCheckpointModel(PythonModel):
         from transformers import AutoTokenizer
 
         from pipeline.state.adapted_model import choose_state, load_adapted_model, verified_state_bytes
-        from actors.base_model import DEFAULT_CACHE_DIR, local_model_dir
+        from pipeline.state.base_model import DEFAULT_CACHE_DIR, local_model_dir
         from pipeline.state.checkpoint import base_model_id, parse_manifest
 
         config = context.model_config

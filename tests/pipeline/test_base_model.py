@@ -11,7 +11,7 @@ import pytest
 
 from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
-from actors.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
+from pipeline.state.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
                                resolve_base_model)
 from pipeline.processing.actor_specs import standalone_reader_spec
 from tests.conftest import TINY_MODEL
@@ -37,7 +37,7 @@ def test_a_registered_base_model_is_fetched_once_verified_and_read_like_its_dire
     cache = tmp_path / "cache"
 
     def from_mlflow() -> DocumentReader:
-        spec = standalone_reader_spec(model_path=source.uri, model_source=source.to_dict(), model_cache_dir=str(cache),
+        spec = standalone_reader_spec(model_path=source.uri, model_source=source, model_cache_dir=str(cache),
                           device="cpu", spill_dir=str(tmp_path / "spill"))
         return DocumentReader(spec, "remote")
 

@@ -232,7 +232,7 @@ def test_a_per_key_config_whose_states_cannot_fit_its_readers_memory_is_refused(
     ("file:///data/mlruns", "file:///data/mlruns"),
 ])
 def test_credentials_in_any_uri_are_masked(uri, shown):
-    from actors.base_model import masked_uri
+    from pipeline.state.base_model import masked_uri
 
     assert masked_uri(uri) == shown
 

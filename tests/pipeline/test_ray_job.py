@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from actors.base_model import file_hashes, register_base_model
+from pipeline.state.base_model import file_hashes, register_base_model
 from pipeline.state.checkpoint import HEAD, CheckpointStore
 from pipeline.stream_io.topics import ensure_topics
 from tests.conftest import ROOT

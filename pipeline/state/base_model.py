@@ -59,6 +59,11 @@ class BaseModelSource:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def fetch(self, cache_dir: str | Path) -> Path:
+        """This model's directory on this node (``fetch_base_model``). The driver pins the source
+        and hands it to each reader, which calls this in its own process."""
+        return fetch_base_model(self, Path(cache_dir))
+
 
 def file_hashes(directory: Path) -> dict[str, str]:
     hashes = {}
