@@ -30,6 +30,8 @@ class ModelSource(Protocol):
 class ArtifactFolder(Protocol):
     """A run's artifacts, writable from a reader's process (``pipeline.state.run_artifacts``)."""
 
+    artifact_uri: str
+
     def log_artifact(self, local_path: str, artifact_path: str) -> None:
         """Upload the file ``local_path`` into the folder ``artifact_path`` of the run."""
 

@@ -231,7 +231,7 @@ class StreamProcessor:
     def _check_partitions(self) -> None:
         """Partitions added to the documents topic while running are not read by this run (its
         partitions are assigned at start): say so and stop, so that nothing produced there goes
-        unread in silence; the next start reads every partition (states follow, pipeline/rescale)."""
+        unread in silence; the next start reads every partition (states follow, pipeline/state/rescale)."""
         added = self.source.unassigned_partitions()
         if not added or added == self.unread_partitions:
             return

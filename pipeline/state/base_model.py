@@ -17,7 +17,7 @@ import logging
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,7 @@ class BaseModelSource:
 
     uri: str
     files: dict[str, str] = field(default_factory=dict)  # path in the directory -> sha256
-    tracking_uri: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    tracking_uri: str | None = field(default=None, repr=False)  # may hold credentials
 
     def fetch(self, cache_dir: str | Path) -> Path:
         """This model's directory on this node (``fetch_base_model``). The driver pins the source

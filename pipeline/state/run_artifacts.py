@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(unsafe_hash=True)
 class RunArtifacts:
     """The artifact root of one MLflow run (``artifact_uri``) on the server ``tracking_uri``."""
 
     artifact_uri: str
-    tracking_uri: str
+    tracking_uri: str = field(repr=False)  # may hold credentials
     # MLflow's repository of the root, opened on first use in the process that writes (a reader's).
     _repository: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -28,4 +28,4 @@ class RunArtifacts:
         self._repository.log_artifact(local_path, artifact_path)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"artifact_uri": self.artifact_uri, "tracking_uri": self.tracking_uri, "_repository": None}
+        return {**self.__dict__, "_repository": None}  # a client's connections stay in its process

@@ -12,7 +12,7 @@ import pytest
 from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
 from pipeline.state.base_model import (BaseModelIntegrityError, fetch_base_model, file_hashes, register_base_model,
-                               resolve_base_model)
+                                       resolve_base_model)
 from pipeline.processing.actor_specs import standalone_reader_spec
 from tests.conftest import TINY_MODEL
 from tests.sample_text import SAMPLE_TEXT
