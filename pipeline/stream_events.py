@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from actors.call_types import DocumentOutcome
 
@@ -83,3 +83,10 @@ class StreamEvents:
     def publish(self, event: object) -> None:
         for handler in self._handlers[type(event)]:
             handler(event)
+
+
+class EventObserver(Protocol):
+    """What follows a stream through its events alone (the metrics endpoint, the MLflow run)."""
+
+    def subscribe_to(self, events: StreamEvents) -> None:
+        """Subscribe to the events it follows."""

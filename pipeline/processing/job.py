@@ -9,7 +9,7 @@ import threading
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from actors.runtime import init_ray, ships_working_dir
 from actors.supervisor import StreamActors
@@ -23,12 +23,12 @@ from pipeline.stream_io.control import CommandLedger, ControlSource
 from pipeline.state.tenant_keys import TenantKeys
 from pipeline.observability.metrics import StreamMetrics
 from pipeline.observability.monitor import Breach, DegradationMonitor
-from pipeline.observability.processor_run import ProcessorRun, start_processor_run
+from pipeline.observability.processor_run import start_processor_run
 from pipeline.processing.learning_admission import LearningAdmission
 from pipeline.processing.document_intake import DocumentIntake
 from pipeline.processing.processor import StreamProcessor
 from pipeline.processing.recovery import BestEffortRecovery, CheckpointedRecovery
-from pipeline.stream_events import CheckpointWritten, DocumentRead, RolledBack, StreamEvents
+from pipeline.stream_events import CheckpointWritten, DocumentRead, EventObserver, RolledBack, StreamEvents
 from pipeline.state.rescale import split_learner, states_for_readers
 from pipeline.processing.run_summary import RunSummary
 from pipeline.stream_io.sink import KafkaSinks
@@ -97,26 +97,35 @@ class NoCommands:
         return []
 
 
+@dataclass
+class DurableParts:
+    """What makes the stream's progress durable and governable: its checkpoints, the names of its
+    states, its control topic, the learner's admission memory and the monitor."""
+
+    checkpointer: StreamCheckpointer | None = None  # None: best effort, nothing durable
+    keys: TenantKeys | None = None  # None: the stream's names of keys, not persisted
+    control: ControlSource | None = None
+    admission: LearningAdmission | None = None
+    monitor: DegradationMonitor | None = None
+
+
 def build_processor(config: ProcessorConfig, source: KafkaDocumentSource, sinks: KafkaSinks, pool: ReaderPool,
-                    assignment: dict[int, int], stream: str, checkpointer: StreamCheckpointer | None = None,
-                    monitor: DegradationMonitor | None = None, control: ControlSource | None = None,
-                    metrics: StreamMetrics | None = None, run_log: ProcessorRun | None = None,
-                    learner: Learner | None = None, keys: TenantKeys | None = None,
-                    admission: LearningAdmission | None = None) -> StreamProcessor:
+                    assignment: dict[int, int], stream: str, durable: DurableParts | None = None,
+                    learner: Learner | None = None, observers: Sequence[EventObserver] = ()) -> StreamProcessor:
     """The processor of a deployment, its parts picked once here: the recovery policy (with
     checkpoints or best effort), and the observers subscribed to its events (metrics, the MLflow
     run, the monitor with its rollbacks and last-good alias, the alert topic)."""
+    durable = durable if durable is not None else DurableParts()
+    checkpointer, monitor = durable.checkpointer, durable.monitor
     recovery = CheckpointedRecovery(checkpointer) if checkpointer is not None else BestEffortRecovery()
     learner = learner if learner is not None else NoLearner()
-    intake = DocumentIntake(config, stream, assignment, keys if keys is not None else TenantKeys.unpersisted(stream),
-                            admission, learner.name is not None, sinks)
+    keys = durable.keys if durable.keys is not None else TenantKeys.unpersisted(stream)
+    intake = DocumentIntake(config, stream, assignment, keys, durable.admission, learner.name is not None, sinks)
     processor = StreamProcessor(config, source, sinks, pool, intake, learner, recovery,
-                                control if control is not None else NoCommands())
+                                durable.control if durable.control is not None else NoCommands())
     events = processor.events
-    if metrics is not None:
-        metrics.subscribe_to(events)
-    if run_log is not None:
-        run_log.subscribe_to(events)
+    for observer in observers:
+        observer.subscribe_to(events)
     if monitor is not None:
         if checkpointer is None:
             raise ValueError("the monitor rolls back to checkpointed versions: it needs a checkpointer")
@@ -175,12 +184,8 @@ def run_stream(config: AppConfig, until_idle_s: float | None = None, ready_timeo
         sinks = running.enter_context(closing(KafkaSinks(config.kafka)))
         pool, learner, assignment = readers_and_learner(config, actors, source, ready_timeout_s)
         durable = durable_parts(config, source, pool, assignment, base, model_dir, learner, running)
-        metrics, run_log = observers(config, base, durable.checkpointer, running)
-        processor = build_processor(
-            config.processor, source, sinks, pool, assignment, config.stream.name, checkpointer=durable.checkpointer,
-            monitor=durable.monitor, control=durable.control, metrics=metrics, run_log=run_log, learner=learner,
-            keys=durable.keys, admission=durable.admission,
-        )
+        processor = build_processor(config.processor, source, sinks, pool, assignment, config.stream.name, durable,
+                                    learner, observers(config, base, durable.checkpointer, running))
         return run_until_stopped(processor, config, assignment, until_idle_s, stop_event)
 
 
@@ -232,18 +237,6 @@ def readers_and_learner(config: AppConfig, actors: StreamActors, source: KafkaDo
     return pool, learner, assignment
 
 
-@dataclass
-class DurableParts:
-    """What makes the stream's progress durable and governable: its checkpoints, the names of its
-    states, its control topic, the learner's admission memory and the monitor."""
-
-    checkpointer: StreamCheckpointer | None
-    keys: TenantKeys
-    control: ControlSource | None = None
-    admission: LearningAdmission | None = None
-    monitor: DegradationMonitor | None = None
-
-
 def durable_parts(config: AppConfig, source: KafkaDocumentSource, pool: ReaderPool, assignment: dict[int, int],
                   base: dict[str, Any], model_dir: Path, learner: Learner | None, running: ExitStack) -> DurableParts:
     p = config.processor
@@ -268,19 +261,21 @@ def durable_parts(config: AppConfig, source: KafkaDocumentSource, pool: ReaderPo
 
 
 def observers(config: AppConfig, base: dict[str, Any], checkpointer: StreamCheckpointer | None,
-              running: ExitStack) -> tuple[StreamMetrics | None, ProcessorRun | None]:
+              running: ExitStack) -> list[EventObserver]:
     """The Prometheus endpoint and the MLflow run of this ``ttt-stream run`` (each if enabled); the
     run ends FAILED if the stream stops on an error."""
-    p, metrics, run_log = config.processor, None, None
+    p, found = config.processor, []
     if p.metrics.enabled:
         metrics = running.enter_context(closing(StreamMetrics(config.stream.name)))
         metrics.serve(p.metrics.host, p.metrics.port)
+        found.append(metrics)
     if config.mlflow.processor_runs:
         run_log = start_processor_run(config, base)
         running.push(lambda failed, *_: run_log.close(status="FAILED" if failed else "FINISHED"))
         if checkpointer is not None:
             checkpointer.store.parent_run = run_log
-    return metrics, run_log
+        found.append(run_log)
+    return found
 
 
 def run_until_stopped(processor: StreamProcessor, config: AppConfig, assignment: dict[int, int],

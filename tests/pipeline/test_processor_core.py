@@ -21,7 +21,7 @@ from pipeline.state.checkpoint import HEAD, LAST_GOOD, LIVE, Checkpoint, StreamC
 from pipeline.config import CheckpointConfig, ControlConfig, MonitorConfig, ProcessorConfig
 from pipeline.stream_io.control import ControlCommand
 from pipeline.observability.monitor import DegradationMonitor
-from pipeline.processing.job import build_processor
+from pipeline.processing.job import DurableParts, build_processor
 from pipeline.processing.reader_pool import ContextParallelFailure, ReaderDied
 from pipeline.processing.reader_deadlines import RestartBudget, RestartBudgetSpent
 
@@ -295,7 +295,8 @@ def processor(docs, store=None, every=5, monitor=None, control_source=None, **co
     checkpointer = None
     if store is not None:
         checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {p: 0 for p in docs})
-    proc = build_processor(cfg, source, sinks, pool, {p: p for p in docs}, "s", checkpointer=checkpointer, monitor=monitor, control=control_source)
+    proc = build_processor(cfg, source, sinks, pool, {p: p for p in docs}, "s",
+                           DurableParts(checkpointer, monitor=monitor, control=control_source))
     return proc, pool, source, sinks
 
 
@@ -611,8 +612,7 @@ def test_a_rejected_candidate_is_a_version_that_never_goes_live():
     cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=5, every_seconds=3600), poll_timeout_ms=1)
     pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
     checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
-    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer,
-                           learner=learner)
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", DurableParts(checkpointer), learner)
     seen = []
     store_save = store.save
     store.save = lambda request, run=None: seen.append(dict(store.aliases)) or store_save(request, run)
@@ -648,8 +648,7 @@ def test_a_stream_that_stops_between_judging_points_is_judged_where_it_stopped()
     cfg = ProcessorConfig(checkpoint=CheckpointConfig(every_documents=5, every_seconds=0.001), poll_timeout_ms=1)
     pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
     checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
-    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer,
-                           learner=learner)
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", DurableParts(checkpointer), learner)
     proc.run(until_idle_s=0.05)
 
     assert learner.judged_at == [5, 7]
@@ -666,8 +665,7 @@ def test_with_the_gate_a_checkpoint_that_failed_is_retried_and_reading_goes_on()
                                                       retry_max_s=0.001, max_pending_documents=8), poll_timeout_ms=1)
     pool, source, sinks = FakePool(1), FakeSource(docs), FakeSinks()
     checkpointer = StreamCheckpointer(store, cfg.checkpoint, TOPIC, "digest", {"path": "m"}, None, {0: 0})
-    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", checkpointer=checkpointer,
-                           learner=learner)
+    proc = build_processor(cfg, source, sinks, pool, {0: 0}, "s", DurableParts(checkpointer), learner)
     proc.run(until_idle_s=0.2)
 
     assert pool.readers[0].read == [d["id"] for d in docs[0]]  # MLflow came back: nothing stalled, nothing lost

@@ -19,7 +19,7 @@ from pipeline.state.tenant_keys import TenantKeys
 from pipeline.state.checkpoint import LIVE, Checkpoint, CheckpointError, parse_manifest
 from pipeline.config import parse_config
 from pipeline.processing.actor_specs import as_actors_see_it, reader_spec
-from pipeline.processing.job import build_processor, restore_from_checkpoint
+from pipeline.processing.job import DurableParts, build_processor, restore_from_checkpoint
 from pipeline.state.rescale import states_for_readers
 from tests.conftest import TINY_MODEL
 from tests.pipeline.test_processor_core import TOPIC, FakePool, FakeSinks, FakeSource, FakeStore, FakeWorker
@@ -54,8 +54,7 @@ def run_from_live(config, store, docs, make_reader):
     source = FakeSource(docs)
     assignment = assign_partitions(sorted(docs), config.processor.readers)
     checkpointer = restore_from_checkpoint(config, store, source, pool, {p: 0 for p in docs}, assignment)
-    proc = build_processor(config.processor, source, FakeSinks(), pool, assignment, "s",
-                           checkpointer=checkpointer)
+    proc = build_processor(config.processor, source, FakeSinks(), pool, assignment, "s", DurableParts(checkpointer))
     proc.run(until_idle_s=0.05)
     return pool, proc.sinks
 
