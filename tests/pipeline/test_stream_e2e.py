@@ -109,8 +109,10 @@ def produce(config: AppConfig, values: list[bytes], partitions: list[int] | None
 
 def read_topic(config: AppConfig, topic: str, expect: int, timeout_s: float = 30.0) -> list:
     """Every record of ``topic`` once it holds at least ``expect`` (or at the timeout): read to the
-    end offsets the broker gives then, so that a record that should not be there is read too, with
-    no idle wait to decide that nothing more is coming."""
+    high watermark the fetches report, so that a record that should not be there is read too, with
+    no idle wait to decide that nothing more is coming. Not to ListOffsets' end: the embedded
+    broker answers it with the last batch's first offset (``KafkaDocumentSource._high_watermarks``),
+    and a reader that stopped there missed the rest of that batch."""
     consumer = KafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False, group_id=None)
     records, deadline = [], time.monotonic() + timeout_s
     try:
@@ -122,13 +124,14 @@ def read_topic(config: AppConfig, topic: str, expect: int, timeout_s: float = 30
                 consumer.assign(partitions)
                 consumer.seek_to_beginning()
                 records = []
-            end = consumer.end_offsets(partitions) if partitions else {}
-            while any(consumer.position(tp) < end[tp] for tp in partitions) and time.monotonic() < deadline:
-                for batch in consumer.poll(timeout_ms=200).values():
-                    records.extend(batch)
-            if len(records) >= expect or time.monotonic() >= deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+            caught_up = bool(partitions) and all(
+                consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp) for tp in partitions)
+            if (caught_up and len(records) >= expect) or time.monotonic() >= deadline:
                 return records
-            time.sleep(0.2)
+            if not partitions:
+                time.sleep(0.2)
     finally:
         consumer.close()
 
