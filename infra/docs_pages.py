@@ -361,7 +361,7 @@ def plots(out: Path) -> list[str]:
     fig.savefig(out / "loss_by_position.png", dpi=100)
     plt.close(fig)
     made.append("loss_by_position.png")
-    d = _load("reader/h200_slow_fed.json")
+    d = _load("reader/h200_slow_fused_head.json")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     tokens = [int(r["tokens"]) for r in d["rows"]]
     for label, key in (("static scorer", "static tok/s"),
@@ -385,7 +385,16 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      "default's slow settings; x the static scorer on the same documents (slow steps: median pair of documents). "
      "The learner fed by the reader runs only the adapted layers and the head, from the hidden states the reader "
      "handed on; \"learner fed / reader\": its tokens/s over a reader of its versions (at least 1: one learner "
-     "device keeps up with one reader device, every document learned).",
+     "device keeps up with one reader device, every document learned). The head's loss and gradient in one "
+     "Triton kernel between its two products (`ttt_model/slow/head_loss.py`).",
+     lambda: worker_table("reader/h200_slow_fused_head.json")),
+    ("The same, the head in plain torch, in the same call", "The same bench on the same machine just before, with "
+     "the head's softmax gradient in plain torch (float32 blocks, about eight passes over the logits; "
+     "`fused_kernel_available` patched off in the bench's process). On its own, at 2k / 8k positions of Qwen3's "
+     "vocabulary, the head's loss and gradient took 7.9 / 31.4 ms in plain torch and 2.5 / 11.0 ms fused, equal "
+     "to each other against a float64 reference.",
+     lambda: worker_table("reader/h200_slow_plain_head.json")),
+    ("An earlier run, the hand-off first measured", "Session 17's run of the same bench, another H200 machine.",
      lambda: worker_table("reader/h200_slow_fed.json")),
     ("The same, before the hand-off", "The same bench before the learner was fed by its readers (it read each "
      "document again, whole).", lambda: worker_table("reader/h200_slow_final.json")),

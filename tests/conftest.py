@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -31,6 +32,17 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "pipeline.cli", *args], input=stdin, capture_output=True, text=True, cwd=ROOT,
         timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("TTT_STREAM__")} | {"COLUMNS": "250"},
     )
+
+
+def through_triton_interpreter(code: str, timeout_s: float = 600) -> list:
+    """What ``code`` prints last as JSON, run with TRITON_INTERPRET=1 (read when a kernel is
+    defined, hence a process of its own): the repository's Triton kernels on CPU tensors."""
+    pytest.importorskip("triton")  # in the lock: this runs in CI
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def static_loss(model, tokenizer, texts: str | list[str]) -> float:

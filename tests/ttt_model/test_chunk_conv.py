@@ -7,15 +7,10 @@ on a GPU the same check runs compiled (``bench/chunk_conv.py``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import through_triton_interpreter
 from ttt_model.model.chunk_conv import chunk_conv, chunk_conv_plain
 
 SHAPES = [  # B, chunks, C, d, k, tokens past the last whole chunk (a strided input)
@@ -85,11 +80,7 @@ print(json.dumps(errors))
 
 
 def test_the_triton_kernel_equals_the_reference_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = through_triton_interpreter(KERNEL_CHECK)
     assert len(errors) == 3 * len(SHAPES)
     bounds = {"torch.float64": 1e-14, "torch.float32": 1e-6, "torch.bfloat16": 1e-2}  # float32 sums, bf16 output
     for dtype, same_shape, out_dtype, error in errors:

@@ -1,8 +1,12 @@
 """The head's loss and gradient in one pass equal autograd through a float64 log-softmax, position
-by position, in one block and in many, with per-position weights (zero: scored, not learned)."""
+by position, in one block and in many, with per-position weights (zero: scored, not learned).
+The fused kernel runs on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, read when
+the kernel is defined, hence a process of its own), as in test_token_nll."""
 
 import pytest
 import torch
+
+from tests.conftest import through_triton_interpreter
 
 import ttt_model.slow.head_loss as head_loss
 from ttt_model.slow.head_loss import head_nll_and_grad
@@ -42,3 +46,40 @@ def test_a_number_scales_every_position():
     _, grad = head_nll_and_grad(hidden, weight, targets, 0.25)
     _, want = reference(hidden, weight, targets, torch.full((5,), 0.25))
     assert torch.allclose(grad, want, rtol=1e-12, atol=1e-14)
+
+
+KERNEL_CHECK = """
+import json
+import torch
+import ttt_model.slow.head_loss as head_loss
+from tests.ttt_model.test_head_loss import reference
+
+head_loss.FUSED_BLOCK_V = 64  # several steps along each row, the last one partial
+errors = []
+for dtype in (torch.float64, torch.float32):
+    for n, d, V, block_elements in ((11, 16, 300, 1 << 25), (7, 8, 50, 3 * 50), (5, 4, 64, 1 << 25)):
+        head_loss.BLOCK_ELEMENTS = block_elements
+        gen = torch.Generator().manual_seed(n)
+        hidden = (3 * torch.randn(n, d, generator=gen)).to(dtype)
+        weight = torch.randn(V, d, generator=gen).to(dtype)
+        targets = torch.randint(0, V, (n,), generator=gen)
+        scale = torch.rand(n, generator=gen, dtype=torch.float64)
+        scale[2] = 0.0
+        nll, grad = head_loss.head_nll_and_grad(hidden, weight, targets, scale, fused=True)
+        want_nll, want_grad = reference(hidden, weight, targets, scale)
+        errors.append({"dtype": str(dtype), "V": V, "nll_dtype": str(nll.dtype), "grad_dtype": str(grad.dtype),
+                       "nll": (nll.double() - want_nll).abs().max().item(),
+                       "grad": ((grad.double() - want_grad).abs().max() / want_grad.abs().max()).item(),
+                       "unlearned": grad[2].abs().max().item()})
+print(json.dumps(errors))
+"""
+
+
+def test_the_fused_kernel_equals_autograd_through_the_triton_interpreter():
+    results = through_triton_interpreter(KERNEL_CHECK)
+    assert len(results) == 6
+    for r in results:
+        wide = r["dtype"] == "torch.float64"
+        assert r["nll_dtype"] == ("torch.float64" if wide else "torch.float32") and r["grad_dtype"] == r["dtype"]
+        assert r["nll"] < (1e-12 if wide else 1e-5) and r["grad"] < (1e-12 if wide else 1e-5), r
+        assert r["unlearned"] == 0.0  # weight 0: scored, not learned from

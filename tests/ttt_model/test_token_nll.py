@@ -6,15 +6,10 @@ kernel is defined, hence a process of its own), as in test_chunk_conv."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import through_triton_interpreter
 from ttt_model.model.token_nll import token_nll, token_nll_plain
 
 CASES = [  # batch, positions, vocabulary, kernel block (several blocks, the last one partial)
@@ -81,12 +76,7 @@ print(json.dumps(errors))
 
 
 def test_kernel_equals_the_reference_through_the_triton_interpreter():
-    pytest.importorskip("triton")  # in the lock: this runs in CI
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = through_triton_interpreter(KERNEL_CHECK)
     assert len(results) == 3 * len(CASES) + 1
     for r in results:
         bound = {"torch.float64": 1e-12, "torch.float32": 1e-5, "torch.bfloat16": 1e-5}[r["dtype"]] if r["case"] != "masked" else 1e-5
