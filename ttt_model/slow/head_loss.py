@@ -53,7 +53,8 @@ def head_nll_and_grad(
     (V, d), targets (n,) token ids; ``scale`` a number or (n,) weights per position (0: a
     position scored but not learned from). Returns nll (n,) in float32 (float64 for float64
     inputs) and the gradient (n, d) in ``hidden``'s dtype. ``fused`` None takes the Triton
-    kernel where it can run; True insists on it.
+    kernel where it can run; True insists on it (which reads ``targets`` as given: token ids of
+    the vocabulary, unchecked on the device).
     """
     if fused is None:
         fused = fused_kernel_available(hidden)
