@@ -87,17 +87,11 @@ def _token_nll_triton(logits: torch.Tensor, targets: torch.Tensor, block: int = 
 if triton is not None:
 
     @triton.jit
-    def _token_nll_kernel(
-        x_ptr, target_ptr, out_ptr, vocab, stride_a, stride_p, positions,
-        BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-    ):
-        p = tl.program_id(0)
-        a = tl.program_id(1)
-        row = x_ptr + a.to(tl.int64) * stride_a + p.to(tl.int64) * stride_p
+    def row_logsumexp(row, vocab, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+        """log-sum-exp of the ``vocab`` entries at ``row``, read once, block by block, with a
+        running maximum and sum in ``ACC``. Entries at -inf (masked tokens, or past the end) add
+        nothing, also while the running maximum is still -inf, where exp(-inf - -inf) would be NaN."""
         cols = tl.arange(0, BLOCK_V)
-        # Running log-sum-exp over blocks of the vocabulary. Entries at -inf (masked tokens, or
-        # past the end) add nothing, also while the running maximum is still -inf, where
-        # exp(-inf - -inf) would be NaN.
         top = tl.full((), float("-inf"), ACC)
         total = tl.zeros((), ACC)
         for start in range(0, vocab, BLOCK_V):
@@ -106,6 +100,17 @@ if triton is not None:
             kept = tl.where(top == new_top, 1.0, tl.exp(top - new_top))
             total = total * kept + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - new_top)), axis=0)
             top = new_top
+        return top + tl.log(total)
+
+    @triton.jit
+    def _token_nll_kernel(
+        x_ptr, target_ptr, out_ptr, vocab, stride_a, stride_p, positions,
+        BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    ):
+        p = tl.program_id(0)
+        a = tl.program_id(1)
+        row = x_ptr + a.to(tl.int64) * stride_a + p.to(tl.int64) * stride_p
+        lse = row_logsumexp(row, vocab, BLOCK_V, ACC)
         target = tl.load(target_ptr + a * positions + p)
         picked = tl.load(row + target).to(ACC)
-        tl.store(out_ptr + a * positions + p, top + tl.log(total) - picked)
+        tl.store(out_ptr + a * positions + p, lse - picked)

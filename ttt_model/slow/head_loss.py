@@ -104,6 +104,7 @@ def _softmax_grad_triton(logits: torch.Tensor, targets: torch.Tensor, scale: tor
 
 
 if triton is not None:
+    from ttt_model.model.token_nll import row_logsumexp
 
     @triton.jit
     def _softmax_grad_kernel(x_ptr, target_ptr, scale_ptr, nll_ptr, vocab, stride,
@@ -111,17 +112,7 @@ if triton is not None:
         i = tl.program_id(0)
         row = x_ptr + i.to(tl.int64) * stride
         cols = tl.arange(0, BLOCK_V)
-        # First read: the running log-sum-exp, as ttt_model.model.token_nll's kernel keeps it
-        # (the same loop; shared as a jit function once a GPU has checked that form).
-        top = tl.full((), float("-inf"), ACC)
-        total = tl.zeros((), ACC)
-        for start in range(0, vocab, BLOCK_V):
-            x = tl.load(row + start + cols, mask=start + cols < vocab, other=float("-inf")).to(ACC)
-            new_top = tl.maximum(top, tl.max(x, axis=0))
-            kept = tl.where(top == new_top, 1.0, tl.exp(top - new_top))
-            total = total * kept + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - new_top)), axis=0)
-            top = new_top
-        lse = top + tl.log(total)
+        lse = row_logsumexp(row, vocab, BLOCK_V, ACC)  # the first read
         target = tl.load(target_ptr + i)
         tl.store(nll_ptr + i, lse - tl.load(row + target).to(ACC))
         # Second read: the gradient of scale * nll with respect to the logits, over them.
