@@ -118,9 +118,10 @@ class DocumentReader:
                 below: HandedStates | None = None) -> DocumentOutcome:
         """Read one document; ``version``: the slow weights to read it with (a reader of a
         learner's versions); ``below``: the hidden states a reader of a version handed on
-        (``take_handed``), for the learner."""
+        (``take_handed``), for the learner, with the ids it read (not tokenized again here)."""
         start = time.perf_counter()
-        return self.mode.read(task, self.tokens_of(task), start, version, below)
+        ids = below.tokens_for(task.text) if below is not None else None
+        return self.mode.read(task, self.tokens_of(task) if ids is None else ids, start, version, below)
 
     def process_batch(self, tasks: list[DocumentTask], errors_as_values: bool = False,
                       version: SlowVersion | None = None) -> list[DocumentOutcome]:

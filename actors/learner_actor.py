@@ -23,12 +23,13 @@ log = logging.getLogger(__name__)
 HANDOFF_WAIT_S, MAX_OFFERS, MAX_GIVEN_UP = 120.0, 256, 4096
 
 
-@ray.remote(concurrency_groups={"control": 1, "versions": 1, "offers": 1})
+@ray.remote(concurrency_groups={"control": 1, "versions": 1, "offers": 1, "prepare": 1})
 class LearnerActor:
     """The Ray shell of StreamLearner: ``learn``, ``judge``, ``snapshot`` and ``restore`` run in
     the order the processor sends them, on one model thread, and are counted. ``version`` runs
     apart and answers once as many of them have run as it names (``RayLearner``); ``offer``
-    (what a reader computed for a document) runs apart and wakes the ``learn`` waiting for it."""
+    (what a reader computed for a document) runs apart and wakes the ``learn`` waiting for it;
+    ``prepare`` tokenizes a document ahead, apart, as ``ReaderActor.prepare``."""
 
     def __init__(self, spec: ReaderSpec, lag: int, name: str, every: int = 1, gate: Any = None,
                  outlier_margin: float | None = None):
@@ -86,6 +87,11 @@ class LearnerActor:
             while len(self._offers) > MAX_OFFERS:  # never waited for (a rollback between)
                 self._offers.popitem(last=False)
             self._changed.notify_all()
+
+    @ray.method(concurrency_group="prepare")
+    def prepare(self, task: DocumentTask) -> None:
+        # Its own thread, as ReaderActor's: the next document is tokenized while one is learned.
+        self.learner.reader.prepare(task)
 
     def learn(self, task: DocumentTask) -> dict[str, Any]:
         below = None

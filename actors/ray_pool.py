@@ -74,6 +74,8 @@ class RayLearner:
             self.position += 1
             self._in_order(learn=True)
             return None
+        if not is_handed_on(task, self.lag):  # else its reader hands the ids on with the states
+            self.actor.prepare.remote(task)
         after = self._calls - min(self._trailing_learns, self.lag - 1)
         version = self.actor.version.remote(max(0, self.position + 1 - self.lag), after)
         self._learning.append(self.actor.learn.remote(task))
@@ -143,6 +145,8 @@ class SynchronousLearnerPool:
         return self._pool.status()
 
     def submit(self, reader: int, tasks: list[DocumentTask], slow_version=None) -> list:
+        for task in tasks:
+            self.actor.prepare.remote(task)  # tokenized while the documents before it are read
         refs = self.actor.process_batch.options(num_returns=len(tasks)).remote(tasks)
         return [refs] if len(tasks) == 1 else list(refs)
 

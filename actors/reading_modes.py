@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from actors.call_types import DocumentOutcome, DocumentTask, HandedStates, StateBlob
+from actors.call_types import DocumentOutcome, DocumentTask, HandedStates, StateBlob, text_sha256
 from actors.reader_names import name_before_the_rename
 from actors.state_store import ScopedState, StateStore
 from actors.state_upload import StateUploader
@@ -476,7 +476,9 @@ class ReadingVersions(SlowWeightsMode):
         with capture_inputs(self.model, self.slow.lowest_layer) as captured:
             adapted = self.window_reader.read(scoped.state, windows)
         if len(captured) == len(windows):  # else a window went to a context-parallel group
-            states = HandedStates(_tokens_sha256(ids), self._to_host(captured), self.device.type, self.dtype_name)
+            tokens = torch.as_tensor(ids, dtype=torch.int64)
+            states = HandedStates(_tokens_sha256(tokens), self._to_host(captured), self.device.type, self.dtype_name,
+                                  ids=tokens, text_sha256=text_sha256(task.text))
             self.handed[task.id] = (states, self._copied())
             while len(self.handed) > MAX_HANDED_DOCUMENTS:  # read, then never taken
                 self.handed.popitem(last=False)
@@ -537,7 +539,7 @@ def choose_mode(host: DocumentReader, long_reader: LongDocumentReader | None = N
     return FastWeights(host, long_reader)
 
 
-def _tokens_sha256(ids: list[int]) -> str:
+def _tokens_sha256(ids: list[int] | torch.Tensor) -> str:
     """What a hand-off is checked by: the document's tokens (only where one is made or taken)."""
     return hashlib.sha256(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
 

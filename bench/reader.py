@@ -55,10 +55,11 @@ TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "ttt-tiny-qwen3"
 # nothing; timed as the actor runs it, tokenizing the next document meanwhile.
 READER = "reader of a learner's version, tokenizing ahead"
 # The learner itself (actors.learner.StreamLearner.learn): reads a document with slow steps and
-# publishes the next version; as the actor runs it, tokenizing inline.
+# publishes the next version; as the actor runs it, tokenizing the next document meanwhile.
 LEARNER = "learner"
 # The learner fed by the reader (as in a stream): it takes the hidden states the reader of the
-# same document computed below the lowest adapted layer and runs the adapted layers and the head.
+# same document computed below the lowest adapted layer, and the ids it read, and runs the
+# adapted layers and the head.
 FED = "learner, fed by the reader"
 
 
@@ -224,7 +225,8 @@ def main() -> None:
                                     name="bench-reader")
             learner, fed = (StreamLearner(standalone_reader_spec(model_path=tmp, base_loss_sample_rate=0.0, device=args.device,
                                                                  dtype=args.dtype, slow=default.slow_config,
-                                                                 max_document_tokens=2 * max(args.lengths)), name=name)
+                                                                 max_document_tokens=2 * max(args.lengths),
+                                                                 tokenize_ahead=True), name=name)
                             for name in ("bench-learner", "bench-learner-fed"))
         gen = torch.Generator().manual_seed(1)
         rows, profiles = [], {}
@@ -263,7 +265,17 @@ def main() -> None:
                     w.prepare(ahead[i])
                     sample[label] = timed(lambda: pipelined(w), device)
                 if learner is not None:
-                    sample[LEARNER] = timed(lambda: learner.learn(task), device)
+                    # As LearnerActor runs it: the next document tokenized in another thread
+                    # (``prepare``), except where its reader hands the ids on with the states.
+                    learner.reader.prepare(ahead[i])
+
+                    def learning() -> None:
+                        nxt = threading.Thread(target=learner.reader.prepare, args=(ahead[(i + 1) % len(ahead)],))
+                        nxt.start()
+                        learner.learn(ahead[i])
+                        nxt.join()
+
+                    sample[LEARNER] = timed(learning, device)
                     handed = reader.take_handed(ahead[i].id)
                     assert handed is not None
                     sample[FED] = timed(lambda: fed.learn(ahead[i], handed), device)

@@ -69,6 +69,27 @@ def test_a_learner_fed_by_its_reader_learns_what_it_learns_alone_bit_for_bit(tmp
     assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]
 
 
+def test_a_fed_learner_takes_the_ids_its_reader_read_only_for_the_text_they_came_from(tmp_path):
+    """The hand-off carries the ids read, so the learner does not tokenize the document again; a
+    hand-off of another text (the same id, edited) is not taken for it."""
+    fed, alone = StreamLearner(spec(tmp_path), lag=2), StreamLearner(spec(tmp_path), lag=2)
+    reader = DocumentReader(spec(tmp_path, slow_from_learner=True, split_at_adapters=True), name="reader")
+    tokenized = []
+    tokenizer = fed.reader.tokenizer
+    fed.reader.tokenizer = lambda text, **kw: tokenized.append(text) or tokenizer(text, **kw)
+    for n, task in enumerate(DOCS[:3]):
+        reader.process(task, fed.version(max(0, n - 1)))
+        below = reader.take_handed(task.id)
+        assert below.tokens_for(task.text) == tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        edited = replace(task, text=task.text[:-40]) if n == 1 else task
+        if n == 1:
+            assert below.tokens_for(edited.text) is None
+        assert fed.learn(edited, below)["loss"] == alone.learn(edited)["loss"]
+    assert tokenized == [DOCS[1].text[:-40]]  # only the edited text, whose hand-off was not taken
+    assert fed.mode.window_reader.handed == 2
+    assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]
+
+
 def test_versions_are_held_for_the_lag_and_follow_the_order(tmp_path):
     learner = StreamLearner(spec(tmp_path), lag=2)
     learner.learn(DOCS[0])
