@@ -143,6 +143,30 @@ def profile_worker(read, device: torch.device, top: int = 25) -> dict[str, list[
             "host": by("self_cpu_time_total")}
 
 
+def rehearsal_graph_check(worker: DocumentReader) -> dict | None:
+    """A rehearsal's gradient replayed from its CUDA graph against the same run eagerly, for the
+    worker's state now, on a few chunks and both loss scales a step gives it: the largest
+    relative difference (None without rehearsal). On a CPU both run eagerly."""
+    from ttt_model.slow.rehearsal_graph import RehearsalGraph, graphs_available
+
+    learner = worker.slow
+    if learner.rehearsal is None:
+        return None
+    state = worker.mode.states.get(None).state.slow
+    eager = RehearsalGraph(learner, state, learner._rehearsal_hidden, capture=False)
+    graphed = RehearsalGraph(learner, state, learner._rehearsal_hidden, capture=graphs_available(worker.device))
+    worst = 0.0
+    for index in (0, 1, learner.rehearsal.shape[0] - 1):
+        for extra in (1, 2):
+            scale = 1.0 / ((learner.rehearsal.shape[1] - 1) * (1 + extra))
+            want = [g.double().clone() for g in eager.grads(state, index, scale)]
+            got = graphed.grads(state, index, scale)
+            if got is None:
+                return {"captured": False, "failure": graphed.failed}
+            worst = max(worst, *(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(got, want)))
+    return {"captured": graphed.capture, "graphs": len(graphed.graphs), "max relative difference": worst}
+
+
 def slow_settings(config: str, variants: list[str]) -> dict[str, dict]:
     """The embedded default's slow-weight settings (``model.slow`` of ``config``), without
     rehearsal, and the given variants."""
@@ -369,6 +393,8 @@ def main() -> None:
                     profiles[f"{args.batch} x {length}, static batched"] = profile_worker(
                         lambda: static_score(model, batch_ids), device)
 
+        graph_check = rehearsal_graph_check(next(iter(slow_workers.values()))) if slow_workers else None
+
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.preset} {args.dtype} on {name}, chunk {args.chunk}, TTT layers {sorted(ttt_layers(model))}, "
           f"scope {args.scope}, median of {args.documents} documents")
@@ -411,6 +437,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": vars(args), "rows": rows, "batched": batched, "profiles": profiles,
+                       "rehearsal graph check": graph_check,
                        "slow": {label: w.slow_config.model_dump() for label, w in slow_workers.items()}},
                       f, indent=2)
 

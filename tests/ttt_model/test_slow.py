@@ -235,3 +235,38 @@ def test_a_rehearsed_chunk_runs_only_the_adapted_layers_and_gives_the_full_forwa
             hidden = decoder_of(model)(input_ids=rehearsed[i][None], output_hidden_states=True).hidden_states[2]
         assert rel_err(batched[i], hidden) < 1e-12 and rel_err(learner._rehearsal_inputs[i], hidden) < 1e-12
     assert len(decoder_of(model).layers) == 3 and not any(type(m).__name__ == "KnownHidden" for m in model.modules())
+
+
+def test_a_rehearsal_graphs_gradient_is_the_full_forwards_whatever_the_order_of_the_states_adapters():
+    """What a rehearsal's CUDA graph holds, run eagerly (its reference on any device): the
+    gradient on the adapters of ``scale`` x the rehearsed chunk's summed nll, as autograd through
+    the whole model gives it, in float64. The state's tensors are copied into the graph's own in
+    the model's order of the adapters, whatever order the state lists them in."""
+    from ttt_model.model.patch import decoder_of
+    from ttt_model.slow.rehearsal_graph import RehearsalGraph
+    from ttt_model.slow.state import SlowState
+
+    model = ttt_model(seed=11)
+    rehearsed = torch.randint(0, 101, (3, CHUNK + 3), generator=torch.Generator().manual_seed(4))
+    learner = SlowLearner(model, SlowConfig(enabled=True, layers=[-2, -1], rank=2), rehearsed)
+    state = learner.new_state()
+    random_adapters(learner, state, seed=5)
+    reordered = SlowState({name: state.adapters[name] for name in reversed(list(state.adapters))})
+    graph = RehearsalGraph(learner, state, learner._rehearsal_hidden, capture=False)
+    head = model.get_output_embeddings().weight
+    for index, scale in ((2, 0.37), (0, 1.0 / 7)):
+        ids = rehearsed[index]
+        with learner.bound(state), learner._trainable(state, True):
+            with ttt_forward(frozen_updates=True):
+                hidden = decoder_of(model)(input_ids=ids[None]).last_hidden_state[0, :-1]
+            loss = scale * torch.nn.functional.cross_entropy(hidden @ head.T, ids[1:], reduction="sum")
+            want = torch.autograd.grad(loss, learner._parameters(state))
+        for listed in (state, reordered):
+            got = graph.grads(listed, index, scale)
+            assert len(got) == len(want) == 2 * len(learner.deltas)
+            assert all(rel_err(g, w) < 1e-10 for g, w in zip(got, want))
+    # The graph's binding is undone after each call: the state bound around it is bound again.
+    with learner.bound(state):
+        graph.grads(state, 1, 0.5)
+        assert all(d.A is state.adapters[name].A for name, d in learner.deltas.items())
+    assert all(d.A is None for d in learner.deltas.values())

@@ -32,8 +32,9 @@ from ttt_model.config import SlowConfig
 from ttt_model.data import load_documents
 from ttt_model.model.forward_call import ttt_forward
 from ttt_model.slow.head_loss import head_nll_and_grad
-from ttt_model.model.lower_layers import hidden_below_batched, layers_from
+from ttt_model.model.lower_layers import UpperLayersCache, hidden_below_batched, layers_from
 from ttt_model.model.patch import decoder_layers, decoder_of, static_mode
+from ttt_model.slow.rehearsal_graph import RehearsalGraph, graphs_available
 from ttt_model.slow.state import AdapterTensors, SlowState, SlowVersion
 
 ADAM_BETAS = (0.9, 0.999)
@@ -75,6 +76,8 @@ class SlowLearner:
         if not self.modules:
             raise ValueError(f"SlowConfig.targets: no linear module of the model matches {config.targets}")
         self._rehearsal_inputs: dict[int, torch.Tensor] = {}  # rehearsed chunk -> hidden state below the adapters
+        self._rehearsal_graph: RehearsalGraph | None = None  # on a GPU: rehearsals replayed (``rehearsal_graph``)
+        self._base_norms: dict[str, torch.Tensor] | None = None  # ||W_0||_F per adapted matrix
         self.deltas: dict[str, LowRankDelta] = {}
         for name, module in self.modules.items():
             delta = LowRankDelta(config.scale)
@@ -117,21 +120,30 @@ class SlowLearner:
 
     def delta_ratio(self, state: SlowState) -> float:
         """The largest ||delta|| / ||W_0|| over the adapted matrices: how far the model moved."""
-        ratios = state.delta_ratios({n: self.base_weight(n).detach() for n in self.modules}, self.config.scale)
+        if self._base_norms is None:  # W_0 does not change: its norms are taken once
+            self._base_norms = {n: torch.linalg.matrix_norm(self.base_weight(n).detach().float()) for n in self.modules}
+        ratios = state.delta_ratios(self._base_norms, self.config.scale)
         return max(ratios.values())
 
     @contextmanager
     def bound(self, state: SlowState | None) -> Iterator[None]:
         """The model with ``state``'s slow weights (None: the base weights) for the block."""
-        for name, delta in self.deltas.items():
-            adapter = state.adapters[name] if state is not None else None
-            delta.A = None if adapter is None else adapter.A
-            delta.B = None if adapter is None else adapter.B
+        with self.bound_to(self._parameters(state) if state is not None else None):
+            yield
+
+    @contextmanager
+    def bound_to(self, parameters: list[torch.Tensor] | None) -> Iterator[None]:
+        """The model with the slow weights ``parameters`` (``A, B`` per adapter, in ``modules``'
+        order, as ``_parameters``; None: the base weights) for the block, then those bound before."""
+        before = [(delta.A, delta.B) for delta in self.deltas.values()]
+        for i, delta in enumerate(self.deltas.values()):
+            delta.A = None if parameters is None else parameters[2 * i]
+            delta.B = None if parameters is None else parameters[2 * i + 1]
         try:
             yield
         finally:
-            for delta in self.deltas.values():
-                delta.A = delta.B = None
+            for delta, (A, B) in zip(self.deltas.values(), before):
+                delta.A, delta.B = A, B
 
     # -- learning ------------------------------------------------------------------------------
 
@@ -165,12 +177,20 @@ class SlowLearner:
                     if learn and self.admit is not None:
                         learn = self.admit(float(scored.double().mean()))
                     if learn:
-                        hiddens, grads = [hidden[0, :-1]], [grad]
+                        hiddens, grads, replayed = [hidden[0, :-1]], [grad], []
                         for ids, rehearsed in extra:
+                            extra_scale = 1.0 / ((ids.shape[0] - 1) * (1 + len(extra)))
+                            graphed = self._graphed_rehearsal(state, rehearsed, extra_scale)
+                            if graphed is not None:
+                                replayed.append(graphed)
+                                continue
                             h = self._extra_hidden(ids, rehearsed)[0, :-1]
                             hiddens.append(h)
-                            grads.append(head_nll_and_grad(h, head, ids[1:], 1.0 / ((ids.shape[0] - 1) * (1 + len(extra))))[1])
-                        self._step(state, torch.autograd.grad(hiddens, self._parameters(state), grads))
+                            grads.append(head_nll_and_grad(h, head, ids[1:], extra_scale)[1])
+                        step = list(torch.autograd.grad(hiddens, self._parameters(state), grads))
+                        for graphed in replayed:
+                            torch._foreach_add_(step, graphed)
+                        self._step(state, step)
                         state.tokens += n
                 finally:
                     session.detach_()
@@ -192,30 +212,52 @@ class SlowLearner:
             extra.append((self.rehearsal[index], index))
         return extra
 
+    def _graphed_rehearsal(self, state: SlowState, rehearsed: int | None, scale: float) -> list[torch.Tensor] | None:
+        """A rehearsed chunk's gradient replayed from its CUDA graph (``rehearsal_graph``), or
+        None where it runs eagerly (not rehearsed, not on a GPU, no capture)."""
+        if rehearsed is None or self.lowest_layer == 0 or not graphs_available(self.rehearsal.device):
+            return None
+        self._rehearsal_hidden(rehearsed)
+        if self._rehearsal_graph is None:
+            self._rehearsal_graph = RehearsalGraph(self, state, self._rehearsal_hidden)
+        return self._rehearsal_graph.grads(state, rehearsed, scale)
+
+    def _rehearsal_hidden(self, rehearsed: int) -> torch.Tensor:
+        """The hidden state (1, n, d) of rehearsed chunk ``rehearsed`` entering the lowest adapted
+        layer: computed once, for every rehearsed chunk at the first rehearsal."""
+        if not self._rehearsal_inputs:
+            self._rehearsal_inputs = dict(enumerate(hidden_below_batched(self.model, self.rehearsal, self.lowest_layer)))
+        return self._rehearsal_inputs[rehearsed]
+
+    def rehearsed_hidden(self, ids: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (1, n, d) of a chunk ``ids`` (n,) read alone (fresh fast
+        weights, their updates out of the graph) from ``below``, its hidden state entering the
+        lowest adapted layer: only the adapted layers run. A cache of their own keeps the decoder
+        from checking the positions for packed sequences (a wait on the device)."""
+        cache = UpperLayersCache(self.model.config, self.lowest_layer)
+        with layers_from(self.model, self.lowest_layer, below), ttt_forward(frozen_updates=True):
+            return decoder_of(self.model)(input_ids=ids[None], past_key_values=cache, use_cache=True).last_hidden_state
+
     def _extra_hidden(self, ids: torch.Tensor, rehearsed: int | None) -> torch.Tensor:
         """The last hidden states (1, n, d) of a chunk read alone (the plain parallel form, fresh
         fast weights, their updates out of the graph). A rehearsed chunk is fixed text, and the
         layers below the lowest adapted one do not depend on the slow weights: its hidden state
         there is computed once, for every rehearsed chunk at the first rehearsal, and only the
         adapted layers run again."""
-        decoder = decoder_of(self.model)
-        lowest = self.lowest_layer
-        if rehearsed is None or lowest == 0:
+        if rehearsed is None or self.lowest_layer == 0:
             with ttt_forward(frozen_updates=True):
-                return decoder(input_ids=ids[None]).last_hidden_state
-        if not self._rehearsal_inputs:
-            self._rehearsal_inputs = dict(enumerate(hidden_below_batched(self.model, self.rehearsal, lowest)))
-        with layers_from(self.model, lowest, self._rehearsal_inputs[rehearsed]), ttt_forward(frozen_updates=True):
-            return decoder(input_ids=ids[None]).last_hidden_state
+                return decoder_of(self.model)(input_ids=ids[None]).last_hidden_state
+        return self.rehearsed_hidden(ids, self._rehearsal_hidden(rehearsed))
 
     @property
     def lowest_layer(self) -> int:
         """The lowest decoder layer with an adapter: a step's backward stops there."""
         return min(int(n.split("layers.")[1].split(".")[0]) for n in self.modules)
 
-    @staticmethod
-    def _parameters(state: SlowState) -> list[torch.Tensor]:
-        return [t for a in state.adapters.values() for t in (a.A, a.B)]
+    def _parameters(self, state: SlowState, part: str = "") -> list[torch.Tensor]:
+        """``state``'s ``A, B`` per adapter (``part`` "m_": Adam's first moments, "v_": its
+        second), in the model's order of the adapters (``bound_to``'s)."""
+        return [getattr(state.adapters[name], f"{part}{p}") for name in self.deltas for p in ("A", "B")]
 
     @contextmanager
     def _trainable(self, state: SlowState, on: bool) -> Iterator[None]:
@@ -232,9 +274,7 @@ class SlowLearner:
         """One Adam step on every A and B at once (foreach kernels: a few launches for all the
         adapters, no wait on the host), with the clip, the L2 pull to the base and the cap."""
         cfg = self.config
-        params = self._parameters(state)
-        moments = [getattr(a, f"m_{p}") for a in state.adapters.values() for p in ("A", "B")]
-        squares = [getattr(a, f"v_{p}") for a in state.adapters.values() for p in ("A", "B")]
+        params, moments, squares = self._parameters(state), self._parameters(state, "m_"), self._parameters(state, "v_")
         with torch.no_grad():
             grads = list(grads)
             if cfg.max_grad_norm is not None:
