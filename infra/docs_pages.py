@@ -195,6 +195,9 @@ def worker_table(name: str) -> tuple[list[str], dict[str, str]]:
         lines.append(f"| {tokens:,} | {row['static tok/s']:,.0f} | " + " | ".join(cells) + " |")
         for (label, _), cell in zip(columns, cells):
             figures[f"{name}: {label} at {tokens}"] = cell
+    if "commands" in data:  # several invocations in one call (documents per length differ)
+        head = [f"`bench/results/{name}` · {data.get('device', '?')} · " + " then ".join(f"`{c}`" for c in data["commands"]), ""]
+        return head + lines, figures
     args = data["args"]
     command = (f"PYTHONPATH=. python bench/reader.py --preset {args['preset']} --device {args['device']} --dtype "
                f"{args['dtype']} --lengths {' '.join(map(str, args['lengths']))} --chunk {args['chunk']} --layers "
@@ -361,7 +364,7 @@ def plots(out: Path) -> list[str]:
     fig.savefig(out / "loss_by_position.png", dpi=100)
     plt.close(fig)
     made.append("loss_by_position.png")
-    d = _load("reader/h200_slow_fused_head.json")
+    d = _load("reader/h200_slow_graphed_rehearsal.json")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     tokens = [int(r["tokens"]) for r in d["rows"]]
     for label, key in (("static scorer", "static tok/s"),
@@ -386,7 +389,18 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      "The learner fed by the reader runs only the adapted layers and the head, from the hidden states the reader "
      "handed on; \"learner fed / reader\": its tokens/s over a reader of its versions (at least 1: one learner "
      "device keeps up with one reader device, every document learned). The head's loss and gradient in one "
-     "Triton kernel between its two products (`ttt_model/slow/head_loss.py`).",
+     "Triton kernel between its two products (`ttt_model/slow/head_loss.py`); rehearsals replayed from a CUDA "
+     "graph (`ttt_model/slow/rehearsal_graph.py`); the learner takes the ids its reader read (it tokenizes "
+     "nothing again) and tokenizes ahead what it reads itself. 12 documents of 2k and 8k tokens, then 6 of 32k, "
+     "in one call.",
+     lambda: worker_table("reader/h200_slow_graphed_rehearsal.json")),
+    ("The same, rehearsals eager, in the same call", "The same bench on the same machine right after, each "
+     "rehearsal run eagerly (about two thousand kernel launches; `graphs_available` patched off in the bench's "
+     "process). The rehearsal's gradient from the graph against the same run eagerly: 0.13% to 0.64% apart over "
+     "the runs (bf16 activations; the eager run against itself: 0.0, so the graph's kernels round otherwise).",
+     lambda: worker_table("reader/h200_slow_eager_rehearsal.json")),
+    ("An earlier run: the head fused, the learner tokenizing again", "Session 19's run of the same bench (6 "
+     "documents per length), before the hand-off carried the ids and before the rehearsal's graph.",
      lambda: worker_table("reader/h200_slow_fused_head.json")),
     ("The same, the head in plain torch, in the same call", "The same bench on the same machine just before, with "
      "the head's softmax gradient in plain torch (float32 blocks, about eight passes over the logits; "
@@ -398,8 +412,13 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      lambda: worker_table("reader/h200_slow_fed.json")),
     ("The same, before the hand-off", "The same bench before the learner was fed by its readers (it read each "
      "document again, whole).", lambda: worker_table("reader/h200_slow_final.json")),
-    ("The same at 2k tokens, 20 documents", "Short documents vary most from run to run: the same bench with 20 timed "
-     "documents of 2,048 tokens.", lambda: worker_table("reader/h200_slow_2k_20docs.json")),
+    ("The same at 2k tokens, 24 documents, rehearsals replayed / eager", "Short documents vary most from run to "
+     "run (the host's pace): the same bench with 24 timed documents of 2,048 tokens, rehearsals replayed from their "
+     "CUDA graph, then eagerly, in one call on another H200 machine. The graph's rehearsal gradient against the "
+     "eager one: 0.13% apart (the eager run against itself: 0.0).",
+     lambda: worker_table("reader/h200_slow_2k_graphed_rehearsal.json")),
+    ("The same at 2k tokens, rehearsals eager", "The run right after the one above, `graphs_available` patched off.",
+     lambda: worker_table("reader/h200_slow_2k_eager_rehearsal.json")),
     ("The demo on one device: the synchronous learner, or a reader beside the learner", "`bash infra/demo.sh` "
      "(40 held-out documents through the whole pipeline, every one learned) with `processor.learner.synchronous` on "
      "(the embedded default: the learner reads and learns each document in one forward, on both cores) and off (a "
