@@ -139,14 +139,17 @@ class HandedStates:
     # own, as other kernels could give other bits.
     device_type: str = "cpu"
     dtype: str = "float32"
-    # The token ids read (a 1-d int64 tensor) and the sha256 of the text they came from: the
-    # learner takes them instead of tokenizing the text again (at 8k tokens, half a fed step).
+    # The token ids read (a 1-d int64 tensor), the sha256 of the text they came from and of the
+    # tokenizer that read it: the learner takes them instead of tokenizing the text again (at 8k
+    # tokens, half a fed step), where its own tokenizer is the same.
     ids: Any = None
     text_sha256: str = ""
+    tokenizer_sha256: str = ""
 
-    def tokens_for(self, text: str) -> list[int] | None:
-        """The ids read, where they were read from ``text``; else None (the learner tokenizes)."""
-        if self.ids is None or self.text_sha256 != text_sha256(text):
+    def tokens_for(self, text: str, tokenizer_sha256: str) -> list[int] | None:
+        """The ids read, where they were read from ``text`` by the tokenizer ``tokenizer_sha256``
+        names; else None (the learner tokenizes)."""
+        if self.ids is None or self.tokenizer_sha256 != tokenizer_sha256 or self.text_sha256 != text_sha256(text):
             return None
         return self.ids.tolist()
 

@@ -10,6 +10,9 @@ to the base model's on a sample of documents.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -89,6 +92,14 @@ class DocumentReader:
         return {"ttt": ttt_config_of(self.model).model_dump(), "slow": self.slow_config.model_dump(),
                 "scope": self.mode.states.scope}
 
+    @functools.cached_property
+    def tokenizer_sha256(self) -> str:
+        """What ids handed on are checked by besides their text: the tokenizer that read them,
+        whole (its serialised form: vocabulary, merges, normaliser, special tokens)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        serialised = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        return hashlib.sha256(f"{type(self.tokenizer).__name__}\n{serialised}".encode()).hexdigest()
+
     @property
     def tokenizes_ahead(self) -> bool:
         """Whether ``prepare`` tokenizes (``spec.tokenize_ahead``; by default on a GPU only)."""
@@ -120,7 +131,7 @@ class DocumentReader:
         learner's versions); ``below``: the hidden states a reader of a version handed on
         (``take_handed``), for the learner, with the ids it read (not tokenized again here)."""
         start = time.perf_counter()
-        ids = below.tokens_for(task.text) if below is not None else None
+        ids = below.tokens_for(task.text, self.tokenizer_sha256) if below is not None else None
         return self.mode.read(task, self.tokens_of(task) if ids is None else ids, start, version, below)
 
     def process_batch(self, tasks: list[DocumentTask], errors_as_values: bool = False,

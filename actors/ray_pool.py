@@ -74,8 +74,8 @@ class RayLearner:
             self.position += 1
             self._in_order(learn=True)
             return None
-        if not is_handed_on(task, self.lag):  # else its reader hands the ids on with the states
-            self.actor.prepare.remote(task)
+        if not is_handed_on(task, self.lag) and not task.held_out and task.kept_out is None:
+            self.actor.prepare.remote(task)  # a document it reads itself (else its reader hands the ids on)
         after = self._calls - min(self._trailing_learns, self.lag - 1)
         version = self.actor.version.remote(max(0, self.position + 1 - self.lag), after)
         self._learning.append(self.actor.learn.remote(task))

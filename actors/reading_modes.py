@@ -478,7 +478,8 @@ class ReadingVersions(SlowWeightsMode):
         if len(captured) == len(windows):  # else a window went to a context-parallel group
             tokens = torch.as_tensor(ids, dtype=torch.int64)
             states = HandedStates(_tokens_sha256(tokens), self._to_host(captured), self.device.type, self.dtype_name,
-                                  ids=tokens, text_sha256=text_sha256(task.text))
+                                  ids=tokens, text_sha256=text_sha256(task.text),
+                                  tokenizer_sha256=self.host.tokenizer_sha256)
             self.handed[task.id] = (states, self._copied())
             while len(self.handed) > MAX_HANDED_DOCUMENTS:  # read, then never taken
                 self.handed.popitem(last=False)

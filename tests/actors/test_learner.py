@@ -76,17 +76,21 @@ def test_a_fed_learner_takes_the_ids_its_reader_read_only_for_the_text_they_came
     reader = DocumentReader(spec(tmp_path, slow_from_learner=True, split_at_adapters=True), name="reader")
     tokenized = []
     tokenizer = fed.reader.tokenizer
+    assert fed.reader.tokenizer_sha256 == reader.tokenizer_sha256  # the same files: the same tokenizer
     fed.reader.tokenizer = lambda text, **kw: tokenized.append(text) or tokenizer(text, **kw)
     for n, task in enumerate(DOCS[:3]):
         reader.process(task, fed.version(max(0, n - 1)))
         below = reader.take_handed(task.id)
-        assert below.tokens_for(task.text) == tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        assert below.tokens_for(task.text, fed.reader.tokenizer_sha256) == tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        assert below.tokens_for(task.text, "another tokenizer") is None
         edited = replace(task, text=task.text[:-40]) if n == 1 else task
         if n == 1:
-            assert below.tokens_for(edited.text) is None
+            assert below.tokens_for(edited.text, fed.reader.tokenizer_sha256) is None
+        if n == 2:  # read by a reader whose tokenizer differs: the learner tokenizes itself
+            below = replace(below, tokenizer_sha256="another tokenizer")
         assert fed.learn(edited, below)["loss"] == alone.learn(edited)["loss"]
-    assert tokenized == [DOCS[1].text[:-40]]  # only the edited text, whose hand-off was not taken
-    assert fed.mode.window_reader.handed == 2
+    assert tokenized == [DOCS[1].text[:-40], DOCS[2].text]  # only those whose hand-off's ids were not taken
+    assert fed.mode.window_reader.handed == 2  # the states of the third still were (its tokens are the same)
     assert [b.data for b in fed.snapshot()] == [b.data for b in alone.snapshot()]
 
 

@@ -270,3 +270,30 @@ def test_a_rehearsal_graphs_gradient_is_the_full_forwards_whatever_the_order_of_
         graph.grads(state, 1, 0.5)
         assert all(d.A is state.adapters[name].A for name, d in learner.deltas.items())
     assert all(d.A is None for d in learner.deltas.values())
+
+
+@pytest.mark.parametrize("replay_chunks", [0, 2])
+def test_rehearsals_through_their_graphs_static_tensors_learn_what_eager_rehearsals_learn(replay_chunks):
+    """A learner whose rehearsals go through ``RehearsalGraph`` (run eagerly here, replayed from a
+    CUDA graph on a GPU) and adds their gradient to the stream's learns what one taking both in
+    one backward learns, in float64, with a replayed chunk joining the steps or not."""
+    stream = torch.randint(0, 101, (1, 6 * CHUNK), generator=torch.Generator().manual_seed(6))
+    rehearsed = torch.randint(0, 101, (3, CHUNK + 2), generator=torch.Generator().manual_seed(7))
+    states = {}
+    for graphed in (False, True):
+        model = ttt_model(seed=12)
+        cfg = SlowConfig(enabled=True, layers=[-1], lr=0.05, rehearsal_every=2, replay_chunks=replay_chunks)
+        learner = SlowLearner(model, cfg, rehearsed)
+        assert not learner.graph_rehearsals  # on the CPU: eager, unless asked
+        learner.graph_rehearsals = graphed
+        state = learner.new_state()
+        for _ in range(2):  # a second document: the graph's tensors bound to a state that moved
+            learner.read(TTTSession(model), stream, state, CHUNK)
+        assert (learner._rehearsal_graph is not None) == graphed
+        states[graphed] = state
+    assert states[True].steps == states[False].steps == 12
+    for name, eager in states[False].adapters.items():
+        for part in ("A", "B", "m_A", "m_B", "v_A", "v_B"):
+            # The adapters are float32: the two sums of the same gradients round apart.
+            assert rel_err(getattr(states[True].adapters[name], part), getattr(eager, part)) < 1e-5
+    assert not torch.equal(states[True].adapters[name].B, torch.zeros_like(eager.B))

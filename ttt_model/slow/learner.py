@@ -78,6 +78,9 @@ class SlowLearner:
         self._rehearsal_inputs: dict[int, torch.Tensor] = {}  # rehearsed chunk -> hidden state below the adapters
         self._rehearsal_graph: RehearsalGraph | None = None  # on a GPU: rehearsals replayed (``rehearsal_graph``)
         self._base_norms: dict[str, torch.Tensor] | None = None  # ||W_0||_F per adapted matrix
+        # Rehearsals through ``RehearsalGraph`` (on a GPU: replayed from a CUDA graph; elsewhere,
+        # where a test turns it on, run eagerly from its static tensors).
+        self.graph_rehearsals = graphs_available(next(model.parameters()).device)
         self.deltas: dict[str, LowRankDelta] = {}
         for name, module in self.modules.items():
             delta = LowRankDelta(config.scale)
@@ -118,11 +121,15 @@ class SlowLearner:
     def base_weight(self, name: str) -> torch.Tensor:
         return self.modules[name].parametrizations.weight.original
 
+    def base_norms(self) -> dict[str, torch.Tensor]:
+        """||W_0||_F per adapted matrix, 0-d float32 on its device (W_0 does not change: taken once)."""
+        if self._base_norms is None:
+            self._base_norms = {n: torch.linalg.matrix_norm(self.base_weight(n).detach().float()) for n in self.modules}
+        return self._base_norms
+
     def delta_ratio(self, state: SlowState) -> float:
         """The largest ||delta|| / ||W_0|| over the adapted matrices: how far the model moved."""
-        if self._base_norms is None:  # W_0 does not change: its norms are taken once
-            self._base_norms = {n: torch.linalg.matrix_norm(self.base_weight(n).detach().float()) for n in self.modules}
-        ratios = state.delta_ratios(self._base_norms, self.config.scale)
+        ratios = state.delta_ratios(self.base_norms(), self.config.scale)
         return max(ratios.values())
 
     @contextmanager
@@ -177,19 +184,20 @@ class SlowLearner:
                     if learn and self.admit is not None:
                         learn = self.admit(float(scored.double().mean()))
                     if learn:
-                        hiddens, grads, replayed = [hidden[0, :-1]], [grad], []
+                        hiddens, grads, replayed = [hidden[0, :-1]], [grad], None
                         for ids, rehearsed in extra:
                             extra_scale = 1.0 / ((ids.shape[0] - 1) * (1 + len(extra)))
                             graphed = self._graphed_rehearsal(state, rehearsed, extra_scale)
-                            if graphed is not None:
-                                replayed.append(graphed)
+                            if graphed is not None:  # the graph's own tensors: summed before its next replay
+                                replayed = torch._foreach_mul(graphed, 1.0) if replayed is None else \
+                                    torch._foreach_add(replayed, graphed)
                                 continue
                             h = self._extra_hidden(ids, rehearsed)[0, :-1]
                             hiddens.append(h)
                             grads.append(head_nll_and_grad(h, head, ids[1:], extra_scale)[1])
                         step = list(torch.autograd.grad(hiddens, self._parameters(state), grads))
-                        for graphed in replayed:
-                            torch._foreach_add_(step, graphed)
+                        if replayed is not None:
+                            torch._foreach_add_(step, replayed)
                         self._step(state, step)
                         state.tokens += n
                 finally:
@@ -215,11 +223,12 @@ class SlowLearner:
     def _graphed_rehearsal(self, state: SlowState, rehearsed: int | None, scale: float) -> list[torch.Tensor] | None:
         """A rehearsed chunk's gradient replayed from its CUDA graph (``rehearsal_graph``), or
         None where it runs eagerly (not rehearsed, not on a GPU, no capture)."""
-        if rehearsed is None or self.lowest_layer == 0 or not graphs_available(self.rehearsal.device):
+        if rehearsed is None or self.lowest_layer == 0 or not self.graph_rehearsals:
             return None
         self._rehearsal_hidden(rehearsed)
         if self._rehearsal_graph is None:
-            self._rehearsal_graph = RehearsalGraph(self, state, self._rehearsal_hidden)
+            self._rehearsal_graph = RehearsalGraph(self, state, self._rehearsal_hidden,
+                                                   capture=self.rehearsal.device.type == "cuda")
         return self._rehearsal_graph.grads(state, rehearsed, scale)
 
     def _rehearsal_hidden(self, rehearsed: int) -> torch.Tensor:
@@ -296,7 +305,7 @@ class SlowLearner:
             if cfg.max_delta_ratio is not None:
                 for name, adapter in state.adapters.items():
                     delta = cfg.scale * torch.linalg.matrix_norm(adapter.B @ adapter.A)
-                    bound = cfg.max_delta_ratio * torch.linalg.matrix_norm(self.base_weight(name).float())
+                    bound = cfg.max_delta_ratio * self.base_norms()[name]
                     adapter.B.mul_(torch.clamp(bound / (delta + 1e-12), max=1.0))
 
     def _remember(self, state: SlowState, chunk: torch.Tensor) -> None:
