@@ -80,6 +80,7 @@ class DocumentReader:
         self._prepare_tokenizer = AutoTokenizer.from_pretrained(str(path))
         self._prepared: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()
         self._prepared_lock = threading.Lock()
+        self.tokenized_ahead = 0  # documents read with the ids ``prepare`` made
         self.model, self.slow = build_model(path, spec.ttt, spec.slow, self.device, resolve_dtype(spec.dtype, self.device))
         self.slow_config = spec.slow
         if spec.context_parallel_min_tokens is None:
@@ -122,7 +123,8 @@ class DocumentReader:
         with self._prepared_lock:
             text, ids = self._prepared.pop(task.id, (None, None))
         if text != task.text:  # not prepared (or another document under the same id)
-            ids = self.tokenizer(task.text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        self.tokenized_ahead += 1
         return ids
 
     def process(self, task: DocumentTask, version: SlowVersion | None = None,
@@ -180,4 +182,5 @@ class DocumentReader:
         return self.mode.forget(key)
 
     def stats(self) -> dict[str, Any]:
-        return {"reader": self.name, "device": str(self.device), **self.mode.stats()}
+        return {"reader": self.name, "device": str(self.device), "tokenized_ahead": self.tokenized_ahead,
+                **self.mode.stats()}

@@ -94,6 +94,8 @@ SMOKE = {
                                 in_json("settings", "poisoned:on", "heldout_gain")),
     "reader": Smoke([*TINY, "--lengths", "256", "--documents", "2", "--warmup", "1", "--json", "{out}"],
                     in_json("rows", 0, "worker / static")),
+    "shared_device": Smoke([*TINY, "--lengths", "256", "--documents", "2", "--json", "{out}"],
+                           in_json("rows", 0, "shared / static"), own_process=True),
     "scopes": Smoke(["--corpus", "{corpus}", "--documents", "2", "--max-tokens", "256", "--out", "{out}"],
                     in_json(0, "adapted")),
     "stream": Smoke(["-c", "{config}", "--corpus", "{corpus}", "--documents", "2", "--max-tokens", "256",

@@ -92,21 +92,21 @@ class RehearsalGraph:
 
     def _capture(self, scale: float) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]:
         device = self.below.device
+        before = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        graph = torch.cuda.CUDAGraph()
-        # On a side stream, which the block gives back whatever the capture raised (torch.cuda.graph
-        # would leave a failed capture's stream current, for every later kernel of this thread).
+        side.wait_stream(before)
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
                 self._run(scale)
-            torch.cuda.synchronize(device)
+        before.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
             # thread_local: the learner's other threads (tokenizing ahead, hand-offs) go on meanwhile.
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._run(scale)
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(device).wait_stream(side)
+        finally:
+            # A capture that failed in its end leaves its own stream current: every later kernel
+            # of this thread would go there.
+            torch.cuda.set_stream(before)
         self.pool = graph.pool()
         return graph, out

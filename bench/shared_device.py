@@ -1,0 +1,172 @@
+"""One device, every document learned: which setting reads and learns the most.
+
+- synchronous: the learner reads each document and learns from it in the same forward
+  (``StreamLearner.read``, ``processor.learner.synchronous``), the next document tokenized
+  meanwhile, as its actor runs it;
+- shared: a reader of the learner's versions and the learner fed by it, in two processes on the
+  one device, as two Ray actors with fractional ``num_gpus`` (or CPUs) are: the reader hands each
+  document's hidden states below the adapters and its ids to the learner (through a queue, in
+  shared memory), and the time is until the learner has learned the last one. The reader reads
+  every document with one version (a version's values do not change what reading costs).
+
+Both against the static scorer (TTT off, full logits, cross-entropy) on the same documents and
+device, in this process. Random weights of the preset's shape, as ``bench/reader.py``:
+
+    python bench/shared_device.py --preset qwen3-0.6b --device cuda --dtype bfloat16 \\
+        --lengths 2048 8192 32768 --chunk 1024 --layers 0 6 12 18 24 --documents 12 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from actors.call_types import DocumentTask
+from actors.document_reader import DocumentReader
+from actors.learner import StreamLearner
+from bench.reader import slow_settings, static_score, sync, text_of_length, write_model
+from bench.ttt_forward import PRESETS
+from pipeline.processing.actor_specs import standalone_reader_spec
+
+
+DONE_TIMEOUT_S = 600.0  # a round's wait for the learner (a child that died never answers)
+
+
+def spec(args, model: str, **overrides):
+    return standalone_reader_spec(model_path=model, base_loss_sample_rate=0.0, device=args.device, dtype=args.dtype,
+                                  scope="global", slow=slow_settings(args.config, [])["slow+fast"],
+                                  max_document_tokens=2 * max(args.lengths), tokenize_ahead=True, **overrides)
+
+
+def read_ahead(reader: DocumentReader, tasks: list[DocumentTask], read) -> None:
+    """``read(task)`` for each task in order, the next tokenized meanwhile (as the actors run)."""
+    reader.prepare(tasks[0])
+    for i, task in enumerate(tasks):
+        nxt = threading.Thread(target=reader.prepare, args=(tasks[i + 1],)) if i + 1 < len(tasks) else None
+        if nxt is not None:
+            nxt.start()
+        read(task)
+        if nxt is not None:
+            nxt.join()
+
+
+def reader_process(args, model: str, rounds: list[list[DocumentTask]], handed, ready, start) -> None:
+    reader = DocumentReader(spec(args, model, slow_from_learner=True, split_at_adapters=True), name="shared-reader")
+    version = reader.slow.new_state().version(0)  # the base model's: reading costs the same
+    ready.wait()
+    for tasks in rounds:
+        start.wait()
+
+        def read(task: DocumentTask) -> None:
+            reader.process(task, version)
+            # Pickled to bytes, as Ray's object store holds it (not torch's shared memory, whose
+            # tensors die with this process).
+            handed.put(pickle.dumps((task, reader.take_handed(task.id))))
+
+        read_ahead(reader, tasks, read)
+
+
+def learner_process(args, model: str, rounds: list[list[DocumentTask]], handed, done, ready, start) -> None:
+    learner = StreamLearner(spec(args, model), name="shared-learner")
+    ready.wait()
+    for tasks in rounds:
+        start.wait()
+        for _ in tasks:
+            task, below = pickle.loads(handed.get())
+            assert below is not None and below.ids is not None, f"{task.id}: nothing handed on"
+            learner.learn(task, below)
+        sync(torch.device(args.device))
+        done.put(time.perf_counter())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="TTT layers (default every 6th)")
+    parser.add_argument("--documents", type=int, default=8, help="timed documents per length (after one warm-up round)")
+    parser.add_argument("--config", default="configs/local.yaml", help="where the embedded default's slow settings are")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    ctx = mp.get_context("spawn")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model(args.preset, getattr(torch, args.dtype), args.chunk, args.layers, Path(tmp))
+        synchronous = StreamLearner(spec(args, tmp), name="synchronous")
+        tokenizer = synchronous.reader.tokenizer
+        gen = torch.Generator().manual_seed(1)
+        # Per length, a warm-up round of two documents, then the timed round.
+        rounds = [[DocumentTask(f"{length}-{r}-{i}", text_of_length(tokenizer, length, gen), partition=0,
+                                offset=1000 * length + 100 * r + i)
+                   for i in range(2 if r == 0 else args.documents)]
+                  for length in args.lengths for r in (0, 1)]
+        handed, done = ctx.Queue(), ctx.Queue()
+        ready, start = ctx.Barrier(3), ctx.Barrier(3)
+        processes = [ctx.Process(target=reader_process, args=(args, tmp, rounds, handed, ready, start)),
+                     ctx.Process(target=learner_process, args=(args, tmp, rounds, handed, done, ready, start))]
+        for p in processes:
+            p.daemon = True  # gone with this process, whatever it raised
+            p.start()
+        ready.wait(timeout=DONE_TIMEOUT_S)  # both have loaded their models
+        rows = []
+        for r, tasks in enumerate(rounds):
+            start.wait(timeout=DONE_TIMEOUT_S)
+            begin = time.perf_counter()
+            try:
+                shared_s = done.get(timeout=DONE_TIMEOUT_S) - begin
+            except queue.Empty:
+                raise RuntimeError(f"the learner did not finish round {r} in {DONE_TIMEOUT_S:.0f} s "
+                                   f"(exit codes {[p.exitcode for p in processes]})") from None
+            tokens = sum(len(tokenizer(t.text, add_special_tokens=False)["input_ids"]) for t in tasks)
+            # The two others with the device to themselves, one after the other (warmed up too).
+            sync(device)
+            begin = time.perf_counter()
+            read_ahead(synchronous.reader, tasks, synchronous.read)
+            sync(device)
+            synchronous_s = time.perf_counter() - begin
+            static_s = 0.0
+            for task in tasks:
+                ids = torch.tensor(tokenizer(task.text, add_special_tokens=False)["input_ids"], device=device)[None]
+                sync(device)
+                begin = time.perf_counter()
+                static_score(synchronous.reader.model, ids)
+                sync(device)
+                static_s += time.perf_counter() - begin
+            if r % 2 == 0:
+                continue  # the warm-up round
+            length = args.lengths[r // 2]
+            row = {"tokens": length, "documents": len(tasks), "static tok/s": tokens / static_s,
+                   "synchronous tok/s": tokens / synchronous_s, "shared tok/s": tokens / shared_s,
+                   "synchronous / static": static_s / synchronous_s, "shared / static": static_s / shared_s}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        for p in processes:
+            p.join(timeout=60)
+            if p.exitcode != 0:
+                raise RuntimeError(f"{p.name} exited with {p.exitcode}")
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{args.preset} {args.dtype} on {name}: tokens | static tok/s | synchronous | shared (reader + fed learner)")
+    for r in rows:
+        print(f"{r['tokens']} | {r['static tok/s']:.0f} | {r['synchronous tok/s']:.0f} ({r['synchronous / static']:.3f}x) | "
+              f"{r['shared tok/s']:.0f} ({r['shared / static']:.3f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
