@@ -81,6 +81,7 @@ def learner_process(args, model: str, rounds: list[list[DocumentTask]], handed, 
     for tasks in rounds:
         start.wait()
         for _ in tasks:
+            # Only bytes this bench's own reader process wrote (as Ray unpickles an object store's).
             task, below = pickle.loads(handed.get())
             assert below is not None and below.ids is not None, f"{task.id}: nothing handed on"
             learner.learn(task, below)
