@@ -207,6 +207,37 @@ def worker_table(name: str) -> tuple[list[str], dict[str, str]]:
     return head + lines, figures
 
 
+def worker_tables(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Several runs of bench/reader.py in one call (documents per length differ), one table each."""
+    lines, figures = [], {}
+    for name in names:
+        table, found = worker_table(name)
+        lines += [*table, ""]
+        figures.update(found)
+    return lines, figures
+
+
+def shared_device_table(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """bench/shared_device.py: one device, every document learned, the synchronous learner against a
+    reader and the learner fed by it in two processes; all documents' time, x the static scorer."""
+    lines = ["| tokens | documents | static tok/s | synchronous learner | reader + fed learner, two processes |",
+             "| --- | --- | --- | --- | --- |"]
+    figures, commands = {}, []
+    for name in names:
+        d = _load(name)
+        args = d["args"]
+        commands.append(f"`bench/results/{name}`: `PYTHONPATH=. python bench/shared_device.py --preset {args['preset']} "
+                        f"--device {args['device']} --dtype {args['dtype']} --lengths {' '.join(map(str, args['lengths']))} "
+                        f"--chunk {args['chunk']} --layers {' '.join(map(str, args['layers']))} --documents {args['documents']}`")
+        for row in d["rows"]:
+            sync, shared = _x(row["synchronous / static"]), _x(row["shared / static"])
+            lines.append(f"| {row['tokens']:,} | {row['documents']} | {row['static tok/s']:,.0f} | {sync} | {shared} |")
+            figures[f"{name}: synchronous at {row['tokens']}"] = sync
+            figures[f"{name}: shared at {row['tokens']}"] = shared
+    device = _load(names[0]).get("device", "?")
+    return [f"{device} · " + " then ".join(commands), "", *lines], figures
+
+
 def demo_table(names: list[str]) -> tuple[list[str], dict[str, str]]:
     lines = ["| run | documents | tokens/s | sampled adapted vs static loss | versions |", "| --- | --- | --- | --- | --- |"]
     figures = {}
@@ -394,6 +425,19 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      "nothing again) and tokenizes ahead what it reads itself. 12 documents of 2k and 8k tokens, then 6 of 32k, "
      "in one call.",
      lambda: worker_table("reader/h200_slow_graphed_rehearsal.json")),
+    ("The same on an H100, at the last commit", "The same bench on the card the issue measured (H100 80GB HBM3), "
+     "at the commit that restores the capture's stream in a `finally`: 12 documents of 2k and 8k tokens, then 6 of "
+     "32k, in one call. The rehearsal's gradient from the graph against the eager run: 0.37% apart (the eager run "
+     "against itself: 0.0).",
+     lambda: worker_tables(["reader/h100_slow_2k_8k.json", "reader/h100_slow_32k.json"])),
+    ("One GPU, every document learned: one process or two", "`bench/shared_device.py`: the synchronous learner "
+     "(reads and learns each document in one forward) against a reader of the learner's versions and the learner "
+     "fed by it, in two processes on the one GPU (as two Ray actors with fractional `num_gpus`; the hand-off "
+     "pickled as the object store holds it). The time of all the documents of a round (until the learner has "
+     "learned the last one), after a warm-up round of the same texts, x the static scorer's on them. Not the "
+     "median pair of the tables above: every document's time counts, the host's slow ones too, so the synchronous "
+     "learner's 2k figure is lower here. The synchronous learner is the faster at every length, so it is the one-GPU "
+     "default.", lambda: shared_device_table(["shared_device/h100_2k_8k.json", "shared_device/h100_32k.json"])),
     ("The same, rehearsals eager, in the same call", "The same bench on the same machine right after, each "
      "rehearsal run eagerly (about two thousand kernel launches; `graphs_available` patched off in the bench's "
      "process). The rehearsal's gradient from the graph against the same run eagerly: 0.13% to 0.64% apart over "
