@@ -171,7 +171,38 @@ def rehearsal_graph_check(worker: DocumentReader) -> dict | None:
                 return {"captured": False, "failure": graphed.failed}
             worst = max(worst, difference(got, want))
     return {"captured": graphed.capture, "graphs": len(graphed.graphs), "max relative difference": worst,
-            "eager twice, max relative difference": again}
+            "eager twice, max relative difference": again,
+            **({"a failed capture": failed_capture_check(learner, state, eager)} if graphed.capture else {})}
+
+
+def failed_capture_check(learner, state, eager) -> dict:
+    """A capture made to fail (a read back to the host inside it, which a capture forbids): the
+    graph says so and gives None (its learner rehearses eagerly), the thread's stream is the one
+    it was before, and the device still gives the eager gradient it gave before (no CI has a GPU
+    to run this path)."""
+    from ttt_model.slow.rehearsal_graph import RehearsalGraph
+
+    broken = RehearsalGraph(learner, state, learner._rehearsal_hidden, capture=True)
+    run = broken._run
+
+    def reads_back_while_capturing(scale: float) -> list[torch.Tensor]:
+        out = run(scale)
+        if torch.cuda.is_current_stream_capturing():
+            out[0].sum().item()
+        return out
+
+    broken._run = reads_back_while_capturing
+    scale = 1.0 / (learner.rehearsal.shape[1] - 1)
+    want = [g.double().clone() for g in eager.grads(state, 0, scale)]
+    before = torch.cuda.current_stream()
+    got = broken.grads(state, 0, scale)
+    stream_kept = torch.cuda.current_stream() == before
+    after = eager.grads(state, 0, scale)
+    difference = max(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(after, want))
+    result = {"graph gave none": got is None, "failure": broken.failed, "stream as before": stream_kept,
+              "eager after it, max relative difference": difference}
+    assert got is None and broken.failed and stream_kept and difference == 0.0, result
+    return result
 
 
 def slow_settings(config: str, variants: list[str]) -> dict[str, dict]:
