@@ -172,14 +172,15 @@ def rehearsal_graph_check(worker: DocumentReader) -> dict | None:
             worst = max(worst, difference(got, want))
     return {"captured": graphed.capture, "graphs": len(graphed.graphs), "max relative difference": worst,
             "eager twice, max relative difference": again,
-            **({"a failed capture": failed_capture_check(learner, state, eager)} if graphed.capture else {})}
+            **({"a failed capture": failed_capture_check(learner, state, eager, again)} if graphed.capture else {})}
 
 
-def failed_capture_check(learner, state, eager) -> dict:
+def failed_capture_check(learner, state, eager, again: float) -> dict:
     """A capture made to fail (a read back to the host inside it, which a capture forbids): the
     graph says so and gives None (its learner rehearses eagerly), the thread's stream is the one
-    it was before, and the device still gives the eager gradient it gave before (no CI has a GPU
-    to run this path)."""
+    it was before, the device still gives the eager gradient it gave before (within what the
+    eager run varies by, ``again``), and the allocator can still give its cache back (an
+    allocation past the free memory, with as much cached). No CI has a GPU to run this path."""
     from ttt_model.slow.rehearsal_graph import RehearsalGraph
 
     broken = RehearsalGraph(learner, state, learner._rehearsal_hidden, capture=True)
@@ -199,9 +200,19 @@ def failed_capture_check(learner, state, eager) -> dict:
     stream_kept = torch.cuda.current_stream() == before
     after = eager.grads(state, 0, scale)
     difference = max(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(after, want))
+    free, _ = torch.cuda.mem_get_info()
+    cached = torch.empty(int(0.6 * free), dtype=torch.uint8, device="cuda")
+    del cached  # cached now, not free: the next one fits only if the allocator releases it
+    try:
+        past = torch.empty(int(0.8 * free), dtype=torch.uint8, device="cuda")
+        del past
+        cache_released = True
+    except torch.OutOfMemoryError:
+        cache_released = False
+    torch.cuda.empty_cache()
     result = {"graph gave none": got is None, "failure": broken.failed, "stream as before": stream_kept,
-              "eager after it, max relative difference": difference}
-    assert got is None and broken.failed and stream_kept and difference == 0.0, result
+              "eager after it, max relative difference": difference, "allocator released its cache": cache_released}
+    assert got is None and broken.failed and stream_kept and difference <= again + 1e-6 and cache_released, result
     return result
 
 

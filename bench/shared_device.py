@@ -5,12 +5,17 @@
   meanwhile, as its actor runs it;
 - shared: a reader of the learner's versions and the learner fed by it, in two processes on the
   one device, as two Ray actors with fractional ``num_gpus`` (or CPUs) are: the reader hands each
-  document's hidden states below the adapters and its ids to the learner (through a queue, in
-  shared memory), and the time is until the learner has learned the last one. The reader reads
-  every document with one version (a version's values do not change what reading costs).
+  document's hidden states below the adapters and its ids to the learner (pickled, through a
+  queue's pipe: a copy more than Ray's object store makes, in shared memory), and the time is until
+  the learner has learned the last one. The reader reads every document with one version (a
+  version's values do not change what reading costs).
 
 Both against the static scorer (TTT off, full logits, cross-entropy) on the same documents and
-device, in this process. Random weights of the preset's shape, as ``bench/reader.py``:
+device, in this process. Every document's time counts (not a median). Three processes share the
+device, so each gives its allocator's cache back after its part of a round (the static scorer's
+full logits at 32k tokens take ~50 GiB with the loss); none does inside another's timed part, and
+each reads one untimed document after it (its cache refilled) before its timed part. Random
+weights of the preset's shape, as ``bench/reader.py``:
 
     python bench/shared_device.py --preset qwen3-0.6b --device cuda --dtype bfloat16 \\
         --lengths 2048 8192 32768 --chunk 1024 --layers 0 6 12 18 24 --documents 12 --json out.json
@@ -25,6 +30,7 @@ import queue
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,11 +54,15 @@ def spec(args, model: str, **overrides):
 
 
 def release_cached(device: str) -> None:
-    """Give the allocator's cached blocks back between rounds: three processes share the device, and
-    the static scorer's full logits at 32k tokens (~50 GiB with its loss) must fit beside them."""
+    """Give the allocator's cached blocks back (between timed parts: see the module's docstring)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def primer(task: DocumentTask) -> DocumentTask:
+    """An untimed document of ``task``'s text, read after a cache was given back."""
+    return replace(task, id=f"{task.id}-primer", offset=task.offset + 50)
 
 
 def read_ahead(reader: DocumentReader, tasks: list[DocumentTask], read) -> None:
@@ -67,36 +77,52 @@ def read_ahead(reader: DocumentReader, tasks: list[DocumentTask], read) -> None:
             nxt.join()
 
 
-def reader_process(args, model: str, rounds: list[list[DocumentTask]], handed, ready, start) -> None:
+def reader_process(args, model: str, rounds: list[list[DocumentTask]], handed, ready, start, finished,
+                   released) -> None:
     reader = DocumentReader(spec(args, model, slow_from_learner=True, split_at_adapters=True), name="shared-reader")
     version = reader.slow.new_state().version(0)  # the base model's: reading costs the same
+
+    def read(task: DocumentTask) -> None:
+        outcome = reader.process(task, version)
+        assert outcome.ok, f"{task.id}: {outcome.reason}"
+        # Pickled to bytes, as Ray's object store holds it (not torch's shared memory, whose
+        # tensors die with this process).
+        handed.put(pickle.dumps((task, reader.take_handed(task.id))))
+
     ready.wait()
     for tasks in rounds:
+        reader.prepare(primer(tasks[0]))
+        read(primer(tasks[0]))
         start.wait()
-
-        def read(task: DocumentTask) -> None:
-            reader.process(task, version)
-            # Pickled to bytes, as Ray's object store holds it (not torch's shared memory, whose
-            # tensors die with this process).
-            handed.put(pickle.dumps((task, reader.take_handed(task.id))))
-
         read_ahead(reader, tasks, read)
+        finished.wait()  # the learner's timed part is over
         release_cached(args.device)
+        released.wait()
 
 
-def learner_process(args, model: str, rounds: list[list[DocumentTask]], handed, done, ready, start) -> None:
+def learner_process(args, model: str, rounds: list[list[DocumentTask]], handed, done, ready, start, finished,
+                    released) -> None:
     learner = StreamLearner(spec(args, model), name="shared-learner")
+
+    def learn() -> None:
+        # Only bytes this bench's own reader process wrote (as Ray unpickles an object store's).
+        task, below = pickle.loads(handed.get())
+        assert below is not None and below.ids is not None, f"{task.id}: nothing handed on"
+        report = learner.learn(task, below)
+        assert report["ok"] and report["reason"] is None, f"{task.id}: not learned ({report['reason']})"
+
     ready.wait()
     for tasks in rounds:
+        learn()  # the primer
+        sync(torch.device(args.device))
         start.wait()
         for _ in tasks:
-            # Only bytes this bench's own reader process wrote (as Ray unpickles an object store's).
-            task, below = pickle.loads(handed.get())
-            assert below is not None and below.ids is not None, f"{task.id}: nothing handed on"
-            learner.learn(task, below)
+            learn()
         sync(torch.device(args.device))
         done.put(time.perf_counter())
+        finished.wait()
         release_cached(args.device)
+        released.wait()
 
 
 def main() -> None:
@@ -128,9 +154,12 @@ def main() -> None:
             rounds += [[DocumentTask(f"{length}-{r}-{i}", text, partition=0, offset=1000 * length + 100 * r + i)
                         for i, text in enumerate(texts)] for r in (0, 1)]
         handed, done = ctx.Queue(), ctx.Queue()
-        ready, start = ctx.Barrier(3), ctx.Barrier(3)
-        processes = [ctx.Process(target=reader_process, args=(args, tmp, rounds, handed, ready, start)),
-                     ctx.Process(target=learner_process, args=(args, tmp, rounds, handed, done, ready, start))]
+        ready, start, released = ctx.Barrier(3), ctx.Barrier(3), ctx.Barrier(3)
+        finished = ctx.Barrier(2)  # the reader and the learner: the learner's timed part is over
+        processes = [ctx.Process(target=reader_process,
+                                 args=(args, tmp, rounds, handed, ready, start, finished, released)),
+                     ctx.Process(target=learner_process,
+                                 args=(args, tmp, rounds, handed, done, ready, start, finished, released))]
         for p in processes:
             p.daemon = True  # gone with this process, whatever it raised
             p.start()
@@ -144,17 +173,27 @@ def main() -> None:
             except queue.Empty:
                 raise RuntimeError(f"the learner did not finish round {r} in {DONE_TIMEOUT_S:.0f} s "
                                    f"(exit codes {[p.exitcode for p in processes]})") from None
+            released.wait(timeout=DONE_TIMEOUT_S)  # the two others gave their caches back
             tokens = sum(len(tokenizer(t.text, add_special_tokens=False)["input_ids"]) for t in tasks)
-            # The two others with the device to themselves, one after the other (warmed up too).
+
+            # The two others with the device to themselves, one after the other, each after a primer.
+            def read(task: DocumentTask) -> None:
+                outcome = synchronous.read(task)
+                assert outcome.ok, f"{task.id}: {outcome.reason}"
+
+            synchronous.reader.prepare(primer(tasks[0]))
+            read(primer(tasks[0]))
             sync(device)
             begin = time.perf_counter()
-            read_ahead(synchronous.reader, tasks, synchronous.read)
+            read_ahead(synchronous.reader, tasks, read)
             sync(device)
             synchronous_s = time.perf_counter() - begin
             release_cached(args.device)
             static_s = 0.0
-            for task in tasks:
+            for k, task in enumerate(tasks):
                 ids = torch.tensor(tokenizer(task.text, add_special_tokens=False)["input_ids"], device=device)[None]
+                if k == 0:
+                    static_score(synchronous.reader.model, ids)  # the primer
                 sync(device)
                 begin = time.perf_counter()
                 static_score(synchronous.reader.model, ids)

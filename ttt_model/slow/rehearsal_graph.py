@@ -12,7 +12,8 @@ The learner adds the gradient to the stream chunk's instead of taking both in on
 is the eager one's within a bf16 rounding, not to the bit (0.13-0.64% apart on an H200, where the
 eager run against itself is 0.0: the captured kernels round otherwise), and the same on every
 replay and after a restart, which captures the same graph. Where a capture fails (a model whose
-forward waits on the host), the learner rehearses eagerly from then on, and says so.
+forward waits on the host), the learner rehearses eagerly from then on, and says so; the
+allocator gets back what the capture held (``release_failed_capture``).
 """
 
 from __future__ import annotations
@@ -100,13 +101,31 @@ class RehearsalGraph:
                 self._run(scale)
         before.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         try:
             # thread_local: the learner's other threads (tokenizing ahead, hand-offs) go on meanwhile.
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._run(scale)
+        except BaseException:
+            release_failed_capture(device, self.pool)
+            raise
         finally:
             # A capture that failed in its end leaves its own stream current: every later kernel
             # of this thread would go there.
             torch.cuda.set_stream(before)
-        self.pool = graph.pool()
         return graph, out
+
+
+def release_failed_capture(device: torch.device, pool: tuple[int, int]) -> None:
+    """Give the allocator back what a failed capture took: its claim on the memory pool, and the
+    pool. Left as ``torch.cuda.graph`` leaves them (torch 2.11, on an H100), the allocator can no
+    longer release its cache: 50 GB cached and freed, 60 GB asked for next, and it runs out of
+    memory instead of giving the cache back; a learner rehearsing eagerly after a failed capture
+    would die of it later, on a busy device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for release in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        try:
+            getattr(torch._C, release)(index, pool)
+        except Exception as err:  # noqa: BLE001 - a capture that failed before claiming the pool
+            log.debug("%s after a failed capture: %r", release, err)
