@@ -45,7 +45,7 @@ from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
 from pipeline.processing.actor_specs import standalone_reader_spec
 from actors.learner import StreamLearner
-from bench.ttt_forward import PRESETS
+from bench.ttt_forward import PRESETS, add_model_arguments
 from ttt_model import FastWeightState, TTTConfig, enable_ttt, ttt_forward
 from ttt_model.model.patch import static_mode
 from ttt_model.model.state import ttt_layers
@@ -143,6 +143,11 @@ def profile_worker(read, device: torch.device, top: int = 25) -> dict[str, list[
             "host": by("self_cpu_time_total")}
 
 
+def max_relative_difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest ||got - want|| / ||want|| over pairs of tensors (``want`` in float64)."""
+    return max(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(got, want))
+
+
 def rehearsal_graph_check(worker: DocumentReader) -> dict | None:
     """A rehearsal's gradient replayed from its CUDA graph against the same run eagerly, for the
     worker's state now, on a few chunks and both loss scales a step gives it: the largest
@@ -156,20 +161,16 @@ def rehearsal_graph_check(worker: DocumentReader) -> dict | None:
     eager = RehearsalGraph(learner, state, learner._rehearsal_hidden, capture=False)
     graphed = RehearsalGraph(learner, state, learner._rehearsal_hidden, capture=graphs_available(worker.device))
     worst, again = 0.0, 0.0
-
-    def difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-        return max(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(got, want))
-
     for index in (0, 1, learner.rehearsal.shape[0] - 1):
         for extra in (1, 2):
             scale = 1.0 / ((learner.rehearsal.shape[1] - 1) * (1 + extra))
             want = [g.double().clone() for g in eager.grads(state, index, scale)]
             # The eager run twice: what the device's own kernels vary by (atomics in the backward).
-            again = max(again, difference(eager.grads(state, index, scale), want))
+            again = max(again, max_relative_difference(eager.grads(state, index, scale), want))
             got = graphed.grads(state, index, scale)
             if got is None:
                 return {"captured": False, "failure": graphed.failed}
-            worst = max(worst, difference(got, want))
+            worst = max(worst, max_relative_difference(got, want))
     return {"captured": graphed.capture, "graphs": len(graphed.graphs), "max relative difference": worst,
             "eager twice, max relative difference": again,
             **({"a failed capture": failed_capture_check(learner, state, eager, again)} if graphed.capture else {})}
@@ -199,7 +200,7 @@ def failed_capture_check(learner, state, eager, again: float) -> dict:
     got = broken.grads(state, 0, scale)
     stream_kept = torch.cuda.current_stream() == before
     after = eager.grads(state, 0, scale)
-    difference = max(float((g.double() - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(after, want))
+    difference = max_relative_difference(after, want)
     free, _ = torch.cuda.mem_get_info()
     cached = torch.empty(int(0.6 * free), dtype=torch.uint8, device="cuda")
     del cached  # cached now, not free: the next one fits only if the allocator releases it
@@ -241,12 +242,7 @@ def paired(times: list[float], static: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="TTT layers (default every 6th)")
+    add_model_arguments(parser, dtype="float32", lengths=[2048, 8192], chunk=1024)
     parser.add_argument("--scope", default="global", choices=["global", "per_document"])
     parser.add_argument("--documents", type=int, default=5, help="timed documents per length")
     parser.add_argument("--warmup", type=int, default=2)

@@ -40,7 +40,7 @@ from actors.call_types import DocumentTask
 from actors.document_reader import DocumentReader
 from actors.learner import StreamLearner
 from bench.reader import slow_settings, static_score, sync, text_of_length, write_model
-from bench.ttt_forward import PRESETS
+from bench.ttt_forward import add_model_arguments
 from pipeline.processing.actor_specs import standalone_reader_spec
 
 
@@ -127,12 +127,7 @@ def learner_process(args, model: str, rounds: list[list[DocumentTask]], handed, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="TTT layers (default every 6th)")
+    add_model_arguments(parser, dtype="float32", lengths=[2048, 8192], chunk=1024)
     parser.add_argument("--documents", type=int, default=8, help="timed documents per length (after one warm-up round)")
     parser.add_argument("--config", default="configs/local.yaml", help="where the embedded default's slow settings are")
     parser.add_argument("--json", default=None)

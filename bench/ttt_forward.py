@@ -147,14 +147,20 @@ def peak_memory(model, ids, device) -> int:
     return tracker.peak + weights
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: str, lengths: list[int], chunk: int) -> None:
+    """The options of a bench on random weights of a preset's shape: preset, device, dtype,
+    document lengths, TTT chunk and layers (with this bench's defaults)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=lengths)
+    parser.add_argument("--chunk", type=int, default=chunk)
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="TTT layers (default every 6th)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, dtype="bfloat16", lengths=[1024, 4096], chunk=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the table here")

@@ -207,11 +207,11 @@ def worker_table(name: str) -> tuple[list[str], dict[str, str]]:
     return head + lines, figures
 
 
-def worker_tables(names: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Several runs of bench/reader.py in one call (documents per length differ), one table each."""
+def tables(render: Callable[[str], tuple[list[str], dict[str, str]]], names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``render`` of each file, one table after another, and their figures together."""
     lines, figures = [], {}
     for name in names:
-        table, found = worker_table(name)
+        table, found = render(name)
         lines += [*table, ""]
         figures.update(found)
     return lines, figures
@@ -222,9 +222,10 @@ def shared_device_table(names: list[str]) -> tuple[list[str], dict[str, str]]:
     reader and the learner fed by it in two processes; all documents' time, x the static scorer."""
     lines = ["| tokens | documents | static tok/s | synchronous learner | reader + fed learner, two processes |",
              "| --- | --- | --- | --- | --- |"]
-    figures, commands = {}, []
+    figures, commands, devices = {}, [], []
     for name in names:
         d = _load(name)
+        devices.append(d.get("device", "?"))
         args = d["args"]
         commands.append(f"`bench/results/{name}`: `PYTHONPATH=. python bench/shared_device.py --preset {args['preset']} "
                         f"--device {args['device']} --dtype {args['dtype']} --lengths {' '.join(map(str, args['lengths']))} "
@@ -234,8 +235,7 @@ def shared_device_table(names: list[str]) -> tuple[list[str], dict[str, str]]:
             lines.append(f"| {row['tokens']:,} | {row['documents']} | {row['static tok/s']:,.0f} | {sync} | {shared} |")
             figures[f"{name}: synchronous at {row['tokens']}, row {i}"] = sync
             figures[f"{name}: shared at {row['tokens']}, row {i}"] = shared
-    device = _load(names[0]).get("device", "?")
-    return [f"{device} · " + " then ".join(commands), "", *lines], figures
+    return [f"{devices[0]} · " + " then ".join(commands), "", *lines], figures
 
 
 def demo_table(names: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -342,15 +342,6 @@ def topology_table(name: str) -> tuple[list[str], dict[str, str]]:
     return head + lines, figures
 
 
-def admission_tables(names: list[str]) -> tuple[list[str], dict[str, str]]:
-    lines, figures = [], {}
-    for name in names:
-        table, found = admission_table(name)
-        lines += [*table, ""]
-        figures.update(found)
-    return lines, figures
-
-
 def admission_table(name: str) -> tuple[list[str], dict[str, str]]:
     """bench/learning_admission.py: a domain stream, clean and 30% junk, the checks and the gate on and off."""
     d = _load(name)
@@ -434,7 +425,7 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      "was restored in a `finally`: 12 documents of 2k and 8k tokens, then 6 of "
      "32k, in one call. The rehearsal's gradient from the graph against the eager run: 0.37% apart (the eager run "
      "against itself: 0.0).",
-     lambda: worker_tables(["reader/h100_slow_2k_8k.json", "reader/h100_slow_32k.json"])),
+     lambda: tables(worker_table, ["reader/h100_slow_2k_8k.json", "reader/h100_slow_32k.json"])),
     ("One GPU, every document learned: one process or two", "`bench/shared_device.py`: the synchronous learner "
      "(reads and learns each document in one forward) against a reader of the learner's versions and the learner "
      "fed by it, in two processes on the one GPU (as two Ray actors with fractional `num_gpus`; the hand-off "
@@ -483,7 +474,7 @@ SECTIONS: list[tuple[str, str, Callable[[], tuple[list[str], dict[str, str]]]]] 
      "with junk: spam, random characters, near-copies of one document, one tenant's word salad. `live` is the last "
      "version the gate promoted (off: the last version). One stream order (seed 0): differences of a point "
      "between settings are within what the choice of documents learned moves.",
-     lambda: admission_tables(["learning_admission.json", "learning_admission_every1.json"])),
+     lambda: tables(admission_table, ["learning_admission.json", "learning_admission_every1.json"])),
     ("Context parallelism", "`bench/context_parallel.py`, 64k tokens, H200 GPUs, against one rank.",
      lambda: context_parallel_table(["h200x2_cp_65536_w0.00018.json", "h200x4_cp_65536_w0.00018.json"])),
     ("Checkpoint memory", "`bench/checkpoint_memory.py`: the driver's resident memory over one checkpoint of per-key "

@@ -225,7 +225,6 @@ class SlowLearner:
         None where it runs eagerly (not rehearsed, not on a GPU, no capture)."""
         if rehearsed is None or self.lowest_layer == 0 or not self.graph_rehearsals:
             return None
-        self._rehearsal_hidden(rehearsed)
         if self._rehearsal_graph is None:
             self._rehearsal_graph = RehearsalGraph(self, state, self._rehearsal_hidden,
                                                    capture=self.rehearsal.device.type == "cuda")

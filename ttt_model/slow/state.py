@@ -84,14 +84,11 @@ class SlowState:
         self.replay = None if replay is None else replay.to(device)
         self.signature = None if signature is None else signature.to(device)
 
-    def delta_ratios(self, weights: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
-        """||scale B A||_F / ||W_0||_F per adapted matrix (``weights``: W_0, or its norm as a
-        0-d tensor); read back from the device at once (one wait, not one per matrix)."""
-        ratios = torch.stack([
-            torch.linalg.matrix_norm(scale * (a.B @ a.A))
-            / (weights[name] if weights[name].dim() == 0 else torch.linalg.matrix_norm(weights[name].float()))
-            for name, a in self.adapters.items()
-        ])
+    def delta_ratios(self, base_norms: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+        """||scale B A||_F / ||W_0||_F per adapted matrix (``base_norms``: ||W_0||_F, 0-d tensors);
+        read back from the device at once (one wait, not one per matrix)."""
+        ratios = torch.stack([torch.linalg.matrix_norm(scale * (a.B @ a.A)) / base_norms[name]
+                              for name, a in self.adapters.items()])
         return dict(zip(self.adapters, ratios.tolist()))
 
 
